@@ -1,0 +1,230 @@
+//! The Alertmanager webhook payload (version 4), typed.
+//!
+//! This is the first step of the flow: `http::alertmanager` hands the raw body to
+//! [`Notification::parse`], the store keeps every alert keyed by [`AlertKey`], and the
+//! responder decides on it. Inbound third-party payloads are parsed tolerantly: Alertmanager
+//! 0.25 omits `notification_reason`/`routeLabels` that newer versions add, and unknown fields
+//! are ignored so that an upgrade on their side never breaks intake on ours.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Label or annotation set; ordered so that hashing and display are stable.
+pub type LabelSet = BTreeMap<String, String>;
+
+/// Alertmanager's alert fingerprint (a hex string).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fingerprint(pub String);
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Firing or resolved, for a whole notification or a single alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    Firing,
+    Resolved,
+}
+
+impl AlertStatus {
+    /// The wire and storage spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+
+    /// Parses the storage spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "firing" => Some(AlertStatus::Firing),
+            "resolved" => Some(AlertStatus::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// One webhook delivery from Alertmanager.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    pub version: String,
+    #[serde(default)]
+    pub group_key: String,
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    pub status: AlertStatus,
+    #[serde(default)]
+    pub receiver: String,
+    #[serde(default)]
+    pub group_labels: LabelSet,
+    #[serde(default)]
+    pub common_labels: LabelSet,
+    #[serde(default)]
+    pub common_annotations: LabelSet,
+    #[serde(rename = "externalURL", default)]
+    pub external_url: String,
+    /// v0.32.0+ only.
+    #[serde(default, rename = "notification_reason")]
+    pub notification_reason: Option<String>,
+    pub alerts: Vec<Alert>,
+}
+
+/// One alert inside a notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub status: AlertStatus,
+    #[serde(default)]
+    pub labels: LabelSet,
+    #[serde(default)]
+    pub annotations: LabelSet,
+    pub starts_at: DateTime<Utc>,
+    /// Alertmanager sends `0001-01-01T00:00:00Z` for firing alerts; see [`Alert::ended_at`].
+    #[serde(default)]
+    pub ends_at: Option<DateTime<Utc>>,
+    #[serde(rename = "generatorURL", default)]
+    pub generator_url: String,
+    pub fingerprint: Fingerprint,
+}
+
+/// What identifies one firing episode of one alert: Alertmanager re-sends the same pair on
+/// retries, on `repeat_interval`, when the group grows and from every HA peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct AlertKey {
+    pub fingerprint: Fingerprint,
+    pub starts_at: DateTime<Utc>,
+}
+
+/// Why a payload was rejected; shown to the sender in the 400 body.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("body is not valid Alertmanager webhook JSON: {0}")]
+    Json(String),
+    #[error("unsupported payload version {0:?}: this receiver speaks version \"4\"")]
+    Version(String),
+    #[error("alerts[{index}]: {problem}")]
+    Alert { index: usize, problem: String },
+}
+
+impl Notification {
+    /// Parses and checks a raw webhook body. Unknown fields are ignored; missing required
+    /// ones, a wrong version, or alerts without fingerprint or name are errors.
+    pub fn parse(body: &[u8]) -> Result<Self, PayloadError> {
+        let n: Notification =
+            serde_json::from_slice(body).map_err(|e| PayloadError::Json(e.to_string()))?;
+        if n.version != "4" {
+            return Err(PayloadError::Version(n.version));
+        }
+        for (index, a) in n.alerts.iter().enumerate() {
+            let problem = if a.fingerprint.0.is_empty() {
+                Some("fingerprint is empty")
+            } else if a.fingerprint.0.len() > 64
+                || !a.fingerprint.0.chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                Some("fingerprint is not a hex string")
+            } else if a.alertname().is_empty() {
+                Some("labels.alertname is missing")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(PayloadError::Alert {
+                    index,
+                    problem: problem.to_string(),
+                });
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Alert {
+    /// The `alertname` label, or "" when absent.
+    pub fn alertname(&self) -> &str {
+        self.labels
+            .get("alertname")
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// The dedup identity of this firing episode.
+    pub fn key(&self) -> AlertKey {
+        AlertKey {
+            fingerprint: self.fingerprint.clone(),
+            starts_at: self.starts_at,
+        }
+    }
+
+    /// When the alert ended, if it has: Alertmanager's zero time means "still firing".
+    pub fn ended_at(&self) -> Option<DateTime<Utc>> {
+        self.ends_at.filter(|t| t.timestamp() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AM_025: &str = r#"{
+      "receiver": "rollback\\-responder", "status": "firing",
+      "alerts": [{"status": "firing",
+        "labels": {"alertname": "HighErrorRate", "service": "portal-api", "severity": "critical"},
+        "annotations": {"summary": "Portal API high error rate detected"},
+        "startsAt": "2026-11-22T06:00:00.123456789Z", "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus/graph", "fingerprint": "a1b2c3d4e5f60718"}],
+      "groupLabels": {"alertname": "HighErrorRate"}, "commonLabels": {"alertname": "HighErrorRate"},
+      "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "version": "4",
+      "groupKey": "{}:{alertname=\"HighErrorRate\"}", "truncatedAlerts": 0}"#;
+
+    #[test]
+    fn alertmanager_025_payload_parses_with_zero_end_time_as_still_firing() {
+        let n = Notification::parse(AM_025.as_bytes()).unwrap();
+        assert_eq!(n.alerts.len(), 1);
+        assert_eq!(n.alerts[0].alertname(), "HighErrorRate");
+        assert_eq!(n.alerts[0].ended_at(), None);
+        assert_eq!(n.receiver, "rollback\\-responder");
+    }
+
+    #[test]
+    fn newer_fields_are_accepted() {
+        let body = AM_025.replace(
+            "\"version\": \"4\"",
+            "\"version\": \"4\", \"notification_reason\": \"first notification\", \"routeLabels\": {\"a\": \"b\"}",
+        );
+        let n = Notification::parse(body.as_bytes()).unwrap();
+        assert_eq!(n.notification_reason.as_deref(), Some("first notification"));
+    }
+
+    #[test]
+    fn wrong_version_and_missing_alertname_are_named() {
+        let e = Notification::parse(
+            AM_025
+                .replace("\"version\": \"4\"", "\"version\": \"3\"")
+                .as_bytes(),
+        );
+        assert!(e.unwrap_err().to_string().contains("version \"3\""));
+        let e = Notification::parse(
+            AM_025
+                .replace(
+                    "\"alertname\": \"HighErrorRate\", \"service\"",
+                    "\"service\"",
+                )
+                .as_bytes(),
+        );
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "alerts[0]: labels.alertname is missing"
+        );
+        let e = Notification::parse(b"{\"version\":\"4\"}").unwrap_err();
+        assert!(e.to_string().contains("missing field"), "{e}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Start-up: build the store, policies, responder, HTTP server and workers from resolved
+//! settings. The server binds its own port and exposes it, so tests start the real thing on
+//! port 0 ([`Application::build`] then [`Application::run`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::action::Executors;
+use crate::config::Resolved;
+use crate::http::{router, AppState};
+use crate::metrics::Metrics;
+use crate::policy::{GlobalGuards, PolicySet};
+use crate::responder::Responder;
+use crate::store::Store;
+use crate::worker;
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    responder: Arc<Responder>,
+    state: AppState,
+    body_limit: usize,
+    tick: std::time::Duration,
+    grace: std::time::Duration,
+}
+
+impl Application {
+    /// Connects the store, loads the policies (refusing to start on any error) and binds.
+    pub async fn build(cfg: Resolved) -> anyhow::Result<Application> {
+        crate::tls::install_crypto_provider();
+        let policies = PolicySet::load_dir(&cfg.policies_dir).map_err(|errs| {
+            let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!(
+                "refusing to start: the policy files have errors:\n{}",
+                lines.join("\n")
+            )
+        })?;
+        let store = Store::connect(
+            cfg.store_url.expose_secret(),
+            cfg.settings.store.max_connections,
+        )
+        .await
+        .context("connecting to the store (store.url)")?;
+        let replica = cfg.settings.workers.replica_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                std::process::id()
+            )
+        });
+        let global = GlobalGuards {
+            dry_run: cfg.settings.safety.dry_run,
+            max_rollbacks: cfg.settings.safety.max_rollbacks,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {} (server.listen / --listen)", cfg.listen))?;
+        let port = listener.local_addr()?.port();
+        info!(
+            listen = %listener.local_addr()?, config = %cfg.source, policies = policies.policies.len(),
+            policy_hash = %policies.hash, store = ?store.backend(), replica = %replica, "rollback-responder starting"
+        );
+        if !cfg.webhook_auth_configured() {
+            warn!("no webhook credentials configured: listening on loopback only; set webhook.bearer_token to accept Alertmanager from other hosts");
+        }
+        if global.dry_run {
+            warn!(
+                "DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)"
+            );
+        }
+        let responder = Arc::new(Responder::new(
+            store,
+            policies,
+            global,
+            Executors::default(),
+            replica,
+            cfg.settings.workers.lease,
+            metrics,
+        ));
+        let state = AppState::new(
+            responder.clone(),
+            cfg.webhook_bearer.clone(),
+            cfg.webhook_basic.clone(),
+        );
+        Ok(Application {
+            listener,
+            port,
+            responder,
+            state,
+            body_limit: cfg.settings.server.body_limit_bytes,
+            tick: cfg.settings.workers.tick,
+            grace: cfg.settings.server.shutdown_grace,
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], self.port)))
+    }
+
+    /// The responder (tests inspect the store through it).
+    pub fn responder(&self) -> Arc<Responder> {
+        self.responder.clone()
+    }
+
+    /// Serves until `shutdown` resolves: stops taking requests, lets workers finish or hand
+    /// over within the grace period, closes the store.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let workers = tokio::spawn(worker::run(
+            self.responder.clone(),
+            self.tick,
+            self.grace,
+            stop_rx,
+        ));
+        let app = router(self.state, self.body_limit);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("HTTP server")?;
+        let _ = stop_tx.send(true);
+        let _ = workers.await;
+        self.responder.store.close().await;
+        info!("rollback-responder stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    info!("shutdown signal received");
+}

@@ -1,0 +1,465 @@
+//! Settings: a YAML file (`--config PATH`) plus environment overrides, validated at start-up.
+//!
+//! Layering uses the `config` crate: the file, then `ROLLBACK_RESPONDER__SECTION__KEY`
+//! variables. The file is first parsed strictly on its own so that a typo is reported with its
+//! line. Secrets come from the file, the environment, or a `*_file` path (Kubernetes Secret
+//! mounts) and are held as `secrecy` types so they never reach a log. Every external system's
+//! base URL lives here: that is the seam tests use to point the service at loopback peers.
+//! `std::env` is read only in this module.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::policy::RateLimit;
+
+/// The default listen address (loopback: see [`Settings::listen_addr`]).
+pub const DEFAULT_PORT: u16 = 9095;
+/// Environment variable prefix for overrides.
+pub const ENV_PREFIX: &str = "ROLLBACK_RESPONDER";
+
+/// Everything the service is configured with.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub store: StoreSettings,
+    /// Directory of `*.yaml` policy files.
+    pub policies_dir: Option<PathBuf>,
+    /// How Alertmanager authenticates (its `http_config`).
+    pub webhook: WebhookAuth,
+    pub safety: SafetySettings,
+    pub workers: WorkerSettings,
+    pub log: LogSettings,
+}
+
+/// The HTTP server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// `host:port`; default 127.0.0.1:9095 without webhook credentials, 0.0.0.0:9095 with.
+    pub listen: Option<SocketAddr>,
+    /// Largest webhook body accepted (413 above). Alertmanager sends about 1 KiB per alert.
+    pub body_limit_bytes: usize,
+    /// How long shutdown waits for work in flight before handing it over.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: None,
+            body_limit_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The database.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite://PATH` (embedded default) or `postgres://...` (several replicas).
+    pub url: Option<SecretString>,
+    pub url_file: Option<PathBuf>,
+    pub max_connections: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            url: None,
+            url_file: None,
+            max_connections: 10,
+        }
+    }
+}
+
+/// Alertmanager's `http_config`: a bearer token and/or basic auth.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookAuth {
+    pub bearer_token: Option<SecretString>,
+    pub bearer_token_file: Option<PathBuf>,
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// Basic auth credentials.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// Guards that span all policies.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetySettings {
+    /// Record what would be done, change nothing. On unless the config says otherwise.
+    pub dry_run: bool,
+    /// At most this many rollbacks across all policies in the window.
+    pub max_rollbacks: Option<RateLimit>,
+}
+
+impl Default for SafetySettings {
+    fn default() -> Self {
+        SafetySettings {
+            dry_run: true,
+            max_rollbacks: Some(RateLimit {
+                count: 5,
+                per: Duration::from_secs(3600),
+            }),
+        }
+    }
+}
+
+/// Background loops.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// How often due incidents and orphaned work are looked for.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// How long a replica's claim on an incident lasts without renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// This replica's name in claims and the audit trail (default: hostname and pid).
+    pub replica_id: Option<String>,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            tick: Duration::from_secs(1),
+            lease: Duration::from_secs(30),
+            replica_id: None,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info,rollback_responder=debug`.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Text for people, JSON for log pipelines.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A configuration problem: where, what, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Settings with secrets resolved and defaults filled in: what the service runs on.
+#[derive(Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    pub store_url: SecretString,
+    pub policies_dir: PathBuf,
+    pub webhook_bearer: Option<SecretString>,
+    pub webhook_basic: Option<(String, SecretString)>,
+    pub listen: SocketAddr,
+    /// Where the settings came from, for the start-up log.
+    pub source: String,
+}
+
+impl Resolved {
+    /// True when Alertmanager must present credentials.
+    pub fn webhook_auth_configured(&self) -> bool {
+        self.webhook_bearer.is_some() || self.webhook_basic.is_some()
+    }
+}
+
+/// Loads the file (if any) and the environment, then validates.
+pub fn load(
+    path: Option<&Path>,
+    listen_override: Option<SocketAddr>,
+) -> Result<Resolved, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    load_from(path, listen_override, env)
+}
+
+/// [`load`] with the environment passed in (tests).
+pub fn load_from(
+    path: Option<&Path>,
+    listen_override: Option<SocketAddr>,
+    env: Vec<(String, String)>,
+) -> Result<Resolved, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(p) = path {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            ConfigError(format!("{}: cannot read the config file: {e}", p.display()))
+        })?;
+        // Strict parse of the file alone first: serde_norway knows lines, `config` does not.
+        if let Err(e) = serde_norway::from_str::<Settings>(&text) {
+            let line = e.location().map(|l| l.line()).unwrap_or(1);
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg);
+            return Err(ConfigError(format!(
+                "{}:{line}: {msg} (see deploy/config.example.yaml for every key)",
+                p.display()
+            )));
+        }
+        builder = builder.add_source(config::File::from(p).format(config::FileFormat::Yaml));
+    }
+    let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true);
+    env_source = env_source.source(Some(env.into_iter().collect()));
+    builder = builder.add_source(env_source);
+    let settings: Settings = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError(format!("{e} (environment variables are {ENV_PREFIX}__SECTION__KEY, e.g. {ENV_PREFIX}__STORE__URL)")))?;
+    resolve(settings, path, listen_override)
+}
+
+fn secret(
+    value: Option<SecretString>,
+    file: Option<&PathBuf>,
+    key: &str,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(ConfigError(format!(
+            "{key}: set either {key} or {key}_file, not both"
+        ))),
+        (Some(v), None) if v.expose_secret().trim().is_empty() => Err(ConfigError(format!(
+            "{key}: is empty; remove it or give it a value"
+        ))),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                ConfigError(format!("{key}_file: cannot read {}: {e}", f.display()))
+            })?;
+            let text = text.trim_end_matches(['\n', '\r']).to_string();
+            if text.is_empty() {
+                return Err(ConfigError(format!("{key}_file: {} is empty", f.display())));
+            }
+            Ok(Some(SecretString::from(text)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn resolve(
+    settings: Settings,
+    path: Option<&Path>,
+    listen_override: Option<SocketAddr>,
+) -> Result<Resolved, ConfigError> {
+    let store_url = secret(
+        settings.store.url.clone(),
+        settings.store.url_file.as_ref(),
+        "store.url",
+    )?
+    .unwrap_or_else(|| SecretString::from("sqlite://rollback-responder.db"));
+    {
+        let u = store_url.expose_secret();
+        if !(u.starts_with("sqlite:")
+            || u.starts_with("postgres://")
+            || u.starts_with("postgresql://"))
+        {
+            return Err(ConfigError(
+                "store.url: must start with sqlite:// (embedded, one replica) or postgres:// (shared by replicas)".into(),
+            ));
+        }
+    }
+    let webhook_bearer = secret(
+        settings.webhook.bearer_token.clone(),
+        settings.webhook.bearer_token_file.as_ref(),
+        "webhook.bearer_token",
+    )?;
+    let webhook_basic = match &settings.webhook.basic_auth {
+        Some(b) => {
+            if b.username.is_empty() {
+                return Err(ConfigError("webhook.basic_auth.username: is empty".into()));
+            }
+            let pw = secret(
+                b.password.clone(),
+                b.password_file.as_ref(),
+                "webhook.basic_auth.password",
+            )?
+            .ok_or_else(|| {
+                ConfigError("webhook.basic_auth: set password or password_file".into())
+            })?;
+            Some((b.username.clone(), pw))
+        }
+        None => None,
+    };
+    let authed = webhook_bearer.is_some() || webhook_basic.is_some();
+    let listen = listen_override
+        .or(settings.server.listen)
+        .unwrap_or_else(|| {
+            if authed {
+                SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
+            }
+        });
+    if !authed && !listen.ip().is_loopback() {
+        return Err(ConfigError(format!(
+            "server.listen: {listen} is reachable from other hosts but no webhook credentials are configured; \
+             set webhook.bearer_token (or webhook.basic_auth), or listen on 127.0.0.1"
+        )));
+    }
+    if settings.server.body_limit_bytes < 1024 {
+        return Err(ConfigError(
+            "server.body_limit_bytes: at least 1024 (Alertmanager sends about 1 KiB per alert)"
+                .into(),
+        ));
+    }
+    if settings.workers.tick.is_zero() || settings.workers.lease < settings.workers.tick * 3 {
+        return Err(ConfigError("workers.lease: must be at least three ticks (workers.tick) so a live replica can renew it".into()));
+    }
+    if let Some(r) = settings.safety.max_rollbacks {
+        if r.count == 0 || r.per.is_zero() {
+            return Err(ConfigError(
+                "safety.max_rollbacks: count and per must be above zero, e.g. {count: 5, per: 1h}"
+                    .into(),
+            ));
+        }
+    }
+    let policies_dir = settings
+        .policies_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("policies"));
+    let source = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "embedded defaults".into());
+    Ok(Resolved {
+        settings,
+        store_url,
+        policies_dir,
+        webhook_bearer,
+        webhook_basic,
+        listen,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn no_file_means_loopback_sqlite_and_dry_run() {
+        let r = load_from(None, None, vec![]).unwrap();
+        assert_eq!(r.listen.to_string(), "127.0.0.1:9095");
+        assert_eq!(
+            r.store_url.expose_secret(),
+            "sqlite://rollback-responder.db"
+        );
+        assert!(r.settings.safety.dry_run);
+        assert!(!r.webhook_auth_configured());
+    }
+
+    #[test]
+    fn typo_in_the_file_names_file_and_line() {
+        let f = file("server:\n  listen: 127.0.0.1:9000\n  lisen: 1\n");
+        let e = load_from(Some(f.path()), None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3: server: unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_credentials_open_the_listener() {
+        let f = file("store:\n  url: sqlite://a.db\n");
+        let env = vec![
+            (
+                "ROLLBACK_RESPONDER__STORE__URL".into(),
+                "postgres://db/rr".into(),
+            ),
+            (
+                "ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN".into(),
+                "s3cr3t".into(),
+            ),
+        ];
+        let r = load_from(Some(f.path()), None, env).unwrap();
+        assert_eq!(r.store_url.expose_secret(), "postgres://db/rr");
+        assert_eq!(r.listen.to_string(), "0.0.0.0:9095");
+        assert!(
+            !format!("{r:?}").contains("s3cr3t"),
+            "secrets must not be printable"
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_not_both() {
+        let tok = file("from-file\n");
+        let f = file(&format!(
+            "webhook:\n  bearer_token_file: {}\n",
+            tok.path().display()
+        ));
+        let r = load_from(Some(f.path()), None, vec![]).unwrap();
+        assert_eq!(r.webhook_bearer.unwrap().expose_secret(), "from-file");
+        let f = file(&format!(
+            "webhook:\n  bearer_token: x\n  bearer_token_file: {}\n",
+            tok.path().display()
+        ));
+        let e = load_from(Some(f.path()), None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("set either webhook.bearer_token or webhook.bearer_token_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn open_listener_without_credentials_is_refused_with_the_fix() {
+        let e = load_from(None, Some("0.0.0.0:9095".parse().unwrap()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set webhook.bearer_token"), "{e}");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_refused() {
+        let e = load_from(
+            None,
+            None,
+            vec![("ROLLBACK_RESPONDER__STORE__URLL".into(), "x".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("urll"), "{e}");
+    }
+}

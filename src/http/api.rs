@@ -1,0 +1,121 @@
+//! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::incident::IncidentId;
+
+/// Alive: the process answers.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready: the store answers and a policy set is loaded. Details say why not, and whether
+/// the responder is in dry run or frozen.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let r = &state.responder;
+    let store = r.store.ping().await;
+    let set = r.policies();
+    let freezes = r.store.freezes(chrono::Utc::now()).await.ok();
+    let ready = store.is_ok() && !set.policies.is_empty();
+    let body = json!({
+        "ready": ready,
+        "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
+        "policies": { "count": set.policies.len(), "hash": set.hash },
+        "dry_run": r.global.dry_run,
+        "freezes": freezes,
+        "replica": r.replica,
+    });
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body),
+    )
+}
+
+/// Prometheus exposition.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.responder.metrics.render(),
+    )
+}
+
+/// `?open=true&limit=N`
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    open: bool,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+fn incident_json(i: &crate::incident::Incident) -> Value {
+    let mut v = serde_json::to_value(i).unwrap_or(Value::Null);
+    v["executed"] = Value::Bool(i.executed());
+    v["open"] = Value::Bool(i.closed_at.is_none());
+    v
+}
+
+/// Recent incidents, newest first.
+pub async fn list_incidents(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let list = state
+        .responder
+        .store
+        .incidents(q.open, q.limit.clamp(1, 500))
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(Json(
+        json!({ "incidents": list.iter().map(incident_json).collect::<Vec<_>>() }),
+    ))
+}
+
+/// One incident with its alerts and its whole timeline.
+pub async fn get_incident(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = &state.responder.store;
+    let id = IncidentId(id);
+    let inc = store
+        .incident(&id)
+        .await
+        .map_err(ApiError::Unavailable)?
+        .ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
+    let alerts = store
+        .incident_alerts(&id)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    let events = store.events(&id).await.map_err(ApiError::Unavailable)?;
+    let mut v = incident_json(&inc);
+    v["alerts"] = alerts
+        .iter()
+        .map(|a| serde_json::to_value(&a.alert).unwrap_or(Value::Null))
+        .collect();
+    v["timeline"] = serde_json::to_value(events).unwrap_or(Value::Null);
+    Ok(Json(v))
+}
+
+/// The policy set in force and its hash.
+pub async fn policies(State(state): State<AppState>) -> Json<Value> {
+    let set = state.responder.policies();
+    Json(json!({ "hash": set.hash, "dir": set.dir, "policies": set.policies }))
+}

@@ -1,0 +1,216 @@
+//! The `rollback-responder` command: `serve`, `policy check`, `simulate`. Thin by design: the
+//! work is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use rollback_responder::alert::{AlertStatus, Notification};
+use rollback_responder::app::{shutdown_signal, Application};
+use rollback_responder::policy::{self, FreezeState, GlobalGuards, History, PolicySet};
+use rollback_responder::{config, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "rollback-responder",
+    version,
+    about = "Rolls back canary releases when Alertmanager says so, under policy."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (embedded default without --config: SQLite file, policies/, dry run, loopback).
+    Serve {
+        /// YAML config file; ROLLBACK_RESPONDER__SECTION__KEY variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding server.listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print the decision for each alert of an Alertmanager payload, touching nothing.
+    Simulate {
+        /// Policy directory.
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// Decide as of this time (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// An Alertmanager webhook payload (JSON); `-` for standard input.
+        payload: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files: exit 0 when valid, else 1 with one FILE:LINE: message per error.
+    Check {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => check(&dir),
+        Command::Simulate {
+            policies,
+            at,
+            format,
+            payload,
+        } => match simulate(&policies, at, format, &payload) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+    let cfg = match config::load(config_path.as_deref(), listen) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(cfg.settings.log.format, &cfg.settings.log.level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let app = Application::build(cfg).await?;
+        app.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(dir: &std::path::Path) -> ExitCode {
+    match PolicySet::load_dir(dir) {
+        Ok(set) => {
+            println!(
+                "{}: {} policies, {} triggers, hash {}",
+                dir.display(),
+                set.policies.len(),
+                set.iter().map(|p| p.triggers.len()).sum::<usize>(),
+                set.hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            for e in errs {
+                println!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn simulate(
+    dir: &std::path::Path,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    format: Format,
+    payload: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let set = match PolicySet::load_dir(dir) {
+        Ok(s) => s,
+        Err(errs) => {
+            for e in errs {
+                eprintln!("{e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let body = if payload.as_os_str() == "-" {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        std::fs::read(payload).with_context(|| format!("reading {}", payload.display()))?
+    };
+    let n = Notification::parse(&body).with_context(|| {
+        format!(
+            "{} is not an Alertmanager webhook payload",
+            payload.display()
+        )
+    })?;
+    let now = at.unwrap_or_else(chrono::Utc::now);
+    for a in &n.alerts {
+        let d = policy::decide(
+            a,
+            policy::find(a, &set),
+            now,
+            &History::default(),
+            &FreezeState::default(),
+            &GlobalGuards::default(),
+            &set.hash,
+        );
+        let (label, reason) = if a.status == AlertStatus::Resolved {
+            (
+                "suppressed",
+                "resolved: a resolved alert never starts a rollback".to_string(),
+            )
+        } else {
+            (d.outcome.label(), d.reason.clone())
+        };
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "alertname": a.alertname(), "fingerprint": a.fingerprint, "status": a.status,
+                    "decision": label, "policy": d.policy, "trigger": d.trigger, "reason": reason,
+                    "detail": d.outcome, "policy_hash": d.policy_hash,
+                })
+            ),
+            Format::Text => println!(
+                "{} {}: {} [{}] {}",
+                a.alertname(),
+                a.fingerprint,
+                label,
+                d.policy.as_deref().unwrap_or("-"),
+                reason
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

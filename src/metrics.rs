@@ -1,0 +1,169 @@
+//! The service's own metrics, exposed at `GET /metrics` in Prometheus text format with the
+//! `rollback_responder_` prefix. prometheus-client does the exposition.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Every metric the service exports.
+pub struct Metrics {
+    registry: Registry,
+    notifications: Family<Labels, Counter>,
+    alerts: Family<Labels, Counter>,
+    duplicates: Counter,
+    decisions: Family<Labels, Counter>,
+    actions: Family<Labels, Counter>,
+    action_duration: Family<Labels, Histogram>,
+    alert_to_action: Histogram,
+    store_errors: Counter,
+    frozen: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rollback_responder");
+        let notifications = Family::<Labels, Counter>::default();
+        registry.register(
+            "notifications_received",
+            "Alertmanager webhook deliveries accepted, by status",
+            notifications.clone(),
+        );
+        let alerts = Family::<Labels, Counter>::default();
+        registry.register(
+            "alerts_received",
+            "Alerts received in webhook deliveries, by status",
+            alerts.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "alerts_duplicate",
+            "Alerts received again in a state already stored (absorbed)",
+            duplicates.clone(),
+        );
+        let decisions = Family::<Labels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Decisions made, by outcome and policy",
+            decisions.clone(),
+        );
+        let actions = Family::<Labels, Counter>::default();
+        registry.register(
+            "actions",
+            "Rollback actions, by kind and result",
+            actions.clone(),
+        );
+        let action_duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "action_duration_seconds",
+            "How long rollback actions took, by kind",
+            action_duration.clone(),
+        );
+        let alert_to_action = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "alert_to_action_seconds",
+            "From the alert's startsAt to the rollback's change",
+            alert_to_action.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Store operations that failed",
+            store_errors.clone(),
+        );
+        let frozen = Family::<Labels, Gauge>::default();
+        registry.register(
+            "frozen",
+            "1 while automatic rollbacks are frozen, by scope",
+            frozen.clone(),
+        );
+        Metrics {
+            registry,
+            notifications,
+            alerts,
+            duplicates,
+            decisions,
+            actions,
+            action_duration,
+            alert_to_action,
+            store_errors,
+            frozen,
+        }
+    }
+
+    /// A webhook delivery with its alerts.
+    pub fn notification(&self, status: &str, firing: u64, resolved: u64, duplicates: u64) {
+        self.notifications
+            .get_or_create(&l(&[("status", status)]))
+            .inc();
+        self.alerts
+            .get_or_create(&l(&[("status", "firing")]))
+            .inc_by(firing);
+        self.alerts
+            .get_or_create(&l(&[("status", "resolved")]))
+            .inc_by(resolved);
+        self.duplicates.inc_by(duplicates);
+    }
+
+    /// A decision.
+    pub fn decision(&self, outcome: &str, policy: &str) {
+        self.decisions
+            .get_or_create(&l(&[("outcome", outcome), ("policy", policy)]))
+            .inc();
+    }
+
+    /// An action's result and duration.
+    pub fn action(&self, kind: &str, result: &str, seconds: f64) {
+        self.actions
+            .get_or_create(&l(&[("kind", kind), ("result", result)]))
+            .inc();
+        self.action_duration
+            .get_or_create(&l(&[("kind", kind)]))
+            .observe(seconds);
+    }
+
+    /// Time from alert start to a real change.
+    pub fn alert_to_action(&self, seconds: f64) {
+        self.alert_to_action.observe(seconds);
+    }
+
+    /// A failed store operation.
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    /// Current freeze state per scope.
+    pub fn set_frozen(&self, scope: &str, on: bool) {
+        self.frozen
+            .get_or_create(&l(&[("scope", scope)]))
+            .set(i64::from(on));
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,740 @@
+//! The decision: a pure function of the alert, the incident history and the policies.
+//!
+//! The responder calls [`find`] to pick the policy and trigger an alert falls under, loads the
+//! [`History`] of that policy's target from the store, and calls [`decide`]. No I/O happens
+//! here, so the whole decision table of the seeds is unit-tested below, boundaries included.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Mode, OnTimeout, Policy, PolicySet, RateLimit, Trigger};
+use crate::alert::Alert;
+
+/// What the store knows about earlier rollbacks, as far as the guards care.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// When this policy's target was last rolled back (by any incident).
+    pub last_rollback_on_target: Option<DateTime<Utc>>,
+    /// Rollbacks by this policy within its `guards.max_rollbacks.per` window.
+    pub policy_rollbacks_in_window: u32,
+    /// Rollbacks by any policy within the global window.
+    pub global_rollbacks_in_window: u32,
+}
+
+/// A freeze put in place at run time (kill switch) or by config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub reason: String,
+    pub by: String,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Freezes in force: global and per policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FreezeState {
+    pub global: Option<Freeze>,
+    pub policies: BTreeMap<String, Freeze>,
+}
+
+impl FreezeState {
+    /// The freeze that applies to `policy` at `now`, global first.
+    pub fn applying(&self, policy: &str, now: DateTime<Utc>) -> Option<(String, &Freeze)> {
+        let live = |f: &&Freeze| f.until.is_none_or(|u| u > now);
+        self.global
+            .as_ref()
+            .filter(live)
+            .map(|f| ("global".to_string(), f))
+            .or_else(|| {
+                self.policies
+                    .get(policy)
+                    .filter(live)
+                    .map(|f| (format!("policy {policy}"), f))
+            })
+    }
+}
+
+/// Guards that span all policies (from the service config).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GlobalGuards {
+    pub dry_run: bool,
+    pub max_rollbacks: Option<RateLimit>,
+}
+
+/// Why nothing happens (yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Suppression {
+    /// Not firing long enough; re-decided at `recheck_at` if still firing.
+    TooYoung {
+        firing_for_secs: u64,
+        required_secs: u64,
+        recheck_at: DateTime<Utc>,
+    },
+    /// The target was rolled back recently.
+    Cooldown {
+        last_rollback: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+    /// Too many rollbacks in the window.
+    RateLimited {
+        scope: String,
+        count: u32,
+        max: u32,
+        window_secs: u64,
+    },
+    /// Automatic rollbacks are frozen.
+    Frozen {
+        scope: String,
+        reason: String,
+        until: Option<DateTime<Utc>>,
+    },
+    /// Dry run: what would have happened is recorded, nothing is changed.
+    DryRun { would: Box<Outcome> },
+}
+
+/// The decision's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// No policy matches the alert.
+    NoMatch,
+    /// Roll back now, without asking.
+    Auto,
+    /// Ask the approvers; on expiry do `on_timeout`.
+    NeedsApproval {
+        expires_at: DateTime<Utc>,
+        on_timeout: OnTimeout,
+    },
+    /// Ask now; roll back automatically at `auto_at` if still firing and nobody denied.
+    EscalateLater { auto_at: DateTime<Utc> },
+    /// Nothing happens, for a reason.
+    Suppressed(Suppression),
+}
+
+impl Outcome {
+    /// The short label used by `simulate --format json` and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::NoMatch => "no_match",
+            Outcome::Auto => "auto",
+            Outcome::NeedsApproval { .. } => "manual",
+            Outcome::EscalateLater { .. } => "escalate_later",
+            Outcome::Suppressed(_) => "suppressed",
+        }
+    }
+}
+
+/// A decision with its human-readable reason and the policy-set hash it was made under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub policy: Option<String>,
+    pub trigger: Option<String>,
+    pub reason: String,
+    pub policy_hash: String,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// The first policy (in file order) and, within it, the first trigger whose matchers (the
+/// policy's and the trigger's) all match the alert's labels.
+pub fn find<'a>(alert: &Alert, set: &'a PolicySet) -> Option<(&'a Policy, &'a Trigger)> {
+    set.iter()
+        .filter(|p| super::all_match(&p.matchers, &alert.labels))
+        .find_map(|p| {
+            p.triggers
+                .iter()
+                .find(|t| super::all_match(&t.matchers, &alert.labels))
+                .map(|t| (p, t))
+        })
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Decides what to do about a firing `alert` that `matched` (from [`find`]) at `now`.
+pub fn decide(
+    alert: &Alert,
+    matched: Option<(&Policy, &Trigger)>,
+    now: DateTime<Utc>,
+    history: &History,
+    freezes: &FreezeState,
+    global: &GlobalGuards,
+    policy_hash: &str,
+) -> Decision {
+    let name = alert.alertname();
+    let make = |outcome: Outcome,
+                policy: Option<&Policy>,
+                trigger: Option<&Trigger>,
+                reason: String| Decision {
+        outcome,
+        policy: policy.map(|p| p.name.clone()),
+        trigger: trigger.map(|t| t.name.clone()),
+        reason,
+        policy_hash: policy_hash.to_string(),
+        decided_at: now,
+    };
+    let Some((policy, trigger)) = matched else {
+        return make(
+            Outcome::NoMatch,
+            None,
+            None,
+            format!("no policy matches {name} with these labels"),
+        );
+    };
+    let firing_for = (now - alert.starts_at).to_std().unwrap_or_default();
+    let t = trigger.name.as_str();
+
+    if firing_for < trigger.for_ {
+        let recheck_at = alert.starts_at + to_chrono(trigger.for_);
+        return make(
+            Outcome::Suppressed(Suppression::TooYoung {
+                firing_for_secs: firing_for.as_secs(),
+                required_secs: trigger.for_.as_secs(),
+                recheck_at,
+            }),
+            Some(policy),
+            Some(trigger),
+            format!(
+                "too young: {name} has fired for {}, trigger {t} needs {}; re-evaluated at {} if still firing",
+                fmt_dur(firing_for),
+                fmt_dur(trigger.for_),
+                recheck_at.format("%H:%M:%SZ")
+            ),
+        );
+    }
+
+    let automatic = !matches!(trigger.mode, Mode::Manual);
+    if automatic {
+        let window = policy
+            .guards
+            .freeze_windows
+            .iter()
+            .find(|w| w.start <= now && now < w.end);
+        let frozen = freezes
+            .applying(&policy.name, now)
+            .map(|(scope, f)| (scope, f.reason.clone(), f.until, format!(" by {}", f.by)))
+            .or_else(|| {
+                window.map(|w| {
+                    (
+                        "freeze window".to_string(),
+                        w.reason.clone(),
+                        Some(w.end),
+                        String::new(),
+                    )
+                })
+            });
+        if let Some((scope, why, until, by)) = frozen {
+            let until_txt = until
+                .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M:%SZ")))
+                .unwrap_or_default();
+            return make(
+                Outcome::Suppressed(Suppression::Frozen { scope: scope.clone(), reason: why.clone(), until }),
+                Some(policy),
+                Some(trigger),
+                format!("frozen: automatic rollbacks are frozen ({scope}{by}{until_txt}: {why}); a person can still run /rollback now {}", policy.name),
+            );
+        }
+    }
+
+    if let Some(last) = history.last_rollback_on_target {
+        let until = last + to_chrono(policy.guards.cooldown);
+        if now < until {
+            return make(
+                Outcome::Suppressed(Suppression::Cooldown { last_rollback: last, until }),
+                Some(policy),
+                Some(trigger),
+                format!(
+                    "cooldown: {} was rolled back at {}; no second rollback before {} (cooldown {})",
+                    policy.target.key(),
+                    last.format("%H:%M:%SZ"),
+                    until.format("%H:%M:%SZ"),
+                    fmt_dur(policy.guards.cooldown)
+                ),
+            );
+        }
+    }
+
+    let limits = [
+        (
+            format!("policy {}", policy.name),
+            policy.guards.max_rollbacks,
+            history.policy_rollbacks_in_window,
+        ),
+        (
+            "global".to_string(),
+            global.max_rollbacks,
+            history.global_rollbacks_in_window,
+        ),
+    ];
+    for (scope, limit, count) in limits {
+        if let Some(l) = limit {
+            if count >= l.count {
+                return make(
+                    Outcome::Suppressed(Suppression::RateLimited { scope: scope.clone(), count, max: l.count, window_secs: l.per.as_secs() }),
+                    Some(policy),
+                    Some(trigger),
+                    format!("rate limit: {scope} already rolled back {count} time(s) in the last {} (max {})", fmt_dur(l.per), l.count),
+                );
+            }
+        }
+    }
+
+    let (outcome, reason) = match trigger.mode {
+        Mode::Auto => (
+            Outcome::Auto,
+            format!(
+                "{name} has fired for {} (trigger {t} needs {}): roll back automatically",
+                fmt_dur(firing_for),
+                fmt_dur(trigger.for_)
+            ),
+        ),
+        Mode::AutoAfter(after) if firing_for >= after => (
+            Outcome::Auto,
+            format!(
+                "{name} is still firing after {} (trigger {t} rolls back automatically after {})",
+                fmt_dur(firing_for),
+                fmt_dur(after)
+            ),
+        ),
+        Mode::AutoAfter(after) => {
+            let auto_at = alert.starts_at + to_chrono(after);
+            (
+                Outcome::EscalateLater { auto_at },
+                format!(
+                    "{name} has fired for {}: trigger {t} asks for approval now and rolls back automatically at {} if still firing",
+                    fmt_dur(firing_for),
+                    auto_at.format("%H:%M:%SZ")
+                ),
+            )
+        }
+        Mode::Manual => {
+            // A manual trigger without approval settings is refused at load time.
+            let (timeout, on_timeout) = policy
+                .approval
+                .as_ref()
+                .map(|a| (a.timeout, a.on_timeout))
+                .unwrap_or((Duration::from_secs(900), OnTimeout::Escalate));
+            let expires_at = now + to_chrono(timeout);
+            (
+                Outcome::NeedsApproval { expires_at, on_timeout },
+                format!(
+                    "{name} has fired for {}: trigger {t} needs a human's approval within {} (then: {})",
+                    fmt_dur(firing_for),
+                    fmt_dur(timeout),
+                    match on_timeout {
+                        OnTimeout::Escalate => "escalate",
+                        OnTimeout::Rollback => "roll back anyway",
+                        OnTimeout::GiveUp => "give up",
+                    }
+                ),
+            )
+        }
+    };
+
+    if policy.guards.dry_run || global.dry_run {
+        let scope = if policy.guards.dry_run {
+            "policy"
+        } else {
+            "global"
+        };
+        return make(
+            Outcome::Suppressed(Suppression::DryRun {
+                would: Box::new(outcome),
+            }),
+            Some(policy),
+            Some(trigger),
+            format!("dry run ({scope}): nothing will be changed; would have decided: {reason}"),
+        );
+    }
+    make(outcome, Some(policy), Some(trigger), reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::alert::{AlertStatus, Fingerprint, LabelSet};
+
+    fn seeds() -> PolicySet {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 3, 0, 0).unwrap()
+    }
+
+    fn alert(name: &str, extra: &[(&str, &str)]) -> Alert {
+        let mut labels: LabelSet = [
+            ("alertname", name),
+            ("service", "portal-api"),
+            ("team", "platform"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Alert {
+            status: AlertStatus::Firing,
+            labels,
+            annotations: LabelSet::new(),
+            starts_at: t0(),
+            ends_at: None,
+            generator_url: String::new(),
+            fingerprint: Fingerprint("abc123".into()),
+        }
+    }
+
+    fn at(set: &PolicySet, a: &Alert, after: Duration) -> Decision {
+        at_with(
+            set,
+            a,
+            after,
+            &History::default(),
+            &FreezeState::default(),
+            &GlobalGuards::default(),
+        )
+    }
+
+    fn at_with(
+        set: &PolicySet,
+        a: &Alert,
+        after: Duration,
+        h: &History,
+        f: &FreezeState,
+        g: &GlobalGuards,
+    ) -> Decision {
+        decide(a, find(a, set), t0() + to_chrono(after), h, f, g, &set.hash)
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn health_check_failing_rolls_back_automatically_from_two_minutes() {
+        let set = seeds();
+        let a = alert("HealthCheckFailing", &[("severity", "critical")]);
+        let d = at(&set, &a, S(119));
+        assert_eq!(d.outcome.label(), "suppressed");
+        assert!(
+            matches!(d.outcome, Outcome::Suppressed(Suppression::TooYoung { recheck_at, .. }) if recheck_at == t0() + chrono::Duration::seconds(120))
+        );
+        let d = at(&set, &a, S(120));
+        assert_eq!(d.outcome, Outcome::Auto, "{}", d.reason);
+        assert_eq!(d.policy.as_deref(), Some("portal-api"));
+        assert_eq!(d.trigger.as_deref(), Some("health-check-failing"));
+    }
+
+    #[test]
+    fn five_xx_above_five_percent_waits_until_exactly_five_minutes() {
+        let set = seeds();
+        let a = alert("HighErrorRate", &[("severity", "critical")]);
+        let d = at(&set, &a, S(4 * 60 + 59));
+        assert!(d.reason.starts_with("too young: HighErrorRate has fired for 4m 59s, trigger error-rate-above-5pct needs 5m"), "{}", d.reason);
+        assert_eq!(at(&set, &a, S(300)).outcome, Outcome::Auto);
+    }
+
+    #[test]
+    fn p95_latency_over_budget_for_ten_minutes_needs_approval() {
+        let set = seeds();
+        for (endpoint, budget) in [
+            ("health", "100"),
+            ("contacts", "600"),
+            ("jobs", "800"),
+            ("files", "1000"),
+        ] {
+            let a = alert(
+                "HighLatency",
+                &[("endpoint", endpoint), ("budget_ms", budget)],
+            );
+            assert_eq!(
+                at(&set, &a, S(599)).outcome.label(),
+                "suppressed",
+                "{endpoint}"
+            );
+            let d = at(&set, &a, S(600));
+            assert_eq!(d.outcome.label(), "manual", "{endpoint}: {}", d.reason);
+            assert_eq!(
+                d.trigger.as_deref(),
+                Some(format!("p95-over-budget-{endpoint}").as_str())
+            );
+            let Outcome::NeedsApproval {
+                expires_at,
+                on_timeout,
+            } = d.outcome
+            else {
+                unreachable!()
+            };
+            assert_eq!(on_timeout, OnTimeout::Escalate);
+            assert_eq!(expires_at, t0() + chrono::Duration::seconds(600 + 15 * 60));
+        }
+    }
+
+    #[test]
+    fn circuit_breaker_open_five_minutes_needs_approval() {
+        let set = seeds();
+        let a = alert("CircuitBreakerOpen", &[("breaker", "rpc-backend")]);
+        assert_eq!(at(&set, &a, S(299)).outcome.label(), "suppressed");
+        assert_eq!(at(&set, &a, S(300)).outcome.label(), "manual");
+    }
+
+    #[test]
+    fn five_xx_above_one_percent_is_the_high_tier_auto_after_thirty_minutes() {
+        let set = seeds();
+        let a = alert("ElevatedErrorRate", &[("severity", "warning")]);
+        assert_eq!(at(&set, &a, S(599)).outcome.label(), "suppressed");
+        let d = at(&set, &a, S(600));
+        assert_eq!(
+            d.outcome,
+            Outcome::EscalateLater {
+                auto_at: t0() + chrono::Duration::minutes(30)
+            },
+            "{}",
+            d.reason
+        );
+        assert_eq!(
+            at(&set, &a, S(29 * 60 + 59)).outcome.label(),
+            "escalate_later"
+        );
+        assert_eq!(at(&set, &a, S(30 * 60)).outcome, Outcome::Auto);
+    }
+
+    #[test]
+    fn other_services_and_unknown_alerts_do_not_match() {
+        let set = seeds();
+        let mut a = alert("HighErrorRate", &[]);
+        a.labels.insert("service".into(), "billing".into());
+        assert_eq!(at(&set, &a, S(3600)).outcome, Outcome::NoMatch);
+        assert_eq!(
+            at(&set, &alert("DiskFull", &[]), S(3600)).outcome.label(),
+            "no_match"
+        );
+    }
+
+    #[test]
+    fn cooldown_holds_a_second_rollback_of_the_same_target() {
+        let set = seeds();
+        let a = alert("HealthCheckFailing", &[]);
+        let h = History {
+            last_rollback_on_target: Some(t0() - chrono::Duration::minutes(27)),
+            ..Default::default()
+        };
+        let d = at_with(
+            &set,
+            &a,
+            S(120),
+            &h,
+            &FreezeState::default(),
+            &GlobalGuards::default(),
+        );
+        assert!(
+            matches!(d.outcome, Outcome::Suppressed(Suppression::Cooldown { .. })),
+            "{}",
+            d.reason
+        );
+        assert!(d.reason.starts_with("cooldown:"));
+        // The decision comes 2m after t0: a rollback 28m before t0 is exactly 30m old, cooldown over.
+        let h = History {
+            last_rollback_on_target: Some(t0() - chrono::Duration::minutes(28)),
+            ..Default::default()
+        };
+        assert_eq!(
+            at_with(
+                &set,
+                &a,
+                S(120),
+                &h,
+                &FreezeState::default(),
+                &GlobalGuards::default()
+            )
+            .outcome,
+            Outcome::Auto
+        );
+    }
+
+    #[test]
+    fn rate_limit_per_policy_and_global() {
+        let set = seeds();
+        let a = alert("HealthCheckFailing", &[]);
+        let h = History {
+            policy_rollbacks_in_window: 2,
+            ..Default::default()
+        };
+        let d = at_with(
+            &set,
+            &a,
+            S(120),
+            &h,
+            &FreezeState::default(),
+            &GlobalGuards::default(),
+        );
+        assert!(
+            matches!(&d.outcome, Outcome::Suppressed(Suppression::RateLimited { scope, max: 2, .. }) if scope == "policy portal-api"),
+            "{}",
+            d.reason
+        );
+        let h = History {
+            policy_rollbacks_in_window: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            at_with(
+                &set,
+                &a,
+                S(120),
+                &h,
+                &FreezeState::default(),
+                &GlobalGuards::default()
+            )
+            .outcome,
+            Outcome::Auto
+        );
+        let g = GlobalGuards {
+            dry_run: false,
+            max_rollbacks: Some(RateLimit {
+                count: 5,
+                per: S(3600),
+            }),
+        };
+        let h = History {
+            global_rollbacks_in_window: 5,
+            ..Default::default()
+        };
+        let d = at_with(&set, &a, S(120), &h, &FreezeState::default(), &g);
+        assert!(d.reason.starts_with("rate limit: global"), "{}", d.reason);
+    }
+
+    #[test]
+    fn freeze_suppresses_automatic_but_not_manual_rollbacks() {
+        let set = seeds();
+        let f = FreezeState {
+            global: Some(Freeze {
+                reason: "db migration".into(),
+                by: "U1".into(),
+                until: None,
+            }),
+            ..Default::default()
+        };
+        let d = at_with(
+            &set,
+            &alert("HealthCheckFailing", &[]),
+            S(120),
+            &History::default(),
+            &f,
+            &GlobalGuards::default(),
+        );
+        assert!(matches!(
+            d.outcome,
+            Outcome::Suppressed(Suppression::Frozen { .. })
+        ));
+        assert!(d.reason.contains("db migration"), "{}", d.reason);
+        let d = at_with(
+            &set,
+            &alert("CircuitBreakerOpen", &[]),
+            S(300),
+            &History::default(),
+            &f,
+            &GlobalGuards::default(),
+        );
+        assert_eq!(d.outcome.label(), "manual");
+        // An expired freeze no longer applies; a policy freeze applies only to that policy.
+        let mut f = FreezeState::default();
+        f.policies.insert(
+            "other".into(),
+            Freeze {
+                reason: "x".into(),
+                by: "U1".into(),
+                until: None,
+            },
+        );
+        f.global = Some(Freeze {
+            reason: "old".into(),
+            by: "U1".into(),
+            until: Some(t0()),
+        });
+        assert_eq!(
+            at_with(
+                &set,
+                &alert("HealthCheckFailing", &[]),
+                S(120),
+                &History::default(),
+                &f,
+                &GlobalGuards::default()
+            )
+            .outcome,
+            Outcome::Auto
+        );
+    }
+
+    #[test]
+    fn freeze_window_in_the_policy_applies_between_start_and_end() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/portal-api.yaml"),
+        )
+        .unwrap();
+        let text = text.replace(
+            "  freeze_windows: []",
+            "  freeze_windows:\n    - {start: 2026-11-22T03:00:00Z, end: 2026-11-22T04:00:00Z, reason: planned failover}",
+        );
+        let set = PolicySet::from_sources(
+            Path::new("p"),
+            vec![(PathBuf::from("p/portal-api.yaml"), text)],
+        )
+        .unwrap();
+        let d = at(&set, &alert("HealthCheckFailing", &[]), S(120));
+        assert!(d.reason.contains("planned failover"), "{}", d.reason);
+        assert_eq!(
+            at(&set, &alert("HealthCheckFailing", &[]), S(3600)).outcome,
+            Outcome::Auto
+        );
+    }
+
+    #[test]
+    fn dry_run_wraps_what_would_have_happened() {
+        let set = seeds();
+        let g = GlobalGuards {
+            dry_run: true,
+            max_rollbacks: None,
+        };
+        let d = at_with(
+            &set,
+            &alert("HealthCheckFailing", &[]),
+            S(120),
+            &History::default(),
+            &FreezeState::default(),
+            &g,
+        );
+        assert_eq!(
+            d.outcome,
+            Outcome::Suppressed(Suppression::DryRun {
+                would: Box::new(Outcome::Auto)
+            })
+        );
+        assert!(
+            d.reason
+                .starts_with("dry run (global): nothing will be changed; would have decided:"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn every_decision_records_the_policy_hash() {
+        let set = seeds();
+        assert_eq!(
+            at(&set, &alert("HealthCheckFailing", &[]), S(1)).policy_hash,
+            set.hash
+        );
+    }
+}

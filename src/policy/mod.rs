@@ -1,0 +1,720 @@
+//! Policy files: what to do about which alert, for which service, under which guards.
+//!
+//! `policies/*.yaml` are loaded here ([`PolicySet::load_dir`]), parsed strictly (unknown keys
+//! are errors, every error names file and line) and checked. [`decide`] is the pure step that
+//! turns an alert, the incident history and the loaded set into a [`Decision`]; the responder
+//! stores that decision and acts on it. Nothing in this module does I/O beyond reading the files.
+
+mod decide;
+mod matcher;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use decide::{
+    decide, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression,
+};
+pub use matcher::{all_match, MatchOp, Matcher};
+
+use crate::action::Target;
+use crate::alert::LabelSet;
+
+/// One policy file: a service, the alerts that matter for it, and how to roll it back.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Unique across all files; used in commands (`/rollback now NAME`), metrics and the API.
+    pub name: String,
+    pub service: String,
+    #[serde(default)]
+    pub description: String,
+    /// Conditions every trigger of this policy shares (usually the service label).
+    #[serde(default)]
+    pub matchers: Vec<Matcher>,
+    /// What a rollback reverts. YAML writes enums as `alb: {...}` maps, not `!alb` tags.
+    #[serde(with = "serde_norway::with::singleton_map_recursive")]
+    pub target: Target,
+    /// Which alerts roll back, after how long, automatically or with approval. First match wins.
+    pub triggers: Vec<Trigger>,
+    #[serde(default)]
+    pub guards: Guards,
+    #[serde(default)]
+    pub approval: Option<Approval>,
+    #[serde(default)]
+    pub verification: Verification,
+    #[serde(default)]
+    pub notify: Notify,
+    #[serde(default)]
+    pub links: Links,
+}
+
+/// One alert condition and the mode of rollback it calls for.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub matchers: Vec<Matcher>,
+    /// How long the alert must have been firing (since its `startsAt`) before anything happens.
+    #[serde(rename = "for", default, with = "humantime_serde")]
+    pub for_: Duration,
+    #[serde(with = "serde_norway::with::singleton_map")]
+    pub mode: Mode,
+}
+
+/// How a trigger rolls back.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Mode {
+    /// Roll back without asking (seed 004: health failing > 2 min, 5xx > 5 % for 5 min).
+    Auto,
+    /// Ask the approvers and wait (seed 004: "engineering judgment").
+    Manual,
+    /// Ask now; roll back automatically if still firing this long after it started
+    /// (seed 002's HIGH tier: "roll back if not resolved in 30 min").
+    AutoAfter(#[serde(with = "humantime_serde")] Duration),
+}
+
+/// Safety limits on automatic and manual rollbacks.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guards {
+    /// No second rollback of the same target within this time of the last one.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// At most this many rollbacks by this policy within the window.
+    #[serde(default)]
+    pub max_rollbacks: Option<RateLimit>,
+    /// Record exactly what would be done; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Periods in which automatic rollbacks are suppressed (humans can still approve).
+    #[serde(default)]
+    pub freeze_windows: Vec<FreezeWindow>,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            cooldown: default_cooldown(),
+            max_rollbacks: None,
+            dry_run: false,
+            freeze_windows: vec![],
+        }
+    }
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+/// `count` rollbacks per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub count: u32,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+}
+
+/// A change freeze: automatic rollbacks are held between `start` and `end`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeWindow {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Who may approve, how many must, and what happens when nobody does.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub approvers: Approvers,
+    /// 1, or 2 for a two-person rule (distinct people).
+    #[serde(default = "one_u8")]
+    pub required_approvals: u8,
+    #[serde(default = "default_approval_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    pub on_timeout: OnTimeout,
+}
+
+fn one_u8() -> u8 {
+    1
+}
+
+fn default_approval_timeout() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// Identities allowed to approve, deny or start a rollback.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvers {
+    #[serde(default)]
+    pub slack_users: Vec<String>,
+    #[serde(default)]
+    pub slack_groups: Vec<String>,
+    #[serde(default)]
+    pub pagerduty_users: Vec<String>,
+}
+
+/// The explicit action when an approval request expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Page the escalation target; do not roll back.
+    Escalate,
+    /// Roll back as if approved (seed 002: "roll back if not resolved in 30 min").
+    Rollback,
+    /// Close the request; do nothing more.
+    GiveUp,
+}
+
+/// How to prove a rollback worked; all configured checks must pass within `bake`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    #[serde(default = "default_bake", with = "humantime_serde")]
+    pub bake: Duration,
+    #[serde(default)]
+    pub health_probe: Option<HealthProbe>,
+    #[serde(default)]
+    pub prometheus: Option<PrometheusCheck>,
+    /// Wait for the triggering alert's resolved notification.
+    #[serde(default)]
+    pub alert_resolves: bool,
+}
+
+impl Default for Verification {
+    fn default() -> Self {
+        Verification {
+            bake: default_bake(),
+            health_probe: None,
+            prometheus: None,
+            alert_resolves: false,
+        }
+    }
+}
+
+fn default_bake() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// `curl -f` with patience: N consecutive successes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {
+    pub url: String,
+    #[serde(default = "default_status")]
+    pub expected_status: u16,
+    #[serde(default = "default_successes")]
+    pub successes: u32,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_status() -> u16 {
+    200
+}
+fn default_successes() -> u32 {
+    3
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// An instant query whose value must stay below (or above) a bound.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusCheck {
+    pub query: String,
+    #[serde(default)]
+    pub below: Option<f64>,
+    #[serde(default)]
+    pub above: Option<f64>,
+}
+
+/// Where this policy's incidents are reported; absent sections fall back to config defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    #[serde(default)]
+    pub slack: Option<SlackRoute>,
+    #[serde(default)]
+    pub pagerduty: Option<PagerDutyRoute>,
+    #[serde(default)]
+    pub statuspage: Option<StatuspageRoute>,
+    /// Who is mentioned when a rollback fails or verification fails.
+    #[serde(default)]
+    pub escalation: Option<Escalation>,
+}
+
+/// A Slack channel for the incident's message and thread.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackRoute {
+    pub channel: String,
+}
+
+/// PagerDuty Events API v2 routing.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagerDutyRoute {
+    pub severity: Severity,
+    /// Name of a routing key under `pagerduty.routing_keys` in the config (keys are secrets).
+    #[serde(default)]
+    pub routing_key: Option<String>,
+}
+
+/// PagerDuty's event severities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Critical,
+    Error,
+    Warning,
+    Info,
+}
+
+/// Statuspage components to mark while the rollback runs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatuspageRoute {
+    /// component id -> status while degraded.
+    pub components: BTreeMap<String, ComponentStatus>,
+    #[serde(default = "yes")]
+    pub deliver_notifications: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Statuspage component states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentStatus {
+    Operational,
+    DegradedPerformance,
+    PartialOutage,
+    MajorOutage,
+    UnderMaintenance,
+}
+
+/// The human target of an escalation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Escalation {
+    /// A Slack mention, e.g. `<!subteam^S0PLATFORM>` or `<@U0ONCALL>`.
+    pub slack_mention: String,
+}
+
+/// Links put into every message.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Links {
+    #[serde(default)]
+    pub runbook: Option<String>,
+    #[serde(default)]
+    pub dashboard: Option<String>,
+}
+
+impl Policy {
+    /// Cross-field checks serde cannot express: `(text to locate in the file, message)`.
+    fn check(&self) -> Vec<(String, String)> {
+        let mut errs = Vec::new();
+        let mut err = |at: &str, msg: String| errs.push((at.to_string(), msg));
+        if self.name.trim().is_empty() {
+            err("name:", "name: give the policy a name".into());
+        }
+        if self.triggers.is_empty() {
+            err("triggers:", "triggers: list at least one trigger".into());
+        }
+        let mut seen = HashSet::new();
+        for t in &self.triggers {
+            if !seen.insert(t.name.as_str()) {
+                err(
+                    &t.name,
+                    format!(
+                        "triggers: trigger name {:?} is used twice; names must be unique",
+                        t.name
+                    ),
+                );
+            }
+            if t.matchers.is_empty() && self.matchers.is_empty() {
+                err(&t.name, format!("triggers[{}].matchers: a trigger with no matchers would match every alert; add at least alertname=\"...\"", t.name));
+            }
+            if let Mode::AutoAfter(d) = t.mode {
+                if d < t.for_ {
+                    err(&t.name, format!("triggers[{}].mode.auto_after ({}) is shorter than for ({}): make auto_after at least as long", t.name, humantime::format_duration(d), humantime::format_duration(t.for_)));
+                }
+            }
+            if matches!(t.mode, Mode::Manual | Mode::AutoAfter(_)) && self.approval.is_none() {
+                err(&t.name, format!("triggers[{}] needs approval but the policy has no approval section: add approval.approvers and approval.on_timeout", t.name));
+            }
+        }
+        if let Err(e) = self.target.validate() {
+            err("target:", e);
+        }
+        if let Some(a) = &self.approval {
+            let count = a.approvers.slack_users.len()
+                + a.approvers.slack_groups.len()
+                + a.approvers.pagerduty_users.len();
+            if count == 0 {
+                err("approvers:", "approval.approvers: name at least one slack user, slack group or pagerduty user".into());
+            }
+            if !(1..=2).contains(&a.required_approvals) {
+                err(
+                    "required_approvals:",
+                    "approval.required_approvals: use 1, or 2 for a two-person rule".into(),
+                );
+            }
+            if a.timeout.is_zero() {
+                err(
+                    "timeout:",
+                    "approval.timeout: must be longer than 0s, e.g. 15m".into(),
+                );
+            }
+        }
+        if let Some(r) = &self.guards.max_rollbacks {
+            if r.count == 0 || r.per.is_zero() {
+                err("max_rollbacks:", "guards.max_rollbacks: count and per must be above zero, e.g. {count: 2, per: 1h}".into());
+            }
+        }
+        for w in &self.guards.freeze_windows {
+            if w.end <= w.start {
+                err(
+                    "freeze_windows:",
+                    format!(
+                        "guards.freeze_windows: window starting {} ends before it starts",
+                        w.start
+                    ),
+                );
+            }
+        }
+        if let Some(p) = &self.verification.health_probe {
+            if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
+                err(
+                    "health_probe:",
+                    "verification.health_probe.url: must be an http:// or https:// URL".into(),
+                );
+            }
+            if p.successes == 0 {
+                err(
+                    "successes:",
+                    "verification.health_probe.successes: at least 1".into(),
+                );
+            }
+        }
+        if let Some(p) = &self.verification.prometheus {
+            if p.below.is_none() == p.above.is_none() {
+                err(
+                    "prometheus:",
+                    "verification.prometheus: give exactly one of `below` or `above`".into(),
+                );
+            }
+        }
+        errs
+    }
+}
+
+/// One error in one policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+/// All policies in force, with the hash of the files they came from.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicySet {
+    pub policies: Vec<LoadedPolicy>,
+    /// sha256 over every file's name and content, in name order: decisions record it.
+    pub hash: String,
+    pub dir: PathBuf,
+}
+
+/// A policy and where it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadedPolicy {
+    pub file: PathBuf,
+    #[serde(flatten)]
+    pub policy: Policy,
+}
+
+impl PolicySet {
+    /// Loads every `*.yaml`/`*.yml` in `dir` (sorted by name). Returns every error found,
+    /// each with file and line; a set with any error is refused as a whole.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect(),
+            Err(e) => {
+                return Err(vec![PolicyError {
+                    file: dir.to_path_buf(),
+                    line: 0,
+                    message: format!("cannot read the policy directory: {e} (set policies_dir in the config or pass the directory)"),
+                }])
+            }
+        };
+        files.sort();
+        let mut sources = Vec::new();
+        for f in files {
+            match std::fs::read_to_string(&f) {
+                Ok(text) => sources.push((f, text)),
+                Err(e) => {
+                    return Err(vec![PolicyError {
+                        file: f,
+                        line: 0,
+                        message: format!("cannot read: {e}"),
+                    }])
+                }
+            }
+        }
+        Self::from_sources(dir, sources)
+    }
+
+    /// Parses already-read files; see [`PolicySet::load_dir`].
+    pub fn from_sources(
+        dir: &Path,
+        sources: Vec<(PathBuf, String)>,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut policies: Vec<LoadedPolicy> = Vec::new();
+        let mut hasher = Sha256::new();
+        for (file, text) in &sources {
+            hasher.update(
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            hasher.update([0u8]);
+            hasher.update(text.as_bytes());
+            hasher.update([0u8]);
+            match serde_norway::from_str::<Policy>(text) {
+                Ok(policy) => {
+                    for (at, message) in policy.check() {
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            line: locate(text, &at),
+                            message,
+                        });
+                    }
+                    if let Some(other) = policies.iter().find(|p| p.policy.name == policy.name) {
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            line: locate(text, "name:"),
+                            message: format!(
+                                "name: policy {:?} is already defined in {}; names must be unique",
+                                policy.name,
+                                other.file.display()
+                            ),
+                        });
+                    }
+                    policies.push(LoadedPolicy {
+                        file: file.clone(),
+                        policy,
+                    });
+                }
+                Err(e) => {
+                    let line = e.location().map(|l| l.line()).unwrap_or(1);
+                    // serde's message carries "at line N column M" already; keep only the what.
+                    let msg = e.to_string();
+                    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                    errors.push(PolicyError {
+                        file: file.clone(),
+                        line,
+                        message: explain(&msg),
+                    });
+                }
+            }
+        }
+        if errors.is_empty() {
+            let hash = hex::encode(hasher.finalize());
+            Ok(PolicySet {
+                policies,
+                hash: hash[..16].to_string(),
+                dir: dir.to_path_buf(),
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The policy with this name.
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .map(|p| &p.policy)
+            .find(|p| p.name == name)
+    }
+
+    /// Policies in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter().map(|p| &p.policy)
+    }
+}
+
+/// Adds the fix to serde's terse messages where one is obvious.
+fn explain(msg: &str) -> String {
+    if msg.contains("unknown field") {
+        format!("{msg} (check the spelling; the schema is in docs/policies.md)")
+    } else if msg.contains("invalid type") || msg.contains("expected") {
+        format!("{msg} (see docs/policies.md for the expected shape)")
+    } else {
+        msg.to_string()
+    }
+}
+
+/// The 1-based line of the first occurrence of `needle`, or 1.
+fn locate(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+/// Labels that identify a policy's match for display: `alertname` first.
+pub fn describe_labels(labels: &LabelSet) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(n) = labels.get("alertname") {
+        parts.push(n.clone());
+    }
+    parts.extend(
+        labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != "alertname")
+            .map(|(k, v)| format!("{k}={v}")),
+    );
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "name: web
+service: web
+target:
+  alb:
+    listener_arn: arn:aws:elasticloadbalancing:us-east-1:1:listener/app/web/1/2
+    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web-stable/1
+triggers:
+  - name: errors
+    matchers: ['alertname=\"HighErrorRate\"']
+    for: 5m
+    mode: auto
+";
+
+    fn load(text: &str) -> Result<PolicySet, Vec<PolicyError>> {
+        PolicySet::from_sources(
+            Path::new("p"),
+            vec![(PathBuf::from("p/web.yaml"), text.to_string())],
+        )
+    }
+
+    #[test]
+    fn minimal_policy_loads_with_defaults() {
+        let set = load(MINIMAL).unwrap();
+        let p = set.get("web").unwrap();
+        assert_eq!(p.guards.cooldown, Duration::from_secs(1800));
+        assert_eq!(p.triggers[0].for_, Duration::from_secs(300));
+        assert_eq!(set.hash.len(), 16);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_file_and_line() {
+        let text = MINIMAL.replace("    for: 5m", "    for: 5m\n    fro: 5m");
+        let errs = load(&text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, 11, "{}", errs[0]);
+        assert!(
+            errs[0].to_string().starts_with("p/web.yaml:11: "),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[0].message.contains("unknown field `fro`"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn bad_matcher_regex_is_reported_at_its_line() {
+        let text = MINIMAL.replace("alertname=\"HighErrorRate\"", "alertname=~\"(\"");
+        let errs = load(&text).unwrap_err();
+        assert!(
+            errs[0].message.contains("invalid regular expression"),
+            "{}",
+            errs[0]
+        );
+        assert_eq!(errs[0].line, 9, "{}", errs[0]);
+    }
+
+    #[test]
+    fn manual_trigger_without_approval_is_refused_with_the_fix() {
+        let errs = load(&MINIMAL.replace("mode: auto", "mode: manual")).unwrap_err();
+        assert!(
+            errs[0].message.contains("add approval.approvers"),
+            "{}",
+            errs[0]
+        );
+        assert_eq!(errs[0].line, 8);
+    }
+
+    #[test]
+    fn bad_duration_names_the_line() {
+        let errs = load(&MINIMAL.replace("for: 5m", "for: five minutes")).unwrap_err();
+        assert_eq!(errs[0].line, 10, "{}", errs[0]);
+    }
+
+    #[test]
+    fn duplicate_policy_names_across_files_are_refused() {
+        let errs = PolicySet::from_sources(
+            Path::new("p"),
+            vec![
+                (PathBuf::from("p/a.yaml"), MINIMAL.to_string()),
+                (PathBuf::from("p/b.yaml"), MINIMAL.to_string()),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("p/b.yaml:1: name: policy \"web\" is already defined in p/a.yaml"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn shipped_policies_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(set.get("portal-api").is_some());
+    }
+}

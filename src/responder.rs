@@ -1,0 +1,714 @@
+//! The one place that wires the steps in order: stored alert -> policy decision -> incident
+//! -> (approval) -> action -> verification, each state change through [`Responder::apply`].
+//!
+//! Every step runs in the background, never while Alertmanager waits: the webhook only stores
+//! alerts and wakes [`Responder::process_pending`]. Each replica runs the same loops
+//! (`worker.rs`); the store's conditional updates decide which replica does a piece of work,
+//! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tracing::{info, warn, Instrument};
+
+use crate::action::{ActionReport, Executors, Target};
+use crate::alert::AlertStatus;
+use crate::incident::{
+    should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase,
+};
+use crate::metrics::Metrics;
+use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
+use crate::store::{NewEvent, Store, StoreError, StoreTx, StoredAlert};
+
+/// Why a step could not complete; the loops log it and retry on the next tick.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    /// Someone else changed the incident between our read and write.
+    #[error("incident {0} changed concurrently; retrying")]
+    Conflict(IncidentId),
+    #[error("incident {0}: stored plan is unreadable: {1}")]
+    Plan(IncidentId, String),
+}
+
+/// The wiring, shared by the HTTP edge and the workers.
+pub struct Responder {
+    pub store: Store,
+    policies: RwLock<Arc<PolicySet>>,
+    pub global: GlobalGuards,
+    pub executors: Executors,
+    pub replica: String,
+    pub lease: Duration,
+    pub metrics: Arc<Metrics>,
+    pub wake: tokio::sync::Notify,
+}
+
+/// Who made a change, for the audit trail.
+const SYSTEM: &str = "rollback-responder";
+
+impl Responder {
+    /// Builds the responder around a store and a loaded policy set.
+    pub fn new(
+        store: Store,
+        policies: PolicySet,
+        global: GlobalGuards,
+        executors: Executors,
+        replica: String,
+        lease: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Responder {
+            store,
+            policies: RwLock::new(Arc::new(policies)),
+            global,
+            executors,
+            replica,
+            lease,
+            metrics,
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The policy set in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        match self.policies.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the policy set (reload); decisions made after this record the new hash.
+    pub fn set_policies(&self, set: PolicySet) {
+        let mut guard = match self.policies.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Arc::new(set);
+    }
+
+    /// Processes every pending alert; returns incidents that now have work to run.
+    pub async fn process_pending(&self) -> Result<Vec<IncidentId>, StepError> {
+        let mut work = Vec::new();
+        loop {
+            let ids = self.store.pending_alert_ids(200).await?;
+            if ids.is_empty() {
+                return Ok(work);
+            }
+            for id in ids {
+                if let Some(inc) = self.process_alert(id).await? {
+                    work.push(inc);
+                }
+            }
+        }
+    }
+
+    /// One alert, in one transaction; retried when another replica wins a race on the target.
+    async fn process_alert(&self, alert_id: i64) -> Result<Option<IncidentId>, StepError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Read before the transaction: on SQLite the transaction holds the only connection.
+            let now = Utc::now();
+            let freezes = self.store.freezes(now).await?;
+            let mut tx = self.store.begin().await?;
+            let Some(stored) = tx.claim_alert(alert_id).await? else {
+                return Ok(None);
+            };
+            let result = match stored.alert.status {
+                AlertStatus::Firing => self.on_firing(&mut tx, &stored, &freezes, now).await,
+                AlertStatus::Resolved => {
+                    self.on_resolved(&mut tx, &stored, now).await.map(|_| None)
+                }
+            };
+            match result {
+                Ok(work) => match tx.commit().await {
+                    Ok(()) => return Ok(work),
+                    Err(e) if e.is_conflict() && attempt < 3 => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                // Another replica opened an incident for this target at the same moment:
+                // start over, and this time attach to it.
+                Err(StepError::Store(e)) if e.is_conflict() && attempt < 3 => continue,
+                Err(StepError::Conflict(_)) if attempt < 3 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn decide_for(
+        &self,
+        set: &PolicySet,
+        stored: &StoredAlert,
+        history: &policy::History,
+        freezes: &FreezeState,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let matched = policy::find(&stored.alert, set);
+        policy::decide(
+            &stored.alert,
+            matched,
+            now,
+            history,
+            freezes,
+            &self.global,
+            &set.hash,
+        )
+    }
+
+    async fn load_history(
+        &self,
+        tx: &mut StoreTx,
+        p: &policy::Policy,
+        now: DateTime<Utc>,
+    ) -> Result<policy::History, StoreError> {
+        tx.history(
+            &p.name,
+            &p.target.key(),
+            p.guards.max_rollbacks.map(|r| r.per),
+            self.global.max_rollbacks.map(|r| r.per),
+            now,
+        )
+        .await
+    }
+
+    async fn on_firing(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        freezes: &FreezeState,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IncidentId>, StepError> {
+        let set = self.policies();
+        let Some((p, _)) = policy::find(&stored.alert, &set) else {
+            let d = self.decide_for(&set, stored, &policy::History::default(), freezes, now);
+            self.metrics.decision(d.outcome.label(), "");
+            tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
+            info!(alertname = stored.alert.alertname(), fingerprint = %stored.alert.fingerprint, "no policy matches; stored only");
+            return Ok(None);
+        };
+        let target_key = p.target.key();
+        let history = self.load_history(tx, p, now).await?;
+        let d = self.decide_for(&set, stored, &history, freezes, now);
+        self.metrics.decision(d.outcome.label(), &p.name);
+
+        if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
+            // One open incident per target: further alerts join it and never start a second
+            // rollback; they can only promote a pending one (a stronger trigger fired).
+            tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d))
+                .await?;
+            let summary = format!(
+                "{} joined the incident ({})",
+                describe_alert(stored),
+                d.reason
+            );
+            self.record(
+                tx,
+                &inc,
+                "alert_joined",
+                SYSTEM,
+                summary,
+                json!({ "alert": stored.alert, "decision": d }),
+                now,
+            )
+            .await?;
+            let promotes = match (inc.phase, Phase::for_outcome(&d.outcome)) {
+                (Phase::Waiting, Some(_)) => true,
+                (Phase::AwaitingApproval, Some(Phase::Executing)) => true,
+                _ => false,
+            };
+            if promotes {
+                let reason = d.reason.clone();
+                let event = Event::Decided {
+                    outcome: d.outcome.clone(),
+                };
+                inc.decision = d;
+                self.apply(tx, &mut inc, event, SYSTEM, reason, Value::Null, now)
+                    .await?;
+            }
+            return Ok((inc.phase == Phase::Executing).then(|| inc.id.clone()));
+        }
+
+        let Some(phase) = Phase::for_outcome(&d.outcome) else {
+            return Ok(None);
+        };
+        let inc = Incident {
+            id: IncidentId::new(),
+            policy: p.name.clone(),
+            trigger: d.trigger.clone(),
+            service: p.service.clone(),
+            target_key,
+            phase,
+            due_at: due_at(phase, &d.outcome),
+            plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
+            alertname: stored.alert.alertname().to_string(),
+            first_alert_starts_at: stored.alert.starts_at,
+            opened_at: now,
+            updated_at: now,
+            closed_at: None,
+            acted_at: None,
+            verified_at: None,
+            owner: None,
+            lease_until: None,
+            version: 0,
+            decision: d.clone(),
+        };
+        tx.insert_incident(&inc).await?;
+        tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d))
+            .await?;
+        let opened = format!(
+            "{} opened an incident under policy {} (trigger {})",
+            describe_alert(stored),
+            p.name,
+            d.trigger.as_deref().unwrap_or("-")
+        );
+        self.record(tx, &inc, "opened", SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
+        tx.append_event(
+            &inc.id,
+            now,
+            NewEvent {
+                kind: "decided",
+                actor: SYSTEM,
+                phase_from: None,
+                phase_to: Some(phase),
+                summary: d.reason.clone(),
+                detail: serde_json::to_value(&d).unwrap_or(Value::Null),
+            },
+        )
+        .await?;
+        info!(incident = %inc.id, policy = %p.name, decision = d.outcome.label(), reason = %d.reason, "incident opened");
+        Ok((phase == Phase::Executing).then_some(inc.id))
+    }
+
+    async fn on_resolved(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        now: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        let Some(id) = &stored.incident_id else {
+            return Ok(());
+        };
+        let Some(mut inc) = tx.incident(id).await? else {
+            return Ok(());
+        };
+        self.record(
+            tx,
+            &inc,
+            "alert_resolved",
+            "alertmanager",
+            format!("{} resolved", describe_alert(stored)),
+            json!({ "ends_at": stored.alert.ended_at() }),
+            now,
+        )
+        .await?;
+        if tx.firing_alerts(&inc.id).await? == 0 {
+            self.apply(
+                tx,
+                &mut inc,
+                Event::AllAlertsResolved,
+                "alertmanager",
+                "every alert of the incident has resolved".into(),
+                Value::Null,
+                now,
+            )
+            .await?;
+            self.close_if_done(tx, &mut inc, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-decides waiting incidents and expires approval requests whose time has come.
+    pub async fn run_due(&self) -> Result<Vec<IncidentId>, StepError> {
+        let now = Utc::now();
+        let mut work = Vec::new();
+        for id in self.store.due_incidents(now).await? {
+            let freezes = self.store.freezes(now).await?;
+            let mut tx = self.store.begin().await?;
+            let Some(mut inc) = tx.incident(&id).await? else {
+                continue;
+            };
+            if inc.due_at.is_none_or(|d| d > now) {
+                continue;
+            }
+            match inc.phase {
+                Phase::Waiting => {
+                    let firing = tx.firing_alerts_of(&inc.id).await?;
+                    let Some(oldest) = firing.first() else {
+                        self.apply(
+                            &mut tx,
+                            &mut inc,
+                            Event::AllAlertsResolved,
+                            SYSTEM,
+                            "no alert fires any more".into(),
+                            Value::Null,
+                            now,
+                        )
+                        .await?;
+                        self.close_if_done(&mut tx, &mut inc, now).await?;
+                        self.commit(tx, &inc).await?;
+                        continue;
+                    };
+                    let set = self.policies();
+                    let history = match set.get(&inc.policy) {
+                        Some(p) => self.load_history(&mut tx, p, now).await?,
+                        None => policy::History::default(),
+                    };
+                    let d = self.decide_for(&set, oldest, &history, &freezes, now);
+                    self.metrics.decision(d.outcome.label(), &inc.policy);
+                    // A reload may have removed the trigger: "no match" cancels the wait.
+                    let reason = format!("re-evaluated: {}", d.reason);
+                    let event = Event::Decided {
+                        outcome: d.outcome.clone(),
+                    };
+                    inc.decision = d;
+                    self.apply(&mut tx, &mut inc, event, SYSTEM, reason, Value::Null, now)
+                        .await?;
+                }
+                Phase::AwaitingApproval => {
+                    let on_timeout = approval_timeout_action(&inc.decision.outcome);
+                    let summary = format!(
+                        "approval request expired; policy says {}",
+                        serde_json::to_value(on_timeout)
+                            .unwrap_or(Value::Null)
+                            .as_str()
+                            .unwrap_or("?")
+                    );
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::ApprovalExpired { on_timeout },
+                        SYSTEM,
+                        summary,
+                        Value::Null,
+                        now,
+                    )
+                    .await?;
+                }
+                _ => continue,
+            }
+            self.commit(tx, &inc).await?;
+            if inc.phase == Phase::Executing {
+                work.push(inc.id.clone());
+            }
+        }
+        Ok(work)
+    }
+
+    async fn commit(&self, tx: StoreTx, inc: &Incident) -> Result<(), StepError> {
+        tx.commit().await.map_err(|e| {
+            if e.is_conflict() {
+                StepError::Conflict(inc.id.clone())
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// Runs an incident's action and verification, if this replica can claim it.
+    pub async fn run_work(&self, id: &IncidentId) -> Result<(), StepError> {
+        if !self
+            .store
+            .claim(id, &self.replica, Utc::now(), self.lease)
+            .await?
+        {
+            return Ok(());
+        }
+        let span = tracing::info_span!("incident", incident = %id);
+        self.run_claimed(id).instrument(span).await
+    }
+
+    async fn run_claimed(&self, id: &IncidentId) -> Result<(), StepError> {
+        let Some(mut inc) = self.store.incident(id).await? else {
+            return Ok(());
+        };
+        if inc.phase == Phase::Executing {
+            let target: Target = serde_json::from_value(inc.plan.clone())
+                .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+            let dry_run = matches!(
+                inc.decision.outcome,
+                Outcome::Suppressed(Suppression::DryRun { .. })
+            );
+            let now = Utc::now();
+            let mut tx = self.store.begin().await?;
+            self.record(
+                &mut tx,
+                &inc,
+                "action_started",
+                &self.replica,
+                format!(
+                    "{}: {}",
+                    if dry_run { "dry run" } else { "rolling back" },
+                    target.describe()
+                ),
+                json!({ "dry_run": dry_run }),
+                now,
+            )
+            .await?;
+            tx.commit().await?;
+
+            let started = Instant::now();
+            let result = self
+                .with_lease(id, self.executors.execute(&target, dry_run))
+                .await;
+            let secs = started.elapsed().as_secs_f64();
+            let now = Utc::now();
+            let mut tx = self.store.begin().await?;
+            let Some(fresh) = tx.incident(id).await? else {
+                return Ok(());
+            };
+            inc = fresh;
+            match result {
+                Ok(report) => {
+                    self.metrics.action(
+                        target.kind().as_str(),
+                        if report.dry_run {
+                            "dry_run"
+                        } else if report.changed {
+                            "changed"
+                        } else {
+                            "no_op"
+                        },
+                        secs,
+                    );
+                    if report.changed {
+                        inc.acted_at = Some(now);
+                        self.metrics.alert_to_action(
+                            (now - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0,
+                        );
+                    }
+                    let ActionReport {
+                        changed,
+                        dry_run,
+                        summary,
+                        detail,
+                    } = report;
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::ActionSucceeded { changed, dry_run },
+                        &self.replica,
+                        summary,
+                        detail,
+                        now,
+                    )
+                    .await?;
+                }
+                Err(e) => {
+                    self.metrics.action(target.kind().as_str(), "failed", secs);
+                    warn!(error = %e, "rollback action failed; escalating");
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::ActionFailed,
+                        &self.replica,
+                        format!("rollback failed: {e}; a human must act"),
+                        json!({ "error": e.to_string() }),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+            self.close_if_done(&mut tx, &mut inc, now).await?;
+            self.commit(tx, &inc).await?;
+        }
+        if inc.phase == Phase::Verifying {
+            let now = Utc::now();
+            let mut tx = self.store.begin().await?;
+            // The executor's read-back already proved the write took (it fails the action
+            // otherwise); probes, queries and waiting for resolution are not built yet.
+            inc.verified_at = Some(now);
+            self.apply(
+                &mut tx,
+                &mut inc,
+                Event::VerificationPassed,
+                &self.replica,
+                "verified by the executor's read-back (health probe, Prometheus query and alert-resolution checks are not implemented in this version)".into(),
+                json!({ "checks": [{ "check": "read_back", "passed": true }] }),
+                now,
+            )
+            .await?;
+            self.close_if_done(&mut tx, &mut inc, now).await?;
+            self.commit(tx, &inc).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `fut` while renewing this replica's lease on the incident, so a long action
+    /// (a gradual shift) is not taken over by another replica.
+    async fn with_lease<T>(&self, id: &IncidentId, fut: impl std::future::Future<Output = T>) -> T {
+        let renew_every = self.lease / 3;
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(renew_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tick.tick() => {
+                    if let Err(e) = self.store.claim(id, &self.replica, Utc::now(), self.lease).await {
+                        warn!(error = %e, "could not renew the lease");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every state change of a stored incident: validate with [`transition`], update the
+    /// row if nobody else did (version check), and append the audit entry, in `tx`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply(
+        &self,
+        tx: &mut StoreTx,
+        inc: &mut Incident,
+        event: Event,
+        actor: &str,
+        summary: String,
+        detail: Value,
+        now: DateTime<Utc>,
+    ) -> Result<Phase, StepError> {
+        let from = inc.phase;
+        let next = transition(from, &event)?;
+        inc.phase = next;
+        inc.updated_at = now;
+        inc.due_at = match next {
+            Phase::Waiting | Phase::AwaitingApproval
+                if from != next || matches!(event, Event::Decided { .. }) =>
+            {
+                due_at(next, &inc.decision.outcome).or(inc.due_at)
+            }
+            Phase::Waiting | Phase::AwaitingApproval => inc.due_at,
+            _ => None,
+        };
+        if next.is_settled() {
+            inc.owner = None;
+            inc.lease_until = None;
+        }
+        if !tx.save_incident(inc).await? {
+            return Err(StepError::Conflict(inc.id.clone()));
+        }
+        inc.version += 1;
+        let detail = if detail.is_null() {
+            serde_json::to_value(&event).unwrap_or(Value::Null)
+        } else {
+            detail
+        };
+        tx.append_event(
+            &inc.id,
+            now,
+            NewEvent {
+                kind: event_kind(&event),
+                actor,
+                phase_from: Some(from),
+                phase_to: Some(next),
+                summary,
+                detail,
+            },
+        )
+        .await?;
+        if from != next {
+            info!(incident = %inc.id, from = %from, to = %next, "incident phase changed");
+        }
+        Ok(next)
+    }
+
+    async fn record(
+        &self,
+        tx: &mut StoreTx,
+        inc: &Incident,
+        kind: &str,
+        actor: &str,
+        summary: String,
+        detail: Value,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        tx.append_event(
+            &inc.id,
+            now,
+            NewEvent {
+                kind,
+                actor,
+                phase_from: None,
+                phase_to: None,
+                summary,
+                detail,
+            },
+        )
+        .await
+    }
+
+    async fn close_if_done(
+        &self,
+        tx: &mut StoreTx,
+        inc: &mut Incident,
+        now: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        if inc.closed_at.is_some() || !should_close(inc.phase, tx.firing_alerts(&inc.id).await?) {
+            return Ok(());
+        }
+        inc.closed_at = Some(now);
+        if !tx.save_incident(inc).await? {
+            return Err(StepError::Conflict(inc.id.clone()));
+        }
+        inc.version += 1;
+        self.record(
+            tx,
+            inc,
+            "closed",
+            SYSTEM,
+            format!("incident closed in phase {}", inc.phase),
+            Value::Null,
+            now,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn event_kind(e: &Event) -> &'static str {
+    match e {
+        Event::Decided { .. } => "decided",
+        Event::Approved { .. } => "approved",
+        Event::Denied { .. } => "denied",
+        Event::ApprovalExpired { .. } => "approval_expired",
+        Event::ActionSucceeded { .. } => "action_succeeded",
+        Event::ActionFailed => "action_failed",
+        Event::VerificationPassed => "verification_passed",
+        Event::VerificationFailed => "verification_failed",
+        Event::AllAlertsResolved => "all_alerts_resolved",
+    }
+}
+
+/// When an incident in `phase` next needs attention, derived from its decision.
+fn due_at(phase: Phase, outcome: &Outcome) -> Option<DateTime<Utc>> {
+    match (phase, outcome) {
+        (_, Outcome::Suppressed(Suppression::DryRun { would })) => due_at(phase, would),
+        (Phase::Waiting, Outcome::Suppressed(Suppression::TooYoung { recheck_at, .. })) => {
+            Some(*recheck_at)
+        }
+        (Phase::AwaitingApproval, Outcome::NeedsApproval { expires_at, .. }) => Some(*expires_at),
+        (Phase::AwaitingApproval, Outcome::EscalateLater { auto_at }) => Some(*auto_at),
+        _ => None,
+    }
+}
+
+/// What an expiring approval request does, derived from the decision that opened it.
+fn approval_timeout_action(outcome: &Outcome) -> policy::OnTimeout {
+    match outcome {
+        Outcome::NeedsApproval { on_timeout, .. } => *on_timeout,
+        Outcome::EscalateLater { .. } => policy::OnTimeout::Rollback,
+        Outcome::Suppressed(Suppression::DryRun { would }) => approval_timeout_action(would),
+        _ => policy::OnTimeout::Escalate,
+    }
+}
+
+fn describe_alert(s: &StoredAlert) -> String {
+    format!(
+        "{} ({})",
+        policy::describe_labels(&s.alert.labels),
+        s.alert.fingerprint
+    )
+}

@@ -1,0 +1,709 @@
+//! All SQL lives here: alerts, incidents, the audit trail, freezes.
+//!
+//! One set of store code serves SQLite (the embedded default, a file in the working
+//! directory) and PostgreSQL (shared by several replicas) through sqlx's `Any` driver: the SQL
+//! is portable (`$n` placeholders, `ON CONFLICT`, integer milliseconds for time, JSON as text);
+//! only the migrations differ per dialect. Exactly-once rests on three things written here:
+//! the unique `(fingerprint, starts_at)` of an alert, the unique `open_target` of an incident,
+//! and conditional updates (`WHERE version = $n`, `WHERE pending = 1`, lease expiry) that only
+//! one replica can win.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row, Transaction};
+
+use crate::alert::{Alert, AlertStatus, Fingerprint, LabelSet, Notification};
+use crate::incident::{Incident, IncidentId, Phase};
+use crate::policy::{Decision, Freeze, FreezeState, History};
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Errors from the store; all of them are "transient" from a webhook sender's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("store migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported store url {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    Url(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// A unique-constraint violation: another writer (replica) got there first.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.is_unique_violation())
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The shared store.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or_default()
+}
+
+fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_ms)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Counts from one webhook delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// New alerts, or a known alert whose status changed (firing -> resolved).
+    pub stored: u64,
+    /// Alerts we already had in this state (re-sends, HA duplicates).
+    pub duplicates: u64,
+}
+
+/// An alert as stored, with its row id.
+#[derive(Debug, Clone)]
+pub struct StoredAlert {
+    pub id: i64,
+    pub alert: Alert,
+    pub group_key: String,
+    pub external_url: String,
+    pub incident_id: Option<IncidentId>,
+}
+
+/// One entry of an incident's audit trail.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventRecord {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub actor: String,
+    pub phase_from: Option<Phase>,
+    pub phase_to: Option<Phase>,
+    pub summary: String,
+    pub detail: Value,
+}
+
+/// A new audit entry, appended within a state change's transaction.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub phase_from: Option<Phase>,
+    pub phase_to: Option<Phase>,
+    pub summary: String,
+    pub detail: Value,
+}
+
+impl Store {
+    /// Connects, creating the SQLite file if needed, and runs the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            }
+            _ => url.to_string(),
+        };
+        let opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let pool = match backend {
+            // One writer at a time is how SQLite works anyway; a single connection avoids
+            // SQLITE_BUSY on lock upgrades. WAL + synchronous=FULL: a commit is on disk.
+            Backend::Sqlite => {
+                opts.max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("PRAGMA journal_mode=WAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous=FULL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA busy_timeout=5000")
+                                .execute(&mut *conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => {
+                opts.max_connections(max_connections.max(2))
+                    .connect(&url)
+                    .await?
+            }
+        };
+        match backend {
+            Backend::Sqlite => {
+                sqlx::migrate!("src/store/migrations/sqlite")
+                    .run(&pool)
+                    .await?
+            }
+            Backend::Postgres => {
+                sqlx::migrate!("src/store/migrations/postgres")
+                    .run(&pool)
+                    .await?
+            }
+        }
+        Ok(Store { pool, backend })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool (on shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores every alert of a delivery in one transaction. A known alert in the same state
+    /// is a duplicate and changes nothing; firing -> resolved marks it for processing again.
+    /// A resolved alert never goes back to firing (late duplicates from an HA peer).
+    pub async fn ingest(&self, n: &Notification, now: DateTime<Utc>) -> Result<IngestStats> {
+        let mut tx = self.pool.begin().await?;
+        let mut stats = IngestStats::default();
+        for a in &n.alerts {
+            let labels = to_json(&a.labels);
+            let annotations = to_json(&a.annotations);
+            let r = sqlx::query(
+                "INSERT INTO alerts (fingerprint, starts_at, ends_at, status, alertname, labels, annotations,
+                     generator_url, group_key, external_url, received_at, updated_at, pending)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 1)
+                 ON CONFLICT (fingerprint, starts_at) DO UPDATE
+                   SET status = excluded.status, ends_at = excluded.ends_at, updated_at = excluded.updated_at,
+                       annotations = excluded.annotations, pending = 1
+                   WHERE alerts.status = 'firing' AND excluded.status = 'resolved'",
+            )
+            .bind(&a.fingerprint.0)
+            .bind(ms(a.starts_at))
+            .bind(a.ended_at().map(ms))
+            .bind(a.status.as_str())
+            .bind(a.alertname())
+            .bind(labels)
+            .bind(annotations)
+            .bind(&a.generator_url)
+            .bind(&n.group_key)
+            .bind(&n.external_url)
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() > 0 {
+                stats.stored += 1;
+            } else {
+                stats.duplicates += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    /// Ids of alerts waiting to be processed, oldest first.
+    pub async fn pending_alert_ids(&self, limit: i64) -> Result<Vec<i64>> {
+        let rows = sqlx::query("SELECT id FROM alerts WHERE pending = 1 ORDER BY id LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<i64, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Starts a transaction for one state change.
+    pub async fn begin(&self) -> Result<StoreTx> {
+        Ok(StoreTx {
+            tx: self.pool.begin().await?,
+            backend: self.backend,
+        })
+    }
+
+    /// Incidents whose due time has come: re-decisions and approval expiries.
+    pub async fn due_incidents(&self, now: DateTime<Utc>) -> Result<Vec<IncidentId>> {
+        let rows = sqlx::query(
+            "SELECT id FROM incidents WHERE phase IN ('waiting', 'awaiting_approval') AND due_at <= $1 ORDER BY due_at LIMIT 100",
+        )
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await?;
+        ids(rows)
+    }
+
+    /// Incidents with work in flight that no live replica holds (new, or whose owner's lease
+    /// ran out: the owner died).
+    pub async fn unowned_work(&self, now: DateTime<Utc>) -> Result<Vec<IncidentId>> {
+        let rows = sqlx::query(
+            "SELECT id FROM incidents WHERE phase IN ('executing', 'verifying')
+               AND (owner IS NULL OR lease_until < $1) ORDER BY opened_at LIMIT 100",
+        )
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await?;
+        ids(rows)
+    }
+
+    /// Takes (or renews) the lease on an incident's work. Only one replica can hold it: the
+    /// update is conditional on the lease being free, expired, or already ours.
+    pub async fn claim(
+        &self,
+        id: &IncidentId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<bool> {
+        let until =
+            now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let r = sqlx::query(
+            "UPDATE incidents SET owner = $1, lease_until = $2
+             WHERE id = $3 AND phase IN ('executing', 'verifying')
+               AND (owner IS NULL OR owner = $1 OR lease_until < $4)",
+        )
+        .bind(owner)
+        .bind(ms(until))
+        .bind(&id.0)
+        .bind(ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Gives the lease back (on shutdown, so another replica can take over at once).
+    pub async fn release(&self, id: &IncidentId, owner: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE incidents SET owner = NULL, lease_until = NULL WHERE id = $1 AND owner = $2",
+        )
+        .bind(&id.0)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One incident.
+    pub async fn incident(&self, id: &IncidentId) -> Result<Option<Incident>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"
+        ))
+        .bind(&id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| incident_from_row(&r)).transpose()
+    }
+
+    /// Recent incidents, newest first, optionally only open ones.
+    pub async fn incidents(&self, open_only: bool, limit: i64) -> Result<Vec<Incident>> {
+        let filter = if open_only {
+            "WHERE closed_at IS NULL"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents {filter} ORDER BY opened_at DESC, id DESC LIMIT $1"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(incident_from_row).collect()
+    }
+
+    /// An incident's audit trail, oldest first.
+    pub async fn events(&self, id: &IncidentId) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT at, kind, actor, phase_from, phase_to, summary, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
+        )
+        .bind(&id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRecord {
+                    at: from_ms(r.try_get("at")?),
+                    kind: r.try_get("kind")?,
+                    actor: r.try_get("actor")?,
+                    phase_from: r
+                        .try_get::<Option<String>, _>("phase_from")?
+                        .as_deref()
+                        .and_then(Phase::parse),
+                    phase_to: r
+                        .try_get::<Option<String>, _>("phase_to")?
+                        .as_deref()
+                        .and_then(Phase::parse),
+                    summary: r.try_get("summary")?,
+                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
+                        .unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    /// The alerts attached to an incident.
+    pub async fn incident_alerts(&self, id: &IncidentId) -> Result<Vec<StoredAlert>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLS} FROM alerts WHERE incident_id = $1 ORDER BY id"
+        ))
+        .bind(&id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(alert_from_row).collect()
+    }
+
+    /// Alert counts by processing state, for readiness details and tests.
+    pub async fn alert_count(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM alerts")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
+    }
+
+    /// Freezes in force (the kill switch).
+    pub async fn freezes(&self, now: DateTime<Utc>) -> Result<FreezeState> {
+        let rows = sqlx::query("SELECT scope, reason, by_whom, until_at FROM freezes WHERE until_at IS NULL OR until_at > $1")
+            .bind(ms(now))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut state = FreezeState::default();
+        for r in rows {
+            let scope: String = r.try_get("scope")?;
+            let f = Freeze {
+                reason: r.try_get("reason")?,
+                by: r.try_get("by_whom")?,
+                until: opt_ms(r.try_get("until_at")?),
+            };
+            if scope == "*" {
+                state.global = Some(f);
+            } else {
+                state.policies.insert(scope, f);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Sets or replaces a freeze; `scope` is `*` (global) or a policy name.
+    pub async fn freeze(&self, scope: &str, f: &Freeze, now: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO freezes (scope, reason, by_whom, at, until_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (scope) DO UPDATE SET reason = excluded.reason, by_whom = excluded.by_whom, at = excluded.at, until_at = excluded.until_at",
+        )
+        .bind(scope)
+        .bind(&f.reason)
+        .bind(&f.by)
+        .bind(ms(now))
+        .bind(f.until.map(ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Lifts a freeze; true if there was one.
+    pub async fn unfreeze(&self, scope: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM freezes WHERE scope = $1")
+            .bind(scope)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+fn ids(rows: Vec<AnyRow>) -> Result<Vec<IncidentId>> {
+    rows.iter()
+        .map(|r| Ok(IncidentId(r.try_get::<String, _>(0)?)))
+        .collect()
+}
+
+const ALERT_COLS: &str =
+    "id, fingerprint, starts_at, ends_at, status, labels, annotations, generator_url, group_key, external_url, incident_id";
+
+fn alert_from_row(r: &AnyRow) -> Result<StoredAlert> {
+    let status: String = r.try_get("status")?;
+    let labels: LabelSet = serde_json::from_str(&r.try_get::<String, _>("labels")?)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let annotations: LabelSet = serde_json::from_str(&r.try_get::<String, _>("annotations")?)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(StoredAlert {
+        id: r.try_get("id")?,
+        alert: Alert {
+            status: AlertStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("alert status {status:?}")))?,
+            labels,
+            annotations,
+            starts_at: from_ms(r.try_get("starts_at")?),
+            ends_at: opt_ms(r.try_get("ends_at")?),
+            generator_url: r.try_get("generator_url")?,
+            fingerprint: Fingerprint(r.try_get("fingerprint")?),
+        },
+        group_key: r.try_get("group_key")?,
+        external_url: r.try_get("external_url")?,
+        incident_id: r
+            .try_get::<Option<String>, _>("incident_id")?
+            .map(IncidentId),
+    })
+}
+
+const INCIDENT_COLS: &str = "id, policy, trigger_name, service, target_key, phase, decision, plan, alertname, first_alert_starts_at,
+    opened_at, updated_at, closed_at, due_at, acted_at, verified_at, owner, lease_until, version";
+
+fn incident_from_row(r: &AnyRow) -> Result<Incident> {
+    let phase: String = r.try_get("phase")?;
+    let decision: String = r.try_get("decision")?;
+    let plan: String = r.try_get("plan")?;
+    Ok(Incident {
+        id: IncidentId(r.try_get("id")?),
+        policy: r.try_get("policy")?,
+        trigger: r.try_get("trigger_name")?,
+        service: r.try_get("service")?,
+        target_key: r.try_get("target_key")?,
+        phase: Phase::parse(&phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("phase {phase:?}")))?,
+        decision: serde_json::from_str(&decision)
+            .map_err(|e| StoreError::Corrupt(format!("decision: {e}")))?,
+        plan: serde_json::from_str(&plan).map_err(|e| StoreError::Corrupt(format!("plan: {e}")))?,
+        alertname: r.try_get("alertname")?,
+        first_alert_starts_at: from_ms(r.try_get("first_alert_starts_at")?),
+        opened_at: from_ms(r.try_get("opened_at")?),
+        updated_at: from_ms(r.try_get("updated_at")?),
+        closed_at: opt_ms(r.try_get("closed_at")?),
+        due_at: opt_ms(r.try_get("due_at")?),
+        acted_at: opt_ms(r.try_get("acted_at")?),
+        verified_at: opt_ms(r.try_get("verified_at")?),
+        owner: r.try_get("owner")?,
+        lease_until: opt_ms(r.try_get("lease_until")?),
+        version: r.try_get("version")?,
+    })
+}
+
+/// One state change's transaction: everything it writes commits together or not at all.
+pub struct StoreTx {
+    tx: Transaction<'static, sqlx::Any>,
+    #[allow(dead_code)]
+    backend: Backend,
+}
+
+impl StoreTx {
+    /// Commits.
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes a pending alert for processing; `None` if another worker already took it.
+    pub async fn claim_alert(&mut self, id: i64) -> Result<Option<StoredAlert>> {
+        let r = sqlx::query("UPDATE alerts SET pending = 0 WHERE id = $1 AND pending = 1")
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        alert_from_row(&row).map(Some)
+    }
+
+    /// Records what became of an alert: its incident (if any) and the decision.
+    pub async fn set_alert_outcome(
+        &mut self,
+        alert_id: i64,
+        incident: Option<&IncidentId>,
+        decision: Option<&Decision>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE alerts SET incident_id = COALESCE($1, incident_id), decision = COALESCE($2, decision) WHERE id = $3")
+            .bind(incident.map(|i| i.0.clone()))
+            .bind(decision.map(to_json))
+            .bind(alert_id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// What the guards need to know about earlier rollbacks.
+    pub async fn history(
+        &mut self,
+        policy: &str,
+        target_key: &str,
+        policy_window: Option<Duration>,
+        global_window: Option<Duration>,
+        now: DateTime<Utc>,
+    ) -> Result<History> {
+        let last: Option<i64> =
+            sqlx::query("SELECT MAX(acted_at) FROM incidents WHERE target_key = $1")
+                .bind(target_key)
+                .fetch_one(&mut *self.tx)
+                .await?
+                .try_get(0)?;
+        let since = |w: Duration| ms(now) - w.as_millis() as i64;
+        let mut h = History {
+            last_rollback_on_target: opt_ms(last),
+            ..Default::default()
+        };
+        if let Some(w) = policy_window {
+            let n: i64 =
+                sqlx::query("SELECT COUNT(*) FROM incidents WHERE policy = $1 AND acted_at >= $2")
+                    .bind(policy)
+                    .bind(since(w))
+                    .fetch_one(&mut *self.tx)
+                    .await?
+                    .try_get(0)?;
+            h.policy_rollbacks_in_window = n as u32;
+        }
+        if let Some(w) = global_window {
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM incidents WHERE acted_at >= $1")
+                .bind(since(w))
+                .fetch_one(&mut *self.tx)
+                .await?
+                .try_get(0)?;
+            h.global_rollbacks_in_window = n as u32;
+        }
+        Ok(h)
+    }
+
+    /// The open incident on a target, if any.
+    pub async fn open_incident_for(&mut self, target_key: &str) -> Result<Option<Incident>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INCIDENT_COLS} FROM incidents WHERE open_target = $1"
+        ))
+        .bind(target_key)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| incident_from_row(&r)).transpose()
+    }
+
+    /// One incident, read inside the transaction.
+    pub async fn incident(&mut self, id: &IncidentId) -> Result<Option<Incident>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"
+        ))
+        .bind(&id.0)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| incident_from_row(&r)).transpose()
+    }
+
+    /// Inserts a new incident; a conflict means another replica opened one for this target.
+    pub async fn insert_incident(&mut self, i: &Incident) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO incidents (id, policy, trigger_name, service, target_key, open_target, phase, decision, plan,
+                 alertname, first_alert_starts_at, opened_at, updated_at, closed_at, due_at, acted_at, verified_at,
+                 owner, lease_until, version)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13, NULL, NULL, NULL, NULL, $14)",
+        )
+        .bind(&i.id.0)
+        .bind(&i.policy)
+        .bind(i.trigger.clone())
+        .bind(&i.service)
+        .bind(&i.target_key)
+        .bind(i.phase.as_str())
+        .bind(to_json(&i.decision))
+        .bind(i.plan.to_string())
+        .bind(&i.alertname)
+        .bind(ms(i.first_alert_starts_at))
+        .bind(ms(i.opened_at))
+        .bind(ms(i.updated_at))
+        .bind(i.due_at.map(ms))
+        .bind(i.version)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes an incident's new state if nobody changed it since it was read (`version`);
+    /// returns false when someone did. A closed incident frees its target.
+    pub async fn save_incident(&mut self, i: &Incident) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE incidents SET phase = $1, decision = $2, trigger_name = $3, updated_at = $4, closed_at = $5,
+                 open_target = CASE WHEN $5 IS NULL THEN target_key ELSE NULL END,
+                 due_at = $6, acted_at = $7, verified_at = $8, owner = $9, lease_until = $10, version = version + 1
+             WHERE id = $11 AND version = $12",
+        )
+        .bind(i.phase.as_str())
+        .bind(to_json(&i.decision))
+        .bind(i.trigger.clone())
+        .bind(ms(i.updated_at))
+        .bind(i.closed_at.map(ms))
+        .bind(i.due_at.map(ms))
+        .bind(i.acted_at.map(ms))
+        .bind(i.verified_at.map(ms))
+        .bind(i.owner.clone())
+        .bind(i.lease_until.map(ms))
+        .bind(&i.id.0)
+        .bind(i.version)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Appends to an incident's audit trail.
+    pub async fn append_event(
+        &mut self,
+        id: &IncidentId,
+        at: DateTime<Utc>,
+        e: NewEvent<'_>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&id.0)
+        .bind(ms(at))
+        .bind(e.kind)
+        .bind(e.actor)
+        .bind(e.phase_from.map(|p| p.as_str()))
+        .bind(e.phase_to.map(|p| p.as_str()))
+        .bind(e.summary)
+        .bind(e.detail.to_string())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// How many alerts of an incident still fire.
+    pub async fn firing_alerts(&mut self, id: &IncidentId) -> Result<u64> {
+        let n: i64 =
+            sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")
+                .bind(&id.0)
+                .fetch_one(&mut *self.tx)
+                .await?
+                .try_get(0)?;
+        Ok(n as u64)
+    }
+
+    /// The firing alerts of an incident (for re-decisions).
+    pub async fn firing_alerts_of(&mut self, id: &IncidentId) -> Result<Vec<StoredAlert>> {
+        let rows = sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE incident_id = $1 AND status = 'firing' ORDER BY id"))
+            .bind(&id.0)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(alert_from_row).collect()
+    }
+}

@@ -1,0 +1,94 @@
+//! Background loops, the same on every replica: process stored alerts as soon as the webhook
+//! wakes us, and on every tick pick up due incidents (re-decisions, approval expiry) and
+//! orphaned work (a replica died holding a lease). The store decides who does what; a local
+//! in-flight set stops this replica from running one incident twice at once.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::incident::IncidentId;
+use crate::responder::Responder;
+
+/// Runs until `shutdown` turns true, then waits up to `grace` for work in flight and hands
+/// the rest over (releases its leases so another replica takes over at once).
+pub async fn run(
+    responder: Arc<Responder>,
+    tick: Duration,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let in_flight: Arc<Mutex<HashSet<IncidentId>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let on_tick = tokio::select! {
+            _ = responder.wake.notified() => false,
+            _ = ticker.tick() => true,
+            _ = shutdown.changed() => break,
+        };
+        let mut work = match responder.process_pending().await {
+            Ok(w) => w,
+            Err(e) => {
+                responder.metrics.store_error();
+                warn!(error = %e, "processing stored alerts failed; retrying next tick");
+                vec![]
+            }
+        };
+        if on_tick {
+            match responder.run_due().await {
+                Ok(w) => work.extend(w),
+                Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
+            }
+            match responder.store.unowned_work(chrono::Utc::now()).await {
+                Ok(w) => work.extend(w),
+                Err(e) => warn!(error = %e, "looking for orphaned work failed"),
+            }
+        }
+        for id in work {
+            let fresh = in_flight
+                .lock()
+                .map(|mut s| s.insert(id.clone()))
+                .unwrap_or(false);
+            if !fresh {
+                continue;
+            }
+            let r = responder.clone();
+            let flight = in_flight.clone();
+            tasks.spawn(async move {
+                if let Err(e) = r.run_work(&id).await {
+                    warn!(incident = %id, error = %e, "incident work failed; it will be retried");
+                }
+                if let Ok(mut s) = flight.lock() {
+                    s.remove(&id);
+                }
+            });
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    info!(
+        in_flight = tasks.len(),
+        "shutting down: waiting for work in flight"
+    );
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+        let ids: Vec<IncidentId> = in_flight
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            // Handing over: the action reads the target's real state before acting again.
+            if let Err(e) = responder.store.release(&id, &responder.replica).await {
+                warn!(incident = %id, error = %e, "could not release the lease; it expires on its own");
+            }
+        }
+    }
+}
