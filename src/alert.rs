@@ -119,17 +119,24 @@ impl Notification {
     /// Parses and checks a raw webhook body. Unknown fields are ignored; missing required
     /// ones, a wrong version, or alerts without fingerprint or name are errors.
     pub fn parse(body: &[u8]) -> Result<Self, PayloadError> {
-        let n: Notification =
-            serde_json::from_slice(body).map_err(|e| PayloadError::Json(e.to_string()))?;
+        // The path (`alerts[0].startsAt`) tells the sender which field is wrong.
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let n: Notification = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                PayloadError::Json(inner.to_string())
+            } else {
+                PayloadError::Json(format!("{path}: {inner}"))
+            }
+        })?;
         if n.version != "4" {
             return Err(PayloadError::Version(n.version));
         }
         for (index, a) in n.alerts.iter().enumerate() {
             let problem = if a.fingerprint.0.is_empty() {
                 Some("fingerprint is empty")
-            } else if a.fingerprint.0.len() > 64
-                || !a.fingerprint.0.chars().all(|c| c.is_ascii_alphanumeric())
-            {
+            } else if a.fingerprint.0.len() > 64 || !a.fingerprint.0.chars().all(|c| c.is_ascii_alphanumeric()) {
                 Some("fingerprint is not a hex string")
             } else if a.alertname().is_empty() {
                 Some("labels.alertname is missing")
@@ -150,10 +157,7 @@ impl Notification {
 impl Alert {
     /// The `alertname` label, or "" when absent.
     pub fn alertname(&self) -> &str {
-        self.labels
-            .get("alertname")
-            .map(String::as_str)
-            .unwrap_or("")
+        self.labels.get("alertname").map(String::as_str).unwrap_or("")
     }
 
     /// The dedup identity of this firing episode.
@@ -206,24 +210,14 @@ mod tests {
 
     #[test]
     fn wrong_version_and_missing_alertname_are_named() {
-        let e = Notification::parse(
-            AM_025
-                .replace("\"version\": \"4\"", "\"version\": \"3\"")
-                .as_bytes(),
-        );
+        let e = Notification::parse(AM_025.replace("\"version\": \"4\"", "\"version\": \"3\"").as_bytes());
         assert!(e.unwrap_err().to_string().contains("version \"3\""));
         let e = Notification::parse(
             AM_025
-                .replace(
-                    "\"alertname\": \"HighErrorRate\", \"service\"",
-                    "\"service\"",
-                )
+                .replace("\"alertname\": \"HighErrorRate\", \"service\"", "\"service\"")
                 .as_bytes(),
         );
-        assert_eq!(
-            e.unwrap_err().to_string(),
-            "alerts[0]: labels.alertname is missing"
-        );
+        assert_eq!(e.unwrap_err().to_string(), "alerts[0]: labels.alertname is missing");
         let e = Notification::parse(b"{\"version\":\"4\"}").unwrap_err();
         assert!(e.to_string().contains("missing field"), "{e}");
     }

@@ -37,17 +37,11 @@ impl Application {
         crate::tls::install_crypto_provider();
         let policies = PolicySet::load_dir(&cfg.policies_dir).map_err(|errs| {
             let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-            anyhow::anyhow!(
-                "refusing to start: the policy files have errors:\n{}",
-                lines.join("\n")
-            )
+            anyhow::anyhow!("refusing to start: the policy files have errors:\n{}", lines.join("\n"))
         })?;
-        let store = Store::connect(
-            cfg.store_url.expose_secret(),
-            cfg.settings.store.max_connections,
-        )
-        .await
-        .context("connecting to the store (store.url)")?;
+        let store = Store::connect(cfg.store_url.expose_secret(), cfg.settings.store.max_connections)
+            .await
+            .context("connecting to the store (store.url)")?;
         let replica = cfg.settings.workers.replica_id.clone().unwrap_or_else(|| {
             format!(
                 "{}-{}",
@@ -72,9 +66,7 @@ impl Application {
             warn!("no webhook credentials configured: listening on loopback only; set webhook.bearer_token to accept Alertmanager from other hosts");
         }
         if global.dry_run {
-            warn!(
-                "DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)"
-            );
+            warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
         }
         let responder = Arc::new(Responder::new(
             store,
@@ -85,11 +77,7 @@ impl Application {
             cfg.settings.workers.lease,
             metrics,
         ));
-        let state = AppState::new(
-            responder.clone(),
-            cfg.webhook_bearer.clone(),
-            cfg.webhook_basic.clone(),
-        );
+        let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone());
         Ok(Application {
             listener,
             port,
@@ -120,17 +108,9 @@ impl Application {
 
     /// Serves until `shutdown` resolves: stops taking requests, lets workers finish or hand
     /// over within the grace period, closes the store.
-    pub async fn run(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let workers = tokio::spawn(worker::run(
-            self.responder.clone(),
-            self.tick,
-            self.grace,
-            stop_rx,
-        ));
+        let workers = tokio::spawn(worker::run(self.responder.clone(), self.tick, self.grace, stop_rx));
         let app = router(self.state, self.body_limit);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)

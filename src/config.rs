@@ -198,10 +198,7 @@ impl Resolved {
 }
 
 /// Loads the file (if any) and the environment, then validates.
-pub fn load(
-    path: Option<&Path>,
-    listen_override: Option<SocketAddr>,
-) -> Result<Resolved, ConfigError> {
+pub fn load(path: Option<&Path>, listen_override: Option<SocketAddr>) -> Result<Resolved, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
         .collect();
@@ -216,9 +213,8 @@ pub fn load_from(
 ) -> Result<Resolved, ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(p) = path {
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            ConfigError(format!("{}: cannot read the config file: {e}", p.display()))
-        })?;
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", p.display())))?;
         // Strict parse of the file alone first: serde_norway knows lines, `config` does not.
         if let Err(e) = serde_norway::from_str::<Settings>(&text) {
             let line = e.location().map(|l| l.line()).unwrap_or(1);
@@ -237,30 +233,24 @@ pub fn load_from(
         .try_parsing(true);
     env_source = env_source.source(Some(env.into_iter().collect()));
     builder = builder.add_source(env_source);
-    let settings: Settings = builder
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigError(format!("{e} (environment variables are {ENV_PREFIX}__SECTION__KEY, e.g. {ENV_PREFIX}__STORE__URL)")))?;
+    let settings: Settings = builder.build().and_then(|c| c.try_deserialize()).map_err(|e| {
+        ConfigError(format!(
+            "{e} (environment variables are {ENV_PREFIX}__SECTION__KEY, e.g. {ENV_PREFIX}__STORE__URL)"
+        ))
+    })?;
     resolve(settings, path, listen_override)
 }
 
-fn secret(
-    value: Option<SecretString>,
-    file: Option<&PathBuf>,
-    key: &str,
-) -> Result<Option<SecretString>, ConfigError> {
+fn secret(value: Option<SecretString>, file: Option<&PathBuf>, key: &str) -> Result<Option<SecretString>, ConfigError> {
     match (value, file) {
-        (Some(_), Some(_)) => Err(ConfigError(format!(
-            "{key}: set either {key} or {key}_file, not both"
-        ))),
-        (Some(v), None) if v.expose_secret().trim().is_empty() => Err(ConfigError(format!(
-            "{key}: is empty; remove it or give it a value"
-        ))),
+        (Some(_), Some(_)) => Err(ConfigError(format!("{key}: set either {key} or {key}_file, not both"))),
+        (Some(v), None) if v.expose_secret().trim().is_empty() => {
+            Err(ConfigError(format!("{key}: is empty; remove it or give it a value")))
+        }
         (Some(v), None) => Ok(Some(v)),
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f).map_err(|e| {
-                ConfigError(format!("{key}_file: cannot read {}: {e}", f.display()))
-            })?;
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| ConfigError(format!("{key}_file: cannot read {}: {e}", f.display())))?;
             let text = text.trim_end_matches(['\n', '\r']).to_string();
             if text.is_empty() {
                 return Err(ConfigError(format!("{key}_file: {} is empty", f.display())));
@@ -284,12 +274,10 @@ fn resolve(
     .unwrap_or_else(|| SecretString::from("sqlite://rollback-responder.db"));
     {
         let u = store_url.expose_secret();
-        if !(u.starts_with("sqlite:")
-            || u.starts_with("postgres://")
-            || u.starts_with("postgresql://"))
-        {
+        if !(u.starts_with("sqlite:") || u.starts_with("postgres://") || u.starts_with("postgresql://")) {
             return Err(ConfigError(
-                "store.url: must start with sqlite:// (embedded, one replica) or postgres:// (shared by replicas)".into(),
+                "store.url: must start with sqlite:// (embedded, one replica) or postgres:// (shared by replicas)"
+                    .into(),
             ));
         }
     }
@@ -308,23 +296,19 @@ fn resolve(
                 b.password_file.as_ref(),
                 "webhook.basic_auth.password",
             )?
-            .ok_or_else(|| {
-                ConfigError("webhook.basic_auth: set password or password_file".into())
-            })?;
+            .ok_or_else(|| ConfigError("webhook.basic_auth: set password or password_file".into()))?;
             Some((b.username.clone(), pw))
         }
         None => None,
     };
     let authed = webhook_bearer.is_some() || webhook_basic.is_some();
-    let listen = listen_override
-        .or(settings.server.listen)
-        .unwrap_or_else(|| {
-            if authed {
-                SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
-            } else {
-                SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
-            }
-        });
+    let listen = listen_override.or(settings.server.listen).unwrap_or_else(|| {
+        if authed {
+            SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
+        } else {
+            SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
+        }
+    });
     if !authed && !listen.ip().is_loopback() {
         return Err(ConfigError(format!(
             "server.listen: {listen} is reachable from other hosts but no webhook credentials are configured; \
@@ -333,18 +317,18 @@ fn resolve(
     }
     if settings.server.body_limit_bytes < 1024 {
         return Err(ConfigError(
-            "server.body_limit_bytes: at least 1024 (Alertmanager sends about 1 KiB per alert)"
-                .into(),
+            "server.body_limit_bytes: at least 1024 (Alertmanager sends about 1 KiB per alert)".into(),
         ));
     }
     if settings.workers.tick.is_zero() || settings.workers.lease < settings.workers.tick * 3 {
-        return Err(ConfigError("workers.lease: must be at least three ticks (workers.tick) so a live replica can renew it".into()));
+        return Err(ConfigError(
+            "workers.lease: must be at least three ticks (workers.tick) so a live replica can renew it".into(),
+        ));
     }
     if let Some(r) = settings.safety.max_rollbacks {
         if r.count == 0 || r.per.is_zero() {
             return Err(ConfigError(
-                "safety.max_rollbacks: count and per must be above zero, e.g. {count: 5, per: 1h}"
-                    .into(),
+                "safety.max_rollbacks: count and per must be above zero, e.g. {count: 5, per: 1h}".into(),
             ));
         }
     }
@@ -382,10 +366,7 @@ mod tests {
     fn no_file_means_loopback_sqlite_and_dry_run() {
         let r = load_from(None, None, vec![]).unwrap();
         assert_eq!(r.listen.to_string(), "127.0.0.1:9095");
-        assert_eq!(
-            r.store_url.expose_secret(),
-            "sqlite://rollback-responder.db"
-        );
+        assert_eq!(r.store_url.expose_secret(), "sqlite://rollback-responder.db");
         assert!(r.settings.safety.dry_run);
         assert!(!r.webhook_auth_configured());
     }
@@ -393,9 +374,7 @@ mod tests {
     #[test]
     fn typo_in_the_file_names_file_and_line() {
         let f = file("server:\n  listen: 127.0.0.1:9000\n  lisen: 1\n");
-        let e = load_from(Some(f.path()), None, vec![])
-            .unwrap_err()
-            .to_string();
+        let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
         assert!(e.contains(":3: server: unknown field `lisen`"), "{e}");
     }
 
@@ -403,40 +382,26 @@ mod tests {
     fn environment_overrides_the_file_and_credentials_open_the_listener() {
         let f = file("store:\n  url: sqlite://a.db\n");
         let env = vec![
-            (
-                "ROLLBACK_RESPONDER__STORE__URL".into(),
-                "postgres://db/rr".into(),
-            ),
-            (
-                "ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN".into(),
-                "s3cr3t".into(),
-            ),
+            ("ROLLBACK_RESPONDER__STORE__URL".into(), "postgres://db/rr".into()),
+            ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN".into(), "s3cr3t".into()),
         ];
         let r = load_from(Some(f.path()), None, env).unwrap();
         assert_eq!(r.store_url.expose_secret(), "postgres://db/rr");
         assert_eq!(r.listen.to_string(), "0.0.0.0:9095");
-        assert!(
-            !format!("{r:?}").contains("s3cr3t"),
-            "secrets must not be printable"
-        );
+        assert!(!format!("{r:?}").contains("s3cr3t"), "secrets must not be printable");
     }
 
     #[test]
     fn secrets_come_from_files_and_not_both() {
         let tok = file("from-file\n");
-        let f = file(&format!(
-            "webhook:\n  bearer_token_file: {}\n",
-            tok.path().display()
-        ));
+        let f = file(&format!("webhook:\n  bearer_token_file: {}\n", tok.path().display()));
         let r = load_from(Some(f.path()), None, vec![]).unwrap();
         assert_eq!(r.webhook_bearer.unwrap().expose_secret(), "from-file");
         let f = file(&format!(
             "webhook:\n  bearer_token: x\n  bearer_token_file: {}\n",
             tok.path().display()
         ));
-        let e = load_from(Some(f.path()), None, vec![])
-            .unwrap_err()
-            .to_string();
+        let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
         assert!(
             e.contains("set either webhook.bearer_token or webhook.bearer_token_file"),
             "{e}"
@@ -453,13 +418,9 @@ mod tests {
 
     #[test]
     fn unknown_environment_key_is_refused() {
-        let e = load_from(
-            None,
-            None,
-            vec![("ROLLBACK_RESPONDER__STORE__URLL".into(), "x".into())],
-        )
-        .unwrap_err()
-        .to_string();
+        let e = load_from(None, None, vec![("ROLLBACK_RESPONDER__STORE__URLL".into(), "x".into())])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("urll"), "{e}");
     }
 }

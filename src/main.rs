@@ -101,10 +101,7 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         }
     };
     telemetry::init(cfg.settings.log.format, &cfg.settings.log.level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -168,12 +165,8 @@ fn simulate(
     } else {
         std::fs::read(payload).with_context(|| format!("reading {}", payload.display()))?
     };
-    let n = Notification::parse(&body).with_context(|| {
-        format!(
-            "{} is not an Alertmanager webhook payload",
-            payload.display()
-        )
-    })?;
+    let n = Notification::parse(&body)
+        .with_context(|| format!("{} is not an Alertmanager webhook payload", payload.display()))?;
     let now = at.unwrap_or_else(chrono::Utc::now);
     for a in &n.alerts {
         let d = policy::decide(

@@ -11,10 +11,7 @@ use prometheus_client::registry::Registry;
 type Labels = Vec<(String, String)>;
 
 fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Every metric the service exports.
@@ -60,20 +57,11 @@ impl Metrics {
             duplicates.clone(),
         );
         let decisions = Family::<Labels, Counter>::default();
-        registry.register(
-            "decisions",
-            "Decisions made, by outcome and policy",
-            decisions.clone(),
-        );
+        registry.register("decisions", "Decisions made, by outcome and policy", decisions.clone());
         let actions = Family::<Labels, Counter>::default();
-        registry.register(
-            "actions",
-            "Rollback actions, by kind and result",
-            actions.clone(),
-        );
-        let action_duration = Family::<Labels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.005, 2.0, 14))
-        });
+        registry.register("actions", "Rollback actions, by kind and result", actions.clone());
+        let action_duration =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
         registry.register(
             "action_duration_seconds",
             "How long rollback actions took, by kind",
@@ -86,11 +74,7 @@ impl Metrics {
             alert_to_action.clone(),
         );
         let store_errors = Counter::default();
-        registry.register(
-            "store_errors",
-            "Store operations that failed",
-            store_errors.clone(),
-        );
+        registry.register("store_errors", "Store operations that failed", store_errors.clone());
         let frozen = Family::<Labels, Gauge>::default();
         registry.register(
             "frozen",
@@ -113,12 +97,8 @@ impl Metrics {
 
     /// A webhook delivery with its alerts.
     pub fn notification(&self, status: &str, firing: u64, resolved: u64, duplicates: u64) {
-        self.notifications
-            .get_or_create(&l(&[("status", status)]))
-            .inc();
-        self.alerts
-            .get_or_create(&l(&[("status", "firing")]))
-            .inc_by(firing);
+        self.notifications.get_or_create(&l(&[("status", status)])).inc();
+        self.alerts.get_or_create(&l(&[("status", "firing")])).inc_by(firing);
         self.alerts
             .get_or_create(&l(&[("status", "resolved")]))
             .inc_by(resolved);
@@ -154,9 +134,7 @@ impl Metrics {
 
     /// Current freeze state per scope.
     pub fn set_frozen(&self, scope: &str, on: bool) {
-        self.frozen
-            .get_or_create(&l(&[("scope", scope)]))
-            .set(i64::from(on));
+        self.frozen.get_or_create(&l(&[("scope", scope)])).set(i64::from(on));
     }
 
     /// The text exposition.

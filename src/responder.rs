@@ -15,9 +15,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::action::{ActionReport, Executors, Target};
 use crate::alert::AlertStatus;
-use crate::incident::{
-    should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase,
-};
+use crate::incident::{should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase};
 use crate::metrics::Metrics;
 use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
 use crate::store::{NewEvent, Store, StoreError, StoreTx, StoredAlert};
@@ -121,9 +119,7 @@ impl Responder {
             };
             let result = match stored.alert.status {
                 AlertStatus::Firing => self.on_firing(&mut tx, &stored, &freezes, now).await,
-                AlertStatus::Resolved => {
-                    self.on_resolved(&mut tx, &stored, now).await.map(|_| None)
-                }
+                AlertStatus::Resolved => self.on_resolved(&mut tx, &stored, now).await.map(|_| None),
             };
             match result {
                 Ok(work) => match tx.commit().await {
@@ -149,15 +145,7 @@ impl Responder {
         now: DateTime<Utc>,
     ) -> Decision {
         let matched = policy::find(&stored.alert, set);
-        policy::decide(
-            &stored.alert,
-            matched,
-            now,
-            history,
-            freezes,
-            &self.global,
-            &set.hash,
-        )
+        policy::decide(&stored.alert, matched, now, history, freezes, &self.global, &set.hash)
     }
 
     async fn load_history(
@@ -199,14 +187,9 @@ impl Responder {
         if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
             // One open incident per target: further alerts join it and never start a second
             // rollback; they can only promote a pending one (a stronger trigger fired).
-            tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d))
-                .await?;
-            let summary = format!(
-                "{} joined the incident ({})",
-                describe_alert(stored),
-                d.reason
-            );
-            self.record(
+            tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
+            let summary = format!("{} joined the incident ({})", describe_alert(stored), d.reason);
+            Self::record(
                 tx,
                 &inc,
                 "alert_joined",
@@ -216,11 +199,10 @@ impl Responder {
                 now,
             )
             .await?;
-            let promotes = match (inc.phase, Phase::for_outcome(&d.outcome)) {
-                (Phase::Waiting, Some(_)) => true,
-                (Phase::AwaitingApproval, Some(Phase::Executing)) => true,
-                _ => false,
-            };
+            let promotes = matches!(
+                (inc.phase, Phase::for_outcome(&d.outcome)),
+                (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing))
+            );
             if promotes {
                 let reason = d.reason.clone();
                 let event = Event::Decided {
@@ -258,15 +240,14 @@ impl Responder {
             decision: d.clone(),
         };
         tx.insert_incident(&inc).await?;
-        tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d))
-            .await?;
+        tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
         let opened = format!(
             "{} opened an incident under policy {} (trigger {})",
             describe_alert(stored),
             p.name,
             d.trigger.as_deref().unwrap_or("-")
         );
-        self.record(tx, &inc, "opened", SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
+        Self::record(tx, &inc, "opened", SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
         tx.append_event(
             &inc.id,
             now,
@@ -284,19 +265,14 @@ impl Responder {
         Ok((phase == Phase::Executing).then_some(inc.id))
     }
 
-    async fn on_resolved(
-        &self,
-        tx: &mut StoreTx,
-        stored: &StoredAlert,
-        now: DateTime<Utc>,
-    ) -> Result<(), StepError> {
+    async fn on_resolved(&self, tx: &mut StoreTx, stored: &StoredAlert, now: DateTime<Utc>) -> Result<(), StepError> {
         let Some(id) = &stored.incident_id else {
             return Ok(());
         };
         let Some(mut inc) = tx.incident(id).await? else {
             return Ok(());
         };
-        self.record(
+        Self::record(
             tx,
             &inc,
             "alert_resolved",
@@ -411,11 +387,7 @@ impl Responder {
 
     /// Runs an incident's action and verification, if this replica can claim it.
     pub async fn run_work(&self, id: &IncidentId) -> Result<(), StepError> {
-        if !self
-            .store
-            .claim(id, &self.replica, Utc::now(), self.lease)
-            .await?
-        {
+        if !self.store.claim(id, &self.replica, Utc::now(), self.lease).await? {
             return Ok(());
         }
         let span = tracing::info_span!("incident", incident = %id);
@@ -427,15 +399,12 @@ impl Responder {
             return Ok(());
         };
         if inc.phase == Phase::Executing {
-            let target: Target = serde_json::from_value(inc.plan.clone())
-                .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
-            let dry_run = matches!(
-                inc.decision.outcome,
-                Outcome::Suppressed(Suppression::DryRun { .. })
-            );
+            let target: Target =
+                serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+            let dry_run = matches!(inc.decision.outcome, Outcome::Suppressed(Suppression::DryRun { .. }));
             let now = Utc::now();
             let mut tx = self.store.begin().await?;
-            self.record(
+            Self::record(
                 &mut tx,
                 &inc,
                 "action_started",
@@ -452,9 +421,7 @@ impl Responder {
             tx.commit().await?;
 
             let started = Instant::now();
-            let result = self
-                .with_lease(id, self.executors.execute(&target, dry_run))
-                .await;
+            let result = self.with_lease(id, self.executors.execute(&target, dry_run)).await;
             let secs = started.elapsed().as_secs_f64();
             let now = Utc::now();
             let mut tx = self.store.begin().await?;
@@ -477,9 +444,8 @@ impl Responder {
                     );
                     if report.changed {
                         inc.acted_at = Some(now);
-                        self.metrics.alert_to_action(
-                            (now - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0,
-                        );
+                        self.metrics
+                            .alert_to_action((now - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
                     }
                     let ActionReport {
                         changed,
@@ -575,9 +541,7 @@ impl Responder {
         inc.phase = next;
         inc.updated_at = now;
         inc.due_at = match next {
-            Phase::Waiting | Phase::AwaitingApproval
-                if from != next || matches!(event, Event::Decided { .. }) =>
-            {
+            Phase::Waiting | Phase::AwaitingApproval if from != next || matches!(event, Event::Decided { .. }) => {
                 due_at(next, &inc.decision.outcome).or(inc.due_at)
             }
             Phase::Waiting | Phase::AwaitingApproval => inc.due_at,
@@ -616,7 +580,6 @@ impl Responder {
     }
 
     async fn record(
-        &self,
         tx: &mut StoreTx,
         inc: &Incident,
         kind: &str,
@@ -640,12 +603,7 @@ impl Responder {
         .await
     }
 
-    async fn close_if_done(
-        &self,
-        tx: &mut StoreTx,
-        inc: &mut Incident,
-        now: DateTime<Utc>,
-    ) -> Result<(), StepError> {
+    async fn close_if_done(&self, tx: &mut StoreTx, inc: &mut Incident, now: DateTime<Utc>) -> Result<(), StepError> {
         if inc.closed_at.is_some() || !should_close(inc.phase, tx.firing_alerts(&inc.id).await?) {
             return Ok(());
         }
@@ -654,7 +612,7 @@ impl Responder {
             return Err(StepError::Conflict(inc.id.clone()));
         }
         inc.version += 1;
-        self.record(
+        Self::record(
             tx,
             inc,
             "closed",
@@ -686,9 +644,7 @@ fn event_kind(e: &Event) -> &'static str {
 fn due_at(phase: Phase, outcome: &Outcome) -> Option<DateTime<Utc>> {
     match (phase, outcome) {
         (_, Outcome::Suppressed(Suppression::DryRun { would })) => due_at(phase, would),
-        (Phase::Waiting, Outcome::Suppressed(Suppression::TooYoung { recheck_at, .. })) => {
-            Some(*recheck_at)
-        }
+        (Phase::Waiting, Outcome::Suppressed(Suppression::TooYoung { recheck_at, .. })) => Some(*recheck_at),
         (Phase::AwaitingApproval, Outcome::NeedsApproval { expires_at, .. }) => Some(*expires_at),
         (Phase::AwaitingApproval, Outcome::EscalateLater { auto_at }) => Some(*auto_at),
         _ => None,
@@ -706,9 +662,5 @@ fn approval_timeout_action(outcome: &Outcome) -> policy::OnTimeout {
 }
 
 fn describe_alert(s: &StoredAlert) -> String {
-    format!(
-        "{} ({})",
-        policy::describe_labels(&s.alert.labels),
-        s.alert.fingerprint
-    )
+    format!("{} ({})", policy::describe_labels(&s.alert.labels), s.alert.fingerprint)
 }

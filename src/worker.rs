@@ -16,12 +16,7 @@ use crate::responder::Responder;
 
 /// Runs until `shutdown` turns true, then waits up to `grace` for work in flight and hands
 /// the rest over (releases its leases so another replica takes over at once).
-pub async fn run(
-    responder: Arc<Responder>,
-    tick: Duration,
-    grace: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut shutdown: watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<IncidentId>>> = Arc::default();
     let mut tasks = JoinSet::new();
     let mut ticker = tokio::time::interval(tick);
@@ -51,10 +46,7 @@ pub async fn run(
             }
         }
         for id in work {
-            let fresh = in_flight
-                .lock()
-                .map(|mut s| s.insert(id.clone()))
-                .unwrap_or(false);
+            let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);
             if !fresh {
                 continue;
             }
@@ -71,10 +63,7 @@ pub async fn run(
         }
         while tasks.try_join_next().is_some() {}
     }
-    info!(
-        in_flight = tasks.len(),
-        "shutting down: waiting for work in flight"
-    );
+    info!(in_flight = tasks.len(), "shutting down: waiting for work in flight");
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
         .await
         .is_err()

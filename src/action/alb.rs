@@ -52,10 +52,7 @@ impl AlbTarget {
             return Err("target.alb.stable_target_group_arn: must be a target group ARN".into());
         }
         if let Some(g) = &self.gradual {
-            if g.steps.is_empty()
-                || g.steps.last() != Some(&100)
-                || g.steps.windows(2).any(|w| w[0] >= w[1])
-            {
+            if g.steps.is_empty() || g.steps.last() != Some(&100) || g.steps.windows(2).any(|w| w[0] >= w[1]) {
                 return Err("target.alb.gradual.steps: list stable percentages strictly increasing and ending at 100, e.g. [50, 100]".into());
             }
         }
@@ -64,9 +61,6 @@ impl AlbTarget {
 
     /// Identity of what a revert changes.
     pub fn key(&self) -> String {
-        format!(
-            "alb:{}",
-            self.rule_arn.as_deref().unwrap_or(&self.listener_arn)
-        )
+        format!("alb:{}", self.rule_arn.as_deref().unwrap_or(&self.listener_arn))
     }
 }

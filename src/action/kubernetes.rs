@@ -52,12 +52,12 @@ impl KubernetesTarget {
     /// Checks what serde cannot; the message names the field and the fix.
     pub fn validate(&self) -> Result<(), String> {
         if self.namespace.is_empty() {
-            return Err(
-                "target.kubernetes.namespace: name the namespace the objects live in".into(),
-            );
+            return Err("target.kubernetes.namespace: name the namespace the objects live in".into());
         }
         if self.steps.is_empty() {
-            return Err("target.kubernetes.steps: list at least one step (switch_service, rollout_undo or scale)".into());
+            return Err(
+                "target.kubernetes.steps: list at least one step (switch_service, rollout_undo or scale)".into(),
+            );
         }
         for (i, s) in self.steps.iter().enumerate() {
             if let KubeStep::SwitchService { selector, .. } = s {
@@ -73,15 +73,16 @@ impl KubernetesTarget {
 
     /// Identity of what a revert changes: the namespace and every object it touches.
     pub fn key(&self) -> String {
-        let objects: Vec<String> =
-            self.steps
-                .iter()
-                .map(|s| match s {
-                    KubeStep::SwitchService { service, .. } => format!("svc/{service}"),
-                    KubeStep::RolloutUndo { deployment, .. }
-                    | KubeStep::Scale { deployment, .. } => format!("deploy/{deployment}"),
-                })
-                .collect();
+        let objects: Vec<String> = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                KubeStep::SwitchService { service, .. } => format!("svc/{service}"),
+                KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => {
+                    format!("deploy/{deployment}")
+                }
+            })
+            .collect();
         format!("k8s:{}/{}", self.namespace, objects.join(","))
     }
 }

@@ -82,8 +82,7 @@ impl Target {
                     .iter()
                     .map(|s| match s {
                         KubeStep::SwitchService { service, selector } => {
-                            let sel: Vec<String> =
-                                selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                            let sel: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
                             format!("switch service/{service} selector to {}", sel.join(","))
                         }
                         KubeStep::RolloutUndo {
@@ -95,10 +94,9 @@ impl Target {
                             }
                             None => format!("rollout undo deployment/{deployment}"),
                         },
-                        KubeStep::Scale {
-                            deployment,
-                            replicas,
-                        } => format!("scale deployment/{deployment} to {replicas}"),
+                        KubeStep::Scale { deployment, replicas } => {
+                            format!("scale deployment/{deployment} to {replicas}")
+                        }
                     })
                     .collect();
                 format!("in namespace {}: {}", t.namespace, steps.join(", then "))
@@ -134,18 +132,11 @@ pub struct Executors {}
 
 impl Executors {
     /// Carries out (or, dry run, only describes) the revert of `target`.
-    pub async fn execute(
-        &self,
-        target: &Target,
-        dry_run: bool,
-    ) -> Result<ActionReport, ActionError> {
+    pub async fn execute(&self, target: &Target, dry_run: bool) -> Result<ActionReport, ActionError> {
         let why = if dry_run {
             "dry run".to_string()
         } else {
-            format!(
-                "no {} executor is configured on this responder",
-                target.kind().as_str()
-            )
+            format!("no {} executor is configured on this responder", target.kind().as_str())
         };
         Ok(ActionReport {
             changed: false,

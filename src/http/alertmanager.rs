@@ -28,11 +28,7 @@ pub async fn receive(
         r.metrics.store_error();
         ApiError::Unavailable(e)
     })?;
-    let firing = n
-        .alerts
-        .iter()
-        .filter(|a| a.status == AlertStatus::Firing)
-        .count() as u64;
+    let firing = n.alerts.iter().filter(|a| a.status == AlertStatus::Firing).count() as u64;
     r.metrics.notification(
         n.status.as_str(),
         firing,

@@ -89,10 +89,7 @@ pub async fn list_incidents(
 }
 
 /// One incident with its alerts and its whole timeline.
-pub async fn get_incident(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+pub async fn get_incident(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let store = &state.responder.store;
     let id = IncidentId(id);
     let inc = store
@@ -100,10 +97,7 @@ pub async fn get_incident(
         .await
         .map_err(ApiError::Unavailable)?
         .ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
-    let alerts = store
-        .incident_alerts(&id)
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let alerts = store.incident_alerts(&id).await.map_err(ApiError::Unavailable)?;
     let events = store.events(&id).await.map_err(ApiError::Unavailable)?;
     let mut v = incident_json(&inc);
     v["alerts"] = alerts

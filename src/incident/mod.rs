@@ -124,9 +124,7 @@ impl Phase {
         match outcome {
             Outcome::NoMatch => None,
             Outcome::Auto => Some(Phase::Executing),
-            Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => {
-                Some(Phase::AwaitingApproval)
-            }
+            Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => Some(Phase::AwaitingApproval),
             Outcome::Suppressed(Suppression::TooYoung { .. }) => Some(Phase::Waiting),
             Outcome::Suppressed(Suppression::DryRun { would }) => Phase::for_outcome(would),
             Outcome::Suppressed(_) => Some(Phase::Suppressed),
@@ -178,9 +176,7 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
     use Phase as P;
     let next = match (phase, event) {
         // "No match" on re-decision (a reload removed the trigger) ends the wait.
-        (P::Waiting, Event::Decided { outcome }) => {
-            Some(Phase::for_outcome(outcome).unwrap_or(P::Cancelled))
-        }
+        (P::Waiting, Event::Decided { outcome }) => Some(Phase::for_outcome(outcome).unwrap_or(P::Cancelled)),
         // A stronger trigger joining a pending request acts at once; weaker ones change nothing.
         (P::AwaitingApproval, Event::Decided { outcome }) => match Phase::for_outcome(outcome) {
             Some(P::Executing) => Some(P::Executing),
@@ -299,18 +295,10 @@ mod tests {
     fn approval_paths() {
         let p = Phase::AwaitingApproval;
         assert_eq!(
-            transition(
-                p,
-                &Event::Approved {
-                    by: vec!["U1".into()]
-                }
-            ),
+            transition(p, &Event::Approved { by: vec!["U1".into()] }),
             Ok(Phase::Executing)
         );
-        assert_eq!(
-            transition(p, &Event::Denied { by: "U1".into() }),
-            Ok(Phase::Denied)
-        );
+        assert_eq!(transition(p, &Event::Denied { by: "U1".into() }), Ok(Phase::Denied));
         assert_eq!(
             transition(
                 p,
@@ -338,17 +326,9 @@ mod tests {
             ),
             Ok(Phase::GaveUp)
         );
+        assert_eq!(transition(p, &Event::AllAlertsResolved), Ok(Phase::Cancelled));
         assert_eq!(
-            transition(p, &Event::AllAlertsResolved),
-            Ok(Phase::Cancelled)
-        );
-        assert_eq!(
-            transition(
-                p,
-                &Event::Decided {
-                    outcome: Outcome::Auto
-                }
-            ),
+            transition(p, &Event::Decided { outcome: Outcome::Auto }),
             Ok(Phase::Executing)
         );
     }
@@ -375,10 +355,7 @@ mod tests {
             ),
             Ok(Phase::DryRun)
         );
-        assert_eq!(
-            transition(Phase::Executing, &Event::ActionFailed),
-            Ok(Phase::Failed)
-        );
+        assert_eq!(transition(Phase::Executing, &Event::ActionFailed), Ok(Phase::Failed));
         assert_eq!(
             transition(Phase::Verifying, &Event::VerificationPassed),
             Ok(Phase::Verified)
@@ -403,18 +380,9 @@ mod tests {
             Phase::Suppressed,
             Phase::DryRun,
         ] {
+            assert!(transition(p, &Event::Approved { by: vec![] }).is_err(), "{p}");
             assert!(
-                transition(p, &Event::Approved { by: vec![] }).is_err(),
-                "{p}"
-            );
-            assert!(
-                transition(
-                    p,
-                    &Event::Decided {
-                        outcome: Outcome::Auto
-                    }
-                )
-                .is_err(),
+                transition(p, &Event::Decided { outcome: Outcome::Auto }).is_err(),
                 "{p}"
             );
             assert_eq!(transition(p, &Event::AllAlertsResolved), Ok(p));

@@ -171,10 +171,7 @@ pub fn decide(
     policy_hash: &str,
 ) -> Decision {
     let name = alert.alertname();
-    let make = |outcome: Outcome,
-                policy: Option<&Policy>,
-                trigger: Option<&Trigger>,
-                reason: String| Decision {
+    let make = |outcome: Outcome, policy: Option<&Policy>, trigger: Option<&Trigger>, reason: String| Decision {
         outcome,
         policy: policy.map(|p| p.name.clone()),
         trigger: trigger.map(|t| t.name.clone()),
@@ -249,7 +246,10 @@ pub fn decide(
         let until = last + to_chrono(policy.guards.cooldown);
         if now < until {
             return make(
-                Outcome::Suppressed(Suppression::Cooldown { last_rollback: last, until }),
+                Outcome::Suppressed(Suppression::Cooldown {
+                    last_rollback: last,
+                    until,
+                }),
                 Some(policy),
                 Some(trigger),
                 format!(
@@ -279,10 +279,19 @@ pub fn decide(
         if let Some(l) = limit {
             if count >= l.count {
                 return make(
-                    Outcome::Suppressed(Suppression::RateLimited { scope: scope.clone(), count, max: l.count, window_secs: l.per.as_secs() }),
+                    Outcome::Suppressed(Suppression::RateLimited {
+                        scope: scope.clone(),
+                        count,
+                        max: l.count,
+                        window_secs: l.per.as_secs(),
+                    }),
                     Some(policy),
                     Some(trigger),
-                    format!("rate limit: {scope} already rolled back {count} time(s) in the last {} (max {})", fmt_dur(l.per), l.count),
+                    format!(
+                        "rate limit: {scope} already rolled back {count} time(s) in the last {} (max {})",
+                        fmt_dur(l.per),
+                        l.count
+                    ),
                 );
             }
         }
@@ -341,11 +350,7 @@ pub fn decide(
     };
 
     if policy.guards.dry_run || global.dry_run {
-        let scope = if policy.guards.dry_run {
-            "policy"
-        } else {
-            "global"
-        };
+        let scope = if policy.guards.dry_run { "policy" } else { "global" };
         return make(
             Outcome::Suppressed(Suppression::DryRun {
                 would: Box::new(outcome),
@@ -377,14 +382,10 @@ mod tests {
     }
 
     fn alert(name: &str, extra: &[(&str, &str)]) -> Alert {
-        let mut labels: LabelSet = [
-            ("alertname", name),
-            ("service", "portal-api"),
-            ("team", "platform"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let mut labels: LabelSet = [("alertname", name), ("service", "portal-api"), ("team", "platform")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Alert {
             status: AlertStatus::Firing,
@@ -441,7 +442,12 @@ mod tests {
         let set = seeds();
         let a = alert("HighErrorRate", &[("severity", "critical")]);
         let d = at(&set, &a, S(4 * 60 + 59));
-        assert!(d.reason.starts_with("too young: HighErrorRate has fired for 4m 59s, trigger error-rate-above-5pct needs 5m"), "{}", d.reason);
+        assert!(
+            d.reason
+                .starts_with("too young: HighErrorRate has fired for 4m 59s, trigger error-rate-above-5pct needs 5m"),
+            "{}",
+            d.reason
+        );
         assert_eq!(at(&set, &a, S(300)).outcome, Outcome::Auto);
     }
 
@@ -454,26 +460,15 @@ mod tests {
             ("jobs", "800"),
             ("files", "1000"),
         ] {
-            let a = alert(
-                "HighLatency",
-                &[("endpoint", endpoint), ("budget_ms", budget)],
-            );
-            assert_eq!(
-                at(&set, &a, S(599)).outcome.label(),
-                "suppressed",
-                "{endpoint}"
-            );
+            let a = alert("HighLatency", &[("endpoint", endpoint), ("budget_ms", budget)]);
+            assert_eq!(at(&set, &a, S(599)).outcome.label(), "suppressed", "{endpoint}");
             let d = at(&set, &a, S(600));
             assert_eq!(d.outcome.label(), "manual", "{endpoint}: {}", d.reason);
             assert_eq!(
                 d.trigger.as_deref(),
                 Some(format!("p95-over-budget-{endpoint}").as_str())
             );
-            let Outcome::NeedsApproval {
-                expires_at,
-                on_timeout,
-            } = d.outcome
-            else {
+            let Outcome::NeedsApproval { expires_at, on_timeout } = d.outcome else {
                 unreachable!()
             };
             assert_eq!(on_timeout, OnTimeout::Escalate);
@@ -503,10 +498,7 @@ mod tests {
             "{}",
             d.reason
         );
-        assert_eq!(
-            at(&set, &a, S(29 * 60 + 59)).outcome.label(),
-            "escalate_later"
-        );
+        assert_eq!(at(&set, &a, S(29 * 60 + 59)).outcome.label(), "escalate_later");
         assert_eq!(at(&set, &a, S(30 * 60)).outcome, Outcome::Auto);
     }
 
@@ -516,10 +508,7 @@ mod tests {
         let mut a = alert("HighErrorRate", &[]);
         a.labels.insert("service".into(), "billing".into());
         assert_eq!(at(&set, &a, S(3600)).outcome, Outcome::NoMatch);
-        assert_eq!(
-            at(&set, &alert("DiskFull", &[]), S(3600)).outcome.label(),
-            "no_match"
-        );
+        assert_eq!(at(&set, &alert("DiskFull", &[]), S(3600)).outcome.label(), "no_match");
     }
 
     #[test]
@@ -530,14 +519,7 @@ mod tests {
             last_rollback_on_target: Some(t0() - chrono::Duration::minutes(27)),
             ..Default::default()
         };
-        let d = at_with(
-            &set,
-            &a,
-            S(120),
-            &h,
-            &FreezeState::default(),
-            &GlobalGuards::default(),
-        );
+        let d = at_with(&set, &a, S(120), &h, &FreezeState::default(), &GlobalGuards::default());
         assert!(
             matches!(d.outcome, Outcome::Suppressed(Suppression::Cooldown { .. })),
             "{}",
@@ -550,15 +532,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            at_with(
-                &set,
-                &a,
-                S(120),
-                &h,
-                &FreezeState::default(),
-                &GlobalGuards::default()
-            )
-            .outcome,
+            at_with(&set, &a, S(120), &h, &FreezeState::default(), &GlobalGuards::default()).outcome,
             Outcome::Auto
         );
     }
@@ -571,14 +545,7 @@ mod tests {
             policy_rollbacks_in_window: 2,
             ..Default::default()
         };
-        let d = at_with(
-            &set,
-            &a,
-            S(120),
-            &h,
-            &FreezeState::default(),
-            &GlobalGuards::default(),
-        );
+        let d = at_with(&set, &a, S(120), &h, &FreezeState::default(), &GlobalGuards::default());
         assert!(
             matches!(&d.outcome, Outcome::Suppressed(Suppression::RateLimited { scope, max: 2, .. }) if scope == "policy portal-api"),
             "{}",
@@ -589,23 +556,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            at_with(
-                &set,
-                &a,
-                S(120),
-                &h,
-                &FreezeState::default(),
-                &GlobalGuards::default()
-            )
-            .outcome,
+            at_with(&set, &a, S(120), &h, &FreezeState::default(), &GlobalGuards::default()).outcome,
             Outcome::Auto
         );
         let g = GlobalGuards {
             dry_run: false,
-            max_rollbacks: Some(RateLimit {
-                count: 5,
-                per: S(3600),
-            }),
+            max_rollbacks: Some(RateLimit { count: 5, per: S(3600) }),
         };
         let h = History {
             global_rollbacks_in_window: 5,
@@ -634,10 +590,7 @@ mod tests {
             &f,
             &GlobalGuards::default(),
         );
-        assert!(matches!(
-            d.outcome,
-            Outcome::Suppressed(Suppression::Frozen { .. })
-        ));
+        assert!(matches!(d.outcome, Outcome::Suppressed(Suppression::Frozen { .. })));
         assert!(d.reason.contains("db migration"), "{}", d.reason);
         let d = at_with(
             &set,
@@ -679,19 +632,13 @@ mod tests {
 
     #[test]
     fn freeze_window_in_the_policy_applies_between_start_and_end() {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/portal-api.yaml"),
-        )
-        .unwrap();
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/portal-api.yaml")).unwrap();
         let text = text.replace(
             "  freeze_windows: []",
             "  freeze_windows:\n    - {start: 2026-11-22T03:00:00Z, end: 2026-11-22T04:00:00Z, reason: planned failover}",
         );
-        let set = PolicySet::from_sources(
-            Path::new("p"),
-            vec![(PathBuf::from("p/portal-api.yaml"), text)],
-        )
-        .unwrap();
+        let set = PolicySet::from_sources(Path::new("p"), vec![(PathBuf::from("p/portal-api.yaml"), text)]).unwrap();
         let d = at(&set, &alert("HealthCheckFailing", &[]), S(120));
         assert!(d.reason.contains("planned failover"), "{}", d.reason);
         assert_eq!(
@@ -732,9 +679,6 @@ mod tests {
     #[test]
     fn every_decision_records_the_policy_hash() {
         let set = seeds();
-        assert_eq!(
-            at(&set, &alert("HealthCheckFailing", &[]), S(1)).policy_hash,
-            set.hash
-        );
+        assert_eq!(at(&set, &alert("HealthCheckFailing", &[]), S(1)).policy_hash, set.hash);
     }
 }

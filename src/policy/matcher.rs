@@ -49,15 +49,11 @@ impl Matcher {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let op_at = s.find(['=', '!']).ok_or_else(|| {
-            format!(
-                "matcher {s:?} has no operator: write it as name=\"value\" (operators = != =~ !~)"
-            )
+            format!("matcher {s:?} has no operator: write it as name=\"value\" (operators = != =~ !~)")
         })?;
         let name = s[..op_at].trim();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!(
-                "matcher {s:?}: label name {name:?} is not a valid label name"
-            ));
+            return Err(format!("matcher {s:?}: label name {name:?} is not a valid label name"));
         }
         let rest = &s[op_at..];
         let (op, raw) = if let Some(r) = rest.strip_prefix("=~") {
@@ -69,15 +65,11 @@ impl Matcher {
         } else if let Some(r) = rest.strip_prefix('=') {
             (MatchOp::Equal, r)
         } else {
-            return Err(format!(
-                "matcher {s:?}: unknown operator, use one of = != =~ !~"
-            ));
+            return Err(format!("matcher {s:?}: unknown operator, use one of = != =~ !~"));
         };
         let raw = raw.trim();
         let value = if raw.len() >= 2 && raw.starts_with('"') && raw.ends_with('"') {
-            raw[1..raw.len() - 1]
-                .replace("\\\"", "\"")
-                .replace("\\\\", "\\")
+            raw[1..raw.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
         } else if raw.contains('"') {
             return Err(format!("matcher {s:?}: unbalanced quotes around the value"));
         } else {
@@ -140,24 +132,15 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> LabelSet {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn all_four_operators_behave_like_alertmanager() {
         let l = labels(&[("alertname", "HighErrorRate"), ("env", "prod-eu")]);
-        assert!(Matcher::parse("alertname=\"HighErrorRate\"")
-            .unwrap()
-            .matches(&l));
-        assert!(Matcher::parse("alertname = HighErrorRate")
-            .unwrap()
-            .matches(&l));
-        assert!(!Matcher::parse("alertname!=\"HighErrorRate\"")
-            .unwrap()
-            .matches(&l));
+        assert!(Matcher::parse("alertname=\"HighErrorRate\"").unwrap().matches(&l));
+        assert!(Matcher::parse("alertname = HighErrorRate").unwrap().matches(&l));
+        assert!(!Matcher::parse("alertname!=\"HighErrorRate\"").unwrap().matches(&l));
         assert!(Matcher::parse("env=~\"prod.*\"").unwrap().matches(&l));
         // Anchored: "prod" alone must not match "prod-eu".
         assert!(!Matcher::parse("env=~\"prod\"").unwrap().matches(&l));
@@ -168,9 +151,7 @@ mod tests {
 
     #[test]
     fn bad_matchers_say_what_to_write() {
-        assert!(Matcher::parse("alertname")
-            .unwrap_err()
-            .contains("no operator"));
+        assert!(Matcher::parse("alertname").unwrap_err().contains("no operator"));
         assert!(Matcher::parse("env=~\"(\"")
             .unwrap_err()
             .contains("invalid regular expression"));

@@ -16,9 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use decide::{
-    decide, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression,
-};
+pub use decide::{decide, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression};
 pub use matcher::{all_match, MatchOp, Matcher};
 
 use crate::action::Target;
@@ -370,11 +368,13 @@ impl Policy {
             err("target:", e);
         }
         if let Some(a) = &self.approval {
-            let count = a.approvers.slack_users.len()
-                + a.approvers.slack_groups.len()
-                + a.approvers.pagerduty_users.len();
+            let count =
+                a.approvers.slack_users.len() + a.approvers.slack_groups.len() + a.approvers.pagerduty_users.len();
             if count == 0 {
-                err("approvers:", "approval.approvers: name at least one slack user, slack group or pagerduty user".into());
+                err(
+                    "approvers:",
+                    "approval.approvers: name at least one slack user, slack group or pagerduty user".into(),
+                );
             }
             if !(1..=2).contains(&a.required_approvals) {
                 err(
@@ -383,15 +383,15 @@ impl Policy {
                 );
             }
             if a.timeout.is_zero() {
-                err(
-                    "timeout:",
-                    "approval.timeout: must be longer than 0s, e.g. 15m".into(),
-                );
+                err("timeout:", "approval.timeout: must be longer than 0s, e.g. 15m".into());
             }
         }
         if let Some(r) = &self.guards.max_rollbacks {
             if r.count == 0 || r.per.is_zero() {
-                err("max_rollbacks:", "guards.max_rollbacks: count and per must be above zero, e.g. {count: 2, per: 1h}".into());
+                err(
+                    "max_rollbacks:",
+                    "guards.max_rollbacks: count and per must be above zero, e.g. {count: 2, per: 1h}".into(),
+                );
             }
         }
         for w in &self.guards.freeze_windows {
@@ -413,10 +413,7 @@ impl Policy {
                 );
             }
             if p.successes == 0 {
-                err(
-                    "successes:",
-                    "verification.health_probe.successes: at least 1".into(),
-                );
+                err("successes:", "verification.health_probe.successes: at least 1".into());
             }
         }
         if let Some(p) = &self.verification.prometheus {
@@ -475,7 +472,9 @@ impl PolicySet {
                 return Err(vec![PolicyError {
                     file: dir.to_path_buf(),
                     line: 0,
-                    message: format!("cannot read the policy directory: {e} (set policies_dir in the config or pass the directory)"),
+                    message: format!(
+                        "cannot read the policy directory: {e} (set policies_dir in the config or pass the directory)"
+                    ),
                 }])
             }
         };
@@ -497,10 +496,7 @@ impl PolicySet {
     }
 
     /// Parses already-read files; see [`PolicySet::load_dir`].
-    pub fn from_sources(
-        dir: &Path,
-        sources: Vec<(PathBuf, String)>,
-    ) -> Result<PolicySet, Vec<PolicyError>> {
+    pub fn from_sources(dir: &Path, sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut policies: Vec<LoadedPolicy> = Vec::new();
         let mut hasher = Sha256::new();
@@ -566,10 +562,7 @@ impl PolicySet {
 
     /// The policy with this name.
     pub fn get(&self, name: &str) -> Option<&Policy> {
-        self.policies
-            .iter()
-            .map(|p| &p.policy)
-            .find(|p| p.name == name)
+        self.policies.iter().map(|p| &p.policy).find(|p| p.name == name)
     }
 
     /// Policies in file order.
@@ -630,10 +623,7 @@ triggers:
 ";
 
     fn load(text: &str) -> Result<PolicySet, Vec<PolicyError>> {
-        PolicySet::from_sources(
-            Path::new("p"),
-            vec![(PathBuf::from("p/web.yaml"), text.to_string())],
-        )
+        PolicySet::from_sources(Path::new("p"), vec![(PathBuf::from("p/web.yaml"), text.to_string())])
     }
 
     #[test]
@@ -651,38 +641,22 @@ triggers:
         let errs = load(&text).unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].line, 11, "{}", errs[0]);
-        assert!(
-            errs[0].to_string().starts_with("p/web.yaml:11: "),
-            "{}",
-            errs[0]
-        );
-        assert!(
-            errs[0].message.contains("unknown field `fro`"),
-            "{}",
-            errs[0]
-        );
+        assert!(errs[0].to_string().starts_with("p/web.yaml:11: "), "{}", errs[0]);
+        assert!(errs[0].message.contains("unknown field `fro`"), "{}", errs[0]);
     }
 
     #[test]
     fn bad_matcher_regex_is_reported_at_its_line() {
         let text = MINIMAL.replace("alertname=\"HighErrorRate\"", "alertname=~\"(\"");
         let errs = load(&text).unwrap_err();
-        assert!(
-            errs[0].message.contains("invalid regular expression"),
-            "{}",
-            errs[0]
-        );
+        assert!(errs[0].message.contains("invalid regular expression"), "{}", errs[0]);
         assert_eq!(errs[0].line, 9, "{}", errs[0]);
     }
 
     #[test]
     fn manual_trigger_without_approval_is_refused_with_the_fix() {
         let errs = load(&MINIMAL.replace("mode: auto", "mode: manual")).unwrap_err();
-        assert!(
-            errs[0].message.contains("add approval.approvers"),
-            "{}",
-            errs[0]
-        );
+        assert!(errs[0].message.contains("add approval.approvers"), "{}", errs[0]);
         assert_eq!(errs[0].line, 8);
     }
 

@@ -138,38 +138,20 @@ impl Store {
                 opts.max_connections(1)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            sqlx::query("PRAGMA journal_mode=WAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous=FULL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA busy_timeout=5000")
-                                .execute(&mut *conn)
-                                .await?;
+                            sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA synchronous=FULL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
                             Ok(())
                         })
                     })
                     .connect(&url)
                     .await?
             }
-            Backend::Postgres => {
-                opts.max_connections(max_connections.max(2))
-                    .connect(&url)
-                    .await?
-            }
+            Backend::Postgres => opts.max_connections(max_connections.max(2)).connect(&url).await?,
         };
         match backend {
-            Backend::Sqlite => {
-                sqlx::migrate!("src/store/migrations/sqlite")
-                    .run(&pool)
-                    .await?
-            }
-            Backend::Postgres => {
-                sqlx::migrate!("src/store/migrations/postgres")
-                    .run(&pool)
-                    .await?
-            }
+            Backend::Sqlite => sqlx::migrate!("src/store/migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("src/store/migrations/postgres").run(&pool).await?,
         }
         Ok(Store { pool, backend })
     }
@@ -276,15 +258,8 @@ impl Store {
 
     /// Takes (or renews) the lease on an incident's work. Only one replica can hold it: the
     /// update is conditional on the lease being free, expired, or already ours.
-    pub async fn claim(
-        &self,
-        id: &IncidentId,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-    ) -> Result<bool> {
-        let until =
-            now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+    pub async fn claim(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         let r = sqlx::query(
             "UPDATE incidents SET owner = $1, lease_until = $2
              WHERE id = $3 AND phase IN ('executing', 'verifying')
@@ -301,38 +276,32 @@ impl Store {
 
     /// Gives the lease back (on shutdown, so another replica can take over at once).
     pub async fn release(&self, id: &IncidentId, owner: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE incidents SET owner = NULL, lease_until = NULL WHERE id = $1 AND owner = $2",
-        )
-        .bind(&id.0)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("UPDATE incidents SET owner = NULL, lease_until = NULL WHERE id = $1 AND owner = $2")
+            .bind(&id.0)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// One incident.
     pub async fn incident(&self, id: &IncidentId) -> Result<Option<Incident>> {
-        let row = sqlx::query(&format!(
-            "SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"
-        ))
-        .bind(&id.0)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"))
+            .bind(&id.0)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| incident_from_row(&r)).transpose()
     }
 
     /// Recent incidents, newest first, optionally only open ones.
     pub async fn incidents(&self, open_only: bool, limit: i64) -> Result<Vec<Incident>> {
-        let filter = if open_only {
-            "WHERE closed_at IS NULL"
-        } else {
-            ""
-        };
-        let rows = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents {filter} ORDER BY opened_at DESC, id DESC LIMIT $1"))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let filter = if open_only { "WHERE closed_at IS NULL" } else { "" };
+        let rows = sqlx::query(&format!(
+            "SELECT {INCIDENT_COLS} FROM incidents {filter} ORDER BY opened_at DESC, id DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(incident_from_row).collect()
     }
 
@@ -359,8 +328,7 @@ impl Store {
                         .as_deref()
                         .and_then(Phase::parse),
                     summary: r.try_get("summary")?,
-                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
-                        .unwrap_or(Value::Null),
+                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?).unwrap_or(Value::Null),
                 })
             })
             .collect()
@@ -387,10 +355,11 @@ impl Store {
 
     /// Freezes in force (the kill switch).
     pub async fn freezes(&self, now: DateTime<Utc>) -> Result<FreezeState> {
-        let rows = sqlx::query("SELECT scope, reason, by_whom, until_at FROM freezes WHERE until_at IS NULL OR until_at > $1")
-            .bind(ms(now))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT scope, reason, by_whom, until_at FROM freezes WHERE until_at IS NULL OR until_at > $1")
+                .bind(ms(now))
+                .fetch_all(&self.pool)
+                .await?;
         let mut state = FreezeState::default();
         for r in rows {
             let scope: String = r.try_get("scope")?;
@@ -445,8 +414,8 @@ const ALERT_COLS: &str =
 
 fn alert_from_row(r: &AnyRow) -> Result<StoredAlert> {
     let status: String = r.try_get("status")?;
-    let labels: LabelSet = serde_json::from_str(&r.try_get::<String, _>("labels")?)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let labels: LabelSet =
+        serde_json::from_str(&r.try_get::<String, _>("labels")?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let annotations: LabelSet = serde_json::from_str(&r.try_get::<String, _>("annotations")?)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(StoredAlert {
@@ -463,13 +432,12 @@ fn alert_from_row(r: &AnyRow) -> Result<StoredAlert> {
         },
         group_key: r.try_get("group_key")?,
         external_url: r.try_get("external_url")?,
-        incident_id: r
-            .try_get::<Option<String>, _>("incident_id")?
-            .map(IncidentId),
+        incident_id: r.try_get::<Option<String>, _>("incident_id")?.map(IncidentId),
     })
 }
 
-const INCIDENT_COLS: &str = "id, policy, trigger_name, service, target_key, phase, decision, plan, alertname, first_alert_starts_at,
+const INCIDENT_COLS: &str =
+    "id, policy, trigger_name, service, target_key, phase, decision, plan, alertname, first_alert_starts_at,
     opened_at, updated_at, closed_at, due_at, acted_at, verified_at, owner, lease_until, version";
 
 fn incident_from_row(r: &AnyRow) -> Result<Incident> {
@@ -482,10 +450,8 @@ fn incident_from_row(r: &AnyRow) -> Result<Incident> {
         trigger: r.try_get("trigger_name")?,
         service: r.try_get("service")?,
         target_key: r.try_get("target_key")?,
-        phase: Phase::parse(&phase)
-            .ok_or_else(|| StoreError::Corrupt(format!("phase {phase:?}")))?,
-        decision: serde_json::from_str(&decision)
-            .map_err(|e| StoreError::Corrupt(format!("decision: {e}")))?,
+        phase: Phase::parse(&phase).ok_or_else(|| StoreError::Corrupt(format!("phase {phase:?}")))?,
+        decision: serde_json::from_str(&decision).map_err(|e| StoreError::Corrupt(format!("decision: {e}")))?,
         plan: serde_json::from_str(&plan).map_err(|e| StoreError::Corrupt(format!("plan: {e}")))?,
         alertname: r.try_get("alertname")?,
         first_alert_starts_at: from_ms(r.try_get("first_alert_starts_at")?),
@@ -556,25 +522,23 @@ impl StoreTx {
         global_window: Option<Duration>,
         now: DateTime<Utc>,
     ) -> Result<History> {
-        let last: Option<i64> =
-            sqlx::query("SELECT MAX(acted_at) FROM incidents WHERE target_key = $1")
-                .bind(target_key)
-                .fetch_one(&mut *self.tx)
-                .await?
-                .try_get(0)?;
+        let last: Option<i64> = sqlx::query("SELECT MAX(acted_at) FROM incidents WHERE target_key = $1")
+            .bind(target_key)
+            .fetch_one(&mut *self.tx)
+            .await?
+            .try_get(0)?;
         let since = |w: Duration| ms(now) - w.as_millis() as i64;
         let mut h = History {
             last_rollback_on_target: opt_ms(last),
             ..Default::default()
         };
         if let Some(w) = policy_window {
-            let n: i64 =
-                sqlx::query("SELECT COUNT(*) FROM incidents WHERE policy = $1 AND acted_at >= $2")
-                    .bind(policy)
-                    .bind(since(w))
-                    .fetch_one(&mut *self.tx)
-                    .await?
-                    .try_get(0)?;
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM incidents WHERE policy = $1 AND acted_at >= $2")
+                .bind(policy)
+                .bind(since(w))
+                .fetch_one(&mut *self.tx)
+                .await?
+                .try_get(0)?;
             h.policy_rollbacks_in_window = n as u32;
         }
         if let Some(w) = global_window {
@@ -590,23 +554,19 @@ impl StoreTx {
 
     /// The open incident on a target, if any.
     pub async fn open_incident_for(&mut self, target_key: &str) -> Result<Option<Incident>> {
-        let row = sqlx::query(&format!(
-            "SELECT {INCIDENT_COLS} FROM incidents WHERE open_target = $1"
-        ))
-        .bind(target_key)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE open_target = $1"))
+            .bind(target_key)
+            .fetch_optional(&mut *self.tx)
+            .await?;
         row.map(|r| incident_from_row(&r)).transpose()
     }
 
     /// One incident, read inside the transaction.
     pub async fn incident(&mut self, id: &IncidentId) -> Result<Option<Incident>> {
-        let row = sqlx::query(&format!(
-            "SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"
-        ))
-        .bind(&id.0)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"))
+            .bind(&id.0)
+            .fetch_optional(&mut *self.tx)
+            .await?;
         row.map(|r| incident_from_row(&r)).transpose()
     }
 
@@ -664,12 +624,7 @@ impl StoreTx {
     }
 
     /// Appends to an incident's audit trail.
-    pub async fn append_event(
-        &mut self,
-        id: &IncidentId,
-        at: DateTime<Utc>,
-        e: NewEvent<'_>,
-    ) -> Result<()> {
+    pub async fn append_event(&mut self, id: &IncidentId, at: DateTime<Utc>, e: NewEvent<'_>) -> Result<()> {
         sqlx::query(
             "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -689,21 +644,22 @@ impl StoreTx {
 
     /// How many alerts of an incident still fire.
     pub async fn firing_alerts(&mut self, id: &IncidentId) -> Result<u64> {
-        let n: i64 =
-            sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")
-                .bind(&id.0)
-                .fetch_one(&mut *self.tx)
-                .await?
-                .try_get(0)?;
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")
+            .bind(&id.0)
+            .fetch_one(&mut *self.tx)
+            .await?
+            .try_get(0)?;
         Ok(n as u64)
     }
 
     /// The firing alerts of an incident (for re-decisions).
     pub async fn firing_alerts_of(&mut self, id: &IncidentId) -> Result<Vec<StoredAlert>> {
-        let rows = sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE incident_id = $1 AND status = 'firing' ORDER BY id"))
-            .bind(&id.0)
-            .fetch_all(&mut *self.tx)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLS} FROM alerts WHERE incident_id = $1 AND status = 'firing' ORDER BY id"
+        ))
+        .bind(&id.0)
+        .fetch_all(&mut *self.tx)
+        .await?;
         rows.iter().map(alert_from_row).collect()
     }
 }

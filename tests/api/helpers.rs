@@ -1,0 +1,309 @@
+//! Spawning the real service for a test, on port 0, with its own database and policies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rollback_responder::app::Application;
+use rollback_responder::config;
+use rollback_responder::responder::Responder;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub const TOKEN: &str = "test-webhook-token-7f3a";
+
+/// A policy used by most tests: ALB target, short durations so tests run in seconds.
+pub const CHECKOUT_POLICY: &str = r#"
+name: checkout
+service: checkout
+matchers: ['service="checkout"']
+target:
+  alb:
+    listener_arn: arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/checkout/1/2
+    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/checkout-stable/1
+triggers:
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    for: 0s
+    mode: auto
+  - name: health
+    matchers: ['alertname="HealthCheckFailing"']
+    for: 2s
+    mode: auto
+  - name: latency
+    matchers: ['alertname="HighLatency"']
+    mode: manual
+  - name: breaker
+    matchers: ['alertname="CircuitBreakerOpen"']
+    mode: {auto_after: 2s}
+guards:
+  cooldown: 1h
+approval:
+  approvers: {slack_users: [U1]}
+  timeout: 1h
+  on_timeout: escalate
+"#;
+
+/// How to start the service.
+pub struct Options {
+    pub policies: Vec<(&'static str, String)>,
+    pub dry_run: bool,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            policies: vec![("checkout.yaml", CHECKOUT_POLICY.to_string())],
+            dry_run: false,
+            env: vec![],
+        }
+    }
+}
+
+/// A fresh database per test: a SQLite file, or a PostgreSQL database created for the test
+/// when TEST_DATABASE_URL is set (and dropped afterwards).
+pub struct TestDb {
+    pub url: String,
+    pg_admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(dir: &std::path::Path) -> TestDb {
+        match std::env::var("TEST_DATABASE_URL") {
+            Ok(admin) if admin.starts_with("postgres") => {
+                let name = format!("rr_test_{}", uuid::Uuid::now_v7().simple());
+                sqlx::any::install_default_drivers();
+                let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+                    .await
+                    .expect("connect to TEST_DATABASE_URL");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let base = admin
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or(admin.clone());
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    pg_admin: Some((admin, name)),
+                }
+            }
+            _ => TestDb {
+                url: format!("sqlite://{}", dir.join("rr.db").display()),
+                pg_admin: None,
+            },
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg_admin.take() {
+            // Drop needs its own runtime: the test's runtime may be shutting down.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(mut c) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut c)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// The running service.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub responder: Arc<Responder>,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub db: TestDb,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Starts the service with `opts` on 127.0.0.1:0.
+pub async fn spawn_app(opts: Options) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(dir.path()).await;
+    start_in(dir, db, opts).await
+}
+
+async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp {
+    let policies: PathBuf = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for (name, text) in &opts.policies {
+        std::fs::write(policies.join(name), text).unwrap();
+    }
+    let mut vars = env(&[
+        ("ROLLBACK_RESPONDER__STORE__URL", &db.url),
+        ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
+        ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN", TOKEN),
+        ("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms"),
+        ("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s"),
+        (
+            "ROLLBACK_RESPONDER__SAFETY__DRY_RUN",
+            if opts.dry_run { "true" } else { "false" },
+        ),
+    ]);
+    vars.extend(opts.env);
+    let cfg = config::load_from(None, Some("127.0.0.1:0".parse().unwrap()), vars).expect("test config");
+    let app = Application::build(cfg).await.expect("service starts");
+    let addr = app.addr();
+    let responder = app.responder();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        responder,
+        http: reqwest::Client::new(),
+        dir,
+        db,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// POSTs a webhook body with the test token.
+    pub async fn post_webhook(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/webhook/alertmanager"))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.http.get(self.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn incidents(&self) -> Vec<Value> {
+        self.get_json("/api/v1/incidents").await["incidents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn incident(&self, id: &str) -> Value {
+        self.get_json(&format!("/api/v1/incidents/{id}")).await
+    }
+
+    /// Polls `/api/v1/incidents` until `pred` holds for the list, or panics at the deadline.
+    pub async fn wait_incidents(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list = self.incidents().await;
+            if pred(&list) {
+                return list;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; incidents: {}",
+                    serde_json::to_string_pretty(&list).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls one incident's detail until `pred` holds, or panics at the deadline.
+    pub async fn wait_incident(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let inc = self.incident(id).await;
+            if pred(&inc) {
+                return inc;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; incident: {}",
+                    serde_json::to_string_pretty(&inc).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the service gracefully and returns its directory and database (for restarts).
+    pub async fn stop(mut self) -> (tempfile::TempDir, TestDb) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let db = std::mem::replace(
+            &mut self.db,
+            TestDb {
+                url: String::new(),
+                pg_admin: None,
+            },
+        );
+        (dir, db)
+    }
+
+    /// Stops and starts the service again on the same database and policies.
+    pub async fn restart(self, opts: Options) -> TestApp {
+        let (dir, db) = self.stop().await;
+        start_in(dir, db, opts).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// An Alertmanager v4 payload with the given alerts.
+pub fn payload(status: &str, alerts: Vec<Value>) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"test\"}", "truncatedAlerts": 0, "status": status,
+        "receiver": "rollback-responder", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example:9093", "alerts": alerts,
+    })
+}
+
+/// One alert; `ends_at` None means firing.
+pub fn alert(name: &str, service: &str, fingerprint: &str, starts_at: &str, ends_at: Option<&str>) -> Value {
+    json!({
+        "status": if ends_at.is_some() { "resolved" } else { "firing" },
+        "labels": {"alertname": name, "service": service, "severity": "critical"},
+        "annotations": {"summary": format!("{name} on {service}")},
+        "startsAt": starts_at, "endsAt": ends_at.unwrap_or("0001-01-01T00:00:00Z"),
+        "generatorURL": "http://prometheus.example/graph", "fingerprint": fingerprint,
+    })
+}
+
+/// An RFC 3339 time `secs_ago` seconds before now.
+pub fn ago(secs_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(secs_ago)).to_rfc3339()
+}

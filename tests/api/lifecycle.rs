@@ -1,0 +1,300 @@
+//! Incidents from alert to settled phase, straight at the webhook (no Alertmanager): decisions,
+//! dedup, joining, resolution, waiting, approval expiry, restart.
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+fn phase(i: &Value) -> &str {
+    i["phase"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn automatic_decision_records_the_plan_and_says_nothing_was_executed() {
+    let app = spawn_app(Options::default()).await;
+    let r = app
+        .post_webhook(&payload(
+            "firing",
+            vec![alert("HighErrorRate", "checkout", "ba01", &ago(30), None)],
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stored"], 1);
+    let list = app
+        .wait_incidents("a settled incident", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inc["policy"], "checkout");
+    assert_eq!(inc["executed"], false);
+    assert_eq!(inc["decision"]["outcome"], "auto");
+    assert!(inc["decision"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("roll back automatically"));
+    assert_eq!(
+        inc["decision"]["policy_hash"],
+        app.get_json("/api/v1/policies").await["hash"]
+    );
+    let kinds: Vec<&str> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["opened", "decided", "action_started", "action_succeeded"]);
+    let last = &inc["timeline"][3];
+    assert!(
+        last["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("not executed (no alb executor is configured on this responder)"),
+        "{last}"
+    );
+    assert_eq!(last["detail"]["executed"], false);
+    assert_eq!(inc["alerts"][0]["labels"]["alertname"], "HighErrorRate");
+}
+
+#[tokio::test]
+async fn duplicate_and_superset_deliveries_open_one_incident() {
+    let app = spawn_app(Options::default()).await;
+    let starts = ago(30);
+    let first = payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "bb01", &starts, None)],
+    );
+    for _ in 0..3 {
+        assert_eq!(app.post_webhook(&first).await.status(), 200);
+    }
+    // The group grows: the same alert again plus a new one for the same target.
+    let grown = payload(
+        "firing",
+        vec![
+            alert("HighErrorRate", "checkout", "bb01", &starts, None),
+            alert("HealthCheckFailing", "checkout", "bb02", &ago(30), None),
+        ],
+    );
+    let v: Value = app.post_webhook(&grown).await.json().await.unwrap();
+    assert_eq!((v["stored"].as_u64(), v["duplicates"].as_u64()), (Some(1), Some(1)));
+    let list = app
+        .wait_incidents("one settled incident", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    let inc = app
+        .wait_incident(list[0]["id"].as_str().unwrap(), "both alerts attached", |i| {
+            i["alerts"].as_array().unwrap().len() == 2
+        })
+        .await;
+    let decided = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "decided")
+        .count();
+    assert_eq!(decided, 1, "one decision for one incident");
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn resolved_alert_closes_the_incident_and_cancels_a_pending_approval() {
+    let app = spawn_app(Options::default()).await;
+    let starts = ago(5);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighLatency", "checkout", "bc01", &starts, None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && phase(&l[0]) == "awaiting_approval"
+        })
+        .await;
+    assert_eq!(list[0]["decision"]["outcome"], "needs_approval");
+    app.post_webhook(&payload(
+        "resolved",
+        vec![alert("HighLatency", "checkout", "bc01", &starts, Some(&ago(0)))],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("cancelled", |l| phase(&l[0]) == "cancelled" && l[0]["open"] == false)
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let kinds: Vec<&str> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["opened", "decided", "alert_resolved", "all_alerts_resolved", "closed"]
+    );
+    // A late firing duplicate from an HA peer does not reopen anything.
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighLatency", "checkout", "bc01", &starts, None)],
+    ))
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.incidents().await.len(), 1);
+    assert_eq!(phase(&app.incidents().await[0]), "cancelled");
+}
+
+#[tokio::test]
+async fn too_young_alert_waits_then_rolls_back_if_still_firing() {
+    let app = spawn_app(Options::default()).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "checkout", "bd01", &ago(0), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("waiting", |l| l.len() == 1 && phase(&l[0]) == "waiting")
+        .await;
+    assert!(list[0]["decision"]["reason"].as_str().unwrap().starts_with("too young"));
+    let list = app
+        .wait_incidents("re-decided after 2s", |l| phase(&l[0]) == "dry_run")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let redecided = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["summary"].as_str().unwrap().starts_with("re-evaluated:"));
+    assert!(redecided, "{inc}");
+}
+
+#[tokio::test]
+async fn escalate_later_rolls_back_when_the_approval_window_ends() {
+    let app = spawn_app(Options::default()).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("CircuitBreakerOpen", "checkout", "be01", &ago(0), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && phase(&l[0]) == "awaiting_approval"
+        })
+        .await;
+    assert_eq!(list[0]["decision"]["outcome"], "escalate_later");
+    let list = app.wait_incidents("auto after 2s", |l| phase(&l[0]) == "dry_run").await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert!(
+        inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "approval_expired"),
+        "{inc}"
+    );
+}
+
+#[tokio::test]
+async fn cooldown_suppresses_a_new_incident_on_a_target_just_rolled_back_and_says_why() {
+    let app = spawn_app(Options::default()).await;
+    // Give the target a recent real rollback (acted_at) by hand: the executor is not configured.
+    let s1 = ago(30);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "bf01", &s1, None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("settled", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    mark_acted(&app, list[0]["id"].as_str().unwrap()).await;
+    app.post_webhook(&payload(
+        "resolved",
+        vec![alert("HighErrorRate", "checkout", "bf01", &s1, Some(&ago(0)))],
+    ))
+    .await;
+    app.wait_incidents("closed", |l| l[0]["open"] == false).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "bf01", &ago(1), None)],
+    ))
+    .await;
+    let list = app.wait_incidents("second incident", |l| l.len() == 2).await;
+    assert_eq!(phase(&list[0]), "suppressed");
+    assert!(
+        list[0]["decision"]["reason"].as_str().unwrap().starts_with("cooldown:"),
+        "{}",
+        list[0]
+    );
+}
+
+async fn mark_acted(app: &TestApp, id: &str) {
+    let store = &app.responder.store;
+    let mut tx = store.begin().await.unwrap();
+    let mut inc = tx
+        .incident(&rollback_responder::incident::IncidentId(id.into()))
+        .await
+        .unwrap()
+        .unwrap();
+    inc.acted_at = Some(chrono::Utc::now());
+    assert!(tx.save_incident(&inc).await.unwrap());
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn dry_run_mode_is_visible_in_the_decision() {
+    let app = spawn_app(Options {
+        dry_run: true,
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "bg01", &ago(30), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("dry run", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    assert_eq!(list[0]["decision"]["outcome"], "suppressed");
+    assert_eq!(list[0]["decision"]["kind"], "dry_run");
+    assert!(list[0]["decision"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("dry run (global)"));
+    assert_eq!(list[0]["executed"], false);
+}
+
+#[tokio::test]
+async fn unmatched_alerts_are_stored_but_open_no_incident() {
+    let app = spawn_app(Options::default()).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("DiskFull", "checkout", "bh01", &ago(30), None)],
+    ))
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "billing", "bh02", &ago(30), None)],
+    ))
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(app.incidents().await.is_empty());
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_pending_approval_survives_a_restart() {
+    let app = spawn_app(Options::default()).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighLatency", "checkout", "bi01", &ago(5), None)],
+    ))
+    .await;
+    let before = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && phase(&l[0]) == "awaiting_approval"
+        })
+        .await;
+    let app = app.restart(Options::default()).await;
+    let after = app.incidents().await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0]["id"], before[0]["id"]);
+    assert_eq!(phase(&after[0]), "awaiting_approval");
+    assert_eq!(after[0]["due_at"], before[0]["due_at"]);
+}

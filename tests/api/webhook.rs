@@ -1,0 +1,197 @@
+//! The webhook edge: bad input gets a clear error and changes nothing.
+
+use base64::Engine;
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn stored(app: &TestApp) -> i64 {
+    app.responder.store.alert_count().await.unwrap()
+}
+
+#[tokio::test]
+async fn missing_or_wrong_credentials_get_401_and_store_nothing() {
+    let app = spawn_app(Options::default()).await;
+    let body = payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "aa01", &ago(60), None)],
+    );
+    let url = app.url("/webhook/alertmanager");
+    let none = app.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(
+        none.headers()["www-authenticate"],
+        "Bearer, Basic realm=\"rollback-responder\""
+    );
+    let wrong = app
+        .http
+        .post(&url)
+        .bearer_auth("test-webhook-token-7f3b")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let prefix = app
+        .http
+        .post(&url)
+        .bearer_auth(&TOKEN[..TOKEN.len() - 1])
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(prefix.status(), 401);
+    let basic = app
+        .http
+        .post(&url)
+        .basic_auth("am", Some(TOKEN))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 401, "basic auth is not configured here");
+    assert_eq!(stored(&app).await, 0);
+    assert!(app.incidents().await.is_empty());
+}
+
+#[tokio::test]
+async fn basic_auth_works_when_configured() {
+    let opts = Options {
+        env: env(&[
+            ("ROLLBACK_RESPONDER__WEBHOOK__BASIC_AUTH__USERNAME", "alertmanager"),
+            ("ROLLBACK_RESPONDER__WEBHOOK__BASIC_AUTH__PASSWORD", "pa55"),
+        ]),
+        ..Options::default()
+    };
+    let app = spawn_app(opts).await;
+    let body = payload("firing", vec![alert("HighLatency", "checkout", "ab01", &ago(1), None)]);
+    let url = app.url("/webhook/alertmanager");
+    let bad = app
+        .http
+        .post(&url)
+        .basic_auth("alertmanager", Some("pa56"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    let raw = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alertmanager:pa55")
+    );
+    let ok = app
+        .http
+        .post(&url)
+        .header("authorization", raw)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    // The bearer token keeps working alongside basic auth.
+    assert_eq!(app.post_webhook(&body).await.status(), 200);
+    assert_eq!(stored(&app).await, 1);
+}
+
+#[tokio::test]
+async fn malformed_payloads_get_400_saying_what_is_wrong() {
+    let app = spawn_app(Options::default()).await;
+    let url = app.url("/webhook/alertmanager");
+    let cases = [
+        ("{not json".to_string(), "not valid Alertmanager webhook JSON"),
+        (
+            json!({"version": "4", "status": "firing"}).to_string(),
+            "missing field `alerts`",
+        ),
+        (
+            payload("firing", vec![])
+                .to_string()
+                .replace("\"version\":\"4\"", "\"version\":\"5\""),
+            "unsupported payload version \"5\"",
+        ),
+        (
+            {
+                let mut a = alert("HighErrorRate", "checkout", "ac01", &ago(1), None);
+                a["labels"].as_object_mut().unwrap().remove("alertname");
+                payload("firing", vec![a]).to_string()
+            },
+            "alerts[0]: labels.alertname is missing",
+        ),
+        (
+            payload(
+                "firing",
+                vec![alert("HighErrorRate", "checkout", "ac02", "yesterday", None)],
+            )
+            .to_string(),
+            "startsAt",
+        ),
+    ];
+    for (body, expected) in cases {
+        let r = app
+            .http
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains(expected), "{body} -> {v}");
+    }
+    assert_eq!(stored(&app).await, 0);
+}
+
+#[tokio::test]
+async fn oversized_payload_gets_413_and_stores_nothing() {
+    let opts = Options {
+        env: env(&[("ROLLBACK_RESPONDER__SERVER__BODY_LIMIT_BYTES", "4096")]),
+        ..Options::default()
+    };
+    let app = spawn_app(opts).await;
+    let alerts = (0..20)
+        .map(|i| alert("HighErrorRate", "checkout", &format!("ad{i:02}"), &ago(1), None))
+        .collect();
+    let r = app.post_webhook(&payload("firing", alerts)).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(stored(&app).await, 0);
+}
+
+#[tokio::test]
+async fn store_outage_answers_503_so_alertmanager_retries() {
+    let app = spawn_app(Options::default()).await;
+    app.responder.store.close().await;
+    let r = app
+        .post_webhook(&payload(
+            "firing",
+            vec![alert("HighErrorRate", "checkout", "ae01", &ago(1), None)],
+        ))
+        .await;
+    assert_eq!(r.status(), 503);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+}
+
+#[tokio::test]
+async fn health_readiness_and_policies_endpoints() {
+    let app = spawn_app(Options::default()).await;
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "ok"
+    );
+    let ready = app.get_json("/readyz").await;
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["store"], "ok");
+    assert_eq!(ready["dry_run"], false);
+    let p = app.get_json("/api/v1/policies").await;
+    assert_eq!(p["policies"][0]["name"], "checkout");
+    assert_eq!(p["hash"], ready["policies"]["hash"]);
+}
