@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::action::alb::AlbExecutor;
 use crate::action::Executors;
 use crate::config::Resolved;
 use crate::http::{router, AppState};
@@ -34,6 +35,12 @@ pub struct Application {
 impl Application {
     /// Connects the store, loads the policies (refusing to start on any error) and binds.
     pub async fn build(cfg: Resolved) -> anyhow::Result<Application> {
+        Self::build_with(cfg, None).await
+    }
+
+    /// [`Application::build`] with executors built by the caller (tests hand in an ELBv2
+    /// client with static credentials instead of the default credential chain).
+    pub async fn build_with(cfg: Resolved, executors: Option<Executors>) -> anyhow::Result<Application> {
         crate::tls::install_crypto_provider();
         let policies = PolicySet::load_dir(&cfg.policies_dir).map_err(|errs| {
             let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
@@ -54,6 +61,17 @@ impl Application {
             max_rollbacks: cfg.settings.safety.max_rollbacks,
         };
         let metrics = Arc::new(Metrics::new());
+        let executors = match executors {
+            Some(e) => e,
+            None => {
+                let mut e = Executors::default();
+                match &cfg.settings.aws {
+                    Some(aws) => e.alb = Some(AlbExecutor::from_settings(aws).await),
+                    None => warn!("no aws settings: ALB rollbacks will be recorded but not executed"),
+                }
+                e
+            }
+        };
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {} (server.listen / --listen)", cfg.listen))?;
@@ -72,7 +90,7 @@ impl Application {
             store,
             policies,
             global,
-            Executors::default(),
+            executors,
             replica,
             cfg.settings.workers.lease,
             metrics,

@@ -32,6 +32,8 @@ pub struct Settings {
     /// How Alertmanager authenticates (its `http_config`).
     pub webhook: WebhookAuth,
     pub safety: SafetySettings,
+    /// AWS access for ALB targets; absent means ALB rollbacks are recorded, not executed.
+    pub aws: Option<crate::action::alb::AwsSettings>,
     pub workers: WorkerSettings,
     pub log: LogSettings,
 }

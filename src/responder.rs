@@ -421,7 +421,7 @@ impl Responder {
             tx.commit().await?;
 
             let started = Instant::now();
-            let result = self.with_lease(id, self.executors.execute(&target, dry_run)).await;
+            let (result, steps) = self.with_lease(id, self.executors.execute(&target, dry_run)).await;
             let secs = started.elapsed().as_secs_f64();
             let now = Utc::now();
             let mut tx = self.store.begin().await?;
@@ -429,6 +429,10 @@ impl Responder {
                 return Ok(());
             };
             inc = fresh;
+            for step in steps {
+                let summary = step_summary(&step);
+                Self::record(&mut tx, &inc, "action_step", &self.replica, summary, step, now).await?;
+            }
             match result {
                 Ok(report) => {
                     self.metrics.action(
@@ -472,8 +476,8 @@ impl Responder {
                         &mut inc,
                         Event::ActionFailed,
                         &self.replica,
-                        format!("rollback failed: {e}; a human must act"),
-                        json!({ "error": e.to_string() }),
+                        format!("rollback failed: {e}; nothing more will be tried automatically, a human must act"),
+                        json!({ "error": e.to_string(), "detail": e.detail() }),
                         now,
                     )
                     .await?;
@@ -658,6 +662,44 @@ fn approval_timeout_action(outcome: &Outcome) -> policy::OnTimeout {
         Outcome::EscalateLater { .. } => policy::OnTimeout::Rollback,
         Outcome::Suppressed(Suppression::DryRun { would }) => approval_timeout_action(would),
         _ => policy::OnTimeout::Escalate,
+    }
+}
+
+/// One line per executor step: what it did, with the AWS code for failed attempts.
+fn step_summary(step: &Value) -> String {
+    let kind = step.get("step").and_then(Value::as_str).unwrap_or("step");
+    match kind {
+        "attempt_failed" => format!(
+            "{} attempt {} failed: {} {}{}",
+            step["operation"].as_str().unwrap_or("?"),
+            step["attempt"],
+            step["code"].as_str().unwrap_or("?"),
+            step["message"].as_str().unwrap_or(""),
+            if step["will_retry"].as_bool() == Some(true) {
+                " (retrying)"
+            } else {
+                " (not retried)"
+            }
+        ),
+        "pre_check" => format!(
+            "pre-check: {} of {} required targets healthy in the stable group",
+            step["healthy"], step["required"]
+        ),
+        "wrote" => format!(
+            "{} written ({}% stable)",
+            step["operation"].as_str().unwrap_or("?"),
+            step["stable_percent"]
+        ),
+        "read_back" => format!(
+            "read back: {}% stable, {}",
+            step["stable_percent"],
+            if step["matches"].as_bool() == Some(true) {
+                "as written"
+            } else {
+                "NOT as written"
+            }
+        ),
+        other => other.replace('_', " "),
     }
 }
 

@@ -117,32 +117,119 @@ pub struct ActionReport {
     pub detail: serde_json::Value,
 }
 
-/// Why an action failed.
+/// Why an action failed; `detail` is the executor's structured error (AWS code and all).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
-    #[error("pre-check failed: {0}")]
-    PreCheck(String),
-    #[error("{0}")]
-    Failed(String),
+    /// The stable side is not healthy enough to take the traffic: nothing was changed.
+    #[error("pre-check failed: {message}")]
+    PreCheck { message: String, detail: serde_json::Value },
+    #[error("{message}")]
+    Failed { message: String, detail: serde_json::Value },
 }
 
-/// The configured executors; `None` means "not configured here": actions become dry runs.
+impl ActionError {
+    /// The structured error for the audit trail.
+    pub fn detail(&self) -> &serde_json::Value {
+        match self {
+            ActionError::PreCheck { detail, .. } | ActionError::Failed { detail, .. } => detail,
+        }
+    }
+}
+
+/// Every step an executor took, in order, for the audit trail (each AWS attempt, read-backs).
+pub type Steps = Vec<serde_json::Value>;
+
+/// The configured executors; `None` means "not configured here": actions become dry runs
+/// that say so.
 #[derive(Clone, Default)]
-pub struct Executors {}
+pub struct Executors {
+    pub alb: Option<alb::AlbExecutor>,
+}
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target`.
-    pub async fn execute(&self, target: &Target, dry_run: bool) -> Result<ActionReport, ActionError> {
-        let why = if dry_run {
-            "dry run".to_string()
-        } else {
-            format!("no {} executor is configured on this responder", target.kind().as_str())
-        };
-        Ok(ActionReport {
-            changed: false,
-            dry_run: true,
-            summary: format!("not executed ({why}): would {}", target.describe()),
-            detail: serde_json::json!({ "executed": false, "why": why, "would": target }),
-        })
+    /// Carries out (or, dry run, only describes) the revert of `target`. Returns every step
+    /// taken alongside the result, whether it succeeded or not.
+    pub async fn execute(&self, target: &Target, dry_run: bool) -> (Result<ActionReport, ActionError>, Steps) {
+        match (target, &self.alb) {
+            (Target::Alb(t), Some(exec)) => {
+                let mut steps: Steps = Vec::new();
+                let mut record = |s: alb::AlbStep| steps.push(serde_json::to_value(&s).unwrap_or_default());
+                let result = exec.revert(t, dry_run, &mut record).await;
+                (alb_report(t, result), steps)
+            }
+            _ => (Ok(not_configured(target, dry_run)), Vec::new()),
+        }
+    }
+}
+
+fn not_configured(target: &Target, dry_run: bool) -> ActionReport {
+    let why = if dry_run {
+        "dry run".to_string()
+    } else {
+        format!("no {} executor is configured on this responder", target.kind().as_str())
+    };
+    ActionReport {
+        changed: false,
+        dry_run: true,
+        summary: format!("not executed ({why}): would {}", target.describe()),
+        detail: serde_json::json!({ "executed": false, "why": why, "would": target }),
+    }
+}
+
+fn alb_report(t: &AlbTarget, result: Result<alb::AlbOutcome, alb::AlbError>) -> Result<ActionReport, ActionError> {
+    let stable = t.stable_target_group_arn.as_str();
+    let forward = |s: &alb::ForwardSnapshot| {
+        s.forward
+            .as_ref()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "no forward".into())
+    };
+    match result {
+        Ok(outcome) => {
+            let detail = serde_json::to_value(&outcome).unwrap_or_default();
+            Ok(match &outcome {
+                alb::AlbOutcome::Reverted { before, after } => ActionReport {
+                    changed: true,
+                    dry_run: false,
+                    summary: format!(
+                        "{}: forward changed from [{}] to [{}], read back OK",
+                        t.resource_arn(),
+                        forward(before),
+                        forward(after)
+                    ),
+                    detail,
+                },
+                alb::AlbOutcome::AlreadyStable { state } => ActionReport {
+                    changed: false,
+                    dry_run: false,
+                    summary: format!(
+                        "{}: already forwards everything to the stable group [{}]; nothing written",
+                        t.resource_arn(),
+                        forward(state)
+                    ),
+                    detail,
+                },
+                alb::AlbOutcome::DryRun { before, would_write } => ActionReport {
+                    changed: false,
+                    dry_run: true,
+                    summary: format!(
+                        "dry run, nothing written: {} would change from [{}] to [{}] ({}% stable)",
+                        t.resource_arn(),
+                        forward(before),
+                        forward(would_write),
+                        would_write.stable_percent(stable)
+                    ),
+                    detail,
+                },
+            })
+        }
+        Err(e) => {
+            let detail = serde_json::to_value(&e).unwrap_or_default();
+            let message = format!("{} (code {})", e, e.code());
+            Err(match e {
+                alb::AlbError::PreCheckFailed { .. } => ActionError::PreCheck { message, detail },
+                _ => ActionError::Failed { message, detail },
+            })
+        }
     }
 }

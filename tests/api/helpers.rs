@@ -50,6 +50,8 @@ pub struct Options {
     pub policies: Vec<(&'static str, String)>,
     pub dry_run: bool,
     pub env: Vec<(String, String)>,
+    /// Executors built by the test (an ELBv2 client on moto); `None`: from the config.
+    pub executors: Option<rollback_responder::action::Executors>,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
             policies: vec![("checkout.yaml", CHECKOUT_POLICY.to_string())],
             dry_run: false,
             env: vec![],
+            executors: None,
         }
     }
 }
@@ -162,7 +165,9 @@ async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp 
     ]);
     vars.extend(opts.env);
     let cfg = config::load_from(None, Some("127.0.0.1:0".parse().unwrap()), vars).expect("test config");
-    let app = Application::build(cfg).await.expect("service starts");
+    let app = Application::build_with(cfg, opts.executors)
+        .await
+        .expect("service starts");
     let addr = app.addr();
     let responder = app.responder();
     let (stop, rx) = oneshot::channel::<()>();

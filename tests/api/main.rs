@@ -2,7 +2,12 @@
 //! real service on loopback against real peers (Alertmanager, moto, PostgreSQL when
 //! TEST_DATABASE_URL points at it); see tests/README.md.
 
+mod alb;
+mod alertmanager;
 mod helpers;
 mod lifecycle;
 
+mod peers;
+#[path = "../support/mod.rs"]
+mod support;
 mod webhook;

@@ -1,0 +1,170 @@
+//! Real peers on loopback: Alertmanager 0.25 (Debian's prometheus-alertmanager), and a tiny
+//! fault-injecting proxy to put between Alertmanager and the service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A free loopback port (bound then released; good enough for a test peer).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn binary(env: &str, candidates: &[&str], hint: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    for c in candidates {
+        let p = PathBuf::from(c);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{} not found (set {env} or install it: {hint}; tests/setup.sh does it)",
+        candidates[0]
+    );
+}
+
+/// A running Alertmanager delivering to one webhook URL with a bearer token.
+pub struct Alertmanager {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Alertmanager {
+    /// Starts Alertmanager with group_wait 0s and group_interval 1s so tests run in seconds.
+    pub async fn start(webhook: &str, token: &str) -> Alertmanager {
+        let bin = binary(
+            "ALERTMANAGER_BIN",
+            &["/usr/bin/prometheus-alertmanager", "/usr/local/bin/alertmanager"],
+            "apt-get install prometheus-alertmanager",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "route:\n  receiver: responder\n  group_by: ['alertname', 'service']\n  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\n\
+             receivers:\n  - name: responder\n    webhook_configs:\n      - url: {webhook}\n        send_resolved: true\n        max_alerts: 0\n\
+             \x20       http_config:\n          authorization:\n            credentials: {token}\n"
+        );
+        let cfg_path = dir.path().join("alertmanager.yml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!("--storage.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--web.external-url={url}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start alertmanager");
+        let am = Alertmanager {
+            child,
+            url,
+            _dir: dir,
+            http: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = am.http.get(format!("{}/-/ready", am.url)).send().await {
+                if r.status().is_success() {
+                    return am;
+                }
+            }
+            assert!(Instant::now() < deadline, "alertmanager did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Posts one alert (firing, or resolved when `ends_at` is in the past).
+    pub async fn post(&self, labels: Value, starts_at: &str, ends_at: Option<&str>) {
+        let mut alert = json!({ "labels": labels, "annotations": {"summary": "test"}, "startsAt": starts_at, "generatorURL": "http://prometheus.test/graph" });
+        if let Some(e) = ends_at {
+            alert["endsAt"] = json!(e);
+        }
+        let r = self
+            .http
+            .post(format!("{}/api/v2/alerts", self.url))
+            .json(&json!([alert]))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "alertmanager refused the alert: {}",
+            r.status()
+        );
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forwards webhooks to the service; answers 503 to the first `fail_first` deliveries after
+/// forwarding them (as if the answer was lost), so Alertmanager re-sends what was stored.
+pub struct FlakyProxy {
+    pub addr: SocketAddr,
+    pub deliveries: Arc<AtomicUsize>,
+}
+
+impl FlakyProxy {
+    pub async fn start(upstream: String, fail_first: usize) -> FlakyProxy {
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        let counter = deliveries.clone();
+        let client = reqwest::Client::new();
+        let app = axum::Router::new().route(
+            "/webhook/alertmanager",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let counter = counter.clone();
+                let client = client.clone();
+                let upstream = upstream.clone();
+                async move {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let mut req = client
+                        .post(&upstream)
+                        .body(body)
+                        .header("content-type", "application/json");
+                    if let Some(a) = headers.get("authorization") {
+                        req = req.header("authorization", a.clone());
+                    }
+                    let status = match req.send().await {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 502,
+                    };
+                    let status = if n < fail_first { 503 } else { status };
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FlakyProxy { addr, deliveries }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/webhook/alertmanager", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.deliveries.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,7 @@
+//! Shared helpers for the integration tests. Each test binary uses a different subset, so
+//! unused items in one binary are expected.
+#![allow(dead_code)]
+
+pub mod alb_fixture;
+pub mod fake_elb;
+pub mod moto;
