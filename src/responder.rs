@@ -568,7 +568,7 @@ impl Responder {
             &inc.id,
             now,
             NewEvent {
-                kind: event_kind(&event),
+                kind: event.name(),
                 actor,
                 phase_from: Some(from),
                 phase_to: Some(next),
@@ -627,20 +627,6 @@ impl Responder {
         )
         .await?;
         Ok(())
-    }
-}
-
-fn event_kind(e: &Event) -> &'static str {
-    match e {
-        Event::Decided { .. } => "decided",
-        Event::Approved { .. } => "approved",
-        Event::Denied { .. } => "denied",
-        Event::ApprovalExpired { .. } => "approval_expired",
-        Event::ActionSucceeded { .. } => "action_succeeded",
-        Event::ActionFailed => "action_failed",
-        Event::VerificationPassed => "verification_passed",
-        Event::VerificationFailed => "verification_failed",
-        Event::AllAlertsResolved => "all_alerts_resolved",
     }
 }
 

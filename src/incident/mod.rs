@@ -163,6 +163,23 @@ pub enum Event {
     AllAlertsResolved,
 }
 
+impl Event {
+    /// The audit-trail kind of this event.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Decided { .. } => "decided",
+            Event::Approved { .. } => "approved",
+            Event::Denied { .. } => "denied",
+            Event::ApprovalExpired { .. } => "approval_expired",
+            Event::ActionSucceeded { .. } => "action_succeeded",
+            Event::ActionFailed => "action_failed",
+            Event::VerificationPassed => "verification_passed",
+            Event::VerificationFailed => "verification_failed",
+            Event::AllAlertsResolved => "all_alerts_resolved",
+        }
+    }
+}
+
 /// An event that the phase does not allow; the caller records it and changes nothing.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{event} is not allowed while the incident is {phase}")]
@@ -201,22 +218,8 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
     };
     next.ok_or_else(|| InvalidTransition {
         phase,
-        event: event_name(event).to_string(),
+        event: event.name().to_string(),
     })
-}
-
-fn event_name(e: &Event) -> &'static str {
-    match e {
-        Event::Decided { .. } => "decided",
-        Event::Approved { .. } => "approved",
-        Event::Denied { .. } => "denied",
-        Event::ApprovalExpired { .. } => "approval_expired",
-        Event::ActionSucceeded { .. } => "action_succeeded",
-        Event::ActionFailed => "action_failed",
-        Event::VerificationPassed => "verification_passed",
-        Event::VerificationFailed => "verification_failed",
-        Event::AllAlertsResolved => "all_alerts_resolved",
-    }
 }
 
 /// An incident closes once its rollback story is settled and none of its alerts fires.
