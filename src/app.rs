@@ -16,6 +16,8 @@ use crate::action::Executors;
 use crate::config::Resolved;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
+use crate::notify::outbox::{self, Outbox};
+use crate::notify::Notifiers;
 use crate::policy::{GlobalGuards, PolicySet};
 use crate::responder::Responder;
 use crate::store::Store;
@@ -26,6 +28,7 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     responder: Arc<Responder>,
+    outbox: Arc<Outbox>,
     state: AppState,
     body_limit: usize,
     tick: std::time::Duration,
@@ -86,19 +89,48 @@ impl Application {
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
         }
-        let responder = Arc::new(Responder::new(
-            store,
-            policies,
-            global,
-            executors,
-            replica,
-            cfg.settings.workers.lease,
-            metrics,
-        ));
+        let notifiers = Notifiers::from_config(&cfg);
+        let defaults = notifiers.defaults(cfg.settings.slack.as_ref().and_then(|s| s.default_channel.clone()));
+        for (name, on) in [
+            ("slack", defaults.slack),
+            ("pagerduty", defaults.pagerduty),
+            ("statuspage", defaults.statuspage),
+        ] {
+            if !on {
+                info!(channel = name, "not configured: no {name} notifications");
+            }
+        }
+        let wake = Arc::new(outbox::Wake::default());
+        let n = &cfg.settings.notifications;
+        let outbox = Arc::new(Outbox {
+            store: store.clone(),
+            notifiers,
+            retry: outbox::Retry {
+                max_attempts: n.max_attempts,
+                initial: n.initial_backoff,
+                max: n.max_backoff,
+            },
+            metrics: metrics.clone(),
+            replica: replica.clone(),
+            wake: wake.clone(),
+        });
+        let responder = Arc::new(
+            Responder::new(
+                store,
+                policies,
+                global,
+                executors,
+                replica,
+                cfg.settings.workers.lease,
+                metrics,
+            )
+            .with_notifications(defaults, wake),
+        );
         let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone());
         Ok(Application {
             listener,
             port,
+            outbox,
             responder,
             state,
             body_limit: cfg.settings.server.body_limit_bytes,
@@ -128,7 +160,14 @@ impl Application {
     /// over within the grace period, closes the store.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let workers = tokio::spawn(worker::run(self.responder.clone(), self.tick, self.grace, stop_rx));
+        let workers = tokio::spawn(worker::run(
+            self.responder.clone(),
+            self.tick,
+            self.grace,
+            stop_rx.clone(),
+        ));
+        // Notifications have their own loops: a Slack outage never holds up a rollback.
+        let outbox = tokio::spawn(self.outbox.clone().run(self.tick, stop_rx));
         let app = router(self.state, self.body_limit);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
@@ -136,6 +175,7 @@ impl Application {
             .context("HTTP server")?;
         let _ = stop_tx.send(true);
         let _ = workers.await;
+        let _ = outbox.await;
         self.responder.store.close().await;
         info!("rollback-responder stopped");
         Ok(())

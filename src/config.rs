@@ -34,6 +34,14 @@ pub struct Settings {
     pub safety: SafetySettings,
     /// AWS access for ALB targets; absent means ALB rollbacks are recorded, not executed.
     pub aws: Option<crate::action::alb::AwsSettings>,
+    /// Slack: incident messages and threads; absent means nothing is posted.
+    pub slack: Option<SlackSettings>,
+    /// PagerDuty Events API v2; absent means nobody is paged by the responder.
+    pub pagerduty: Option<PagerDutySettings>,
+    /// Atlassian Statuspage; absent means the status page is left alone.
+    pub statuspage: Option<StatuspageSettings>,
+    /// Delivery retries of the notification outbox.
+    pub notifications: NotificationSettings,
     pub workers: WorkerSettings,
     pub log: LogSettings,
 }
@@ -99,6 +107,91 @@ pub struct BasicAuth {
     pub password: Option<SecretString>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+}
+
+/// Slack Web API access.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSettings {
+    /// Base URL of the Web API (tests point it at a loopback server).
+    #[serde(default = "slack_api_url")]
+    pub api_url: String,
+    /// Bot token (`xoxb-...`) with chat:write.
+    #[serde(default)]
+    pub bot_token: Option<SecretString>,
+    #[serde(default)]
+    pub bot_token_file: Option<PathBuf>,
+    /// Channel for policies that name none.
+    #[serde(default)]
+    pub default_channel: Option<String>,
+}
+
+fn slack_api_url() -> String {
+    "https://slack.com/api".into()
+}
+
+/// PagerDuty Events API v2.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagerDutySettings {
+    /// Base URL of the Events API.
+    #[serde(default = "pagerduty_events_url")]
+    pub events_url: String,
+    /// Integration (routing) key for policies that name none.
+    #[serde(default)]
+    pub routing_key: Option<SecretString>,
+    #[serde(default)]
+    pub routing_key_file: Option<PathBuf>,
+    /// Named routing keys that policies refer to (`notify.pagerduty.routing_key: NAME`).
+    #[serde(default)]
+    pub routing_keys: std::collections::BTreeMap<String, SecretString>,
+}
+
+fn pagerduty_events_url() -> String {
+    "https://events.pagerduty.com".into()
+}
+
+/// Statuspage REST API v1.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatuspageSettings {
+    #[serde(default = "statuspage_api_url")]
+    pub api_url: String,
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    pub page_id: String,
+}
+
+fn statuspage_api_url() -> String {
+    "https://api.statuspage.io/v1".into()
+}
+
+/// Outbox delivery retries: exponential backoff with jitter, then a permanent failure that
+/// is recorded in the incident's timeline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Per-request timeout towards Slack, PagerDuty and Statuspage.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        NotificationSettings {
+            max_attempts: 12,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Guards that span all policies.
@@ -190,6 +283,9 @@ pub struct Resolved {
     pub listen: SocketAddr,
     /// Where the settings came from, for the start-up log.
     pub source: String,
+    pub slack_token: Option<SecretString>,
+    pub pagerduty_key: Option<SecretString>,
+    pub statuspage_key: Option<SecretString>,
 }
 
 impl Resolved {
@@ -334,6 +430,48 @@ fn resolve(
             ));
         }
     }
+    let slack_token = match &settings.slack {
+        Some(s) => Some(
+            secret(s.bot_token.clone(), s.bot_token_file.as_ref(), "slack.bot_token")?
+                .ok_or_else(|| ConfigError("slack.bot_token: set bot_token or bot_token_file (xoxb-...)".into()))?,
+        ),
+        None => None,
+    };
+    let pagerduty_key = match &settings.pagerduty {
+        Some(p) => secret(
+            p.routing_key.clone(),
+            p.routing_key_file.as_ref(),
+            "pagerduty.routing_key",
+        )?,
+        None => None,
+    };
+    let statuspage_key = match &settings.statuspage {
+        Some(s) => Some(
+            secret(s.api_key.clone(), s.api_key_file.as_ref(), "statuspage.api_key")?
+                .ok_or_else(|| ConfigError("statuspage.api_key: set api_key or api_key_file".into()))?,
+        ),
+        None => None,
+    };
+    for (key, url) in [
+        ("slack.api_url", settings.slack.as_ref().map(|s| s.api_url.as_str())),
+        (
+            "pagerduty.events_url",
+            settings.pagerduty.as_ref().map(|s| s.events_url.as_str()),
+        ),
+        (
+            "statuspage.api_url",
+            settings.statuspage.as_ref().map(|s| s.api_url.as_str()),
+        ),
+    ] {
+        if let Some(u) = url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(ConfigError(format!("{key}: must be an http(s) URL, got {u:?}")));
+            }
+        }
+    }
+    if settings.notifications.max_attempts == 0 {
+        return Err(ConfigError("notifications.max_attempts: at least 1".into()));
+    }
     let policies_dir = settings
         .policies_dir
         .clone()
@@ -349,6 +487,9 @@ fn resolve(
         webhook_basic,
         listen,
         source,
+        slack_token,
+        pagerduty_key,
+        statuspage_key,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod incident;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod responder;
 pub mod store;

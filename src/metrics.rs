@@ -26,6 +26,9 @@ pub struct Metrics {
     alert_to_action: Histogram,
     store_errors: Counter,
     frozen: Family<Labels, Gauge>,
+    outbox_depth: Family<Labels, Gauge>,
+    outbox_failures: Family<Labels, Counter>,
+    action_to_verified: Histogram,
 }
 
 impl Default for Metrics {
@@ -81,6 +84,24 @@ impl Metrics {
             "1 while automatic rollbacks are frozen, by scope",
             frozen.clone(),
         );
+        let outbox_depth = Family::<Labels, Gauge>::default();
+        registry.register(
+            "outbox_depth",
+            "Notifications waiting for delivery, by channel",
+            outbox_depth.clone(),
+        );
+        let outbox_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "outbox_delivery_failures",
+            "Failed notification delivery attempts, by channel",
+            outbox_failures.clone(),
+        );
+        let action_to_verified = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "action_to_verified_seconds",
+            "From the rollback's change to its verification",
+            action_to_verified.clone(),
+        );
         Metrics {
             registry,
             notifications,
@@ -92,6 +113,9 @@ impl Metrics {
             alert_to_action,
             store_errors,
             frozen,
+            outbox_depth,
+            outbox_failures,
+            action_to_verified,
         }
     }
 
@@ -135,6 +159,21 @@ impl Metrics {
     /// Current freeze state per scope.
     pub fn set_frozen(&self, scope: &str, on: bool) {
         self.frozen.get_or_create(&l(&[("scope", scope)])).set(i64::from(on));
+    }
+
+    /// Notifications waiting per channel.
+    pub fn set_outbox_depth(&self, channel: &str, n: i64) {
+        self.outbox_depth.get_or_create(&l(&[("channel", channel)])).set(n);
+    }
+
+    /// A failed delivery attempt.
+    pub fn outbox_failure(&self, channel: &str) {
+        self.outbox_failures.get_or_create(&l(&[("channel", channel)])).inc();
+    }
+
+    /// Time from a real change to its verification.
+    pub fn action_to_verified(&self, seconds: f64) {
+        self.action_to_verified.observe(seconds);
     }
 
     /// The text exposition.

@@ -17,6 +17,7 @@ use crate::action::{ActionReport, Executors, Target};
 use crate::alert::AlertStatus;
 use crate::incident::{should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase};
 use crate::metrics::Metrics;
+use crate::notify::{self, Change};
 use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
 use crate::store::{NewEvent, Store, StoreError, StoreTx, StoredAlert};
 
@@ -44,6 +45,10 @@ pub struct Responder {
     pub lease: Duration,
     pub metrics: Arc<Metrics>,
     pub wake: tokio::sync::Notify,
+    /// Which notification channels are configured, for new incidents' routes.
+    pub notify_defaults: notify::Defaults,
+    /// Wakes the outbox after a commit that queued messages.
+    pub outbox_wake: Arc<notify::outbox::Wake>,
 }
 
 /// Who made a change, for the audit trail.
@@ -69,7 +74,16 @@ impl Responder {
             lease,
             metrics,
             wake: tokio::sync::Notify::new(),
+            notify_defaults: notify::Defaults::default(),
+            outbox_wake: Arc::default(),
         }
+    }
+
+    /// Turns on notifications: which channels exist, and how to wake the outbox.
+    pub fn with_notifications(mut self, defaults: notify::Defaults, wake: Arc<notify::outbox::Wake>) -> Self {
+        self.notify_defaults = defaults;
+        self.outbox_wake = wake;
+        self
     }
 
     /// The policy set in force.
@@ -122,7 +136,7 @@ impl Responder {
                 AlertStatus::Resolved => self.on_resolved(&mut tx, &stored, now).await.map(|_| None),
             };
             match result {
-                Ok(work) => match tx.commit().await {
+                Ok(work) => match tx.commit().await.inspect(|_| self.outbox_wake.all()) {
                     Ok(()) => return Ok(work),
                     Err(e) if e.is_conflict() && attempt < 3 => continue,
                     Err(e) => return Err(e.into()),
@@ -194,11 +208,12 @@ impl Responder {
                 &inc,
                 "alert_joined",
                 SYSTEM,
-                summary,
+                summary.clone(),
                 json!({ "alert": stored.alert, "decision": d }),
                 now,
             )
             .await?;
+            self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
             let promotes = matches!(
                 (inc.phase, Phase::for_outcome(&d.outcome)),
                 (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing))
@@ -217,6 +232,24 @@ impl Responder {
 
         let Some(phase) = Phase::for_outcome(&d.outcome) else {
             return Ok(None);
+        };
+        let context = notify::Context {
+            labels: stored.alert.labels.clone(),
+            summary: stored.alert.annotations.get("summary").cloned(),
+            external_url: Some(stored.external_url.clone()).filter(|u| !u.is_empty()),
+            generator_url: Some(stored.alert.generator_url.clone()).filter(|u| !u.is_empty()),
+            runbook: p
+                .links
+                .runbook
+                .clone()
+                .or_else(|| stored.alert.annotations.get("runbook_url").cloned()),
+            dashboard: p
+                .links
+                .dashboard
+                .clone()
+                .or_else(|| stored.alert.annotations.get("dashboard").cloned()),
+            target: p.target.describe(),
+            routes: notify::Routes::resolve(p, &self.notify_defaults),
         };
         let inc = Incident {
             id: IncidentId::new(),
@@ -238,6 +271,7 @@ impl Responder {
             lease_until: None,
             version: 0,
             decision: d.clone(),
+            context: serde_json::to_value(&context).unwrap_or(Value::Null),
         };
         tx.insert_incident(&inc).await?;
         tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
@@ -261,6 +295,7 @@ impl Responder {
             },
         )
         .await?;
+        self.tell(tx, &inc, Change::Opened, now).await?;
         info!(incident = %inc.id, policy = %p.name, decision = d.outcome.label(), reason = %d.reason, "incident opened");
         Ok((phase == Phase::Executing).then_some(inc.id))
     }
@@ -272,16 +307,18 @@ impl Responder {
         let Some(mut inc) = tx.incident(id).await? else {
             return Ok(());
         };
+        let summary = format!("{} resolved", describe_alert(stored));
         Self::record(
             tx,
             &inc,
             "alert_resolved",
             "alertmanager",
-            format!("{} resolved", describe_alert(stored)),
+            summary.clone(),
             json!({ "ends_at": stored.alert.ended_at() }),
             now,
         )
         .await?;
+        self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
         if tx.firing_alerts(&inc.id).await? == 0 {
             self.apply(
                 tx,
@@ -382,7 +419,10 @@ impl Responder {
             } else {
                 e.into()
             }
-        })
+        })?;
+        // Messages queued by this change can go out now.
+        self.outbox_wake.all();
+        Ok(())
     }
 
     /// Runs an incident's action and verification, if this replica can claim it.
@@ -404,21 +444,24 @@ impl Responder {
             let dry_run = matches!(inc.decision.outcome, Outcome::Suppressed(Suppression::DryRun { .. }));
             let now = Utc::now();
             let mut tx = self.store.begin().await?;
+            let started = format!(
+                "{}: {}",
+                if dry_run { "dry run" } else { "rolling back" },
+                target.describe()
+            );
             Self::record(
                 &mut tx,
                 &inc,
                 "action_started",
                 &self.replica,
-                format!(
-                    "{}: {}",
-                    if dry_run { "dry run" } else { "rolling back" },
-                    target.describe()
-                ),
+                started.clone(),
                 json!({ "dry_run": dry_run }),
                 now,
             )
             .await?;
-            tx.commit().await?;
+            self.tell(&mut tx, &inc, Change::Note { summary: &started }, now)
+                .await?;
+            self.commit(tx, &inc).await?;
 
             let started = Instant::now();
             let (result, steps) = self.with_lease(id, self.executors.execute(&target, dry_run)).await;
@@ -564,6 +607,19 @@ impl Responder {
         } else {
             detail
         };
+        self.tell(
+            tx,
+            inc,
+            Change::Phase {
+                from,
+                to: next,
+                summary: &summary,
+                actor,
+                detail: &detail,
+            },
+            now,
+        )
+        .await?;
         tx.append_event(
             &inc.id,
             now,
@@ -626,6 +682,23 @@ impl Responder {
             now,
         )
         .await?;
+        self.tell(tx, inc, Change::Closed, now).await?;
+        Ok(())
+    }
+
+    /// Queues what people must hear about a change, in the change's own transaction.
+    async fn tell(
+        &self,
+        tx: &mut StoreTx,
+        inc: &Incident,
+        change: Change<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let ctx: notify::Context = serde_json::from_value(inc.context.clone()).unwrap_or_default();
+        for msg in notify::plan(inc, &ctx, &change) {
+            let payload = serde_json::to_string(&msg).unwrap_or_default();
+            tx.enqueue(&inc.id, msg.channel().as_str(), &payload, now).await?;
+        }
         Ok(())
     }
 }

@@ -251,6 +251,8 @@ pub struct Incident {
     pub owner: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
     pub version: i64,
+    /// The first alert's links and the notification routes, fixed when the incident opened.
+    pub context: serde_json::Value,
 }
 
 impl Incident {

@@ -147,6 +147,8 @@ pub async fn spawn_app(opts: Options) -> TestApp {
 }
 
 async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp {
+    // Logs go to stderr: `cargo test -- --nocapture` with RUST_LOG=debug shows the service's.
+    rollback_responder::telemetry::init(rollback_responder::config::LogFormat::Text, "warn");
     let policies: PathBuf = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     for (name, text) in &opts.policies {
@@ -203,8 +205,10 @@ impl TestApp {
 
     pub async fn get_json(&self, path: &str) -> Value {
         let r = self.http.get(self.url(path)).send().await.unwrap();
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        r.json().await.unwrap()
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "GET {path}: {status} {body}");
+        body
     }
 
     pub async fn incidents(&self) -> Vec<Value> {

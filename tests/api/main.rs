@@ -6,6 +6,7 @@ mod alb;
 mod alertmanager;
 mod helpers;
 mod lifecycle;
+mod notify;
 
 mod peers;
 #[path = "../support/mod.rs"]

@@ -1,0 +1,167 @@
+//! PagerDuty Events API v2: a trigger when an incident opens (one dedup_key per incident),
+//! acknowledge while a rollback is under way, resolve when the incident closes, a change event
+//! when a rollback is executed, and a separate high-severity trigger when a rollback fails or
+//! does not verify, so the on-call is paged even if the first alert was acknowledged.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+
+use super::{
+    classify_status, entered, headline, is_escalation, transport_error, Change, Context, DeliveryError, Message,
+    PagerDutyRoute, Refs,
+};
+use crate::incident::{Incident, Phase};
+
+/// The dedup key of an incident's alert (stable across restarts and replicas).
+pub fn dedup_key(inc: &Incident) -> String {
+    format!("rollback-responder/{}", inc.id)
+}
+
+fn links(ctx: &Context) -> Value {
+    let mut l = Vec::new();
+    for (url, text) in [
+        (&ctx.external_url, "Alertmanager"),
+        (&ctx.runbook, "Runbook"),
+        (&ctx.dashboard, "Dashboard"),
+    ] {
+        if let Some(u) = url.as_ref().filter(|u| !u.is_empty()) {
+            l.push(json!({ "href": u, "text": text }));
+        }
+    }
+    Value::Array(l)
+}
+
+fn event(route: &PagerDutyRoute, body: Value) -> Message {
+    Message::PagerDuty {
+        path: "/v2/enqueue".into(),
+        routing_key: route.routing_key.clone(),
+        body,
+    }
+}
+
+fn trigger(
+    inc: &Incident,
+    ctx: &Context,
+    route: &PagerDutyRoute,
+    key: String,
+    severity: &str,
+    summary: String,
+) -> Message {
+    event(
+        route,
+        json!({
+            "event_action": "trigger",
+            "dedup_key": key,
+            "payload": {
+                "summary": summary.chars().take(1024).collect::<String>(),
+                "source": "rollback-responder",
+                "severity": severity,
+                "timestamp": inc.opened_at.to_rfc3339(),
+                "component": inc.service,
+                "group": inc.policy,
+                "class": inc.alertname,
+                "custom_details": {
+                    "incident": inc.id, "phase": inc.phase, "decision": inc.decision.outcome.label(),
+                    "reason": inc.decision.reason, "target": ctx.target, "labels": ctx.labels,
+                },
+            },
+            "links": links(ctx),
+            "client": "rollback-responder",
+        }),
+    )
+}
+
+/// PagerDuty events for a change.
+pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRoute) -> Vec<Message> {
+    let severity = serde_json::to_value(route.severity)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or("critical".into());
+    let simple = |action: &str| event(route, json!({ "event_action": action, "dedup_key": dedup_key(inc) }));
+    let mut out = Vec::new();
+    if let Change::Opened = change {
+        out.push(trigger(
+            inc,
+            ctx,
+            route,
+            dedup_key(inc),
+            &severity,
+            format!(
+                "{}: {} ({})",
+                headline(inc, ctx),
+                inc.decision.outcome.label(),
+                inc.decision.reason
+            ),
+        ));
+    }
+    let entered = entered(inc, change);
+    // A rollback under way is somebody (us) working on it.
+    if entered == Some(Phase::Executing) {
+        out.push(simple("acknowledge"));
+    }
+    if let Change::Phase {
+        from: Phase::Executing,
+        to,
+        summary,
+        actor,
+        detail,
+    } = change
+    {
+        if *to != Phase::Executing && inc.executed() {
+            out.push(Message::PagerDuty {
+                path: "/v2/change/enqueue".into(),
+                routing_key: route.routing_key.clone(),
+                body: json!({
+                    "payload": {
+                        "summary": format!("Rollback executed by rollback-responder: {}", ctx.target).chars().take(1024).collect::<String>(),
+                        "source": "rollback-responder",
+                        "timestamp": inc.acted_at.unwrap_or(inc.updated_at).to_rfc3339(),
+                        "custom_details": { "incident": inc.id, "policy": inc.policy, "by": actor, "summary": summary, "detail": detail },
+                    },
+                    "links": links(ctx),
+                }),
+            });
+        }
+    }
+    if let (Some(to), Change::Phase { summary, .. }) = (entered, change) {
+        if is_escalation(to) {
+            out.push(trigger(
+                inc,
+                ctx,
+                route,
+                format!("{}/escalation", dedup_key(inc)),
+                "critical",
+                format!("ROLLBACK NEEDS A HUMAN: {} is {to}: {summary}", headline(inc, ctx)),
+            ));
+        }
+    }
+    if let Change::Closed = change {
+        out.push(simple("resolve"));
+    }
+    out
+}
+
+/// Sends one event; 202 is success, 400 permanent, 429 and 5xx retried.
+pub async fn deliver(
+    http: &reqwest::Client,
+    base: &str,
+    key: &SecretString,
+    path: &str,
+    body: &Value,
+) -> Result<Refs, DeliveryError> {
+    let mut body = body.clone();
+    body["routing_key"] = Value::String(key.expose_secret().to_string());
+    let resp = http
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    if status.is_success() {
+        return Ok(vec![]);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(classify_status(status, retry_after.as_ref(), &text))
+}

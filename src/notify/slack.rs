@@ -1,0 +1,268 @@
+//! Slack: one message per incident in the policy's channel, updated in place as the phase
+//! changes, and a thread reply for every step. Incidents awaiting approval carry Approve and
+//! Deny buttons whose value is the incident id. Block Kit is built with slack-morphism's
+//! types; the Web API is called with reqwest (slack-morphism has no reqwest connector).
+
+use std::collections::BTreeMap;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use slack_morphism::prelude::*;
+
+use super::{
+    classify_status, headline, is_dry_run, is_escalation, transport_error, Change, Context, DeliveryError, Message,
+    Refs,
+};
+use crate::incident::{Incident, Phase};
+
+/// Button action ids; the approval handler matches on them.
+pub const APPROVE_ACTION: &str = "rollback_approve";
+pub const DENY_ACTION: &str = "rollback_deny";
+
+fn emoji(p: Phase) -> &'static str {
+    match p {
+        Phase::Waiting => ":hourglass_flowing_sand:",
+        Phase::AwaitingApproval => ":raised_hand:",
+        Phase::Executing => ":rewind:",
+        Phase::Verifying => ":mag:",
+        Phase::Verified => ":white_check_mark:",
+        Phase::DryRun => ":test_tube:",
+        Phase::Suppressed => ":no_bell:",
+        Phase::Cancelled => ":heavy_minus_sign:",
+        Phase::Denied | Phase::GaveUp => ":no_entry_sign:",
+        Phase::Failed | Phase::VerificationFailed | Phase::Escalated => ":rotating_light:",
+    }
+}
+
+fn link(url: &Option<String>, text: &str) -> Option<String> {
+    url.as_ref().filter(|u| !u.is_empty()).map(|u| format!("<{u}|{text}>"))
+}
+
+/// The incident message: what fired, which policy decided what and why, the target, links.
+pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
+    let dry = if is_dry_run(inc) {
+        " (DRY RUN: nothing is changed)"
+    } else {
+        ""
+    };
+    let title = headline(inc, ctx);
+    let text = format!("{} Rollback {}: {title}{dry}", emoji(inc.phase), inc.phase);
+    let mut body = format!(
+        "*Phase:* `{}`{dry}\n*Decision:* {} ({})\n*Policy:* `{}` (trigger `{}`)\n*Target:* {}",
+        inc.phase,
+        inc.decision.outcome.label(),
+        inc.decision.reason,
+        inc.policy,
+        inc.trigger.as_deref().unwrap_or("-"),
+        ctx.target,
+    );
+    if let Some(s) = &ctx.summary {
+        body.push_str(&format!("\n*Alert:* {s}"));
+    }
+    if inc.executed() {
+        body.push_str("\n*Executed:* yes, the target was changed");
+    }
+    let mut blocks: Vec<SlackBlock> = vec![
+        SlackHeaderBlock::new(pt!(format!("{} {title}", emoji(inc.phase))
+            .chars()
+            .take(150)
+            .collect::<String>()))
+        .into(),
+        SlackSectionBlock::new().with_text(md!(body)).into(),
+    ];
+    if inc.phase == Phase::AwaitingApproval {
+        let id = inc.id.0.clone();
+        let confirm = SlackBlockConfirmItem::new(
+            pt!("Roll back?"),
+            pt!(format!("Revert {}?", ctx.target)),
+            pt!("Roll back"),
+            pt!("Cancel"),
+        );
+        blocks.push(
+            SlackActionsBlock::new(vec![
+                SlackBlockButtonElement::new(pt!("Approve rollback"))
+                    .with_action_id(SlackActionId(APPROVE_ACTION.into()))
+                    .with_value(id.clone())
+                    .with_style(SlackBlockButtonStyle::Primary)
+                    .with_confirm(confirm)
+                    .into(),
+                SlackBlockButtonElement::new(pt!("Deny"))
+                    .with_action_id(SlackActionId(DENY_ACTION.into()))
+                    .with_value(id)
+                    .with_style(SlackBlockButtonStyle::Danger)
+                    .into(),
+            ])
+            .into(),
+        );
+    }
+    let links: Vec<String> = [
+        Some(format!("Incident `{}`", inc.id)),
+        link(&ctx.external_url, "Alertmanager"),
+        link(&ctx.generator_url, "Prometheus"),
+        link(&ctx.runbook, "Runbook"),
+        link(&ctx.dashboard, "Dashboard"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    blocks.push(
+        SlackContextBlock::new(vec![SlackContextBlockElement::MarkDown(SlackBlockMarkDownText::new(
+            links.join(" · "),
+        ))])
+        .into(),
+    );
+    (text, serde_json::to_value(blocks).unwrap_or(Value::Null))
+}
+
+/// Slack messages for a change.
+pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Vec<Message> {
+    let root_msg = || {
+        let (text, blocks) = root(inc, ctx);
+        Message::SlackRoot {
+            channel: channel.to_string(),
+            text,
+            blocks,
+        }
+    };
+    let reply = |text: String| Message::SlackReply {
+        channel: channel.to_string(),
+        text,
+    };
+    match change {
+        Change::Opened => vec![
+            root_msg(),
+            reply(format!(
+                "*Decision:* `{}`: {}",
+                inc.decision.outcome.label(),
+                inc.decision.reason
+            )),
+        ],
+        Change::Phase {
+            from,
+            to,
+            summary,
+            actor,
+            ..
+        } => {
+            let mention = match (&ctx.routes.escalation_mention, is_escalation(*to)) {
+                (Some(m), true) => format!("{m} "),
+                _ => String::new(),
+            };
+            let line = if from == to {
+                format!("{summary} ({actor})")
+            } else {
+                format!("{mention}{} `{from}` → `{to}`: {summary} ({actor})", emoji(*to))
+            };
+            if from == to {
+                vec![reply(line)]
+            } else {
+                vec![root_msg(), reply(line)]
+            }
+        }
+        Change::Note { summary } => vec![reply(summary.to_string())],
+        Change::Closed => vec![root_msg(), reply(format!("Incident closed in phase `{}`.", inc.phase))],
+    }
+}
+
+/// Slack `ok:false` errors worth retrying; everything else will fail the same way again.
+fn retryable_error(code: &str) -> bool {
+    matches!(
+        code,
+        "ratelimited" | "rate_limited" | "internal_error" | "fatal_error" | "service_unavailable" | "request_timeout"
+    )
+}
+
+/// Posts or updates through the Web API.
+pub async fn deliver(
+    http: &reqwest::Client,
+    api: &str,
+    token: &SecretString,
+    msg: &Message,
+    refs: &BTreeMap<String, String>,
+) -> Result<Refs, DeliveryError> {
+    let (method, body) = match msg {
+        Message::SlackRoot { channel, text, blocks } => match (refs.get("channel"), refs.get("ts")) {
+            (Some(c), Some(ts)) => (
+                "chat.update",
+                json!({ "channel": c, "ts": ts, "text": text, "blocks": blocks }),
+            ),
+            _ => (
+                "chat.postMessage",
+                json!({ "channel": channel, "text": text, "blocks": blocks, "unfurl_links": false }),
+            ),
+        },
+        Message::SlackReply { channel, text } => {
+            let c = refs.get("channel").cloned().unwrap_or_else(|| channel.clone());
+            match refs.get("ts") {
+                Some(ts) => (
+                    "chat.postMessage",
+                    json!({ "channel": c, "text": text, "thread_ts": ts, "unfurl_links": false }),
+                ),
+                // The incident message never made it: say it on the channel rather than not at all.
+                None => (
+                    "chat.postMessage",
+                    json!({ "channel": c, "text": text, "unfurl_links": false }),
+                ),
+            }
+        }
+        _ => {
+            return Err(DeliveryError::Permanent {
+                reason: "not a Slack message".into(),
+            })
+        }
+    };
+    let resp = http
+        .post(format!("{api}/{method}"))
+        .bearer_auth(token.expose_secret())
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let text = resp.text().await.map_err(transport_error)?;
+    if !status.is_success() {
+        return Err(classify_status(status, retry_after.as_ref(), &text));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|_| DeliveryError::Retry {
+        reason: format!("Slack answered non-JSON: {text:.200}"),
+        after: None,
+    })?;
+    if v["ok"].as_bool() != Some(true) {
+        let code = v["error"].as_str().unwrap_or("unknown_error").to_string();
+        return Err(if retryable_error(&code) {
+            DeliveryError::Retry {
+                reason: format!("Slack {method}: {code}"),
+                after: None,
+            }
+        } else {
+            DeliveryError::Permanent {
+                reason: format!("Slack {method}: {code}"),
+            }
+        });
+    }
+    // Only the incident's first post creates the handles the thread and updates hang off.
+    if matches!(msg, Message::SlackRoot { .. }) && method == "chat.postMessage" {
+        let channel = v["channel"].as_str().unwrap_or_default().to_string();
+        let ts = v["ts"].as_str().unwrap_or_default().to_string();
+        if !channel.is_empty() && !ts.is_empty() {
+            return Ok(vec![("channel".into(), channel), ("ts".into(), ts)]);
+        }
+    }
+    Ok(vec![])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_slack_errors() {
+        assert!(retryable_error("ratelimited"));
+        assert!(retryable_error("internal_error"));
+        assert!(!retryable_error("channel_not_found"));
+        assert!(!retryable_error("invalid_auth"));
+        assert!(!retryable_error("not_in_channel"));
+    }
+}
