@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::action::alb::AlbExecutor;
+use crate::action::kubernetes::KubeExecutor;
 use crate::action::Executors;
 use crate::config::Resolved;
 use crate::http::{router, AppState};
@@ -71,6 +72,16 @@ impl Application {
                 match &cfg.settings.aws {
                     Some(aws) => e.alb = Some(AlbExecutor::from_settings(aws).await),
                     None => warn!("no aws settings: ALB rollbacks will be recorded but not executed"),
+                }
+                match &cfg.settings.kubernetes {
+                    Some(k) => {
+                        e.kube = Some(
+                            KubeExecutor::from_settings(k)
+                                .await
+                                .context("building the Kubernetes client (kubernetes.*)")?,
+                        )
+                    }
+                    None => warn!("no kubernetes settings: Kubernetes rollbacks will be recorded but not executed"),
                 }
                 e
             }

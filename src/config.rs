@@ -34,6 +34,8 @@ pub struct Settings {
     pub safety: SafetySettings,
     /// AWS access for ALB targets; absent means ALB rollbacks are recorded, not executed.
     pub aws: Option<crate::action::alb::AwsSettings>,
+    /// Kubernetes access for Kubernetes targets; absent means those rollbacks are recorded only.
+    pub kubernetes: Option<crate::action::kubernetes::KubeSettings>,
     /// Slack: incident messages and threads; absent means nothing is posted.
     pub slack: Option<SlackSettings>,
     /// PagerDuty Events API v2; absent means nobody is paged by the responder.
@@ -42,6 +44,8 @@ pub struct Settings {
     pub statuspage: Option<StatuspageSettings>,
     /// Delivery retries of the notification outbox.
     pub notifications: NotificationSettings,
+    /// Where verification queries go.
+    pub verification: VerificationSettings,
     pub workers: WorkerSettings,
     pub log: LogSettings,
 }
@@ -192,6 +196,14 @@ impl Default for NotificationSettings {
             timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Verification after a rollback.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationSettings {
+    /// Prometheus base URL for the policies' `verification.prometheus` queries.
+    pub prometheus_url: Option<String>,
 }
 
 /// Guards that span all policies.

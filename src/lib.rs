@@ -24,4 +24,5 @@ pub mod responder;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod verify;
 pub mod worker;

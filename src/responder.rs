@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
 use crate::store::{NewEvent, Store, StoreError, StoreTx, StoredAlert};
+use crate::verify;
 
 /// Why a step could not complete; the loops log it and retry on the next tick.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,10 @@ pub struct Responder {
     pub notify_defaults: notify::Defaults,
     /// Wakes the outbox after a commit that queued messages.
     pub outbox_wake: Arc<notify::outbox::Wake>,
+    /// HTTP client for health probes and Prometheus queries.
+    pub http: reqwest::Client,
+    /// Prometheus base URL for verification queries.
+    pub prometheus_url: Option<String>,
 }
 
 /// Who made a change, for the audit trail.
@@ -76,6 +81,8 @@ impl Responder {
             wake: tokio::sync::Notify::new(),
             notify_defaults: notify::Defaults::default(),
             outbox_wake: Arc::default(),
+            http: reqwest::Client::new(),
+            prometheus_url: None,
         }
     }
 
@@ -83,6 +90,12 @@ impl Responder {
     pub fn with_notifications(mut self, defaults: notify::Defaults, wake: Arc<notify::outbox::Wake>) -> Self {
         self.notify_defaults = defaults;
         self.outbox_wake = wake;
+        self
+    }
+
+    /// Where verification queries go.
+    pub fn with_prometheus(mut self, url: Option<String>) -> Self {
+        self.prometheus_url = url;
         self
     }
 
@@ -249,6 +262,7 @@ impl Responder {
                 .clone()
                 .or_else(|| stored.alert.annotations.get("dashboard").cloned()),
             target: p.target.describe(),
+            verification: p.verification.clone(),
             routes: notify::Routes::resolve(p, &self.notify_defaults),
         };
         let inc = Incident {
@@ -530,25 +544,100 @@ impl Responder {
             self.commit(tx, &inc).await?;
         }
         if inc.phase == Phase::Verifying {
-            let now = Utc::now();
-            let mut tx = self.store.begin().await?;
-            // The executor's read-back already proved the write took (it fails the action
-            // otherwise); probes, queries and waiting for resolution are not built yet.
-            inc.verified_at = Some(now);
-            self.apply(
+            self.verify(&mut inc).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs every verification check of the incident's policy within its bake period and
+    /// settles the incident as verified or verification failed (which escalates).
+    async fn verify(&self, inc: &mut Incident) -> Result<(), StepError> {
+        let target: Target =
+            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+        let ctx: notify::Context = serde_json::from_value(inc.context.clone()).unwrap_or_default();
+        let id = inc.id.clone();
+        let store = self.store.clone();
+        let resolved = || {
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.firing_alert_count(&id).await.map(|n| n == 0).unwrap_or(false) }
+        };
+        let checks = self
+            .with_lease(
+                &inc.id,
+                verify::check(
+                    &ctx.verification,
+                    &target,
+                    &self.executors,
+                    &self.http,
+                    self.prometheus_url.as_deref(),
+                    resolved,
+                ),
+            )
+            .await;
+        let now = Utc::now();
+        let mut tx = self.store.begin().await?;
+        let Some(fresh) = tx.incident(&id).await? else {
+            return Ok(());
+        };
+        *inc = fresh;
+        for c in &checks {
+            let summary = format!(
+                "check {}: {} in {} ms: {}",
+                c.check,
+                if c.passed { "passed" } else { "FAILED" },
+                c.took_ms,
+                c.detail
+            );
+            Self::record(
                 &mut tx,
-                &mut inc,
-                Event::VerificationPassed,
+                inc,
+                "verification_check",
                 &self.replica,
-                "verified by the executor's read-back (health probe, Prometheus query and alert-resolution checks are not implemented in this version)".into(),
-                json!({ "checks": [{ "check": "read_back", "passed": true }] }),
+                summary,
+                serde_json::to_value(c).unwrap_or_default(),
                 now,
             )
             .await?;
-            self.close_if_done(&mut tx, &mut inc, now).await?;
-            self.commit(tx, &inc).await?;
         }
-        Ok(())
+        let failed: Vec<&str> = checks.iter().filter(|c| !c.passed).map(|c| c.check).collect();
+        let detail = json!({ "checks": checks });
+        if failed.is_empty() {
+            inc.verified_at = Some(now);
+            if let Some(acted) = inc.acted_at {
+                self.metrics
+                    .action_to_verified((now - acted).num_milliseconds() as f64 / 1000.0);
+            }
+            let names: Vec<&str> = checks.iter().map(|c| c.check).collect();
+            let summary = format!("verified: {} passed", names.join(", "));
+            self.apply(
+                &mut tx,
+                inc,
+                Event::VerificationPassed,
+                &self.replica,
+                summary,
+                detail,
+                now,
+            )
+            .await?;
+        } else {
+            warn!(checks = ?failed, "verification failed; escalating, no second rollback");
+            let summary = format!(
+                "verification failed ({}): the rollback did not help; no further automatic rollback of this target, a human must act",
+                failed.join(", ")
+            );
+            self.apply(
+                &mut tx,
+                inc,
+                Event::VerificationFailed,
+                &self.replica,
+                summary,
+                detail,
+                now,
+            )
+            .await?;
+        }
+        self.close_if_done(&mut tx, inc, now).await?;
+        self.commit(tx, inc).await
     }
 
     /// Runs `fut` while renewing this replica's lease on the incident, so a long action

@@ -563,9 +563,9 @@ fn prepare_for_write(mut a: Action) -> Action {
 /// stickiness (per `t.stickiness`) change. Other groups stay listed so the revert is visible.
 pub fn plan_revert(current: &[Action], t: &AlbTarget, stable_percent: u8) -> Result<Vec<Action>, AlbError> {
     if stable_percent == 0 || stable_percent > 100 {
-        return Err(AlbError::InvalidTarget(format!(
-            "stable percentage {stable_percent} is out of range 1..=100"
-        )));
+        return Err(AlbError::InvalidTarget {
+            message: format!("stable percentage {stable_percent} is out of range 1..=100"),
+        });
     }
     let forward_positions: Vec<usize> = current
         .iter()
@@ -773,8 +773,11 @@ pub enum AlbError {
         targets: Vec<TargetHealthSeen>,
     },
     /// The target definition is unusable (bad ARN, default rule, ...).
-    #[error("invalid ALB target: {0}")]
-    InvalidTarget(String),
+    #[error("invalid ALB target: {message}")]
+    InvalidTarget {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// The action list has no forward action, so there is no traffic split to revert.
     #[error("no forward action to revert (action types: {action_types:?})")]
     NoForwardAction {
@@ -902,7 +905,7 @@ impl AlbError {
         match self {
             AlbError::NotFound { code, .. } | AlbError::Aws { code, .. } => code,
             AlbError::PreCheckFailed { .. } => "PreCheckFailed",
-            AlbError::InvalidTarget(_) => "InvalidTarget",
+            AlbError::InvalidTarget { .. } => "InvalidTarget",
             AlbError::NoForwardAction { .. } => "NoForwardAction",
             AlbError::MultipleForwardActions { .. } => "MultipleForwardActions",
             AlbError::StableGroupNotInForward { .. } => "StableGroupNotInForward",
@@ -1040,7 +1043,7 @@ impl AlbExecutor {
         dry_run: bool,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
     ) -> Result<AlbOutcome, AlbError> {
-        t.validate().map_err(AlbError::InvalidTarget)?;
+        t.validate().map_err(|message| AlbError::InvalidTarget { message })?;
         let kind = t.resource_kind();
         let resource = t.resource_arn();
         let stable = t.stable_target_group_arn.as_str();
@@ -1173,10 +1176,12 @@ impl AlbExecutor {
                         message: format!("rule {rule_arn} not returned by DescribeRules"),
                     })?;
                 if rule.is_default() == Some(true) {
-                    return Err(AlbError::InvalidTarget(format!(
-                        "rule_arn {rule_arn} is the listener's default rule, which ModifyRule cannot change: \
+                    return Err(AlbError::InvalidTarget {
+                        message: format!(
+                            "rule_arn {rule_arn} is the listener's default rule, which ModifyRule cannot change: \
                          remove rule_arn to revert the listener's default action"
-                    )));
+                        ),
+                    });
                 }
                 Ok(rule.actions().to_vec())
             }
@@ -1502,11 +1507,11 @@ mod tests {
         }
         assert!(matches!(
             plan_revert(&[weighted(&[(STABLE, 1)], None)], &target(), 0),
-            Err(AlbError::InvalidTarget(_))
+            Err(AlbError::InvalidTarget { .. })
         ));
         assert!(matches!(
             plan_revert(&[weighted(&[(STABLE, 1)], None)], &target(), 101),
-            Err(AlbError::InvalidTarget(_))
+            Err(AlbError::InvalidTarget { .. })
         ));
     }
 
@@ -1688,7 +1693,7 @@ mod tests {
         assert_eq!(e.code(), "Throttling");
         let e = AlbError::from_code("AccessDenied", "no", Some(403));
         assert!(!e.is_retryable());
-        assert_eq!(AlbError::InvalidTarget("x".into()).code(), "InvalidTarget");
+        assert_eq!(AlbError::InvalidTarget { message: "x".into() }.code(), "InvalidTarget");
     }
 
     #[test]

@@ -144,22 +144,98 @@ pub type Steps = Vec<serde_json::Value>;
 #[derive(Clone, Default)]
 pub struct Executors {
     pub alb: Option<alb::AlbExecutor>,
+    pub kube: Option<kubernetes::KubeExecutor>,
 }
 
 impl Executors {
     /// Carries out (or, dry run, only describes) the revert of `target`. Returns every step
     /// taken alongside the result, whether it succeeded or not.
     pub async fn execute(&self, target: &Target, dry_run: bool) -> (Result<ActionReport, ActionError>, Steps) {
-        match (target, &self.alb) {
-            (Target::Alb(t), Some(exec)) => {
-                let mut steps: Steps = Vec::new();
+        let mut steps: Steps = Vec::new();
+        let result = match (target, &self.alb, &self.kube) {
+            (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| steps.push(serde_json::to_value(&s).unwrap_or_default());
-                let result = exec.revert(t, dry_run, &mut record).await;
-                (alb_report(t, result), steps)
+                alb_report(t, exec.revert(t, dry_run, &mut record).await)
             }
-            _ => (Ok(not_configured(target, dry_run)), Vec::new()),
+            (Target::Kubernetes(t), _, Some(exec)) => {
+                let mut record =
+                    |s: kubernetes::KubeStepRecord| steps.push(serde_json::to_value(&s).unwrap_or_default());
+                kube_report(t, exec.revert(t, dry_run, &mut record).await)
+            }
+            _ => Ok(not_configured(target, dry_run)),
+        };
+        (result, steps)
+    }
+
+    /// The executor's own check that the revert took, beyond its read-back: for Kubernetes,
+    /// ready endpoints behind each switched Service and every undone Deployment's rollout
+    /// complete within the policy's timeout. The ALB read-back happens inside the revert.
+    pub async fn verify(&self, target: &Target) -> (Result<String, ActionError>, Steps) {
+        match (target, &self.kube) {
+            (Target::Kubernetes(t), Some(exec)) => {
+                let mut steps: Steps = Vec::new();
+                let mut record =
+                    |s: kubernetes::KubeStepRecord| steps.push(serde_json::to_value(&s).unwrap_or_default());
+                let result = exec.verify(t, &mut record).await.map(|()| {
+                    "Kubernetes: the switched Services have ready endpoints and undone rollouts completed".to_string()
+                });
+                (result.map_err(|e| kube_error(&e)), steps)
+            }
+            (Target::Alb(_), _) => (Ok("ALB: weights read back as written".to_string()), Vec::new()),
+            (Target::Kubernetes(_), None) => (Ok("Kubernetes: not configured, nothing to verify".into()), Vec::new()),
         }
     }
+}
+
+fn kube_error(e: &kubernetes::KubeError) -> ActionError {
+    let detail = serde_json::to_value(e).unwrap_or_default();
+    let message = format!("{e} (code {})", e.code());
+    if e.is_precheck() {
+        ActionError::PreCheck { message, detail }
+    } else {
+        ActionError::Failed { message, detail }
+    }
+}
+
+fn kube_report(
+    t: &KubernetesTarget,
+    result: Result<kubernetes::KubeOutcome, kubernetes::KubeError>,
+) -> Result<ActionReport, ActionError> {
+    let outcome = result.map_err(|e| kube_error(&e))?;
+    let steps: Vec<String> = outcome
+        .steps
+        .iter()
+        .map(|s| {
+            let what = match serde_json::to_value(&s.result)
+                .ok()
+                .and_then(|v| v.get("result").and_then(|r| r.as_str().map(str::to_string)))
+            {
+                Some(r) => r.replace('_', " "),
+                None => "done".into(),
+            };
+            format!(
+                "{}: {what}",
+                Target::Kubernetes(KubernetesTarget {
+                    steps: vec![s.step.clone()],
+                    ..t.clone()
+                })
+                .describe()
+            )
+        })
+        .collect();
+    let summary = if outcome.dry_run {
+        format!("dry run, nothing written (server-side dry run): {}", steps.join("; "))
+    } else if outcome.changed {
+        format!("reverted: {}", steps.join("; "))
+    } else {
+        format!("already reverted, nothing written: {}", steps.join("; "))
+    };
+    Ok(ActionReport {
+        changed: outcome.changed,
+        dry_run: outcome.dry_run,
+        summary,
+        detail: serde_json::to_value(&outcome).unwrap_or_default(),
+    })
 }
 
 fn not_configured(target: &Target, dry_run: bool) -> ActionReport {

@@ -84,6 +84,9 @@ pub struct Context {
     pub dashboard: Option<String>,
     pub target: String,
     pub routes: Routes,
+    /// How to prove the rollback worked, as the policy said when the incident opened.
+    #[serde(default)]
+    pub verification: crate::policy::Verification,
 }
 
 /// Which channels are configured on this responder, and their defaults.

@@ -345,6 +345,17 @@ impl Store {
         rows.iter().map(alert_from_row).collect()
     }
 
+    /// How many alerts of an incident still fire (outside any transaction).
+    pub async fn firing_alert_count(&self, id: &IncidentId) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")
+                .bind(&id.0)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?,
+        )
+    }
+
     /// Alert counts by processing state, for readiness details and tests.
     pub async fn alert_count(&self) -> Result<i64> {
         Ok(sqlx::query("SELECT COUNT(*) FROM alerts")

@@ -310,7 +310,7 @@ async fn default_rule_is_refused() {
     let original = fx.listener_actions().await;
     let (result, steps) = revert(&fx.executor(), &t, false).await;
     match result {
-        Err(AlbError::InvalidTarget(msg)) => assert!(msg.contains("default rule"), "{msg}"),
+        Err(AlbError::InvalidTarget { message: msg }) => assert!(msg.contains("default rule"), "{msg}"),
         other => panic!("expected InvalidTarget, got {other:?}"),
     }
     assert_eq!(wrote(&steps), 0);

@@ -83,6 +83,7 @@ async fn high_error_rate_from_alertmanager_reverts_the_listener_in_moto() {
         policies: vec![("portal-api.yaml", alb_policy(&fx))],
         executors: Some(Executors {
             alb: Some(fx.executor()),
+            ..Default::default()
         }),
         ..Options::default()
     };

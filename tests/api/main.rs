@@ -5,10 +5,12 @@
 mod alb;
 mod alertmanager;
 mod helpers;
+mod kube_fake;
+mod kube_mock;
 mod lifecycle;
 mod notify;
-
 mod peers;
+mod rbac;
 #[path = "../support/mod.rs"]
 mod support;
 mod webhook;

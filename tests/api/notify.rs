@@ -166,6 +166,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         env: peers.env(),
         executors: Some(Executors {
             alb: Some(fx.executor()),
+            ..Default::default()
         }),
         ..Options::default()
     })
@@ -339,6 +340,7 @@ async fn a_manual_incident_carries_approve_and_deny_buttons() {
         env: peers.env(),
         executors: Some(Executors {
             alb: Some(fx.executor()),
+            ..Default::default()
         }),
         ..Options::default()
     })
@@ -414,6 +416,7 @@ async fn a_slack_outage_never_delays_the_rollback_and_messages_arrive_once_after
         env: vars,
         executors: Some(Executors {
             alb: Some(fx.executor()),
+            ..Default::default()
         }),
         ..Options::default()
     })
@@ -497,6 +500,7 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
         env: first_env,
         executors: Some(Executors {
             alb: Some(fx.executor()),
+            ..Default::default()
         }),
         ..Options::default()
     })
@@ -531,6 +535,7 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             env: second_env,
             executors: Some(Executors {
                 alb: Some(fx.executor()),
+                ..Default::default()
             }),
             ..Options::default()
         })

@@ -4,4 +4,5 @@
 
 pub mod alb_fixture;
 pub mod fake_elb;
+pub mod fake_kube;
 pub mod moto;

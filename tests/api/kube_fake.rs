@@ -1,0 +1,732 @@
+//! The Kubernetes executor end to end against the fake API server in `support::fake_kube`
+//! (a real kube client over plain HTTP on loopback): the seed's rollback commands, rollout
+//! undo, pre-checks, crash-safe re-runs, dry runs, conflicts, RBAC errors and verification.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::fake_kube::{deployment, endpointslice, pod, replicaset, service, template, FakeKube};
+use rollback_responder::action::kubernetes::{
+    KubeError, KubeExecutor, KubeSettings, KubeStep, KubeStepRecord, KubernetesTarget, ObjectState, StepResult,
+    UNDO_MARKER_ANNOTATION,
+};
+use serde_json::{json, Value};
+
+const NS: &str = "portal";
+const DEPLOY_UID: &str = "11111111-1111-4111-8111-111111111111";
+
+fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn target(steps: Vec<KubeStep>) -> KubernetesTarget {
+    KubernetesTarget {
+        namespace: NS.into(),
+        steps,
+        min_ready_replicas: 2,
+        rollout_timeout: Duration::from_secs(5),
+    }
+}
+
+fn switch_step() -> KubeStep {
+    KubeStep::SwitchService {
+        service: "portal-api-prod".into(),
+        selector: sel(&[("app", "portal-api"), ("version", "v1.0.0-rc.0")]),
+    }
+}
+
+fn scale_step() -> KubeStep {
+    KubeStep::Scale {
+        deployment: "portal-api-canary".into(),
+        replicas: 0,
+    }
+}
+
+/// The seed's world: portal-api-prod points at v1.0.0 (plus a stale `track` key), stable pods
+/// v1.0.0-rc.0 (ready unless told otherwise), and the canary Deployment at 3 replicas.
+fn seed_world(fake: &FakeKube, stable_ready: bool) {
+    fake.insert(
+        "services",
+        service(
+            NS,
+            "portal-api-prod",
+            &[("app", "portal-api"), ("version", "v1.0.0"), ("track", "canary")],
+        ),
+    );
+    for i in 0..2 {
+        fake.insert(
+            "pods",
+            pod(
+                NS,
+                &format!("portal-api-stable-{i}"),
+                &[("app", "portal-api"), ("version", "v1.0.0-rc.0")],
+                stable_ready,
+            ),
+        );
+    }
+    fake.insert(
+        "pods",
+        pod(
+            NS,
+            "portal-api-canary-0",
+            &[("app", "portal-api"), ("version", "v1.0.0")],
+            true,
+        ),
+    );
+    let canary_tpl = template(&[("app", "portal-api"), ("version", "v1.0.0")], "portal-api:1.0.0");
+    fake.insert(
+        "deployments",
+        deployment(
+            NS,
+            "portal-api-canary",
+            "22222222-2222-4222-8222-222222222222",
+            &[("app", "portal-api"), ("version", "v1.0.0")],
+            canary_tpl,
+            1,
+        ),
+    );
+}
+
+/// Deployment `portal-api` at revision 3 (image 1.0.0) with ReplicaSets for revisions 1-3, and
+/// a foreign ReplicaSet (other owner, higher revision) that the label selector also matches.
+fn undo_world(fake: &FakeKube) -> [Value; 3] {
+    let sel = [("app", "portal-api")];
+    let tpls = [
+        template(&[("app", "portal-api"), ("version", "v0.9.0")], "portal-api:0.9.0"),
+        template(
+            &[("app", "portal-api"), ("version", "v1.0.0-rc.0")],
+            "portal-api:1.0.0-rc.0",
+        ),
+        template(&[("app", "portal-api"), ("version", "v1.0.0")], "portal-api:1.0.0"),
+    ];
+    let mut d = deployment(NS, "portal-api", DEPLOY_UID, &sel, tpls[2].clone(), 3);
+    d["metadata"]["annotations"]["team"] = json!("portal");
+    d["metadata"]["annotations"]["kubernetes.io/change-cause"] = json!("deploy 1.0.0");
+    fake.insert("deployments", d);
+    let hashes = ["aaa111", "bbb222", "ccc333"];
+    for (i, tpl) in tpls.iter().enumerate() {
+        let rev = i as u64 + 1;
+        let (replicas, ready) = if rev == 3 { (3, 3) } else { (0, 0) };
+        let mut rs = replicaset(NS, "portal-api", DEPLOY_UID, hashes[i], tpl, rev, replicas, ready);
+        rs["metadata"]["annotations"]["kubernetes.io/change-cause"] = json!(format!("deploy revision {rev}"));
+        fake.insert("replicasets", rs);
+    }
+    let foreign = replicaset(
+        NS,
+        "portal-api-shadow",
+        "99999999-9999-4999-8999-999999999999",
+        "zzz999",
+        &template(&[("app", "portal-api"), ("version", "evil")], "evil:1"),
+        9,
+        0,
+        0,
+    );
+    fake.insert("replicasets", foreign);
+    tpls
+}
+
+fn undo_step(to_revision: Option<u64>) -> KubeStep {
+    KubeStep::RolloutUndo {
+        deployment: "portal-api".into(),
+        to_revision,
+    }
+}
+
+fn executor(fake: &FakeKube) -> KubeExecutor {
+    KubeExecutor::new(fake.client(), &KubeSettings::default())
+}
+
+async fn run(
+    exec: &KubeExecutor,
+    t: &KubernetesTarget,
+    dry_run: bool,
+) -> (
+    Result<rollback_responder::action::kubernetes::KubeOutcome, KubeError>,
+    Vec<KubeStepRecord>,
+) {
+    let mut records = Vec::new();
+    let mut record = |r: KubeStepRecord| records.push(r);
+    let result = exec.revert(t, dry_run, &mut record).await;
+    (result, records)
+}
+
+fn template_without_hash(d: &Value) -> Value {
+    let mut t = d["spec"]["template"].clone();
+    if let Some(l) = t["metadata"]["labels"].as_object_mut() {
+        l.remove("pod-template-hash");
+    }
+    t
+}
+
+#[tokio::test]
+async fn seed_order_switches_the_selector_whole_then_scales_the_canary_to_zero() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let exec = executor(&fake);
+    let t = target(vec![switch_step(), scale_step()]);
+
+    let (result, records) = run(&exec, &t, false).await;
+    let outcome = result.expect("revert succeeds");
+    assert!(outcome.changed && !outcome.dry_run);
+    assert_eq!(outcome.steps.len(), 2);
+
+    // The selector is replaced as a whole: the stale `track` key is gone. (The seed's literal
+    // `kubectl patch service -p '{"spec":{"selector":{"version":..}}}'` is a strategic merge and
+    // would have kept both `track` and any other key.)
+    let svc = fake.get("services", NS, "portal-api-prod").expect("service");
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"app": "portal-api", "version": "v1.0.0-rc.0"})
+    );
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"], 80,
+        "the rest of the Service is untouched"
+    );
+    let canary = fake.get("deployments", NS, "portal-api-canary").expect("canary");
+    assert_eq!(canary["spec"]["replicas"], 0);
+    assert_eq!(
+        canary["spec"]["template"]["spec"]["containers"][0]["image"],
+        "portal-api:1.0.0"
+    );
+    assert_eq!(fake.writes(), 2);
+
+    match &outcome.steps[0].result {
+        StepResult::Changed { before, after } => {
+            assert!(matches!(before, ObjectState::Service { selector, .. } if selector.get("track").is_some()));
+            assert!(matches!(after, ObjectState::Service { selector, .. }
+                if *selector == sel(&[("app", "portal-api"), ("version", "v1.0.0-rc.0")])));
+        }
+        other => panic!("switch: {other:?}"),
+    }
+    match &outcome.steps[1].result {
+        StepResult::Changed { before, after } => {
+            assert!(matches!(before, ObjectState::Scale { replicas: 3, .. }));
+            assert!(matches!(after, ObjectState::Scale { replicas: 0, .. }));
+        }
+        other => panic!("scale: {other:?}"),
+    }
+    assert!(records.iter().any(|r| matches!(
+        r,
+        KubeStepRecord::PreCheck {
+            index: 0,
+            matching: 2,
+            ready: 2,
+            required: 2,
+            passed: true,
+            ..
+        }
+    )));
+    assert!(records.iter().any(|r| matches!(
+        r,
+        KubeStepRecord::ReadBack {
+            index: 1,
+            matches: true,
+            ..
+        }
+    )));
+
+    let patches: Vec<_> = fake.requests().into_iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.len(), 2);
+    assert_eq!(patches[0].path, "/api/v1/namespaces/portal/services/portal-api-prod");
+    assert_eq!(patches[0].content_type.as_deref(), Some("application/json-patch+json"));
+    assert_eq!(
+        patches[0].query.get("fieldManager").map(String::as_str),
+        Some("rollback-responder")
+    );
+    assert_eq!(
+        patches[1].path,
+        "/apis/apps/v1/namespaces/portal/deployments/portal-api-canary/scale"
+    );
+    assert_eq!(patches[1].content_type.as_deref(), Some("application/merge-patch+json"));
+
+    // The outcome and every record serialize for the audit trail.
+    let v = serde_json::to_value(&outcome).expect("outcome json");
+    assert_eq!(v["steps"][0]["result"], "changed");
+    for r in &records {
+        assert!(serde_json::to_value(r).expect("record json")["step"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn rerun_after_a_partial_run_finishes_without_repeating_done_steps() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let exec = executor(&fake);
+    // "Crash" after step 1: only the switch ran.
+    let (first, _) = run(&exec, &target(vec![switch_step()]), false).await;
+    first.expect("first step");
+    assert_eq!(fake.writes(), 1);
+
+    let t = target(vec![switch_step(), scale_step()]);
+    let (second, records) = run(&exec, &t, false).await;
+    let outcome = second.expect("takeover run");
+    assert!(matches!(outcome.steps[0].result, StepResult::AlreadyDone { .. }));
+    assert!(matches!(outcome.steps[1].result, StepResult::Changed { .. }));
+    assert_eq!(fake.writes(), 2, "only the scale was written");
+    // A done step needs no pre-check (its traffic already moved).
+    assert!(!records.iter().any(|r| matches!(r, KubeStepRecord::PreCheck { .. })));
+
+    let (third, _) = run(&exec, &t, false).await;
+    let outcome = third.expect("third run");
+    assert!(!outcome.changed);
+    assert!(outcome
+        .steps
+        .iter()
+        .all(|s| matches!(s.result, StepResult::AlreadyDone { .. })));
+    assert_eq!(fake.writes(), 2);
+}
+
+#[tokio::test]
+async fn precheck_failure_writes_nothing() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, false);
+    let exec = executor(&fake);
+    let (result, records) = run(&exec, &target(vec![switch_step(), scale_step()]), false).await;
+    let err = result.expect_err("stable pods are not ready");
+    assert!(err.is_precheck(), "{err}");
+    assert!(matches!(
+        err,
+        KubeError::PreCheckFailed {
+            matching: 2,
+            ready: 0,
+            required: 2,
+            ..
+        }
+    ));
+    assert_eq!(fake.writes(), 0);
+    assert!(records
+        .iter()
+        .any(|r| matches!(r, KubeStepRecord::PreCheck { passed: false, .. })));
+    assert!(!fake.requests().iter().any(|r| r.method == "PATCH"));
+}
+
+#[tokio::test]
+async fn dry_run_validates_on_the_server_and_writes_nothing() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let exec = executor(&fake);
+    let (result, records) = run(&exec, &target(vec![switch_step(), scale_step()]), true).await;
+    let outcome = result.expect("dry run");
+    assert!(outcome.dry_run && !outcome.changed);
+    assert_eq!(fake.writes(), 0);
+    match &outcome.steps[0].result {
+        StepResult::DryRun { would_write, .. } => {
+            assert!(matches!(would_write, ObjectState::Service { selector, .. }
+            if *selector == sel(&[("app", "portal-api"), ("version", "v1.0.0-rc.0")])))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        &outcome.steps[1].result,
+        StepResult::DryRun {
+            would_write: ObjectState::Scale { replicas: 0, .. },
+            ..
+        }
+    ));
+    let patches: Vec<_> = fake.requests().into_iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.len(), 2);
+    assert!(patches
+        .iter()
+        .all(|p| p.query.get("dryRun").map(String::as_str) == Some("All")));
+    assert!(records
+        .iter()
+        .any(|r| matches!(r, KubeStepRecord::Planned { dry_run: true, .. })));
+    let svc = fake.get("services", NS, "portal-api-prod").expect("service");
+    assert_eq!(svc["spec"]["selector"]["version"], "v1.0.0");
+}
+
+#[tokio::test]
+async fn forbidden_scale_is_reported_with_the_missing_permission_even_in_a_dry_run() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.deny("patch", "deployments/scale");
+    let exec = executor(&fake);
+    let (result, _) = run(&exec, &target(vec![switch_step(), scale_step()]), true).await;
+    let err = result.expect_err("scale patch is denied");
+    match &err {
+        KubeError::Forbidden {
+            verb,
+            resource,
+            api_group,
+            namespace,
+            message,
+        } => {
+            assert_eq!(
+                (verb.as_str(), resource.as_str(), api_group.as_str()),
+                ("patch", "deployments/scale", "apps")
+            );
+            assert_eq!(namespace, NS);
+            assert!(message.contains("cannot patch resource"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .contains("add verb \"patch\" for resource \"deployments/scale\""),
+        "{err}"
+    );
+    assert_eq!(err.code(), "forbidden");
+    assert!(!err.is_retryable());
+    assert_eq!(fake.writes(), 0);
+}
+
+#[tokio::test]
+async fn missing_service_is_not_found_before_anything_is_written() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let exec = executor(&fake);
+    let t = target(vec![
+        switch_step(),
+        KubeStep::Scale {
+            deployment: "no-such-deployment".into(),
+            replicas: 0,
+        },
+    ]);
+    let (result, _) = run(&exec, &t, false).await;
+    let err = result.expect_err("missing deployment");
+    assert_eq!(
+        err,
+        KubeError::NotFound {
+            kind: "Deployment".into(),
+            namespace: NS.into(),
+            name: "no-such-deployment".into()
+        }
+    );
+    assert_eq!(fake.writes(), 0, "all reads happen before the first write");
+}
+
+#[tokio::test]
+async fn conflicting_writer_is_retried_after_a_re_read() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.concurrent_writes(1);
+    let exec = executor(&fake);
+    let (result, records) = run(&exec, &target(vec![switch_step()]), false).await;
+    result.expect("second attempt wins");
+    let retries: Vec<_> = records
+        .iter()
+        .filter(|r| matches!(r, KubeStepRecord::ConflictRetry { .. }))
+        .collect();
+    assert_eq!(retries.len(), 1);
+    assert!(
+        matches!(retries[0], KubeStepRecord::ConflictRetry { attempt: 1, will_retry: true, code, .. } if code == "api")
+    );
+    let svc = fake.get("services", NS, "portal-api-prod").expect("service");
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"app": "portal-api", "version": "v1.0.0-rc.0"})
+    );
+
+    // A writer that never stops wins: Conflict after 1 + max_conflict_retries attempts.
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.concurrent_writes(100);
+    let exec = KubeExecutor::new(
+        fake.client(),
+        &KubeSettings {
+            max_conflict_retries: 2,
+            ..KubeSettings::default()
+        },
+    );
+    let (result, _) = run(&exec, &target(vec![scale_step()]), false).await;
+    let err = result.expect_err("never wins");
+    assert!(matches!(err, KubeError::Conflict { attempts: 3, .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert_eq!(fake.writes(), 0);
+}
+
+#[tokio::test]
+async fn rollout_undo_to_previous_revision_keeps_annotations_and_is_idempotent() {
+    let fake = FakeKube::start().await;
+    let tpls = undo_world(&fake);
+    let exec = executor(&fake);
+    let t = target(vec![undo_step(None)]);
+    let (result, records) = run(&exec, &t, false).await;
+    let outcome = result.expect("undo");
+    assert!(outcome.changed);
+
+    let d = fake.get("deployments", NS, "portal-api").expect("deployment");
+    assert_eq!(
+        template_without_hash(&d),
+        tpls[1],
+        "revision 2's template, without pod-template-hash"
+    );
+    let ann = d["metadata"]["annotations"].as_object().expect("annotations");
+    assert_eq!(
+        ann["team"], "portal",
+        "our own annotations survive (kubectl would drop them)"
+    );
+    assert_eq!(
+        ann["kubernetes.io/change-cause"], "deploy revision 2",
+        "copied from the ReplicaSet"
+    );
+    assert_eq!(
+        ann["deployment.kubernetes.io/revision"], "3",
+        "skip-list: kept from the Deployment"
+    );
+    assert!(
+        !ann.contains_key("deployment.kubernetes.io/desired-replicas"),
+        "skip-list: not copied"
+    );
+    let marker: Value =
+        serde_json::from_str(ann[UNDO_MARKER_ANNOTATION].as_str().expect("marker")).expect("marker json");
+    assert_eq!(marker["to_replica_set"], "portal-api-bbb222");
+    assert_eq!(d["metadata"]["generation"], 2);
+    match &outcome.steps[0].result {
+        StepResult::Changed { before, after } => {
+            assert!(
+                matches!(before, ObjectState::Deployment { images, replica_set: Some(rs), .. }
+                if images["api"] == "portal-api:1.0.0" && rs == "portal-api-ccc333")
+            );
+            assert!(
+                matches!(after, ObjectState::Deployment { images, replica_set: Some(rs), .. }
+                if images["api"] == "portal-api:1.0.0-rc.0" && rs == "portal-api-bbb222")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The restored ReplicaSet is at 0: recorded, not blocking.
+    assert!(records.iter().any(|r| matches!(r,
+        KubeStepRecord::PreCheck { passed: true, ready: 0, note: Some(_), object, .. } if object == "replicaset/portal-api-bbb222")));
+
+    // The controller now gives the restored ReplicaSet the newest revision, so "previous"
+    // would be the canary again; the marker makes a second run a no-op instead of a flip back.
+    fake.modify("replicasets", NS, "portal-api-bbb222", |rs| {
+        rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("4");
+    });
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("4");
+    });
+    let writes = fake.writes();
+    let (again, _) = run(&exec, &t, false).await;
+    let again = again.expect("second run");
+    assert!(!again.changed);
+    assert!(matches!(&again.steps[0].result, StepResult::AlreadyDone { reason, .. } if reason.contains("earlier run")));
+    assert_eq!(fake.writes(), writes);
+}
+
+#[tokio::test]
+async fn rollout_undo_to_a_named_revision() {
+    let fake = FakeKube::start().await;
+    let tpls = undo_world(&fake);
+    let exec = executor(&fake);
+    let (result, _) = run(&exec, &target(vec![undo_step(Some(1))]), false).await;
+    result.expect("undo to 1");
+    let d = fake.get("deployments", NS, "portal-api").expect("deployment");
+    assert_eq!(template_without_hash(&d), tpls[0]);
+    assert_eq!(d["metadata"]["annotations"]["team"], "portal");
+    assert_eq!(
+        d["metadata"]["annotations"]["kubernetes.io/change-cause"],
+        "deploy revision 1"
+    );
+
+    let (missing, _) = run(&exec, &target(vec![undo_step(Some(7))]), false).await;
+    assert!(
+        matches!(missing, Err(KubeError::RevisionNotFound { revision: 7, ref available, .. }) if *available == vec![1, 2, 3])
+    );
+}
+
+#[tokio::test]
+async fn paused_deployment_is_refused() {
+    let fake = FakeKube::start().await;
+    undo_world(&fake);
+    fake.modify("deployments", NS, "portal-api", |d| d["spec"]["paused"] = json!(true));
+    let exec = executor(&fake);
+    let (result, _) = run(&exec, &target(vec![undo_step(None)]), false).await;
+    assert_eq!(
+        result.expect_err("paused"),
+        KubeError::Paused {
+            deployment: "portal-api".into()
+        }
+    );
+    assert_eq!(fake.writes(), 0);
+}
+
+#[tokio::test]
+async fn undo_to_the_current_template_is_a_no_op() {
+    let fake = FakeKube::start().await;
+    undo_world(&fake);
+    let exec = executor(&fake);
+    let (result, _) = run(&exec, &target(vec![undo_step(Some(3))]), false).await;
+    let outcome = result.expect("no-op");
+    assert!(!outcome.changed);
+    assert!(matches!(&outcome.steps[0].result,
+        StepResult::AlreadyDone { reason, .. } if reason.contains("current template already matches")));
+    assert_eq!(fake.writes(), 0);
+}
+
+#[tokio::test]
+async fn verify_passes_with_ready_endpoints_and_a_completed_rollout() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    undo_world(&fake);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-canary-0", true)],
+        ),
+    );
+    let exec = executor(&fake);
+    let t = target(vec![switch_step(), undo_step(None)]);
+    run(&exec, &t, false).await.0.expect("revert");
+    // The fake runs no controller: finish the rollout by hand.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["status"] = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3});
+    });
+    let mut records = Vec::new();
+    exec.verify(&t, &mut |r| records.push(r)).await.expect("verified");
+    assert!(
+        records.iter().any(|r| matches!(
+            r,
+            KubeStepRecord::Endpoints {
+                ready_endpoints: 1,
+                passed: true,
+                ..
+            }
+        )),
+        "only the stable pod's endpoint counts: {records:?}"
+    );
+    assert!(records
+        .iter()
+        .any(|r| matches!(r, KubeStepRecord::Rollout { progress, .. } if progress.complete)));
+}
+
+#[tokio::test]
+async fn verify_fails_without_ready_endpoints_or_rollout() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    undo_world(&fake);
+    // Only the canary pod's endpoint is ready, the stable one is not.
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", false), ("portal-api-canary-0", true)],
+        ),
+    );
+    let exec = executor(&fake);
+    let mut t = target(vec![switch_step()]);
+    t.rollout_timeout = Duration::from_millis(300);
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("no ready endpoint");
+    assert!(
+        matches!(err, KubeError::NoReadyEndpoints { ref service, .. } if service == "portal-api-prod"),
+        "{err:?}"
+    );
+
+    let mut t = target(vec![undo_step(None)]);
+    t.rollout_timeout = Duration::from_millis(300);
+    run(&exec, &t, false).await.0.expect("revert");
+    // generation 2, observedGeneration still 1: the controller never picked it up.
+    let started = std::time::Instant::now();
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("rollout never completes");
+    assert!(
+        matches!(
+            err,
+            KubeError::RolloutTimedOut {
+                progress_deadline_exceeded: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // ProgressDeadlineExceeded fails at once, whatever the timeout.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["status"] = json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1, "availableReplicas": 3,
+            "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]});
+    });
+    t.rollout_timeout = Duration::from_secs(60);
+    let started = std::time::Instant::now();
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("deadline exceeded");
+    assert!(
+        matches!(
+            err,
+            KubeError::RolloutTimedOut {
+                progress_deadline_exceeded: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn from_settings_builds_a_real_client_from_a_kubeconfig() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kubeconfig");
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: other\n  context:\n    cluster: nowhere\n    user: nobody\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: portal\ncurrent-context: other\nusers:\n- name: tester\n  user:\n    token: test-token\n- name: nobody\n  user: {{}}\n",
+        fake.url()
+    );
+    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+    let settings = KubeSettings {
+        kubeconfig: Some(path),
+        context: Some("fake".into()),
+        ..KubeSettings::default()
+    };
+    let exec = KubeExecutor::from_settings(&settings)
+        .await
+        .expect("client from kubeconfig");
+    let (result, _) = run(&exec, &target(vec![switch_step()]), false).await;
+    assert!(result.expect("revert through from_settings").changed);
+
+    let bad = KubeSettings {
+        in_cluster: true,
+        context: Some("fake".into()),
+        ..KubeSettings::default()
+    };
+    let err = KubeExecutor::from_settings(&bad)
+        .await
+        .expect_err("conflicting settings");
+    assert_eq!(err.code(), "config");
+}
+
+#[tokio::test]
+async fn fake_server_speaks_standard_status_objects() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/namespaces/portal/services/portal-api-prod", fake.url());
+    let stale: Value = http.get(&url).send().await.expect("get").json().await.expect("json");
+    fake.modify("services", NS, "portal-api-prod", |s| {
+        s["metadata"]["labels"] = json!({"touched": "yes"})
+    });
+    let resp = http.put(&url).json(&stale).send().await.expect("put");
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.expect("status json");
+    assert_eq!(
+        (body["kind"].as_str(), body["reason"].as_str()),
+        (Some("Status"), Some("Conflict"))
+    );
+
+    let missing = http
+        .get(format!(
+            "{}/apis/apps/v1/namespaces/portal/deployments/nope",
+            fake.url()
+        ))
+        .send()
+        .await
+        .expect("get missing");
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.expect("status json");
+    assert_eq!(body["reason"], "NotFound");
+
+    let failed_test = http
+        .patch(&url)
+        .header("content-type", "application/json-patch+json")
+        .body(r#"[{"op":"test","path":"/metadata/resourceVersion","value":"0"}]"#)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(failed_test.status(), 422);
+    assert_eq!(failed_test.json::<Value>().await.expect("json")["reason"], "Invalid");
+}
