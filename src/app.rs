@@ -135,7 +135,8 @@ impl Application {
                 cfg.settings.workers.lease,
                 metrics,
             )
-            .with_notifications(defaults, wake),
+            .with_notifications(defaults, wake)
+            .with_prometheus(cfg.settings.verification.prometheus_url.clone()),
         );
         let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone());
         Ok(Application {

@@ -224,17 +224,32 @@ impl TestApp {
 
     /// Polls `/api/v1/incidents` until `pred` holds for the list, or panics at the deadline.
     pub async fn wait_incidents(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_incidents_for(Duration::from_secs(20), what, pred).await
+    }
+
+    /// [`TestApp::wait_incidents`] with a longer deadline (flows through Prometheus).
+    pub async fn wait_incidents_for(&self, limit: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
         loop {
             let list = self.incidents().await;
             if pred(&list) {
                 return list;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; incidents: {}",
-                    serde_json::to_string_pretty(&list).unwrap()
-                );
+                let mut details = Vec::new();
+                for i in &list {
+                    let inc = self.incident(i["id"].as_str().unwrap_or_default()).await;
+                    let lines: Vec<String> = inc["timeline"]
+                        .as_array()
+                        .map(|t| {
+                            t.iter()
+                                .map(|e| format!("  {} {}: {}", e["at"], e["kind"], e["summary"]))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    details.push(format!("{} {}\n{}", i["id"], i["phase"], lines.join("\n")));
+                }
+                panic!("timed out waiting for {what}; incidents:\n{}", details.join("\n"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -730,3 +730,98 @@ async fn fake_server_speaks_standard_status_objects() {
     assert_eq!(failed_test.status(), 422);
     assert_eq!(failed_test.json::<Value>().await.expect("json")["reason"], "Invalid");
 }
+
+/// Issue 4's end to end: a real Alertmanager delivers an alert matching an automatic
+/// Kubernetes policy; the Service selector and the canary's replicas end as the seed's
+/// `kubectl patch service` and `kubectl scale --replicas=0` would leave them, verified.
+#[tokio::test]
+async fn alertmanager_alert_runs_the_seed_rollback_commands_on_kubernetes() {
+    use crate::helpers::*;
+    use crate::peers::Alertmanager;
+    use rollback_responder::action::Executors;
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    let policy = r#"
+name: portal-api-k8s
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  kubernetes:
+    namespace: portal
+    min_ready_replicas: 2
+    rollout_timeout: 5s
+    steps:
+      - switch_service: {service: portal-api-prod, selector: {app: portal-api, version: v1.0.0-rc.0}}
+      - scale: {deployment: portal-api-canary, replicas: 0}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    for: 2m
+    mode: auto
+verification:
+  bake: 10s
+"#;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api-k8s.yaml", policy.to_string())],
+        executors: Some(Executors {
+            kube: Some(executor(&fake)),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    am.post(
+        json!({"alertname": "HealthCheckFailing", "service": "portal-api", "severity": "critical", "run": run}),
+        &ago(150),
+        None,
+    )
+    .await;
+    let list = app
+        .wait_incidents("verified kubernetes rollback", |l| {
+            l.len() == 1 && l[0]["phase"] == "verified"
+        })
+        .await;
+    let svc = fake.get("services", NS, "portal-api-prod").unwrap();
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"app": "portal-api", "version": "v1.0.0-rc.0"}),
+        "replaced, stale key gone"
+    );
+    assert_eq!(
+        fake.get("deployments", NS, "portal-api-canary").unwrap()["spec"]["replicas"],
+        0
+    );
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inc["executed"], true);
+    let done = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "action_succeeded")
+        .unwrap();
+    assert_eq!(done["detail"]["steps"][0]["before"]["selector"]["version"], "v1.0.0");
+    assert_eq!(
+        done["detail"]["steps"][0]["after"]["selector"]["version"],
+        "v1.0.0-rc.0"
+    );
+    let checks: Vec<&Value> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "verification_check")
+        .collect();
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0]["detail"]["passed"], true);
+}

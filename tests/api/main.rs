@@ -13,4 +13,5 @@ mod peers;
 mod rbac;
 #[path = "../support/mod.rs"]
 mod support;
+mod verify;
 mod webhook;

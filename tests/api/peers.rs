@@ -46,6 +46,11 @@ pub struct Alertmanager {
 impl Alertmanager {
     /// Starts Alertmanager with group_wait 0s and group_interval 1s so tests run in seconds.
     pub async fn start(webhook: &str, token: &str) -> Alertmanager {
+        Self::start_on(free_port(), webhook, token).await
+    }
+
+    /// Starts on a given port (Prometheus needs to know it before Alertmanager runs).
+    pub async fn start_on(port: u16, webhook: &str, token: &str) -> Alertmanager {
         let bin = binary(
             "ALERTMANAGER_BIN",
             &["/usr/bin/prometheus-alertmanager", "/usr/local/bin/alertmanager"],
@@ -59,7 +64,6 @@ impl Alertmanager {
         );
         let cfg_path = dir.path().join("alertmanager.yml");
         std::fs::write(&cfg_path, config).unwrap();
-        let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
         let child = Command::new(bin)
@@ -166,5 +170,153 @@ impl FlakyProxy {
 
     pub fn count(&self) -> usize {
         self.deliveries.load(Ordering::SeqCst)
+    }
+}
+
+/// The service being rolled back, as far as the tests need it: `/health` (200 or 500) and
+/// `/metrics` with request counters whose 5xx share the test sets. Counters grow on every
+/// scrape so that `rate()` sees the ratio.
+pub struct FakeService {
+    pub addr: SocketAddr,
+    state: Arc<std::sync::Mutex<FakeServiceState>>,
+}
+
+#[derive(Default)]
+struct FakeServiceState {
+    healthy: bool,
+    error_ratio: f64,
+    total: f64,
+    errors: f64,
+    health_script: Vec<bool>,
+    health_requests: usize,
+}
+
+impl FakeService {
+    pub async fn start(run: &str) -> FakeService {
+        let state = Arc::new(std::sync::Mutex::new(FakeServiceState {
+            healthy: true,
+            ..Default::default()
+        }));
+        let (s1, s2) = (state.clone(), state.clone());
+        let run = run.to_string();
+        let app = axum::Router::new()
+            .route(
+                "/health",
+                axum::routing::get(move || {
+                    let s = s1.clone();
+                    async move {
+                        let mut st = s.lock().unwrap();
+                        let n = st.health_requests;
+                        st.health_requests += 1;
+                        // A scripted sequence first (flapping), then the steady state.
+                        let ok = st.health_script.get(n).copied().unwrap_or(st.healthy);
+                        if ok {
+                            axum::http::StatusCode::OK
+                        } else {
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let s = s2.clone();
+                    let run = run.clone();
+                    async move {
+                        let mut st = s.lock().unwrap();
+                        st.total += 100.0;
+                        st.errors += 100.0 * st.error_ratio;
+                        format!(
+                            "# TYPE http_requests_total counter\nhttp_requests_total{{run=\"{run}\",code=\"200\"}} {}\nhttp_requests_total{{run=\"{run}\",code=\"500\"}} {}\n",
+                            st.total - st.errors,
+                            st.errors
+                        )
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeService { addr, state }
+    }
+
+    pub fn set(&self, healthy: bool, error_ratio: f64) {
+        let mut st = self.state.lock().unwrap();
+        st.healthy = healthy;
+        st.error_ratio = error_ratio;
+    }
+
+    /// The next health answers, in order, before the steady state applies.
+    pub fn script_health(&self, answers: &[bool]) {
+        let mut st = self.state.lock().unwrap();
+        let n = st.health_requests;
+        st.health_script = vec![true; n];
+        st.health_script.extend_from_slice(answers);
+    }
+
+    pub fn health_requests(&self) -> usize {
+        self.state.lock().unwrap().health_requests
+    }
+
+    pub fn health_url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+}
+
+/// A running Prometheus 2.x scraping one target every second, evaluating `rules` every second
+/// and sending alerts to `alertmanager`.
+pub struct Prometheus {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub async fn start(target: SocketAddr, alertmanager: &str, rules: &str) -> Prometheus {
+        let bin = binary("PROMETHEUS_BIN", &["/usr/bin/prometheus"], "apt-get install prometheus");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+        let am = alertmanager.trim_start_matches("http://");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{am}']\n\
+             rule_files: ['{rules}']\n\
+             scrape_configs:\n  - job_name: portal-api\n    static_configs:\n      - targets: ['{target}']\n        labels: {{service: portal-api}}\n",
+            rules = dir.path().join("rules.yml").display()
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--web.external-url={url}"))
+            .arg("--rules.alert.resend-delay=1s")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        let p = Prometheus { child, url, _dir: dir };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(format!("{}/-/ready", p.url)).send().await {
+                if r.status().is_success() {
+                    return p;
+                }
+            }
+            assert!(Instant::now() < deadline, "prometheus did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,393 @@
+//! Verification after a rollback: a loopback health endpoint that is healthy, flaps or stays
+//! down; a real Prometheus answering the policy's query; a real Alertmanager's resolved
+//! notification; and the whole chain from a Prometheus rule to a verified, resolved incident.
+
+use std::time::Duration;
+
+use rollback_responder::action::Executors;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+use crate::notify::{received, wait_requests, Peers};
+use crate::peers::{Alertmanager, FakeService, Prometheus};
+use crate::support::alb_fixture::{weights, AlbFixture};
+
+fn policy(fx: &AlbFixture, verification: &str) -> String {
+    format!(
+        r##"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+triggers:
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    mode: auto
+verification:
+{verification}
+notify:
+  slack: {{channel: "#portal-alerts"}}
+  pagerduty: {{severity: error}}
+  statuspage: {{components: {{cmp-portal: partial_outage}}}}
+  escalation: {{slack_mention: "<!subteam^S0SRE>"}}
+"##,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    )
+}
+
+async fn start(
+    fx: &AlbFixture,
+    verification: &str,
+    extra_env: Vec<(String, String)>,
+    peers: Option<&Peers>,
+) -> TestApp {
+    let mut env = peers.map(|p| p.env()).unwrap_or_default();
+    env.extend(extra_env);
+    spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy(fx, verification))],
+        env,
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await
+}
+
+fn checks(inc: &Value) -> Vec<Value> {
+    inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "verification_check")
+        .map(|e| e["detail"].clone())
+        .collect()
+}
+
+fn count(inc: &Value, kind: &str) -> usize {
+    inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .count()
+}
+
+#[tokio::test]
+async fn a_healthy_endpoint_verifies_after_consecutive_successes() {
+    let fx = AlbFixture::start().await;
+    let svc = FakeService::start("healthy").await;
+    let v = format!(
+        "  bake: 5s\n  health_probe: {{url: \"{}\", successes: 3, interval: 100ms, timeout: 1s}}",
+        svc.health_url()
+    );
+    let app = start(&fx, &v, vec![], None).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "da01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verified", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let c = checks(&inc);
+    assert_eq!(c.len(), 2, "{c:#?}");
+    let probe = c.iter().find(|c| c["check"] == "health_probe").unwrap();
+    assert_eq!(probe["passed"], true);
+    assert!(
+        probe["detail"]
+            .as_str()
+            .unwrap()
+            .contains("answered 200 3 times in a row (3 probes)"),
+        "{probe}"
+    );
+    assert!(inc["verified_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_flapping_endpoint_must_string_its_successes_together() {
+    let fx = AlbFixture::start().await;
+    let svc = FakeService::start("flap").await;
+    svc.script_health(&[true, true, false, true, false, true]);
+    let v = format!(
+        "  bake: 5s\n  health_probe: {{url: \"{}\", successes: 3, interval: 100ms, timeout: 1s}}",
+        svc.health_url()
+    );
+    let app = start(&fx, &v, vec![], None).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "db01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verified", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let probe = checks(&inc).into_iter().find(|c| c["check"] == "health_probe").unwrap();
+    // ok ok FAIL ok FAIL ok, then ok ok: two broken streaks, the third complete at probe 8.
+    assert!(probe["detail"].as_str().unwrap().contains("(8 probes)"), "{probe}");
+    assert_eq!(svc.health_requests(), 8);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_rolls_back_twice() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    let svc = FakeService::start("down").await;
+    svc.set(false, 0.0);
+    let v = format!(
+        "  bake: 1s\n  health_probe: {{url: \"{}\", successes: 2, interval: 100ms, timeout: 1s}}",
+        svc.health_url()
+    );
+    let app = start(&fx, &v, vec![], Some(&peers)).await;
+    let starts = ago(60);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dc01", &starts, None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verification failed", |l| {
+            l.len() == 1 && l[0]["phase"] == "verification_failed"
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        weights(&fx.listener_actions().await)[0].1,
+        100,
+        "the rollback itself happened"
+    );
+    let inc = app.incident(&id).await;
+    let probe = checks(&inc).into_iter().find(|c| c["check"] == "health_probe").unwrap();
+    assert_eq!(probe["passed"], false);
+    assert!(probe["detail"].as_str().unwrap().contains("last: HTTP 500"), "{probe}");
+    assert!(count(&inc, "verification_failed") == 1);
+
+    // The on-call is paged at high severity on a separate alert, and Slack mentions the team.
+    let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
+    let esc = pd
+        .iter()
+        .find(|r| r.2["dedup_key"] == format!("rollback-responder/{id}/escalation"))
+        .expect("escalation trigger");
+    assert_eq!(esc.2["event_action"], "trigger");
+    assert_eq!(esc.2["payload"]["severity"], "critical");
+    assert!(esc.2["payload"]["summary"]
+        .as_str()
+        .unwrap()
+        .starts_with("ROLLBACK NEEDS A HUMAN: portal-api: HighErrorRate is verification_failed"));
+    let slack = wait_requests(&peers.slack, 6, "slack").await;
+    assert!(
+        slack.iter().any(|r| r.2["text"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("<!subteam^S0SRE> :rotating_light: `verifying` → `verification_failed`")),
+        "{:#?}",
+        slack.iter().map(|r| r.2["text"].clone()).collect::<Vec<_>>()
+    );
+
+    // More alerts for the same target join the incident; nothing acts again.
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dc02", &ago(30), None)],
+    ))
+    .await;
+    app.wait_incident(&id, "second alert joined", |i| count(i, "alert_joined") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let inc = app.incident(&id).await;
+    assert_eq!(count(&inc, "action_started"), 1);
+    assert_eq!(app.incidents().await.len(), 1);
+    assert_eq!(inc["phase"], "verification_failed");
+}
+
+#[tokio::test]
+async fn a_prometheus_query_must_hold_within_the_bake_period() {
+    let fx = AlbFixture::start().await;
+    let run = format!("q{}", uuid::Uuid::now_v7().simple());
+    let svc = FakeService::start(&run).await;
+    let prom = Prometheus::start(svc.addr, "127.0.0.1:9", "groups: []\n").await;
+    let query = format!(
+        "sum(rate(http_requests_total{{run=\\\"{run}\\\",code=~\\\"5..\\\"}}[5s])) / sum(rate(http_requests_total{{run=\\\"{run}\\\"}}[5s]))"
+    );
+    let v = format!("  bake: 20s\n  prometheus: {{query: \"{query}\", below: 0.01}}");
+    let env = env(&[("ROLLBACK_RESPONDER__VERIFICATION__PROMETHEUS_URL", &prom.url)]);
+
+    // Healthy: the ratio is 0 once Prometheus has two samples.
+    let app = start(&fx, &v, env.clone(), None).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dd01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verified by prometheus", |l| {
+            l.len() == 1 && l[0]["phase"] == "verified"
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let q = checks(&inc).into_iter().find(|c| c["check"] == "prometheus").unwrap();
+    assert_eq!(q["passed"], true, "{q}");
+    assert!(q["detail"].as_str().unwrap().contains("= [0.0] holds < 0.01"), "{q}");
+    drop(app);
+
+    // Unhealthy: half the requests fail; the query never holds.
+    svc.set(true, 0.5);
+    let fx2 = AlbFixture::start().await;
+    let v = format!("  bake: 4s\n  prometheus: {{query: \"{query}\", below: 0.01}}");
+    let app = start(&fx2, &v, env, None).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dd02", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("failed by prometheus", |l| {
+            l.len() == 1 && l[0]["phase"] == "verification_failed"
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let q = checks(&inc).into_iter().find(|c| c["check"] == "prometheus").unwrap();
+    assert_eq!(q["passed"], false);
+    assert!(q["detail"].as_str().unwrap().contains("[0.5] not < 0.01"), "{q}");
+}
+
+#[tokio::test]
+async fn the_resolved_notification_from_alertmanager_completes_verification() {
+    let fx = AlbFixture::start().await;
+    let app = start(&fx, "  bake: 30s\n  alert_resolves: true", vec![], None).await;
+    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+    let labels = json!({"alertname": "HighErrorRate", "service": "portal-api", "run": uuid::Uuid::now_v7().simple().to_string()});
+    let starts = ago(60);
+    am.post(labels.clone(), &starts, None).await;
+    app.wait_incidents("verifying, waiting for the alert", |l| {
+        l.len() == 1 && l[0]["phase"] == "verifying"
+    })
+    .await;
+    am.post(labels, &starts, Some(&ago(0))).await;
+    let list = app
+        .wait_incidents("verified and closed", |l| {
+            l[0]["phase"] == "verified" && l[0]["open"] == false
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let r = checks(&inc)
+        .into_iter()
+        .find(|c| c["check"] == "alert_resolved")
+        .unwrap();
+    assert_eq!(r["passed"], true);
+}
+
+const RULES: &str = r#"groups:
+  - name: portal-api-rollback
+    rules:
+      - alert: HighErrorRate
+        expr: sum by (service) (rate(http_requests_total{run="RUN",code=~"5.."}[5s])) / sum by (service) (rate(http_requests_total{run="RUN"}[5s])) > 0.05
+        labels: {severity: critical, team: platform}
+        annotations: {summary: "Portal API high error rate detected"}
+"#;
+
+async fn prometheus_chain(run: &str, heal: bool) {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    let svc = FakeService::start(run).await;
+    svc.set(false, 0.5);
+    let bake = if heal { "30s" } else { "3s" };
+    // Placeholder Prometheus URL; the real one is known once Prometheus runs.
+    let mut app_env = vec![];
+    let am_port = crate::peers::free_port();
+    let prom = Prometheus::start(svc.addr, &format!("127.0.0.1:{am_port}"), &RULES.replace("RUN", run)).await;
+    app_env.push((
+        "ROLLBACK_RESPONDER__VERIFICATION__PROMETHEUS_URL".to_string(),
+        prom.url.clone(),
+    ));
+    let query = format!(
+        "sum(rate(http_requests_total{{run=\\\"{run}\\\",code=~\\\"5..\\\"}}[5s])) / sum(rate(http_requests_total{{run=\\\"{run}\\\"}}[5s]))"
+    );
+    let v = format!(
+        "  bake: {bake}\n  health_probe: {{url: \"{}\", successes: 2, interval: 200ms, timeout: 1s}}\n  prometheus: {{query: \"{query}\", below: 0.01}}\n  alert_resolves: true",
+        svc.health_url()
+    );
+    let app = start(&fx, &v, app_env, Some(&peers)).await;
+    let _am = Alertmanager::start_on(am_port, &app.url("/webhook/alertmanager"), TOKEN).await;
+
+    let list = app
+        .wait_incidents_for(Duration::from_secs(40), "rule -> alertmanager -> rollback", |l| {
+            l.len() == 1
+                && ["verifying", "verified", "verification_failed"].contains(&l[0]["phase"].as_str().unwrap_or(""))
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    if heal {
+        svc.set(true, 0.0);
+        let list = app
+            .wait_incidents_for(Duration::from_secs(40), "verified and resolved", |l| {
+                l[0]["phase"] == "verified" && l[0]["open"] == false
+            })
+            .await;
+        assert_eq!(list.len(), 1);
+        let inc = app.incident(&id).await;
+        let passed: Vec<String> = checks(&inc)
+            .iter()
+            .filter(|c| c["passed"] == true)
+            .map(|c| c["check"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(passed, ["read_back", "health_probe", "prometheus", "alert_resolved"]);
+        let sp = wait_requests(&peers.statuspage, 3, "statuspage").await;
+        let statuses: Vec<&str> = sp.iter().map(|r| r.2["incident"]["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses, ["identified", "monitoring", "resolved"]);
+        let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
+        let actions: Vec<String> = pd
+            .iter()
+            .map(|r| r.2["event_action"].as_str().unwrap_or("change").to_string())
+            .collect();
+        assert_eq!(actions, ["trigger", "acknowledge", "change", "resolve"]);
+        let slack = received(&peers.slack).await;
+        assert!(slack
+            .iter()
+            .any(|r| r.2["text"].as_str().unwrap_or("").contains("`verifying` → `verified`")));
+        assert!(slack
+            .iter()
+            .any(|r| r.2["text"].as_str().unwrap_or("").starts_with("Incident closed")));
+    } else {
+        let list = app
+            .wait_incidents_for(Duration::from_secs(40), "verification failed", |l| {
+                l[0]["phase"] == "verification_failed"
+            })
+            .await;
+        assert_eq!(list.len(), 1);
+        let inc = app.incident(&id).await;
+        assert_eq!(count(&inc, "action_started"), 1, "exactly one rollback");
+        let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
+        assert!(pd
+            .iter()
+            .any(|r| r.2["dedup_key"] == format!("rollback-responder/{id}/escalation")));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            count(&app.incident(&id).await, "action_started"),
+            1,
+            "still exactly one rollback"
+        );
+        assert_eq!(app.incidents().await.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_prometheus_rule_fires_through_alertmanager_the_alb_is_reverted_and_the_incident_verified_and_resolved() {
+    prometheus_chain(&format!("e{}", uuid::Uuid::now_v7().simple()), true).await;
+}
+
+#[tokio::test]
+async fn when_the_endpoint_stays_unhealthy_verification_fails_and_escalates_after_one_rollback() {
+    prometheus_chain(&format!("f{}", uuid::Uuid::now_v7().simple()), false).await;
+}
