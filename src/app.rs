@@ -15,9 +15,12 @@ use crate::action::alb::AlbExecutor;
 use crate::action::kubernetes::KubeExecutor;
 use crate::action::Executors;
 use crate::config::Resolved;
+use crate::http::pagerduty::PagerDutyEdge;
+use crate::http::slack::SlackEdge;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::notify::outbox::{self, Outbox};
+use crate::notify::slack::Directory;
 use crate::notify::Notifiers;
 use crate::policy::{GlobalGuards, PolicySet};
 use crate::responder::Responder;
@@ -138,7 +141,24 @@ impl Application {
             .with_notifications(defaults, wake)
             .with_prometheus(cfg.settings.verification.prometheus_url.clone()),
         );
-        let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone());
+        let directory = cfg
+            .settings
+            .slack
+            .as_ref()
+            .zip(cfg.slack_token.clone())
+            .map(|(s, token)| Directory::new(reqwest::Client::new(), &s.api_url, token));
+        let slack = SlackEdge::new(cfg.slack_signing_secret.as_ref(), directory);
+        let pagerduty = PagerDutyEdge {
+            webhook_secrets: cfg
+                .settings
+                .pagerduty
+                .as_ref()
+                .map(|p| p.webhook_secrets.clone())
+                .unwrap_or_default(),
+            action_token: cfg.pagerduty_action_token.clone(),
+        };
+        let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone())
+            .with_humans(slack, pagerduty);
         Ok(Application {
             listener,
             port,

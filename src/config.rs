@@ -128,6 +128,12 @@ pub struct SlackSettings {
     /// Channel for policies that name none.
     #[serde(default)]
     pub default_channel: Option<String>,
+    /// Signing secret that Slack signs slash commands and button clicks with; without it
+    /// `/slack/commands` and `/slack/interactions` answer 401.
+    #[serde(default)]
+    pub signing_secret: Option<SecretString>,
+    #[serde(default)]
+    pub signing_secret_file: Option<PathBuf>,
 }
 
 fn slack_api_url() -> String {
@@ -149,6 +155,14 @@ pub struct PagerDutySettings {
     /// Named routing keys that policies refer to (`notify.pagerduty.routing_key: NAME`).
     #[serde(default)]
     pub routing_keys: std::collections::BTreeMap<String, SecretString>,
+    /// Webhook v3 subscription secrets; several during a rotation.
+    #[serde(default)]
+    pub webhook_secrets: Vec<SecretString>,
+    /// Bearer token for `/pagerduty/action` (incident workflows' "send webhook", unsigned).
+    #[serde(default)]
+    pub action_token: Option<SecretString>,
+    #[serde(default)]
+    pub action_token_file: Option<PathBuf>,
 }
 
 fn pagerduty_events_url() -> String {
@@ -296,7 +310,9 @@ pub struct Resolved {
     /// Where the settings came from, for the start-up log.
     pub source: String,
     pub slack_token: Option<SecretString>,
+    pub slack_signing_secret: Option<SecretString>,
     pub pagerduty_key: Option<SecretString>,
+    pub pagerduty_action_token: Option<SecretString>,
     pub statuspage_key: Option<SecretString>,
 }
 
@@ -337,7 +353,10 @@ pub fn load_from(
         }
         builder = builder.add_source(config::File::from(p).format(config::FileFormat::Yaml));
     }
+    // Lists from the environment are comma-separated (secret rotation: "old,new").
     let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
+        .list_separator(",")
+        .with_list_parse_key("pagerduty.webhook_secrets")
         .prefix_separator("__")
         .separator("__")
         .try_parsing(true);
@@ -449,6 +468,22 @@ fn resolve(
         ),
         None => None,
     };
+    let slack_signing_secret = match &settings.slack {
+        Some(s) => secret(
+            s.signing_secret.clone(),
+            s.signing_secret_file.as_ref(),
+            "slack.signing_secret",
+        )?,
+        None => None,
+    };
+    let pagerduty_action_token = match &settings.pagerduty {
+        Some(p) => secret(
+            p.action_token.clone(),
+            p.action_token_file.as_ref(),
+            "pagerduty.action_token",
+        )?,
+        None => None,
+    };
     let pagerduty_key = match &settings.pagerduty {
         Some(p) => secret(
             p.routing_key.clone(),
@@ -500,7 +535,9 @@ fn resolve(
         listen,
         source,
         slack_token,
+        slack_signing_secret,
         pagerduty_key,
+        pagerduty_action_token,
         statuspage_key,
     })
 }

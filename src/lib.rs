@@ -14,6 +14,7 @@
 pub mod action;
 pub mod alert;
 pub mod app;
+pub mod approval;
 pub mod config;
 pub mod http;
 pub mod incident;

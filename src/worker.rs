@@ -40,10 +40,11 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
                 Ok(w) => work.extend(w),
                 Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
             }
-            match responder.store.unowned_work(chrono::Utc::now()).await {
-                Ok(w) => work.extend(w),
-                Err(e) => warn!(error = %e, "looking for orphaned work failed"),
-            }
+        }
+        // Approved or orphaned work (a replica died holding a lease) is picked up here.
+        match responder.store.unowned_work(chrono::Utc::now()).await {
+            Ok(w) => work.extend(w),
+            Err(e) => warn!(error = %e, "looking for orphaned work failed"),
         }
         for id in work {
             let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);

@@ -5,6 +5,8 @@ mod alertmanager;
 mod api;
 mod auth;
 mod error;
+pub mod pagerduty;
+pub mod slack;
 
 use std::sync::Arc;
 
@@ -21,6 +23,8 @@ use crate::responder::Responder;
 pub struct AppState {
     pub responder: Arc<Responder>,
     pub auth: Arc<auth::WebhookAuth>,
+    pub slack: Arc<slack::SlackEdge>,
+    pub pagerduty: Arc<pagerduty::PagerDutyEdge>,
 }
 
 impl AppState {
@@ -33,7 +37,16 @@ impl AppState {
         AppState {
             responder,
             auth: Arc::new(auth::WebhookAuth::new(bearer, basic)),
+            slack: Arc::new(slack::SlackEdge::new(None, None)),
+            pagerduty: Arc::default(),
         }
+    }
+
+    /// Adds the Slack and PagerDuty edges (approvals).
+    pub fn with_humans(mut self, slack: slack::SlackEdge, pagerduty: pagerduty::PagerDutyEdge) -> Self {
+        self.slack = Arc::new(slack);
+        self.pagerduty = Arc::new(pagerduty);
+        self
     }
 }
 
@@ -50,5 +63,21 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/incidents", get(api::list_incidents))
         .route("/api/v1/incidents/{id}", get(api::get_incident))
         .route("/api/v1/policies", get(api::policies))
+        .route(
+            "/slack/commands",
+            post(slack::command).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
+        .route(
+            "/slack/interactions",
+            post(slack::interaction).layer(DefaultBodyLimit::max(256 * 1024)),
+        )
+        .route(
+            "/pagerduty/webhook",
+            post(pagerduty::webhook).layer(DefaultBodyLimit::max(256 * 1024)),
+        )
+        .route(
+            "/pagerduty/action",
+            post(pagerduty::action).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
         .with_state(state)
 }

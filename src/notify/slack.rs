@@ -266,3 +266,80 @@ mod tests {
         assert!(!retryable_error("not_in_channel"));
     }
 }
+
+/// Slack user-group membership, for approvers named by group (`usergroups.users.list`,
+/// scope `usergroups:read`), cached briefly so a burst of clicks costs one call per group.
+pub struct Directory {
+    http: reqwest::Client,
+    api: String,
+    token: SecretString,
+    cache: std::sync::Mutex<BTreeMap<String, (std::time::Instant, Vec<String>)>>,
+}
+
+impl Directory {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// A directory on the Web API at `api`.
+    pub fn new(http: reqwest::Client, api: &str, token: SecretString) -> Directory {
+        Directory {
+            http,
+            api: api.trim_end_matches('/').to_string(),
+            token,
+            cache: Default::default(),
+        }
+    }
+
+    /// The groups among `groups` that `user` belongs to. A group Slack cannot list counts as
+    /// "not a member": authorization fails closed.
+    pub async fn groups_of(&self, user: &str, groups: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for g in groups {
+            if self.members(g).await.iter().any(|m| m == user) {
+                out.push(g.clone());
+            }
+        }
+        out
+    }
+
+    async fn members(&self, group: &str) -> Vec<String> {
+        if let Ok(c) = self.cache.lock() {
+            if let Some((at, m)) = c.get(group) {
+                if at.elapsed() < Self::TTL {
+                    return m.clone();
+                }
+            }
+        }
+        let resp = self
+            .http
+            .get(format!("{}/usergroups.users.list", self.api))
+            .query(&[("usergroup", group)])
+            .bearer_auth(self.token.expose_secret())
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        let members: Vec<String> = match resp {
+            Ok(r) => match r.json::<Value>().await {
+                Ok(v) if v["ok"].as_bool() == Some(true) => v["users"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default(),
+                Ok(v) => {
+                    tracing::warn!(group, error = %v["error"], "Slack refused usergroups.users.list; treating as no members");
+                    return vec![];
+                }
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "unreadable usergroups.users.list answer");
+                    return vec![];
+                }
+            },
+            Err(e) => {
+                tracing::warn!(group, error = %e, "usergroups.users.list failed");
+                return vec![];
+            }
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(group.to_string(), (std::time::Instant::now(), members.clone()));
+        }
+        members
+    }
+}

@@ -242,59 +242,8 @@ pub fn decide(
         }
     }
 
-    if let Some(last) = history.last_rollback_on_target {
-        let until = last + to_chrono(policy.guards.cooldown);
-        if now < until {
-            return make(
-                Outcome::Suppressed(Suppression::Cooldown {
-                    last_rollback: last,
-                    until,
-                }),
-                Some(policy),
-                Some(trigger),
-                format!(
-                    "cooldown: {} was rolled back at {}; no second rollback before {} (cooldown {})",
-                    policy.target.key(),
-                    last.format("%H:%M:%SZ"),
-                    until.format("%H:%M:%SZ"),
-                    fmt_dur(policy.guards.cooldown)
-                ),
-            );
-        }
-    }
-
-    let limits = [
-        (
-            format!("policy {}", policy.name),
-            policy.guards.max_rollbacks,
-            history.policy_rollbacks_in_window,
-        ),
-        (
-            "global".to_string(),
-            global.max_rollbacks,
-            history.global_rollbacks_in_window,
-        ),
-    ];
-    for (scope, limit, count) in limits {
-        if let Some(l) = limit {
-            if count >= l.count {
-                return make(
-                    Outcome::Suppressed(Suppression::RateLimited {
-                        scope: scope.clone(),
-                        count,
-                        max: l.count,
-                        window_secs: l.per.as_secs(),
-                    }),
-                    Some(policy),
-                    Some(trigger),
-                    format!(
-                        "rate limit: {scope} already rolled back {count} time(s) in the last {} (max {})",
-                        fmt_dur(l.per),
-                        l.count
-                    ),
-                );
-            }
-        }
+    if let Some((why, reason)) = held_by_guards(policy, history, global, now) {
+        return make(Outcome::Suppressed(why), Some(policy), Some(trigger), reason);
     }
 
     let (outcome, reason) = match trigger.mode {
@@ -361,6 +310,108 @@ pub fn decide(
         );
     }
     make(outcome, Some(policy), Some(trigger), reason)
+}
+
+/// The cooldown and rate-limit guards, shared by alert-driven and manual rollbacks.
+fn held_by_guards(
+    policy: &Policy,
+    history: &History,
+    global: &GlobalGuards,
+    now: DateTime<Utc>,
+) -> Option<(Suppression, String)> {
+    if let Some(last) = history.last_rollback_on_target {
+        let until = last + to_chrono(policy.guards.cooldown);
+        if now < until {
+            return Some((
+                Suppression::Cooldown {
+                    last_rollback: last,
+                    until,
+                },
+                format!(
+                    "cooldown: {} was rolled back at {}; no second rollback before {} (cooldown {})",
+                    policy.target.key(),
+                    last.format("%H:%M:%SZ"),
+                    until.format("%H:%M:%SZ"),
+                    fmt_dur(policy.guards.cooldown)
+                ),
+            ));
+        }
+    }
+    let limits = [
+        (
+            format!("policy {}", policy.name),
+            policy.guards.max_rollbacks,
+            history.policy_rollbacks_in_window,
+        ),
+        (
+            "global".to_string(),
+            global.max_rollbacks,
+            history.global_rollbacks_in_window,
+        ),
+    ];
+    for (scope, limit, count) in limits {
+        if let Some(l) = limit {
+            if count >= l.count {
+                let reason = format!(
+                    "rate limit: {scope} already rolled back {count} time(s) in the last {} (max {})",
+                    fmt_dur(l.per),
+                    l.count
+                );
+                return Some((
+                    Suppression::RateLimited {
+                        scope,
+                        count,
+                        max: l.count,
+                        window_secs: l.per.as_secs(),
+                    },
+                    reason,
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// A person's `/rollback now POLICY`: no alert and no trigger, but the same guards (cooldown,
+/// rate limits, dry run). A freeze does not apply: it holds automatic rollbacks only.
+pub fn decide_manual(
+    policy: &Policy,
+    who: &str,
+    why: &str,
+    now: DateTime<Utc>,
+    history: &History,
+    global: &GlobalGuards,
+    policy_hash: &str,
+) -> Decision {
+    let make = |outcome, reason| Decision {
+        outcome,
+        policy: Some(policy.name.clone()),
+        trigger: None,
+        reason,
+        policy_hash: policy_hash.to_string(),
+        decided_at: now,
+    };
+    if let Some((held, reason)) = held_by_guards(policy, history, global, now) {
+        return make(Outcome::Suppressed(held), reason);
+    }
+    let reason = format!(
+        "manual rollback requested by {who}{}",
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(": {why}")
+        }
+    );
+    if policy.guards.dry_run || global.dry_run {
+        let scope = if policy.guards.dry_run { "policy" } else { "global" };
+        return make(
+            Outcome::Suppressed(Suppression::DryRun {
+                would: Box::new(Outcome::Auto),
+            }),
+            format!("dry run ({scope}): nothing will be changed; would have decided: {reason}"),
+        );
+    }
+    make(Outcome::Auto, reason)
 }
 
 #[cfg(test)]

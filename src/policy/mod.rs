@@ -16,7 +16,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use decide::{decide, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression};
+pub use decide::{
+    decide, decide_manual, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression,
+};
 pub use matcher::{all_match, MatchOp, Matcher};
 
 use crate::action::Target;

@@ -256,14 +256,15 @@ impl Store {
         ids(rows)
     }
 
-    /// Takes (or renews) the lease on an incident's work. Only one replica can hold it: the
-    /// update is conditional on the lease being free, expired, or already ours.
+    /// Takes the lease on an incident's work. Only one holder at a time: the update is
+    /// conditional on the lease being free or expired, so neither another replica nor a second
+    /// task on this one can start the same work.
     pub async fn claim(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         let r = sqlx::query(
             "UPDATE incidents SET owner = $1, lease_until = $2
              WHERE id = $3 AND phase IN ('executing', 'verifying')
-               AND (owner IS NULL OR owner = $1 OR lease_until < $4)",
+               AND (owner IS NULL OR lease_until < $4)",
         )
         .bind(owner)
         .bind(ms(until))
@@ -271,6 +272,18 @@ impl Store {
         .bind(ms(now))
         .execute(&self.pool)
         .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Extends a lease this owner holds; false if it was lost (expired and taken over).
+    pub async fn renew(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let r = sqlx::query("UPDATE incidents SET lease_until = $1 WHERE id = $2 AND owner = $3")
+            .bind(ms(until))
+            .bind(&id.0)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -362,6 +375,69 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get(0)?)
+    }
+
+    /// Remembers a webhook; false if it was seen before (a replay or a redelivery).
+    pub async fn first_receipt(&self, source: &str, key: &str, now: DateTime<Utc>) -> Result<bool> {
+        let r = sqlx::query("INSERT INTO webhook_receipts (source, receipt_key, at) VALUES ($1, $2, $3) ON CONFLICT (source, receipt_key) DO NOTHING")
+            .bind(source)
+            .bind(key)
+            .bind(ms(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Stores a handle for an incident's channel (e.g. the PagerDuty incident id).
+    pub async fn set_ref(&self, incident: &IncidentId, channel: &str, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO notification_refs (incident_id, channel, ref_key, value) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (incident_id, channel, ref_key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(&incident.0)
+        .bind(channel)
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The incident a handle belongs to (e.g. which of ours a PagerDuty incident id is).
+    pub async fn incident_by_ref(&self, channel: &str, key: &str, value: &str) -> Result<Option<IncidentId>> {
+        let row =
+            sqlx::query("SELECT incident_id FROM notification_refs WHERE channel = $1 AND ref_key = $2 AND value = $3")
+                .bind(channel)
+                .bind(key)
+                .bind(value)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.try_get::<String, _>(0)).transpose()?.map(IncidentId))
+    }
+
+    /// Appends an audit entry on its own (a refused approval, a PagerDuty acknowledgement).
+    pub async fn note(
+        &self,
+        id: &IncidentId,
+        now: DateTime<Utc>,
+        kind: &str,
+        actor: &str,
+        summary: &str,
+        detail: &Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
+             VALUES ($1, $2, $3, $4, NULL, NULL, $5, $6)",
+        )
+        .bind(&id.0)
+        .bind(ms(now))
+        .bind(kind)
+        .bind(actor)
+        .bind(summary)
+        .bind(detail.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Freezes in force (the kill switch).
@@ -857,6 +933,43 @@ impl StoreTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    /// Records a person's vote; false if that person already voted on this incident.
+    pub async fn add_vote(
+        &mut self,
+        incident: &IncidentId,
+        approver: &str,
+        verdict: &str,
+        via: &str,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO approvals (incident_id, approver, verdict, via, reason, at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (incident_id, approver) DO NOTHING",
+        )
+        .bind(&incident.0)
+        .bind(approver)
+        .bind(verdict)
+        .bind(via)
+        .bind(reason.map(str::to_string))
+        .bind(ms(now))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Everyone who approved an incident, in order.
+    pub async fn approvers(&mut self, incident: &IncidentId) -> Result<Vec<String>> {
+        let rows =
+            sqlx::query("SELECT approver FROM approvals WHERE incident_id = $1 AND verdict = 'approve' ORDER BY id")
+                .bind(&incident.0)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
     }
 
     /// How many alerts of an incident still fire.

@@ -6,6 +6,8 @@
 //! (`worker.rs`); the store's conditional updates decide which replica does a piece of work,
 //! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
 
+mod human;
+
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,8 @@ pub struct Responder {
     /// Prometheus base URL for verification queries.
     pub prometheus_url: Option<String>,
 }
+
+pub use human::HumanError;
 
 /// Who made a change, for the audit trail.
 const SYSTEM: &str = "rollback-responder";
@@ -651,8 +655,10 @@ impl Responder {
             tokio::select! {
                 out = &mut fut => return out,
                 _ = tick.tick() => {
-                    if let Err(e) = self.store.claim(id, &self.replica, Utc::now(), self.lease).await {
-                        warn!(error = %e, "could not renew the lease");
+                    match self.store.renew(id, &self.replica, Utc::now(), self.lease).await {
+                        Ok(true) => {}
+                        Ok(false) => warn!("lost the lease on this incident; another replica may take over"),
+                        Err(e) => warn!(error = %e, "could not renew the lease"),
                     }
                 }
             }

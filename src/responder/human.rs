@@ -1,0 +1,364 @@
+//! What people do to incidents: approve or deny (Slack buttons and commands, PagerDuty),
+//! start a rollback by hand, freeze and unfreeze automatic rollbacks. Every state change
+//! still goes through `Responder::apply`; this file decides who may and records the votes.
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use tracing::info;
+
+use super::{Responder, StepError, SYSTEM};
+use crate::approval::{may_approve, Person, Refusal, Verdict, VoteResult};
+use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::notify::{self, Change};
+use crate::policy::{self, Freeze};
+
+/// A refusal, or a store problem.
+#[derive(Debug, thiserror::Error)]
+pub enum HumanError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Step(#[from] StepError),
+}
+
+impl From<crate::store::StoreError> for HumanError {
+    fn from(e: crate::store::StoreError) -> Self {
+        HumanError::Step(StepError::Store(e))
+    }
+}
+
+impl Responder {
+    /// A person's approve or deny on a pending incident. Votes are stored one per person, so
+    /// double clicks, a click plus a command, or clicks on two replicas count once; the phase
+    /// change is conditional on the incident's version, so exactly one of them moves it.
+    pub async fn vote(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        verdict: Verdict,
+        via: &str,
+    ) -> Result<VoteResult, HumanError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_vote(id, who, &verdict, via).await {
+                Err(HumanError::Step(StepError::Conflict(_))) if attempt < 5 => continue,
+                Err(HumanError::Step(StepError::Store(e))) if e.is_conflict() && attempt < 5 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_vote(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        verdict: &Verdict,
+        via: &str,
+    ) -> Result<VoteResult, HumanError> {
+        let now = Utc::now();
+        let Some(inc) = self.store.incident(id).await? else {
+            return Err(Refusal::UnknownIncident(id.to_string()).into());
+        };
+        let set = self.policies();
+        let approval = set.get(&inc.policy).and_then(|p| p.approval.clone());
+        let allowed = approval.as_ref().is_some_and(|a| may_approve(a, who));
+        if !allowed {
+            let refusal = Refusal::NotAuthorized {
+                who: who.to_string(),
+                policy: inc.policy.clone(),
+            };
+            self.store
+                .note(
+                    &inc.id,
+                    now,
+                    "approval_refused",
+                    &who.key(),
+                    &refusal.to_string(),
+                    &json!({ "via": via, "verdict": format!("{verdict:?}") }),
+                )
+                .await?;
+            info!(incident = %inc.id, who = %who.key(), "unauthorized approval attempt refused");
+            return Err(refusal.into());
+        }
+        if inc.phase != Phase::AwaitingApproval {
+            return Err(Refusal::NotPending {
+                id: inc.id.to_string(),
+                phase: inc.phase.to_string(),
+            }
+            .into());
+        }
+        // Derived, not stored: past its due time the request is over even before the expiry
+        // worker has run.
+        if inc.due_at.is_some_and(|d| d <= now) {
+            return Err(Refusal::Expired(inc.id.to_string()).into());
+        }
+        let required = approval.map(|a| usize::from(a.required_approvals)).unwrap_or(1);
+        let mut tx = self.store.begin().await?;
+        let Some(mut inc) = tx.incident(id).await? else {
+            return Err(Refusal::UnknownIncident(id.to_string()).into());
+        };
+        if inc.phase != Phase::AwaitingApproval {
+            return Err(Refusal::NotPending {
+                id: inc.id.to_string(),
+                phase: inc.phase.to_string(),
+            }
+            .into());
+        }
+        let key = who.key();
+        let result = match verdict {
+            Verdict::Deny { reason } => {
+                if !tx.add_vote(&inc.id, &key, "deny", via, reason.as_deref(), now).await? {
+                    return Err(Refusal::AlreadyVoted {
+                        who: who.to_string(),
+                        id: inc.id.to_string(),
+                    }
+                    .into());
+                }
+                let summary = format!(
+                    "denied by {who} via {via}{}",
+                    reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                );
+                self.apply(
+                    &mut tx,
+                    &mut inc,
+                    Event::Denied { by: key.clone() },
+                    &key,
+                    summary,
+                    Value::Null,
+                    now,
+                )
+                .await?;
+                VoteResult::Denied
+            }
+            Verdict::Approve => {
+                if !tx.add_vote(&inc.id, &key, "approve", via, None, now).await? {
+                    return Err(Refusal::AlreadyVoted {
+                        who: who.to_string(),
+                        id: inc.id.to_string(),
+                    }
+                    .into());
+                }
+                let by = tx.approvers(&inc.id).await?;
+                if by.len() >= required {
+                    let names: Vec<String> = by.iter().map(|k| display_key(k)).collect();
+                    let summary = format!("approved by {} via {via}", names.join(" and "));
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::Approved { by: by.clone() },
+                        &key,
+                        summary,
+                        Value::Null,
+                        now,
+                    )
+                    .await?;
+                    VoteResult::Approved { by }
+                } else {
+                    let summary = format!(
+                        "approval {} of {required} from {who} via {via}; waiting for another approver",
+                        by.len()
+                    );
+                    Self::record(
+                        &mut tx,
+                        &inc,
+                        "approval_recorded",
+                        &key,
+                        summary.clone(),
+                        Value::Null,
+                        now,
+                    )
+                    .await?;
+                    self.tell(&mut tx, &inc, Change::Note { summary: &summary }, now)
+                        .await?;
+                    VoteResult::NeedsMore {
+                        have: by.len(),
+                        need: required,
+                    }
+                }
+            }
+        };
+        self.commit(tx, &inc).await?;
+        if inc.phase == Phase::Executing {
+            // The worker picks the approved work up at once.
+            self.wake.notify_one();
+        }
+        Ok(result)
+    }
+
+    /// `/rollback now POLICY [reason]`: a person starts a rollback. Authorized like an
+    /// approval and held by the same guards (cooldown, rate limits, dry run). If the target
+    /// already has an incident waiting for approval, this counts as approving it.
+    pub async fn start_manual(
+        &self,
+        policy_name: &str,
+        who: &Person,
+        reason: &str,
+    ) -> Result<(IncidentId, String), HumanError> {
+        let now = Utc::now();
+        let set = self.policies();
+        let p = set
+            .get(policy_name)
+            .ok_or_else(|| Refusal::UnknownPolicy(policy_name.to_string()))?;
+        if !p.approval.as_ref().is_some_and(|a| may_approve(a, who)) {
+            return Err(Refusal::NotAuthorized {
+                who: who.to_string(),
+                policy: p.name.clone(),
+            }
+            .into());
+        }
+        let mut tx = self.store.begin().await?;
+        if let Some(open) = tx.open_incident_for(&p.target.key()).await? {
+            drop(tx);
+            if open.phase == Phase::AwaitingApproval {
+                let r = self
+                    .vote(&open.id, who, Verdict::Approve, "slack command `now`")
+                    .await?;
+                return Ok((open.id, format!("{r:?}")));
+            }
+            return Err(Refusal::Guard(format!(
+                "incident {} is already open on this target (phase {}): nothing started",
+                open.id, open.phase
+            ))
+            .into());
+        }
+        let history = self.load_history(&mut tx, p, now).await?;
+        let d = policy::decide_manual(p, &who.to_string(), reason, now, &history, &self.global, &set.hash);
+        self.metrics.decision(d.outcome.label(), &p.name);
+        let Some(phase) = Phase::for_outcome(&d.outcome) else {
+            return Err(Refusal::Guard(d.reason).into());
+        };
+        if phase == Phase::Suppressed {
+            return Err(Refusal::Guard(d.reason).into());
+        }
+        let context = notify::Context {
+            summary: Some(d.reason.clone()),
+            runbook: p.links.runbook.clone(),
+            dashboard: p.links.dashboard.clone(),
+            target: p.target.describe(),
+            routes: notify::Routes::resolve(p, &self.notify_defaults),
+            verification: p.verification.clone(),
+            ..Default::default()
+        };
+        let inc = Incident {
+            id: IncidentId::new(),
+            policy: p.name.clone(),
+            trigger: None,
+            service: p.service.clone(),
+            target_key: p.target.key(),
+            phase,
+            due_at: None,
+            plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
+            alertname: "manual".into(),
+            first_alert_starts_at: now,
+            opened_at: now,
+            updated_at: now,
+            closed_at: None,
+            acted_at: None,
+            verified_at: None,
+            owner: None,
+            lease_until: None,
+            version: 0,
+            decision: d.clone(),
+            context: serde_json::to_value(&context).unwrap_or(Value::Null),
+        };
+        tx.insert_incident(&inc).await?;
+        Self::record(
+            &mut tx,
+            &inc,
+            "opened",
+            &who.key(),
+            format!("manual rollback of policy {} started by {who}", p.name),
+            json!({ "reason": reason }),
+            now,
+        )
+        .await?;
+        Self::record(
+            &mut tx,
+            &inc,
+            "decided",
+            SYSTEM,
+            d.reason.clone(),
+            serde_json::to_value(&d).unwrap_or(Value::Null),
+            now,
+        )
+        .await?;
+        self.tell(&mut tx, &inc, Change::Opened, now).await?;
+        self.commit(tx, &inc).await?;
+        self.wake.notify_one();
+        Ok((inc.id, d.reason))
+    }
+
+    /// Freezes automatic rollbacks, globally (`policy` None) or for one policy. Anyone who may
+    /// approve that policy (for a global freeze: any policy) may freeze.
+    pub async fn freeze(
+        &self,
+        policy: Option<&str>,
+        who: &Person,
+        until: Option<chrono::DateTime<Utc>>,
+        reason: &str,
+    ) -> Result<String, HumanError> {
+        let scope = self.authorize_scope(policy, who)?;
+        let f = Freeze {
+            reason: if reason.is_empty() {
+                "frozen by hand".into()
+            } else {
+                reason.to_string()
+            },
+            by: who.key(),
+            until,
+        };
+        self.store.freeze(&scope, &f, Utc::now()).await?;
+        self.metrics.set_frozen(&scope, true);
+        info!(scope = %scope, by = %who.key(), "automatic rollbacks frozen");
+        Ok(scope)
+    }
+
+    /// Lifts a freeze; false if there was none.
+    pub async fn unfreeze(&self, policy: Option<&str>, who: &Person) -> Result<bool, HumanError> {
+        let scope = self.authorize_scope(policy, who)?;
+        let lifted = self.store.unfreeze(&scope).await?;
+        self.metrics.set_frozen(&scope, false);
+        info!(scope = %scope, by = %who.key(), lifted, "freeze lifted");
+        Ok(lifted)
+    }
+
+    fn authorize_scope(&self, policy: Option<&str>, who: &Person) -> Result<String, HumanError> {
+        let set = self.policies();
+        match policy {
+            Some(name) => {
+                let p = set.get(name).ok_or_else(|| Refusal::UnknownPolicy(name.to_string()))?;
+                if !p.approval.as_ref().is_some_and(|a| may_approve(a, who)) {
+                    return Err(Refusal::NotAuthorized {
+                        who: who.to_string(),
+                        policy: name.to_string(),
+                    }
+                    .into());
+                }
+                Ok(name.to_string())
+            }
+            None => {
+                if !set
+                    .iter()
+                    .any(|p| p.approval.as_ref().is_some_and(|a| may_approve(a, who)))
+                {
+                    return Err(Refusal::NotAuthorized {
+                        who: who.to_string(),
+                        policy: "any".into(),
+                    }
+                    .into());
+                }
+                Ok("*".to_string())
+            }
+        }
+    }
+}
+
+/// `slack:U1` -> `<@U1>` for messages.
+fn display_key(k: &str) -> String {
+    match k.split_once(':') {
+        Some(("slack", id)) => format!("<@{id}>"),
+        Some(("pagerduty", id)) => format!("PagerDuty user {id}"),
+        _ => k.to_string(),
+    }
+}
