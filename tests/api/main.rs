@@ -4,6 +4,7 @@
 
 mod alb;
 mod alertmanager;
+mod approvals;
 mod helpers;
 mod kube_fake;
 mod kube_mock;

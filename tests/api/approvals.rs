@@ -1,0 +1,743 @@
+//! Human approvals: signed Slack commands and button clicks, PagerDuty webhooks and workflow
+//! actions, against the real service with wiremock Slack/PagerDuty/Statuspage and moto.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rollback_responder::action::Executors;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use wiremock::matchers::{method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+use crate::notify::{received, wait_requests, Peers};
+use crate::peers::Alertmanager;
+use crate::support::alb_fixture::{weights, AlbFixture};
+
+const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+const PD_SECRET: &str = "pd-webhook-secret";
+const PD_ACTION_TOKEN: &str = "pd-action-token";
+
+fn policy(fx: &AlbFixture, required: u8, timeout: &str) -> String {
+    format!(
+        r##"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+triggers:
+  - name: p95-latency
+    matchers: ['alertname="HighLatency"']
+    mode: manual
+approval:
+  approvers:
+    slack_users: [U0APPROVER, U0SECOND]
+    slack_groups: [S0SRE]
+    pagerduty_users: [P0ONCALL]
+  required_approvals: {required}
+  timeout: {timeout}
+  on_timeout: escalate
+notify:
+  slack: {{channel: "#portal-alerts"}}
+  pagerduty: {{severity: critical}}
+"##,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    )
+}
+
+struct World {
+    fx: AlbFixture,
+    peers: Peers,
+    app: TestApp,
+}
+
+async fn world(required: u8, timeout: &str) -> World {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    Mock::given(method("GET"))
+        .and(path("/usergroups.users.list"))
+        .and(query_param("usergroup", "S0SRE"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true, "users": ["U0GROUPIE"]})))
+        .mount(&peers.slack)
+        .await;
+    let mut vars = peers.env();
+    vars.extend(env(&[
+        ("ROLLBACK_RESPONDER__SLACK__SIGNING_SECRET", SIGNING_SECRET),
+        (
+            "ROLLBACK_RESPONDER__PAGERDUTY__WEBHOOK_SECRETS",
+            &format!("old-secret,{PD_SECRET}"),
+        ),
+        ("ROLLBACK_RESPONDER__PAGERDUTY__ACTION_TOKEN", PD_ACTION_TOKEN),
+    ]));
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy(&fx, required, timeout))],
+        env: vars,
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    World { fx, peers, app }
+}
+
+impl World {
+    async fn pending(&self, fingerprint: &str) -> String {
+        self.app
+            .post_webhook(&payload(
+                "firing",
+                vec![alert("HighLatency", "portal-api", fingerprint, &ago(60), None)],
+            ))
+            .await;
+        let list = self
+            .app
+            .wait_incidents("awaiting approval", |l| {
+                l.iter().any(|i| i["phase"] == "awaiting_approval")
+            })
+            .await;
+        list[0]["id"].as_str().unwrap().to_string()
+    }
+
+    async fn phase(&self, id: &str) -> String {
+        self.app.incident(id).await["phase"].as_str().unwrap().to_string()
+    }
+}
+
+fn sign(secret: &str, ts: &str, body: &str) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(format!("v0:{ts}:{body}").as_bytes());
+    format!("v0={}", hex::encode(m.finalize().into_bytes()))
+}
+
+fn now_ts() -> String {
+    chrono::Utc::now().timestamp().to_string()
+}
+
+async fn slack_post(app: &TestApp, route: &str, body: &str, ts: &str, signature: &str) -> reqwest::Response {
+    app.http
+        .post(app.url(route))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts)
+        .header("x-slack-signature", signature)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A signed slash command; returns the ephemeral text.
+async fn command(app: &TestApp, user: &str, text: &str) -> String {
+    let body = serde_urlencoded::to_string([
+        ("command", "/rollback"),
+        ("text", text),
+        ("user_id", user),
+        ("channel_id", "C0ALERTS"),
+        ("response_url", "http://127.0.0.1:9/unused"),
+        ("token", "legacy-ignored"),
+        // Slack makes every request unique with its trigger_id (and so its signature).
+        ("trigger_id", &uuid::Uuid::now_v7().to_string()),
+    ])
+    .unwrap();
+    let ts = now_ts();
+    let r = slack_post(app, "/slack/commands", &body, &ts, &sign(SIGNING_SECRET, &ts, &body)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["response_type"], "ephemeral");
+    v["text"].as_str().unwrap().to_string()
+}
+
+fn click_body(user: &str, action: &str, id: &str, response_url: &str) -> String {
+    let payload = json!({
+        "type": "block_actions", "user": {"id": user, "username": "someone", "team_id": "T0"},
+        "api_app_id": "A0", "container": {"type": "message", "message_ts": "1763790000.000100", "channel_id": "C0ALERTS"},
+        "channel": {"id": "C0ALERTS", "name": "portal-alerts"}, "response_url": response_url, "trigger_id": uuid::Uuid::now_v7().to_string(),
+        "actions": [{"type": "button", "action_id": action, "block_id": "b1", "value": id, "action_ts": "1763790001.0"}],
+    });
+    serde_urlencoded::to_string([("payload", payload.to_string())]).unwrap()
+}
+
+/// A signed button click; the answer to the user arrives at `response_url` (a wiremock).
+async fn click(app: &TestApp, user: &str, action: &str, id: &str, response_url: &str) -> reqwest::StatusCode {
+    let body = click_body(user, action, id, response_url);
+    let ts = now_ts();
+    slack_post(
+        app,
+        "/slack/interactions",
+        &body,
+        &ts,
+        &sign(SIGNING_SECRET, &ts, &body),
+    )
+    .await
+    .status()
+}
+
+async fn response_url() -> MockServer {
+    let m = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("ok"))
+        .mount(&m)
+        .await;
+    m
+}
+
+async fn replies(m: &MockServer, n: usize) -> Vec<String> {
+    wait_requests(m, n, "response_url")
+        .await
+        .iter()
+        .map(|r| r.2["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_signed_approve_click_rolls_back_and_the_clicker_is_told() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ea01").await;
+    let ru = response_url().await;
+    assert_eq!(
+        click(
+            &w.app,
+            "U0APPROVER",
+            "rollback_approve",
+            &id,
+            &format!("{}/r", ru.uri())
+        )
+        .await,
+        200
+    );
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+    let texts = replies(&ru, 1).await;
+    assert!(texts[0].starts_with(":white_check_mark: Approved"), "{texts:?}");
+    let r = &received(&ru).await[0].2;
+    assert_eq!(
+        (r["response_type"].as_str(), r["replace_original"].as_bool()),
+        (Some("ephemeral"), Some(false))
+    );
+    let inc = w.app.incident(&id).await;
+    let approved = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "approved")
+        .unwrap();
+    assert_eq!(approved["summary"], "approved by <@U0APPROVER> via slack button");
+    assert_eq!(approved["actor"], "slack:U0APPROVER");
+}
+
+#[tokio::test]
+async fn deny_by_command_closes_the_request_and_nothing_is_rolled_back() {
+    let w = world(1, "1h").await;
+    let id = w.pending("eb01").await;
+    let text = command(&w.app, "U0APPROVER", &format!("deny {id} error budget is fine")).await;
+    assert!(text.starts_with(":no_entry_sign: Denied"), "{text}");
+    assert_eq!(w.phase(&id).await, "denied");
+    let inc = w.app.incident(&id).await;
+    let denied = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "denied")
+        .unwrap();
+    assert_eq!(
+        denied["summary"],
+        "denied by <@U0APPROVER> via slack command: error budget is fine"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 75);
+}
+
+#[tokio::test]
+async fn bad_signatures_stale_timestamps_and_replays_get_401_and_change_nothing() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ec01").await;
+    let body = click_body("U0APPROVER", "rollback_approve", &id, "http://127.0.0.1:9/r");
+    let ts = now_ts();
+    let wrong = sign("not-the-secret", &ts, &body);
+    assert_eq!(
+        slack_post(&w.app, "/slack/interactions", &body, &ts, &wrong)
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        slack_post(&w.app, "/slack/interactions", &body, &ts, "").await.status(),
+        401
+    );
+    let tampered = body.replace("U0APPROVER", "U0APPROVES");
+    assert_eq!(
+        slack_post(
+            &w.app,
+            "/slack/interactions",
+            &tampered,
+            &ts,
+            &sign(SIGNING_SECRET, &ts, &body)
+        )
+        .await
+        .status(),
+        401
+    );
+    let stale = (chrono::Utc::now().timestamp() - 301).to_string();
+    assert_eq!(
+        slack_post(
+            &w.app,
+            "/slack/interactions",
+            &body,
+            &stale,
+            &sign(SIGNING_SECRET, &stale, &body)
+        )
+        .await
+        .status(),
+        401
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    // A deny is signed and accepted once; its replay is refused even though the signature is valid.
+    let deny = click_body("U0APPROVER", "rollback_deny", &id, "http://127.0.0.1:9/r");
+    let sig = sign(SIGNING_SECRET, &ts, &deny);
+    assert_eq!(
+        slack_post(&w.app, "/slack/interactions", &deny, &ts, &sig)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        slack_post(&w.app, "/slack/interactions", &deny, &ts, &sig)
+            .await
+            .status(),
+        401
+    );
+    let cmd = serde_urlencoded::to_string([("text", "list"), ("user_id", "U0APPROVER")]).unwrap();
+    assert_eq!(
+        slack_post(&w.app, "/slack/commands", &cmd, &ts, "v0=00").await.status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_users_are_refused_and_the_attempt_is_recorded() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ed01").await;
+    let text = command(&w.app, "U0INTRUDER", &format!("approve {id}")).await;
+    assert_eq!(
+        text,
+        ":warning: <@U0INTRUDER> may not approve or deny rollbacks of policy portal-api"
+    );
+    let ru = response_url().await;
+    click(
+        &w.app,
+        "U0INTRUDER",
+        "rollback_approve",
+        &id,
+        &format!("{}/r", ru.uri()),
+    )
+    .await;
+    assert!(replies(&ru, 1).await[0].contains("may not approve"));
+    let inc = w.app.incident(&id).await;
+    let refused: Vec<&Value> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "approval_refused")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert_eq!(refused[0]["actor"], "slack:U0INTRUDER");
+    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    // Members of an approver user group may approve.
+    let text = command(&w.app, "U0GROUPIE", &format!("approve {id}")).await;
+    assert!(text.starts_with(":white_check_mark: Approved"), "{text}");
+}
+
+#[tokio::test]
+async fn unknown_ids_double_clicks_and_late_answers_make_one_decision() {
+    let w = world(1, "1h").await;
+    assert_eq!(
+        command(&w.app, "U0APPROVER", "approve 01nothing").await,
+        ":warning: there is no incident 01nothing"
+    );
+    let id = w.pending("ee01").await;
+    // Two approvers click at the same moment: one decision.
+    let text = format!("approve {id}");
+    let (a, b) = tokio::join!(command(&w.app, "U0APPROVER", &text), command(&w.app, "U0SECOND", &text));
+    let approved = [&a, &b]
+        .iter()
+        .filter(|t| t.starts_with(":white_check_mark: Approved"))
+        .count();
+    assert_eq!(approved, 1, "{a} / {b}");
+    assert!(
+        [&a, &b].iter().any(|t| t.contains("is not waiting for approval")),
+        "{a} / {b}"
+    );
+    // The same person twice.
+    let again = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert!(
+        again.contains("is not waiting for approval") || again.contains("already voted"),
+        "{again}"
+    );
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    let inc = w.app.incident(&id).await;
+    let decisions = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "approved")
+        .count();
+    assert_eq!(decisions, 1);
+    assert_eq!(
+        inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "action_started")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_expired_request_cannot_be_approved() {
+    let w = world(1, "1s").await;
+    let id = w.pending("ef01").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert!(
+        text.contains("has expired") || text.contains("is not waiting for approval (it is escalated)"),
+        "{text}"
+    );
+    w.app
+        .wait_incident(&id, "escalated on timeout", |i| i["phase"] == "escalated")
+        .await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 75);
+}
+
+#[tokio::test]
+async fn a_resolved_alert_cancels_the_request_and_updates_the_buttons() {
+    let w = world(1, "1h").await;
+    let starts = ago(60);
+    w.app
+        .post_webhook(&payload(
+            "firing",
+            vec![alert("HighLatency", "portal-api", "eg01", &starts, None)],
+        ))
+        .await;
+    let list = w
+        .app
+        .wait_incidents("pending", |l| l.len() == 1 && l[0]["phase"] == "awaiting_approval")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    w.app
+        .post_webhook(&payload(
+            "resolved",
+            vec![alert("HighLatency", "portal-api", "eg01", &starts, Some(&ago(0)))],
+        ))
+        .await;
+    w.app
+        .wait_incident(&id, "cancelled", |i| i["phase"] == "cancelled")
+        .await;
+    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert!(text.contains("is not waiting for approval (it is cancelled)"), "{text}");
+    // The incident message was updated in place without its buttons.
+    let slack = wait_requests(&w.peers.slack, 5, "slack").await;
+    let update = slack
+        .iter()
+        .rev()
+        .find(|r| r.1 == "/chat.update")
+        .expect("root updated");
+    assert!(
+        update.2["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["type"] != "actions"),
+        "{}",
+        update.2
+    );
+    assert!(update.2["text"].as_str().unwrap().contains("cancelled"));
+}
+
+#[tokio::test]
+async fn a_two_person_rule_needs_two_distinct_approvers() {
+    let w = world(2, "1h").await;
+    let id = w.pending("eh01").await;
+    let first = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert!(first.starts_with(":ballot_box_with_check: Counted (1 of 2)"), "{first}");
+    let again = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert_eq!(again, format!(":warning: <@U0APPROVER> already voted on incident {id}"));
+    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    let second = command(&w.app, "U0SECOND", &format!("approve {id}")).await;
+    assert!(second.starts_with(":white_check_mark: Approved"), "{second}");
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    let inc = w.app.incident(&id).await;
+    let approved = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "approved")
+        .unwrap();
+    assert_eq!(
+        approved["summary"],
+        "approved by <@U0APPROVER> and <@U0SECOND> via slack command"
+    );
+}
+
+#[tokio::test]
+async fn slash_commands_list_status_now_freeze_and_unfreeze() {
+    let w = world(1, "1h").await;
+    assert!(command(&w.app, "U0ANYONE", "help")
+        .await
+        .contains("`now POLICY [reason]`"));
+    assert_eq!(command(&w.app, "U0ANYONE", "list").await, "No incidents.");
+    // Freezing is for approvers only, and shows in readiness and metrics.
+    assert!(command(&w.app, "U0INTRUDER", "freeze 1h")
+        .await
+        .contains("may not approve"));
+    let f = command(&w.app, "U0APPROVER", "freeze 30m portal-api").await;
+    assert_eq!(
+        f,
+        ":ice_cube: Automatic rollbacks frozen (policy `portal-api`) for 30m."
+    );
+    let ready = w.app.get_json("/readyz").await;
+    assert_eq!(ready["freezes"]["policies"]["portal-api"]["by"], "slack:U0APPROVER");
+    let metrics = w
+        .app
+        .http
+        .get(w.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rollback_responder_frozen{scope=\"portal-api\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        command(&w.app, "U0APPROVER", "unfreeze portal-api").await,
+        ":sunny: Freeze lifted."
+    );
+    // A person can roll back by hand; the guards still apply to a second attempt.
+    let now = command(&w.app, "U0APPROVER", "now portal-api customers report errors").await;
+    assert!(now.starts_with(":rewind: Incident `"), "{now}");
+    let list = w
+        .app
+        .wait_incidents("manual rollback verified", |l| {
+            l.len() == 1 && l[0]["phase"] == "verified"
+        })
+        .await;
+    assert_eq!(
+        list[0]["decision"]["reason"],
+        "manual rollback requested by <@U0APPROVER>: customers report errors"
+    );
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+    let id = list[0]["id"].as_str().unwrap();
+    let status = command(&w.app, "U0ANYONE", &format!("status {id}")).await;
+    assert!(
+        status.contains("*verified*") && status.contains("(the target was changed)"),
+        "{status}"
+    );
+    assert!(command(&w.app, "U0ANYONE", "list").await.contains(id));
+    let again = command(&w.app, "U0APPROVER", "now portal-api").await;
+    assert!(again.starts_with(":warning: cooldown:"), "{again}");
+}
+
+fn pd_sign(secret: &str, body: &str) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body.as_bytes());
+    format!("v1={}", hex::encode(m.finalize().into_bytes()))
+}
+
+async fn pd_post(app: &TestApp, webhook_id: &str, body: &Value, secret: &str) -> reqwest::Response {
+    let text = body.to_string();
+    app.http
+        .post(app.url("/pagerduty/webhook"))
+        .header("content-type", "application/json")
+        .header("x-webhook-id", webhook_id)
+        .header(
+            "x-pagerduty-signature",
+            format!("v1=deadbeef,{}", pd_sign(secret, &text)),
+        )
+        .body(text)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn pd_event(kind: &str, agent: &str, data: Value) -> Value {
+    json!({"event": {"id": uuid::Uuid::now_v7().to_string(), "event_type": kind, "resource_type": "incident",
+        "occurred_at": chrono::Utc::now().to_rfc3339(), "agent": {"id": agent, "type": "user_reference", "summary": "On Call"},
+        "client": null, "data": data}})
+}
+
+#[tokio::test]
+async fn pagerduty_webhooks_are_signed_deduplicated_and_recorded() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ei01").await;
+    let triggered = pd_event(
+        "incident.triggered",
+        "P0SYSTEM",
+        json!({"id": "Q0PDINC", "type": "incident", "incident_key": format!("rollback-responder/{id}"), "status": "triggered"}),
+    );
+    assert_eq!(pd_post(&w.app, "wh-1", &triggered, "wrong").await.status(), 401);
+    let r: Value = pd_post(&w.app, "wh-1", &triggered, PD_SECRET)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "ignored", "triggered only links the incidents: {r}");
+    let ack = pd_event(
+        "incident.acknowledged",
+        "P0ONCALL",
+        json!({"id": "Q0PDINC", "type": "incident", "status": "acknowledged"}),
+    );
+    // The old secret of a rotation still verifies.
+    let r: Value = pd_post(&w.app, "wh-2", &ack, "old-secret").await.json().await.unwrap();
+    assert_eq!(r["status"], "recorded");
+    let r: Value = pd_post(&w.app, "wh-2", &ack, PD_SECRET).await.json().await.unwrap();
+    assert_eq!(r["status"], "duplicate");
+    let inc = w.app.incident(&id).await;
+    let acks: Vec<&Value> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "pagerduty_acknowledged")
+        .collect();
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0]["summary"], "PagerDuty: acknowledged by On Call");
+    // A note from someone who is not an approver changes nothing.
+    let note = pd_event(
+        "incident.annotated",
+        "P0RANDOM",
+        json!({"type": "incident_note", "id": "N1", "content": "rollback approve", "incident": {"id": "Q0PDINC", "type": "incident_reference"}}),
+    );
+    let r: Value = pd_post(&w.app, "wh-3", &note, PD_SECRET).await.json().await.unwrap();
+    assert_eq!(r["status"], "refused");
+    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    // The workflow action needs its bearer token.
+    let body = json!({"action": "approve", "incident_id": "Q0PDINC", "user_id": "P0ONCALL"});
+    let r = w
+        .app
+        .http
+        .post(w.app.url("/pagerduty/action"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = w
+        .app
+        .http
+        .post(w.app.url("/pagerduty/action"))
+        .bearer_auth(PD_ACTION_TOKEN)
+        .json(&json!({"action": "approve", "incident_id": "Q0PDINC", "user_id": "P0NOBODY"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = w
+        .app
+        .http
+        .post(w.app.url("/pagerduty/action"))
+        .bearer_auth(PD_ACTION_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["by"], json!(["pagerduty:P0ONCALL"]));
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+}
+
+/// The end to end of the approval issue, approved from Slack and from PagerDuty.
+async fn manual_flow(from_pagerduty: bool) {
+    let w = world(1, "1h").await;
+    let am = Alertmanager::start(&w.app.url("/webhook/alertmanager"), TOKEN).await;
+    am.post(json!({"alertname": "HighLatency", "service": "portal-api", "endpoint": "files", "run": uuid::Uuid::now_v7().simple().to_string()}), &ago(600), None).await;
+    let list = w
+        .app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let slack = wait_requests(&w.peers.slack, 2, "slack").await;
+    let buttons = &slack[0].2["blocks"][2]["elements"];
+    assert_eq!(buttons[0]["action_id"], "rollback_approve");
+    assert_eq!(buttons[0]["value"], id.as_str());
+    let who = if from_pagerduty {
+        let triggered = pd_event(
+            "incident.triggered",
+            "P0SYSTEM",
+            json!({"id": "Q0E2E", "type": "incident", "incident_key": format!("rollback-responder/{id}")}),
+        );
+        pd_post(&w.app, "e2e-1", &triggered, PD_SECRET).await;
+        let note = pd_event(
+            "incident.annotated",
+            "P0ONCALL",
+            json!({"type": "incident_note", "id": "N9", "content": "rollback approve", "incident": {"id": "Q0E2E"}}),
+        );
+        let r: Value = pd_post(&w.app, "e2e-2", &note, PD_SECRET).await.json().await.unwrap();
+        assert_eq!(r["status"], "approved", "{r}");
+        "PagerDuty user P0ONCALL"
+    } else {
+        let ru = response_url().await;
+        assert_eq!(
+            click(
+                &w.app,
+                "U0APPROVER",
+                "rollback_approve",
+                &id,
+                &format!("{}/r", ru.uri())
+            )
+            .await,
+            200
+        );
+        "<@U0APPROVER>"
+    };
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    assert_eq!(
+        weights(&w.fx.listener_actions().await),
+        vec![(w.fx.stable_tg.clone(), 100), (w.fx.canary_tg.clone(), 0)]
+    );
+    // The thread says who approved and when; PagerDuty was acknowledged after the approval.
+    let slack = wait_requests(&w.peers.slack, 7, "slack").await;
+    let line = slack
+        .iter()
+        .map(|r| r.2["text"].as_str().unwrap_or("").to_string())
+        .find(|t| t.contains("`awaiting_approval` → `executing`"))
+        .expect("approval in the thread");
+    assert!(line.contains(&format!("approved by {who} via")), "{line}");
+    let pd = wait_requests(&w.peers.pagerduty, 3, "pagerduty").await;
+    let actions: Vec<&str> = pd
+        .iter()
+        .map(|r| r.2["event_action"].as_str().unwrap_or("change"))
+        .collect();
+    assert_eq!(&actions[..3], ["trigger", "acknowledge", "change"]);
+    let inc = w.app.incident(&id).await;
+    let approved = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "approved")
+        .unwrap();
+    assert!(approved["at"].is_string());
+    assert!(approved["summary"].as_str().unwrap().contains(who));
+}
+
+#[tokio::test]
+async fn alertmanager_to_slack_buttons_to_a_signed_click_to_moto() {
+    manual_flow(false).await;
+}
+
+#[tokio::test]
+async fn alertmanager_to_slack_buttons_approved_from_a_signed_pagerduty_webhook() {
+    manual_flow(true).await;
+}
