@@ -253,20 +253,6 @@ pub async fn deliver(
     Ok(vec![])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retryable_slack_errors() {
-        assert!(retryable_error("ratelimited"));
-        assert!(retryable_error("internal_error"));
-        assert!(!retryable_error("channel_not_found"));
-        assert!(!retryable_error("invalid_auth"));
-        assert!(!retryable_error("not_in_channel"));
-    }
-}
-
 /// Slack user-group membership, for approvers named by group (`usergroups.users.list`,
 /// scope `usergroups:read`), cached briefly so a burst of clicks costs one call per group.
 pub struct Directory {
@@ -341,5 +327,19 @@ impl Directory {
             c.insert(group.to_string(), (std::time::Instant::now(), members.clone()));
         }
         members
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_slack_errors() {
+        assert!(retryable_error("ratelimited"));
+        assert!(retryable_error("internal_error"));
+        assert!(!retryable_error("channel_not_found"));
+        assert!(!retryable_error("invalid_auth"));
+        assert!(!retryable_error("not_in_channel"));
     }
 }
