@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::notify::outbox::{self, Outbox};
 use crate::notify::slack::Directory;
 use crate::notify::Notifiers;
-use crate::policy::{GlobalGuards, PolicySet};
+use crate::policy::{Freeze, FreezeState, GlobalGuards, PolicySet};
 use crate::responder::Responder;
 use crate::store::Store;
 use crate::worker;
@@ -37,6 +37,7 @@ pub struct Application {
     body_limit: usize,
     tick: std::time::Duration,
     grace: std::time::Duration,
+    policies_dir: std::path::PathBuf,
 }
 
 impl Application {
@@ -103,6 +104,7 @@ impl Application {
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
         }
+        let metrics_for_freeze = metrics.clone();
         let notifiers = Notifiers::from_config(&cfg);
         let defaults = notifiers.defaults(cfg.settings.slack.as_ref().and_then(|s| s.default_channel.clone()));
         for (name, on) in [
@@ -139,7 +141,8 @@ impl Application {
                 metrics,
             )
             .with_notifications(defaults, wake)
-            .with_prometheus(cfg.settings.verification.prometheus_url.clone()),
+            .with_prometheus(cfg.settings.verification.prometheus_url.clone())
+            .with_config_freezes(config_freezes(&cfg.settings.safety.freeze, &metrics_for_freeze)),
         );
         let directory = cfg
             .settings
@@ -158,7 +161,8 @@ impl Application {
             action_token: cfg.pagerduty_action_token.clone(),
         };
         let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone())
-            .with_humans(slack, pagerduty);
+            .with_humans(slack, pagerduty)
+            .with_api_token(cfg.api_token.clone());
         Ok(Application {
             listener,
             port,
@@ -166,6 +170,7 @@ impl Application {
             responder,
             state,
             body_limit: cfg.settings.server.body_limit_bytes,
+            policies_dir: cfg.policies_dir.clone(),
             tick: cfg.settings.workers.tick,
             grace: cfg.settings.server.shutdown_grace,
         })
@@ -199,7 +204,12 @@ impl Application {
             stop_rx.clone(),
         ));
         // Notifications have their own loops: a Slack outage never holds up a rollback.
-        let outbox = tokio::spawn(self.outbox.clone().run(self.tick, stop_rx));
+        let outbox = tokio::spawn(self.outbox.clone().run(self.tick, stop_rx.clone()));
+        let reloader = tokio::spawn(reload_policies(
+            self.responder.clone(),
+            self.policies_dir.clone(),
+            stop_rx,
+        ));
         let app = router(self.state, self.body_limit);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
@@ -208,10 +218,95 @@ impl Application {
         let _ = stop_tx.send(true);
         let _ = workers.await;
         let _ = outbox.await;
+        let _ = reloader.await;
         self.responder.store.close().await;
         info!("rollback-responder stopped");
         Ok(())
     }
+}
+
+/// Reloads the policies on SIGHUP and when a file in their directory changes. A set with
+/// errors is refused as a whole (each error logged with file and line) and the set in force
+/// stays; decisions record the hash of the set they were made under.
+async fn reload_policies(responder: Arc<Responder>, dir: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+    use notify::Watcher;
+    let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(16);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+    let _watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            None
+        }
+    };
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = hangup => "SIGHUP",
+            Some(()) = changed.recv() => {
+                // Editors write in several steps: let the burst settle, then read once.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                while changed.try_recv().is_ok() {}
+                "file change"
+            }
+            _ = stop.changed() => return,
+        };
+        let old = responder.policies().hash.clone();
+        match PolicySet::load_dir(&dir) {
+            Ok(set) if set.hash == old => {}
+            Ok(set) => {
+                info!(trigger = why, old_hash = %old, new_hash = %set.hash, policies = set.policies.len(), "policies reloaded");
+                responder.set_policies(set);
+            }
+            Err(errs) => {
+                for e in &errs {
+                    tracing::error!(trigger = why, error = %e, "policy reload rejected");
+                }
+                warn!(hash = %old, errors = errs.len(), "the new policy set has errors; the old set stays in force");
+            }
+        }
+    }
+}
+
+/// The config file's freezes, also shown in the `frozen` metric.
+fn config_freezes(c: &crate::config::ConfigFreeze, metrics: &Metrics) -> FreezeState {
+    let freeze = || Freeze {
+        reason: c
+            .reason
+            .clone()
+            .unwrap_or_else(|| "frozen in the config file (safety.freeze)".into()),
+        by: "config".into(),
+        until: None,
+    };
+    let mut f = FreezeState::default();
+    if c.global {
+        f.global = Some(freeze());
+        metrics.set_frozen("*", true);
+        warn!("automatic rollbacks are FROZEN for all policies (safety.freeze.global)");
+    }
+    for p in &c.policies {
+        f.policies.insert(p.clone(), freeze());
+        metrics.set_frozen(p, true);
+        warn!(policy = %p, "automatic rollbacks are FROZEN for this policy (safety.freeze.policies)");
+    }
+    f
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -31,6 +31,8 @@ pub struct Settings {
     pub policies_dir: Option<PathBuf>,
     /// How Alertmanager authenticates (its `http_config`).
     pub webhook: WebhookAuth,
+    /// Bearer token for the write API (`/api/v1/freezes`); without one that API answers 401.
+    pub api: ApiAuth,
     pub safety: SafetySettings,
     /// AWS access for ALB targets; absent means ALB rollbacks are recorded, not executed.
     pub aws: Option<crate::action::alb::AwsSettings>,
@@ -100,6 +102,14 @@ pub struct WebhookAuth {
     pub bearer_token: Option<SecretString>,
     pub bearer_token_file: Option<PathBuf>,
     pub basic_auth: Option<BasicAuth>,
+}
+
+/// The operator API's credential.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiAuth {
+    pub bearer_token: Option<SecretString>,
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// Basic auth credentials.
@@ -228,6 +238,17 @@ pub struct SafetySettings {
     pub dry_run: bool,
     /// At most this many rollbacks across all policies in the window.
     pub max_rollbacks: Option<RateLimit>,
+    /// Kill switch in the config: hold automatic rollbacks globally or for named policies.
+    pub freeze: ConfigFreeze,
+}
+
+/// Freezes set in the config file (the API and Slack set run-time ones).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFreeze {
+    pub global: bool,
+    pub policies: Vec<String>,
+    pub reason: Option<String>,
 }
 
 impl Default for SafetySettings {
@@ -238,6 +259,7 @@ impl Default for SafetySettings {
                 count: 5,
                 per: Duration::from_secs(3600),
             }),
+            freeze: ConfigFreeze::default(),
         }
     }
 }
@@ -309,6 +331,7 @@ pub struct Resolved {
     pub listen: SocketAddr,
     /// Where the settings came from, for the start-up log.
     pub source: String,
+    pub api_token: Option<SecretString>,
     pub slack_token: Option<SecretString>,
     pub slack_signing_secret: Option<SecretString>,
     pub pagerduty_key: Option<SecretString>,
@@ -357,6 +380,7 @@ pub fn load_from(
     let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
         .list_separator(",")
         .with_list_parse_key("pagerduty.webhook_secrets")
+        .with_list_parse_key("safety.freeze.policies")
         .prefix_separator("__")
         .separator("__")
         .try_parsing(true);
@@ -468,6 +492,11 @@ fn resolve(
         ),
         None => None,
     };
+    let api_token = secret(
+        settings.api.bearer_token.clone(),
+        settings.api.bearer_token_file.as_ref(),
+        "api.bearer_token",
+    )?;
     let slack_signing_secret = match &settings.slack {
         Some(s) => secret(
             s.signing_secret.clone(),
@@ -534,6 +563,7 @@ fn resolve(
         webhook_basic,
         listen,
         source,
+        api_token,
         slack_token,
         slack_signing_secret,
         pagerduty_key,

@@ -29,6 +29,8 @@ pub struct Metrics {
     outbox_depth: Family<Labels, Gauge>,
     outbox_failures: Family<Labels, Counter>,
     action_to_verified: Histogram,
+    incidents_open: Gauge,
+    approvals_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -102,7 +104,21 @@ impl Metrics {
             "From the rollback's change to its verification",
             action_to_verified.clone(),
         );
+        let incidents_open = Gauge::default();
+        registry.register(
+            "incidents_open",
+            "Incidents not closed yet (shared store)",
+            incidents_open.clone(),
+        );
+        let approvals_pending = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Incidents waiting for a human's approval (shared store)",
+            approvals_pending.clone(),
+        );
         Metrics {
+            incidents_open,
+            approvals_pending,
             registry,
             notifications,
             alerts,
@@ -174,6 +190,12 @@ impl Metrics {
     /// Time from a real change to its verification.
     pub fn action_to_verified(&self, seconds: f64) {
         self.action_to_verified.observe(seconds);
+    }
+
+    /// Open incidents and pending approvals, read from the store at scrape time.
+    pub fn set_incident_gauges(&self, open: i64, pending: i64) {
+        self.incidents_open.set(open);
+        self.approvals_pending.set(pending);
     }
 
     /// The text exposition.

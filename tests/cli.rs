@@ -98,3 +98,261 @@ fn serve_refuses_to_start_on_a_broken_policy_and_names_the_line() {
         "{err}"
     );
 }
+
+/// A running `rollback-responder serve` child process with its log file; killed on drop.
+struct Serve {
+    child: std::process::Child,
+    pub url: String,
+    pub log: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const POLICY: &str = r##"name: checkout
+service: checkout
+matchers: ['service="checkout"']
+target:
+  alb:
+    listener_arn: arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/checkout/1/2
+    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/checkout-stable/1
+triggers:
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    mode: auto
+notify:
+  slack: {channel: "#checkout"}
+  pagerduty: {severity: critical}
+"##;
+
+async fn serve(env: &[(&str, String)]) -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/checkout.yaml"), POLICY).unwrap();
+    let port = free_port();
+    let log = dir.path().join("serve.log");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ROLLBACK_RESPONDER__POLICIES_DIR", dir.path().join("policies"))
+        .env(
+            "ROLLBACK_RESPONDER__STORE__URL",
+            format!("sqlite://{}", dir.path().join("rr.db").display()),
+        )
+        .env("ROLLBACK_RESPONDER__LOG__FORMAT", "json")
+        .env("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms")
+        .env("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s")
+        .env("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "false")
+        .env(
+            "RUST_LOG",
+            "debug,hyper=info,h2=info,sqlx=warn,reqwest=info,rustls=info",
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let s = Serve {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+        dir,
+    };
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while http
+        .get(format!("{}/readyz", s.url))
+        .send()
+        .await
+        .map(|r| !r.status().is_success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve never became ready:\n{}",
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s
+}
+
+async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_policies_and_a_broken_set_is_refused_with_file_and_line() {
+    let s = serve(&[]).await;
+    let http = reqwest::Client::new();
+    let hash = |v: serde_json::Value| v["hash"].as_str().unwrap().to_string();
+    let before = hash(
+        http.get(format!("{}/api/v1/policies", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
+    std::fs::write(
+        s.dir.path().join("policies/checkout.yaml"),
+        POLICY.replace("    mode: auto", "    mode: auto\n    moed: x"),
+    )
+    .unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_for("the rejection in the log", async || {
+        std::fs::read_to_string(&s.log)
+            .unwrap()
+            .contains("policy reload rejected")
+    })
+    .await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.contains("checkout.yaml:12: triggers[0]: unknown field `moed`") || log.contains("checkout.yaml:12:"),
+        "{log}"
+    );
+    let now = hash(
+        http.get(format!("{}/api/v1/policies", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(now, before, "the old set stays in force");
+    std::fs::write(
+        s.dir.path().join("policies/checkout.yaml"),
+        POLICY.replace("mode: auto", "mode: manual\n    for: 1m").replace(
+            "notify:",
+            "approval: {approvers: {slack_users: [U1]}, on_timeout: escalate}\nnotify:",
+        ),
+    )
+    .unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let url = format!("{}/api/v1/policies", s.url);
+    wait_for("the new set", async || {
+        let v: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        v["hash"].as_str() != Some(before.as_str())
+    })
+    .await;
+    assert!(std::fs::read_to_string(&s.log).unwrap().contains("policies reloaded"));
+}
+
+#[tokio::test]
+async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true, "channel": "C1", "ts": "1.2"})),
+        )
+        .mount(&slack)
+        .await;
+    let pd = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&pd)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(202))
+        .mount(&pd)
+        .await;
+    let secrets = [
+        ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN", "whk-SECRET-1f2e3d"),
+        ("ROLLBACK_RESPONDER__SLACK__BOT_TOKEN", "xoxb-SECRET-9a8b7c"),
+        ("ROLLBACK_RESPONDER__SLACK__SIGNING_SECRET", "sign-SECRET-5e6f7a"),
+        ("ROLLBACK_RESPONDER__PAGERDUTY__ROUTING_KEY", "pdkey-SECRET-0c1d2e"),
+        ("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "api-SECRET-3b4c5d"),
+    ];
+    let mut env: Vec<(&str, String)> = secrets.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    env.push(("ROLLBACK_RESPONDER__SLACK__API_URL", slack.uri()));
+    env.push(("ROLLBACK_RESPONDER__PAGERDUTY__EVENTS_URL", pd.uri()));
+    env.push(("ROLLBACK_RESPONDER__NOTIFICATIONS__INITIAL_BACKOFF", "50ms".into()));
+    let s = serve(&env).await;
+    let http = reqwest::Client::new();
+    let body = std::fs::read_to_string(root().join("tests/fixtures/high-error-rate.json"))
+        .unwrap()
+        .replace("portal-api", "checkout");
+    // A wrong token first (logged as rejected, without the token), then the real delivery.
+    let r = http
+        .post(format!("{}/webhook/alertmanager", s.url))
+        .bearer_auth("wrong")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(format!("{}/webhook/alertmanager", s.url))
+        .bearer_auth("whk-SECRET-1f2e3d")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let incidents = format!("{}/api/v1/incidents", s.url);
+    wait_for("a settled incident with its notifications", async || {
+        let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
+        v["incidents"][0]["phase"] == "dry_run" && pd.received_requests().await.unwrap_or_default().len() >= 2
+    })
+    .await;
+    let id = {
+        let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
+        v["incidents"][0]["id"].as_str().unwrap().to_string()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    for (key, secret) in secrets {
+        assert!(!log.contains(secret), "{key}'s value appears in the logs");
+    }
+    let lines: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let not_json: Vec<&str> = log
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+        .collect();
+    assert!(
+        lines.len() > 5 && not_json.is_empty(),
+        "every log line is JSON: {not_json:#?}"
+    );
+    let about_incident: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| ["incident opened", "incident phase changed"].contains(&l["message"].as_str().unwrap_or("")))
+        .collect();
+    assert!(!about_incident.is_empty());
+    for l in about_incident {
+        assert_eq!(l["incident"].as_str(), Some(id.as_str()), "{l}");
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "notification not delivered; will retry" && l["incident"] == id.as_str()));
+}

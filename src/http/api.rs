@@ -1,6 +1,7 @@
 //! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -21,7 +22,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let r = &state.responder;
     let store = r.store.ping().await;
     let set = r.policies();
-    let freezes = r.store.freezes(chrono::Utc::now()).await.ok();
+    let freezes = r.freezes(chrono::Utc::now()).await.ok();
     let ready = store.is_ok() && !set.policies.is_empty();
     let body = json!({
         "ready": ready,
@@ -41,8 +42,16 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Prometheus exposition.
+/// Prometheus exposition; gauges that are facts of the shared store are read at scrape time.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let r = &state.responder;
+    match r.store.incident_gauges().await {
+        Ok((open, pending)) => r.metrics.set_incident_gauges(open, pending),
+        Err(e) => {
+            r.metrics.store_error();
+            tracing::warn!(error = %e, "could not read incident gauges for /metrics");
+        }
+    }
     (
         [(
             "content-type",
@@ -112,4 +121,91 @@ pub async fn get_incident(State(state): State<AppState>, Path(id): Path<String>)
 pub async fn policies(State(state): State<AppState>) -> Json<Value> {
     let set = state.responder.policies();
     Json(json!({ "hash": set.hash, "dir": set.dir, "policies": set.policies }))
+}
+
+fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.api_token else {
+        return Err(ApiError::Unauthorized);
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(subtle::ConstantTimeEq::ct_eq(
+        given.as_bytes(),
+        secrecy::ExposeSecret::expose_secret(token).as_bytes(),
+    )) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// `POST /api/v1/freezes` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeBody {
+    /// A policy name; absent: every policy.
+    #[serde(default)]
+    policy: Option<String>,
+    reason: String,
+    /// e.g. "2h"; absent: until lifted.
+    #[serde(default, with = "humantime_serde")]
+    duration: Option<std::time::Duration>,
+    /// Who asks, for the audit (default "api").
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// Freezes automatic rollbacks (the kill switch), globally or for one policy.
+pub async fn freeze(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(b): Json<FreezeBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    operator(&state, &headers)?;
+    let r = &state.responder;
+    if let Some(p) = &b.policy {
+        if r.policies().get(p).is_none() {
+            return Err(ApiError::NotFound(format!("no policy {p}")));
+        }
+    }
+    let scope = b.policy.clone().unwrap_or_else(|| "*".into());
+    let until = b
+        .duration
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(|d| chrono::Utc::now() + d);
+    let f = crate::policy::Freeze {
+        reason: b.reason,
+        by: format!("api:{}", b.by.unwrap_or_else(|| "operator".into())),
+        until,
+    };
+    r.set_freeze(&scope, &f).await.map_err(ApiError::Unavailable)?;
+    Ok((StatusCode::CREATED, Json(json!({ "scope": scope, "freeze": f }))))
+}
+
+/// Lifts a freeze; `*` is the global one.
+pub async fn unfreeze(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(scope): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    operator(&state, &headers)?;
+    let lifted = state
+        .responder
+        .lift_freeze(&scope, "api")
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(Json(json!({ "scope": scope, "lifted": lifted })))
+}
+
+/// The freezes in force (config and run time).
+pub async fn freezes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let f = state
+        .responder
+        .freezes(chrono::Utc::now())
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(Json(serde_json::to_value(f).unwrap_or(Value::Null)))
 }

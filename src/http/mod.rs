@@ -25,6 +25,8 @@ pub struct AppState {
     pub auth: Arc<auth::WebhookAuth>,
     pub slack: Arc<slack::SlackEdge>,
     pub pagerduty: Arc<pagerduty::PagerDutyEdge>,
+    /// Bearer token of the operator API (freezes); none: that API answers 401.
+    pub api_token: Option<secrecy::SecretString>,
 }
 
 impl AppState {
@@ -39,7 +41,14 @@ impl AppState {
             auth: Arc::new(auth::WebhookAuth::new(bearer, basic)),
             slack: Arc::new(slack::SlackEdge::new(None, None)),
             pagerduty: Arc::default(),
+            api_token: None,
         }
+    }
+
+    /// Enables the operator API with this bearer token.
+    pub fn with_api_token(mut self, token: Option<secrecy::SecretString>) -> Self {
+        self.api_token = token;
+        self
     }
 
     /// Adds the Slack and PagerDuty edges (approvals).
@@ -63,6 +72,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/incidents", get(api::list_incidents))
         .route("/api/v1/incidents/{id}", get(api::get_incident))
         .route("/api/v1/policies", get(api::policies))
+        .route("/api/v1/freezes", get(api::freezes).post(api::freeze))
+        .route("/api/v1/freezes/{scope}", axum::routing::delete(api::unfreeze))
         .route(
             "/slack/commands",
             post(slack::command).layer(DefaultBodyLimit::max(64 * 1024)),

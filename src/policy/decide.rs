@@ -85,10 +85,11 @@ pub enum Suppression {
         max: u32,
         window_secs: u64,
     },
-    /// Automatic rollbacks are frozen.
+    /// Automatic rollbacks are frozen (`freeze_reason`: the decision has its own `reason`,
+    /// and the two share one JSON object).
     Frozen {
         scope: String,
-        reason: String,
+        freeze_reason: String,
         until: Option<DateTime<Utc>>,
     },
     /// Dry run: what would have happened is recorded, nothing is changed.
@@ -234,7 +235,7 @@ pub fn decide(
                 .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M:%SZ")))
                 .unwrap_or_default();
             return make(
-                Outcome::Suppressed(Suppression::Frozen { scope: scope.clone(), reason: why.clone(), until }),
+                Outcome::Suppressed(Suppression::Frozen { scope: scope.clone(), freeze_reason: why.clone(), until }),
                 Some(policy),
                 Some(trigger),
                 format!("frozen: automatic rollbacks are frozen ({scope}{by}{until_txt}: {why}); a person can still run /rollback now {}", policy.name),
@@ -731,5 +732,60 @@ mod tests {
     fn every_decision_records_the_policy_hash() {
         let set = seeds();
         assert_eq!(at(&set, &alert("HealthCheckFailing", &[]), S(1)).policy_hash, set.hash);
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use super::*;
+
+    /// Every outcome survives the store's JSON round trip (flattened fields must not collide).
+    #[test]
+    fn decisions_round_trip_through_json() {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let outcomes = [
+            Outcome::NoMatch,
+            Outcome::Auto,
+            Outcome::NeedsApproval {
+                expires_at: at,
+                on_timeout: OnTimeout::Rollback,
+            },
+            Outcome::EscalateLater { auto_at: at },
+            Outcome::Suppressed(Suppression::TooYoung {
+                firing_for_secs: 1,
+                required_secs: 2,
+                recheck_at: at,
+            }),
+            Outcome::Suppressed(Suppression::Cooldown {
+                last_rollback: at,
+                until: at,
+            }),
+            Outcome::Suppressed(Suppression::RateLimited {
+                scope: "global".into(),
+                count: 1,
+                max: 1,
+                window_secs: 60,
+            }),
+            Outcome::Suppressed(Suppression::Frozen {
+                scope: "global".into(),
+                freeze_reason: "x".into(),
+                until: Some(at),
+            }),
+            Outcome::Suppressed(Suppression::DryRun {
+                would: Box::new(Outcome::Auto),
+            }),
+        ];
+        for outcome in outcomes {
+            let d = Decision {
+                outcome,
+                policy: Some("p".into()),
+                trigger: Some("t".into()),
+                reason: "because".into(),
+                policy_hash: "h".into(),
+                decided_at: at,
+            };
+            let back: Decision = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+            assert_eq!(back, d);
+        }
     }
 }

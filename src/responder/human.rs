@@ -317,9 +317,27 @@ impl Responder {
     /// Lifts a freeze; false if there was none.
     pub async fn unfreeze(&self, policy: Option<&str>, who: &Person) -> Result<bool, HumanError> {
         let scope = self.authorize_scope(policy, who)?;
-        let lifted = self.store.unfreeze(&scope).await?;
-        self.metrics.set_frozen(&scope, false);
-        info!(scope = %scope, by = %who.key(), lifted, "freeze lifted");
+        Ok(self.lift_freeze(&scope, &who.key()).await?)
+    }
+
+    /// Stores a freeze (`*` or a policy name) and shows it in the metrics.
+    pub async fn set_freeze(&self, scope: &str, f: &Freeze) -> Result<(), crate::store::StoreError> {
+        self.store.freeze(scope, f, Utc::now()).await?;
+        self.metrics.set_frozen(scope, true);
+        info!(scope = %scope, by = %f.by, reason = %f.reason, until = ?f.until, "automatic rollbacks frozen");
+        Ok(())
+    }
+
+    /// Lifts a stored freeze; false if there was none. Config-file freezes stay.
+    pub async fn lift_freeze(&self, scope: &str, by: &str) -> Result<bool, crate::store::StoreError> {
+        let lifted = self.store.unfreeze(scope).await?;
+        let still = if scope == "*" {
+            self.config_freezes.global.is_some()
+        } else {
+            self.config_freezes.policies.contains_key(scope)
+        };
+        self.metrics.set_frozen(scope, still);
+        info!(scope = %scope, by = %by, lifted, "freeze lifted");
         Ok(lifted)
     }
 

@@ -54,6 +54,8 @@ pub struct Responder {
     pub outbox_wake: Arc<notify::outbox::Wake>,
     /// HTTP client for health probes and Prometheus queries.
     pub http: reqwest::Client,
+    /// Freezes from the config file; run-time ones live in the store.
+    pub config_freezes: FreezeState,
     /// Prometheus base URL for verification queries.
     pub prometheus_url: Option<String>,
 }
@@ -87,6 +89,7 @@ impl Responder {
             outbox_wake: Arc::default(),
             http: reqwest::Client::new(),
             prometheus_url: None,
+            config_freezes: FreezeState::default(),
         }
     }
 
@@ -95,6 +98,24 @@ impl Responder {
         self.notify_defaults = defaults;
         self.outbox_wake = wake;
         self
+    }
+
+    /// Freezes that the config file sets (they cannot be lifted at run time).
+    pub fn with_config_freezes(mut self, f: FreezeState) -> Self {
+        self.config_freezes = f;
+        self
+    }
+
+    /// Every freeze in force: the config's and the store's (API, Slack).
+    pub async fn freezes(&self, now: DateTime<Utc>) -> Result<FreezeState, StoreError> {
+        let mut f = self.store.freezes(now).await?;
+        if f.global.is_none() {
+            f.global = self.config_freezes.global.clone();
+        }
+        for (k, v) in &self.config_freezes.policies {
+            f.policies.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        Ok(f)
     }
 
     /// Where verification queries go.
@@ -143,7 +164,7 @@ impl Responder {
             attempt += 1;
             // Read before the transaction: on SQLite the transaction holds the only connection.
             let now = Utc::now();
-            let freezes = self.store.freezes(now).await?;
+            let freezes = self.freezes(now).await?;
             let mut tx = self.store.begin().await?;
             let Some(stored) = tx.claim_alert(alert_id).await? else {
                 return Ok(None);
@@ -358,7 +379,7 @@ impl Responder {
         let now = Utc::now();
         let mut work = Vec::new();
         for id in self.store.due_incidents(now).await? {
-            let freezes = self.store.freezes(now).await?;
+            let freezes = self.freezes(now).await?;
             let mut tx = self.store.begin().await?;
             let Some(mut inc) = tx.incident(&id).await? else {
                 continue;

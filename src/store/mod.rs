@@ -369,6 +369,17 @@ impl Store {
         )
     }
 
+    /// Open incidents and incidents waiting for approval (metrics gauges).
+    pub async fn incident_gauges(&self) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN phase = 'awaiting_approval' THEN 1 ELSE 0 END), 0)
+             FROM incidents WHERE closed_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
     /// Alert counts by processing state, for readiness details and tests.
     pub async fn alert_count(&self) -> Result<i64> {
         Ok(sqlx::query("SELECT COUNT(*) FROM alerts")

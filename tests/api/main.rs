@@ -10,6 +10,7 @@ mod kube_fake;
 mod kube_mock;
 mod lifecycle;
 mod notify;
+mod operate;
 mod peers;
 mod rbac;
 #[path = "../support/mod.rs"]

@@ -1,0 +1,251 @@
+//! Operating it: metrics after a full incident, policy hot reload that refuses a broken set,
+//! the kill switch through the authenticated API.
+
+use std::time::{Duration, Instant};
+
+use rollback_responder::action::Executors;
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::support::alb_fixture::{weights, AlbFixture};
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name_and_labels} in:\n{text}"))
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn alb_policy(fx: &AlbFixture) -> String {
+    format!(
+        "name: portal-api\nservice: portal-api\nmatchers: ['service=\"portal-api\"']\ntarget:\n  alb:\n    listener_arn: {}\n    stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    mode: auto\n",
+        fx.listener_arn, fx.stable_tg
+    )
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_reflects_a_full_incident() {
+    let fx = AlbFixture::start().await;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", alb_policy(&fx))],
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let body = payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "fa01", &ago(90), None)],
+    );
+    app.post_webhook(&body).await;
+    app.post_webhook(&body).await;
+    app.wait_incidents("verified", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    let m = metrics(&app).await;
+    assert_eq!(
+        metric(&m, "rollback_responder_notifications_received_total{status=\"firing\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "rollback_responder_alerts_received_total{status=\"firing\"}"),
+        2.0
+    );
+    assert_eq!(metric(&m, "rollback_responder_alerts_duplicate_total"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "rollback_responder_decisions_total{outcome=\"auto\",policy=\"portal-api\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "rollback_responder_actions_total{kind=\"alb\",result=\"changed\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "rollback_responder_action_duration_seconds_count{kind=\"alb\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "rollback_responder_alert_to_action_seconds_count"), 1.0);
+    assert!(
+        metric(&m, "rollback_responder_alert_to_action_seconds_sum") >= 90.0,
+        "alert started 90 s before"
+    );
+    assert_eq!(metric(&m, "rollback_responder_action_to_verified_seconds_count"), 1.0);
+    assert_eq!(metric(&m, "rollback_responder_incidents_open"), 1.0);
+    assert_eq!(metric(&m, "rollback_responder_approvals_pending"), 0.0);
+    assert_eq!(metric(&m, "rollback_responder_store_errors_total"), 0.0);
+}
+
+#[tokio::test]
+async fn a_broken_policy_reload_keeps_the_old_set_and_a_good_one_takes_over() {
+    let app = spawn_app(Options::default()).await;
+    let before = app.get_json("/api/v1/policies").await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = app.dir.path().join("policies");
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "name: broken\nservice: x\ntriggers: []\nbogus: 1\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.get_json("/api/v1/policies").await["hash"],
+        before.as_str(),
+        "a broken set is refused whole"
+    );
+    assert_eq!(app.get_json("/readyz").await["ready"], true);
+    // Fix it: the new set (two policies) takes over, and decisions record its hash.
+    let fixed = CHECKOUT_POLICY
+        .replace("name: checkout", "name: billing")
+        .replace("service=\\\"checkout\\\"", "service=\\\"billing\\\"");
+    let fixed = fixed
+        .replace("listener/app/checkout/1/2", "listener/app/billing/1/2")
+        .replace(
+            "matchers: ['service=\"checkout\"']",
+            "matchers: ['service=\"billing\"']",
+        );
+    std::fs::write(dir.join("broken.yaml"), fixed).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let p = app.get_json("/api/v1/policies").await;
+        if p["hash"] != before.as_str() {
+            assert_eq!(p["policies"].as_array().unwrap().len(), 2);
+            break p["hash"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "reload never happened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "billing", "fb01", &ago(30), None)],
+    ))
+    .await;
+    let list = app.wait_incidents("billing incident", |l| l.len() == 1).await;
+    assert_eq!(list[0]["policy"], "billing");
+    assert_eq!(list[0]["decision"]["policy_hash"], after.as_str());
+}
+
+#[tokio::test]
+async fn the_kill_switch_api_suppresses_automatic_rollbacks_and_says_so() {
+    let fx = AlbFixture::start().await;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", alb_policy(&fx))],
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+        ..Options::default()
+    })
+    .await;
+    let url = app.url("/api/v1/freezes");
+    let body = json!({"reason": "database failover in progress", "duration": "1h", "by": "alice"});
+    assert_eq!(app.http.post(&url).json(&body).send().await.unwrap().status(), 401);
+    assert_eq!(
+        app.http
+            .post(&url)
+            .bearer_auth("nope")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let r = app
+        .http
+        .post(&url)
+        .bearer_auth("operator-token")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        app.get_json("/readyz").await["freezes"]["global"]["reason"],
+        "database failover in progress"
+    );
+    assert_eq!(
+        metric(&metrics(&app).await, "rollback_responder_frozen{scope=\"*\"}"),
+        1.0
+    );
+
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "fc01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("suppressed", |l| l.len() == 1 && l[0]["phase"] == "suppressed")
+        .await;
+    let reason = list[0]["decision"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("frozen: automatic rollbacks are frozen (global by api:alice until"),
+        "{reason}"
+    );
+    assert!(reason.contains("database failover in progress"), "{reason}");
+    assert_eq!(list[0]["decision"]["kind"], "frozen");
+    assert_eq!(
+        weights(&fx.listener_actions().await)[0].1,
+        75,
+        "nothing was rolled back"
+    );
+
+    let r = app
+        .http
+        .delete(app.url("/api/v1/freezes/*"))
+        .bearer_auth("operator-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["lifted"], true);
+    assert_eq!(
+        metric(&metrics(&app).await, "rollback_responder_frozen{scope=\"*\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_freeze_in_the_config_file_holds_a_policy() {
+    let app = spawn_app(Options {
+        env: env(&[
+            ("ROLLBACK_RESPONDER__SAFETY__FREEZE__POLICIES", "checkout"),
+            ("ROLLBACK_RESPONDER__SAFETY__FREEZE__REASON", "quarterly close"),
+        ]),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "fd01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("suppressed", |l| l.len() == 1 && l[0]["phase"] == "suppressed")
+        .await;
+    assert!(
+        list[0]["decision"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("policy checkout by config"),
+        "{}",
+        list[0]
+    );
+}
