@@ -723,6 +723,16 @@ def cmd_service_smoke(binary: str) -> int:
         problems.need(cfg["webhook"]["bearer_token_file"] == "/etc/rollback-responder/secrets/webhook-bearer-token",
                       "config.yaml: bearer_token_file path")
         cfg["webhook"]["bearer_token_file"] = str(tmpd / "webhook-bearer-token")
+        # Every other secret file the config names gets a stand-in value of its own.
+        for section in cfg.values():
+            if not isinstance(section, dict):
+                continue
+            for key, value in list(section.items()):
+                if key.endswith("_file") and str(value).startswith("/etc/rollback-responder/secrets/") \
+                        and key != "bearer_token_file":
+                    stand_in = tmpd / Path(value).name
+                    stand_in.write_text("smoke-" + Path(value).name + "\n")
+                    section[key] = str(stand_in)
         cfg["policies_dir"] = str(BASE / "policies")
         (tmpd / "config.yaml").write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLBACK_RESPONDER", "AWS_", "KUBECONFIG"))}

@@ -481,6 +481,16 @@ impl Responder {
             let target: Target =
                 serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
             let dry_run = matches!(inc.decision.outcome, Outcome::Suppressed(Suppression::DryRun { .. }));
+            // An earlier start on this incident without a result (the phase is still
+            // `executing`): that replica died or was stopped mid-action, maybe after its write.
+            let interrupted = self
+                .store
+                .events(id)
+                .await?
+                .iter()
+                .rev()
+                .find(|e| e.kind == "action_started")
+                .map(|e| e.actor.clone());
             let now = Utc::now();
             let mut tx = self.store.begin().await?;
             let started = format!(
@@ -536,9 +546,19 @@ impl Responder {
                     let ActionReport {
                         changed,
                         dry_run,
-                        summary,
+                        mut summary,
                         detail,
                     } = report;
+                    // Found reverted after an interrupted attempt: most likely that attempt's
+                    // write (a crash after AWS applied it). Count it as this incident's rollback,
+                    // or the guards (cooldown, rate limits) and people (PagerDuty change event,
+                    // "executed") would never learn that the target was changed.
+                    if let Some(by) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
+                        inc.acted_at = Some(now);
+                        summary.push_str(&format!(
+                            " (an interrupted earlier attempt by {by} most likely wrote it: counted as this incident's rollback)"
+                        ));
+                    }
                     self.apply(
                         &mut tx,
                         &mut inc,

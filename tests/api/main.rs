@@ -13,6 +13,7 @@ mod notify;
 mod operate;
 mod peers;
 mod rbac;
+mod replicas;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
