@@ -1,6 +1,6 @@
 //! Integration tests: one binary (faster to link), one module per area. Everything runs the
 //! real service on loopback against real peers (Alertmanager, moto, PostgreSQL when
-//! TEST_DATABASE_URL points at it); see tests/README.md.
+//! TEST_DATABASE_URL points at it); see the README's Tests section.
 
 mod alb;
 mod alertmanager;
