@@ -241,26 +241,8 @@ impl Responder {
             ..Default::default()
         };
         let inc = Incident {
-            id: IncidentId::new(),
-            policy: p.name.clone(),
-            trigger: None,
-            service: p.service.clone(),
-            target_key: p.target.key(),
-            phase,
-            due_at: None,
-            plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
             alertname: "manual".into(),
-            first_alert_starts_at: now,
-            opened_at: now,
-            updated_at: now,
-            closed_at: None,
-            acted_at: None,
-            verified_at: None,
-            owner: None,
-            lease_until: None,
-            version: 0,
-            decision: d.clone(),
-            context: serde_json::to_value(&context).unwrap_or(Value::Null),
+            ..super::opening(p, d.clone(), phase, &context, now)
         };
         tx.insert_incident(&inc).await?;
         Self::record(

@@ -291,26 +291,9 @@ impl Responder {
             routes: notify::Routes::resolve(p, &self.notify_defaults),
         };
         let inc = Incident {
-            id: IncidentId::new(),
-            policy: p.name.clone(),
-            trigger: d.trigger.clone(),
-            service: p.service.clone(),
-            target_key,
-            phase,
-            due_at: due_at(phase, &d.outcome),
-            plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
             alertname: stored.alert.alertname().to_string(),
             first_alert_starts_at: stored.alert.starts_at,
-            opened_at: now,
-            updated_at: now,
-            closed_at: None,
-            acted_at: None,
-            verified_at: None,
-            owner: None,
-            lease_until: None,
-            version: 0,
-            decision: d.clone(),
-            context: serde_json::to_value(&context).unwrap_or(Value::Null),
+            ..opening(p, d.clone(), phase, &context, now)
         };
         tx.insert_incident(&inc).await?;
         tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
@@ -836,6 +819,33 @@ impl Responder {
             tx.enqueue(&inc.id, msg.channel().as_str(), &payload, now).await?;
         }
         Ok(())
+    }
+}
+
+/// A new incident under policy `p` with decision `d`, as of `now`; the caller fills in what
+/// opened it (an alert, or a person).
+fn opening(p: &policy::Policy, d: Decision, phase: Phase, context: &notify::Context, now: DateTime<Utc>) -> Incident {
+    Incident {
+        id: IncidentId::new(),
+        policy: p.name.clone(),
+        trigger: d.trigger.clone(),
+        service: p.service.clone(),
+        target_key: p.target.key(),
+        phase,
+        due_at: due_at(phase, &d.outcome),
+        plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
+        alertname: String::new(),
+        first_alert_starts_at: now,
+        opened_at: now,
+        updated_at: now,
+        closed_at: None,
+        acted_at: None,
+        verified_at: None,
+        owner: None,
+        lease_until: None,
+        version: 0,
+        decision: d,
+        context: serde_json::to_value(context).unwrap_or(Value::Null),
     }
 }
 

@@ -299,11 +299,7 @@ impl Store {
 
     /// One incident.
     pub async fn incident(&self, id: &IncidentId) -> Result<Option<Incident>> {
-        let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"))
-            .bind(&id.0)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| incident_from_row(&r)).transpose()
+        fetch_incident(&self.pool, id).await
     }
 
     /// Recent incidents, newest first, optionally only open ones.
@@ -684,6 +680,18 @@ impl Store {
     }
 }
 
+/// One incident, through the pool or inside a transaction.
+async fn fetch_incident<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    e: E,
+    id: &IncidentId,
+) -> Result<Option<Incident>> {
+    let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"))
+        .bind(&id.0)
+        .fetch_optional(e)
+        .await?;
+    row.map(|r| incident_from_row(&r)).transpose()
+}
+
 fn ids(rows: Vec<AnyRow>) -> Result<Vec<IncidentId>> {
     rows.iter()
         .map(|r| Ok(IncidentId(r.try_get::<String, _>(0)?)))
@@ -845,11 +853,7 @@ impl StoreTx {
 
     /// One incident, read inside the transaction.
     pub async fn incident(&mut self, id: &IncidentId) -> Result<Option<Incident>> {
-        let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE id = $1"))
-            .bind(&id.0)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        row.map(|r| incident_from_row(&r)).transpose()
+        fetch_incident(&mut *self.tx, id).await
     }
 
     /// Inserts a new incident; a conflict means another replica opened one for this target.

@@ -69,57 +69,23 @@ impl Default for Options {
 /// when TEST_DATABASE_URL is set (and dropped afterwards).
 pub struct TestDb {
     pub url: String,
-    pg_admin: Option<(String, String)>,
+    _pg: Option<crate::support::pg::PgDb>,
 }
 
 impl TestDb {
     pub async fn new(dir: &std::path::Path) -> TestDb {
         match std::env::var("TEST_DATABASE_URL") {
             Ok(admin) if admin.starts_with("postgres") => {
-                let name = format!("rr_test_{}", uuid::Uuid::now_v7().simple());
-                sqlx::any::install_default_drivers();
-                let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
-                    .await
-                    .expect("connect to TEST_DATABASE_URL");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create test database");
-                let base = admin
-                    .rsplit_once('/')
-                    .map(|(b, _)| b.to_string())
-                    .unwrap_or(admin.clone());
+                let pg = crate::support::pg::PgDb::create().await;
                 TestDb {
-                    url: format!("{base}/{name}"),
-                    pg_admin: Some((admin, name)),
+                    url: pg.url.clone(),
+                    _pg: Some(pg),
                 }
             }
             _ => TestDb {
                 url: format!("sqlite://{}", dir.join("rr.db").display()),
-                pg_admin: None,
+                _pg: None,
             },
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some((admin, name)) = self.pg_admin.take() {
-            // Drop needs its own runtime: the test's runtime may be shutting down.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if let Ok(mut c) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&mut c)
-                            .await;
-                    }
-                });
-            })
-            .join();
         }
     }
 }
@@ -286,7 +252,7 @@ impl TestApp {
             &mut self.db,
             TestDb {
                 url: String::new(),
-                pg_admin: None,
+                _pg: None,
             },
         );
         (dir, db)
