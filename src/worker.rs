@@ -14,6 +14,34 @@ use tracing::{info, warn};
 use crate::incident::IncidentId;
 use crate::responder::Responder;
 
+/// Alerts decided per batch before newly found work is started.
+const ALERT_BATCH: i64 = 32;
+
+/// Starts each incident's work unless this replica already runs it.
+fn spawn_work(
+    tasks: &mut JoinSet<()>,
+    in_flight: &Arc<Mutex<HashSet<IncidentId>>>,
+    responder: &Arc<Responder>,
+    work: Vec<IncidentId>,
+) {
+    for id in work {
+        let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);
+        if !fresh {
+            continue;
+        }
+        let r = responder.clone();
+        let flight = in_flight.clone();
+        tasks.spawn(async move {
+            if let Err(e) = r.run_work(&id).await {
+                warn!(incident = %id, error = %e, "incident work failed; it will be retried");
+            }
+            if let Ok(mut s) = flight.lock() {
+                s.remove(&id);
+            }
+        });
+    }
+}
+
 /// Runs until `shutdown` turns true, then waits up to `grace` for work in flight and hands
 /// the rest over (releases its leases so another replica takes over at once).
 pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut shutdown: watch::Receiver<bool>) {
@@ -27,14 +55,23 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
             _ = ticker.tick() => true,
             _ = shutdown.changed() => break,
         };
-        let mut work = match responder.process_pending().await {
-            Ok(w) => w,
-            Err(e) => {
-                responder.metrics.store_error();
-                warn!(error = %e, "processing stored alerts failed; retrying next tick");
-                vec![]
+        // Alerts first, in small batches: a rollback found early in a storm starts at once.
+        loop {
+            match responder.process_pending(ALERT_BATCH).await {
+                Ok((work, more)) => {
+                    spawn_work(&mut tasks, &in_flight, &responder, work);
+                    if !more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    responder.metrics.store_error();
+                    warn!(error = %e, "processing stored alerts failed; retrying next tick");
+                    break;
+                }
             }
-        };
+        }
+        let mut work = Vec::new();
         if on_tick {
             match responder.run_due().await {
                 Ok(w) => work.extend(w),
@@ -46,22 +83,7 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
             Ok(w) => work.extend(w),
             Err(e) => warn!(error = %e, "looking for orphaned work failed"),
         }
-        for id in work {
-            let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);
-            if !fresh {
-                continue;
-            }
-            let r = responder.clone();
-            let flight = in_flight.clone();
-            tasks.spawn(async move {
-                if let Err(e) = r.run_work(&id).await {
-                    warn!(incident = %id, error = %e, "incident work failed; it will be retried");
-                }
-                if let Ok(mut s) = flight.lock() {
-                    s.remove(&id);
-                }
-            });
-        }
+        spawn_work(&mut tasks, &in_flight, &responder, work);
         while tasks.try_join_next().is_some() {}
     }
     info!(in_flight = tasks.len(), "shutting down: waiting for work in flight");

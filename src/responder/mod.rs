@@ -141,20 +141,19 @@ impl Responder {
         *guard = Arc::new(set);
     }
 
-    /// Processes every pending alert; returns incidents that now have work to run.
-    pub async fn process_pending(&self) -> Result<Vec<IncidentId>, StepError> {
+    /// Processes up to `batch` pending alerts, oldest first; returns incidents that now have
+    /// work to run and whether more alerts are waiting. Small batches let the caller start a
+    /// rollback while an alert storm is still being stored and decided.
+    pub async fn process_pending(&self, batch: i64) -> Result<(Vec<IncidentId>, bool), StepError> {
+        let ids = self.store.pending_alert_ids(batch).await?;
+        let more = ids.len() as i64 == batch;
         let mut work = Vec::new();
-        loop {
-            let ids = self.store.pending_alert_ids(200).await?;
-            if ids.is_empty() {
-                return Ok(work);
-            }
-            for id in ids {
-                if let Some(inc) = self.process_alert(id).await? {
-                    work.push(inc);
-                }
+        for id in ids {
+            if let Some(inc) = self.process_alert(id).await? {
+                work.push(inc);
             }
         }
+        Ok((work, more))
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.

@@ -176,41 +176,76 @@ impl Store {
     /// is a duplicate and changes nothing; firing -> resolved marks it for processing again.
     /// A resolved alert never goes back to firing (late duplicates from an HA peer).
     pub async fn ingest(&self, n: &Notification, now: DateTime<Utc>) -> Result<IngestStats> {
-        let mut tx = self.pool.begin().await?;
-        let mut stats = IngestStats::default();
+        // One alert per (fingerprint, startsAt) per statement: an upsert may touch a row once.
+        // A resolved copy wins over a firing one, as it would across two deliveries.
+        let mut unique: Vec<&Alert> = Vec::with_capacity(n.alerts.len());
         for a in &n.alerts {
-            let labels = to_json(&a.labels);
-            let annotations = to_json(&a.annotations);
-            let r = sqlx::query(
+            match unique
+                .iter_mut()
+                .find(|u| u.fingerprint == a.fingerprint && u.starts_at == a.starts_at)
+            {
+                Some(u) if a.status == AlertStatus::Resolved => *u = a,
+                Some(_) => {}
+                None => unique.push(a),
+            }
+        }
+        let mut stored = 0;
+        let mut tx = self.pool.begin().await?;
+        // Multi-row statements: one round trip per 100 alerts, not one per alert.
+        for chunk in unique.chunks(100) {
+            let mut sql = String::from(
                 "INSERT INTO alerts (fingerprint, starts_at, ends_at, status, alertname, labels, annotations,
-                     generator_url, group_key, external_url, received_at, updated_at, pending)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 1)
-                 ON CONFLICT (fingerprint, starts_at) DO UPDATE
+                     generator_url, group_key, external_url, received_at, updated_at, pending) VALUES ",
+            );
+            for k in 0..chunk.len() {
+                let b = k * 11;
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 1)",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 11,
+                    b + 11
+                ));
+            }
+            sql.push_str(
+                " ON CONFLICT (fingerprint, starts_at) DO UPDATE
                    SET status = excluded.status, ends_at = excluded.ends_at, updated_at = excluded.updated_at,
                        annotations = excluded.annotations, pending = 1
                    WHERE alerts.status = 'firing' AND excluded.status = 'resolved'",
-            )
-            .bind(&a.fingerprint.0)
-            .bind(ms(a.starts_at))
-            .bind(a.ended_at().map(ms))
-            .bind(a.status.as_str())
-            .bind(a.alertname())
-            .bind(labels)
-            .bind(annotations)
-            .bind(&a.generator_url)
-            .bind(&n.group_key)
-            .bind(&n.external_url)
-            .bind(ms(now))
-            .execute(&mut *tx)
-            .await?;
-            if r.rows_affected() > 0 {
-                stats.stored += 1;
-            } else {
-                stats.duplicates += 1;
+            );
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(&a.fingerprint.0)
+                    .bind(ms(a.starts_at))
+                    .bind(a.ended_at().map(ms))
+                    .bind(a.status.as_str())
+                    .bind(a.alertname())
+                    .bind(to_json(&a.labels))
+                    .bind(to_json(&a.annotations))
+                    .bind(&a.generator_url)
+                    .bind(&n.group_key)
+                    .bind(&n.external_url)
+                    .bind(ms(now));
             }
+            stored += q.execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
-        Ok(stats)
+        Ok(IngestStats {
+            stored,
+            duplicates: n.alerts.len() as u64 - stored,
+        })
     }
 
     /// Ids of alerts waiting to be processed, oldest first.

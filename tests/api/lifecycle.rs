@@ -298,3 +298,22 @@ async fn a_pending_approval_survives_a_restart() {
     assert_eq!(phase(&after[0]), "awaiting_approval");
     assert_eq!(after[0]["due_at"], before[0]["due_at"]);
 }
+
+#[tokio::test]
+async fn the_same_alert_twice_in_one_payload_is_stored_once_and_resolved_wins() {
+    let app = spawn_app(Options::default()).await;
+    let starts = ago(30);
+    let body = payload(
+        "firing",
+        vec![
+            alert("HighLatency", "checkout", "bj01", &starts, None),
+            alert("HighLatency", "checkout", "bj01", &starts, Some(&ago(0))),
+            alert("HighLatency", "checkout", "bj01", &starts, None),
+        ],
+    );
+    let v: Value = app.post_webhook(&body).await.json().await.unwrap();
+    assert_eq!((v["stored"].as_u64(), v["duplicates"].as_u64()), (Some(1), Some(2)));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 1);
+    assert!(app.incidents().await.is_empty(), "a resolved alert opens nothing");
+}
