@@ -60,7 +60,9 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
             match responder.process_pending(ALERT_BATCH).await {
                 Ok((work, more)) => {
                     spawn_work(&mut tasks, &in_flight, &responder, work);
-                    if !more {
+                    // A long backlog must not hold up shutdown: what is left stays pending in
+                    // the store for the next start or another replica.
+                    if !more || *shutdown.borrow() {
                         break;
                     }
                 }
