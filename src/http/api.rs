@@ -124,18 +124,7 @@ pub async fn policies(State(state): State<AppState>) -> Json<Value> {
 }
 
 fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.api_token else {
-        return Err(ApiError::Unauthorized);
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(subtle::ConstantTimeEq::ct_eq(
-        given.as_bytes(),
-        secrecy::ExposeSecret::expose_secret(token).as_bytes(),
-    )) {
+    if super::auth::bearer_matches(headers, state.api_token.as_ref()) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)

@@ -55,6 +55,18 @@ impl WebhookAuth {
     }
 }
 
+/// True when the request carries `Authorization: Bearer <token>` for the configured token
+/// (constant time); false without a configured token: an unset secret never opens an endpoint.
+pub fn bearer_matches(headers: &HeaderMap, token: Option<&SecretString>) -> bool {
+    let Some(token) = token else { return false };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    ct_eq(given.as_bytes(), token.expose_secret().as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

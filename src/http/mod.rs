@@ -3,7 +3,7 @@
 
 mod alertmanager;
 mod api;
-mod auth;
+pub(crate) mod auth;
 mod error;
 pub mod pagerduty;
 pub mod slack;

@@ -206,15 +206,7 @@ pub async fn action(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Some(token) = &state.pagerduty.action_token else {
-        return Err(ApiError::Unauthorized);
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(token.expose_secret().as_bytes())) {
+    if !super::auth::bearer_matches(&headers, state.pagerduty.action_token.as_ref()) {
         return Err(ApiError::Unauthorized);
     }
     let b: ActionBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("action body: {e}")))?;
