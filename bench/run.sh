@@ -16,6 +16,8 @@
 #   BENCH_RATE=2000 BENCH_WAIT_QUIET=1 (wait up to 10 min for no cargo/rustc/moto and load < 1)
 #   BENCH_POSTGRES=1 (also the 10-alert throughput scenarios on PostgreSQL 127.0.0.1:5432, one round)
 #   BENCH_ONLY="throughput fixed storm ttr" (a subset; "postgres" alone runs only the PostgreSQL rows)
+#   BENCH_ALERTS="1 10 100" (alerts per notification in the throughput runs)
+#   BENCH_BIN=path (measure another build of the service, e.g. an older commit's, instead of this tree's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -60,10 +62,10 @@ eval "$(bash tests/setup.sh)"
 venv_python=$(dirname "$MOTO_SERVER")/python
 
 log "building (release): service, floor, loadgen"
-cargo build --release --quiet --bin rollback-responder
+[ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet --bin rollback-responder
 cargo build --release --quiet --manifest-path bench/floor/Cargo.toml
 cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
-BIN=$CARGO_TARGET_DIR/release/rollback-responder
+BIN=${BENCH_BIN:-$CARGO_TARGET_DIR/release/rollback-responder}
 FLOOR=$CARGO_TARGET_DIR/release/bench-floor
 LOADGEN=$CARGO_TARGET_DIR/release/bench-loadgen
 
@@ -79,7 +81,7 @@ if [ "${BENCH_WAIT_QUIET:-0}" = 1 ]; then
 fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)${BENCH_BIN:+ (service binary: $BENCH_BIN)}"
   echo "cpus: $(nproc) x $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)"
   echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
   echo "kernel: $(uname -sr)"
@@ -265,7 +267,7 @@ throughput() { # BACKEND KIND ALERTS [ROUNDS]
 
 if [[ " $ONLY " == *" throughput "* ]]; then
   for kind in new repeated; do
-    for alerts in 1 10 100; do throughput sqlite "$kind" "$alerts"; done
+    for alerts in ${BENCH_ALERTS:-1 10 100}; do throughput sqlite "$kind" "$alerts"; done
   done
   # Diagnostic: the same 10-alert new-alert load with commits made free (tmpfs), one round.
   throughput sqlite-tmpfs new 10 1

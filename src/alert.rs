@@ -119,15 +119,17 @@ impl Notification {
     /// Parses and checks a raw webhook body. Unknown fields are ignored; missing required
     /// ones, a wrong version, or alerts without fingerprint or name are errors.
     pub fn parse(body: &[u8]) -> Result<Self, PayloadError> {
-        // The path (`alerts[0].startsAt`) tells the sender which field is wrong.
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let n: Notification = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                PayloadError::Json(inner.to_string())
-            } else {
-                PayloadError::Json(format!("{path}: {inner}"))
+        // Tracking the path costs on every field, so only a body that fails is parsed again
+        // with it: the path (`alerts[0].startsAt`) tells the sender which field is wrong.
+        let n: Notification = serde_json::from_slice(body).map_err(|_| {
+            let de = &mut serde_json::Deserializer::from_slice(body);
+            match serde_path_to_error::deserialize::<_, Notification>(de) {
+                Err(e) if e.path().to_string() != "." => {
+                    let path = e.path().to_string();
+                    PayloadError::Json(format!("{path}: {}", e.into_inner()))
+                }
+                Err(e) => PayloadError::Json(e.into_inner().to_string()),
+                Ok(_) => PayloadError::Json("unreadable body".into()),
             }
         })?;
         if n.version != "4" {

@@ -361,6 +361,19 @@ pub fn load_from(
     env: Vec<(String, String)>,
 ) -> Result<Resolved, ConfigError> {
     let mut builder = config::Config::builder();
+    // The global rate limit's default as keys of their own, so that an override of one of its
+    // fields (ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__COUNT=3) keeps the other.
+    if let Some(d) = SafetySettings::default().max_rollbacks {
+        builder = builder
+            .set_default("safety.max_rollbacks.count", d.count)
+            .and_then(|b| {
+                b.set_default(
+                    "safety.max_rollbacks.per",
+                    humantime::format_duration(d.per).to_string(),
+                )
+            })
+            .map_err(|e| ConfigError(e.to_string()))?;
+    }
     if let Some(p) = path {
         let text = std::fs::read_to_string(p)
             .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", p.display())))?;
@@ -611,6 +624,33 @@ mod tests {
         assert_eq!(r.store_url.expose_secret(), "postgres://db/rr");
         assert_eq!(r.listen.to_string(), "0.0.0.0:9095");
         assert!(!format!("{r:?}").contains("s3cr3t"), "secrets must not be printable");
+    }
+
+    #[test]
+    fn one_field_of_the_global_rate_limit_from_the_environment_keeps_the_other() {
+        let env = vec![("ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__COUNT".into(), "3".into())];
+        let r = load_from(None, None, env).unwrap();
+        assert_eq!(
+            r.settings.safety.max_rollbacks,
+            Some(RateLimit {
+                count: 3,
+                per: Duration::from_secs(3600)
+            })
+        );
+        let f = file(
+            "safety:
+  max_rollbacks: {count: 2, per: 10m}
+",
+        );
+        let env = vec![("ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__PER".into(), "30m".into())];
+        let r = load_from(Some(f.path()), None, env).unwrap();
+        assert_eq!(
+            r.settings.safety.max_rollbacks,
+            Some(RateLimit {
+                count: 2,
+                per: Duration::from_secs(1800)
+            })
+        );
     }
 
     #[test]

@@ -17,12 +17,22 @@ use crate::responder::Responder;
 /// Alerts decided per batch before newly found work is started.
 const ALERT_BATCH: i64 = 32;
 
+/// Where a piece of work stands when it is handed over.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// The deciding transaction took the lease and recorded the start: run it now.
+    Held,
+    /// Approved, due or orphaned work: claim it first (another replica may have).
+    ToTake,
+}
+
 /// Starts each incident's work unless this replica already runs it.
 fn spawn_work(
     tasks: &mut JoinSet<()>,
     in_flight: &Arc<Mutex<HashSet<IncidentId>>>,
     responder: &Arc<Responder>,
     work: Vec<IncidentId>,
+    claim: Claim,
 ) {
     for id in work {
         let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);
@@ -32,7 +42,11 @@ fn spawn_work(
         let r = responder.clone();
         let flight = in_flight.clone();
         tasks.spawn(async move {
-            if let Err(e) = r.run_work(&id).await {
+            let result = match claim {
+                Claim::Held => r.run_started(&id).await,
+                Claim::ToTake => r.run_work(&id).await,
+            };
+            if let Err(e) = result {
                 warn!(incident = %id, error = %e, "incident work failed; it will be retried");
             }
             if let Ok(mut s) = flight.lock() {
@@ -59,7 +73,7 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
         loop {
             match responder.process_pending(ALERT_BATCH).await {
                 Ok((work, more)) => {
-                    spawn_work(&mut tasks, &in_flight, &responder, work);
+                    spawn_work(&mut tasks, &in_flight, &responder, work, Claim::Held);
                     // A long backlog must not hold up shutdown: what is left stays pending in
                     // the store for the next start or another replica.
                     if !more || *shutdown.borrow() {
@@ -85,7 +99,7 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
             Ok(w) => work.extend(w),
             Err(e) => warn!(error = %e, "looking for orphaned work failed"),
         }
-        spawn_work(&mut tasks, &in_flight, &responder, work);
+        spawn_work(&mut tasks, &in_flight, &responder, work, Claim::ToTake);
         while tasks.try_join_next().is_some() {}
     }
     info!(in_flight = tasks.len(), "shutting down: waiting for work in flight");

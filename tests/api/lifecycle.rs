@@ -317,3 +317,85 @@ async fn the_same_alert_twice_in_one_payload_is_stored_once_and_resolved_wins() 
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 1);
     assert!(app.incidents().await.is_empty(), "a resolved alert opens nothing");
 }
+
+/// Alertmanager's own fingerprint format (16 hex digits), which the intake's memory of stored
+/// alerts is keyed by.
+fn fp(n: u64) -> String {
+    format!("{:016x}", 0x5eed_0000_0000_0000 + n)
+}
+
+#[tokio::test]
+async fn re_sent_alerts_are_answered_from_memory_and_their_resolve_still_goes_through() {
+    let app = spawn_app(Options::default()).await;
+    let starts = ago(5);
+    let firing = payload("firing", vec![alert("HighLatency", "checkout", &fp(1), &starts, None)]);
+    let resolved = payload(
+        "resolved",
+        vec![alert("HighLatency", "checkout", &fp(1), &starts, Some(&ago(0)))],
+    );
+    let counts = |v: Value| (v["stored"].as_u64(), v["duplicates"].as_u64());
+    let post = |body: Value| {
+        let app = &app;
+        async move { counts(app.post_webhook(&body).await.json().await.unwrap()) }
+    };
+    assert_eq!(post(firing.clone()).await, (Some(1), Some(0)));
+    assert_eq!(
+        post(firing.clone()).await,
+        (Some(0), Some(1)),
+        "a re-send changes nothing"
+    );
+    app.wait_incidents("awaiting approval", |l| {
+        l.len() == 1 && phase(&l[0]) == "awaiting_approval"
+    })
+    .await;
+    assert_eq!(
+        post(resolved.clone()).await,
+        (Some(1), Some(0)),
+        "firing -> resolved is stored"
+    );
+    app.wait_incidents("cancelled", |l| phase(&l[0]) == "cancelled" && l[0]["open"] == false)
+        .await;
+    assert_eq!(post(resolved).await, (Some(0), Some(1)));
+    assert_eq!(
+        post(firing).await,
+        (Some(0), Some(1)),
+        "a late firing copy reopens nothing"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.incidents().await.len(), 1);
+    assert_eq!(phase(&app.incidents().await[0]), "cancelled");
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_each_get_their_own_counts_and_every_alert_is_stored_once() {
+    let app = spawn_app(Options::default()).await;
+    let starts = ago(5);
+    // Forty deliveries at once, each overlapping its neighbour by one alert: 41 distinct.
+    let bodies: Vec<Value> = (0..40)
+        .map(|i| {
+            payload(
+                "firing",
+                vec![
+                    alert("HighLatency", "checkout", &fp(100 + i), &starts, None),
+                    alert("HighLatency", "checkout", &fp(101 + i), &starts, None),
+                ],
+            )
+        })
+        .collect();
+    let answers = futures::future::join_all(bodies.iter().map(|b| async {
+        let r = app.post_webhook(b).await;
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    }))
+    .await;
+    let (mut stored, mut duplicates) = (0, 0);
+    for a in &answers {
+        let (s, d) = (a["stored"].as_u64().unwrap(), a["duplicates"].as_u64().unwrap());
+        assert_eq!(s + d, 2, "{a}");
+        stored += s;
+        duplicates += d;
+    }
+    assert_eq!((stored, duplicates), (41, 39));
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 41);
+}

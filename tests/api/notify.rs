@@ -563,3 +563,56 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
         .unwrap();
     assert!(msgs.iter().all(|m| m["state"] == "delivered"), "{msgs:#?}");
 }
+
+#[tokio::test]
+async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announced_once() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    let policy = policy_with_notify(&fx, "manual").replace(
+        "approval:",
+        "  - name: health\n    matchers: ['alertname=\"HealthCheckFailing\"']\n    mode: manual\napproval:",
+    );
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        env: peers.env(),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "cb00", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    // Twenty more instances of the same alert, then two of another kind, in one delivery.
+    let mut storm: Vec<Value> = (1..=20)
+        .map(|i| alert("HighErrorRate", "portal-api", &format!("cb{i:02}"), &ago(50), None))
+        .collect();
+    storm.push(alert("HealthCheckFailing", "portal-api", "cc01", &ago(40), None));
+    storm.push(alert("HealthCheckFailing", "portal-api", "cc02", &ago(40), None));
+    app.post_webhook(&payload("firing", storm)).await;
+    app.wait_incident(&id, "every alert joined", |i| {
+        i["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "alert_joined")
+            .count()
+            == 22
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let texts = slack_texts(&received(&peers.slack).await);
+    let joined: Vec<&String> = texts.iter().filter(|t| t.contains("joined the incident")).collect();
+    assert_eq!(
+        joined.len(),
+        1,
+        "one reply for the new kind, none per instance: {texts:#?}"
+    );
+    assert!(joined[0].contains("HealthCheckFailing"), "{}", joined[0]);
+}
