@@ -3,6 +3,7 @@
 
     taskset -c 1 python3 bench/sqlite_ceiling.py [--rows-per-tx 160] [--tx 1000]
         [--keys random|sequential] [--migrations 4]
+    taskset -c 1 python3 bench/sqlite_ceiling.py --inbox 6000 --rows-per-tx 16 --tx 2000
 
 Builds a fresh store from the service's own SQLite migrations (the first N of them), then
 inserts alerts shaped like bench/lua/payload.lua's in transactions of --rows-per-tx rows, each
@@ -11,6 +12,10 @@ multi-row upsert per transaction and nothing else: no HTTP, no JSON, no Rust. Pr
 --keys random gives every alert a hash-like fingerprint, as Alertmanager does; sequential
 fingerprints (as the wrk scripts send) land in index order. Compare --migrations 3 (before
 issue 10's key change) with 4.
+
+--inbox BYTES measures the design the service does not use (docs/benchmarks.md): one row per
+webhook delivery holding its raw body of BYTES (a 10-alert notification of bench/lua/payload.lua
+is about 6,000), the alerts to be expanded and deduplicated later; it prints deliveries/s.
 """
 
 import argparse
@@ -30,13 +35,23 @@ def main():
     ap.add_argument("--tx", type=int, default=1000)
     ap.add_argument("--keys", choices=["random", "sequential"], default="random")
     ap.add_argument("--migrations", type=int, default=len(os.listdir(MIGRATIONS)))
+    ap.add_argument("--inbox", type=int, metavar="BYTES", help="one row per delivery of this many bytes")
     a = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="rr-sqlite-ceiling.")
-    path = os.path.join(work, "store.db")
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    with tempfile.TemporaryDirectory(prefix="rr-sqlite-ceiling.") as work:
+        db = sqlite3.connect(os.path.join(work, "store.db"), isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        try:
+            if a.inbox:
+                inbox(db, a)
+            else:
+                alerts(db, a, os.path.join(work, "store.db"))
+        finally:
+            db.close()
+
+
+def alerts(db, a, path):
     for name in sorted(os.listdir(MIGRATIONS))[: a.migrations]:
         with open(os.path.join(MIGRATIONS, name)) as f:
             db.executescript(f.read())
@@ -71,13 +86,25 @@ def main():
         db.execute("COMMIT")
     dt = time.perf_counter() - t
     size = os.path.getsize(path)
-    db.close()
-    for f in os.listdir(work):
-        os.unlink(os.path.join(work, f))
-    os.rmdir(work)
     print(json.dumps({"migrations": a.migrations, "keys": a.keys, "rows_per_tx": a.rows_per_tx,
                       "rows_per_s": round(n / dt), "tx_per_s": round(a.tx / dt),
                       "db_mb": round(size / 1e6, 1), "sqlite": sqlite3.sqlite_version}))
+
+
+def inbox(db, a):
+    db.execute("CREATE TABLE inbox (id INTEGER PRIMARY KEY, received_at BIGINT NOT NULL, body TEXT NOT NULL)")
+    body = ("x" * a.inbox)
+    sql = "INSERT INTO inbox (received_at, body) VALUES " + ", ".join(["(?, ?)"] * a.rows_per_tx)
+    args = [v for i in range(a.rows_per_tx) for v in (i, body)]
+    t = time.perf_counter()
+    for _ in range(a.tx):
+        db.execute("BEGIN")
+        db.execute(sql, args)
+        db.execute("COMMIT")
+    dt = time.perf_counter() - t
+    print(json.dumps({"inbox_body_bytes": a.inbox, "deliveries_per_tx": a.rows_per_tx,
+                      "deliveries_per_s": round(a.rows_per_tx * a.tx / dt), "tx_per_s": round(a.tx / dt),
+                      "sqlite": sqlite3.sqlite_version}))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ impl Store {
                             // back into the database file and fsyncs it before it returns. At
                             // the default 1,000 pages (4 MB) that stall set the webhook's p99
                             // (11-19 ms at 2,000 deliveries/s); 100 pages stall a tenth as
-                            // long, ten times as often: p99 6 ms, for ~5 % of peak throughput
+                            // long, ten times as often: p99 5-7 ms, for ~5 % of peak throughput
                             // (docs/benchmarks.md). A checkpointer of its own, off the write
                             // path, was worse: under steady writes the WAL never starts over.
                             sqlx::query("PRAGMA wal_autocheckpoint=100").execute(&mut *conn).await?;
