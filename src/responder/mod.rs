@@ -66,8 +66,9 @@ pub use human::HumanError;
 const SYSTEM: &str = "rollback-responder";
 
 /// What the decisions of one transaction share: the time, the freezes read before it, and the
-/// guards' history per policy and target, which nothing in a deciding transaction changes
-/// (only an executed action does), so it is read once per batch instead of once per alert.
+/// guards' history per policy and target, read once per batch instead of once per alert. Only
+/// a rollback that starts changes that history (it counts against the rate limits while it
+/// runs), so starting one forgets it.
 struct Deciding {
     now: DateTime<Utc>,
     freezes: FreezeState,
@@ -350,6 +351,7 @@ impl Responder {
                     == Phase::Executing
                 {
                     self.claim_and_start(tx, &mut inc, now).await?;
+                    ctx.history.clear();
                     return Ok(Some(inc.id));
                 }
             }
@@ -414,6 +416,7 @@ impl Responder {
         }
         let mut inc = inc;
         self.claim_and_start(tx, &mut inc, now).await?;
+        ctx.history.clear();
         Ok(Some(inc.id))
     }
 

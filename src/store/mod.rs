@@ -805,21 +805,29 @@ impl StoreTx {
             last_rollback_on_target: opt_ms(last),
             ..Default::default()
         };
+        // A rollback still executing counts too: its acted_at is only set when it is done, and a
+        // storm across several targets must not start more rollbacks than the limit while the
+        // first ones are still running.
         if let Some(w) = policy_window {
-            let n: i64 = sqlx::query("SELECT COUNT(*) FROM incidents WHERE policy = $1 AND acted_at >= $2")
-                .bind(policy)
-                .bind(since(w))
-                .fetch_one(&mut *self.tx)
-                .await?
-                .try_get(0)?;
+            let n: i64 = sqlx::query(
+                "SELECT COUNT(*) FROM incidents WHERE policy = $1
+                   AND (acted_at >= $2 OR (phase = 'executing' AND acted_at IS NULL))",
+            )
+            .bind(policy)
+            .bind(since(w))
+            .fetch_one(&mut *self.tx)
+            .await?
+            .try_get(0)?;
             h.policy_rollbacks_in_window = n as u32;
         }
         if let Some(w) = global_window {
-            let n: i64 = sqlx::query("SELECT COUNT(*) FROM incidents WHERE acted_at >= $1")
-                .bind(since(w))
-                .fetch_one(&mut *self.tx)
-                .await?
-                .try_get(0)?;
+            let n: i64 = sqlx::query(
+                "SELECT COUNT(*) FROM incidents WHERE acted_at >= $1 OR (phase = 'executing' AND acted_at IS NULL)",
+            )
+            .bind(since(w))
+            .fetch_one(&mut *self.tx)
+            .await?
+            .try_get(0)?;
             h.global_rollbacks_in_window = n as u32;
         }
         Ok(h)

@@ -399,3 +399,61 @@ async fn concurrent_deliveries_each_get_their_own_counts_and_every_alert_is_stor
     assert_eq!((stored, duplicates), (41, 39));
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 41);
 }
+
+#[tokio::test]
+async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
+    // Two policies, two targets (the listener and one of its rules), at most one rollback: both
+    // alerts in one delivery are decided together, while the first rollback has not finished.
+    let fx = crate::support::alb_fixture::AlbFixture::start().await;
+    let policy = |name: &str, target: &str| {
+        format!(
+            "name: {name}\nservice: {name}\nmatchers: ['service=\"{name}\"']\ntarget:\n  alb:\n{target}    \
+             stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    \
+             for: 0s\n    mode: auto\n",
+            fx.stable_tg
+        )
+    };
+    let app = spawn_app(Options {
+        policies: vec![
+            (
+                "listener.yaml",
+                policy("listener-api", &format!("    listener_arn: {}\n", fx.listener_arn)),
+            ),
+            (
+                "rule.yaml",
+                policy(
+                    "rule-api",
+                    &format!("    listener_arn: {}\n    rule_arn: {}\n", fx.listener_arn, fx.rule_arn),
+                ),
+            ),
+        ],
+        env: env(&[("ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__COUNT", "1")]),
+        executors: Some(rollback_responder::action::Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![
+            alert("HighErrorRate", "listener-api", &fp(200), &ago(60), None),
+            alert("HighErrorRate", "rule-api", &fp(201), &ago(60), None),
+        ],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("one rollback done, one held", |l| {
+            l.len() == 2 && l.iter().any(|i| phase(i) == "verified") && l.iter().any(|i| phase(i) == "suppressed")
+        })
+        .await;
+    let held = list.iter().find(|i| phase(i) == "suppressed").unwrap();
+    assert!(
+        held["decision"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit: global"),
+        "{held}"
+    );
+}
