@@ -637,11 +637,7 @@ mod tests {
                 per: Duration::from_secs(3600)
             })
         );
-        let f = file(
-            "safety:
-  max_rollbacks: {count: 2, per: 10m}
-",
-        );
+        let f = file("safety:\n  max_rollbacks: {count: 2, per: 10m}\n");
         let env = vec![("ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__PER".into(), "30m".into())];
         let r = load_from(Some(f.path()), None, env).unwrap();
         assert_eq!(
