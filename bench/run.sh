@@ -300,14 +300,14 @@ fi
 if [[ " $ONLY " == *" storm "* ]]; then
   log "storm: 10,000 alerts for one service within about a second (moto through a counting proxy)"
   t0=$(now)
-  "$venv_python" bench/rollback_bench.py storm --bin "$BIN" --moto "$MOTO_SERVER" --loadgen "$LOADGEN" \
+  taskset -c $LOAD_CPU "$venv_python" bench/rollback_bench.py storm --bin "$BIN" --moto "$MOTO_SERVER" --loadgen "$LOADGEN" \
     --out "$raw/storm.json" > "$raw/storm.txt"
   printf '{"section":"window","name":"storm","window":[%s,%s]}\n' "$t0" "$(now)" >> "$raw/runs.jsonl"
 fi
 if [[ " $ONLY " == *" ttr "* ]]; then
   log "time to rollback: 100 incidents (plus one warm-up), one listener each"
   t0=$(now)
-  "$venv_python" bench/rollback_bench.py ttr --bin "$BIN" --moto "$MOTO_SERVER" --out "$raw/ttr.json" > "$raw/ttr.txt"
+  taskset -c $LOAD_CPU "$venv_python" bench/rollback_bench.py ttr --bin "$BIN" --moto "$MOTO_SERVER" --out "$raw/ttr.json" > "$raw/ttr.txt"
   printf '{"section":"window","name":"ttr","window":[%s,%s]}\n' "$t0" "$(now)" >> "$raw/runs.jsonl"
 fi
 

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{Channel, DeliveryError, Message, Notifiers};
 use crate::metrics::Metrics;
-use crate::store::{OutboxRow, Store};
+use crate::store::{Committed, OutboxRow, Store};
 
 /// Retry policy of the outbox.
 #[derive(Debug, Clone)]
@@ -52,10 +52,11 @@ impl Wake {
         }
     }
 
-    /// Wakes every channel's loop (a permit is kept if a loop is busy).
-    pub fn all(&self) {
-        for n in &self.0 {
-            n.notify_one();
+    /// Wakes the loops of the channels a commit queued messages for (a permit is kept if a
+    /// loop is busy); the others sleep until their tick.
+    pub fn queued(&self, committed: &Committed) {
+        for c in committed.queued.iter().filter_map(|c| Channel::parse(c)) {
+            self.0[Self::index(c)].notify_one();
         }
     }
 

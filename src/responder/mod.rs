@@ -73,6 +73,10 @@ struct Deciding {
     now: DateTime<Utc>,
     freezes: FreezeState,
     history: std::collections::HashMap<(String, String), policy::History>,
+    /// (incident, alertname) pairs known to be in an incident: in a storm most joining
+    /// alerts share a name, and an alert never leaves its incident, so one look-up serves
+    /// the batch.
+    named: std::collections::HashSet<(IncidentId, String)>,
 }
 
 /// How long one batch of decisions may hold its transaction. On SQLite that transaction holds
@@ -175,7 +179,7 @@ impl Responder {
         // replica opened an incident for the same target at the same moment), nothing of the
         // batch is kept and each alert is done again on its own, with retries.
         match self.process_batch(&ids).await {
-            Ok((work, decided)) => Ok((work, more || decided < ids.len())),
+            Ok((work, left)) => Ok((work, more || left)),
             Err(e) if ids.len() > 1 => {
                 info!(error = %e, alerts = ids.len(), "deciding a batch failed; deciding its alerts one at a time");
                 let mut work = Vec::new();
@@ -189,25 +193,29 @@ impl Responder {
     }
 
     /// Decides alerts of `ids` in one transaction until [`BATCH_BUDGET`] is spent or, after
-    /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and how many
-    /// alerts it decided (the rest stay pending for the next batch).
-    async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, usize), StepError> {
+    /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and whether
+    /// alerts were left for the next batch.
+    async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, bool), StepError> {
         // Read before the transaction: on SQLite the transaction holds the only connection.
         let mut ctx = self.deciding().await?;
         let started = Instant::now();
         let mut tx = self.store.begin().await?;
+        // Claimed in one statement; what the batch does not get to is handed back below.
+        let claimed = tx.claim_alerts(ids).await?;
         let mut work = Vec::new();
         let mut decided = 0;
-        for &id in ids {
-            work.extend(self.decide_alert(&mut tx, id, &mut ctx).await?);
+        for stored in &claimed {
+            work.extend(self.decide_claimed(&mut tx, stored, &mut ctx).await?);
             decided += 1;
             if started.elapsed() > BATCH_BUDGET || (decided >= BATCH_MIN && self.store.intake_waiting()) {
                 break;
             }
         }
-        tx.commit().await?;
-        self.outbox_wake.all();
-        Ok((work, decided))
+        let left: Vec<i64> = claimed[decided..].iter().map(|a| a.id).collect();
+        tx.unclaim_alerts(&left).await?;
+        let committed = tx.commit().await?;
+        self.outbox_wake.queued(&committed);
+        Ok((work, !left.is_empty()))
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.
@@ -218,8 +226,8 @@ impl Responder {
             let mut ctx = self.deciding().await?;
             let mut tx = self.store.begin().await?;
             match self.decide_alert(&mut tx, alert_id, &mut ctx).await {
-                Ok(work) => match tx.commit().await.inspect(|_| self.outbox_wake.all()) {
-                    Ok(()) => return Ok(work),
+                Ok(work) => match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
+                    Ok(_) => return Ok(work),
                     Err(e) if e.is_conflict() && attempt < 3 => continue,
                     Err(e) => return Err(e.into()),
                 },
@@ -240,6 +248,7 @@ impl Responder {
             now,
             freezes: self.freezes(now).await?,
             history: Default::default(),
+            named: Default::default(),
         })
     }
 
@@ -254,9 +263,19 @@ impl Responder {
         let Some(stored) = tx.claim_alert(alert_id).await? else {
             return Ok(None);
         };
+        self.decide_claimed(tx, &stored, ctx).await
+    }
+
+    /// Acts on an alert this transaction has claimed.
+    async fn decide_claimed(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        ctx: &mut Deciding,
+    ) -> Result<Option<IncidentId>, StepError> {
         match stored.alert.status {
-            AlertStatus::Firing => self.on_firing(tx, &stored, ctx).await,
-            AlertStatus::Resolved => self.on_resolved(tx, &stored, ctx.now).await.map(|_| None),
+            AlertStatus::Firing => self.on_firing(tx, stored, ctx).await,
+            AlertStatus::Resolved => self.on_resolved(tx, stored, ctx.now).await.map(|_| None),
         }
     }
 
@@ -329,12 +348,15 @@ impl Responder {
             // One thread reply per kind of alert: in a storm thousands of instances of one alert
             // join, and a reply each would bury the thread and hold the rollback's own messages
             // behind them in the ordered outbox for hours. The timeline keeps every one.
-            if !tx
-                .incident_has_alertname(&inc.id, stored.alert.alertname(), stored.id)
-                .await?
+            let named = (inc.id.clone(), stored.alert.alertname().to_string());
+            if !ctx.named.contains(&named)
+                && !tx
+                    .incident_has_alertname(&inc.id, stored.alert.alertname(), stored.id)
+                    .await?
             {
                 self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
             }
+            ctx.named.insert(named);
             let promotes = matches!(
                 (inc.phase, Phase::for_outcome(&d.outcome)),
                 (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing))
@@ -389,6 +411,7 @@ impl Responder {
         };
         tx.insert_incident(&inc).await?;
         tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
+        ctx.named.insert((inc.id.clone(), inc.alertname.clone()));
         let opened = format!(
             "{} opened an incident under policy {} (trigger {})",
             describe_alert(stored),
@@ -533,7 +556,7 @@ impl Responder {
     }
 
     async fn commit(&self, tx: StoreTx, inc: &Incident) -> Result<(), StepError> {
-        tx.commit().await.map_err(|e| {
+        let committed = tx.commit().await.map_err(|e| {
             if e.is_conflict() {
                 StepError::Conflict(inc.id.clone())
             } else {
@@ -541,7 +564,7 @@ impl Responder {
             }
         })?;
         // Messages queued by this change can go out now.
-        self.outbox_wake.all();
+        self.outbox_wake.queued(&committed);
         Ok(())
     }
 

@@ -4,11 +4,18 @@
 //! A 2xx to Alertmanager is a promise that the alerts are on disk, and a commit costs an fsync
 //! (about 0.7 ms on this project's machines). One transaction per request would cap intake at
 //! the disk's fsync rate and queue every request for the store's connection. Instead, request
-//! handlers hand their rows to one writer task, which writes everything that queued up while
+//! handlers queue their rows for one writer task, which writes everything that queued up while
 //! its previous commit was running in one transaction, and answers all of those requests after
 //! that one commit. Nothing waits on purpose: an idle writer takes a request at once; under
 //! load the batches grow by themselves. A batch that fails is retried one request at a time, so
 //! one bad request cannot fail the others.
+//!
+//! On SQLite every transaction shares one connection, so a delivery that arrives while another
+//! transaction holds it (the decision loop, mostly) would wait for that commit and then for
+//! one of its own: two fsyncs. Instead that transaction writes the waiting deliveries too and
+//! commits them with its own work ([`Intake::absorb`], called by `StoreTx::commit`): one fsync,
+//! and the deliveries are answered after it. If that commit fails they go back to the queue,
+//! and the writer takes them alone.
 //!
 //! Re-sends are the common case (every `group_interval`, every `repeat_interval`, once per HA
 //! peer, and on retries). [`Known`] remembers, per `(fingerprint, startsAt)`, the strongest
@@ -17,17 +24,18 @@
 //! store. The cache is filled only after a commit, so it never says "stored" about something
 //! that is not; anything it does not know goes to the store, which stays the judge.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use sqlx::AnyPool;
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{AnyConnection, AnyPool};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{ms, to_json, Backend, IngestStats, Result, StoreError};
 use crate::alert::{AlertStatus, Notification};
 
-/// Requests waiting for the writer; a full queue makes handlers wait (back-pressure on the
+/// Requests queued for the writer at most; beyond that handlers wait (back-pressure on the
 /// sender instead of unbounded memory).
 const QUEUE: usize = 1024;
 /// Rows per transaction at most: bounds how long one commit holds the store in a storm.
@@ -56,26 +64,98 @@ struct Job {
     external_url: String,
     received_at: i64,
     reply: oneshot::Sender<Result<u64>>,
+    /// Another transaction tried to carry it and failed: only the writer takes it now.
+    carried: bool,
+    /// Its place in the queue, given back when it is answered.
+    _room: OwnedSemaphorePermit,
+}
+
+/// The deliveries waiting to be written, shared by the handlers, the writer and (on SQLite)
+/// any transaction that commits while they wait.
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Notify,
+    room: Arc<Semaphore>,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        // A panic while holding the lock leaves a consistent queue (push and pop only).
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes jobs from the front up to [`MAX_BATCH_ROWS`] rows; `carried_too` also takes jobs
+    /// that another transaction failed to carry (only the writer does).
+    fn take(&self, carried_too: bool) -> Vec<Job> {
+        let mut q = self.lock();
+        let mut batch = Vec::new();
+        let mut rows = 0;
+        while let Some(job) = q.front() {
+            if rows > 0 && rows + job.rows.len() > MAX_BATCH_ROWS {
+                break;
+            }
+            if job.carried && !carried_too {
+                break;
+            }
+            rows += job.rows.len();
+            batch.extend(q.pop_front());
+        }
+        batch
+    }
+
+    /// Puts jobs back at the front, in their order, for the writer alone.
+    fn give_back(&self, jobs: Vec<Job>) {
+        let mut q = self.lock();
+        for mut job in jobs.into_iter().rev() {
+            job.carried = true;
+            q.push_front(job);
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
 }
 
 /// The handle request handlers use; cheap to clone with the store.
 pub(super) struct Intake {
-    jobs: mpsc::Sender<Job>,
+    queue: Arc<Queue>,
     known: Arc<Known>,
+    sql: Arc<Mutex<UpsertSql>>,
+    /// Whether other transactions carry waiting deliveries (SQLite: one shared connection).
+    carry: bool,
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        // The writer ends once the queue is empty, and with it its hold on the pool.
+        self.queue.closed.store(true, Ordering::Release);
+        self.queue.ready.notify_one();
+    }
 }
 
 impl Intake {
     /// Starts the writer task on `pool`.
     pub(super) fn start(pool: AnyPool, backend: Backend) -> Intake {
-        let (jobs, queue) = mpsc::channel(QUEUE);
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            room: Arc::new(Semaphore::new(QUEUE)),
+            closed: AtomicBool::new(false),
+        });
         let known = Arc::new(Known::new(KNOWN_CAPACITY));
-        tokio::spawn(write_loop(pool, queue, known.clone(), UpsertSql::new(backend)));
-        Intake { jobs, known }
+        let sql = Arc::new(Mutex::new(UpsertSql::new(backend)));
+        tokio::spawn(write_loop(pool, queue.clone(), known.clone(), sql.clone()));
+        Intake {
+            queue,
+            known,
+            sql,
+            carry: backend == Backend::Sqlite,
+        }
     }
 
     /// Whether deliveries are queued for the writer (the decision loop yields to them).
     pub(super) fn waiting(&self) -> bool {
-        self.jobs.capacity() < self.jobs.max_capacity()
+        !self.queue.lock().is_empty()
     }
 
     /// Stores every alert of a delivery that the store does not already have in this state;
@@ -116,6 +196,13 @@ impl Intake {
                 duplicates: total,
             });
         }
+        let room = self
+            .queue
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::IntakeStopped)?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             rows,
@@ -123,31 +210,98 @@ impl Intake {
             external_url: n.external_url.clone(),
             received_at: ms(now),
             reply,
+            carried: false,
+            _room: room,
         };
-        self.jobs.send(job).await.map_err(|_| StoreError::IntakeStopped)?;
+        self.queue.lock().push_back(job);
+        self.queue.ready.notify_one();
         let stored = answer.await.map_err(|_| StoreError::IntakeStopped)??;
         Ok(IngestStats {
             stored,
             duplicates: total - stored,
         })
     }
+
+    /// Writes the deliveries waiting in the queue into `conn`'s open transaction, which is
+    /// about to commit; the caller answers them with [`Carried::settle`] once it knows how the
+    /// commit went. Only on SQLite, where that transaction holds the one connection the writer
+    /// is waiting for. A failed write gives them back to the writer at once.
+    pub(super) async fn absorb(&self, conn: &mut AnyConnection) -> Option<Carried> {
+        if !self.carry {
+            return None;
+        }
+        let jobs = self.queue.take(false);
+        if jobs.is_empty() {
+            return None;
+        }
+        match write_in(conn, &jobs, &self.sql).await {
+            Ok(counts) => Some(Carried {
+                jobs,
+                counts,
+                queue: self.queue.clone(),
+                known: self.known.clone(),
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, requests = jobs.len(), "carrying deliveries in another commit failed; the writer takes them");
+                self.queue.give_back(jobs);
+                None
+            }
+        }
+    }
+}
+
+/// Deliveries written into another transaction, waiting for its commit.
+pub(super) struct Carried {
+    jobs: Vec<Job>,
+    counts: Vec<u64>,
+    queue: Arc<Queue>,
+    known: Arc<Known>,
+}
+
+impl Carried {
+    /// Answers them after a successful commit, or gives them back to the writer.
+    pub(super) fn settle(self, committed: bool) {
+        if committed {
+            for (job, stored) in self.jobs.into_iter().zip(self.counts) {
+                answer(&self.known, job, Ok(stored));
+            }
+        } else {
+            self.queue.give_back(self.jobs);
+        }
+    }
 }
 
 /// The writer: takes whatever has queued, writes it in one transaction, answers everyone.
-async fn write_loop(pool: AnyPool, mut queue: mpsc::Receiver<Job>, known: Arc<Known>, mut sql: UpsertSql) {
-    while let Some(first) = queue.recv().await {
-        let mut rows = first.rows.len();
-        let mut batch = vec![first];
-        while rows < MAX_BATCH_ROWS {
-            match queue.try_recv() {
-                Ok(job) => {
-                    rows += job.rows.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
+async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Arc<Mutex<UpsertSql>>) {
+    loop {
+        if queue.lock().is_empty() {
+            if queue.closed.load(Ordering::Acquire) {
+                break;
             }
+            queue.ready.notified().await;
+            continue;
         }
-        match write(&pool, &batch, &mut sql).await {
+        // The connection first, then the jobs: until the connection is free, whoever holds
+        // it may carry them in its own commit.
+        let mut tx = match pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = StoreError::from(e);
+                for job in queue.take(true) {
+                    answer(&known, job, Err(StoreError::Unavailable(e.to_string())));
+                }
+                continue;
+            }
+        };
+        let mut batch = queue.take(true);
+        if batch.is_empty() {
+            continue;
+        }
+        let written = match write_in(&mut tx, &batch, &sql).await {
+            Ok(counts) => tx.commit().await.map(|_| counts).map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(counts) => {
                 for (job, stored) in batch.into_iter().zip(counts) {
                     answer(&known, job, Ok(stored));
@@ -157,14 +311,20 @@ async fn write_loop(pool: AnyPool, mut queue: mpsc::Receiver<Job>, known: Arc<Kn
             Err(e) => {
                 tracing::warn!(error = %e, requests = batch.len(), "intake batch failed; writing its requests one at a time");
                 for job in batch {
-                    let result = write(&pool, std::slice::from_ref(&job), &mut sql)
-                        .await
-                        .map(|counts| counts[0]);
+                    let result = write_alone(&pool, &job, &sql).await;
                     answer(&known, job, result);
                 }
             }
         }
     }
+}
+
+/// Writes one job in a transaction of its own.
+async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let counts = write_in(&mut tx, std::slice::from_ref(job), sql).await?;
+    tx.commit().await?;
+    Ok(counts[0])
 }
 
 /// Remembers a committed job's alerts and wakes its handler (which may have gone: the client
@@ -178,14 +338,14 @@ fn answer(known: &Known, job: Job, result: Result<u64>) {
     let _ = job.reply.send(result);
 }
 
-/// One transaction for a batch; the number of rows each job inserted or changed.
-async fn write(pool: &AnyPool, jobs: &[Job], sql: &mut UpsertSql) -> Result<Vec<u64>> {
-    let mut tx = pool.begin().await?;
+/// Writes jobs into an open transaction; the number of rows each job inserted or changed.
+async fn write_in(conn: &mut AnyConnection, jobs: &[Job], sql: &Mutex<UpsertSql>) -> Result<Vec<u64>> {
     let mut counts = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut stored = 0;
         for chunk in job.rows.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::query(sql.get(chunk.len()));
+            let stmt = sql.lock().unwrap_or_else(|p| p.into_inner()).get(chunk.len());
+            let mut q = sqlx::query(&stmt);
             for r in chunk {
                 q = q
                     .bind(r.fingerprint.as_str())
@@ -201,11 +361,10 @@ async fn write(pool: &AnyPool, jobs: &[Job], sql: &mut UpsertSql) -> Result<Vec<
                     .bind(job.received_at)
                     .bind(job.received_at);
             }
-            stored += q.execute(&mut *tx).await?.rows_affected();
+            stored += q.execute(&mut *conn).await?.rows_affected();
         }
         counts.push(stored);
     }
-    tx.commit().await?;
     Ok(counts)
 }
 
@@ -214,7 +373,7 @@ async fn write(pool: &AnyPool, jobs: &[Job], sql: &mut UpsertSql) -> Result<Vec<
 /// firing (late duplicates from an HA peer).
 struct UpsertSql {
     backend: Backend,
-    by_rows: HashMap<usize, String>,
+    by_rows: HashMap<usize, Arc<str>>,
 }
 
 impl UpsertSql {
@@ -225,34 +384,37 @@ impl UpsertSql {
         }
     }
 
-    fn get(&mut self, rows: usize) -> &str {
+    fn get(&mut self, rows: usize) -> Arc<str> {
         let backend = self.backend;
-        self.by_rows.entry(rows).or_insert_with(|| {
-            let mut sql = String::from(
-                "INSERT INTO alerts (fingerprint, starts_at, ends_at, status, alertname, labels, annotations,
+        self.by_rows
+            .entry(rows)
+            .or_insert_with(|| {
+                let mut sql = String::from(
+                    "INSERT INTO alerts (fingerprint, starts_at, ends_at, status, alertname, labels, annotations,
                      generator_url, group_key, external_url, received_at, updated_at, pending) VALUES ",
-            );
-            for k in 0..rows {
-                if k > 0 {
-                    sql.push_str(", ");
+                );
+                for k in 0..rows {
+                    if k > 0 {
+                        sql.push_str(", ");
+                    }
+                    // SQLite maps a numbered parameter to its position by scanning the statement's
+                    // parameter list, for each one: quadratic in a 1,000-parameter insert. Plain `?`
+                    // costs nothing to place; PostgreSQL only speaks `$n`.
+                    let p: Vec<String> = match backend {
+                        Backend::Sqlite => vec!["?".to_string(); 12],
+                        Backend::Postgres => (1..=12).map(|i| format!("${}", k * 12 + i)).collect(),
+                    };
+                    sql.push_str(&format!("({}, 1)", p.join(", ")));
                 }
-                // SQLite maps a numbered parameter to its position by scanning the statement's
-                // parameter list, for each one: quadratic in a 1,000-parameter insert. Plain `?`
-                // costs nothing to place; PostgreSQL only speaks `$n`.
-                let p: Vec<String> = match backend {
-                    Backend::Sqlite => vec!["?".to_string(); 12],
-                    Backend::Postgres => (1..=12).map(|i| format!("${}", k * 12 + i)).collect(),
-                };
-                sql.push_str(&format!("({}, 1)", p.join(", ")));
-            }
-            sql.push_str(
-                " ON CONFLICT (fingerprint, starts_at) DO UPDATE
+                sql.push_str(
+                    " ON CONFLICT (fingerprint, starts_at) DO UPDATE
                    SET status = excluded.status, ends_at = excluded.ends_at, updated_at = excluded.updated_at,
                        annotations = excluded.annotations, pending = 1
                    WHERE alerts.status = 'firing' AND excluded.status = 'resolved'",
-            );
-            sql
-        })
+                );
+                sql.into()
+            })
+            .clone()
     }
 }
 
@@ -350,5 +512,90 @@ mod tests {
         let lite = UpsertSql::new(Backend::Sqlite).get(2).to_string();
         assert_eq!(lite.matches('?').count(), 24, "{lite}");
         assert!(!lite.contains('$'), "{lite}");
+    }
+
+    fn delivery(fingerprints: &[&str]) -> Notification {
+        let alerts: Vec<String> = fingerprints
+            .iter()
+            .map(|fp| {
+                format!(
+                    r#"{{"status":"firing","labels":{{"alertname":"HighErrorRate","service":"checkout"}},"annotations":{{}},"startsAt":"2026-11-30T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"{fp}"}}"#
+                )
+            })
+            .collect();
+        let body = format!(
+            r#"{{"version":"4","groupKey":"{{}}:{{alertname=\"HighErrorRate\"}}","truncatedAlerts":0,"status":"firing","receiver":"rr","groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"http://am","alerts":[{}]}}"#,
+            alerts.join(",")
+        );
+        Notification::parse(body.as_bytes()).expect("test payload parses")
+    }
+
+    /// Starts a delivery while `tx` holds SQLite's only connection and waits until it queues.
+    async fn queued_behind(
+        store: &crate::store::Store,
+        fingerprints: &'static [&'static str],
+    ) -> tokio::task::JoinHandle<Result<IngestStats>> {
+        let s = store.clone();
+        let h = tokio::spawn(async move { s.ingest(&delivery(fingerprints), Utc::now()).await });
+        for _ in 0..500 {
+            if store.intake_waiting() {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        panic!("the delivery never queued");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_waiting_for_the_connection_is_committed_with_the_transaction_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let tx = store.begin().await.unwrap();
+        let h = queued_behind(&store, &["a1b2c3d4e5f60718", "a1b2c3d4e5f60719"]).await;
+        assert!(!h.is_finished(), "answered before anything committed");
+        tx.commit().await.unwrap();
+        // Before anything else runs: the writer cannot have had the connection yet, so only
+        // this commit can have stored (and remembered) the alerts.
+        let starts_at = ms("2026-11-30T10:00:00Z".parse().unwrap());
+        assert!(
+            store
+                .intake
+                .known
+                .covers("a1b2c3d4e5f60719", starts_at, AlertStatus::Firing),
+            "carried by the commit"
+        );
+        let stats = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("answered after the commit")
+            .unwrap()
+            .unwrap();
+        assert_eq!((stats.stored, stats.duplicates), (2, 0));
+        assert_eq!(store.alert_count().await.unwrap(), 2);
+        assert!(!store.intake_waiting());
+    }
+
+    #[tokio::test]
+    async fn deliveries_carried_by_a_transaction_that_does_not_commit_go_back_to_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let h = queued_behind(&store, &["a1b2c3d4e5f60718"]).await;
+        let carried = store
+            .intake
+            .absorb(&mut tx.tx)
+            .await
+            .expect("the waiting delivery is carried");
+        assert!(!store.intake_waiting(), "taken from the queue");
+        drop(tx); // rolled back: the carried rows with it
+        carried.settle(false);
+        let stats = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("the writer took it over")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.stored, 1);
+        assert_eq!(store.alert_count().await.unwrap(), 1, "written once, by the writer");
     }
 }

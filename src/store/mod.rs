@@ -42,6 +42,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the intake writer has stopped (shutting down)")]
     IntakeStopped,
+    /// The same failure, told to each of several waiting requests.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -217,6 +220,8 @@ impl Store {
         Ok(StoreTx {
             tx: self.pool.begin().await?,
             backend: self.backend,
+            queued: Vec::new(),
+            intake: self.intake.clone(),
         })
     }
 
@@ -750,13 +755,33 @@ pub struct StoreTx {
     tx: Transaction<'static, sqlx::Any>,
     #[allow(dead_code)]
     backend: Backend,
+    /// Outbox channels this transaction queued messages for.
+    queued: Vec<String>,
+    /// Webhook deliveries waiting for the connection ride along with the commit (SQLite).
+    intake: Arc<intake::Intake>,
+}
+
+/// What a committed transaction left for others to do.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Outbox channels with new messages: only their delivery loops need waking. (Waking all
+    /// of them after every decision cost each loop two queries, on SQLite's one connection,
+    /// for nothing: most decisions of a storm queue no message.)
+    pub queued: Vec<String>,
 }
 
 impl StoreTx {
-    /// Commits.
-    pub async fn commit(self) -> Result<()> {
-        self.tx.commit().await?;
-        Ok(())
+    /// Commits, with any webhook deliveries that waited for this transaction's connection
+    /// (see [`intake`]): they are answered after this commit, or go back to the writer if it
+    /// fails.
+    pub async fn commit(mut self) -> Result<Committed> {
+        let carried = self.intake.absorb(&mut self.tx).await;
+        let result = self.tx.commit().await;
+        if let Some(c) = carried {
+            c.settle(result.is_ok());
+        }
+        result?;
+        Ok(Committed { queued: self.queued })
     }
 
     /// Takes a pending alert for processing; `None` if another worker already took it.
@@ -768,6 +793,48 @@ impl StoreTx {
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(|r| alert_from_row(&r)).transpose()
+    }
+
+    /// Takes every alert of `ids` that is still pending, in one statement; returns them in id
+    /// order (alerts another worker took first are left out).
+    pub async fn claim_alerts(&mut self, ids: &[i64]) -> Result<Vec<StoredAlert>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE alerts SET pending = 0 WHERE pending = 1 AND id IN ({}) RETURNING {ALERT_COLS}",
+            placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        let mut alerts = q
+            .fetch_all(&mut *self.tx)
+            .await?
+            .iter()
+            .map(alert_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        alerts.sort_by_key(|a| a.id);
+        Ok(alerts)
+    }
+
+    /// Gives claimed alerts back (pending again), in the claiming transaction: a batch that
+    /// stops early leaves the rest to the next one, and nobody else ever saw them taken.
+    pub async fn unclaim_alerts(&mut self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE alerts SET pending = 1 WHERE id IN ({})",
+            placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        q.execute(&mut *self.tx).await?;
+        Ok(())
     }
 
     /// Records what became of an alert: its incident (if any) and the decision.
@@ -938,6 +1005,9 @@ impl StoreTx {
         .bind(ms(now))
         .execute(&mut *self.tx)
         .await?;
+        if !self.queued.iter().any(|c| c == channel) {
+            self.queued.push(channel.to_string());
+        }
         Ok(())
     }
 
@@ -1009,4 +1079,12 @@ impl StoreTx {
         .await?;
         rows.iter().map(alert_from_row).collect()
     }
+}
+
+/// `$first, $first+1, ...`: `n` numbered parameters, for an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
