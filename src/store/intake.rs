@@ -225,7 +225,8 @@ impl Intake {
     /// Writes the deliveries waiting in the queue into `conn`'s open transaction, which is
     /// about to commit; the caller answers them with [`Carried::settle`] once it knows how the
     /// commit went. Only on SQLite, where that transaction holds the one connection the writer
-    /// is waiting for. A failed write gives them back to the writer at once.
+    /// is waiting for. Inside a savepoint: a failed write leaves nothing of them in the
+    /// transaction, and they go back to the writer at once.
     pub(super) async fn absorb(&self, conn: &mut AnyConnection) -> Option<Carried> {
         if !self.carry {
             return None;
@@ -234,7 +235,23 @@ impl Intake {
         if jobs.is_empty() {
             return None;
         }
-        match write_in(conn, &jobs, &self.sql).await {
+        let written = match sqlx::query("SAVEPOINT intake").execute(&mut *conn).await {
+            Ok(_) => write_in(conn, &jobs, &self.sql).await,
+            Err(e) => Err(e.into()),
+        };
+        let written = match written {
+            Ok(counts) => sqlx::query("RELEASE intake")
+                .execute(&mut *conn)
+                .await
+                .map(|_| counts)
+                .map_err(StoreError::from),
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK TO intake").execute(&mut *conn).await;
+                let _ = sqlx::query("RELEASE intake").execute(&mut *conn).await;
+                Err(e)
+            }
+        };
+        match written {
             Ok(counts) => Some(Carried {
                 jobs,
                 counts,
@@ -299,7 +316,12 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
         }
         let written = match write_in(&mut tx, &batch, &sql).await {
             Ok(counts) => tx.commit().await.map(|_| counts).map_err(StoreError::from),
-            Err(e) => Err(e),
+            Err(e) => {
+                // Rolled back and the connection returned before the retries below: on
+                // SQLite it is the only one.
+                drop(tx);
+                Err(e)
+            }
         };
         match written {
             Ok(counts) => {
@@ -462,7 +484,7 @@ impl Known {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const A: &str = "a1b2c3d4e5f60718";
@@ -514,7 +536,8 @@ mod tests {
         assert!(!lite.contains('$'), "{lite}");
     }
 
-    fn delivery(fingerprints: &[&str]) -> Notification {
+    /// A firing delivery of HighErrorRate alerts with these fingerprints.
+    pub(in crate::store) fn delivery(fingerprints: &[&str]) -> Notification {
         let alerts: Vec<String> = fingerprints
             .iter()
             .map(|fp| {
@@ -597,5 +620,39 @@ mod tests {
             .unwrap();
         assert_eq!(stats.stored, 1);
         assert_eq!(store.alert_count().await.unwrap(), 1, "written once, by the writer");
+    }
+
+    #[tokio::test]
+    async fn a_carry_that_fails_leaves_nothing_behind_and_the_writer_answers_each_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        // One delivery the store refuses (on this connection, from now on).
+        sqlx::query(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.fingerprint = 'badbadbadbadbad0'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&mut *tx.tx)
+        .await
+        .unwrap();
+        let good = queued_behind(&store, &["a1b2c3d4e5f60718"]).await;
+        let bad = queued_behind(&store, &["badbadbadbadbad0"]).await;
+        for _ in 0..500 {
+            if store.intake.queue.lock().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(store.intake.queue.lock().len(), 2);
+        // The carry fails on the second delivery; the savepoint takes the first one's rows back
+        // out, so this commit stores neither and the writer does both, each on its own.
+        tx.commit().await.unwrap();
+        let wait = |h| tokio::time::timeout(std::time::Duration::from_secs(5), h);
+        let good = wait(good).await.unwrap().unwrap().unwrap();
+        assert_eq!(good.stored, 1, "stored by the writer, not half-carried by the commit");
+        let bad = wait(bad).await.unwrap().unwrap();
+        assert!(bad.unwrap_err().to_string().contains("refused by the test"));
+        assert_eq!(store.alert_count().await.unwrap(), 1);
     }
 }

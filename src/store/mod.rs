@@ -803,7 +803,7 @@ impl StoreTx {
         }
         let sql = format!(
             "UPDATE alerts SET pending = 0 WHERE pending = 1 AND id IN ({}) RETURNING {ALERT_COLS}",
-            placeholders(1, ids.len())
+            placeholders(ids.len())
         );
         let mut q = sqlx::query(&sql);
         for id in ids {
@@ -827,7 +827,7 @@ impl StoreTx {
         }
         let sql = format!(
             "UPDATE alerts SET pending = 1 WHERE id IN ({})",
-            placeholders(1, ids.len())
+            placeholders(ids.len())
         );
         let mut q = sqlx::query(&sql);
         for id in ids {
@@ -1081,10 +1081,49 @@ impl StoreTx {
     }
 }
 
-/// `$first, $first+1, ...`: `n` numbered parameters, for an `IN (...)` list.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `$1, $2, ... $n`: numbered parameters for an `IN (...)` list.
+fn placeholders(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::intake::tests::delivery;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = Store::connect(&url, 1).await.unwrap();
+        let fps = ["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703"];
+        store.ingest(&delivery(&fps), Utc::now()).await.unwrap();
+        let ids = store.pending_alert_ids(10).await.unwrap();
+        assert_eq!(ids.len(), 3);
+
+        let mut tx = store.begin().await.unwrap();
+        let claimed = tx.claim_alerts(&ids).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|a| a.id).collect::<Vec<_>>(),
+            ids,
+            "all, in id order"
+        );
+        assert!(
+            tx.claim_alerts(&ids).await.unwrap().is_empty(),
+            "a claimed alert is not claimed twice"
+        );
+        tx.unclaim_alerts(&ids[1..]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store.pending_alert_ids(10).await.unwrap(),
+            ids[1..].to_vec(),
+            "handed back"
+        );
+
+        // A transaction that does not commit takes nothing.
+        let mut tx = store.begin().await.unwrap();
+        assert_eq!(tx.claim_alerts(&ids).await.unwrap().len(), 2);
+        drop(tx);
+        assert_eq!(store.pending_alert_ids(10).await.unwrap(), ids[1..].to_vec());
+    }
 }
