@@ -553,6 +553,14 @@ pub(super) mod tests {
         Notification::parse(body.as_bytes()).expect("test payload parses")
     }
 
+    /// A store on a fresh SQLite file (kept while the directory lives).
+    pub(in crate::store) async fn sqlite_store() -> (tempfile::TempDir, crate::store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        (dir, store)
+    }
+
     /// Starts a delivery while `tx` holds SQLite's only connection and waits until it queues.
     async fn queued_behind(
         store: &crate::store::Store,
@@ -571,9 +579,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn a_delivery_waiting_for_the_connection_is_committed_with_the_transaction_holding_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("s.db").display());
-        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let (_dir, store) = sqlite_store().await;
         let tx = store.begin().await.unwrap();
         let h = queued_behind(&store, &["a1b2c3d4e5f60718", "a1b2c3d4e5f60719"]).await;
         assert!(!h.is_finished(), "answered before anything committed");
@@ -600,9 +606,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn deliveries_carried_by_a_transaction_that_does_not_commit_go_back_to_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("s.db").display());
-        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let (_dir, store) = sqlite_store().await;
         let mut tx = store.begin().await.unwrap();
         let h = queued_behind(&store, &["a1b2c3d4e5f60718"]).await;
         let carried = store
@@ -624,9 +628,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn a_carry_that_fails_leaves_nothing_behind_and_the_writer_answers_each_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("s.db").display());
-        let store = crate::store::Store::connect(&url, 1).await.unwrap();
+        let (_dir, store) = sqlite_store().await;
         let mut tx = store.begin().await.unwrap();
         // One delivery the store refuses (on this connection, from now on).
         sqlx::query(

@@ -1093,14 +1093,12 @@ fn placeholders(n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::intake::tests::delivery;
+    use super::intake::tests::{delivery, sqlite_store};
     use super::*;
 
     #[tokio::test]
     async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_decide() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("s.db").display());
-        let store = Store::connect(&url, 1).await.unwrap();
+        let (_dir, store) = sqlite_store().await;
         let fps = ["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703"];
         store.ingest(&delivery(&fps), Utc::now()).await.unwrap();
         let ids = store.pending_alert_ids(10).await.unwrap();
