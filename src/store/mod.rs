@@ -810,11 +810,7 @@ impl StoreTx {
             "UPDATE alerts SET pending = 0 WHERE pending = 1 AND id IN ({}) RETURNING {ALERT_COLS}",
             placeholders(ids.len())
         );
-        let mut q = sqlx::query(&sql);
-        for id in ids {
-            q = q.bind(*id);
-        }
-        let mut alerts = q
+        let mut alerts = bind_ids(&sql, ids)
             .fetch_all(&mut *self.tx)
             .await?
             .iter()
@@ -834,11 +830,7 @@ impl StoreTx {
             "UPDATE alerts SET pending = 1 WHERE id IN ({})",
             placeholders(ids.len())
         );
-        let mut q = sqlx::query(&sql);
-        for id in ids {
-            q = q.bind(*id);
-        }
-        q.execute(&mut *self.tx).await?;
+        bind_ids(&sql, ids).execute(&mut *self.tx).await?;
         Ok(())
     }
 
@@ -1084,6 +1076,11 @@ impl StoreTx {
         .await?;
         rows.iter().map(alert_from_row).collect()
     }
+}
+
+/// `sql` with every id bound, for the `IN (...)` list [`placeholders`] wrote.
+fn bind_ids<'q>(sql: &'q str, ids: &[i64]) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    ids.iter().fold(sqlx::query(sql), |q, id| q.bind(*id))
 }
 
 /// `$1, $2, ... $n`: numbered parameters for an `IN (...)` list.
