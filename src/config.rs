@@ -427,6 +427,21 @@ fn secret(value: Option<SecretString>, file: Option<&PathBuf>, key: &str) -> Res
     }
 }
 
+/// Every webhook secret must have a value: an HMAC under an empty key is one anybody can
+/// compute, so an empty entry (`""`, or the trailing comma of `old,new,` in the environment)
+/// would let anyone sign a PagerDuty webhook.
+fn webhook_secrets_ok(secrets: &[SecretString]) -> Result<(), ConfigError> {
+    match secrets.iter().position(|s| s.expose_secret().trim().is_empty()) {
+        Some(i) => Err(ConfigError(format!(
+            "pagerduty.webhook_secrets: entry {} of {} is empty; remove it or give it a value \
+             ({ENV_PREFIX}__PAGERDUTY__WEBHOOK_SECRETS is comma-separated: no empty items, no trailing comma)",
+            i + 1,
+            secrets.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn resolve(
     settings: Settings,
     path: Option<&Path>,
@@ -526,6 +541,9 @@ fn resolve(
         )?,
         None => None,
     };
+    if let Some(p) = &settings.pagerduty {
+        webhook_secrets_ok(&p.webhook_secrets)?;
+    }
     let pagerduty_key = match &settings.pagerduty {
         Some(p) => secret(
             p.routing_key.clone(),
@@ -672,6 +690,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("set webhook.bearer_token"), "{e}");
+    }
+
+    #[test]
+    fn empty_pagerduty_webhook_secrets_are_refused() {
+        for value in ["", " ", "old,new,", "old,,new", ",new"] {
+            let env = vec![("ROLLBACK_RESPONDER__PAGERDUTY__WEBHOOK_SECRETS".into(), value.into())];
+            let e = load_from(None, None, env).unwrap_err().to_string();
+            assert!(
+                e.contains("pagerduty.webhook_secrets: entry") && e.contains("remove it or give it a value"),
+                "{value:?}: {e}"
+            );
+        }
+        let f = file("pagerduty:\n  webhook_secrets: [old, '  ']\n");
+        let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
+        assert!(e.contains("pagerduty.webhook_secrets: entry 2 of 2 is empty"), "{e}");
+        let env = vec![(
+            "ROLLBACK_RESPONDER__PAGERDUTY__WEBHOOK_SECRETS".into(),
+            "old,new".into(),
+        )];
+        let r = load_from(None, None, env).unwrap();
+        let secrets = &r.settings.pagerduty.as_ref().unwrap().webhook_secrets;
+        let secrets: Vec<&str> = secrets.iter().map(|s| s.expose_secret()).collect();
+        assert_eq!(secrets, ["old", "new"]);
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //!
 //! `POST /pagerduty/webhook`: webhooks v3, signed (`X-PagerDuty-Signature: v1=<hex>[,v1=...]`,
 //! HMAC-SHA256 of the raw body with any configured secret, so rotation works), de-duplicated
-//! by `X-Webhook-Id`. `incident.*` events carrying our dedup key link the PagerDuty incident
-//! to ours; acknowledgements and resolutions are recorded on our incident; a note
-//! (`incident.annotated`) reading `rollback approve` or `rollback deny [reason]` is a vote by
-//! the note's author, mapped to the policy's `pagerduty_users`.
+//! by the signed `event.id` (the unsigned `X-Webhook-Id` header only for a body without one);
+//! a delivery answered 503 is forgotten, so that its redelivery is processed. `incident.*`
+//! events carrying our dedup key link the PagerDuty incident to ours; acknowledgements and
+//! resolutions are recorded on our incident; a note (`incident.annotated`) reading
+//! `rollback approve` or `rollback deny [reason]` is a vote by the note's author, mapped to
+//! the policy's `pagerduty_users`.
 //!
 //! `POST /pagerduty/action`: for incident workflows' "send a webhook" step, which PagerDuty
 //! does not sign: a bearer token, and a JSON body `{"action": "approve"|"deny",
@@ -25,7 +27,8 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 use crate::approval::{Person, Refusal, Verdict, VoteResult};
 use crate::incident::IncidentId;
-use crate::responder::HumanError;
+use crate::responder::{HumanError, StepError};
+use crate::store::StoreError;
 
 /// Secrets for the PagerDuty edge.
 #[derive(Default)]
@@ -41,7 +44,8 @@ pub fn signature_ok(secrets: &[SecretString], header: &str, body: &[u8]) -> bool
         .filter_map(|s| s.trim().strip_prefix("v1="))
         .filter_map(|h| hex::decode(h).ok())
         .collect();
-    secrets.iter().any(|secret| {
+    // An empty key signs for anybody; config refuses one, and it never verifies here either.
+    secrets.iter().filter(|s| !s.expose_secret().is_empty()).any(|secret| {
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes()) else {
             return false;
         };
@@ -108,12 +112,14 @@ pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: By
     let v: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("webhook body is not JSON: {e}")))?;
     let event = &v["event"];
-    let receipt = headers
-        .get("x-webhook-id")
-        .and_then(|h| h.to_str().ok())
+    // The signed event.id first: the header is not covered by the signature, so a captured
+    // body re-sent with a fresh X-Webhook-Id must still count as seen.
+    let receipt = event["id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .or_else(|| headers.get("x-webhook-id").and_then(|h| h.to_str().ok()))
         .map(str::to_string)
-        .or_else(|| event["id"].as_str().map(str::to_string))
-        .ok_or_else(|| ApiError::BadRequest("no X-Webhook-Id header and no event.id".into()))?;
+        .ok_or_else(|| ApiError::BadRequest("no event.id and no X-Webhook-Id header".into()))?;
     let now = chrono::Utc::now();
     let store = &state.responder.store;
     // A redelivery is answered 2xx (else PagerDuty retries for 48 h) and changes nothing.
@@ -124,6 +130,20 @@ pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: By
     {
         return Ok(Json(json!({ "status": "duplicate" })));
     }
+    let result = process(&state, event, now).await;
+    // The receipt is not in the steps' transaction: after a 503 PagerDuty redelivers, and that
+    // redelivery must be processed (a lost deny), not answered "duplicate".
+    if let Err(ApiError::Unavailable(_)) = &result {
+        if let Err(e) = store.forget_receipt("pagerduty", &receipt).await {
+            tracing::warn!(error = %e, receipt = %receipt, "receipt of a failed PagerDuty webhook not forgotten; its redelivery will be a duplicate");
+        }
+    }
+    result
+}
+
+/// One first-seen, verified PagerDuty event.
+async fn process(state: &AppState, event: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<Json<Value>, ApiError> {
+    let store = &state.responder.store;
     let kind = event["event_type"].as_str().unwrap_or_default();
     let data = &event["data"];
     let agent = event["agent"]["id"].as_str().unwrap_or_default().to_string();
@@ -132,7 +152,7 @@ pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: By
         Some("incident_note") => (data["incident"]["id"].as_str().unwrap_or_default(), None),
         _ => (data["id"].as_str().unwrap_or_default(), data["incident_key"].as_str()),
     };
-    let Some(ours) = our_incident(&state, pd_incident, key).await? else {
+    let Some(ours) = our_incident(state, pd_incident, key).await? else {
         return Ok(Json(
             json!({ "status": "ignored", "reason": "not an incident of this responder" }),
         ));
@@ -185,7 +205,12 @@ fn vote_json(id: &IncidentId, r: Result<VoteResult, HumanError>) -> Result<Value
         Ok(VoteResult::Denied) => Ok(json!({ "status": "denied", "incident": id })),
         // Refusals are answered 200 on the webhook: PagerDuty must not retry them.
         Err(HumanError::Refused(e)) => Ok(json!({ "status": "refused", "incident": id, "reason": e.to_string() })),
-        Err(HumanError::Step(crate::responder::StepError::Store(e))) => Err(ApiError::Unavailable(e)),
+        Err(HumanError::Step(StepError::Store(e))) => Err(ApiError::Unavailable(e)),
+        // Lost the race to other writers even after the responder's retries: transient, so 503
+        // and a redelivery. A 4xx is dropped by PagerDuty (three drops disable the subscription).
+        Err(HumanError::Step(e @ StepError::Conflict(_))) => {
+            Err(ApiError::Unavailable(StoreError::Unavailable(e.to_string())))
+        }
         Err(HumanError::Step(e)) => Err(ApiError::BadRequest(e.to_string())),
     }
 }
@@ -257,6 +282,36 @@ mod tests {
         assert!(!signature_ok(&secrets, &format!("v1={}", sign("other")), body));
         assert!(!signature_ok(&secrets, "", body));
         assert!(!signature_ok(&[], &format!("v1={}", sign("new")), body));
+    }
+
+    #[test]
+    fn an_empty_secret_verifies_nothing() {
+        let body = br#"{"event":{}}"#;
+        let mut m = Hmac::<Sha256>::new_from_slice(b"").unwrap();
+        m.update(body);
+        let forged = format!("v1={}", hex::encode(m.finalize().into_bytes()));
+        assert!(!signature_ok(&[SecretString::from("")], &forged, body));
+        assert!(!signature_ok(
+            &[SecretString::from("real"), SecretString::from("")],
+            &forged,
+            body
+        ));
+    }
+
+    #[test]
+    fn a_conflict_that_outlasts_the_retries_is_answered_503_so_pagerduty_redelivers() {
+        let id = IncidentId("i1".into());
+        let r = vote_json(&id, Err(HumanError::Step(StepError::Conflict(id.clone()))));
+        assert!(matches!(r, Err(ApiError::Unavailable(_))), "{r:?}");
+        let r = vote_json(
+            &id,
+            Err(HumanError::Step(StepError::Store(StoreError::Unavailable(
+                "down".into(),
+            )))),
+        );
+        assert!(matches!(r, Err(ApiError::Unavailable(_))), "{r:?}");
+        let r = vote_json(&id, Err(HumanError::Refused(Refusal::UnknownIncident("i1".into()))));
+        assert_eq!(r.unwrap()["status"], "refused");
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub async fn interaction(
         let reply = vote_text(&id, result);
         if let Some(url) = response_url {
             let body = json!({ "response_type": "ephemeral", "replace_original": false, "text": reply });
-            if let Err(e) = state2.slack.http.post(&url).json(&body).send().await {
+            if let Err(e) = respond(&state2.slack.http, &url, &body).await {
                 tracing::warn!(error = %e, "could not answer through response_url");
             }
         }
@@ -313,5 +313,38 @@ pub async fn interaction(
     Ok(StatusCode::OK)
 }
 
+/// Posts to a `response_url`. That URL is a credential (whoever holds it can post in the
+/// channel as the app), so an error comes back without it: reqwest's Display includes it.
+async fn respond(http: &reqwest::Client, url: &str, body: &Value) -> Result<(), reqwest::Error> {
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .map(drop)
+        .map_err(reqwest::Error::without_url)
+}
+
 /// Shared handle type for the state.
 pub type Edge = Arc<SlackEdge>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_response_url_post_does_not_carry_the_url() {
+        // A port nobody listens on: the request fails with a connection error.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/actions/T0/1234/s3cr3tT0ken");
+        let e = respond(&reqwest::Client::new(), &url, &json!({"text": "x"}))
+            .await
+            .unwrap_err();
+        assert!(e.url().is_none());
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("s3cr3tT0ken"), "{shown}");
+    }
+}

@@ -150,6 +150,9 @@ pub enum Event {
     Denied { by: String },
     /// The approval request expired.
     ApprovalExpired { on_timeout: OnTimeout },
+    /// The approval request expired with "roll back anyway", but a freeze, the cooldown or a
+    /// rate limit holds automatic rollbacks at that moment (the outcome says which).
+    ExpiryHeld { outcome: Outcome },
     /// The action finished: it changed the target, found it already reverted, or (dry run)
     /// only recorded what it would write.
     ActionSucceeded { changed: bool, dry_run: bool },
@@ -171,6 +174,7 @@ impl Event {
             Event::Approved { .. } => "approved",
             Event::Denied { .. } => "denied",
             Event::ApprovalExpired { .. } => "approval_expired",
+            Event::ExpiryHeld { .. } => "approval_expired",
             Event::ActionSucceeded { .. } => "action_succeeded",
             Event::ActionFailed => "action_failed",
             Event::VerificationPassed => "verification_passed",
@@ -206,6 +210,7 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
             OnTimeout::Escalate => P::Escalated,
             OnTimeout::GiveUp => P::GaveUp,
         }),
+        (P::AwaitingApproval, Event::ExpiryHeld { .. }) => Some(P::Suppressed),
         (P::Waiting | P::AwaitingApproval, Event::AllAlertsResolved) => Some(P::Cancelled),
         (P::Executing, Event::ActionSucceeded { dry_run: true, .. }) => Some(P::DryRun),
         (P::Executing, Event::ActionSucceeded { dry_run: false, .. }) => Some(P::Verifying),
@@ -331,6 +336,16 @@ mod tests {
             ),
             Ok(Phase::GaveUp)
         );
+        let held = Outcome::Suppressed(Suppression::Frozen {
+            scope: "*".into(),
+            freeze_reason: "db failover".into(),
+            until: None,
+        });
+        assert_eq!(
+            transition(p, &Event::ExpiryHeld { outcome: held.clone() }),
+            Ok(Phase::Suppressed)
+        );
+        assert!(transition(Phase::Waiting, &Event::ExpiryHeld { outcome: held }).is_err());
         assert_eq!(transition(p, &Event::AllAlertsResolved), Ok(Phase::Cancelled));
         assert_eq!(
             transition(p, &Event::Decided { outcome: Outcome::Auto }),

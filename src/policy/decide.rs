@@ -210,40 +210,14 @@ pub fn decide(
         );
     }
 
+    // A freeze holds automatic rollbacks only: a manual trigger still asks a person.
     let automatic = !matches!(trigger.mode, Mode::Manual);
-    if automatic {
-        let window = policy
-            .guards
-            .freeze_windows
-            .iter()
-            .find(|w| w.start <= now && now < w.end);
-        let frozen = freezes
-            .applying(&policy.name, now)
-            .map(|(scope, f)| (scope, f.reason.clone(), f.until, format!(" by {}", f.by)))
-            .or_else(|| {
-                window.map(|w| {
-                    (
-                        "freeze window".to_string(),
-                        w.reason.clone(),
-                        Some(w.end),
-                        String::new(),
-                    )
-                })
-            });
-        if let Some((scope, why, until, by)) = frozen {
-            let until_txt = until
-                .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M:%SZ")))
-                .unwrap_or_default();
-            return make(
-                Outcome::Suppressed(Suppression::Frozen { scope: scope.clone(), freeze_reason: why.clone(), until }),
-                Some(policy),
-                Some(trigger),
-                format!("frozen: automatic rollbacks are frozen ({scope}{by}{until_txt}: {why}); a person can still run /rollback now {}", policy.name),
-            );
-        }
-    }
-
-    if let Some((why, reason)) = held_by_guards(policy, history, global, now) {
+    let held = if automatic {
+        holds_automatic(policy, history, freezes, global, now)
+    } else {
+        held_by_guards(policy, history, global, now)
+    };
+    if let Some((why, reason)) = held {
         return make(Outcome::Suppressed(why), Some(policy), Some(trigger), reason);
     }
 
@@ -313,6 +287,57 @@ pub fn decide(
     make(outcome, Some(policy), Some(trigger), reason)
 }
 
+/// What holds an automatic rollback under `policy` at `now`, whatever starts it (an alert
+/// that qualifies, or an approval request that expires with "roll back anyway"): a freeze
+/// (the kill switch or one of the policy's windows), then the cooldown and rate limits.
+pub fn holds_automatic(
+    policy: &Policy,
+    history: &History,
+    freezes: &FreezeState,
+    global: &GlobalGuards,
+    now: DateTime<Utc>,
+) -> Option<(Suppression, String)> {
+    frozen(policy, freezes, now).or_else(|| held_by_guards(policy, history, global, now))
+}
+
+/// The freeze that applies to `policy` at `now`, if any: the kill switch first, then the
+/// policy's own windows (start inclusive, end exclusive).
+fn frozen(policy: &Policy, freezes: &FreezeState, now: DateTime<Utc>) -> Option<(Suppression, String)> {
+    let window = policy
+        .guards
+        .freeze_windows
+        .iter()
+        .find(|w| w.start <= now && now < w.end);
+    let (scope, why, until, by) = freezes
+        .applying(&policy.name, now)
+        .map(|(scope, f)| (scope, f.reason.clone(), f.until, format!(" by {}", f.by)))
+        .or_else(|| {
+            window.map(|w| {
+                (
+                    "freeze window".to_string(),
+                    w.reason.clone(),
+                    Some(w.end),
+                    String::new(),
+                )
+            })
+        })?;
+    let until_txt = until
+        .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M:%SZ")))
+        .unwrap_or_default();
+    let reason = format!(
+        "frozen: automatic rollbacks are frozen ({scope}{by}{until_txt}: {why}); a person can still run /rollback now {}",
+        policy.name
+    );
+    Some((
+        Suppression::Frozen {
+            scope,
+            freeze_reason: why,
+            until,
+        },
+        reason,
+    ))
+}
+
 /// The cooldown and rate-limit guards, shared by alert-driven and manual rollbacks.
 fn held_by_guards(
     policy: &Policy,
@@ -374,7 +399,9 @@ fn held_by_guards(
 }
 
 /// A person's `/rollback now POLICY`: no alert and no trigger, but the same guards (cooldown,
-/// rate limits, dry run). A freeze does not apply: it holds automatic rollbacks only.
+/// rate limits, dry run). A freeze does not apply: it holds automatic rollbacks only. Under a
+/// two-person rule the request is the first approval and waits for a second person; if none
+/// comes it escalates (or gives up), never rolls back on one person's word.
 pub fn decide_manual(
     policy: &Policy,
     who: &str,
@@ -403,16 +430,36 @@ pub fn decide_manual(
             format!(": {why}")
         }
     );
+    let (outcome, reason) = match &policy.approval {
+        Some(a) if a.required_approvals > 1 => {
+            let on_timeout = match a.on_timeout {
+                OnTimeout::Rollback => OnTimeout::Escalate,
+                other => other,
+            };
+            (
+                Outcome::NeedsApproval {
+                    expires_at: now + to_chrono(a.timeout),
+                    on_timeout,
+                },
+                format!(
+                    "{reason}; the policy needs {} approvers: waiting for another one within {}",
+                    a.required_approvals,
+                    fmt_dur(a.timeout)
+                ),
+            )
+        }
+        _ => (Outcome::Auto, reason),
+    };
     if policy.guards.dry_run || global.dry_run {
         let scope = if policy.guards.dry_run { "policy" } else { "global" };
         return make(
             Outcome::Suppressed(Suppression::DryRun {
-                would: Box::new(Outcome::Auto),
+                would: Box::new(outcome),
             }),
             format!("dry run ({scope}): nothing will be changed; would have decided: {reason}"),
         );
     }
-    make(Outcome::Auto, reason)
+    make(outcome, reason)
 }
 
 #[cfg(test)]
@@ -621,6 +668,39 @@ mod tests {
         };
         let d = at_with(&set, &a, S(120), &h, &FreezeState::default(), &g);
         assert!(d.reason.starts_with("rate limit: global"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_manual_rollback_under_a_two_person_rule_waits_for_a_second_person() {
+        let set = seeds();
+        let mut p = set.get("portal-api").unwrap().clone();
+        let now = |p: &Policy| {
+            decide_manual(
+                p,
+                "U0ONCALL",
+                "canary bad",
+                t0(),
+                &History::default(),
+                &GlobalGuards::default(),
+                "h",
+            )
+        };
+        let d = now(&p);
+        assert_eq!(d.outcome, Outcome::Auto, "one approver is enough: {}", d.reason);
+
+        let a = p.approval.as_mut().unwrap();
+        a.required_approvals = 2;
+        a.on_timeout = OnTimeout::Rollback;
+        let d = now(&p);
+        assert_eq!(
+            d.outcome,
+            Outcome::NeedsApproval {
+                expires_at: t0() + chrono::Duration::minutes(15),
+                // Never a rollback on one person's word, whatever the policy does for alerts.
+                on_timeout: OnTimeout::Escalate,
+            }
+        );
+        assert!(d.reason.contains("needs 2 approvers"), "{}", d.reason);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use decide::{
-    decide, decide_manual, find, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome, Suppression,
+    decide, decide_manual, find, holds_automatic, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome,
+    Suppression,
 };
 pub use matcher::{all_match, MatchOp, Matcher};
 

@@ -155,6 +155,15 @@ impl Responder {
                     .await?;
                     VoteResult::Approved { by }
                 } else {
+                    // Written although nothing about it changes: two approvers voting at the
+                    // same moment (PostgreSQL) would each see only their own vote and both
+                    // wait for "another approver". The version check makes the second wait
+                    // for the first and conflict; its retry then counts both votes.
+                    inc.updated_at = now;
+                    if !tx.save_incident(&inc).await? {
+                        return Err(StepError::Conflict(inc.id.clone()).into());
+                    }
+                    inc.version += 1;
                     let summary = format!(
                         "approval {} of {required} from {who} via {via}; waiting for another approver",
                         by.len()
@@ -255,6 +264,12 @@ impl Responder {
             now,
         )
         .await?;
+        if phase == Phase::AwaitingApproval {
+            // Two-person rule: asking is the first approval; the same person cannot give the
+            // second.
+            tx.add_vote(&inc.id, &who.key(), "approve", "slack command `now`", None, now)
+                .await?;
+        }
         Self::record(
             &mut tx,
             &inc,

@@ -184,7 +184,17 @@ impl Responder {
                 info!(error = %e, alerts = ids.len(), "deciding a batch failed; deciding its alerts one at a time");
                 let mut work = Vec::new();
                 for id in ids {
-                    work.extend(self.process_alert(id).await?);
+                    match self.process_alert(id).await {
+                        Ok(w) => work.extend(w),
+                        // Work committed before this alert failed is claimed and started: it
+                        // runs now, not once its lease has run out. The failed alert stays
+                        // pending for the next call.
+                        Err(e) if !work.is_empty() => {
+                            warn!(error = %e, alert = id, "deciding an alert failed; starting what was already decided");
+                            return Ok((work, true));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok((work, more))
             }
@@ -357,10 +367,16 @@ impl Responder {
                 self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
             }
             ctx.named.insert(named);
-            let promotes = matches!(
-                (inc.phase, Phase::for_outcome(&d.outcome)),
-                (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing))
-            );
+            let promotes = match (inc.phase, Phase::for_outcome(&d.outcome)) {
+                // Too young as well: only an earlier re-check is news. A later one would hold
+                // off a rollback that the first alert qualifies for at its own time, and in a
+                // storm every new instance would push it back again.
+                (Phase::Waiting, Some(Phase::Waiting)) => due_at(Phase::Waiting, &d.outcome)
+                    .zip(inc.due_at)
+                    .is_some_and(|(new, old)| new < old),
+                (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing)) => true,
+                _ => false,
+            };
             if promotes {
                 let reason = d.reason.clone();
                 let event = Event::Decided {
@@ -534,16 +550,33 @@ impl Responder {
                             .as_str()
                             .unwrap_or("?")
                     );
-                    self.apply(
-                        &mut tx,
-                        &mut inc,
-                        Event::ApprovalExpired { on_timeout },
-                        SYSTEM,
-                        summary,
-                        Value::Null,
-                        now,
-                    )
-                    .await?;
+                    // Rolling back on expiry is an automatic rollback, decided now: a freeze
+                    // switched on, or a rollback of the target, while the request was open
+                    // holds it like it would hold a fresh alert.
+                    let set = self.policies();
+                    let held = match (on_timeout, set.get(&inc.policy)) {
+                        (policy::OnTimeout::Rollback, Some(p)) => {
+                            let history = self.load_history(&mut tx, p, now).await?;
+                            policy::holds_automatic(p, &history, &freezes, &self.global, now)
+                        }
+                        _ => None,
+                    };
+                    let (event, summary) = match held {
+                        Some((why, reason)) => {
+                            let outcome = Outcome::Suppressed(why);
+                            inc.decision = Decision {
+                                outcome: outcome.clone(),
+                                reason: format!("{summary}, but {reason}"),
+                                policy_hash: set.hash.clone(),
+                                decided_at: now,
+                                ..inc.decision.clone()
+                            };
+                            (Event::ExpiryHeld { outcome }, inc.decision.reason.clone())
+                        }
+                        None => (Event::ApprovalExpired { on_timeout }, summary),
+                    };
+                    self.apply(&mut tx, &mut inc, event, SYSTEM, summary, Value::Null, now)
+                        .await?;
                 }
                 _ => continue,
             }
@@ -591,7 +624,7 @@ impl Responder {
     async fn claim_and_start(&self, tx: &mut StoreTx, inc: &mut Incident, now: DateTime<Utc>) -> Result<(), StepError> {
         inc.owner = Some(self.replica.clone());
         inc.lease_until = Some(now + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(60)));
-        if !tx.save_incident(inc).await? {
+        if !tx.take_lease(inc).await? {
             return Err(StepError::Conflict(inc.id.clone()));
         }
         inc.version += 1;

@@ -452,7 +452,9 @@ impl Known {
     }
 
     fn key(fingerprint: &str, starts_at: i64) -> Option<(u64, i64)> {
-        if fingerprint.len() != 16 {
+        // Lower case only, as Alertmanager writes them: parsing ignores case, so "A1B2..."
+        // and "a1b2..." would share a key while the store keeps them apart.
+        if fingerprint.len() != 16 || !fingerprint.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return None;
         }
         u64::from_str_radix(fingerprint, 16).ok().map(|f| (f, starts_at))
@@ -517,10 +519,23 @@ pub(super) mod tests {
     #[test]
     fn fingerprints_that_are_not_16_hex_digits_always_go_to_the_store() {
         let k = Known::new(16);
-        for fp in ["a1b2", "a1b2c3d4e5f6071", "a1b2c3d4e5f60718a", "zzb2c3d4e5f60718"] {
+        for fp in [
+            "a1b2",
+            "a1b2c3d4e5f6071",
+            "a1b2c3d4e5f60718a",
+            "zzb2c3d4e5f60718",
+            "+1b2c3d4e5f60718",
+        ] {
             k.remember(fp, 1, AlertStatus::Resolved);
             assert!(!k.covers(fp, 1, AlertStatus::Firing), "{fp}");
         }
+        // Another sender's upper-case copy is another alert to the store: not covered by the
+        // lower-case one, nor cached itself.
+        k.remember("a1b2c3d4e5f60718", 1, AlertStatus::Resolved);
+        assert!(k.covers("a1b2c3d4e5f60718", 1, AlertStatus::Firing));
+        assert!(!k.covers("A1B2C3D4E5F60718", 1, AlertStatus::Firing));
+        k.remember("A1B2C3D4E5F60719", 1, AlertStatus::Resolved);
+        assert!(!k.covers("A1B2C3D4E5F60719", 1, AlertStatus::Firing));
     }
 
     #[test]

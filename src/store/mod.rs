@@ -493,6 +493,17 @@ impl Store {
             .await?;
         Ok(r.rows_affected() > 0)
     }
+
+    /// Undoes [`Store::first_receipt`] for a webhook whose processing failed (answered 5xx),
+    /// so that the sender's redelivery is processed instead of answered as a duplicate.
+    pub async fn forget_receipt(&self, source: &str, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM webhook_receipts WHERE source = $1 AND receipt_key = $2")
+            .bind(source)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 /// A notification claimed for delivery.
@@ -941,12 +952,20 @@ impl StoreTx {
 
     /// Writes an incident's new state if nobody changed it since it was read (`version`);
     /// returns false when someone did. A closed incident frees its target.
+    ///
+    /// The lease is not part of it: [`Store::claim`], `renew` and `release` change the owner
+    /// without changing the version, so a copy read before another replica's claim still
+    /// passes the version check, and writing its (empty) owner back would hand that replica's
+    /// running work to a third. The lease is only ever cleared here, when the phase is settled
+    /// and the work is over; it is taken with [`StoreTx::take_lease`].
     pub async fn save_incident(&mut self, i: &Incident) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE incidents SET phase = $1, decision = $2, trigger_name = $3, updated_at = $4, closed_at = $5,
                  open_target = CASE WHEN $5 IS NULL THEN target_key ELSE NULL END,
-                 due_at = $6, acted_at = $7, verified_at = $8, owner = $9, lease_until = $10, version = version + 1
-             WHERE id = $11 AND version = $12",
+                 due_at = $6, acted_at = $7, verified_at = $8,
+                 owner = CASE WHEN $9 = 1 THEN NULL ELSE owner END,
+                 lease_until = CASE WHEN $9 = 1 THEN NULL ELSE lease_until END, version = version + 1
+             WHERE id = $10 AND version = $11",
         )
         .bind(i.phase.as_str())
         .bind(to_json(&i.decision))
@@ -956,6 +975,20 @@ impl StoreTx {
         .bind(i.due_at.map(ms))
         .bind(i.acted_at.map(ms))
         .bind(i.verified_at.map(ms))
+        .bind(i64::from(i.phase.is_settled()))
+        .bind(&i.id.0)
+        .bind(i.version)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Takes the lease on an incident this transaction has just moved into `executing` (its
+    /// version is the one just written), so the work can start right after the commit.
+    pub async fn take_lease(&mut self, i: &Incident) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE incidents SET owner = $1, lease_until = $2, version = version + 1 WHERE id = $3 AND version = $4",
+        )
         .bind(i.owner.clone())
         .bind(i.lease_until.map(ms))
         .bind(&i.id.0)
@@ -1125,5 +1158,102 @@ mod tests {
         assert_eq!(tx.claim_alerts(&ids).await.unwrap().len(), 2);
         drop(tx);
         assert_eq!(store.pending_alert_ids(10).await.unwrap(), ids[1..].to_vec());
+    }
+
+    fn executing_incident(now: DateTime<Utc>) -> Incident {
+        Incident {
+            id: IncidentId::new(),
+            policy: "p".into(),
+            trigger: Some("t".into()),
+            service: "svc".into(),
+            target_key: "alb:listener/x".into(),
+            phase: Phase::Executing,
+            decision: Decision {
+                outcome: crate::policy::Outcome::Auto,
+                policy: Some("p".into()),
+                trigger: Some("t".into()),
+                reason: "test".into(),
+                policy_hash: "h".into(),
+                decided_at: now,
+            },
+            plan: Value::Null,
+            alertname: "HighErrorRate".into(),
+            first_alert_starts_at: now,
+            opened_at: now,
+            updated_at: now,
+            closed_at: None,
+            due_at: None,
+            acted_at: None,
+            verified_at: None,
+            owner: None,
+            lease_until: None,
+            version: 0,
+            context: Value::Null,
+        }
+    }
+
+    /// A copy read before another replica's claim passes the version check (a claim does not
+    /// change the version); saving it must not give that replica's lease away, or a third
+    /// replica would take the same work while it runs.
+    #[tokio::test]
+    async fn saving_a_copy_read_before_a_claim_keeps_the_claim() {
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let inc = executing_incident(now);
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut stale = store.incident(&inc.id).await.unwrap().unwrap();
+        assert!(store
+            .claim(&inc.id, "replica-b", now, Duration::from_secs(30))
+            .await
+            .unwrap());
+        // Another replica's batch applies an event that keeps the phase (its last alert
+        // resolved while the rollback runs) and saves its copy.
+        stale.updated_at = now;
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.save_incident(&stale).await.unwrap(), "the version still matches");
+        tx.commit().await.unwrap();
+        let after = store.incident(&inc.id).await.unwrap().unwrap();
+        assert_eq!(after.owner.as_deref(), Some("replica-b"));
+        assert!(after.lease_until.is_some());
+        assert!(
+            !store
+                .claim(&inc.id, "replica-c", now, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            "nobody else can take it"
+        );
+
+        // Settling ends the work and frees the lease.
+        let mut done = after.clone();
+        done.phase = Phase::Failed;
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.save_incident(&done).await.unwrap());
+        tx.commit().await.unwrap();
+        let settled = store.incident(&inc.id).await.unwrap().unwrap();
+        assert_eq!(settled.owner, None);
+        assert_eq!(settled.lease_until, None);
+    }
+
+    #[tokio::test]
+    async fn the_deciding_transaction_takes_the_lease_at_the_version_it_wrote() {
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let mut inc = executing_incident(now);
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        inc.owner = Some("replica-a".into());
+        inc.lease_until = Some(now + chrono::Duration::seconds(30));
+        assert!(tx.take_lease(&inc).await.unwrap());
+        inc.version += 1;
+        let mut stale = inc.clone();
+        stale.version = 0;
+        assert!(!tx.take_lease(&stale).await.unwrap(), "an older copy cannot");
+        tx.commit().await.unwrap();
+        let after = store.incident(&inc.id).await.unwrap().unwrap();
+        assert_eq!(after.owner.as_deref(), Some("replica-a"));
+        assert_eq!(after.version, 1);
     }
 }

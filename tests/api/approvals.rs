@@ -741,3 +741,146 @@ async fn alertmanager_to_slack_buttons_to_a_signed_click_to_moto() {
 async fn alertmanager_to_slack_buttons_approved_from_a_signed_pagerduty_webhook() {
     manual_flow(true).await;
 }
+
+async fn pd_post_raw(app: &TestApp, webhook_id: &str, text: &str) -> reqwest::Response {
+    app.http
+        .post(app.url("/pagerduty/webhook"))
+        .header("content-type", "application/json")
+        .header("x-webhook-id", webhook_id)
+        .header("x-pagerduty-signature", pd_sign(PD_SECRET, text))
+        .body(text.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_captured_pagerduty_webhook_resent_with_a_fresh_webhook_id_is_a_duplicate() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ei02").await;
+    let triggered = pd_event(
+        "incident.triggered",
+        "P0SYSTEM",
+        json!({"id": "Q0REPLAY", "type": "incident", "incident_key": format!("rollback-responder/{id}")}),
+    );
+    pd_post(&w.app, "link-1", &triggered, PD_SECRET).await;
+    let ack = pd_event(
+        "incident.acknowledged",
+        "P0ONCALL",
+        json!({"id": "Q0REPLAY", "type": "incident", "status": "acknowledged"}),
+    )
+    .to_string();
+    let r: Value = pd_post_raw(&w.app, "wh-original", &ack).await.json().await.unwrap();
+    assert_eq!(r["status"], "recorded");
+    // X-Webhook-Id is not signed: the same signed body under a new one is the same event.
+    let r: Value = pd_post_raw(&w.app, "wh-forged", &ack).await.json().await.unwrap();
+    assert_eq!(r["status"], "duplicate");
+    assert_eq!(timeline_count(&w.app.incident(&id).await, "pagerduty_acknowledged"), 1);
+}
+
+/// Makes every insert into `approvals` fail (a store error inside the vote's transaction),
+/// through a connection of the test's own; `false` removes it again.
+async fn fail_votes(app: &TestApp, on: bool) {
+    sqlx::any::install_default_drivers();
+    let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&app.db.url)
+        .await
+        .unwrap();
+    let pg = app.db.url.starts_with("postgres");
+    let sql: &[&str] = match (pg, on) {
+        (false, true) => &["CREATE TRIGGER test_fail_votes BEFORE INSERT ON approvals BEGIN SELECT RAISE(ABORT, 'injected failure'); END"],
+        (false, false) => &["DROP TRIGGER test_fail_votes"],
+        (true, true) => &[
+            "CREATE FUNCTION test_fail_votes() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER test_fail_votes BEFORE INSERT ON approvals FOR EACH ROW EXECUTE FUNCTION test_fail_votes()",
+        ],
+        (true, false) => &[
+            "DROP TRIGGER test_fail_votes ON approvals",
+            "DROP FUNCTION test_fail_votes()",
+        ],
+    };
+    for s in sql {
+        sqlx::query(s).execute(&mut c).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_pagerduty_vote_that_failed_with_503_is_processed_on_redelivery() {
+    let w = world(1, "1h").await;
+    let id = w.pending("ei03").await;
+    let triggered = pd_event(
+        "incident.triggered",
+        "P0SYSTEM",
+        json!({"id": "Q0RETRY", "type": "incident", "incident_key": format!("rollback-responder/{id}")}),
+    );
+    pd_post(&w.app, "link-2", &triggered, PD_SECRET).await;
+    let deny = pd_event(
+        "incident.annotated",
+        "P0ONCALL",
+        json!({"type": "incident_note", "id": "N2", "content": "rollback deny not now", "incident": {"id": "Q0RETRY"}}),
+    )
+    .to_string();
+    fail_votes(&w.app, true).await;
+    let r = pd_post_raw(&w.app, "wh-deny", &deny).await;
+    assert_eq!(r.status(), 503, "the vote's store error is transient");
+    fail_votes(&w.app, false).await;
+    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    // PagerDuty redelivers the same delivery: it is processed, not answered "duplicate".
+    let r: Value = pd_post_raw(&w.app, "wh-deny", &deny).await.json().await.unwrap();
+    assert_eq!(r["status"], "denied", "{r}");
+    assert_eq!(w.phase(&id).await, "denied");
+    let r: Value = pd_post_raw(&w.app, "wh-deny", &deny).await.json().await.unwrap();
+    assert_eq!(r["status"], "duplicate");
+}
+
+/// `/rollback now` under a two-person rule is the first approval, not a rollback: a second,
+/// different person has to approve before anything changes.
+#[tokio::test]
+async fn rollback_now_under_a_two_person_rule_waits_for_a_second_approver() {
+    let w = world(2, "1h").await;
+    let now = command(&w.app, "U0APPROVER", "now portal-api customers report errors").await;
+    let list = w
+        .app
+        .wait_incidents("awaiting a second approver", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let reason = list[0]["decision"]["reason"].as_str().unwrap();
+    assert!(reason.contains("the policy needs 2 approvers"), "{reason}");
+    assert!(now.contains(&id), "{now}");
+    assert_eq!(list[0]["decision"]["on_timeout"], "escalate");
+    assert_eq!(
+        weights(&w.fx.listener_actions().await)[0].1,
+        75,
+        "nothing rolled back on one person's word"
+    );
+    let again = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert_eq!(again, format!(":warning: <@U0APPROVER> already voted on incident {id}"));
+    let second = command(&w.app, "U0SECOND", &format!("approve {id}")).await;
+    assert!(second.starts_with(":white_check_mark: Approved"), "{second}");
+    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+}
+
+/// Two approvers answering at the same moment both count. On PostgreSQL their votes run in
+/// parallel, and each transaction would see only its own vote ("1 of 2") and wait for
+/// another approver that already came; the request would then expire.
+#[tokio::test]
+async fn two_approvals_at_the_same_moment_both_count() {
+    use rollback_responder::approval::{Person, Verdict, VoteResult};
+    use rollback_responder::incident::IncidentId;
+    let w = world(2, "1h").await;
+    let id = IncidentId(w.pending("ek01").await);
+    let r = &w.app.responder;
+    let (first, second) = (Person::slack("U0APPROVER", vec![]), Person::slack("U0SECOND", vec![]));
+    let (a, b) = tokio::join!(
+        r.vote(&id, &first, Verdict::Approve, "test"),
+        r.vote(&id, &second, Verdict::Approve, "test"),
+    );
+    let results = [a.unwrap(), b.unwrap()];
+    assert!(
+        results.iter().any(|v| matches!(v, VoteResult::Approved { .. })),
+        "{results:?}"
+    );
+    assert_ne!(w.phase(&id.0).await, "awaiting_approval");
+}

@@ -297,3 +297,13 @@ pub fn alert(name: &str, service: &str, fingerprint: &str, starts_at: &str, ends
 pub fn ago(secs_ago: i64) -> String {
     (chrono::Utc::now() - chrono::Duration::seconds(secs_ago)).to_rfc3339()
 }
+
+/// How many entries of `kind` an incident's timeline (as the API shows it) holds.
+pub fn timeline_count(inc: &Value, kind: &str) -> usize {
+    inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .count()
+}

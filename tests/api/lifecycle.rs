@@ -163,6 +163,43 @@ async fn too_young_alert_waits_then_rolls_back_if_still_firing() {
     assert!(redecided, "{inc}");
 }
 
+/// A second instance that is too young as well joins the waiting incident without moving its
+/// re-check later: the first alert qualifies at its own time.
+#[tokio::test]
+async fn a_younger_alert_joining_a_waiting_incident_does_not_postpone_it() {
+    let app = spawn_app(Options::default()).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "checkout", "bd11", &ago(0), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("waiting", |l| l.len() == 1 && phase(&l[0]) == "waiting")
+        .await;
+    let due = list[0]["due_at"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "checkout", "bd12", &ago(0), None)],
+    ))
+    .await;
+    let id = list[0]["id"].as_str().unwrap();
+    for _ in 0..50 {
+        let inc = app.incident(id).await;
+        let joined = inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "alert_joined");
+        if joined {
+            assert_eq!(inc["due_at"].as_str(), Some(due.as_str()), "{inc}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the second alert never joined");
+}
+
 #[tokio::test]
 async fn escalate_later_rolls_back_when_the_approval_window_ends() {
     let app = spawn_app(Options::default()).await;

@@ -249,3 +249,54 @@ async fn a_freeze_in_the_config_file_holds_a_policy() {
         list[0]
     );
 }
+
+/// An approval request that expires with "roll back anyway" (here `auto_after`) is an
+/// automatic rollback decided at that moment: a freeze switched on while the request was open
+/// holds it, as it would hold a fresh alert.
+#[tokio::test]
+async fn a_freeze_holds_the_rollback_of_an_approval_request_that_expires() {
+    let app = spawn_app(Options {
+        env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+        ..Options::default()
+    })
+    .await;
+    // The checkout policy's breaker trigger asks for approval and rolls back after 2 s.
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("CircuitBreakerOpen", "checkout", "fe01", &ago(0), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let r = app
+        .http
+        .post(app.url("/api/v1/freezes"))
+        .bearer_auth("operator-token")
+        .json(&json!({"reason": "database failover in progress", "duration": "1h", "by": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let list = app
+        .wait_incidents("held at expiry", |l| l.len() == 1 && l[0]["phase"] == "suppressed")
+        .await;
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["decision"]["kind"], "frozen");
+    let reason = list[0]["decision"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("approval request expired; policy says rollback, but frozen: automatic rollbacks are frozen (global by api:alice"),
+        "{reason}"
+    );
+    assert_eq!(list[0]["executed"], false);
+    let timeline = app.incident(&id).await;
+    let events = timeline["timeline"].as_array().unwrap();
+    assert!(
+        events.iter().all(|e| e["kind"] != "action_started"),
+        "no action was started: {events:?}"
+    );
+}

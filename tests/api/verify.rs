@@ -69,15 +69,6 @@ fn checks(inc: &Value) -> Vec<Value> {
         .collect()
 }
 
-fn count(inc: &Value, kind: &str) -> usize {
-    inc["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == kind)
-        .count()
-}
-
 #[tokio::test]
 async fn a_healthy_endpoint_verifies_after_consecutive_successes() {
     let fx = AlbFixture::start().await;
@@ -167,7 +158,7 @@ async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_roll
     let probe = checks(&inc).into_iter().find(|c| c["check"] == "health_probe").unwrap();
     assert_eq!(probe["passed"], false);
     assert!(probe["detail"].as_str().unwrap().contains("last: HTTP 500"), "{probe}");
-    assert!(count(&inc, "verification_failed") == 1);
+    assert!(timeline_count(&inc, "verification_failed") == 1);
 
     // The on-call is paged at high severity on a separate alert, and Slack mentions the team.
     let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
@@ -197,11 +188,11 @@ async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_roll
         vec![alert("HighErrorRate", "portal-api", "dc02", &ago(30), None)],
     ))
     .await;
-    app.wait_incident(&id, "second alert joined", |i| count(i, "alert_joined") == 1)
+    app.wait_incident(&id, "second alert joined", |i| timeline_count(i, "alert_joined") == 1)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let inc = app.incident(&id).await;
-    assert_eq!(count(&inc, "action_started"), 1);
+    assert_eq!(timeline_count(&inc, "action_started"), 1);
     assert_eq!(app.incidents().await.len(), 1);
     assert_eq!(inc["phase"], "verification_failed");
 }
@@ -367,14 +358,14 @@ async fn prometheus_chain(run: &str, heal: bool) {
             .await;
         assert_eq!(list.len(), 1);
         let inc = app.incident(&id).await;
-        assert_eq!(count(&inc, "action_started"), 1, "exactly one rollback");
+        assert_eq!(timeline_count(&inc, "action_started"), 1, "exactly one rollback");
         let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
         assert!(pd
             .iter()
             .any(|r| r.2["dedup_key"] == format!("rollback-responder/{id}/escalation")));
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
-            count(&app.incident(&id).await, "action_started"),
+            timeline_count(&app.incident(&id).await, "action_started"),
             1,
             "still exactly one rollback"
         );
