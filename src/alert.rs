@@ -117,7 +117,7 @@ pub enum PayloadError {
 
 impl Notification {
     /// Parses and checks a raw webhook body. Unknown fields are ignored; missing required
-    /// ones, a wrong version, or alerts without fingerprint or name are errors.
+    /// ones, a wrong version, or alerts without a fingerprint are errors.
     pub fn parse(body: &[u8]) -> Result<Self, PayloadError> {
         // Tracking the path costs on every field, so only a body that fails is parsed again
         // with it: the path (`alerts[0].startsAt`) tells the sender which field is wrong.
@@ -140,8 +140,6 @@ impl Notification {
                 Some("fingerprint is empty")
             } else if a.fingerprint.0.len() > 64 || !a.fingerprint.0.chars().all(|c| c.is_ascii_alphanumeric()) {
                 Some("fingerprint is not a hex string")
-            } else if a.alertname().is_empty() {
-                Some("labels.alertname is missing")
             } else {
                 None
             };
@@ -211,15 +209,18 @@ mod tests {
     }
 
     #[test]
-    fn wrong_version_and_missing_alertname_are_named() {
+    fn wrong_version_is_named_and_a_missing_alertname_is_accepted() {
         let e = Notification::parse(AM_025.replace("\"version\": \"4\"", "\"version\": \"3\"").as_bytes());
         assert!(e.unwrap_err().to_string().contains("version \"3\""));
-        let e = Notification::parse(
+        // Alertmanager does not require the label (alerts posted by other tools may lack it);
+        // refusing would refuse the whole group, valid alerts included, on every re-send.
+        let n = Notification::parse(
             AM_025
                 .replace("\"alertname\": \"HighErrorRate\", \"service\"", "\"service\"")
                 .as_bytes(),
-        );
-        assert_eq!(e.unwrap_err().to_string(), "alerts[0]: labels.alertname is missing");
+        )
+        .unwrap();
+        assert_eq!(n.alerts[0].alertname(), "");
         let e = Notification::parse(b"{\"version\":\"4\"}").unwrap_err();
         assert!(e.to_string().contains("missing field"), "{e}");
     }

@@ -54,6 +54,22 @@ impl Application {
             let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
             anyhow::anyhow!("refusing to start: the policy files have errors:\n{}", lines.join("\n"))
         })?;
+        // A freeze on a name no policy has would freeze nothing while the log says FROZEN.
+        if let Some(unknown) = cfg
+            .settings
+            .safety
+            .freeze
+            .policies
+            .iter()
+            .find(|name| policies.get(name).is_none())
+        {
+            let known: Vec<&str> = policies.policies.iter().map(|p| p.policy.name.as_str()).collect();
+            anyhow::bail!(
+                "refusing to start: safety.freeze.policies names {unknown:?}, which no policy in {} has (policies: {}); use the policy's `name:`",
+                cfg.policies_dir.display(),
+                known.join(", ")
+            );
+        }
         let store = Store::connect(cfg.store_url.expose_secret(), cfg.settings.store.max_connections)
             .await
             .context("connecting to the store (store.url)")?;

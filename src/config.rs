@@ -293,7 +293,9 @@ impl Default for WorkerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     pub format: LogFormat,
-    /// A tracing filter, e.g. `info,rollback_responder=debug`.
+    /// A level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or a tracing filter, e.g.
+    /// `info,rollback_responder=debug`; anything else is refused at load (see
+    /// [`crate::telemetry::filter`]).
     pub level: String,
 }
 
@@ -378,14 +380,20 @@ pub fn load_from(
         let text = std::fs::read_to_string(p)
             .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", p.display())))?;
         // Strict parse of the file alone first: serde_norway knows lines, `config` does not.
-        if let Err(e) = serde_norway::from_str::<Settings>(&text) {
-            let line = e.location().map(|l| l.line()).unwrap_or(1);
-            let msg = e.to_string();
-            let msg = msg.split(" at line ").next().unwrap_or(&msg);
-            return Err(ConfigError(format!(
-                "{}:{line}: {msg} (see deploy/config.example.yaml for every key)",
-                p.display()
-            )));
+        // A field missing from the file may still come from the environment (a secret or a
+        // page id injected by the deployment): that is judged after the merge below.
+        match serde_norway::from_str::<Settings>(&text) {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("missing field") => {}
+            Err(e) => {
+                let line = e.location().map(|l| l.line()).unwrap_or(1);
+                let msg = e.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg);
+                return Err(ConfigError(format!(
+                    "{}:{line}: {msg} (see deploy/config.example.yaml for every key)",
+                    p.display()
+                )));
+            }
         }
         builder = builder.add_source(config::File::from(p).format(config::FileFormat::Yaml));
     }
@@ -447,6 +455,14 @@ fn resolve(
     path: Option<&Path>,
     listen_override: Option<SocketAddr>,
 ) -> Result<Resolved, ConfigError> {
+    // A misspelt level (`warning`) would otherwise be read as a target name: every event,
+    // errors included, would be dropped.
+    if let Err(e) = crate::telemetry::filter(&settings.log.level) {
+        return Err(ConfigError(format!(
+            "log.level: {e}; use {} ({ENV_PREFIX}__LOG__LEVEL, RUST_LOG overrides it)",
+            crate::telemetry::LEVEL_CHOICES
+        )));
+    }
     let store_url = secret(
         settings.store.url.clone(),
         settings.store.url_file.as_ref(),
@@ -579,6 +595,15 @@ fn resolve(
     if settings.notifications.max_attempts == 0 {
         return Err(ConfigError("notifications.max_attempts: at least 1".into()));
     }
+    // A message is leased for 60 s while it is sent (notify::outbox): a request still running
+    // when the lease ends could be sent a second time by another replica.
+    let t = settings.notifications.timeout;
+    if t.is_zero() || t > Duration::from_secs(50) {
+        return Err(ConfigError(format!(
+            "notifications.timeout: {} is out of range; use 1s to 50s (a message is leased for 60 s while it is sent)",
+            humantime::format_duration(t)
+        )));
+    }
     let policies_dir = settings
         .policies_dir
         .clone()
@@ -693,6 +718,31 @@ mod tests {
     }
 
     #[test]
+    fn a_field_missing_from_the_file_may_come_from_the_environment() {
+        let f = file("statuspage:\n  api_key: sp-key\n");
+        let env = vec![("ROLLBACK_RESPONDER__STATUSPAGE__PAGE_ID".into(), "PAGE1".into())];
+        let r = load_from(Some(f.path()), None, env).unwrap();
+        assert_eq!(r.settings.statuspage.as_ref().unwrap().page_id, "PAGE1");
+        // Missing from both: still refused.
+        let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
+        assert!(e.contains("page_id"), "{e}");
+    }
+
+    #[test]
+    fn a_notification_timeout_must_end_well_inside_the_delivery_lease() {
+        for value in ["0s", "51s", "2m"] {
+            let env = vec![("ROLLBACK_RESPONDER__NOTIFICATIONS__TIMEOUT".into(), value.into())];
+            let e = load_from(None, None, env).unwrap_err().to_string();
+            assert!(
+                e.contains("notifications.timeout") && e.contains("use 1s to 50s"),
+                "{value}: {e}"
+            );
+        }
+        let env = vec![("ROLLBACK_RESPONDER__NOTIFICATIONS__TIMEOUT".into(), "50s".into())];
+        assert!(load_from(None, None, env).is_ok());
+    }
+
+    #[test]
     fn empty_pagerduty_webhook_secrets_are_refused() {
         for value in ["", " ", "old,new,", "old,,new", ",new"] {
             let env = vec![("ROLLBACK_RESPONDER__PAGERDUTY__WEBHOOK_SECRETS".into(), value.into())];
@@ -713,6 +763,31 @@ mod tests {
         let secrets = &r.settings.pagerduty.as_ref().unwrap().webhook_secrets;
         let secrets: Vec<&str> = secrets.iter().map(|s| s.expose_secret()).collect();
         assert_eq!(secrets, ["old", "new"]);
+    }
+
+    #[test]
+    fn a_misspelt_log_level_is_refused_with_the_choices() {
+        for value in ["warning", "information", "info,rollback_responder=verbose", ""] {
+            let env = vec![("ROLLBACK_RESPONDER__LOG__LEVEL".into(), value.into())];
+            let e = load_from(None, None, env).unwrap_err().to_string();
+            assert!(
+                e.starts_with("log.level: ") && e.contains("use trace, debug, info, warn, error or off"),
+                "{value:?}: {e}"
+            );
+        }
+        let env = vec![("ROLLBACK_RESPONDER__LOG__LEVEL".into(), "warning".into())];
+        let e = load_from(None, None, env).unwrap_err().to_string();
+        assert!(e.contains("\"warning\" is not a level"), "{e}");
+        let f = file("log:\n  level: warning\n");
+        let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
+        assert!(e.contains("log.level: \"warning\""), "{e}");
+        for value in ["warn", "info", "debug", "info,rollback_responder=debug"] {
+            let env = vec![("ROLLBACK_RESPONDER__LOG__LEVEL".into(), value.into())];
+            let r = load_from(None, None, env).unwrap();
+            assert_eq!(r.settings.log.level, value);
+        }
+        let f = file("log:\n  level: info,rollback_responder=debug\n");
+        assert!(load_from(Some(f.path()), None, vec![]).is_ok());
     }
 
     #[test]

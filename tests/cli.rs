@@ -99,6 +99,58 @@ fn serve_refuses_to_start_on_a_broken_policy_and_names_the_line() {
     );
 }
 
+/// `serve` with `env` on a fresh store in `dir`; its stderr once it has exited.
+fn serve_refused(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ROLLBACK_RESPONDER__POLICIES_DIR", dir)
+        .env(
+            "ROLLBACK_RESPONDER__STORE__URL",
+            format!("sqlite://{}", dir.join("db").display()),
+        )
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_an_empty_policy_directory_and_a_freeze_on_an_unknown_policy() {
+    // No policy means no rollback, ever.
+    let dir = tempfile::tempdir().unwrap();
+    let err = serve_refused(dir.path(), &[]);
+    assert!(
+        err.contains("refusing to start") && err.contains("no policy files"),
+        "{err}"
+    );
+    assert_eq!(
+        Command::new(BIN)
+            .args(["policy", "check"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(1)
+    );
+    // A freeze on a name no policy has would freeze nothing while the log says FROZEN.
+    std::fs::copy(
+        root().join("policies/portal-api.yaml"),
+        dir.path().join("portal-api.yaml"),
+    )
+    .unwrap();
+    let err = serve_refused(
+        dir.path(),
+        &[("ROLLBACK_RESPONDER__SAFETY__FREEZE__POLICIES", "portal_api")],
+    );
+    assert!(
+        err.contains("safety.freeze.policies names \"portal_api\", which no policy")
+            && err.contains("(policies: portal-api)"),
+        "{err}"
+    );
+}
+
 /// A running `rollback-responder serve` child process with its log file; killed on drop.
 struct Serve {
     child: std::process::Child,

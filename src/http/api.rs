@@ -1,5 +1,7 @@
 //! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
 
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
@@ -147,13 +149,34 @@ pub struct FreezeBody {
     by: Option<String>,
 }
 
+/// When a freeze of `d` from `now` ends; `None` when that is past the calendar's end (a
+/// checked sum: `now + d` panics there).
+fn freeze_end(now: chrono::DateTime<chrono::Utc>, d: std::time::Duration) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+}
+
 /// Freezes automatic rollbacks (the kill switch), globally or for one policy.
+///
+/// The body is read raw and parsed only after the credentials are checked: an unauthenticated
+/// caller gets 401 whatever it sends, never a parse error that names the fields.
 pub async fn freeze(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(b): Json<FreezeBody>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     operator(&state, &headers)?;
+    let b: FreezeBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("freeze body: {e}")))?;
+    let until = match b.duration {
+        None => None,
+        Some(d) => Some(freeze_end(chrono::Utc::now(), d).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "duration: {} is too long; omit it to freeze until lifted",
+                humantime::format_duration(d)
+            ))
+        })?),
+    };
     let r = &state.responder;
     if let Some(p) = &b.policy {
         if r.policies().get(p).is_none() {
@@ -161,10 +184,6 @@ pub async fn freeze(
         }
     }
     let scope = b.policy.clone().unwrap_or_else(|| "*".into());
-    let until = b
-        .duration
-        .and_then(|d| chrono::Duration::from_std(d).ok())
-        .map(|d| chrono::Utc::now() + d);
     let f = crate::policy::Freeze {
         reason: b.reason,
         by: format!("api:{}", b.by.unwrap_or_else(|| "operator".into())),
@@ -178,9 +197,11 @@ pub async fn freeze(
 pub async fn unfreeze(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(scope): Path<String>,
+    scope: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // Credentials first, then the path: a malformed one is a 400 only for an operator.
     operator(&state, &headers)?;
+    let Path(scope) = scope.map_err(|e| ApiError::BadRequest(format!("scope: {}", e.body_text())))?;
     let lifted = state
         .responder
         .lift_freeze(&scope, "api")
@@ -197,4 +218,22 @@ pub async fn freezes(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
         .await
         .map_err(ApiError::Unavailable)?;
     Ok(Json(serde_json::to_value(f).unwrap_or(Value::Null)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_freeze_past_the_calendar_has_no_end_instead_of_a_panic() {
+        let now = chrono::Utc::now();
+        let hour = freeze_end(now, Duration::from_secs(3600)).unwrap();
+        assert_eq!(hour - now, chrono::Duration::hours(1));
+        let year = 365 * 24 * 3600;
+        // 1,000,000 years overflows the date; 10^9 years overflows chrono's Duration itself.
+        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000 * year)), None);
+        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000_000 * year)), None);
+    }
 }

@@ -268,6 +268,42 @@ impl Incident {
 }
 
 #[cfg(test)]
+impl Incident {
+    /// An incident for unit tests, opened at `now` under a policy "p", in `phase`.
+    pub(crate) fn sample(phase: Phase, now: DateTime<Utc>) -> Incident {
+        Incident {
+            id: IncidentId::new(),
+            policy: "p".into(),
+            trigger: Some("t".into()),
+            service: "svc".into(),
+            target_key: "alb:listener/x".into(),
+            phase,
+            decision: crate::policy::Decision {
+                outcome: crate::policy::Outcome::Auto,
+                policy: Some("p".into()),
+                trigger: Some("t".into()),
+                reason: "test".into(),
+                policy_hash: "h".into(),
+                decided_at: now,
+            },
+            plan: serde_json::Value::Null,
+            alertname: "HighErrorRate".into(),
+            first_alert_starts_at: now,
+            opened_at: now,
+            updated_at: now,
+            closed_at: None,
+            due_at: None,
+            acted_at: None,
+            verified_at: None,
+            owner: None,
+            lease_until: None,
+            version: 0,
+            context: serde_json::Value::Null,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::Outcome;

@@ -137,6 +137,14 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
     }
     if let Change::Closed = change {
         out.push(simple("resolve"));
+        // The escalation page is its own alert: it closes with the incident too, or it would
+        // page on after every alert has cleared.
+        if is_escalation(inc.phase) {
+            out.push(event(
+                route,
+                json!({ "event_action": "resolve", "dedup_key": format!("{}/escalation", dedup_key(inc)) }),
+            ));
+        }
     }
     out
 }
@@ -164,4 +172,42 @@ pub async fn deliver(
     }
     let text = resp.text().await.unwrap_or_default();
     Err(classify_status(status, retry_after.as_ref(), &text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Severity;
+
+    fn dedup_keys(messages: &[Message], action: &str) -> Vec<String> {
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::PagerDuty { body, .. } if body["event_action"] == action => {
+                    body["dedup_key"].as_str().map(str::to_string)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn closing_an_escalated_incident_resolves_its_escalation_page_too() {
+        let route = PagerDutyRoute {
+            severity: Severity::Critical,
+            routing_key: None,
+        };
+        let ctx = Context::default();
+        let failed = Incident::sample(Phase::Failed, chrono::Utc::now());
+        let key = dedup_key(&failed);
+        assert_eq!(
+            dedup_keys(&plan(&failed, &ctx, &Change::Closed, &route), "resolve"),
+            [key.clone(), format!("{key}/escalation")]
+        );
+        let verified = Incident::sample(Phase::Verified, chrono::Utc::now());
+        assert_eq!(
+            dedup_keys(&plan(&verified, &ctx, &Change::Closed, &route), "resolve"),
+            [dedup_key(&verified)]
+        );
+    }
 }

@@ -38,6 +38,19 @@ fn link(url: &Option<String>, text: &str) -> Option<String> {
     url.as_ref().filter(|u| !u.is_empty()).map(|u| format!("<{u}|{text}>"))
 }
 
+/// Slack's limit for a section block's text.
+const SECTION_MAX: usize = 3000;
+
+/// `s` cut to at most `max` characters, marked with an ellipsis when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
 /// The incident message: what fired, which policy decided what and why, the target, links.
 pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
     let dry = if is_dry_run(inc) {
@@ -68,7 +81,9 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
             .take(150)
             .collect::<String>()))
         .into(),
-        SlackSectionBlock::new().with_text(md!(body)).into(),
+        // Slack refuses a section over 3,000 characters (invalid_blocks, for good): an alert's
+        // summary or a person's reason can be longer.
+        SlackSectionBlock::new().with_text(md!(clip(&body, SECTION_MAX))).into(),
     ];
     if inc.phase == Phase::AwaitingApproval {
         let id = inc.id.0.clone();
@@ -333,6 +348,15 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_texts_are_clipped_to_slacks_limits() {
+        assert_eq!(clip("short", 10), "short");
+        let long = "é".repeat(5000);
+        let c = clip(&long, SECTION_MAX);
+        assert_eq!(c.chars().count(), SECTION_MAX);
+        assert!(c.ends_with('…'));
+    }
 
     #[test]
     fn retryable_slack_errors() {

@@ -43,7 +43,12 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &StatuspageRo
             vec![Message::StatuspageUpdate {
                 body: json!({ "incident": {
                     "status": "resolved",
-                    "body": format!("{} has recovered; the faulty release stays rolled back.", inc.service),
+                    // A failed action may have changed nothing: say only what is known.
+                    "body": if inc.executed() {
+                        format!("{} has recovered; the faulty release stays rolled back.", inc.service)
+                    } else {
+                        format!("{} has recovered.", inc.service)
+                    },
                     "components": operational,
                     "deliver_notifications": route.deliver_notifications,
                 }}),

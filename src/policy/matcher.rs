@@ -68,10 +68,22 @@ impl Matcher {
             return Err(format!("matcher {s:?}: unknown operator, use one of = != =~ !~"));
         };
         let raw = raw.trim();
-        let value = if raw.len() >= 2 && raw.starts_with('"') && raw.ends_with('"') {
-            raw[1..raw.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
+        // Alertmanager reads a list here: `a="x", b="y"` is two matchers. Taken as one, it
+        // would load and never match, so a rollback would silently never happen.
+        let one_per_entry =
+            || format!("matcher {s:?}: one matcher per list entry; write `a=\"x\", b=\"y\"` as two entries");
+        let value = if let Some(quoted) = raw.strip_prefix('"') {
+            let (value, after) =
+                unquote(quoted).ok_or_else(|| format!("matcher {s:?}: unbalanced quotes around the value"))?;
+            match after.trim() {
+                "" => value,
+                a if a.starts_with(',') => return Err(one_per_entry()),
+                a => return Err(format!("matcher {s:?}: unexpected {a:?} after the quoted value")),
+            }
         } else if raw.contains('"') {
             return Err(format!("matcher {s:?}: unbalanced quotes around the value"));
+        } else if raw.contains(',') {
+            return Err(one_per_entry());
         } else {
             raw.to_string()
         };
@@ -101,6 +113,31 @@ impl Matcher {
             (_, None) => false,
         }
     }
+}
+
+/// The value of a double-quoted string whose opening quote is already consumed, and the text
+/// after its closing quote; `None` without a closing quote. `\"`, `\\` and `\n` are escapes;
+/// any other backslash stays as written (regular expressions such as `\d`).
+fn unquote(s: &str) -> Option<(String, &str)> {
+    let mut out = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 1..])),
+            '\\' => match chars.next() {
+                Some((_, '"')) => out.push('"'),
+                Some((_, '\\')) => out.push('\\'),
+                Some((_, 'n')) => out.push('\n'),
+                Some((_, other)) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => return None,
+            },
+            c => out.push(c),
+        }
+    }
+    None
 }
 
 impl fmt::Display for Matcher {
@@ -159,5 +196,23 @@ mod tests {
             .unwrap_err()
             .contains("not a valid label name"));
         assert!(Matcher::parse("a=\"x").unwrap_err().contains("unbalanced"));
+        // Alertmanager reads these as two matchers; as one they would never match.
+        for s in ["service=\"portal-api\", env=\"prod\"", "service=portal-api, env=prod"] {
+            assert!(
+                Matcher::parse(s).unwrap_err().contains("one matcher per list entry"),
+                "{s}"
+            );
+        }
+        assert!(Matcher::parse("a=\"x\"y\"").unwrap_err().contains("unexpected"));
+    }
+
+    #[test]
+    fn quoted_values_unescape_like_alertmanager() {
+        let m = Matcher::parse(r#"summary="say \"hi\"\\ now""#).unwrap();
+        assert_eq!(m.value, r#"say "hi"\ now"#);
+        assert_eq!(Matcher::parse(r#"a="x\ny""#).unwrap().value, "x\ny");
+        assert_eq!(Matcher::parse(r#"a="b,c""#).unwrap().value, "b,c");
+        let r = Matcher::parse(r#"code=~"5\d\d""#).unwrap();
+        assert!(r.matches(&labels(&[("code", "503")])));
     }
 }

@@ -481,6 +481,14 @@ impl PolicySet {
                 }])
             }
         };
+        // No policy means no rollback, ever: a wrong directory must not look like a quiet day.
+        if files.is_empty() {
+            return Err(vec![PolicyError {
+                file: dir.to_path_buf(),
+                line: 0,
+                message: "no policy files (*.yaml, *.yml) here: add one (see policies/portal-api.yaml and docs/policies.md) or point policies_dir at the right directory".into(),
+            }]);
+        }
         files.sort();
         let mut sources = Vec::new();
         for f in files {

@@ -1160,38 +1160,6 @@ mod tests {
         assert_eq!(store.pending_alert_ids(10).await.unwrap(), ids[1..].to_vec());
     }
 
-    fn executing_incident(now: DateTime<Utc>) -> Incident {
-        Incident {
-            id: IncidentId::new(),
-            policy: "p".into(),
-            trigger: Some("t".into()),
-            service: "svc".into(),
-            target_key: "alb:listener/x".into(),
-            phase: Phase::Executing,
-            decision: Decision {
-                outcome: crate::policy::Outcome::Auto,
-                policy: Some("p".into()),
-                trigger: Some("t".into()),
-                reason: "test".into(),
-                policy_hash: "h".into(),
-                decided_at: now,
-            },
-            plan: Value::Null,
-            alertname: "HighErrorRate".into(),
-            first_alert_starts_at: now,
-            opened_at: now,
-            updated_at: now,
-            closed_at: None,
-            due_at: None,
-            acted_at: None,
-            verified_at: None,
-            owner: None,
-            lease_until: None,
-            version: 0,
-            context: Value::Null,
-        }
-    }
-
     /// A copy read before another replica's claim passes the version check (a claim does not
     /// change the version); saving it must not give that replica's lease away, or a third
     /// replica would take the same work while it runs.
@@ -1199,7 +1167,7 @@ mod tests {
     async fn saving_a_copy_read_before_a_claim_keeps_the_claim() {
         let (_dir, store) = sqlite_store().await;
         let now = Utc::now();
-        let inc = executing_incident(now);
+        let inc = Incident::sample(Phase::Executing, now);
         let mut tx = store.begin().await.unwrap();
         tx.insert_incident(&inc).await.unwrap();
         tx.commit().await.unwrap();
@@ -1241,7 +1209,7 @@ mod tests {
     async fn the_deciding_transaction_takes_the_lease_at_the_version_it_wrote() {
         let (_dir, store) = sqlite_store().await;
         let now = Utc::now();
-        let mut inc = executing_incident(now);
+        let mut inc = Incident::sample(Phase::Executing, now);
         let mut tx = store.begin().await.unwrap();
         tx.insert_incident(&inc).await.unwrap();
         inc.owner = Some("replica-a".into());

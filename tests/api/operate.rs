@@ -300,3 +300,96 @@ async fn a_freeze_holds_the_rollback_of_an_approval_request_that_expires() {
         "no action was started: {events:?}"
     );
 }
+
+/// The credentials are checked before the body is read: whatever an unauthenticated caller
+/// sends (no JSON, wrong content type, unknown fields), it gets 401 and learns nothing of the
+/// body's shape.
+#[tokio::test]
+async fn the_freeze_api_checks_credentials_before_it_reads_the_body() {
+    let app = spawn_app(Options {
+        env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+        ..Options::default()
+    })
+    .await;
+    let url = app.url("/api/v1/freezes");
+    let bodies: [(&str, &str); 4] = [
+        ("text/plain", "freeze everything"),
+        ("application/json", "{not json"),
+        ("application/json", r#"{"bogus": 1}"#),
+        ("application/json", r#"{"reason": "x", "duration": "soon"}"#),
+    ];
+    for (ct, body) in bodies {
+        for token in [None, Some("nope")] {
+            let mut req = app.http.post(&url).header("content-type", ct).body(body);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{token:?} {ct} {body}");
+            let text = r.text().await.unwrap();
+            assert!(!text.contains("reason") && !text.contains("duration"), "{text}");
+        }
+    }
+    // An operator with a malformed body is told what is wrong.
+    let r = app
+        .http
+        .post(&url)
+        .bearer_auth("operator-token")
+        .header("content-type", "application/json")
+        .body(r#"{"bogus": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e = r.json::<serde_json::Value>().await.unwrap()["error"].to_string();
+    assert!(e.contains("freeze body") && e.contains("bogus"), "{e}");
+    // The same order on lifting a freeze.
+    let r = app.http.delete(app.url("/api/v1/freezes/%FF")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        app.get_json("/readyz").await["freezes"]["global"],
+        serde_json::Value::Null
+    );
+}
+
+/// A duration past the calendar's end is refused with 400 naming the field: neither a panic
+/// (`now + d` overflows) nor a freeze without end (chrono's Duration overflows first).
+#[tokio::test]
+async fn a_freeze_longer_than_the_calendar_is_refused_and_nothing_is_frozen() {
+    let app = spawn_app(Options {
+        env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+        ..Options::default()
+    })
+    .await;
+    for duration in ["1000000y", "1000000000y"] {
+        let r = app
+            .http
+            .post(app.url("/api/v1/freezes"))
+            .bearer_auth("operator-token")
+            .json(&json!({"reason": "forever", "duration": duration, "by": "alice"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{duration}");
+        let e = r.json::<serde_json::Value>().await.unwrap()["error"].to_string();
+        assert!(e.contains("duration"), "{duration}: {e}");
+        let ready = app.get_json("/readyz").await;
+        assert_eq!(
+            ready["freezes"]["global"],
+            serde_json::Value::Null,
+            "{duration}: {ready}"
+        );
+        assert_eq!(ready["freezes"]["policies"], json!({}), "{duration}: {ready}");
+    }
+    // The service still answers, and an ordinary duration still freezes.
+    let r = app
+        .http
+        .post(app.url("/api/v1/freezes"))
+        .bearer_auth("operator-token")
+        .json(&json!({"reason": "failover", "duration": "2h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(app.get_json("/readyz").await["freezes"]["global"]["reason"], "failover");
+}

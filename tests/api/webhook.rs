@@ -110,14 +110,6 @@ async fn malformed_payloads_get_400_saying_what_is_wrong() {
             "unsupported payload version \"5\"",
         ),
         (
-            {
-                let mut a = alert("HighErrorRate", "checkout", "ac01", &ago(1), None);
-                a["labels"].as_object_mut().unwrap().remove("alertname");
-                payload("firing", vec![a]).to_string()
-            },
-            "alerts[0]: labels.alertname is missing",
-        ),
-        (
             payload(
                 "firing",
                 vec![alert("HighErrorRate", "checkout", "ac02", "yesterday", None)],
@@ -194,4 +186,18 @@ async fn health_readiness_and_policies_endpoints() {
     let p = app.get_json("/api/v1/policies").await;
     assert_eq!(p["policies"][0]["name"], "checkout");
     assert_eq!(p["hash"], ready["policies"]["hash"]);
+}
+
+/// Alertmanager does not require `alertname`: an alert without it is stored (it matches no
+/// trigger that names one) and does not take the valid alerts of its group down with it.
+#[tokio::test]
+async fn an_alert_without_alertname_is_stored_with_the_rest_of_its_group() {
+    let app = spawn_app(Options::default()).await;
+    let mut nameless = alert("HighErrorRate", "checkout", "ac01", &ago(1), None);
+    nameless["labels"].as_object_mut().unwrap().remove("alertname");
+    let valid = alert("HighErrorRate", "checkout", "ac03", &ago(1), None);
+    let r = app.post_webhook(&payload("firing", vec![nameless, valid])).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), 2);
+    app.wait_incidents("the valid alert's incident", |l| l.len() == 1).await;
 }
