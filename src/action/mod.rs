@@ -155,7 +155,7 @@ impl Executors {
         let result = match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| steps.push(serde_json::to_value(&s).unwrap_or_default());
-                alb_report(t, exec.revert(t, dry_run, &mut record).await)
+                alb_report(t, dry_run, exec.revert(t, dry_run, &mut record).await)
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
                 let mut record =
@@ -252,7 +252,11 @@ fn not_configured(target: &Target, dry_run: bool) -> ActionReport {
     }
 }
 
-fn alb_report(t: &AlbTarget, result: Result<alb::AlbOutcome, alb::AlbError>) -> Result<ActionReport, ActionError> {
+fn alb_report(
+    t: &AlbTarget,
+    dry_run: bool,
+    result: Result<alb::AlbOutcome, alb::AlbError>,
+) -> Result<ActionReport, ActionError> {
     let stable = t.stable_target_group_arn.as_str();
     let forward = |s: &alb::ForwardSnapshot| {
         s.forward
@@ -275,9 +279,11 @@ fn alb_report(t: &AlbTarget, result: Result<alb::AlbOutcome, alb::AlbError>) -> 
                     ),
                     detail,
                 },
+                // Found stable in a dry run is still a dry run: the incident ends in `dry_run`,
+                // not in a verification (and an escalation) of a rollback nobody did.
                 alb::AlbOutcome::AlreadyStable { state } => ActionReport {
                     changed: false,
-                    dry_run: false,
+                    dry_run,
                     summary: format!(
                         "{}: already forwards everything to the stable group [{}]; nothing written",
                         t.resource_arn(),

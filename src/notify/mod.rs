@@ -228,7 +228,7 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change) -> Vec<Message> {
         out.extend(pagerduty::plan(inc, ctx, change, route));
     }
     if let Some(route) = &ctx.routes.statuspage {
-        out.extend(statuspage::plan(inc, ctx, change, route));
+        out.extend(statuspage::plan(inc, change, route));
     }
     out
 }

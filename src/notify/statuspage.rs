@@ -7,13 +7,11 @@ use std::collections::BTreeMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
-use super::{
-    classify_status, entered, headline, transport_error, Change, Context, DeliveryError, Message, Refs, StatuspageRoute,
-};
+use super::{classify_status, entered, transport_error, Change, DeliveryError, Message, Refs, StatuspageRoute};
 use crate::incident::{Incident, Phase};
 
 /// Statuspage messages for a change.
-pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &StatuspageRoute) -> Vec<Message> {
+pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Message> {
     let components: BTreeMap<&String, Value> = route
         .components
         .iter()
@@ -24,7 +22,8 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &StatuspageRo
             body: json!({ "incident": {
                 "name": format!("{}: degraded service, rolling back a release", inc.service),
                 "status": "identified",
-                "body": format!("We identified a problem with the latest release of {} ({}) and are rolling it back.", inc.service, headline(inc, ctx)),
+                // Customers read this: the service, not our internal alert names.
+                "body": format!("We identified a problem with the latest release of {} and are rolling it back.", inc.service),
                 "component_ids": route.components.keys().collect::<Vec<_>>(),
                 "components": components,
                 "deliver_notifications": route.deliver_notifications,

@@ -110,7 +110,12 @@ impl Responder {
             wake: tokio::sync::Notify::new(),
             notify_defaults: notify::Defaults::default(),
             outbox_wake: Arc::default(),
-            http: reqwest::Client::new(),
+            // The health probe judges the status it gets: a redirect to a login or maintenance
+            // page that answers 200 is not the service being healthy.
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
             prometheus_url: None,
             config_freezes: FreezeState::default(),
         }

@@ -305,7 +305,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         sp[0].2,
         json!({"incident": {
             "name": "portal-api: degraded service, rolling back a release", "status": "identified",
-            "body": "We identified a problem with the latest release of portal-api (portal-api: HighErrorRate) and are rolling it back.",
+            "body": "We identified a problem with the latest release of portal-api and are rolling it back.",
             "component_ids": ["cmp-portal"], "components": {"cmp-portal": "partial_outage"}, "deliver_notifications": false,
         }})
     );

@@ -10,14 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// A free loopback port (bound then released; good enough for a test peer).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::support::free_port;
 
 fn binary(env: &str, candidates: &[&str], hint: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
@@ -218,6 +211,11 @@ impl FakeService {
                     }
                 }),
             )
+            // A health URL that moved (to a login or maintenance page, say).
+            .route(
+                "/moved",
+                axum::routing::get(|| async { axum::response::Redirect::to("/health") }),
+            )
             .route(
                 "/metrics",
                 axum::routing::get(move || {
@@ -261,6 +259,11 @@ impl FakeService {
 
     pub fn health_url(&self) -> String {
         format!("http://{}/health", self.addr)
+    }
+
+    /// Answers 303 to [`FakeService::health_url`].
+    pub fn moved_url(&self) -> String {
+        format!("http://{}/moved", self.addr)
     }
 }
 

@@ -101,6 +101,33 @@ async fn a_healthy_endpoint_verifies_after_consecutive_successes() {
     assert!(inc["verified_at"].is_string());
 }
 
+/// The probe judges the answer it gets: a redirect (to a login or maintenance page that
+/// answers 200) is not the service being healthy.
+#[tokio::test]
+async fn a_health_probe_does_not_follow_redirects() {
+    let fx = AlbFixture::start().await;
+    let svc = FakeService::start("moved").await;
+    let v = format!(
+        "  bake: 1s\n  health_probe: {{url: \"{}\", successes: 2, interval: 100ms, timeout: 1s}}",
+        svc.moved_url()
+    );
+    let app = start(&fx, &v, vec![], None).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dg01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verification failed", |l| {
+            l.len() == 1 && l[0]["phase"] == "verification_failed"
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let probe = checks(&inc).into_iter().find(|c| c["check"] == "health_probe").unwrap();
+    assert_eq!(probe["passed"], false);
+    assert!(probe["detail"].as_str().unwrap().contains("last: HTTP 303"), "{probe}");
+}
+
 #[tokio::test]
 async fn a_flapping_endpoint_must_string_its_successes_together() {
     let fx = AlbFixture::start().await;

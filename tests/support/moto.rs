@@ -3,7 +3,6 @@
 //! The binary comes from `MOTO_SERVER`, or `target/peers/venv/bin/moto_server` under the
 //! crate. A missing binary is a test failure with an install hint, never a skip.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,20 +37,13 @@ fn moto_binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    // The port is released before moto binds it; a lost race shows up as an early exit,
-    // which `start` answers by trying another port.
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    l.local_addr().expect("local addr").port()
-}
-
 impl Moto {
     /// Starts moto and waits until it answers, with a deadline.
     pub async fn start() -> Moto {
         let bin = moto_binary();
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::free_port();
             let log = std::env::temp_dir().join(format!("moto-{}-{port}.log", std::process::id()));
             let log_file = std::fs::File::create(&log).expect("create moto log file");
             let child = Command::new(&bin)

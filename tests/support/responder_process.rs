@@ -20,14 +20,6 @@ pub struct ResponderProcess {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    // Released before the child binds it; a lost race is an early exit, retried by `start`.
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral loopback port")
-        .port()
-}
-
 impl ResponderProcess {
     /// Starts `serve --listen 127.0.0.1:PORT` with exactly `env` on top of the test's own
     /// environment minus anything that configures the service or AWS, and waits for /readyz.
@@ -38,7 +30,7 @@ impl ResponderProcess {
             let log = dir.path().join("stderr.log");
             let file = std::fs::File::create(&log).expect("create the process log");
             let out = file.try_clone().expect("clone the log handle");
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let addr = SocketAddr::from(([127, 0, 0, 1], super::free_port()));
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_rollback-responder"));
             cmd.arg("serve")
                 .arg("--listen")
