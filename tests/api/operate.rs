@@ -393,3 +393,42 @@ async fn a_freeze_longer_than_the_calendar_is_refused_and_nothing_is_frozen() {
     assert_eq!(r.status(), 201);
     assert_eq!(app.get_json("/readyz").await["freezes"]["global"]["reason"], "failover");
 }
+
+/// A dry run that finds the listener already stable is still a dry run: it ends in `dry_run`,
+/// not in a verification (and possibly an escalation) of a rollback nobody did.
+#[tokio::test]
+async fn a_dry_run_that_finds_the_target_already_stable_ends_as_a_dry_run() {
+    let fx = AlbFixture::start().await;
+    fx.elb
+        .modify_listener()
+        .listener_arn(&fx.listener_arn)
+        .default_actions(crate::support::alb_fixture::forward(
+            &[(&fx.stable_tg, 100), (&fx.canary_tg, 0)],
+            None,
+        ))
+        .send()
+        .await
+        .expect("ModifyListener");
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", alb_policy(&fx))],
+        dry_run: true,
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "fd01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("settled", |l| {
+            l.len() == 1 && !["executing", "waiting"].contains(&l[0]["phase"].as_str().unwrap())
+        })
+        .await;
+    assert_eq!(list[0]["phase"], "dry_run", "{}", list[0]);
+    assert_eq!(list[0]["executed"], false);
+}
