@@ -1,4 +1,5 @@
-//! PagerDuty Events API v2: a trigger when an incident opens (one dedup_key per incident),
+//! PagerDuty Events API v2: a trigger when an incident opens, or when it stops waiting out a
+//! trigger's `for` (one dedup_key per incident),
 //! acknowledge while a rollback is under way, resolve when the incident closes, a change event
 //! when a rollback is executed, and a separate high-severity trigger when a rollback fails or
 //! does not verify, so the on-call is paged even if the first alert was acknowledged.
@@ -79,7 +80,19 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
         .unwrap_or("critical".into());
     let simple = |action: &str| event(route, json!({ "event_action": action, "dedup_key": dedup_key(inc) }));
     let mut out = Vec::new();
-    if let Change::Opened = change {
+    // A page is for something to act on. An incident still waiting out its trigger's `for`
+    // may be a blip that clears by itself: it pages when it stops waiting, and never if its
+    // alerts resolve first.
+    let pages = match change {
+        Change::Opened => inc.phase != Phase::Waiting,
+        Change::Phase {
+            from: Phase::Waiting,
+            to,
+            ..
+        } => !matches!(to, Phase::Waiting | Phase::Cancelled),
+        _ => false,
+    };
+    if pages {
         out.push(trigger(
             inc,
             ctx,
@@ -189,6 +202,47 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn actions(messages: &[Message]) -> Vec<String> {
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::PagerDuty { body, .. } => body["event_action"].as_str().map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_incident_waiting_out_its_for_pages_only_once_it_stops_waiting() {
+        let route = PagerDutyRoute {
+            severity: Severity::Critical,
+            routing_key: None,
+        };
+        let ctx = Context::default();
+        let now = chrono::Utc::now();
+        let waiting = Incident::sample(Phase::Waiting, now);
+        assert!(actions(&plan(&waiting, &ctx, &Change::Opened, &route)).is_empty());
+        let detail = Value::Null;
+        let moved = |from, to| Change::Phase {
+            from,
+            to,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        let still = Incident::sample(Phase::Waiting, now);
+        assert!(actions(&plan(&still, &ctx, &moved(Phase::Waiting, Phase::Waiting), &route)).is_empty());
+        let blip = Incident::sample(Phase::Cancelled, now);
+        assert!(actions(&plan(&blip, &ctx, &moved(Phase::Waiting, Phase::Cancelled), &route)).is_empty());
+        let acting = Incident::sample(Phase::Executing, now);
+        assert_eq!(
+            actions(&plan(&acting, &ctx, &moved(Phase::Waiting, Phase::Executing), &route)),
+            ["trigger", "acknowledge"]
+        );
+        let asking = Incident::sample(Phase::AwaitingApproval, now);
+        assert_eq!(actions(&plan(&asking, &ctx, &Change::Opened, &route)), ["trigger"]);
     }
 
     #[test]
