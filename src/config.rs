@@ -595,13 +595,15 @@ fn resolve(
     if settings.notifications.max_attempts == 0 {
         return Err(ConfigError("notifications.max_attempts: at least 1".into()));
     }
-    // A message is leased for 60 s while it is sent (notify::outbox): a request still running
-    // when the lease ends could be sent a second time by another replica.
+    // A message is leased while it is sent (notify::outbox): a request still running when
+    // the lease ends could be sent a second time by another replica.
     let t = settings.notifications.timeout;
-    if t.is_zero() || t > Duration::from_secs(50) {
+    if t.is_zero() || t > crate::notify::outbox::MAX_REQUEST_TIMEOUT {
         return Err(ConfigError(format!(
-            "notifications.timeout: {} is out of range; use 1s to 50s (a message is leased for 60 s while it is sent)",
-            humantime::format_duration(t)
+            "notifications.timeout: {} is out of range; use 1s to {} (a message is leased for {} while it is sent)",
+            humantime::format_duration(t),
+            humantime::format_duration(crate::notify::outbox::MAX_REQUEST_TIMEOUT),
+            humantime::format_duration(crate::notify::outbox::DELIVERY_LEASE),
         )));
     }
     let policies_dir = settings

@@ -65,6 +65,13 @@ impl Wake {
     }
 }
 
+/// How long a replica holds a message while it sends it. `notifications.timeout` must end
+/// well inside it (config refuses more than [`MAX_REQUEST_TIMEOUT`]), or another replica
+/// could send the same message while the first request is still running.
+pub const DELIVERY_LEASE: Duration = Duration::from_secs(60);
+/// The longest request timeout the lease leaves room for.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(50);
+
 /// Everything a delivery loop needs.
 pub struct Outbox {
     pub store: Store,
@@ -118,7 +125,7 @@ impl Outbox {
                 // The lease outlives the request timeout, so nobody else sends it meanwhile.
                 let Some(row) = self
                     .store
-                    .claim_message(id, &self.replica, Utc::now(), Duration::from_secs(60))
+                    .claim_message(id, &self.replica, Utc::now(), DELIVERY_LEASE)
                     .await?
                 else {
                     continue;
