@@ -239,6 +239,26 @@ impl TestApp {
         }
     }
 
+    /// Waits until every stored alert has been decided (none is pending any more): after this,
+    /// an alert that would open or change an incident has done so. The deliveries themselves
+    /// are stored before they are answered, so call it after the webhook POSTs returned.
+    pub async fn wait_alerts_decided(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pending = self
+                .responder
+                .store
+                .pending_alert_ids(100)
+                .await
+                .expect("read pending alerts");
+            if pending.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "alerts {pending:?} were never decided");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the service gracefully and returns its directory and database (for restarts).
     pub async fn stop(mut self) -> (tempfile::TempDir, TestDb) {
         if let Some(s) = self.stop.take() {
