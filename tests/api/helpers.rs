@@ -259,6 +259,21 @@ impl TestApp {
         }
     }
 
+    /// Waits until the outbox holds no pending notification: every message the incidents so
+    /// far queued has been delivered (or given up). Call it after the phase the test waits
+    /// for; then the peers have received everything they are going to.
+    pub async fn wait_outbox_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let depth = self.responder.store.outbox_depth().await.expect("read the outbox");
+            if depth.iter().all(|(_, n)| *n == 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "notifications still pending: {depth:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the service gracefully and returns its directory and database (for restarts).
     pub async fn stop(mut self) -> (tempfile::TempDir, TestDb) {
         if let Some(s) = self.stop.take() {

@@ -77,14 +77,14 @@ pub async fn received(server: &MockServer) -> Vec<(String, String, Value, Reques
         .collect()
 }
 
-/// Polls until `server` has received `n` requests (then a short quiet period to catch extras).
+/// Polls until `server` has received at least `n` requests. To assert that no more came,
+/// wait for the service's outbox to drain first ([`TestApp::wait_outbox_drained`]).
 pub async fn wait_requests(server: &MockServer, n: usize, what: &str) -> Vec<(String, String, Value, Request)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = received(server).await;
         if got.len() >= n {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            return received(server).await;
+            return got;
         }
         if Instant::now() > deadline {
             let paths: Vec<String> = got.iter().map(|(m, p, b, _)| format!("{m} {p} {b}")).collect();
@@ -165,6 +165,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     ))
     .await;
     app.wait_incidents("closed", |l| l[0]["open"] == false).await;
+    app.wait_outbox_drained().await;
 
     // Slack: the root message, its thread, root updates as the phase changes.
     let slack = wait_requests(&peers.slack, 11, "slack").await;
@@ -361,6 +362,7 @@ async fn a_manual_incident_carries_approve_and_deny_buttons() {
         })
         .await;
     let id = list[0]["id"].as_str().unwrap();
+    app.wait_outbox_drained().await;
     let slack = wait_requests(&peers.slack, 2, "slack").await;
     assert_eq!(slack.len(), 2);
     let actions = &slack[0].2["blocks"][2];
@@ -521,10 +523,24 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
     assert!(pending
         .iter()
         .any(|m| m["channel"] == "slack" && m["state"] == "pending"));
-    // PagerDuty got its events once already.
-    let pd_before = wait_requests(&peers.pagerduty, 3, "pagerduty before restart")
-        .await
-        .len();
+    // PagerDuty got its events once already: every PagerDuty message is delivered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let msgs = app
+            .responder
+            .store
+            .messages(&rollback_responder::incident::IncidentId(id.clone()))
+            .await
+            .unwrap();
+        let pd: Vec<&Value> = msgs.iter().filter(|m| m["channel"] == "pagerduty").collect();
+        if !pd.is_empty() && pd.iter().all(|m| m["state"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "PagerDuty messages not delivered: {msgs:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pd_before = received(&peers.pagerduty).await.len();
+    assert_eq!(pd_before, 3, "trigger, acknowledge, change");
 
     let mut second_env = vars;
     second_env.push(("ROLLBACK_RESPONDER__SLACK__API_URL".into(), peers.slack.uri()));
@@ -539,7 +555,9 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             ..Options::default()
         })
         .await;
-    let slack = wait_requests(&peers.slack, 7, "slack after restart").await;
+    wait_requests(&peers.slack, 7, "slack after restart").await;
+    app.wait_outbox_drained().await;
+    let slack = received(&peers.slack).await;
     assert_eq!(slack.len(), 7, "{:#?}", slack_texts(&slack));
     assert_eq!(
         slack
@@ -548,7 +566,6 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             .count(),
         1
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         received(&peers.pagerduty).await.len(),
         pd_before,
@@ -605,7 +622,7 @@ async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announ
             == 22
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.wait_outbox_drained().await;
     let texts = slack_texts(&received(&peers.slack).await);
     let joined: Vec<&String> = texts.iter().filter(|t| t.contains("joined the incident")).collect();
     assert_eq!(
@@ -663,6 +680,7 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
     }
     app.wait_incidents("both closed", |l| l.iter().all(|i| i["open"] == false))
         .await;
+    app.wait_outbox_drained().await;
     let id_of = |service: &str| {
         list.iter()
             .find(|i| i["service"] == service || i["policy"] == service)
