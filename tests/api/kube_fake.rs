@@ -693,6 +693,8 @@ async fn from_settings_builds_a_real_client_from_a_kubeconfig() {
 #[tokio::test]
 async fn fake_server_speaks_standard_status_objects() {
     let fake = FakeKube::start().await;
+    // This test checks the fake itself with raw requests, not what the executor sends.
+    fake.expect_outside_rbac();
     seed_world(&fake, true);
     let http = reqwest::Client::new();
     let url = format!("{}/api/v1/namespaces/portal/services/portal-api-prod", fake.url());

@@ -9,6 +9,7 @@ pub mod fake_kube;
 pub mod fake_notify;
 pub mod moto;
 pub mod pg;
+pub mod rbac;
 pub mod responder_process;
 
 /// A free loopback port for a peer (moto, Alertmanager, a responder process).
