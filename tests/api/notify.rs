@@ -10,8 +10,10 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use crate::helpers::*;
-use crate::support::alb_fixture::{weights, AlbFixture};
+use crate::support::alb_fixture::{elb_client, fast_settings, weights, AlbFixture};
+use crate::support::aws_proxy::AwsProxy;
 use crate::support::fake_notify::{slack_channel_id, slack_ts, PagerDutyFake, SlackFake, StatuspageFake};
+use rollback_responder::action::alb::AlbExecutor;
 
 pub const SLACK_TOKEN: &str = "xoxb-test-token";
 pub const PD_KEY: &str = "R0UTINGKEY0000000000000000000000";
@@ -138,11 +140,12 @@ fn slack_texts(reqs: &[(String, String, Value, Request)]) -> Vec<String> {
 async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     let fx = AlbFixture::start().await;
     let peers = Peers::start().await;
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", policy_with_notify(&fx, "auto"))],
         env: peers.env(),
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
@@ -159,6 +162,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         .await;
     let id = list[0]["id"].as_str().unwrap().to_string();
     assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
+    assert_eq!(aws.count("ModifyListener"), 1);
     app.post_webhook(&payload(
         "resolved",
         vec![alert("HighErrorRate", "portal-api", "ca01", &starts, Some(&ago(0)))],
@@ -650,11 +654,12 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
             &format!("    listener_arn: {}\n    rule_arn: {}\n", fx.listener_arn, fx.rule_arn),
         );
     assert!(search.contains("rule_arn:"), "{search}");
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", portal), ("search-api.yaml", search)],
         env: peers.env(),
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
@@ -673,6 +678,7 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
         .await;
     assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
     assert_eq!(weights(&fx.rule_actions().await)[0].1, 100);
+    assert_eq!((aws.count("ModifyListener"), aws.count("ModifyRule")), (1, 1));
     let now = ago(0);
     for (service, fp) in [("portal-api", "cf01"), ("search-api", "cf02")] {
         app.post_webhook(&payload("resolved", vec![firing(service, fp, Some(&now))]))
