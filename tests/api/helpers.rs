@@ -114,6 +114,7 @@ pub async fn spawn_app(opts: Options) -> TestApp {
 
 async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp {
     // Logs go to stderr: `cargo test -- --nocapture` with RUST_LOG=debug shows the service's.
+    crate::support::log_capture::install();
     rollback_responder::telemetry::init(rollback_responder::config::LogFormat::Text, "warn");
     let policies: PathBuf = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();

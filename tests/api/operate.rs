@@ -104,7 +104,12 @@ async fn a_broken_policy_reload_keeps_the_old_set_and_a_good_one_takes_over() {
         "name: broken\nservice: x\ntriggers: []\nbogus: 1\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait for the reload to be refused (logged with the file and line), not a fixed time.
+    let broken = dir.join("broken.yaml");
+    let refused =
+        crate::support::log_capture::wait_logged(&["policy reload rejected", &format!("{}:4:", broken.display())])
+            .await;
+    assert!(refused[0].contains("bogus"), "{refused:?}");
     assert_eq!(
         app.get_json("/api/v1/policies").await["hash"],
         before.as_str(),
