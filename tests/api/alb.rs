@@ -398,6 +398,29 @@ async fn stable_group_missing_from_the_forward_is_an_error() {
     assert_eq!(fx.listener_actions().await, original);
 }
 
+#[tokio::test]
+async fn weights_changed_on_moto_mid_test_are_what_the_executor_reads() {
+    let fx = AlbFixture::start().await;
+    fx.set_listener_weights(40, 60).await;
+    fx.set_rule_weights(0, 100).await;
+    assert_eq!(weights(&fx.listener_actions().await), w(&fx, 40, 60));
+    assert_eq!(
+        stickiness(&fx.listener_actions().await),
+        (true, Some(300)),
+        "stickiness kept"
+    );
+    assert_eq!(weights(&fx.rule_actions().await), w(&fx, 0, 100));
+    let read = fx.executor().read(&fx.listener_target()).await.expect("read");
+    let got: Vec<(String, i32)> = read
+        .forward
+        .expect("a forward")
+        .target_groups
+        .iter()
+        .map(|g| (g.target_group_arn.clone(), g.weight.unwrap_or(-1)))
+        .collect();
+    assert_eq!(got, w(&fx, 40, 60));
+}
+
 // ---- scripted endpoint: failure modes moto does not produce ----
 
 fn fake_target() -> AlbTarget {

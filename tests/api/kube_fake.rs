@@ -805,6 +805,21 @@ verification:
         fake.get("deployments", NS, "portal-api-canary").unwrap()["spec"]["replicas"],
         0
     );
+    // Exactly two writes reached the API server: the selector patch and the scale patch.
+    assert_eq!(fake.writes(), 2);
+    let patched: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            format!("/api/v1/namespaces/{NS}/services/portal-api-prod"),
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/portal-api-canary/scale"),
+        ]
+    );
     let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
     assert_eq!(inc["executed"], true);
     let done = inc["timeline"]
