@@ -758,3 +758,56 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
         assert_eq!(actions, ["trigger", "acknowledge", "resolve"], "{service}");
     }
 }
+
+/// Statuspage fails the create twice: the outbox retries until it goes through, and the
+/// rollback gets exactly one status page incident, updated and resolved under its id.
+#[tokio::test]
+async fn a_statuspage_outage_at_create_still_gives_one_status_page_incident() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    peers.statuspage_fake.fail_next(2, 503);
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy_with_notify(&fx, "auto"))],
+        env: peers.env(),
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let starts = ago(60);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "cg01", &starts, None)],
+    ))
+    .await;
+    app.wait_incidents("verified", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    app.post_webhook(&payload(
+        "resolved",
+        vec![alert("HighErrorRate", "portal-api", "cg01", &starts, Some(&ago(0)))],
+    ))
+    .await;
+    app.wait_incidents("closed", |l| l[0]["open"] == false).await;
+    app.wait_outbox_drained().await;
+    let sp = received(&peers.statuspage).await;
+    let calls: Vec<(&str, &str)> = sp.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    assert_eq!(
+        calls,
+        [
+            ("POST", "/pages/PAGE1/incidents"),
+            ("POST", "/pages/PAGE1/incidents"),
+            ("POST", "/pages/PAGE1/incidents"),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
+        ],
+        "two failed creates, one that went through, its two updates"
+    );
+    assert_eq!(peers.statuspage_fake.created().len(), 1);
+    let statuses: Vec<&str> = sp[3..]
+        .iter()
+        .map(|r| r.2["incident"]["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["monitoring", "resolved"]);
+}

@@ -5,6 +5,7 @@
 //! threaded on the root from one threaded on another reply, catch a message sent to the wrong
 //! channel, and catch two incidents sharing one status page incident.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
@@ -47,6 +48,18 @@ pub struct SlackMessage {
 #[derive(Default)]
 struct SlackState {
     messages: Vec<SlackMessage>,
+    /// HTTP statuses to answer the next requests with, before anything is stored.
+    failures: VecDeque<u16>,
+}
+
+/// An error answer as the APIs give it for a status the test injected.
+fn injected(status: u16) -> ResponseTemplate {
+    let t = ResponseTemplate::new(status).set_body_json(json!({"ok": false, "error": "injected by the test"}));
+    if status == 429 {
+        t.insert_header("retry-after", "1")
+    } else {
+        t
+    }
 }
 
 /// Answers `chat.postMessage` and `chat.update` from the messages posted so far.
@@ -77,6 +90,13 @@ impl SlackFake {
         (server, fake)
     }
 
+    /// Answers the next `n` requests with HTTP `status` (429 with `Retry-After: 1`) and
+    /// stores nothing for them.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        let mut state = self.state.lock().unwrap();
+        state.failures.extend(std::iter::repeat_n(status, n));
+    }
+
     /// Every message posted, in the order Slack accepted them.
     pub fn messages(&self) -> Vec<SlackMessage> {
         self.state.lock().unwrap().messages.clone()
@@ -97,6 +117,9 @@ impl Respond for SlackFake {
         };
         let id = slack_channel_id(channel);
         let mut state = self.state.lock().unwrap();
+        if let Some(status) = state.failures.pop_front() {
+            return injected(status);
+        }
         match req.url.path() {
             "/chat.postMessage" => {
                 let known = channel.starts_with('#') || state.messages.iter().any(|m| m.channel == id);
@@ -134,6 +157,8 @@ pub struct StatuspageFake {
     page: String,
     /// (id, name) of every incident created.
     created: Arc<Mutex<Vec<(String, String)>>>,
+    /// HTTP statuses to answer the next requests with, before anything is created.
+    failures: Arc<Mutex<VecDeque<u16>>>,
 }
 
 impl StatuspageFake {
@@ -142,6 +167,7 @@ impl StatuspageFake {
         let fake = StatuspageFake {
             page: page.to_string(),
             created: Arc::default(),
+            failures: Arc::default(),
         };
         let prefix = format!("^/pages/{page}/incidents");
         for m in ["POST", "PATCH"] {
@@ -152,6 +178,11 @@ impl StatuspageFake {
                 .await;
         }
         fake
+    }
+
+    /// Answers the next `n` requests with HTTP `status` and creates or changes nothing.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.failures.lock().unwrap().extend(std::iter::repeat_n(status, n));
     }
 
     /// (id, name) of the incidents created, in order (ids `sp-inc-1`, `sp-inc-2`, ...).
@@ -165,6 +196,9 @@ impl Respond for StatuspageFake {
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let incident = &body["incident"];
         let base = format!("/pages/{}/incidents", self.page);
+        if let Some(status) = self.failures.lock().unwrap().pop_front() {
+            return injected(status);
+        }
         let mut created = self.created.lock().unwrap();
         match (req.method.as_str(), req.url.path()) {
             ("POST", p) if p == base => {
