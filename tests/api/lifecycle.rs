@@ -176,6 +176,16 @@ async fn too_young_alert_waits_then_rolls_back_if_still_firing() {
     assert!(redecided, "{inc}");
 }
 
+/// The startsAt of the incident's first alert.
+async fn list_start(app: &TestApp, list: &[Value]) -> String {
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    inc["alerts"][0]["startsAt"]
+        .as_str()
+        .or_else(|| inc["alerts"][0]["starts_at"].as_str())
+        .unwrap_or_else(|| panic!("startsAt of {}", inc["alerts"][0]))
+        .to_string()
+}
+
 /// A second instance that is too young as well joins the waiting incident without moving its
 /// re-check later: the first alert qualifies at its own time.
 #[tokio::test]
@@ -190,10 +200,13 @@ async fn a_younger_alert_joining_a_waiting_incident_does_not_postpone_it() {
         .wait_incidents("waiting", |l| l.len() == 1 && phase(&l[0]) == "waiting")
         .await;
     let due = list[0]["due_at"].as_str().unwrap().to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The second instance started 1.1 s after the first (its startsAt says so; no need to
+    // wait that long), so on its own it would qualify 1.1 s later.
+    let first_start = chrono::DateTime::parse_from_rfc3339(&list_start(&app, &list).await).unwrap();
+    let second_start = (first_start + chrono::Duration::milliseconds(1100)).to_rfc3339();
     app.post_webhook(&payload(
         "firing",
-        vec![alert("HealthCheckFailing", "checkout", "bd12", &ago(0), None)],
+        vec![alert("HealthCheckFailing", "checkout", "bd12", &second_start, None)],
     ))
     .await;
     let id = list[0]["id"].as_str().unwrap();
