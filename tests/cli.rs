@@ -382,7 +382,13 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
         let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
         v["incidents"][0]["id"].as_str().unwrap().to_string()
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // PagerDuty's first answer is a 503, logged as a retry: wait for that line, not a time.
+    wait_for("the failed notification in the log", async || {
+        std::fs::read_to_string(&s.log)
+            .unwrap()
+            .contains("notification not delivered; will retry")
+    })
+    .await;
     let log = std::fs::read_to_string(&s.log).unwrap();
     for (key, secret) in secrets {
         assert!(!log.contains(secret), "{key}'s value appears in the logs");

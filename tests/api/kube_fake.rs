@@ -693,6 +693,8 @@ async fn from_settings_builds_a_real_client_from_a_kubeconfig() {
 #[tokio::test]
 async fn fake_server_speaks_standard_status_objects() {
     let fake = FakeKube::start().await;
+    // This test checks the fake itself with raw requests, not what the executor sends.
+    fake.expect_outside_rbac();
     seed_world(&fake, true);
     let http = reqwest::Client::new();
     let url = format!("{}/api/v1/namespaces/portal/services/portal-api-prod", fake.url());
@@ -802,6 +804,21 @@ verification:
     assert_eq!(
         fake.get("deployments", NS, "portal-api-canary").unwrap()["spec"]["replicas"],
         0
+    );
+    // Exactly two writes reached the API server: the selector patch and the scale patch.
+    assert_eq!(fake.writes(), 2);
+    let patched: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            format!("/api/v1/namespaces/{NS}/services/portal-api-prod"),
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/portal-api-canary/scale"),
+        ]
     );
     let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
     assert_eq!(inc["executed"], true);

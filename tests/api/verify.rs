@@ -4,13 +4,15 @@
 
 use std::time::Duration;
 
+use rollback_responder::action::alb::AlbExecutor;
 use rollback_responder::action::Executors;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::notify::{received, wait_requests, Peers};
 use crate::peers::{Alertmanager, FakeService, Prometheus};
-use crate::support::alb_fixture::{weights, AlbFixture};
+use crate::support::alb_fixture::{elb_client, fast_settings, weights, AlbFixture};
+use crate::support::aws_proxy::AwsProxy;
 
 fn policy(fx: &AlbFixture, verification: &str) -> String {
     format!(
@@ -39,22 +41,35 @@ notify:
     )
 }
 
+/// The service with its ELBv2 calls going through a recording proxy in front of moto (keep
+/// the proxy alive as long as the service).
 async fn start(
     fx: &AlbFixture,
     verification: &str,
     extra_env: Vec<(String, String)>,
     peers: Option<&Peers>,
-) -> TestApp {
+) -> (TestApp, AwsProxy) {
     let mut env = peers.map(|p| p.env()).unwrap_or_default();
     env.extend(extra_env);
-    spawn_app(Options {
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", policy(fx, verification))],
         env,
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
+    })
+    .await;
+    (app, aws)
+}
+
+/// Waits until the incident has nothing left to do: no work scheduled (`due_at`) and no
+/// replica holding it (`owner`). After this nothing more happens to it by itself.
+async fn wait_settled(app: &TestApp, id: &str) -> Value {
+    app.wait_incident(id, "nothing left to do", |i| {
+        i["due_at"].is_null() && i["owner"].is_null()
     })
     .await
 }
@@ -77,7 +92,7 @@ async fn a_healthy_endpoint_verifies_after_consecutive_successes() {
         "  bake: 5s\n  health_probe: {{url: \"{}\", successes: 3, interval: 100ms, timeout: 1s}}",
         svc.health_url()
     );
-    let app = start(&fx, &v, vec![], None).await;
+    let (app, _aws) = start(&fx, &v, vec![], None).await;
     app.post_webhook(&payload(
         "firing",
         vec![alert("HighErrorRate", "portal-api", "da01", &ago(60), None)],
@@ -111,7 +126,7 @@ async fn a_health_probe_does_not_follow_redirects() {
         "  bake: 1s\n  health_probe: {{url: \"{}\", successes: 2, interval: 100ms, timeout: 1s}}",
         svc.moved_url()
     );
-    let app = start(&fx, &v, vec![], None).await;
+    let (app, _aws) = start(&fx, &v, vec![], None).await;
     app.post_webhook(&payload(
         "firing",
         vec![alert("HighErrorRate", "portal-api", "dg01", &ago(60), None)],
@@ -137,7 +152,7 @@ async fn a_flapping_endpoint_must_string_its_successes_together() {
         "  bake: 5s\n  health_probe: {{url: \"{}\", successes: 3, interval: 100ms, timeout: 1s}}",
         svc.health_url()
     );
-    let app = start(&fx, &v, vec![], None).await;
+    let (app, _aws) = start(&fx, &v, vec![], None).await;
     app.post_webhook(&payload(
         "firing",
         vec![alert("HighErrorRate", "portal-api", "db01", &ago(60), None)],
@@ -163,7 +178,7 @@ async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_roll
         "  bake: 1s\n  health_probe: {{url: \"{}\", successes: 2, interval: 100ms, timeout: 1s}}",
         svc.health_url()
     );
-    let app = start(&fx, &v, vec![], Some(&peers)).await;
+    let (app, aws) = start(&fx, &v, vec![], Some(&peers)).await;
     let starts = ago(60);
     app.post_webhook(&payload(
         "firing",
@@ -217,11 +232,13 @@ async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_roll
     .await;
     app.wait_incident(&id, "second alert joined", |i| timeline_count(i, "alert_joined") == 1)
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let inc = app.incident(&id).await;
+    app.wait_alerts_decided().await;
+    let inc = wait_settled(&app, &id).await;
     assert_eq!(timeline_count(&inc, "action_started"), 1);
     assert_eq!(app.incidents().await.len(), 1);
     assert_eq!(inc["phase"], "verification_failed");
+    assert_eq!(aws.count("ModifyListener"), 1, "moto was written once");
+    assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
 }
 
 #[tokio::test]
@@ -237,7 +254,7 @@ async fn a_prometheus_query_must_hold_within_the_bake_period() {
     let env = env(&[("ROLLBACK_RESPONDER__VERIFICATION__PROMETHEUS_URL", &prom.url)]);
 
     // Healthy: the ratio is 0 once Prometheus has two samples.
-    let app = start(&fx, &v, env.clone(), None).await;
+    let (app, _aws) = start(&fx, &v, env.clone(), None).await;
     app.post_webhook(&payload(
         "firing",
         vec![alert("HighErrorRate", "portal-api", "dd01", &ago(60), None)],
@@ -258,8 +275,10 @@ async fn a_prometheus_query_must_hold_within_the_bake_period() {
     svc.set(true, 0.5);
     let fx2 = AlbFixture::start().await;
     let v = format!("  bake: 4s\n  prometheus: {{query: \"{query}\", below: 0.01}}");
-    let app = start(&fx2, &v, env, None).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (app, _aws) = start(&fx2, &v, env, None).await;
+    // Wait until Prometheus itself sees the failures, not a fixed time.
+    let raw = query.replace("\\\"", "\"");
+    prom.wait_value(&raw, |v| (v - 0.5).abs() < 1e-6).await;
     app.post_webhook(&payload(
         "firing",
         vec![alert("HighErrorRate", "portal-api", "dd02", &ago(60), None)],
@@ -279,7 +298,7 @@ async fn a_prometheus_query_must_hold_within_the_bake_period() {
 #[tokio::test]
 async fn the_resolved_notification_from_alertmanager_completes_verification() {
     let fx = AlbFixture::start().await;
-    let app = start(&fx, "  bake: 30s\n  alert_resolves: true", vec![], None).await;
+    let (app, _aws) = start(&fx, "  bake: 30s\n  alert_resolves: true", vec![], None).await;
     let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
     let labels = json!({"alertname": "HighErrorRate", "service": "portal-api", "run": uuid::Uuid::now_v7().simple().to_string()});
     let starts = ago(60);
@@ -332,7 +351,7 @@ async fn prometheus_chain(run: &str, heal: bool) {
         "  bake: {bake}\n  health_probe: {{url: \"{}\", successes: 2, interval: 200ms, timeout: 1s}}\n  prometheus: {{query: \"{query}\", below: 0.01}}\n  alert_resolves: true",
         svc.health_url()
     );
-    let app = start(&fx, &v, app_env, Some(&peers)).await;
+    let (app, aws) = start(&fx, &v, app_env, Some(&peers)).await;
     let _am = Alertmanager::start_on(am_port, &app.url("/webhook/alertmanager"), TOKEN).await;
 
     let list = app
@@ -347,12 +366,14 @@ async fn prometheus_chain(run: &str, heal: bool) {
         vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
     );
     if heal {
+        assert_eq!(aws.count("ModifyListener"), 1);
         svc.set(true, 0.0);
         let list = app
             .wait_incidents_for(Duration::from_secs(40), "verified and resolved", |l| {
                 l[0]["phase"] == "verified" && l[0]["open"] == false
             })
             .await;
+        app.wait_outbox_drained().await;
         assert_eq!(list.len(), 1);
         let inc = app.incident(&id).await;
         let passed: Vec<String> = checks(&inc)
@@ -390,13 +411,11 @@ async fn prometheus_chain(run: &str, heal: bool) {
         assert!(pd
             .iter()
             .any(|r| r.2["dedup_key"] == format!("rollback-responder/{id}/escalation")));
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            timeline_count(&app.incident(&id).await, "action_started"),
-            1,
-            "still exactly one rollback"
-        );
+        app.wait_alerts_decided().await;
+        let inc = wait_settled(&app, &id).await;
+        assert_eq!(timeline_count(&inc, "action_started"), 1, "still exactly one rollback");
         assert_eq!(app.incidents().await.len(), 1);
+        assert_eq!(aws.count("ModifyListener"), 1, "moto was written once");
     }
 }
 
