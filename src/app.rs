@@ -178,7 +178,13 @@ impl Application {
         };
         let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone())
             .with_humans(slack, pagerduty)
-            .with_api_token(cfg.api_token.clone());
+            .with_api_token(cfg.api_token.clone())
+            .with_read_access(crate::http::pages::ReadAccess::new(
+                cfg.read_token.clone(),
+                cfg.api_token.clone(),
+                cfg.settings.api.trusted_user_header.as_deref(),
+                cfg.settings.server.public_url.as_deref(),
+            ));
         Ok(Application {
             listener,
             port,

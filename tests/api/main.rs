@@ -11,6 +11,7 @@ mod kube_mock;
 mod lifecycle;
 mod notify;
 mod operate;
+mod pages;
 mod peers;
 mod rbac;
 mod replicas;
