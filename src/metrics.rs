@@ -31,6 +31,7 @@ pub struct Metrics {
     action_to_verified: Histogram,
     incidents_open: Gauge,
     approvals_pending: Gauge,
+    policy_reloads: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,7 +117,17 @@ impl Metrics {
             "Incidents waiting for a human's approval (shared store)",
             approvals_pending.clone(),
         );
+        let policy_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads (SIGHUP, file change), by result: applied, unchanged, refused (the set in force stays)",
+            policy_reloads.clone(),
+        );
+        for result in ["applied", "unchanged", "refused"] {
+            let _ = policy_reloads.get_or_create(&l(&[("result", result)]));
+        }
         Metrics {
+            policy_reloads,
             incidents_open,
             approvals_pending,
             registry,
@@ -196,6 +207,11 @@ impl Metrics {
     pub fn set_incident_gauges(&self, open: i64, pending: i64) {
         self.incidents_open.set(open);
         self.approvals_pending.set(pending);
+    }
+
+    /// A policy reload and how it ended (`applied`, `unchanged`, `refused`).
+    pub fn policy_reload(&self, result: &str) {
+        self.policy_reloads.get_or_create(&l(&[("result", result)])).inc();
     }
 
     /// The text exposition.

@@ -29,7 +29,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body = json!({
         "ready": ready,
         "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
-        "policies": { "count": set.policies.len(), "hash": set.hash },
+        // A refused reload leaves the set in force serving (still ready), but says why.
+        "policies": { "count": set.policies.len(), "hash": set.hash, "refused": state.policy_reload.refusal() },
         "dry_run": r.global.dry_run,
         "freezes": freezes,
         "replica": r.replica,

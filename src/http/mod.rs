@@ -30,6 +30,8 @@ pub struct AppState {
     pub api_token: Option<secrecy::SecretString>,
     /// Who may read the incident pages and the read-only API.
     pub read: Arc<pages::ReadAccess>,
+    /// Whether the policy files on disk were refused at the last reload (for `/readyz`).
+    pub policy_reload: Arc<crate::app::reload::ReloadStatus>,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
             pagerduty: Arc::default(),
             api_token: None,
             read: Arc::default(),
+            policy_reload: Arc::default(),
         }
     }
 

@@ -14,6 +14,7 @@ mod operate;
 mod pages;
 mod peers;
 mod rbac;
+mod reload;
 mod replicas;
 #[path = "../support/mod.rs"]
 mod support;
