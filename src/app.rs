@@ -277,6 +277,10 @@ async fn reload_policies(
             None
         }
     };
+    {
+        let set = responder.policies();
+        responder.metrics.known_policies(set.iter().map(|p| p.name.as_str()));
+    }
     // The directory the link points at now; watched until the link moves.
     let mut target: Option<std::path::PathBuf> = None;
     if let Some(w) = watcher.as_mut() {
@@ -324,6 +328,7 @@ async fn reload_policies(
             }
             Ok(set) => {
                 info!(trigger = why, old_hash = %old, new_hash = %set.hash, policies = set.policies.len(), "policies reloaded");
+                responder.metrics.known_policies(set.iter().map(|p| p.name.as_str()));
                 responder.set_policies(set);
                 responder.metrics.policy_reload("applied");
                 status.loaded();

@@ -536,3 +536,15 @@ fn every_subcommand_documents_the_same_exit_codes() {
     let (code, _, err) = run(&["incidents", "--no-such-flag"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_not_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = serve_refused(dir.path(), &[("ROLLBACK_RESPONDER__LOG__FORMAT", "text")]);
+    // The refusal went through the text log (stderr is a pipe here).
+    assert!(err.contains(" ERROR ") && err.contains("refusing to start"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal: {err:?}"
+    );
+}

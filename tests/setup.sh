@@ -50,5 +50,6 @@ export MOTO_SERVER=$peers/venv/bin/moto_server
 export ALERTMANAGER_BIN=$(command -v prometheus-alertmanager)
 export PROMETHEUS_BIN=$(command -v prometheus)
 export CHROMIUM_BIN=/usr/bin/chromium
+export PROMTOOL_BIN=$(command -v promtool)
 export TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres
 ENV

@@ -9,6 +9,7 @@ mod helpers;
 mod kube_fake;
 mod kube_mock;
 mod lifecycle;
+mod metrics;
 mod notify;
 mod operate;
 mod pages;
