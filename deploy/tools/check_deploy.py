@@ -11,6 +11,9 @@ Each subcommand checks one thing and exits non-zero with a list of problems:
   rendered FILE LABEL   what `kubectl kustomize` produced: names resolve, secrets stay out
   dashboard-rules OUT   writes the dashboard's queries as a rules file, for `promtool check rules`
   alertmanager-e2e      runs Alertmanager on loopback and checks the token and routing for real
+  prometheusrule [--write]
+                        deploy/prometheus/prometheusrule.yaml (prometheus-operator) carries exactly
+                        the groups of rules.yml; --write regenerates it from rules.yml
   dockerfile            deploy/Dockerfile parses (BuildKit's parser) and matches the service's
                         conventions; what it copies exists and is not dockerignored
   service-smoke BINARY  starts the built service on loopback with the Kubernetes config.yaml and
@@ -42,6 +45,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+PROMETHEUS_RULE = DEPLOY / "prometheus" / "prometheusrule.yaml"
 AM_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARD = DEPLOY / "grafana" / "rollback-responder-dashboard.json"
 
@@ -786,6 +790,42 @@ def cmd_service_smoke(binary: str) -> int:
     return finish("service-smoke", problems, f"{Path(binary).name} ready on the Kubernetes config, dry_run off, token enforced")
 
 
+# ------------------------------------------------------------------------- prometheusrule
+PROMETHEUS_RULE_HEADER = """\
+# The rules of rules.yml as a prometheus-operator PrometheusRule, for clusters where the operator
+# loads rules (kube-prometheus-stack). GENERATED from rules.yml: edit rules.yml, then run
+#   python3 deploy/tools/check_deploy.py prometheusrule --write
+# (.ci/check-deploy fails while the two differ). Apply with `kubectl apply -f`; most
+# installations select rules by a label (kube-prometheus-stack: `release: <helm release>`).
+"""
+
+
+def prometheus_rule() -> dict:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "rollback-responder",
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "rollback-responder",
+                       "app.kubernetes.io/part-of": "rollback-responder"},
+        },
+        "spec": {"groups": load_docs(RULES)[0]["groups"]},
+    }
+
+
+def cmd_prometheusrule(write: bool) -> int:
+    want = prometheus_rule()
+    if write:
+        PROMETHEUS_RULE.write_text(PROMETHEUS_RULE_HEADER + yaml.safe_dump(want, sort_keys=False, width=100))
+    problems = Problems()
+    if problems.need(PROMETHEUS_RULE.is_file(), f"{rel(PROMETHEUS_RULE)} is missing (run with --write)"):
+        have = load_docs(PROMETHEUS_RULE)[0]
+        problems.need(have == want, f"{rel(PROMETHEUS_RULE)} differs from {rel(RULES)}: run "
+                                    "`python3 deploy/tools/check_deploy.py prometheusrule --write`")
+    return finish("prometheusrule", problems, f"{len(want['spec']['groups'])} groups, same as {rel(RULES)}")
+
+
 def main(argv: list[str]) -> int:
     cmds = {
         "files": lambda: cmd_files(),
@@ -795,6 +835,7 @@ def main(argv: list[str]) -> int:
         "rendered": lambda: cmd_rendered(argv[2], argv[3]),
         "dashboard-rules": lambda: cmd_dashboard_rules(argv[2]),
         "alertmanager-e2e": lambda: cmd_alertmanager_e2e(),
+        "prometheusrule": lambda: cmd_prometheusrule("--write" in argv[2:]),
         "dockerfile": lambda: cmd_dockerfile(),
         "service-smoke": lambda: cmd_service_smoke(argv[2]),
     }
