@@ -32,6 +32,7 @@ pub struct Metrics {
     incidents_open: Gauge,
     approvals_pending: Gauge,
     policy_reloads: Family<Labels, Counter>,
+    policy_refused: Gauge,
 }
 
 impl Default for Metrics {
@@ -125,6 +126,12 @@ impl Metrics {
         );
         // Every series whose labels are known up front exists at zero before its first use, so
         // dashboards and `increase()` see 0 rather than "No data".
+        let policy_refused = Gauge::default();
+        registry.register(
+            "policy_files_refused",
+            "1 while the policy files on disk were refused at the last reload (an older set is in force)",
+            policy_refused.clone(),
+        );
         for result in ["applied", "unchanged", "refused"] {
             let _ = policy_reloads.get_or_create(&l(&[("result", result)]));
         }
@@ -144,6 +151,7 @@ impl Metrics {
         let _ = frozen.get_or_create(&l(&[("scope", "*")]));
         Metrics {
             policy_reloads,
+            policy_refused,
             incidents_open,
             approvals_pending,
             registry,
@@ -228,6 +236,7 @@ impl Metrics {
     /// A policy reload and how it ended (`applied`, `unchanged`, `refused`).
     pub fn policy_reload(&self, result: &str) {
         self.policy_reloads.get_or_create(&l(&[("result", result)])).inc();
+        self.policy_refused.set(i64::from(result == "refused"));
     }
 
     /// Decisions per outcome for these policies exist at zero (called when a set is loaded).

@@ -69,6 +69,7 @@ COUNTERS = {
     "rollback_responder_actions_total",
     "rollback_responder_outbox_delivery_failures_total",
     "rollback_responder_store_errors_total",
+    "rollback_responder_policy_reloads_total",
 }
 HISTOGRAMS = {
     "rollback_responder_action_duration_seconds",
@@ -80,6 +81,7 @@ GAUGES = {
     "rollback_responder_outbox_depth",
     "rollback_responder_frozen",
     "rollback_responder_incidents_open",
+    "rollback_responder_policy_files_refused",
 }
 KNOWN_SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 

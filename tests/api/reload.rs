@@ -49,6 +49,14 @@ async fn wait_ready(app: &TestApp, what: &str, pred: impl Fn(&Value) -> bool) ->
 }
 
 async fn reloads(app: &TestApp, result: &str) -> u64 {
+    series(
+        app,
+        &format!("rollback_responder_policy_reloads_total{{result=\"{result}\"}}"),
+    )
+    .await
+}
+
+async fn series(app: &TestApp, name: &str) -> u64 {
     let text = app
         .http
         .get(app.url("/metrics"))
@@ -58,7 +66,7 @@ async fn reloads(app: &TestApp, result: &str) -> u64 {
         .text()
         .await
         .unwrap();
-    let prefix = format!("rollback_responder_policy_reloads_total{{result=\"{result}\"}} ");
+    let prefix = format!("{name} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
@@ -84,6 +92,7 @@ async fn a_switched_symlink_is_followed_and_a_refused_set_is_named_in_readyz_and
     // Counters exist at zero before the first reload.
     assert_eq!(reloads(&app, "refused").await, 0);
     assert_eq!(reloads(&app, "applied").await, 0);
+    assert_eq!(series(&app, "rollback_responder_policy_files_refused").await, 0);
     let names = |app: &TestApp| {
         let app = app.url("/api/v1/policies");
         async move {
@@ -126,11 +135,13 @@ async fn a_switched_symlink_is_followed_and_a_refused_set_is_named_in_readyz_and
     assert_eq!(ready["policies"]["hash"], in_force);
     assert_eq!(names(&app).await, "search");
     assert_eq!(reloads(&app, "refused").await, 1);
+    assert_eq!(series(&app, "rollback_responder_policy_files_refused").await, 1);
 
     // Fixed in place (the watch moved to v3 with the link): applied, the refusal is gone.
     std::fs::remove_file(v3.join("broken.yaml")).unwrap();
     write_policy(&v3, "payments");
     wait_ready(&app, "the fix", |v| v["policies"]["refused"].is_null()).await;
+    assert_eq!(series(&app, "rollback_responder_policy_files_refused").await, 0);
     let deadline = Instant::now() + Duration::from_secs(20);
     while names(&app).await != "payments" {
         assert!(Instant::now() < deadline, "the fix in the new target was not seen");
