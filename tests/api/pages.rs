@@ -561,3 +561,17 @@ async fn with_a_read_token_pages_and_read_api_need_it_or_the_sso_proxy_header() 
     // Probes stay open.
     assert_eq!(get(&app, "/healthz").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_store_outage_is_a_503_page_that_says_retry() {
+    let (app, checkout, _) = two_incidents(vec![], reqwest::Client::new()).await;
+    app.responder.store.close().await;
+    for path in ["/incidents".to_string(), format!("/incidents/{checkout}")] {
+        let r = app.http.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "5");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("The store is unavailable; retry in a moment."), "{body}");
+        assert!(!body.contains("sqlite") && !body.contains("postgres"), "{body}");
+    }
+}
