@@ -343,6 +343,10 @@ async fn a_person_follows_a_refused_then_approved_rollback_in_a_real_browser() {
     let shot = shot_path("incident-list.png");
     browser.screenshot(&app.url("/incidents"), &shot, 1100, 700).await;
     publish(&shot);
+    // The same list on a phone (target/ only): the table becomes one card per incident.
+    browser
+        .screenshot(&app.url("/incidents"), &shot_path("incident-list-phone.png"), 400, 700)
+        .await;
 
     // Once every alert resolved the incident closes and its page stops refreshing.
     let mut r1 = first;
