@@ -548,3 +548,22 @@ fn text_logs_carry_no_colour_codes_when_not_on_a_terminal() {
         "colour codes in a log that is not a terminal: {err:?}"
     );
 }
+
+#[tokio::test]
+async fn the_terminal_view_sends_the_read_token_when_the_service_wants_one() {
+    let s = serve(&[("ROLLBACK_RESPONDER__API__READ_TOKEN", "cli-read-7d1e".to_string())]).await;
+    let (code, _, err) = run(&["incidents", "--url", &s.url]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("needs the read token") && !err.contains("cli-read-7d1e"),
+        "{err}"
+    );
+    let (code, out, err) = run(&["incidents", "--url", &s.url, "--token", "cli-read-7d1e"]);
+    assert_eq!((code, out.as_str()), (0, "No incidents.\n"), "{err}");
+    let out = Command::new(BIN)
+        .args(["incidents", "--url", &s.url])
+        .env("ROLLBACK_RESPONDER_TOKEN", "cli-read-7d1e")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
