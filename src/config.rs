@@ -63,6 +63,9 @@ pub struct ServerSettings {
     /// How long shutdown waits for work in flight before handing it over.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where people reach this service (`https://rollback.example.com`): the base of the links
+    /// to incident pages.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -71,6 +74,7 @@ impl Default for ServerSettings {
             listen: None,
             body_limit_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(20),
+            public_url: None,
         }
     }
 }
@@ -110,6 +114,14 @@ pub struct WebhookAuth {
 pub struct ApiAuth {
     pub bearer_token: Option<SecretString>,
     pub bearer_token_file: Option<PathBuf>,
+    /// Token the read-only views (incident pages, `/api/v1` reads) require as a bearer token or
+    /// as the password of basic auth; none (and no trusted header): they are open.
+    pub read_token: Option<SecretString>,
+    pub read_token_file: Option<PathBuf>,
+    /// A header an SSO proxy in front of the service sets to the signed-in user (oauth2-proxy:
+    /// `X-Auth-Request-User` or `X-Forwarded-User`); a request carrying it may read. Only safe
+    /// when nothing but the proxy can reach the service (see the NetworkPolicy).
+    pub trusted_user_header: Option<String>,
 }
 
 /// Basic auth credentials.
@@ -334,6 +346,8 @@ pub struct Resolved {
     /// Where the settings came from, for the start-up log.
     pub source: String,
     pub api_token: Option<SecretString>,
+    /// The read-only views' token (`api.read_token`).
+    pub read_token: Option<SecretString>,
     pub slack_token: Option<SecretString>,
     pub slack_signing_secret: Option<SecretString>,
     pub pagerduty_key: Option<SecretString>,
@@ -541,6 +555,28 @@ fn resolve(
         settings.api.bearer_token_file.as_ref(),
         "api.bearer_token",
     )?;
+    let read_token = secret(
+        settings.api.read_token.clone(),
+        settings.api.read_token_file.as_ref(),
+        "api.read_token",
+    )?;
+    if let Some(h) = &settings.api.trusted_user_header {
+        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err(ConfigError(format!(
+                "api.trusted_user_header: {h:?} is not a header name (e.g. X-Auth-Request-User)"
+            )));
+        }
+    }
+    if let Some(u) = &settings.server.public_url {
+        match reqwest::Url::parse(u) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.query().is_none() => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "server.public_url: {u:?} is not an http(s) base URL (e.g. https://rollback.example.com)"
+                )))
+            }
+        }
+    }
     let slack_signing_secret = match &settings.slack {
         Some(s) => secret(
             s.signing_secret.clone(),
@@ -622,6 +658,7 @@ fn resolve(
         listen,
         source,
         api_token,
+        read_token,
         slack_token,
         slack_signing_secret,
         pagerduty_key,

@@ -1,5 +1,7 @@
-//! The `rollback-responder` command: `serve`, `policy check`, `simulate`. Thin by design: the
-//! work is in the library.
+//! The `rollback-responder` command: `serve`, `policy check`, `simulate`, and the terminal view
+//! (`incidents`, `incident ID`). Thin by design: the work is in the library.
+
+mod terminal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,15 +19,63 @@ use rollback_responder::{config, telemetry};
 #[command(
     name = "rollback-responder",
     version,
-    about = "Rolls back canary releases when Alertmanager says so, under policy."
+    about = "Rolls back canary releases when Alertmanager says so, under policy.",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// The same for every subcommand (see `terminal::exit`).
+const EXIT_CODES: &str = "Exit codes (every subcommand):
+  0  done
+  1  refused or failed: invalid policies, an unknown incident, serve could not start or stopped on an error
+  2  usage: bad arguments, an unreadable or invalid config or input file, a missing read token
+  3  unavailable: the service's API did not answer or answered 5xx (try again)";
+
+/// The API a terminal view reads (default: the local service).
+#[derive(clap::Args)]
+struct Remote {
+    /// Base URL of a running rollback-responder.
+    #[arg(long, env = "ROLLBACK_RESPONDER_URL", default_value = "http://127.0.0.1:9095")]
+    url: String,
+    /// The read token (`api.read_token`), when the service requires one.
+    #[arg(long, env = "ROLLBACK_RESPONDER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Remote {
+    fn target(self) -> terminal::Target {
+        terminal::Target {
+            url: self.url,
+            token: self.token,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// List a running service's incidents as a table, newest first.
+    #[command(after_help = EXIT_CODES)]
+    Incidents {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only open incidents.
+        #[arg(long)]
+        open: bool,
+        /// Only this service's incidents.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// One incident of a running service: facts, alerts and its timeline.
+    #[command(after_help = EXIT_CODES)]
+    Incident {
+        #[command(flatten)]
+        remote: Remote,
+        /// The incident's id, as `incidents` lists it.
+        id: String,
+    },
     /// Run the service (embedded default without --config: SQLite file, policies/, dry run, loopback).
     Serve {
         /// YAML config file; ROLLBACK_RESPONDER__SECTION__KEY variables override it.
@@ -73,6 +123,8 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Incidents { remote, open, service } => terminal::incidents(&remote.target(), open, service.as_deref()),
+        Command::Incident { remote, id } => terminal::incident(&remote.target(), &id),
         Command::Serve { config, listen } => serve(config, listen),
         Command::Policy {
             command: PolicyCommand::Check { dir },
@@ -86,7 +138,7 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                ExitCode::from(2)
+                ExitCode::from(terminal::exit::USAGE)
             }
         },
     }
@@ -97,7 +149,7 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(terminal::exit::USAGE);
         }
     };
     telemetry::init(cfg.settings.log.format, &cfg.settings.log.level);
@@ -105,7 +157,7 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(terminal::exit::REFUSED);
         }
     };
     let result = rt.block_on(async {
@@ -113,11 +165,11 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         app.run(shutdown_signal()).await
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(terminal::exit::OK),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(terminal::exit::REFUSED)
         }
     }
 }
@@ -132,13 +184,13 @@ fn check(dir: &std::path::Path) -> ExitCode {
                 set.iter().map(|p| p.triggers.len()).sum::<usize>(),
                 set.hash
             );
-            ExitCode::SUCCESS
+            ExitCode::from(terminal::exit::OK)
         }
         Err(errs) => {
             for e in errs {
                 println!("{e}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(terminal::exit::REFUSED)
         }
     }
 }
@@ -155,7 +207,7 @@ fn simulate(
             for e in errs {
                 eprintln!("{e}");
             }
-            return Ok(ExitCode::FAILURE);
+            return Ok(ExitCode::from(terminal::exit::REFUSED));
         }
     };
     let body = if payload.as_os_str() == "-" {
@@ -205,5 +257,5 @@ fn simulate(
             ),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(terminal::exit::OK))
 }

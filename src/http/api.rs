@@ -29,7 +29,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body = json!({
         "ready": ready,
         "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
-        "policies": { "count": set.policies.len(), "hash": set.hash },
+        // A refused reload leaves the set in force serving (still ready), but says why.
+        "policies": { "count": set.policies.len(), "hash": set.hash, "refused": state.policy_reload.refusal() },
         "dry_run": r.global.dry_run,
         "freezes": freezes,
         "replica": r.replica,
@@ -45,7 +46,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus exposition; gauges that are facts of the shared store are read at scrape time.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let r = &state.responder;
     match r.store.incident_gauges().await {
         Ok((open, pending)) => r.metrics.set_incident_gauges(open, pending),
@@ -54,13 +55,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             tracing::warn!(error = %e, "could not read incident gauges for /metrics");
         }
     }
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.responder.metrics.render(),
-    )
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = state.responder.metrics.render_for(accept);
+    ([("content-type", content_type)], body)
 }
 
 /// `?open=true&limit=N`

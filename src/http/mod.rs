@@ -6,6 +6,7 @@ mod api;
 pub(crate) mod auth;
 mod error;
 pub mod pagerduty;
+pub mod pages;
 pub mod slack;
 
 use std::sync::Arc;
@@ -27,6 +28,10 @@ pub struct AppState {
     pub pagerduty: Arc<pagerduty::PagerDutyEdge>,
     /// Bearer token of the operator API (freezes); none: that API answers 401.
     pub api_token: Option<secrecy::SecretString>,
+    /// Who may read the incident pages and the read-only API.
+    pub read: Arc<pages::ReadAccess>,
+    /// Whether the policy files on disk were refused at the last reload (for `/readyz`).
+    pub policy_reload: Arc<crate::app::reload::ReloadStatus>,
 }
 
 impl AppState {
@@ -42,12 +47,20 @@ impl AppState {
             slack: Arc::new(slack::SlackEdge::new(None, None)),
             pagerduty: Arc::default(),
             api_token: None,
+            read: Arc::default(),
+            policy_reload: Arc::default(),
         }
     }
 
     /// Enables the operator API with this bearer token.
     pub fn with_api_token(mut self, token: Option<secrecy::SecretString>) -> Self {
         self.api_token = token;
+        self
+    }
+
+    /// Sets who may read the pages and the read-only API.
+    pub fn with_read_access(mut self, read: pages::ReadAccess) -> Self {
+        self.read = Arc::new(read);
         self
     }
 
@@ -61,7 +74,17 @@ impl AppState {
 
 /// The service's routes.
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    // The read-only API needs what the pages need (`api.read_token` or the SSO proxy's header).
+    let read_api = Router::new()
+        .route("/api/v1/incidents", get(api::list_incidents))
+        .route("/api/v1/incidents/{id}", get(api::get_incident))
+        .route("/api/v1/policies", get(api::policies))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), pages::require_read));
     Router::new()
+        .route("/", get(pages::index))
+        .route("/incidents", get(pages::list))
+        .route("/incidents/{id}", get(pages::show))
+        .merge(read_api)
         .route(
             "/webhook/alertmanager",
             post(alertmanager::receive).layer(DefaultBodyLimit::max(body_limit)),
@@ -69,9 +92,6 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .route("/api/v1/incidents", get(api::list_incidents))
-        .route("/api/v1/incidents/{id}", get(api::get_incident))
-        .route("/api/v1/policies", get(api::policies))
         .route("/api/v1/freezes", get(api::freezes).post(api::freeze))
         .route("/api/v1/freezes/{scope}", axum::routing::delete(api::unfreeze))
         .route(

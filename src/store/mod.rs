@@ -9,6 +9,7 @@
 //! one replica can win.
 
 mod intake;
+mod pages;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,8 @@ use sqlx::{AnyPool, Row, Transaction};
 use crate::alert::{Alert, AlertStatus, Fingerprint, LabelSet, Notification};
 use crate::incident::{Incident, IncidentId, Phase};
 use crate::policy::{Decision, Freeze, FreezeState, History};
+
+pub use pages::{IncidentFilter, Notice};
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

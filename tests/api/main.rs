@@ -9,10 +9,13 @@ mod helpers;
 mod kube_fake;
 mod kube_mock;
 mod lifecycle;
+mod metrics;
 mod notify;
 mod operate;
+mod pages;
 mod peers;
 mod rbac;
+mod reload;
 mod replicas;
 #[path = "../support/mod.rs"]
 mod support;
