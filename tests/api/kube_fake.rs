@@ -576,18 +576,37 @@ async fn verify_passes_with_ready_endpoints_and_a_completed_rollout() {
     fake.modify("deployments", NS, "portal-api", |d| {
         d["status"] = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3});
     });
+    // One ready endpoint of the stable pods is not `min_ready_replicas: 2`.
+    let mut short = t.clone();
+    short.rollout_timeout = Duration::from_millis(300);
+    let err = exec.verify(&short, &mut |_| {}).await.expect_err("1 of 2 ready");
+    assert!(
+        matches!(
+            err,
+            KubeError::NoReadyEndpoints {
+                ready: 1,
+                required: 2,
+                ..
+            }
+        ),
+        "only the stable pod's endpoint counts, and one is not enough: {err:?}"
+    );
+    fake.insert(
+        "endpointslices",
+        endpointslice(NS, "portal-api-prod", "x2", &[("portal-api-stable-1", true)]),
+    );
     let mut records = Vec::new();
     exec.verify(&t, &mut |r| records.push(r)).await.expect("verified");
     assert!(
         records.iter().any(|r| matches!(
             r,
             KubeStepRecord::Endpoints {
-                ready_endpoints: 1,
+                ready_endpoints: 2,
                 passed: true,
                 ..
             }
         )),
-        "only the stable pod's endpoint counts: {records:?}"
+        "{records:?}"
     );
     assert!(records
         .iter()
@@ -769,7 +788,8 @@ triggers:
     for: 2m
     mode: auto
 verification:
-  bake: 10s
+  bake: 3s
+  interval: 500ms
 "#;
     let app = spawn_app(Options {
         policies: vec![("portal-api-k8s.yaml", policy.to_string())],
@@ -822,6 +842,142 @@ verification:
         .iter()
         .filter(|e| e["kind"] == "verification_check")
         .collect();
-    assert_eq!(checks.len(), 1);
-    assert_eq!(checks[0]["detail"]["passed"], true);
+    let names: Vec<&str> = checks.iter().map(|c| c["detail"]["check"].as_str().unwrap()).collect();
+    assert_eq!(names, ["read_back", "ready"]);
+    assert!(checks.iter().all(|c| c["detail"]["passed"] == true), "{checks:#?}");
+    // The readiness evidence is kept: two ready endpoints of the stable pods.
+    let ready = &checks[1]["detail"];
+    assert!(
+        ready["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["ready_endpoints"] == 2 && s["passed"] == true),
+        "{ready}"
+    );
+    let rb = &checks[0]["detail"];
+    assert!(
+        rb["value"]
+            .as_str()
+            .unwrap()
+            .contains("svc/portal-api-prod app=portal-api,version=v1.0.0-rc.0; deploy/portal-api-canary replicas 0"),
+        "{rb}"
+    );
+}
+
+/// Drift during the bake: someone puts the Service back on the canary (`kubectl edit`). The
+/// read-back sees it, names the field's manager, fails verification and writes nothing back.
+#[tokio::test]
+async fn a_service_selector_changed_back_during_the_bake_is_drift_with_its_manager() {
+    use crate::helpers::*;
+    use rollback_responder::action::Executors;
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    let policy = r#"
+name: portal-api-k8s
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  kubernetes:
+    namespace: portal
+    min_ready_replicas: 2
+    rollout_timeout: 5s
+    steps:
+      - switch_service: {service: portal-api-prod, selector: {app: portal-api, version: v1.0.0-rc.0}}
+      - scale: {deployment: portal-api-canary, replicas: 0}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    mode: auto
+verification:
+  bake: 60s
+  interval: 200ms
+"#;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api-k8s.yaml", policy.to_string())],
+        executors: Some(Executors {
+            kube: Some(executor(&fake)),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "kd01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let writes = fake.writes();
+    assert_eq!(
+        fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"]["version"],
+        "v1.0.0-rc.0"
+    );
+    // `kubectl edit` puts the canary back; the API server records who owns the selector now.
+    fake.modify("services", NS, "portal-api-prod", |s| {
+        s["spec"]["selector"] = json!({"app": "portal-api", "version": "v1.0.0"});
+        s["metadata"]["managedFields"] = json!([
+            {"manager": "rollback-responder", "operation": "Update", "time": "2026-12-03T06:00:00Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:selector": {}}}},
+            {"manager": "kubectl-edit", "operation": "Update", "time": "2026-12-03T06:00:02Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:selector": {}}}}
+        ]);
+    });
+    let inc = app
+        .wait_incident(&id, "verification failed on drift", |i| {
+            i["phase"] == "verification_failed"
+        })
+        .await;
+    let rb = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "verification_check" && e["detail"]["check"] == "read_back")
+        .unwrap()["detail"]
+        .clone();
+    assert_eq!(rb["passed"], false, "{rb}");
+    let drift = rb["drift"].as_str().unwrap();
+    assert!(
+        drift.starts_with(
+            "service/portal-api-prod selector changed back to app=portal-api,version=v1.0.0 \
+             (written: app=portal-api,version=v1.0.0-rc.0) by `kubectl-edit` (Update at 2026-12-03T06:00:02Z"
+        ),
+        "{drift}"
+    );
+    // Good samples before the drift, then the drift: the check read all along.
+    let samples = rb["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2 && samples[0][2] == true, "{rb}");
+    let failed = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "verification_failed")
+        .unwrap();
+    assert!(
+        failed["summary"]
+            .as_str()
+            .unwrap()
+            .contains("read_back: DRIFT: service/portal-api-prod"),
+        "{failed}"
+    );
+    // Not fought: nothing written after the drift; the selector is what the person set.
+    assert_eq!(fake.writes(), writes);
+    assert_eq!(
+        fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"]["version"],
+        "v1.0.0"
+    );
+    assert_eq!(inc["open"], true, "a failed verification waits for a human");
 }

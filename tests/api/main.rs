@@ -17,4 +17,5 @@ mod replicas;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
+mod verify_drift;
 mod webhook;
