@@ -918,7 +918,7 @@ impl Responder {
         change: Change<'_>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let ctx: notify::Context = serde_json::from_value(inc.context.clone()).unwrap_or_default();
+        let ctx = verify::notification_context(inc);
         for msg in notify::plan(inc, &ctx, &change) {
             let payload = serde_json::to_string(&msg).unwrap_or_default();
             tx.enqueue(&inc.id, msg.channel().as_str(), &payload, now).await?;

@@ -27,6 +27,31 @@ pub(super) fn settings(context: &Value) -> Result<Verification, String> {
     }
 }
 
+/// The incident's notification context. Messages do not need the verification settings: a
+/// context whose settings this replica cannot read (another version's) still routes them. A
+/// context that does not parse at all routes nothing, and says so in the log.
+pub(super) fn notification_context(inc: &Incident) -> crate::notify::Context {
+    match serde_json::from_value(inc.context.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut without = inc.context.clone();
+            if let Some(o) = without.as_object_mut() {
+                o.remove("verification");
+            }
+            match serde_json::from_value(without) {
+                Ok(c) => {
+                    warn!(incident = %inc.id, error = %e, "stored verification settings unreadable; notifying without them");
+                    c
+                }
+                Err(e) => {
+                    tracing::error!(incident = %inc.id, error = %e, "stored notification context unreadable: no message can be routed");
+                    crate::notify::Context::default()
+                }
+            }
+        }
+    }
+}
+
 /// One line per check for the timeline.
 fn check_summary(c: &CheckResult) -> String {
     let verdict = if c.passed {
@@ -267,6 +292,18 @@ mod tests {
             settings(&json!({"verification": {"bake": "5m"}})).unwrap().bake,
             std::time::Duration::from_secs(300)
         );
+    }
+
+    #[test]
+    fn notifications_do_not_depend_on_readable_verification_settings() {
+        let mut inc = Incident::sample(crate::incident::Phase::VerificationFailed, Utc::now());
+        inc.context = json!({
+            "labels": {}, "target": "t",
+            "routes": {"slack_channel": "#portal", "pagerduty": null, "statuspage": null, "escalation_mention": null},
+            "verification": {"bake": "5m", "from_a_newer_version": 1}
+        });
+        let ctx = notification_context(&inc);
+        assert_eq!(ctx.routes.slack_channel.as_deref(), Some("#portal"));
     }
 
     #[test]

@@ -233,6 +233,10 @@ where
         },
     );
     let ready = async {
+        // Only Kubernetes has a readiness check apart from its read-back.
+        if !matches!(target, Target::Kubernetes(_)) {
+            return None;
+        }
         let run = executors.verify(target);
         let started = Instant::now();
         let out = tokio::select! {
@@ -342,4 +346,84 @@ where
     };
     let (r, k, p, q, a) = tokio::join!(read_back, ready, probe, query, resolved);
     std::iter::once(r).chain(k).chain(p).chain(q).chain(a).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn alb() -> Target {
+        serde_json::from_value(serde_json::json!({"alb": {
+            "listener_arn": "arn:aws:elasticloadbalancing:us-east-1:1:listener/app/lb/1/2",
+            "stable_target_group_arn": "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/stable/1",
+        }}))
+        .unwrap()
+    }
+
+    /// No input is no pass: an incident without alerts cannot "resolve", and a replica without
+    /// the executor cannot read the target back.
+    #[tokio::test]
+    async fn nothing_passes_for_lack_of_input() {
+        let v = Verification {
+            bake: Duration::from_millis(300),
+            interval: Duration::from_millis(100),
+            alert_resolves: true,
+            fail_fast: false,
+            ..Verification::default()
+        };
+        let checks = check(
+            &v,
+            &alb(),
+            &Executors::default(),
+            &reqwest::Client::new(),
+            None,
+            || async { AlertState::NoAlerts },
+        )
+        .await;
+        let names: Vec<&str> = checks.iter().map(|c| c.check).collect();
+        assert_eq!(names, ["read_back", "alert_resolved"]);
+        assert!(checks.iter().all(|c| !c.passed), "{checks:#?}");
+        assert!(
+            checks[0]
+                .detail
+                .contains("no alb executor is configured on this replica"),
+            "{}",
+            checks[0].detail
+        );
+        let a = checks.iter().find(|c| c.check == "alert_resolved").unwrap();
+        assert!(
+            a.detail
+                .contains("inconclusive: the incident has no alert (opened by a person)"),
+            "{a:#?}"
+        );
+    }
+
+    /// A Prometheus check without a Prometheus to ask fails at once, saying so.
+    #[tokio::test]
+    async fn a_query_without_prometheus_is_inconclusive() {
+        let v = Verification {
+            bake: Duration::from_millis(100),
+            fail_fast: false,
+            prometheus: Some(crate::policy::PrometheusCheck {
+                query: "up".into(),
+                below: None,
+                above: Some(0.5),
+            }),
+            ..Verification::default()
+        };
+        let checks = check(
+            &v,
+            &alb(),
+            &Executors::default(),
+            &reqwest::Client::new(),
+            None,
+            || async { AlertState::Resolved },
+        )
+        .await;
+        let q = checks.iter().find(|c| c.check == "prometheus").unwrap();
+        assert!(!q.passed);
+        assert!(q.detail.starts_with("inconclusive: "), "{}", q.detail);
+    }
 }

@@ -81,6 +81,18 @@ async fn a_listener_put_back_to_the_canary_during_the_bake_is_drift_and_not_foug
     let sp = received(&peers.statuspage).await;
     let statuses: Vec<&str> = sp.iter().filter_map(|r| r.2["incident"]["status"].as_str()).collect();
     assert_eq!(statuses, ["identified"], "{sp:#?}");
+    // Slack's thread carries the verdict with what decided it.
+    let slack = wait_requests(&peers.slack, 6, "slack").await;
+    assert!(
+        slack.iter().any(|r| {
+            let text = r.2["text"].as_str().unwrap_or("");
+            text.contains("`verifying` → `verification_failed`")
+                && text.contains("read_back: DRIFT: ")
+                && text.contains("now [stable=75, canary=25; sticky 300s]")
+        }),
+        "{:#?}",
+        slack.iter().map(|r| r.2["text"].clone()).collect::<Vec<_>>()
+    );
 }
 
 /// Found already stable, nothing to write: the stable group is checked all the same, and
