@@ -134,7 +134,8 @@ where
             drift = o.drift;
         }
         evidence = o.evidence;
-        if hold.push(o.sample) {
+        // Without fail-fast a failed check samples on to the end too, for the evidence.
+        if hold.push(o.sample) && stop.fail_fast {
             stop.failed();
             break;
         }

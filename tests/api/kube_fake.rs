@@ -981,3 +981,68 @@ verification:
     );
     assert_eq!(inc["open"], true, "a failed verification waits for a human");
 }
+
+/// The read-back through the bake, step by step: a restored template replaced by the canary's
+/// and a scaled Deployment scaled back are drift, each named with the field's manager.
+#[tokio::test]
+async fn read_back_sees_a_replaced_template_and_a_scale_back_with_their_managers() {
+    use rollback_responder::action::kubernetes::KubeBaseline;
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let tpls = undo_world(&fake);
+    let exec = executor(&fake);
+    let t = target(vec![undo_step(None), scale_step()]);
+    run(&exec, &t, false).await.0.expect("revert");
+    let mut baseline: Option<KubeBaseline> = None;
+    let first = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(first.ok, "{first:?}");
+    assert_eq!(
+        first.value,
+        "as written: deploy/portal-api revision 3 [api=portal-api:1.0.0-rc.0]; deploy/portal-api-canary replicas 0"
+    );
+    let again = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(again.ok && again.drift.is_none(), "{again:?}");
+    let reads = fake.requests().len();
+
+    // A pipeline re-applies the canary's template.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["spec"]["template"] = tpls[2].clone();
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("4");
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "argocd-controller", "operation": "Apply", "time": "2026-12-03T06:10:00Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:template": {"f:spec": {}}}}}
+        ]);
+    });
+    let drift = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(!drift.ok);
+    let what = drift.drift.unwrap();
+    assert_eq!(
+        what,
+        "deployment/portal-api is no longer the restored template: revision 3 [api=portal-api:1.0.0-rc.0] -> \
+         4 [api=portal-api:1.0.0] by `argocd-controller` (Apply at 2026-12-03T06:10:00Z)"
+    );
+    assert!(fake.requests().len() > reads, "it read the API again");
+
+    // Put the template back; then someone scales the canary up again.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["spec"]["template"] = tpls[1].clone();
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("3");
+    });
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        d["spec"]["replicas"] = json!(3);
+    });
+    let scaled = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert_eq!(
+        scaled.drift.as_deref(),
+        Some(
+            "deployment/portal-api-canary replicas changed to 3 (written: 0) \
+             by unknown (no managed-fields entry owns /f:spec/f:replicas)"
+        )
+    );
+    assert_eq!(
+        fake.writes(),
+        2,
+        "the read-back writes nothing: only the revert's two writes"
+    );
+}

@@ -299,3 +299,101 @@ async fn a_failed_verification_stays_open_until_a_person_closes_it() {
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["result"], "already_closed");
 }
+
+/// A listener rule's forward changed back during the bake is drift too (ModifyRule).
+#[tokio::test]
+async fn a_rule_put_back_during_the_bake_is_drift() {
+    use rollback_responder::action::Executors;
+
+    let fx = AlbFixture::start().await;
+    let policy = crate::verify::policy(&fx, "  bake: 60s\n  interval: 200ms").replace(
+        &format!("    listener_arn: {}\n", fx.listener_arn),
+        &format!("    listener_arn: {}\n    rule_arn: {}\n", fx.listener_arn, fx.rule_arn),
+    );
+    assert!(policy.contains("rule_arn"));
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dr05", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        weights(&fx.rule_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    fx.elb
+        .modify_rule()
+        .rule_arn(&fx.rule_arn)
+        .actions(forward(&[(&fx.stable_tg, 10), (&fx.canary_tg, 90)], Some(120)))
+        .send()
+        .await
+        .expect("ModifyRule");
+    let inc = app
+        .wait_incident(&id, "verification failed on drift", |i| {
+            i["phase"] == "verification_failed"
+        })
+        .await;
+    let drift = check(&inc, "read_back")["drift"].as_str().unwrap().to_string();
+    assert!(
+        drift.starts_with(&format!(
+            "{} no longer forwards as written (100% to stable): now [stable=10, canary=90; sticky 120s], 10% stable; \
+             ELBv2 does not record who wrote it: look for ModifyRule events on {}",
+            fx.rule_arn, fx.rule_arn
+        )),
+        "{drift}"
+    );
+    assert_eq!(
+        weights(&fx.rule_actions().await),
+        vec![(fx.stable_tg.clone(), 10), (fx.canary_tg.clone(), 90)],
+        "not written over"
+    );
+}
+
+/// `fail_fast: false`: a bad sample still fails verification, but every check is sampled to
+/// the end of the bake for the evidence.
+#[tokio::test]
+async fn without_fail_fast_every_check_is_sampled_to_the_end() {
+    let fx = AlbFixture::start().await;
+    let svc = FakeService::start("late").await;
+    svc.script_health(&[true, true, false]);
+    let v = format!(
+        "  bake: 2s\n  interval: 200ms\n  fail_fast: false\n  health_probe: {{url: \"{}\", successes: 2, interval: 100ms, timeout: 1s}}",
+        svc.health_url()
+    );
+    let app = start(&fx, &v, vec![], None).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dr06", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verification failed", |l| {
+            l.len() == 1 && l[0]["phase"] == "verification_failed"
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let probe = check(&inc, "health_probe");
+    assert_eq!(probe["passed"], false);
+    assert_eq!(
+        probe["value"], "HTTP 500",
+        "the deciding sample is the bad one: {probe}"
+    );
+    let samples = probe["samples"].as_array().unwrap();
+    assert!(samples.len() > 3, "probed on after the bad answer: {probe}");
+    assert_eq!(samples.len(), svc.health_requests());
+    let rb = check(&inc, "read_back");
+    assert_eq!(rb["stopped"], false, "{rb}");
+    assert_eq!(rb["passed"], true, "the read-back held to the end: {rb}");
+}
