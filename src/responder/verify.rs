@@ -2,12 +2,15 @@
 //! each check's samples, and settle the incident as verified or verification failed (which
 //! escalates and stays open until a human closes it).
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use serde_json::{json, Value};
 use tracing::warn;
 
 use super::{Responder, StepError};
 use crate::action::Target;
+use crate::alert::AlertStatus;
 use crate::incident::{Event, Incident, IncidentId};
 use crate::notify::Change;
 use crate::policy::Verification;
@@ -49,6 +52,46 @@ pub(super) fn notification_context(inc: &Incident) -> crate::notify::Context {
                 }
             }
         }
+    }
+}
+
+/// What the incident's alerts are doing. Alerts still firing here are checked with the
+/// Alertmanager that sent them (the payload's `externalURL`, one request per Alertmanager):
+/// when an HA member dies right after sending a firing alert, its peer may never send the
+/// resolve, and a rollback that worked must not fail on "still firing" for that.
+async fn ask_the_source(http: &reqwest::Client, alerts: &[crate::store::StoredAlert]) -> AlertState {
+    let firing: Vec<&crate::store::StoredAlert> = alerts
+        .iter()
+        .filter(|s| s.alert.status == AlertStatus::Firing)
+        .collect();
+    if firing.is_empty() {
+        return AlertState::Resolved;
+    }
+    let n = u64::try_from(firing.len()).unwrap_or(u64::MAX);
+    let mut held: BTreeMap<&str, Result<Vec<crate::alert::LabelSet>, String>> = BTreeMap::new();
+    for s in &firing {
+        if !s.external_url.is_empty() && !held.contains_key(s.external_url.as_str()) {
+            let answer = verify::alertmanager_alerts(http, &s.external_url).await;
+            held.insert(s.external_url.as_str(), answer);
+        }
+    }
+    let mut still = Vec::new();
+    let mut gone = Vec::new();
+    for s in &firing {
+        let name = s.alert.alertname();
+        match held.get(s.external_url.as_str()) {
+            None => still.push(format!("{name}: no externalURL to ask")),
+            Some(Err(e)) => still.push(format!("{name}: could not ask its Alertmanager ({e})")),
+            Some(Ok(active)) if active.contains(&s.alert.labels) => {
+                still.push(format!("{name}: still active at {}", s.external_url))
+            }
+            Some(Ok(_)) => gone.push(format!("{name}: no longer held by {}", s.external_url)),
+        }
+    }
+    if still.is_empty() {
+        AlertState::ResolvedAtSource(format!("no resolved notification received; {}", gone.join("; ")))
+    } else {
+        AlertState::FiringPerSource(n, still.join("; "))
     }
 }
 
@@ -121,16 +164,12 @@ impl Responder {
             Ok(v) => {
                 let store = self.store.clone();
                 let alerts = || {
-                    let (store, id) = (store.clone(), id.clone());
+                    let (store, id, http) = (store.clone(), id.clone(), self.http.clone());
                     async move {
                         match store.incident_alerts(&id).await {
                             Err(e) => AlertState::Unreadable(e.to_string()),
                             Ok(a) if a.is_empty() => AlertState::NoAlerts,
-                            Ok(_) => match store.firing_alert_count(&id).await {
-                                Ok(0) => AlertState::Resolved,
-                                Ok(n) => AlertState::Firing(u64::try_from(n).unwrap_or(0)),
-                                Err(e) => AlertState::Unreadable(e.to_string()),
-                            },
+                            Ok(a) => ask_the_source(&http, &a).await,
                         }
                     }
                 };

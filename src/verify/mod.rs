@@ -13,6 +13,8 @@
 pub mod hold;
 mod sources;
 
+pub use sources::alertmanager_alerts;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +66,11 @@ pub enum AlertState {
     Firing(u64),
     /// Every alert of the incident has resolved.
     Resolved,
+    /// No resolved notification came, but the Alertmanagers that sent the alerts no longer
+    /// hold them (an HA peer that died before sending the resolve): what they said.
+    ResolvedAtSource(String),
+    /// Alerts still fire here, and what their Alertmanagers said when asked.
+    FiringPerSource(u64, String),
     /// The incident has no alert (opened by a person): nothing can resolve.
     NoAlerts,
     /// The store could not be read.
@@ -331,6 +338,10 @@ where
                     let mut s = match alerts().await {
                         AlertState::Resolved => Sample::new(at, "resolved", true),
                         AlertState::Firing(n) => Sample::new(at, format!("{n} firing"), false),
+                        AlertState::ResolvedAtSource(why) => {
+                            Sample::new(at, format!("resolved at the source: {why}"), true)
+                        }
+                        AlertState::FiringPerSource(n, why) => Sample::new(at, format!("{n} firing: {why}"), false),
                         AlertState::NoAlerts => Sample::new(
                             at,
                             "inconclusive: the incident has no alert (opened by a person), so none can resolve",

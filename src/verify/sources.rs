@@ -5,6 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::hold::Sample;
+use crate::alert::LabelSet;
 use crate::policy::{HealthProbe, PrometheusCheck};
 
 /// How long one Prometheus query may take.
@@ -83,6 +84,39 @@ pub async fn prometheus(http: &reqwest::Client, base: &str, q: &PrometheusCheck)
         Err(e) => (format!("request failed: {e}"), false),
     };
     Sample::new(Utc::now(), value, ok)
+}
+
+/// How long asking an Alertmanager may take.
+const ALERTMANAGER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The label sets of the alerts Alertmanager at `base` (a payload's `externalURL`) holds as
+/// active, silenced, inhibited or not yet processed: everything it has not resolved.
+pub async fn alertmanager_alerts(http: &reqwest::Client, base: &str) -> Result<Vec<LabelSet>, String> {
+    let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+    let r = http
+        .get(&url)
+        .query(&[
+            ("active", "true"),
+            ("silenced", "true"),
+            ("inhibited", "true"),
+            ("unprocessed", "true"),
+        ])
+        .timeout(ALERTMANAGER_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("{url}: HTTP {}", r.status().as_u16()));
+    }
+    let body: Vec<AmAlert> = r.json().await.map_err(|e| format!("{url}: unreadable answer: {e}"))?;
+    Ok(body.into_iter().map(|a| a.labels).collect())
+}
+
+/// The part of an Alertmanager v2 alert we read.
+#[derive(serde::Deserialize)]
+struct AmAlert {
+    #[serde(default)]
+    labels: LabelSet,
 }
 
 #[cfg(test)]

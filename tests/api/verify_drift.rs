@@ -397,3 +397,74 @@ async fn without_fail_fast_every_check_is_sampled_to_the_end() {
     assert_eq!(rb["stopped"], false, "{rb}");
     assert_eq!(rb["passed"], true, "the read-back held to the end: {rb}");
 }
+
+/// Item 5 of issue 21: before failing on "still firing", the Alertmanager that sent the alert
+/// (the payload's `externalURL`) is asked. Its resolved notification is lost here (its webhook
+/// goes nowhere), as when an HA member dies before sending it.
+async fn lost_resolve(resolve_at_source: bool) -> Value {
+    let fx = AlbFixture::start().await;
+    let nowhere = format!("http://127.0.0.1:{}/nowhere", crate::peers::free_port());
+    let am = crate::peers::Alertmanager::start(&nowhere, TOKEN).await;
+    let app = start(
+        &fx,
+        "  bake: 3s\n  interval: 200ms\n  alert_resolves: true",
+        vec![],
+        None,
+    )
+    .await;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let labels = json!({"alertname": "HighErrorRate", "service": "portal-api", "severity": "critical", "run": run});
+    let starts = ago(60);
+    am.post(labels.clone(), &starts, None).await;
+    let mut p = payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "dr07", &starts, None)],
+    );
+    p["externalURL"] = json!(am.url);
+    p["alerts"][0]["labels"] = labels.clone();
+    app.post_webhook(&p).await;
+    let list = app
+        .wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    if resolve_at_source {
+        am.post(labels, &starts, Some(&ago(0))).await;
+    }
+    let inc = app
+        .wait_incident(&id, "verdict", |i| {
+            i["phase"] == "verified" || i["phase"] == "verification_failed"
+        })
+        .await;
+    let a = check(&inc, "alert_resolved");
+    json!({"phase": inc["phase"], "check": a, "am": am.url})
+}
+
+#[tokio::test]
+async fn a_lost_resolve_is_checked_with_the_alertmanager_that_sent_the_alert() {
+    let out = lost_resolve(true).await;
+    assert_eq!(out["phase"], "verified", "{out:#}");
+    let value = out["check"]["value"].as_str().unwrap();
+    assert_eq!(
+        value,
+        format!(
+            "resolved at the source: no resolved notification received; HighErrorRate: no longer held by {}",
+            out["am"].as_str().unwrap()
+        ),
+        "{out:#}"
+    );
+}
+
+#[tokio::test]
+async fn an_alert_its_alertmanager_still_holds_fails_verification() {
+    let out = lost_resolve(false).await;
+    assert_eq!(out["phase"], "verification_failed", "{out:#}");
+    let value = out["check"]["value"].as_str().unwrap();
+    assert_eq!(
+        value,
+        format!(
+            "1 firing: HighErrorRate: still active at {}",
+            out["am"].as_str().unwrap()
+        ),
+        "{out:#}"
+    );
+}
