@@ -1515,7 +1515,8 @@ impl KubeExecutor {
     /// [`KubeError::NoReadyEndpoints`]; every undone Deployment completes its rollout
     /// (observedGeneration >= generation, updated == desired, no old replicas left, all
     /// updated available), else [`KubeError::RolloutTimedOut`], early on
-    /// ProgressDeadlineExceeded. Scale steps and drift are the read-back's
+    /// ProgressDeadlineExceeded; every scaled Deployment has exactly its replicas, all available,
+    /// else [`KubeError::RolloutTimedOut`]. Drift is the read-back's
     /// (`read_back_sample`), sampled through the whole bake.
     pub async fn verify(
         &self,
@@ -1539,10 +1540,24 @@ impl KubeExecutor {
                         .await?;
                 }
                 KubeStep::RolloutUndo { deployment, .. } => {
-                    self.wait_for_rollout(ns, deployment, t.rollout_timeout, deadline, interval, on_step)
+                    self.wait_for_rollout(ns, deployment, None, t.rollout_timeout, deadline, interval, on_step)
                         .await?;
                 }
-                KubeStep::Scale { .. } => {}
+                // The controller saw the new replicas, and exactly that many pods are left,
+                // all available (scaling the canary to 0: its pods are gone).
+                KubeStep::Scale { deployment, replicas } => {
+                    let want = i32::try_from(*replicas).unwrap_or(i32::MAX);
+                    self.wait_for_rollout(
+                        ns,
+                        deployment,
+                        Some(want),
+                        t.rollout_timeout,
+                        deadline,
+                        interval,
+                        on_step,
+                    )
+                    .await?;
+                }
             }
         }
         Ok(())
@@ -1993,10 +2008,14 @@ impl KubeExecutor {
         }
     }
 
+    /// Waits for the Deployment's rollout to complete and, for a scale step, for exactly
+    /// `replicas` pods, all available.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_for_rollout(
         &self,
         ns: &str,
         deployment: &str,
+        replicas: Option<i32>,
         timeout: Duration,
         deadline: Instant,
         interval: Duration,
@@ -2014,7 +2033,16 @@ impl KubeExecutor {
                 name: deployment,
             };
             let d = self.call(op, on_step, || api.get(deployment)).await?;
-            let progress = rollout_progress(&d);
+            let mut progress = rollout_progress(&d);
+            if let Some(n) = replicas.filter(|_| progress.complete) {
+                if progress.replicas != n || progress.available < n {
+                    progress.complete = false;
+                    progress.message = format!(
+                        "scaled to {n}: {} replicas left, {} available",
+                        progress.replicas, progress.available
+                    );
+                }
+            }
             if last.as_ref() != Some(&progress) {
                 on_step(KubeStepRecord::Rollout {
                     deployment: deployment.to_string(),

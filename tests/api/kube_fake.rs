@@ -808,6 +808,9 @@ verification:
         None,
     )
     .await;
+    app.wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    scaled_down(&fake);
     let list = app
         .wait_incidents("verified kubernetes rollback", |l| {
             l.len() == 1 && l[0]["phase"] == "verified"
@@ -921,6 +924,7 @@ verification:
         .wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
         .await;
     let id = list[0]["id"].as_str().unwrap().to_string();
+    scaled_down(&fake);
     let writes = fake.writes();
     assert_eq!(
         fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"]["version"],
@@ -1045,4 +1049,51 @@ async fn read_back_sees_a_replaced_template_and_a_scale_back_with_their_managers
         2,
         "the read-back writes nothing: only the revert's two writes"
     );
+}
+
+/// What the Deployment controller does once the canary is scaled to 0: observes the new
+/// generation and reports no pods left.
+fn scaled_down(fake: &FakeKube) {
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        let generation = d["metadata"]["generation"].clone();
+        d["status"] = json!({"observedGeneration": generation, "replicas": 0, "updatedReplicas": 0,
+            "readyReplicas": 0, "availableReplicas": 0});
+    });
+}
+
+/// A scale step verifies only once the controller has observed it and the pods are gone.
+#[tokio::test]
+async fn verify_waits_for_a_scale_step_to_take_effect() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    let exec = executor(&fake);
+    let mut t = target(vec![switch_step(), scale_step()]);
+    t.rollout_timeout = Duration::from_millis(300);
+    run(&exec, &t, false).await.0.expect("revert");
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("not observed yet");
+    assert!(
+        matches!(&err, KubeError::RolloutTimedOut { deployment, last_status, .. }
+            if deployment == "portal-api-canary" && last_status == "waiting for the deployment spec update to be observed"),
+        "{err:?}"
+    );
+    // Observed, but the canary's pods are still there.
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
+    });
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("pods left");
+    assert!(
+        matches!(&err, KubeError::RolloutTimedOut { last_status, .. } if last_status == "scaled to 0: 3 replicas left, 3 available"),
+        "{err:?}"
+    );
+    scaled_down(&fake);
+    exec.verify(&t, &mut |_| {}).await.expect("scaled to 0");
 }
