@@ -33,7 +33,7 @@ impl Sample {
         }
     }
 
-    /// `at value PASS|FAIL`, for people.
+    /// `value at time`, for people.
     pub fn line(&self) -> String {
         format!(
             "{} at {}",
@@ -234,10 +234,13 @@ impl Hold {
         }
     }
 
+    /// The 1-based number of a kept sample among all taken (dropped ones are in the middle).
     fn sample_index(&self, s: &Sample) -> usize {
-        self.samples.iter().position(|x| x == s).map_or(self.total, |i| {
-            i + 1 + if i >= MAX_SAMPLES / 2 { self.dropped } else { 0 }
-        })
+        match self.samples.iter().position(|x| x == s) {
+            Some(i) if i >= MAX_SAMPLES / 2 => i + 1 + self.dropped,
+            Some(i) => i + 1,
+            None => self.total,
+        }
     }
 }
 
