@@ -1,4 +1,4 @@
-//! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
+//! Views for people and probes (health, readiness, metrics, incidents, policies) and the operator API (freezes, closing an incident).
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -220,24 +220,6 @@ pub async fn freezes(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     Ok(Json(serde_json::to_value(f).unwrap_or(Value::Null)))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn a_freeze_past_the_calendar_has_no_end_instead_of_a_panic() {
-        let now = chrono::Utc::now();
-        let hour = freeze_end(now, Duration::from_secs(3600)).unwrap();
-        assert_eq!(hour - now, chrono::Duration::hours(1));
-        let year = 365 * 24 * 3600;
-        // 1,000,000 years overflows the date; 10^9 years overflows chrono's Duration itself.
-        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000 * year)), None);
-        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000_000 * year)), None);
-    }
-}
-
 /// `POST /api/v1/incidents/{id}/close` body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,5 +261,23 @@ pub async fn close_incident(
             "incident {id} is {phase}: only an incident whose rollback is settled can be closed"
         ))),
         other => Ok(Json(serde_json::to_value(other).unwrap_or(Value::Null))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_freeze_past_the_calendar_has_no_end_instead_of_a_panic() {
+        let now = chrono::Utc::now();
+        let hour = freeze_end(now, Duration::from_secs(3600)).unwrap();
+        assert_eq!(hour - now, chrono::Duration::hours(1));
+        let year = 365 * 24 * 3600;
+        // 1,000,000 years overflows the date; 10^9 years overflows chrono's Duration itself.
+        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000 * year)), None);
+        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000_000 * year)), None);
     }
 }
