@@ -1,4 +1,5 @@
-//! Views for people and probes (health, readiness, metrics, incidents, policies) and the operator API (freezes, closing an incident).
+//! Views for people and probes (health, readiness, metrics, incidents, policies) and the
+//! operator API (freezes, closing an incident).
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
