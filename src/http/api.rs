@@ -1,4 +1,5 @@
-//! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
+//! Views for people and probes (health, readiness, metrics, incidents, policies) and the
+//! operator API (freezes, closing an incident).
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -215,6 +216,50 @@ pub async fn freezes(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
         .await
         .map_err(ApiError::Unavailable)?;
     Ok(Json(serde_json::to_value(f).unwrap_or(Value::Null)))
+}
+
+/// `POST /api/v1/incidents/{id}/close` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseBody {
+    /// Why it can be closed (e.g. "fixed by hand, verified on the dashboard").
+    note: String,
+    /// Who closes it, for the audit (default "operator").
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// A person closes a settled incident: after a failed verification, nothing else does.
+pub async fn close_incident(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    operator(&state, &headers)?;
+    let Path(id) = id.map_err(|e| ApiError::BadRequest(format!("id: {}", e.body_text())))?;
+    let b: CloseBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("close body: {e}")))?;
+    if b.note.trim().is_empty() {
+        return Err(ApiError::BadRequest("note: say why the incident can be closed".into()));
+    }
+    let by = format!("api:{}", b.by.unwrap_or_else(|| "operator".into()));
+    let id = IncidentId(id);
+    let out = state
+        .responder
+        .close_by_human(&id, &by, b.note.trim())
+        .await
+        .map_err(|e| match e {
+            crate::responder::StepError::Store(e) => ApiError::Unavailable(e),
+            // Concurrent changes outlasted the retries: transient, try again.
+            other => ApiError::Unavailable(crate::store::StoreError::Unavailable(other.to_string())),
+        })?;
+    match out {
+        crate::responder::HumanClose::NotFound => Err(ApiError::NotFound(format!("no incident {id}"))),
+        crate::responder::HumanClose::NotSettled { phase } => Err(ApiError::BadRequest(format!(
+            "incident {id} is {phase}: only an incident whose rollback is settled can be closed"
+        ))),
+        other => Ok(Json(serde_json::to_value(other).unwrap_or(Value::Null))),
+    }
 }
 
 #[cfg(test)]

@@ -92,6 +92,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
+        .route("/api/v1/incidents/{id}/close", post(api::close_incident))
         .route("/api/v1/freezes", get(api::freezes).post(api::freeze))
         .route("/api/v1/freezes/{scope}", axum::routing::delete(api::unfreeze))
         .route(

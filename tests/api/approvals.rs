@@ -43,6 +43,7 @@ approval:
   required_approvals: {required}
   timeout: {timeout}
   on_timeout: escalate
+verification: {{bake: 1s, interval: 200ms}}
 notify:
   slack: {{channel: "#portal-alerts"}}
   pagerduty: {{severity: critical}}

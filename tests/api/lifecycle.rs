@@ -473,7 +473,7 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
         format!(
             "name: {name}\nservice: {name}\nmatchers: ['service=\"{name}\"']\ntarget:\n  alb:\n{target}    \
              stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    \
-             for: 0s\n    mode: auto\n",
+             for: 0s\n    mode: auto\nverification: {{bake: 1s, interval: 200ms}}\n",
             fx.stable_tg
         )
     };

@@ -20,4 +20,5 @@ mod replicas;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
+mod verify_drift;
 mod webhook;

@@ -30,7 +30,7 @@ async fn metrics(app: &TestApp) -> String {
 
 fn alb_policy(fx: &AlbFixture) -> String {
     format!(
-        "name: portal-api\nservice: portal-api\nmatchers: ['service=\"portal-api\"']\ntarget:\n  alb:\n    listener_arn: {}\n    stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    mode: auto\n",
+        "name: portal-api\nservice: portal-api\nmatchers: ['service=\"portal-api\"']\ntarget:\n  alb:\n    listener_arn: {}\n    stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    mode: auto\nverification: {{bake: 1s, interval: 200ms}}\n",
         fx.listener_arn, fx.stable_tg
     )
 }
