@@ -8,6 +8,7 @@
 //! and conditional updates (`WHERE version = $n`, `WHERE pending = 1`, lease expiry) that only
 //! one replica can win.
 
+mod health;
 mod intake;
 
 use std::sync::Arc;
@@ -139,7 +140,9 @@ impl Store {
             }
             _ => url.to_string(),
         };
-        let opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let opts = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .after_release(|conn, _| Box::pin(health::release_only_if_clean(conn)));
         let pool = match backend {
             // One writer at a time is how SQLite works anyway; a single connection avoids
             // SQLITE_BUSY on lock upgrades. WAL + synchronous=FULL: a commit is on disk.

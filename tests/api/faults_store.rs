@@ -1,0 +1,263 @@
+//! Store faults, asserted from the outside: a SQLite file on a filesystem that fills up, a
+//! PostgreSQL cluster that stops mid-run, bad bytes PostgreSQL refuses. Whatever the service
+//! acknowledged with a 2xx must be in the store afterwards (read by a connection of our own,
+//! and after a restart); trouble of the store is a 503 (Alertmanager retries), bad input a 400
+//! naming the field; when the store is back the service recovers without a restart.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rollback_responder::app::Application;
+use rollback_responder::config;
+use rollback_responder::responder::Responder;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::helpers::{ago, alert, env, payload, CHECKOUT_POLICY, TOKEN};
+
+/// The service on a store URL of the test's choosing (the helpers pick their own).
+struct App {
+    addr: std::net::SocketAddr,
+    responder: Arc<Responder>,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl App {
+    async fn start(store_url: &str, policies: &Path) -> App {
+        rollback_responder::telemetry::init(rollback_responder::config::LogFormat::Text, "warn");
+        std::fs::create_dir_all(policies).unwrap();
+        std::fs::write(policies.join("checkout.yaml"), CHECKOUT_POLICY).unwrap();
+        let vars = env(&[
+            ("ROLLBACK_RESPONDER__STORE__URL", store_url),
+            ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
+            ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN", TOKEN),
+            ("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms"),
+            ("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s"),
+            ("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "true"),
+        ]);
+        let cfg = config::load_from(None, Some("127.0.0.1:0".parse().unwrap()), vars).expect("test config");
+        let app = Application::build_with(cfg, None).await.expect("service starts");
+        let addr = app.addr();
+        let responder = app.responder();
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async move {
+            let _ = rx.await;
+        }));
+        App {
+            addr,
+            responder,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Delivers a webhook body; the status the service answered.
+    async fn deliver(&self, body: &Value) -> u16 {
+        self.http
+            .post(self.url("/webhook/alertmanager"))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Polls the incident list until `pred` holds (20 s at most).
+    async fn wait_incidents(&self, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list = match self.http.get(self.url("/api/v1/incidents")).send().await {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.unwrap_or(Value::Null)["incidents"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if pred(&list) {
+                return list;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for incidents: {list:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("the service stops");
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A small tmpfs mounted on a fresh directory (we run as root in CI and on the dev machines);
+/// unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs failed (this test needs root, as in CI): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a filler file until the filesystem is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 4096];
+        while f.write_all(&chunk).and_then(|_| f.flush()).is_ok() {}
+        // Single bytes too: not one free byte is left.
+        while f.write_all(&[0]).and_then(|_| f.flush()).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A firing HighErrorRate on checkout with a unique fingerprint and a sizeable annotation
+/// (each one needs new pages).
+fn big_alert(fingerprint: &str) -> Value {
+    let mut a = alert("HighErrorRate", "checkout", fingerprint, &ago(30), None);
+    a["annotations"]["description"] = json!("x".repeat(6000));
+    a
+}
+
+/// Fingerprints in the SQLite file, read by a connection of our own.
+async fn sqlite_fingerprints(db: &Path) -> BTreeSet<String> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("open the store file");
+    sqlx::query("SELECT fingerprint FROM alerts")
+        .fetch_all(&mut conn)
+        .await
+        .expect("read the alerts")
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_503_never_a_2xx_for_what_was_not_committed_and_the_service_recovers() {
+    sqlx::any::install_default_drivers();
+    let fs = Tmpfs::mount("3m");
+    let db = fs.path().join("rr.db");
+    let url = format!("sqlite://{}", db.display());
+    let policies = tempfile::tempdir().unwrap();
+    let app = App::start(&url, policies.path()).await;
+
+    let mut acked = BTreeSet::new();
+    let mut refused = 0;
+    let deliver = |n: usize| {
+        let fp = format!("{n:016x}");
+        let body = payload("firing", vec![big_alert(&fp)]);
+        (fp, body)
+    };
+    // One delivery while there is room: an incident opens.
+    let (fp, body) = deliver(0);
+    assert_eq!(app.deliver(&body).await, 200);
+    acked.insert(fp);
+    let opened = app.wait_incidents(|l| l.len() == 1).await;
+
+    let filler = fs.fill();
+    for n in 1..=20 {
+        let (fp, body) = deliver(n);
+        match app.deliver(&body).await {
+            200 => {
+                acked.insert(fp);
+            }
+            503 => refused += 1,
+            other => panic!("delivery {n} on a full disk answered {other}"),
+        }
+    }
+    assert!(refused > 0, "a full disk must refuse some deliveries with 503");
+    // Everything answered 200 is visible to another connection now, not only to the
+    // service's own (a transaction left open would show it there alone).
+    let seen = sqlite_fingerprints(&db).await;
+    let lost: Vec<_> = acked.difference(&seen).collect();
+    assert!(lost.is_empty(), "acknowledged but not committed: {lost:?}");
+
+    // Space returns: the service recovers without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 100;
+    loop {
+        let (fp, body) = deliver(n);
+        n += 1;
+        match app.deliver(&body).await {
+            200 => {
+                acked.insert(fp);
+                break;
+            }
+            503 if Instant::now() < deadline => {}
+            other => panic!("after space returned, a delivery answered {other}"),
+        }
+    }
+    for k in 0..10 {
+        let (fp, body) = deliver(200 + k);
+        assert_eq!(app.deliver(&body).await, 200, "recovered, delivery {k}");
+        acked.insert(fp);
+    }
+    let before = app.wait_incidents(|l| l.len() == 1).await;
+    assert_eq!(before[0]["id"], opened[0]["id"], "still the one incident for checkout");
+
+    // A restart on the same file: every acknowledged alert and the incident are there.
+    app.stop().await;
+    let seen = sqlite_fingerprints(&db).await;
+    let lost: Vec<_> = acked.difference(&seen).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let app = App::start(&url, policies.path()).await;
+    let after = app.wait_incidents(|l| l.len() == 1).await;
+    assert_eq!(after[0]["id"], before[0]["id"]);
+    assert_eq!(app.responder.store.alert_count().await.unwrap(), seen.len() as i64);
+    app.stop().await;
+}
