@@ -261,3 +261,51 @@ async fn a_full_disk_is_503_never_a_2xx_for_what_was_not_committed_and_the_servi
     assert_eq!(app.responder.store.alert_count().await.unwrap(), seen.len() as i64);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn nul_characters_on_postgresql_are_stored_safely_and_never_answered_with_a_5xx() {
+    use sqlx::Row;
+    let pg = crate::support::pg::PgDb::create().await;
+    let policies = tempfile::tempdir().unwrap();
+    let app = App::start(&pg.url, policies.path()).await;
+    let mut odd = alert("High\u{0}ErrorRate", "checkout", "b001", &ago(30), None);
+    odd["generatorURL"] = json!("http://prometheus\u{0}/graph");
+    odd["labels"]["team\u{0}"] = json!("pay\u{0}ments");
+    odd["annotations"]["summary"] = json!("\u{0}");
+    let good = alert("HighErrorRate", "checkout", "b002", &ago(30), None);
+    let mut body = payload("firing", vec![odd, good]);
+    body["groupKey"] = json!("{}:{alertname=\"\u{0}\"}");
+    body["externalURL"] = json!("http://alertmanager\u{0}:9093");
+    assert!(serde_json::to_string(&body).unwrap().contains("\\u0000"));
+    assert_eq!(
+        app.deliver(&body).await,
+        200,
+        "stored, not a 5xx Alertmanager retries forever"
+    );
+    assert_eq!(app.deliver(&body).await, 200, "and the re-send is a duplicate");
+    // The group's valid alert does its work.
+    app.wait_incidents(|l| l.len() == 1).await;
+
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .unwrap();
+    let rows = sqlx::query(
+        "SELECT fingerprint, alertname, generator_url, group_key, external_url, labels, annotations FROM alerts ORDER BY fingerprint",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "both alerts of the group, once each");
+    let col = |i: usize, c: &str| rows[i].get::<String, _>(c);
+    assert_eq!(col(0, "fingerprint"), "b001");
+    assert_eq!(col(0, "alertname"), "High\u{FFFD}ErrorRate");
+    assert_eq!(col(0, "generator_url"), "http://prometheus\u{FFFD}/graph");
+    assert_eq!(col(0, "group_key"), "{}:{alertname=\"\u{FFFD}\"}");
+    assert_eq!(col(0, "external_url"), "http://alertmanager\u{FFFD}:9093");
+    let labels: Value = serde_json::from_str(&col(0, "labels")).unwrap();
+    assert_eq!(labels["team\u{FFFD}"], "pay\u{FFFD}ments");
+    let annotations: Value = serde_json::from_str(&col(0, "annotations")).unwrap();
+    assert_eq!(annotations["summary"], "\u{FFFD}");
+    assert_eq!(col(1, "alertname"), "HighErrorRate");
+    app.stop().await;
+}
