@@ -309,3 +309,197 @@ async fn nul_characters_on_postgresql_are_stored_safely_and_never_answered_with_
     assert_eq!(col(1, "alertname"), "HighErrorRate");
     app.stop().await;
 }
+
+/// A PostgreSQL cluster of the test's own (initdb, pg_ctl from the Debian packages) on a free
+/// loopback port, so the test can stop and start it; removed when dropped.
+struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PgCluster {
+    fn start() -> PgCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|b| b.join("pg_ctl").exists())
+                    .max()
+            })
+            .expect(
+                "PostgreSQL's initdb and pg_ctl in /usr/lib/postgresql/*/bin: run `eval \"$(bash tests/setup.sh)\"`",
+            );
+        let dir = tempfile::tempdir().unwrap();
+        let c = PgCluster {
+            dir,
+            bin,
+            port: crate::support::free_port(),
+        };
+        if is_root() {
+            // PostgreSQL refuses to run as root: the cluster belongs to the postgres user.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let ok = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(c.dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the cluster directory to postgres");
+        }
+        let data = c.dir.path().join("data");
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        c.ctl("start");
+        c
+    }
+
+    /// Runs a PostgreSQL tool (as the postgres user when we are root); panics with its output.
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl start` or `stop` (immediate: what a crash or a killed node looks like), waiting
+    /// until it is done.
+    fn ctl(&self, what: &str) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("log");
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut args = vec!["-D", data.to_str().unwrap(), "-w", "-l", log.to_str().unwrap()];
+        match what {
+            "start" => args.extend(["-o", &opts, "start"]),
+            _ => args.extend(["-m", "immediate", "stop"]),
+        }
+        self.run("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = std::process::Command::new(if is_root() { "runuser" } else { "true" })
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+        if !is_root() {
+            let _ = std::process::Command::new(self.bin.join("pg_ctl"))
+                .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// GET /readyz the way the shipped probe does: an answer within its 2 s timeout, or `None`.
+async fn probe(app: &App) -> Option<(u16, Value)> {
+    let r = app
+        .http
+        .get(app.url("/readyz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// Fingerprints in a PostgreSQL store, read by a connection of our own.
+async fn pg_fingerprints(url: &str) -> BTreeSet<String> {
+    use sqlx::Row;
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await.unwrap();
+    sqlx::query("SELECT fingerprint FROM alerts")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_going_down_is_503_and_not_ready_at_once_and_the_service_recovers_when_it_returns() {
+    sqlx::any::install_default_drivers();
+    let pg = PgCluster::start();
+    let policies = tempfile::tempdir().unwrap();
+    let app = App::start(&pg.url(), policies.path()).await;
+    let body = |fp: &str| payload("firing", vec![alert("HighErrorRate", "checkout", fp, &ago(30), None)]);
+    let mut acked = BTreeSet::new();
+    assert_eq!(app.deliver(&body("c001")).await, 200);
+    acked.insert("c001".to_string());
+    app.wait_incidents(|l| l.len() == 1).await;
+    assert_eq!(probe(&app).await.map(|(s, _)| s), Some(200));
+
+    pg.ctl("stop");
+    // Readiness answers in time for the probe, and says why.
+    let (status, ready) = probe(&app).await.expect("/readyz answered within the probe's timeout");
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["ready"], false);
+    assert!(
+        ready["store"].as_str().unwrap().contains("store unavailable"),
+        "{ready}"
+    );
+    // Deliveries during the outage are refused with 503, which Alertmanager retries.
+    let (c002, c003) = (body("c002"), body("c003"));
+    let (a, b) = tokio::join!(app.deliver(&c002), app.deliver(&c003));
+    assert_eq!((a, b), (503, 503));
+
+    pg.ctl("start");
+    // Without a restart: Alertmanager's retry is stored, readiness comes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.deliver(&body("c002")).await {
+            200 => break,
+            503 if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("after PostgreSQL returned, the retry answered {other}"),
+        }
+    }
+    acked.insert("c002".to_string());
+    assert_eq!(app.deliver(&body("c003")).await, 200);
+    acked.insert("c003".to_string());
+    assert_eq!(probe(&app).await.map(|(s, _)| s), Some(200));
+    let seen = pg_fingerprints(&pg.url()).await;
+    assert_eq!(seen, acked, "every acknowledged alert, nothing else");
+    app.wait_incidents(|l| l.len() == 1).await;
+    app.stop().await;
+}
