@@ -317,6 +317,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest duration any setting takes.
+const MAX_SETTING_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A configuration problem: where, what, and how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -517,7 +520,32 @@ fn resolve(
             "server.body_limit_bytes: at least 1024 (Alertmanager sends about 1 KiB per alert)".into(),
         ));
     }
-    if settings.workers.tick.is_zero() || settings.workers.lease < settings.workers.tick * 3 {
+    // Durations are added to clocks and deadlines (a lease ends at now + lease): a year is
+    // more than any of them needs, and keeps every such sum far inside the calendar.
+    let mut durations = vec![
+        ("workers.tick", settings.workers.tick),
+        ("workers.lease", settings.workers.lease),
+        ("server.shutdown_grace", settings.server.shutdown_grace),
+        ("notifications.initial_backoff", settings.notifications.initial_backoff),
+        ("notifications.max_backoff", settings.notifications.max_backoff),
+    ];
+    if let Some(r) = settings.safety.max_rollbacks {
+        durations.push(("safety.max_rollbacks.per", r.per));
+    }
+    if let Some((key, d)) = durations.into_iter().find(|(_, d)| *d > MAX_SETTING_DURATION) {
+        return Err(ConfigError(format!(
+            "{key}: {} is too long; at most {}",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_SETTING_DURATION)
+        )));
+    }
+    if settings.workers.tick.is_zero()
+        || settings
+            .workers
+            .tick
+            .checked_mul(3)
+            .is_none_or(|three| settings.workers.lease < three)
+    {
         return Err(ConfigError(
             "workers.lease: must be at least three ticks (workers.tick) so a live replica can renew it".into(),
         ));
@@ -798,5 +826,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn durations_too_long_for_a_clock_are_refused_by_name_not_a_panic() {
+        for (key, var) in [
+            ("workers.tick", "ROLLBACK_RESPONDER__WORKERS__TICK"),
+            ("workers.lease", "ROLLBACK_RESPONDER__WORKERS__LEASE"),
+            ("server.shutdown_grace", "ROLLBACK_RESPONDER__SERVER__SHUTDOWN_GRACE"),
+            (
+                "notifications.max_backoff",
+                "ROLLBACK_RESPONDER__NOTIFICATIONS__MAX_BACKOFF",
+            ),
+            (
+                "safety.max_rollbacks.per",
+                "ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__PER",
+            ),
+        ] {
+            // Three ticks of this overflow a Duration; a lease of it overflows the calendar.
+            let env = vec![(var.to_string(), "500000000000years".to_string())];
+            let e = load_from(None, None, env).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{key}: ")) && e.contains("too long"),
+                "{key}: {e}"
+            );
+        }
+        let env = vec![("ROLLBACK_RESPONDER__WORKERS__LEASE".to_string(), "300days".to_string())];
+        assert!(load_from(None, None, env).is_ok());
     }
 }

@@ -163,7 +163,10 @@ pub struct FreezeBody {
 
 /// When a freeze of `d` from `now` ends; `None` when that is past the calendar's end (a
 /// checked sum: `now + d` panics there).
-fn freeze_end(now: chrono::DateTime<chrono::Utc>, d: std::time::Duration) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(super) fn freeze_end(
+    now: chrono::DateTime<chrono::Utc>,
+    d: std::time::Duration,
+) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_add_signed(d))

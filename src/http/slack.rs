@@ -224,10 +224,19 @@ pub async fn command(State(state): State<AppState>, headers: HeaderMap, body: By
                 [p, ..] => (None, Some(*p)),
                 [] => (None, None),
             };
+            let until_at = match until {
+                Some(d) => match super::api::freeze_end(chrono::Utc::now(), d) {
+                    Some(t) => Some(t),
+                    None => {
+                        return Err(ApiError::BadRequest(format!(
+                            "freeze: a freeze of {} would end past the calendar's end; use a shorter duration (e.g. 2h, 3days)",
+                            humantime::format_duration(d)
+                        )))
+                    }
+                },
+                None => None,
+            };
             let who = person(&state, &form.user_id, groups_of_policy(r, policy)).await;
-            let until_at = until
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| chrono::Utc::now() + d);
             match r
                 .freeze(
                     policy,

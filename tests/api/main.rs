@@ -5,6 +5,7 @@
 mod alb;
 mod alertmanager;
 mod approvals;
+mod edges;
 mod faults_store;
 mod helpers;
 mod kube_fake;
