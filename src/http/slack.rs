@@ -50,6 +50,12 @@ async fn verified(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result
     let signature = header(SlackEventSignatureVerifier::SLACK_SIGNED_HASH_HEADER);
     let ts = header(SlackEventSignatureVerifier::SLACK_SIGNED_TIMESTAMP);
     let text = std::str::from_utf8(body).map_err(|_| ApiError::Unauthorized)?;
+    // The verifier's own window check overflows (and panics) on a timestamp far from now:
+    // refused here first, with checked arithmetic.
+    if !timestamp_fresh(ts, chrono::Utc::now().timestamp()) {
+        tracing::warn!("Slack request with a missing or stale timestamp rejected");
+        return Err(ApiError::Unauthorized);
+    }
     if let Err(e) = verifier.verify(signature, text, ts) {
         tracing::warn!(error = %e, "Slack request with a bad signature or timestamp rejected");
         return Err(ApiError::Unauthorized);
@@ -66,6 +72,15 @@ async fn verified(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result
         return Err(ApiError::Unauthorized);
     }
     Ok(text.to_string())
+}
+
+/// Whether Slack's request timestamp is within the 5-minute replay window of `now`.
+fn timestamp_fresh(ts: &str, now: i64) -> bool {
+    ts.parse::<i64>()
+        .ok()
+        .and_then(|t| now.checked_sub(t))
+        .and_then(i64::checked_abs)
+        .is_some_and(|age| age <= 300)
 }
 
 /// The slash command's form fields we use.
@@ -355,5 +370,24 @@ mod tests {
         assert!(e.url().is_none());
         let shown = format!("{e} {e:?}");
         assert!(!shown.contains("s3cr3tT0ken"), "{shown}");
+    }
+
+    #[test]
+    fn timestamps_far_from_now_are_stale_not_an_overflow() {
+        let now = 1_764_000_000;
+        assert!(timestamp_fresh("1764000000", now));
+        assert!(timestamp_fresh("1763999700", now));
+        assert!(!timestamp_fresh("1763999699", now));
+        for ts in [
+            "-9223372036854775808",
+            "9223372036854775807",
+            "99999999999999999999",
+            "",
+            "1e9",
+            "abc",
+        ] {
+            assert!(!timestamp_fresh(ts, now), "{ts}");
+        }
+        assert!(!timestamp_fresh("1764000000", i64::MIN));
     }
 }

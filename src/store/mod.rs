@@ -10,6 +10,9 @@
 
 mod health;
 mod intake;
+mod text;
+
+use text::{could_be_stored, storable};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,6 +303,9 @@ impl Store {
 
     /// One incident.
     pub async fn incident(&self, id: &IncidentId) -> Result<Option<Incident>> {
+        if !could_be_stored(&id.0) {
+            return Ok(None);
+        }
         fetch_incident(&self.pool, id).await
     }
 
@@ -389,7 +395,7 @@ impl Store {
     pub async fn first_receipt(&self, source: &str, key: &str, now: DateTime<Utc>) -> Result<bool> {
         let r = sqlx::query("INSERT INTO webhook_receipts (source, receipt_key, at) VALUES ($1, $2, $3) ON CONFLICT (source, receipt_key) DO NOTHING")
             .bind(source)
-            .bind(key)
+            .bind(storable(key))
             .bind(ms(now))
             .execute(&self.pool)
             .await?;
@@ -405,7 +411,7 @@ impl Store {
         .bind(&incident.0)
         .bind(channel)
         .bind(key)
-        .bind(value)
+        .bind(storable(value))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -413,6 +419,9 @@ impl Store {
 
     /// The incident a handle belongs to (e.g. which of ours a PagerDuty incident id is).
     pub async fn incident_by_ref(&self, channel: &str, key: &str, value: &str) -> Result<Option<IncidentId>> {
+        if !could_be_stored(value) {
+            return Ok(None);
+        }
         let row =
             sqlx::query("SELECT incident_id FROM notification_refs WHERE channel = $1 AND ref_key = $2 AND value = $3")
                 .bind(channel)
@@ -440,8 +449,8 @@ impl Store {
         .bind(&id.0)
         .bind(ms(now))
         .bind(kind)
-        .bind(actor)
-        .bind(summary)
+        .bind(storable(actor))
+        .bind(storable(summary))
         .bind(detail.to_string())
         .execute(&self.pool)
         .await?;
@@ -478,9 +487,9 @@ impl Store {
             "INSERT INTO freezes (scope, reason, by_whom, at, until_at) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (scope) DO UPDATE SET reason = excluded.reason, by_whom = excluded.by_whom, at = excluded.at, until_at = excluded.until_at",
         )
-        .bind(scope)
-        .bind(&f.reason)
-        .bind(&f.by)
+        .bind(storable(scope))
+        .bind(storable(&f.reason))
+        .bind(storable(&f.by))
         .bind(ms(now))
         .bind(f.until.map(ms))
         .execute(&self.pool)
@@ -490,6 +499,9 @@ impl Store {
 
     /// Lifts a freeze; true if there was one.
     pub async fn unfreeze(&self, scope: &str) -> Result<bool> {
+        if !could_be_stored(scope) {
+            return Ok(false);
+        }
         let r = sqlx::query("DELETE FROM freezes WHERE scope = $1")
             .bind(scope)
             .execute(&self.pool)
@@ -502,7 +514,7 @@ impl Store {
     pub async fn forget_receipt(&self, source: &str, key: &str) -> Result<()> {
         sqlx::query("DELETE FROM webhook_receipts WHERE source = $1 AND receipt_key = $2")
             .bind(source)
-            .bind(key)
+            .bind(storable(key))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -922,6 +934,9 @@ impl StoreTx {
 
     /// One incident, read inside the transaction.
     pub async fn incident(&mut self, id: &IncidentId) -> Result<Option<Incident>> {
+        if !could_be_stored(&id.0) {
+            return Ok(None);
+        }
         fetch_incident(&mut *self.tx, id).await
     }
 
@@ -1010,10 +1025,10 @@ impl StoreTx {
         .bind(&id.0)
         .bind(ms(at))
         .bind(e.kind)
-        .bind(e.actor)
+        .bind(storable(e.actor))
         .bind(e.phase_from.map(|p| p.as_str()))
         .bind(e.phase_to.map(|p| p.as_str()))
-        .bind(e.summary)
+        .bind(storable(&e.summary))
         .bind(e.detail.to_string())
         .execute(&mut *self.tx)
         .await?;
@@ -1059,10 +1074,10 @@ impl StoreTx {
              ON CONFLICT (incident_id, approver) DO NOTHING",
         )
         .bind(&incident.0)
-        .bind(approver)
+        .bind(storable(approver))
         .bind(verdict)
-        .bind(via)
-        .bind(reason.map(str::to_string))
+        .bind(storable(via))
+        .bind(reason.map(storable))
         .bind(ms(now))
         .execute(&mut *self.tx)
         .await?;

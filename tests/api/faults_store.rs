@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 
 use crate::helpers::{ago, alert, env, payload, CHECKOUT_POLICY, TOKEN};
 
+const API_TOKEN: &str = "faults-operator-token";
+
 /// The service on a store URL of the test's choosing (the helpers pick their own).
 struct App {
     addr: std::net::SocketAddr,
@@ -38,6 +40,7 @@ impl App {
             ("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms"),
             ("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s"),
             ("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "true"),
+            ("ROLLBACK_RESPONDER__API__BEARER_TOKEN", API_TOKEN),
         ]);
         let cfg = config::load_from(None, Some("127.0.0.1:0".parse().unwrap()), vars).expect("test config");
         let app = Application::build_with(cfg, None).await.expect("service starts");
@@ -307,6 +310,34 @@ async fn nul_characters_on_postgresql_are_stored_safely_and_never_answered_with_
     let annotations: Value = serde_json::from_str(&col(0, "annotations")).unwrap();
     assert_eq!(annotations["summary"], "\u{FFFD}");
     assert_eq!(col(1, "alertname"), "HighErrorRate");
+
+    // Ids and free text with a NUL elsewhere: found nothing, or stored safely; never a 503.
+    let get = app.http.get(app.url("/api/v1/incidents/inc%00x")).send().await.unwrap();
+    assert_eq!(get.status(), 404);
+    let freeze = app
+        .http
+        .post(app.url("/api/v1/freezes"))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"policy": "checkout", "reason": "deploy\u{0}window", "by": "o\u{0}p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(freeze.status(), 201);
+    let reason: String = sqlx::query("SELECT reason FROM freezes WHERE scope = 'checkout'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reason, "deploy\u{FFFD}window");
+    let lift = app
+        .http
+        .delete(app.url("/api/v1/freezes/check%00out"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lift.status(), 200);
+    assert_eq!(lift.json::<Value>().await.unwrap()["lifted"], false);
     app.stop().await;
 }
 

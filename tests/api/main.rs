@@ -7,6 +7,7 @@ mod alertmanager;
 mod approvals;
 mod edges;
 mod faults_store;
+mod fuzz;
 mod helpers;
 mod kube_fake;
 mod kube_mock;
