@@ -3,8 +3,9 @@
 //! reach the handler's parsing) have their bodies, fields, headers and paths mutated: empty,
 //! huge, unicode, NUL, huge numbers, dates and durations past the calendar, wrong types,
 //! broken bytes. For each request: an answer (no dropped connection), no 5xx but 503, and a
-//! rejected (4xx) request stores nothing. A fixed seed makes a failure reproducible:
-//! FUZZ_SEED=<n> FUZZ_CASES=<n> cargo test --test api fuzz:: runs another round.
+//! rejected (4xx) request stores nothing. A failure prints the request in full and its seed;
+//! the seed replays the same choices of mutation (the incident id and the timestamps differ per
+//! run). FUZZ_SEED=<n> FUZZ_CASES=<n> cargo test --test api fuzz:: runs another round.
 
 use std::time::Duration;
 
