@@ -11,10 +11,16 @@
 /// (which rolls back whatever is left on it) and the pool opens a fresh one.
 pub(super) async fn release_only_if_clean(conn: &mut sqlx::AnyConnection) -> std::result::Result<bool, sqlx::Error> {
     use sqlx::{Connection, TransactionManager};
+    let depth =
+        |conn: &sqlx::AnyConnection| <sqlx::Any as sqlx::Database>::TransactionManager::get_transaction_depth(conn);
+    // Committed, or never in a transaction: nothing to check (the hot path, no round trip).
+    if depth(conn) == 0 {
+        return Ok(true);
+    }
     // The rollback of a dropped transaction is queued, not done: a round trip lets it run
     // first, so the depth read next is the one it left.
     conn.ping().await?;
-    let depth = <sqlx::Any as sqlx::Database>::TransactionManager::get_transaction_depth(conn);
+    let depth = depth(conn);
     if depth != 0 {
         tracing::warn!(
             depth,
