@@ -165,6 +165,27 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Set in the environment of a test run again by [`rerun_in_namespace`].
+const IN_NAMESPACE: &str = "RR_TEST_IN_USER_NAMESPACE";
+
+/// Runs one test of this binary again under `unshare --user --map-root-user --mount` and
+/// fails if it fails.
+fn rerun_in_namespace(test: &str) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let status = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount"])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .expect("run unshare (util-linux) to mount a tmpfs without root");
+    assert!(
+        status.success(),
+        "{test} failed inside its namespace ({status}); unprivileged user namespaces must be enabled \
+         (sysctl kernel.unprivileged_userns_clone=1), or run the tests as root"
+    );
+}
+
 /// A firing HighErrorRate on checkout with a unique fingerprint and a sizeable annotation
 /// (each one needs new pages).
 fn big_alert(fingerprint: &str) -> Value {
@@ -191,6 +212,13 @@ async fn sqlite_fingerprints(db: &Path) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_503_never_a_2xx_for_what_was_not_committed_and_the_service_recovers() {
+    if !is_root() && std::env::var_os(IN_NAMESPACE).is_none() {
+        // Not root: this test alone runs again inside a user and mount namespace of its own,
+        // where it may mount its tmpfs (a real full disk, not a page limit inside SQLite).
+        return rerun_in_namespace(
+            "faults_store::a_full_disk_is_503_never_a_2xx_for_what_was_not_committed_and_the_service_recovers",
+        );
+    }
     sqlx::any::install_default_drivers();
     let fs = Tmpfs::mount("3m");
     let db = fs.path().join("rr.db");
