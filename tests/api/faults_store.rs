@@ -503,6 +503,18 @@ async fn probe(app: &App) -> Option<(u16, Value)> {
     Some((status, r.json().await.unwrap_or(Value::Null)))
 }
 
+/// Webhook notifications Alertmanager counts as failed (its own metric).
+async fn am_failed_deliveries(app: &App, am: &str) -> f64 {
+    let text = match app.http.get(format!("{am}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| l.starts_with("alertmanager_notifications_failed_total{") && l.contains("webhook"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Fingerprints in a PostgreSQL store, read by a connection of our own.
 async fn pg_fingerprints(url: &str) -> BTreeSet<String> {
     use sqlx::Row;
@@ -529,7 +541,17 @@ async fn postgresql_going_down_is_503_and_not_ready_at_once_and_the_service_reco
     app.wait_incidents(|l| l.len() == 1).await;
     assert_eq!(probe(&app).await.map(|(s, _)| s), Some(200));
 
+    // A real Alertmanager too: what it delivers during the outage it must retry until stored.
+    let am = crate::peers::Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+    let run = format!("outage-{}", uuid::Uuid::now_v7().simple());
+
     pg.ctl("stop");
+    am.post(
+        json!({"alertname": "HighLatency", "service": "checkout", "severity": "critical", "run": run}),
+        &ago(5),
+        None,
+    )
+    .await;
     // Readiness answers in time for the probe, and says why.
     let (status, ready) = probe(&app).await.expect("/readyz answered within the probe's timeout");
     assert_eq!(status, 503, "{ready}");
@@ -542,6 +564,16 @@ async fn postgresql_going_down_is_503_and_not_ready_at_once_and_the_service_reco
     let (c002, c003) = (body("c002"), body("c003"));
     let (a, b) = tokio::join!(app.deliver(&c002), app.deliver(&c003));
     assert_eq!((a, b), (503, 503));
+
+    // Alertmanager itself counts the refused delivery (it retries it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while am_failed_deliveries(&app, &am.url).await == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "Alertmanager never saw a failed delivery during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     pg.ctl("start");
     // Without a restart: Alertmanager's retry is stored, readiness comes back.
@@ -557,6 +589,30 @@ async fn postgresql_going_down_is_503_and_not_ready_at_once_and_the_service_reco
     assert_eq!(app.deliver(&body("c003")).await, 200);
     acked.insert("c003".to_string());
     assert_eq!(probe(&app).await.map(|(s, _)| s), Some(200));
+    // Alertmanager's retries land once PostgreSQL is back.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let from_am = loop {
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg.url())
+            .await
+            .unwrap();
+        let found: Vec<String> = sqlx::query("SELECT fingerprint FROM alerts WHERE labels LIKE $1")
+            .bind(format!("%{run}%"))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, 0))
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Alertmanager's delivery never got stored after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    acked.extend(from_am);
     let seen = pg_fingerprints(&pg.url()).await;
     assert_eq!(seen, acked, "every acknowledged alert, nothing else");
     app.wait_incidents(|l| l.len() == 1).await;
