@@ -72,6 +72,14 @@ fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
+/// When a lease of `lease` taken at `now` ends: checked, the end of the calendar at most.
+fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(lease)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 fn from_ms(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(v).unwrap_or_default()
 }
@@ -264,7 +272,7 @@ impl Store {
     /// conditional on the lease being free or expired, so neither another replica nor a second
     /// task on this one can start the same work.
     pub async fn claim(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let until = lease_end(now, lease);
         let r = sqlx::query(
             "UPDATE incidents SET owner = $1, lease_until = $2
              WHERE id = $3 AND phase IN ('executing', 'verifying')
@@ -281,7 +289,7 @@ impl Store {
 
     /// Extends a lease this owner holds; false if it was lost (expired and taken over).
     pub async fn renew(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let until = lease_end(now, lease);
         let r = sqlx::query("UPDATE incidents SET lease_until = $1 WHERE id = $2 AND owner = $3")
             .bind(ms(until))
             .bind(&id.0)
@@ -561,7 +569,7 @@ impl Store {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> Result<Option<OutboxRow>> {
-        let until = ms(now) + lease.as_millis() as i64;
+        let until = ms(lease_end(now, lease));
         let r = sqlx::query(
             "UPDATE outbox SET owner = $1, lease_until = $2 WHERE id = $3 AND state = 'pending' AND (owner IS NULL OR lease_until < $4)",
         )
@@ -890,7 +898,8 @@ impl StoreTx {
             .fetch_one(&mut *self.tx)
             .await?
             .try_get(0)?;
-        let since = |w: Duration| ms(now) - w.as_millis() as i64;
+        // A window longer than the calendar reaches back to its start.
+        let since = |w: Duration| ms(now).saturating_sub(i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
         let mut h = History {
             last_rollback_on_target: opt_ms(last),
             ..Default::default()
@@ -1143,6 +1152,33 @@ fn placeholders(n: usize) -> String {
 mod tests {
     use super::intake::tests::{delivery, sqlite_store};
     use super::*;
+
+    #[tokio::test]
+    async fn windows_and_leases_longer_than_the_calendar_are_clamped_not_an_overflow() {
+        let (_dir, store) = crate::store::intake::tests::sqlite_store().await;
+        let now = Utc::now();
+        let mut tx = store.begin().await.unwrap();
+        let h = tx
+            .history(
+                "p",
+                "t",
+                Some(Duration::from_millis((1 << 63) + 1)),
+                Some(Duration::MAX),
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!((h.policy_rollbacks_in_window, h.global_rollbacks_in_window), (0, 0));
+        drop(tx);
+        assert_eq!(lease_end(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            lease_end(now, Duration::from_secs(30)),
+            now + chrono::Duration::seconds(30)
+        );
+        let id = IncidentId("nobody".into());
+        assert!(!store.claim(&id, "r", now, Duration::MAX).await.unwrap());
+        assert!(store.claim_message(1, "r", now, Duration::MAX).await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_decide() {
