@@ -8,6 +8,7 @@ pub mod fake_elb;
 pub mod fake_kube;
 pub mod moto;
 pub mod pg;
+pub mod pg_cluster;
 pub mod responder_process;
 
 /// A free loopback port for a peer (moto, Alertmanager, a responder process).
