@@ -153,6 +153,7 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         }
     };
     telemetry::init(cfg.settings.log.format, &cfg.settings.log.level);
+    log_panics();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -258,4 +259,20 @@ fn simulate(
         }
     }
     Ok(ExitCode::from(terminal::exit::OK))
+}
+
+/// Panics go to the log, once, as one event with where it happened: a handler's panic is
+/// answered 500 and a loop's is survived (both counted in `rollback_responder_panics`), so the
+/// default hook's bare stderr line would be the only trace of it outside the log pipeline.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        tracing::error!(%location, panic = %message, "panic caught; the service keeps serving");
+    }));
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     action_duration: Family<Labels, Histogram>,
     alert_to_action: Histogram,
     store_errors: Counter,
+    panics: Family<Labels, Counter>,
     frozen: Family<Labels, Gauge>,
     outbox_depth: Family<Labels, Gauge>,
     outbox_failures: Family<Labels, Counter>,
@@ -82,6 +83,12 @@ impl Metrics {
         );
         let store_errors = Counter::default();
         registry.register("store_errors", "Store operations that failed", store_errors.clone());
+        let panics = Family::<Labels, Counter>::default();
+        registry.register(
+            "panics",
+            "Panics caught (a request answered 500, a loop iteration or a task abandoned), by where",
+            panics.clone(),
+        );
         let frozen = Family::<Labels, Gauge>::default();
         registry.register(
             "frozen",
@@ -163,6 +170,7 @@ impl Metrics {
             action_duration,
             alert_to_action,
             store_errors,
+            panics,
             frozen,
             outbox_depth,
             outbox_failures,
@@ -205,6 +213,11 @@ impl Metrics {
     /// A failed store operation.
     pub fn store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// A panic caught in a request handler (`http`) or a background loop (`worker`).
+    pub fn panic(&self, place: &str) {
+        self.panics.get_or_create(&l(&[("where", place)])).inc();
     }
 
     /// Current freeze state per scope.

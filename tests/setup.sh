@@ -16,6 +16,9 @@ command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium fonts-dejavu-core)
 if ! command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   need_apt+=(postgresql)
+elif ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  # The store fault tests start and stop a cluster of their own (initdb, pg_ctl).
+  need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (Debian)" >&2

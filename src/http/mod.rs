@@ -111,5 +111,76 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/pagerduty/action",
             post(pagerduty::action).layer(DefaultBodyLimit::max(64 * 1024)),
         )
+        .layer(catch_panic(state.responder.metrics.clone()))
         .with_state(state)
+}
+
+/// A handler that panics answers 500 and the service keeps serving; the panic is counted here
+/// and logged once, by the process's panic hook (installed by `main`).
+fn catch_panic(metrics: Arc<crate::metrics::Metrics>) -> tower_http::catch_panic::CatchPanicLayer<PanicAnswer> {
+    tower_http::catch_panic::CatchPanicLayer::custom(PanicAnswer(metrics))
+}
+
+/// The 500 for a handler that panicked.
+#[derive(Clone)]
+struct PanicAnswer(Arc<crate::metrics::Metrics>);
+
+impl tower_http::catch_panic::ResponseForPanic for PanicAnswer {
+    type ResponseBody = axum::body::Body;
+    fn response_for_panic(
+        &mut self,
+        _: Box<dyn std::any::Any + Send + 'static>,
+    ) -> axum::http::Response<axum::body::Body> {
+        self.0.panic("http");
+        let body = serde_json::json!({ "error": "internal error; it has been logged" }).to_string();
+        axum::http::Response::builder()
+            .status(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_500_counted_and_the_router_keeps_serving() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let app: Router = Router::new()
+            .route("/boom", get(|| async { panic!("boom") as &str }))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(catch_panic(metrics.clone()));
+        let r = app
+            .clone()
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(
+            !String::from_utf8_lossy(&body).contains("boom"),
+            "the panic stays in the log"
+        );
+        let r = app
+            .oneshot(Request::get("/fine").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), axum::http::StatusCode::OK);
+        assert!(
+            metrics
+                .render()
+                .contains(r#"rollback_responder_panics_total{where="http"} 1"#),
+            "{}",
+            metrics.render()
+        );
+    }
 }

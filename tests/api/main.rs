@@ -5,6 +5,9 @@
 mod alb;
 mod alertmanager;
 mod approvals;
+mod edges;
+mod faults_store;
+mod fuzz;
 mod helpers;
 mod kube_fake;
 mod kube_mock;

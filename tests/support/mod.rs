@@ -10,6 +10,7 @@ pub mod fake_notify;
 pub mod log_capture;
 pub mod moto;
 pub mod pg;
+pub mod pg_cluster;
 pub mod rbac;
 pub mod responder_process;
 
