@@ -324,6 +324,7 @@ async fn an_endpoint_that_stays_down_fails_verification_escalates_and_never_roll
     assert!(timeline_count(&inc, "verification_failed") == 1);
 
     // The on-call is paged at high severity on a separate alert, and Slack mentions the team.
+    app.wait_outbox_drained().await;
     let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
     let esc = pd
         .iter()
@@ -525,6 +526,7 @@ async fn prometheus_chain(run: &str, heal: bool) {
             .map(|c| c["check"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(passed, ["read_back", "health_probe", "prometheus", "alert_resolved"]);
+        app.wait_outbox_drained().await;
         let sp = wait_requests(&peers.statuspage, 3, "statuspage").await;
         let statuses: Vec<&str> = sp.iter().map(|r| r.2["incident"]["status"].as_str().unwrap()).collect();
         assert_eq!(statuses, ["identified", "monitoring", "resolved"]);
@@ -550,6 +552,7 @@ async fn prometheus_chain(run: &str, heal: bool) {
         assert_eq!(list.len(), 1);
         let inc = app.incident(&id).await;
         assert_eq!(timeline_count(&inc, "action_started"), 1, "exactly one rollback");
+        app.wait_outbox_drained().await;
         let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
         assert!(pd
             .iter()

@@ -72,6 +72,7 @@ async fn a_listener_put_back_to_the_canary_during_the_bake_is_drift_and_not_foug
     );
     assert_eq!(timeline_count(&inc, "action_started"), 1);
     // The status page never said the previous version is serving and healthy.
+    app.wait_outbox_drained().await;
     let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
     assert!(
         pd.iter()
@@ -222,6 +223,7 @@ async fn a_failed_verification_stays_open_until_a_person_closes_it() {
         .await;
     assert_eq!(inc["open"], true);
     let escalation = format!("rollback-responder/{id}/escalation");
+    app.wait_outbox_drained().await;
     let pd = wait_requests(&peers.pagerduty, 4, "pagerduty").await;
     assert!(pd
         .iter()
@@ -277,6 +279,7 @@ async fn a_failed_verification_stays_open_until_a_person_closes_it() {
     assert_eq!(closed["actor"], "api:alice");
 
     // Now the page and the escalation resolve, and the status page resolves without "recovered".
+    app.wait_outbox_drained().await;
     let pd = wait_requests(&peers.pagerduty, pd.len() + 2, "pagerduty resolves").await;
     let resolved: Vec<&str> = pd
         .iter()
@@ -284,6 +287,7 @@ async fn a_failed_verification_stays_open_until_a_person_closes_it() {
         .filter_map(|r| r.2["dedup_key"].as_str())
         .collect();
     assert_eq!(resolved, [format!("rollback-responder/{id}"), escalation]);
+    app.wait_outbox_drained().await;
     let sp = wait_requests(&peers.statuspage, sp.len() + 1, "statuspage resolve").await;
     let last = &sp.last().unwrap().2["incident"];
     assert_eq!(last["status"], "resolved");
