@@ -9,6 +9,7 @@
 
 pub mod alb;
 pub mod kubernetes;
+pub mod retry;
 
 use serde::{Deserialize, Serialize};
 

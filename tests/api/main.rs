@@ -5,6 +5,7 @@
 mod alb;
 mod alertmanager;
 mod approvals;
+mod faults_actions;
 mod helpers;
 mod kube_fake;
 mod kube_mock;

@@ -6,6 +6,7 @@ pub mod alb_fixture;
 pub mod aws_proxy;
 pub mod fake_elb;
 pub mod fake_kube;
+pub mod fault_proxy;
 pub mod moto;
 pub mod pg;
 pub mod responder_process;
