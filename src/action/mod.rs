@@ -10,11 +10,13 @@
 pub mod alb;
 pub mod kubernetes;
 pub mod retry;
+pub mod steps;
 
 use serde::{Deserialize, Serialize};
 
 pub use alb::AlbTarget;
 pub use kubernetes::{KubeStep, KubernetesTarget};
+pub use steps::Step;
 
 /// What a policy reverts.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -121,8 +123,9 @@ pub struct ActionReport {
 /// Why an action failed; `detail` is the executor's structured error (AWS code and all).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
-    /// The stable side is not healthy enough to take the traffic: nothing was changed.
-    #[error("pre-check failed: {message}")]
+    /// The stable side is not healthy enough to take the traffic: nothing was changed. The
+    /// executor's message already says "pre-check failed".
+    #[error("{message}")]
     PreCheck { message: String, detail: serde_json::Value },
     #[error("{message}")]
     Failed { message: String, detail: serde_json::Value },
@@ -149,23 +152,33 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target`. Returns every step
-    /// taken alongside the result, whether it succeeded or not.
-    pub async fn execute(&self, target: &Target, dry_run: bool) -> (Result<ActionReport, ActionError>, Steps) {
-        let mut steps: Steps = Vec::new();
-        let result = match (target, &self.alb, &self.kube) {
+    /// Carries out (or, dry run, only describes) the revert of `target`, handing every step
+    /// to `on_step` as it happens, whether the action succeeds or not.
+    pub async fn execute(
+        &self,
+        target: &Target,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(Step) + Send),
+    ) -> Result<ActionReport, ActionError> {
+        match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
-                let mut record = |s: alb::AlbStep| steps.push(serde_json::to_value(&s).unwrap_or_default());
+                let mut record = |s: alb::AlbStep| on_step(s.into());
                 alb_report(t, dry_run, exec.revert(t, dry_run, &mut record).await)
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
-                let mut record =
-                    |s: kubernetes::KubeStepRecord| steps.push(serde_json::to_value(&s).unwrap_or_default());
+                let mut record = |s: kubernetes::KubeStepRecord| on_step(s.into());
                 kube_report(t, exec.revert(t, dry_run, &mut record).await)
             }
             _ => Ok(not_configured(target, dry_run)),
-        };
-        (result, steps)
+        }
+    }
+
+    /// Whether this responder can carry out `target` (its executor is configured).
+    pub fn can_execute(&self, target: &Target) -> bool {
+        match target {
+            Target::Alb(_) => self.alb.is_some(),
+            Target::Kubernetes(_) => self.kube.is_some(),
+        }
     }
 
     /// The executor's own check that the revert took, beyond its read-back: for Kubernetes,

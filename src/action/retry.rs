@@ -57,6 +57,12 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// Worth telling people as it happens: the first failure of a call and the last one;
+    /// the attempts in between are in the timeline.
+    pub fn is_notable(&self) -> bool {
+        self.attempt == 1 || !self.will_retry
+    }
+
     /// One line for the timeline and Slack.
     pub fn describe(&self) -> String {
         let next = match (self.will_retry, self.retry_in_ms) {

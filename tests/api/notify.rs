@@ -190,7 +190,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     app.wait_incidents("closed", |l| l[0]["open"] == false).await;
 
     // Slack: the root message, its thread, root updates as the phase changes.
-    let slack = wait_requests(&peers.slack, 11, "slack").await;
+    let slack = wait_requests(&peers.slack, 12, "slack").await;
     for (m, _, _, r) in &slack {
         assert_eq!(m, "POST");
         assert_eq!(
@@ -203,6 +203,8 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         "/chat.postMessage :rewind: Rollback executing: portal-api: HighErrorRate",
         "/chat.postMessage *Decision:* `auto`",
         "/chat.postMessage rolling back: forward 100 %",
+        // Each write reaches the thread as it happens.
+        "/chat.postMessage ModifyListener written: 100% to stable (attempt 1)",
         "/chat.update :mag: Rollback verifying",
         "/chat.postMessage :mag: `executing` → `verifying`:",
         "/chat.update :white_check_mark: Rollback verified",
@@ -455,7 +457,7 @@ async fn a_slack_outage_never_delays_the_rollback_and_messages_arrive_once_after
             .unwrap();
         let slack: Vec<&Value> = msgs.iter().filter(|m| m["channel"] == "slack").collect();
         if slack.iter().all(|m| m["state"] == "delivered") {
-            assert_eq!(slack.len(), 7, "{slack:#?}");
+            assert_eq!(slack.len(), 8, "{slack:#?}");
             assert!(
                 slack[0]["attempts"].as_i64().unwrap() >= 3,
                 "the first message lived through the outage: {slack:#?}"
@@ -473,8 +475,8 @@ async fn a_slack_outage_never_delays_the_rollback_and_messages_arrive_once_after
     let failed_attempts = 6;
     assert_eq!(
         reqs.len(),
-        7 + failed_attempts,
-        "7 messages plus the failed attempts; slack ok before recovery: {slack_ok_so_far}"
+        8 + failed_attempts,
+        "8 messages plus the failed attempts; slack ok before recovery: {slack_ok_so_far}"
     );
     // Every failed attempt was the root message: nothing overtook it, and it succeeded once.
     assert_eq!(roots, 1 + failed_attempts, "{:#?}", slack_texts(&reqs));
@@ -540,8 +542,8 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             ..Options::default()
         })
         .await;
-    let slack = wait_requests(&peers.slack, 7, "slack after restart").await;
-    assert_eq!(slack.len(), 7, "{:#?}", slack_texts(&slack));
+    let slack = wait_requests(&peers.slack, 8, "slack after restart").await;
+    assert_eq!(slack.len(), 8, "{:#?}", slack_texts(&slack));
     assert_eq!(
         slack
             .iter()
