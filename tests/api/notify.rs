@@ -293,7 +293,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         json!({"routing_key": PD_KEY, "event_action": "resolve", "dedup_key": dedup})
     );
 
-    // Statuspage: created degraded when the rollback starts, monitoring, resolved.
+    // Statuspage: created degraded once the rollback took, monitoring, resolved.
     let sp = wait_requests(&peers.statuspage, 3, "statuspage").await;
     assert_eq!(sp.len(), 3);
     for (_, _, _, r) in &sp {
@@ -306,8 +306,8 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     assert_eq!(
         sp[0].2,
         json!({"incident": {
-            "name": "portal-api: degraded service, rolling back a release", "status": "identified",
-            "body": "We identified a problem with the latest release of portal-api and are rolling it back.",
+            "name": "portal-api: degraded service, release rolled back", "status": "identified",
+            "body": "We identified a problem with the latest release of portal-api and rolled it back. We are checking that the service has recovered.",
             "component_ids": ["cmp-portal"], "components": {"cmp-portal": "partial_outage"}, "deliver_notifications": false,
         }})
     );
