@@ -181,6 +181,23 @@ impl Executors {
         }
     }
 
+    /// Why policy `policy`'s target cannot be carried out here, naming the missing config
+    /// section; `None` when its executor is configured.
+    pub fn missing_for(&self, policy: &str, target: &Target) -> Option<String> {
+        if self.can_execute(target) {
+            return None;
+        }
+        let section = match target {
+            Target::Alb(_) => "aws",
+            Target::Kubernetes(_) => "kubernetes",
+        };
+        Some(format!(
+            "policy {policy:?} reverts a {} target, but this responder has no `{section}:` section: its rollbacks \
+             would only be recorded; add `{section}:` to the config, or set the policy's guards.dry_run",
+            target.kind().as_str()
+        ))
+    }
+
     /// The executor's own check that the revert took, beyond its read-back: for Kubernetes,
     /// ready endpoints behind each switched Service and every undone Deployment's rollout
     /// complete within the policy's timeout. The ALB read-back happens inside the revert.
@@ -327,5 +344,27 @@ fn alb_report(
                 _ => ActionError::Failed { message, detail },
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_executor_names_the_policy_and_the_section() {
+        let t: Target = serde_json::from_value(serde_json::json!({"kubernetes": {
+            "namespace": "portal", "steps": [{"scale": {"deployment": "web", "replicas": 0}}]
+        }}))
+        .expect("target");
+        let none = Executors::default();
+        assert_eq!(
+            none.missing_for("portal-api", &t).as_deref(),
+            Some(
+                "policy \"portal-api\" reverts a kubernetes target, but this responder has no `kubernetes:` section: \
+                 its rollbacks would only be recorded; add `kubernetes:` to the config, or set the policy's guards.dry_run"
+            )
+        );
+        assert!(!none.can_execute(&t));
     }
 }

@@ -48,22 +48,27 @@ impl Responder {
     ) -> Result<(), StepError> {
         let target: Target =
             serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
-        let started = format!(
-            "{}: {}",
-            if notify::is_dry_run(inc) {
-                "dry run"
-            } else {
-                "rolling back"
-            },
-            target.describe()
-        );
+        let dry_run = notify::is_dry_run(inc);
+        // Never announce a rollback this responder cannot carry out.
+        let started = match self.executors.missing_for(&inc.policy, &target) {
+            Some(_) if !dry_run => format!(
+                "not executing (no {} executor is configured on this responder): would {}",
+                target.kind().as_str(),
+                target.describe()
+            ),
+            _ => format!(
+                "{}: {}",
+                if dry_run { "dry run" } else { "rolling back" },
+                target.describe()
+            ),
+        };
         Self::record(
             tx,
             inc,
             "action_started",
             &self.replica,
             started.clone(),
-            json!({ "dry_run": notify::is_dry_run(inc) }),
+            json!({ "dry_run": dry_run, "executor_configured": self.executors.can_execute(&target) }),
             now,
         )
         .await?;

@@ -714,3 +714,41 @@ mod messages {
         );
     }
 }
+
+mod unconfigured {
+    use crate::helpers::*;
+
+    #[tokio::test]
+    async fn a_rollback_without_its_executor_is_never_announced_as_rolling_back() {
+        // The default test policy reverts an ALB; this responder has no `aws:` section.
+        let app = spawn_app(Options::default()).await;
+        app.post_webhook(&payload(
+            "firing",
+            vec![alert("HighErrorRate", "checkout", "nx01", &ago(30), None)],
+        ))
+        .await;
+        let list = app
+            .wait_incidents("settled", |l| l.len() == 1 && l[0]["phase"] == "dry_run")
+            .await;
+        let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+        assert_eq!(inc["executed"], false);
+        let started = inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "action_started")
+            .expect("action_started");
+        let summary = started["summary"].as_str().unwrap();
+        assert!(
+            summary.starts_with(
+                "not executing (no alb executor is configured on this responder): would forward 100 % of \
+                 arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/checkout/1/2"
+            ),
+            "{summary}"
+        );
+        assert_eq!(started["detail"]["executor_configured"], false);
+        for e in inc["timeline"].as_array().unwrap() {
+            assert!(!e["summary"].as_str().unwrap().contains("rolling back"), "{e}");
+        }
+    }
+}
