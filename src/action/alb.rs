@@ -22,7 +22,7 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 
-use super::retry::{Attempt, Classify, ErrorClass, RetryPolicy};
+use super::retry::{Attempt, BeforeWrite, Classify, ErrorClass, RetryPolicy};
 use elbv2::types::{Action, ActionTypeEnum, ForwardActionConfig, TargetGroupStickinessConfig, TargetGroupTuple};
 use serde::{Deserialize, Serialize};
 
@@ -1084,6 +1084,18 @@ impl AlbExecutor {
         dry_run: bool,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
     ) -> Result<AlbOutcome, AlbError> {
+        self.revert_gated(t, dry_run, on_step, &super::retry::no_gate).await
+    }
+
+    /// [`AlbExecutor::revert`], awaiting `before_write` after each write is planned (and
+    /// reported) and before it is sent.
+    pub async fn revert_gated(
+        &self,
+        t: &AlbTarget,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(AlbStep) + Send),
+        before_write: BeforeWrite<'_>,
+    ) -> Result<AlbOutcome, AlbError> {
         t.validate().map_err(|message| AlbError::InvalidTarget { message })?;
         let kind = t.resource_kind();
         let resource = t.resource_arn();
@@ -1156,6 +1168,7 @@ impl AlbExecutor {
                 dry_run: false,
                 actions: expected.clone(),
             });
+            before_write().await;
             let attempt = self.write(t, &plan, &expected, on_step).await?;
             on_step(AlbStep::Wrote {
                 operation: kind.write_operation().to_string(),

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::retry::{Attempt, Classify, ErrorClass, RetryPolicy};
+use super::retry::{Attempt, BeforeWrite, Classify, ErrorClass, RetryPolicy};
 
 /// A namespace and the ordered steps to revert in it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -1460,6 +1460,18 @@ impl KubeExecutor {
         dry_run: bool,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
     ) -> Result<KubeOutcome, KubeError> {
+        self.revert_gated(t, dry_run, on_step, &super::retry::no_gate).await
+    }
+
+    /// [`KubeExecutor::revert`], awaiting `before_write` after each patch is planned (and
+    /// reported) and before it is sent (not in a dry run).
+    pub async fn revert_gated(
+        &self,
+        t: &KubernetesTarget,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
+        before_write: BeforeWrite<'_>,
+    ) -> Result<KubeOutcome, KubeError> {
         t.validate().map_err(|message| KubeError::InvalidTarget { message })?;
         let ns = t.namespace.as_str();
 
@@ -1510,7 +1522,9 @@ impl KubeExecutor {
                     } else {
                         current
                     };
-                    let result = self.execute_step(ns, index, step, current, dry_run, on_step).await?;
+                    let result = self
+                        .execute_step(ns, index, step, current, dry_run, on_step, before_write)
+                        .await?;
                     if matches!(result, StepResult::Changed { .. }) {
                         touched.insert(key);
                     }
@@ -1740,6 +1754,7 @@ impl KubeExecutor {
     /// Writes one step with optimistic concurrency: a 409, or a 422 while the object's
     /// resourceVersion moved (our `test` op failed), means someone wrote in between: re-read,
     /// re-plan (it may be done now) and try again, at most `max_conflict_retries` times.
+    #[allow(clippy::too_many_arguments)]
     async fn execute_step(
         &self,
         ns: &str,
@@ -1748,6 +1763,7 @@ impl KubeExecutor {
         mut current: Current,
         dry_run: bool,
         on_step: OnStep<'_>,
+        before_write: BeforeWrite<'_>,
     ) -> Result<StepResult, KubeError> {
         let object = object_name(step);
         let before = current.state();
@@ -1781,6 +1797,9 @@ impl KubeExecutor {
                 would_write: plan.would_write.clone(),
             });
             let tested = current.resource_version().to_string();
+            if !dry_run {
+                before_write().await;
+            }
             let err = match self.write(ns, step, &current, &plan, dry_run, on_step).await {
                 Ok(written) => {
                     on_step(KubeStepRecord::Patched {

@@ -154,20 +154,26 @@ pub struct Executors {
 impl Executors {
     /// Carries out (or, dry run, only describes) the revert of `target`, handing every step
     /// to `on_step` as it happens, whether the action succeeds or not.
+    /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
     pub async fn execute(
         &self,
         target: &Target,
         dry_run: bool,
         on_step: &mut (dyn FnMut(Step) + Send),
+        before_write: retry::BeforeWrite<'_>,
     ) -> Result<ActionReport, ActionError> {
         match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| on_step(s.into());
-                alb_report(t, dry_run, exec.revert(t, dry_run, &mut record).await)
+                alb_report(
+                    t,
+                    dry_run,
+                    exec.revert_gated(t, dry_run, &mut record, before_write).await,
+                )
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
                 let mut record = |s: kubernetes::KubeStepRecord| on_step(s.into());
-                kube_report(t, exec.revert(t, dry_run, &mut record).await)
+                kube_report(t, exec.revert_gated(t, dry_run, &mut record, before_write).await)
             }
             _ => Ok(not_configured(target, dry_run)),
         }

@@ -175,6 +175,16 @@ impl RetryPolicy {
     }
 }
 
+/// Awaited by an executor right before each write it sends (not in a dry run): the caller
+/// uses it to make its record of the write intent durable first, so that a replica taking
+/// over after a crash can tell a revert it wrote from one somebody else made.
+pub type BeforeWrite<'a> = &'a (dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + Sync);
+
+/// A [`BeforeWrite`] that waits for nothing.
+pub fn no_gate() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+    Box::pin(async {})
+}
+
 /// Milliseconds, saturating.
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

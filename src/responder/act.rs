@@ -9,9 +9,13 @@
 //! failed counts as a rollback (acted_at is set, so cooldown and rate limits apply) and says
 //! what took and what failed.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -26,6 +30,26 @@ use super::{Responder, StepError};
 struct Timed {
     at: DateTime<Utc>,
     step: Step,
+}
+
+/// An earlier attempt at this incident's action that never recorded a result.
+#[derive(Debug, Clone, PartialEq)]
+struct Interrupted {
+    /// Who started the last attempt.
+    started_by: String,
+    /// Who recorded the plan of a write (not a dry run) before dying, if any attempt did.
+    wrote: Option<String>,
+}
+
+impl Interrupted {
+    fn find(events: &[crate::store::EventRecord]) -> Option<Interrupted> {
+        let started_by = events.iter().rev().find(|e| e.kind == "action_started")?.actor.clone();
+        let wrote = events
+            .iter()
+            .find(|e| e.kind == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
+            .map(|e| e.actor.clone());
+        Some(Interrupted { started_by, wrote })
+    }
 }
 
 /// What running the executor left: its result, the steps that changed the target, and steps
@@ -89,14 +113,7 @@ impl Responder {
                 // An earlier start on this incident without a result (the phase is still
                 // `executing`): that replica died or was stopped mid-action, maybe after its
                 // write.
-                interrupted = self
-                    .store
-                    .events(id)
-                    .await?
-                    .iter()
-                    .rev()
-                    .find(|e| e.kind == "action_started")
-                    .map(|e| e.actor.clone());
+                interrupted = Interrupted::find(&self.store.events(id).await?);
                 let mut tx = self.store.begin().await?;
                 self.record_start(&mut tx, &inc, Utc::now()).await?;
                 self.commit(tx, &inc).await?;
@@ -148,15 +165,27 @@ impl Responder {
                         mut summary,
                         detail,
                     } = report;
-                    // Found reverted after an interrupted attempt: most likely that attempt's
-                    // write (a crash after AWS applied it). Count it as this incident's rollback,
+                    // Found reverted after an interrupted attempt. If that attempt had got as
+                    // far as a write (its intent is recorded before anything is sent), the
+                    // revert is most likely its write (a crash after AWS applied it): count it,
                     // or the guards (cooldown, rate limits) and people (PagerDuty change event,
-                    // "executed") would never learn that the target was changed.
-                    if let Some(by) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
-                        inc.acted_at = Some(now);
-                        summary.push_str(&format!(
-                            " (an interrupted earlier attempt by {by} most likely wrote it: counted as this incident's rollback)"
-                        ));
+                    // "executed") would never learn that we changed the target. If it had not,
+                    // somebody else reverted it: not our rollback.
+                    if let Some(i) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
+                        match &i.wrote {
+                            Some(by) => {
+                                inc.acted_at = Some(now);
+                                summary.push_str(&format!(
+                                    " (an interrupted earlier attempt by {by} had begun to write it: counted as this \
+                                     incident's rollback)"
+                                ));
+                            }
+                            None => summary.push_str(&format!(
+                                " (the interrupted earlier attempt by {} had not begun to write, so somebody else \
+                                 reverted it: not counted as this incident's rollback)",
+                                i.started_by
+                            )),
+                        }
                     }
                     self.apply(
                         &mut tx,
@@ -205,16 +234,33 @@ impl Responder {
         Ok(())
     }
 
-    /// Runs the executor under the lease, recording each step in the store as it arrives.
+    /// Runs the executor under the lease, recording each step in the store as it arrives;
+    /// before each write, the steps reported so far (the write's plan among them) are
+    /// committed, so a takeover can tell whether we had begun to write.
     async fn execute_recording(&self, inc: &Incident, target: &Target, dry_run: bool) -> Ran {
         let (sender, mut steps) = mpsc::unbounded_channel::<Timed>();
+        let sent = AtomicU64::new(0);
+        let (recorded_tx, recorded_rx) = watch::channel(0u64);
         let started = Instant::now();
+        let sent_ref = &sent;
+        let before_write = move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            let want = sent_ref.load(Ordering::SeqCst);
+            let mut recorded = recorded_rx.clone();
+            Box::pin(async move {
+                // An error means the recorder is gone (it outlives the executor): go on.
+                let _ = recorded.wait_for(|n| *n >= want).await;
+            })
+        };
+        let before_write = &before_write;
         let run = async move {
             let mut on_step = |step: Step| {
+                sent_ref.fetch_add(1, Ordering::SeqCst);
                 // The receiver lives until every sender is gone; a send cannot fail before.
                 let _ = sender.send(Timed { at: Utc::now(), step });
             };
-            self.executors.execute(target, dry_run, &mut on_step).await
+            self.executors
+                .execute(target, dry_run, &mut on_step, before_write)
+                .await
         };
         let record = async {
             let (mut applied, mut unrecorded) = (Vec::new(), Vec::new());
@@ -227,6 +273,7 @@ impl Responder {
                     warn!(error = %e, "could not record an action step as it happened; recording it with the result");
                     unrecorded.push(t);
                 }
+                recorded_tx.send_modify(|n| *n += 1);
             }
             (applied, unrecorded)
         };

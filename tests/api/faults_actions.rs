@@ -752,3 +752,210 @@ mod unconfigured {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A takeover that finds the target already reverted
+// ---------------------------------------------------------------------------------------------
+
+mod takeover {
+    use rollback_responder::action::Executors;
+    use rollback_responder::incident::{Event, IncidentId};
+    use rollback_responder::store::NewEvent;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::helpers::*;
+    use crate::notify::{policy_with_notify, Peers};
+    use crate::support::alb_fixture::forward;
+
+    const DEAD: &str = "replica-dead";
+
+    /// An incident whose action a replica (`DEAD`) started and never finished, with the
+    /// listener already reverted by then; `dead_planned_a_write`: that replica had recorded the
+    /// plan of its write (its intent) before it died. Returns the app (which takes the work
+    /// over once the dead replica's lease is found expired) and the incident id.
+    async fn orphaned_with_listener_reverted(dead_planned_a_write: bool) -> (AlbFixture, Peers, TestApp, IncidentId) {
+        let fx = AlbFixture::start().await;
+        let peers = Peers::start().await;
+        let app = spawn_app(Options {
+            policies: vec![("portal-api.yaml", policy_with_notify(&fx, "manual"))],
+            env: peers.env(),
+            executors: Some(Executors {
+                alb: Some(fx.executor()),
+                ..Default::default()
+            }),
+            ..Options::default()
+        })
+        .await;
+        app.post_webhook(&payload(
+            "firing",
+            vec![alert("HighErrorRate", "portal-api", "tk01", &ago(60), None)],
+        ))
+        .await;
+        let list = app
+            .wait_incidents("awaiting approval", |l| {
+                l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+            })
+            .await;
+        let id = IncidentId(list[0]["id"].as_str().unwrap().to_string());
+        // All traffic on stable, by whoever did it.
+        fx.elb
+            .modify_listener()
+            .listener_arn(&fx.listener_arn)
+            .default_actions(forward(&[(&fx.stable_tg, 100), (&fx.canary_tg, 0)], Some(300)))
+            .send()
+            .await
+            .expect("ModifyListener");
+
+        // What a replica that died mid-action leaves: approved into `executing`, its lease
+        // (already expired), its start mark and, maybe, its write's plan.
+        let r = &app.responder;
+        let now = chrono::Utc::now();
+        let mut tx = r.store.begin().await.unwrap();
+        let mut inc = tx.incident(&id).await.unwrap().unwrap();
+        r.apply(
+            &mut tx,
+            &mut inc,
+            Event::Approved {
+                by: vec!["U0APPROVER".into()],
+            },
+            "U0APPROVER",
+            "approved".into(),
+            Value::Null,
+            now,
+        )
+        .await
+        .unwrap();
+        inc.owner = Some(DEAD.into());
+        inc.lease_until = Some(now - chrono::Duration::seconds(1));
+        assert!(tx.take_lease(&inc).await.unwrap());
+        let event = |kind, summary: &str, detail| NewEvent {
+            kind,
+            actor: DEAD,
+            phase_from: None,
+            phase_to: None,
+            summary: summary.into(),
+            detail,
+        };
+        tx.append_event(
+            &id,
+            now,
+            event("action_started", "rolling back", json!({"dry_run": false})),
+        )
+        .await
+        .unwrap();
+        if dead_planned_a_write {
+            tx.append_event(
+                &id,
+                now,
+                event(
+                    "action_step",
+                    "ModifyListener planned",
+                    json!({"step": "planned", "dry_run": false, "operation": "ModifyListener"}),
+                ),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        (fx, peers, app, id)
+    }
+
+    fn change_events(msgs: &[Value]) -> usize {
+        msgs.iter()
+            .filter(|m| m["channel"] == "pagerduty" && m["message"]["path"] == "/v2/change/enqueue")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_revert_found_after_a_replica_died_before_writing_is_not_counted_as_ours() {
+        let (fx, _peers, app, id) = orphaned_with_listener_reverted(false).await;
+        let list = app
+            .wait_incidents("taken over and settled", |l| l[0]["phase"] == "verified")
+            .await;
+        assert_eq!(list[0]["executed"], false, "acted_at stays empty: {}", list[0]);
+        let inc = app.incident(&id.0).await;
+        let done = inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "action_succeeded")
+            .expect("the takeover's result");
+        let summary = done["summary"].as_str().unwrap();
+        assert!(
+            summary.contains(&format!(
+                "the interrupted earlier attempt by {DEAD} had not begun to write, so somebody else reverted it: \
+                 not counted as this incident's rollback"
+            )),
+            "{summary}"
+        );
+        // Nothing written by us, and nobody is told we executed a rollback.
+        assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
+        let msgs = app.responder.store.messages(&id).await.unwrap();
+        assert_eq!(change_events(&msgs), 0, "{msgs:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_revert_found_after_a_replica_died_mid_write_is_counted_as_ours() {
+        let (_fx, _peers, app, id) = orphaned_with_listener_reverted(true).await;
+        let list = app
+            .wait_incidents("taken over and settled", |l| l[0]["phase"] == "verified")
+            .await;
+        assert_eq!(list[0]["executed"], true, "{}", list[0]);
+        let inc = app.incident(&id.0).await;
+        let done = inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "action_succeeded")
+            .expect("the takeover's result");
+        assert!(
+            done["summary"].as_str().unwrap().contains(&format!(
+                "an interrupted earlier attempt by {DEAD} had begun to write it"
+            )),
+            "{done}"
+        );
+        let msgs = app.responder.store.messages(&id).await.unwrap();
+        assert_eq!(change_events(&msgs), 1, "{msgs:#?}");
+    }
+}
+
+#[tokio::test]
+async fn no_write_is_sent_before_the_callers_write_gate_opens() {
+    use std::sync::{Arc, Mutex};
+    let fx = AlbFixture::start().await;
+    let proxy = Arc::new(FaultProxy::start(&fx.moto.endpoint).await);
+    let exec = AlbExecutor::new(elb_client(&proxy.url), &fast_aws_settings());
+    let steps: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let (at_gate_tx, mut at_gate_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<String>, usize)>();
+    let t = fx.listener_target();
+    let task = {
+        let (steps, proxy) = (steps.clone(), proxy.clone());
+        tokio::spawn(async move {
+            let log = steps.clone();
+            let gate = move || -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+                // What was reported and what AWS got by the time the gate is reached.
+                let _ = at_gate_tx.send((steps.lock().unwrap().clone(), proxy.forwarded("ModifyListener")));
+                let mut open = open_rx.clone();
+                Box::pin(async move {
+                    let _ = open.wait_for(|o| *o).await;
+                })
+            };
+            let mut on_step = move |s: AlbStep| log.lock().unwrap().push(s.describe());
+            exec.revert_gated(&t, false, &mut on_step, &gate).await
+        })
+    };
+    let (reported, writes) = at_gate_rx.recv().await.expect("the gate is reached");
+    assert!(
+        reported
+            .last()
+            .is_some_and(|s| s.starts_with("ModifyListener planned: 100% to stable")),
+        "the write's plan is reported before the gate: {reported:#?}"
+    );
+    assert_eq!(writes, 0, "nothing written before the gate opens");
+    open_tx.send(true).unwrap();
+    let result = task.await.expect("task");
+    assert!(matches!(result, Ok(AlbOutcome::Reverted { .. })), "{result:?}");
+    assert_eq!(proxy.forwarded("ModifyListener"), 1);
+}
