@@ -297,8 +297,14 @@ impl Notifiers {
         }
     }
 
-    /// Sends one message; `refs` are the handles stored for this incident and channel.
-    pub async fn deliver(&self, msg: &Message, refs: &BTreeMap<String, String>) -> Result<Refs, DeliveryError> {
+    /// Sends one message; `refs` are the handles stored for this incident and channel;
+    /// `retried`: an earlier attempt at this message may have reached the channel.
+    pub async fn deliver(
+        &self,
+        msg: &Message,
+        refs: &BTreeMap<String, String>,
+        retried: bool,
+    ) -> Result<Refs, DeliveryError> {
         let not_configured = |c: &str| DeliveryError::Permanent {
             reason: format!("{c} is not configured on this responder"),
         };
@@ -325,7 +331,7 @@ impl Notifiers {
             }
             Message::StatuspageCreate { .. } | Message::StatuspageUpdate { .. } => {
                 let (url, key, page) = self.statuspage.as_ref().ok_or_else(|| not_configured("statuspage"))?;
-                statuspage::deliver(&self.http, url, key, page, msg, refs).await
+                statuspage::deliver(&self.http, url, key, page, msg, refs, retried).await
             }
         }
     }

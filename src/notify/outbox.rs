@@ -161,7 +161,7 @@ impl Outbox {
             }
         };
         let refs = self.store.refs(&row.incident_id, &row.channel).await?;
-        match self.notifiers.deliver(&msg, &refs).await {
+        match self.notifiers.deliver(&msg, &refs, row.attempts > 0).await {
             Ok(new_refs) => {
                 self.store
                     .message_delivered(row, &self.replica, &new_refs, Utc::now())

@@ -55,6 +55,8 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
                     "component_ids": route.components.keys().collect::<Vec<_>>(),
                     "components": components,
                     "deliver_notifications": route.deliver_notifications,
+                    // Lets a retried create find the incident an earlier attempt made.
+                    "metadata": { METADATA_KEY: { "incident_id": inc.id } },
                 }}),
             }]
         }
@@ -90,7 +92,13 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
     }
 }
 
-/// Creates or updates the page's incident; the created id is returned as a handle.
+/// Metadata key under which a created incident carries our incident id.
+const METADATA_KEY: &str = "rollback_responder";
+
+/// Creates or updates the page's incident; the created id is returned as a handle. A create
+/// sent before (`retried`: an earlier attempt timed out or its answer was lost) may have
+/// reached Statuspage: the page's unresolved incidents are looked through first, and one
+/// carrying this incident's id is taken instead of creating a second.
 pub async fn deliver(
     http: &reqwest::Client,
     base: &str,
@@ -98,7 +106,14 @@ pub async fn deliver(
     page: &str,
     msg: &Message,
     refs: &BTreeMap<String, String>,
+    retried: bool,
 ) -> Result<Refs, DeliveryError> {
+    if let (Message::StatuspageCreate { body }, true) = (msg, retried) {
+        let ours = &body["incident"]["metadata"][METADATA_KEY]["incident_id"];
+        if let Some(id) = find_created(http, base, key, page, ours).await? {
+            return Ok(vec![("incident_id".into(), id)]);
+        }
+    }
     let req = match msg {
         Message::StatuspageCreate { body } => http.post(format!("{base}/pages/{page}/incidents")).json(body),
         Message::StatuspageUpdate { body } => {
@@ -135,6 +150,39 @@ pub async fn deliver(
         });
     }
     Ok(vec![])
+}
+
+/// The id of the page's unresolved incident whose metadata names `ours`, if any.
+async fn find_created(
+    http: &reqwest::Client,
+    base: &str,
+    key: &SecretString,
+    page: &str,
+    ours: &Value,
+) -> Result<Option<String>, DeliveryError> {
+    if !ours.is_string() {
+        return Ok(None);
+    }
+    let resp = http
+        .get(format!("{base}/pages/{page}/incidents/unresolved"))
+        .header("authorization", format!("OAuth {}", key.expose_secret()))
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let text = resp.text().await.map_err(transport_error)?;
+    if !status.is_success() {
+        return Err(classify_status(status, retry_after.as_ref(), &text));
+    }
+    let list: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| &i["metadata"][METADATA_KEY]["incident_id"] == ours)
+        .and_then(|i| i["id"].as_str())
+        .map(str::to_string))
 }
 
 #[cfg(test)]

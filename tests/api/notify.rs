@@ -309,6 +309,7 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
             "name": "portal-api: degraded service, release rolled back", "status": "identified",
             "body": "We identified a problem with the latest release of portal-api and rolled it back. We are checking that the service has recovered.",
             "component_ids": ["cmp-portal"], "components": {"cmp-portal": "partial_outage"}, "deliver_notifications": false,
+            "metadata": {"rollback_responder": {"incident_id": id}},
         }})
     );
     assert_eq!(
