@@ -148,6 +148,10 @@ pub enum Message {
         channel: String,
         text: String,
         blocks: Value,
+        /// Our incident id, posted as the message's metadata so a retried post can find a
+        /// message an earlier attempt made (entries queued before this field have none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incident: Option<String>,
     },
     /// A reply in the incident's thread.
     SlackReply { channel: String, text: String },
@@ -311,7 +315,7 @@ impl Notifiers {
         match msg {
             Message::SlackRoot { .. } | Message::SlackReply { .. } => {
                 let (url, token) = self.slack.as_ref().ok_or_else(|| not_configured("slack"))?;
-                slack::deliver(&self.http, url, token, msg, refs).await
+                slack::deliver(&self.http, url, token, msg, refs, retried).await
             }
             Message::PagerDuty {
                 path,
