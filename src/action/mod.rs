@@ -193,14 +193,13 @@ impl Executors {
         if self.can_execute(target) {
             return None;
         }
-        let section = match target {
-            Target::Alb(_) => "aws",
-            Target::Kubernetes(_) => "kubernetes",
+        let (what, section) = match target {
+            Target::Alb(_) => ("an ALB", "aws"),
+            Target::Kubernetes(_) => ("a Kubernetes", "kubernetes"),
         };
         Some(format!(
-            "policy {policy:?} reverts a {} target, but this responder has no `{section}:` section: its rollbacks \
-             would only be recorded; add `{section}:` to the config, or set the policy's guards.dry_run",
-            target.kind().as_str()
+            "policy {policy:?} reverts {what} target, but this responder has no `{section}:` section: its rollbacks \
+             would only be recorded; add `{section}:` to the config, or set the policy's guards.dry_run"
         ))
     }
 
@@ -367,7 +366,7 @@ mod tests {
         assert_eq!(
             none.missing_for("portal-api", &t).as_deref(),
             Some(
-                "policy \"portal-api\" reverts a kubernetes target, but this responder has no `kubernetes:` section: \
+                "policy \"portal-api\" reverts a Kubernetes target, but this responder has no `kubernetes:` section: \
                  its rollbacks would only be recorded; add `kubernetes:` to the config, or set the policy's guards.dry_run"
             )
         );
