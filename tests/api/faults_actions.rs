@@ -1329,3 +1329,34 @@ triggers:
         );
     }
 }
+
+#[tokio::test]
+async fn a_message_claimed_from_a_sender_that_died_mid_request_is_marked_as_sent_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::helpers::TestDb::new(dir.path()).await;
+    let store = rollback_responder::store::Store::connect(&db.url, 2)
+        .await
+        .expect("store");
+    let inc = rollback_responder::incident::IncidentId("inc-crash".into());
+    let t0 = chrono::Utc::now();
+    let mut tx = store.begin().await.unwrap();
+    tx.enqueue(&inc, "statuspage", "{}", t0).await.unwrap();
+    tx.commit().await.unwrap();
+    let id = store.messages(&inc).await.unwrap()[0]["id"].as_i64().unwrap();
+    let lease = Duration::from_secs(1);
+    let first = store
+        .claim_message(id, "replica-a", t0, lease)
+        .await
+        .unwrap()
+        .expect("claimed");
+    assert!(!first.taken_over && first.attempts == 0);
+    // replica-a dies mid-request; once its lease has run out, replica-b takes the message.
+    let later = t0 + chrono::Duration::seconds(5);
+    let second = store
+        .claim_message(id, "replica-b", later, lease)
+        .await
+        .unwrap()
+        .expect("claimed");
+    assert!(second.taken_over, "the new sender knows the message may have been sent");
+    assert_eq!(second.attempts, 0);
+}
