@@ -121,6 +121,13 @@ impl Application {
         }
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
+        } else {
+            // Outside dry run, a policy nobody here can carry out is a rollback that will not happen.
+            for p in policies.policies.iter().filter(|p| !p.policy.guards.dry_run) {
+                if let Some(why) = executors.missing_for(&p.policy.name, &p.policy.target) {
+                    tracing::error!(file = %p.file.display(), "{why}");
+                }
+            }
         }
         let metrics_for_freeze = metrics.clone();
         let notifiers = Notifiers::from_config(&cfg);

@@ -21,7 +21,8 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
-use backon::{ExponentialBuilder, Retryable};
+
+use super::retry::{Attempt, BeforeWrite, Classify, ErrorClass, RetryPolicy};
 use elbv2::types::{Action, ActionTypeEnum, ForwardActionConfig, TargetGroupStickinessConfig, TargetGroupTuple};
 use serde::{Deserialize, Serialize};
 
@@ -36,8 +37,6 @@ pub const MAX_WEIGHT: i32 = 999;
 const MAX_GRADUAL_INTERVAL: Duration = Duration::from_secs(3600);
 /// More steps than this is not a rollback any more but a slow rollout.
 const MAX_GRADUAL_STEPS: usize = 20;
-/// Upper bound for one backoff sleep, so a large max_attempts cannot stall an incident.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// ELBv2 reads are normally consistent right after a write, but allow a short settling time
 /// before declaring that the write did not take.
 const READBACK_ATTEMPTS: u32 = 3;
@@ -224,10 +223,15 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// Named profile from the shared config files.
     pub profile: Option<String>,
-    /// Attempts per AWS call, including the first (our retries; the SDK's are off).
+    /// Cap on attempts per AWS call, including the first (our retries; the SDK's are off);
+    /// 0: no cap, `retry_window` decides.
     pub max_attempts: u32,
     /// First backoff delay in milliseconds; grows exponentially with jitter.
     pub initial_backoff_ms: u64,
+    /// How long a call failing with a retryable error (throttling, 5xx, timeout, connection)
+    /// is tried again (humantime, at most 30m).
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
 }
 
 impl Default for AwsSettings {
@@ -236,8 +240,9 @@ impl Default for AwsSettings {
             region: None,
             endpoint_url: None,
             profile: None,
-            max_attempts: 4,
+            max_attempts: 0,
             initial_backoff_ms: 200,
+            retry_window: super::retry::DEFAULT_WINDOW,
         }
     }
 }
@@ -687,22 +692,19 @@ pub enum AlbStep {
         /// Attempt that succeeded (1-based).
         attempt: u32,
     },
-    /// An AWS call failed.
-    AttemptFailed {
-        /// AWS operation name.
+    /// An AWS call failed (`call` is the operation name); retryable errors are sent again
+    /// within the retry window.
+    AttemptFailed(Attempt),
+    /// Before sending a write again after a failed attempt (which AWS may have applied even
+    /// so), the action list was read: `applied` means the earlier attempt took, and the write
+    /// is not sent twice.
+    ReadBeforeRetry {
+        /// `ModifyListener` or `ModifyRule`.
         operation: String,
-        /// 1-based attempt number.
+        /// The attempt about to be made.
         attempt: u32,
-        /// AWS error code or our own short code.
-        code: String,
-        /// Error message.
-        message: String,
-        /// Whether the error class is retryable.
-        retryable: bool,
-        /// Whether another attempt follows.
-        will_retry: bool,
-        /// Backoff before the next attempt.
-        retry_in_ms: Option<u64>,
+        /// The routing read already is what the write would make it.
+        applied: bool,
     },
     /// State read after a write, and whether it matches what was written.
     ReadBack {
@@ -933,7 +935,7 @@ impl AlbError {
         }
     }
 
-    fn from_sdk<E>(err: SdkError<E, HttpResponse>) -> Self
+    pub(crate) fn from_sdk<E>(err: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
@@ -963,12 +965,48 @@ impl AlbError {
     }
 }
 
+impl Classify for AlbError {
+    fn class(&self) -> ErrorClass {
+        if self.is_retryable() {
+            ErrorClass::Retryable
+        } else {
+            ErrorClass::Permanent
+        }
+    }
+
+    fn code(&self) -> &str {
+        AlbError::code(self)
+    }
+
+    fn for_call(self, call: &str, attempts: u32) -> Self {
+        match self {
+            AlbError::Aws {
+                code,
+                message,
+                retryable,
+            } => AlbError::Aws {
+                code,
+                message: if attempts > 1 {
+                    format!("{call}: {message} (gave up after {attempts} attempts)")
+                } else {
+                    format!("{call}: {message}")
+                },
+                retryable,
+            },
+            AlbError::NotFound { code, message } => AlbError::NotFound {
+                code,
+                message: format!("{call}: {message}"),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Executes ALB reverts against one ELBv2 client.
 #[derive(Debug, Clone)]
 pub struct AlbExecutor {
     client: elbv2::Client,
-    max_attempts: u32,
-    initial_backoff: Duration,
+    retry: RetryPolicy,
 }
 
 impl AlbExecutor {
@@ -1021,8 +1059,11 @@ impl AlbExecutor {
         let conf = conf.build();
         Self {
             client: elbv2::Client::from_conf(conf),
-            max_attempts: s.max_attempts.max(1),
-            initial_backoff: Duration::from_millis(s.initial_backoff_ms),
+            retry: RetryPolicy::new(
+                s.retry_window,
+                Duration::from_millis(s.initial_backoff_ms),
+                Some(s.max_attempts),
+            ),
         }
     }
 
@@ -1046,6 +1087,18 @@ impl AlbExecutor {
         t: &AlbTarget,
         dry_run: bool,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
+    ) -> Result<AlbOutcome, AlbError> {
+        self.revert_gated(t, dry_run, on_step, &super::retry::no_gate).await
+    }
+
+    /// [`AlbExecutor::revert`], awaiting `before_write` after each write is planned (and
+    /// reported) and before it is sent.
+    pub async fn revert_gated(
+        &self,
+        t: &AlbTarget,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(AlbStep) + Send),
+        before_write: BeforeWrite<'_>,
     ) -> Result<AlbOutcome, AlbError> {
         t.validate().map_err(|message| AlbError::InvalidTarget { message })?;
         let kind = t.resource_kind();
@@ -1119,7 +1172,8 @@ impl AlbExecutor {
                 dry_run: false,
                 actions: expected.clone(),
             });
-            let attempt = self.write(t, &plan, on_step).await?;
+            before_write().await;
+            let attempt = self.write(t, &plan, &expected, on_step).await?;
             on_step(AlbStep::Wrote {
                 operation: kind.write_operation().to_string(),
                 stable_percent: p,
@@ -1132,24 +1186,31 @@ impl AlbExecutor {
         Ok(AlbOutcome::Reverted { before, after })
     }
 
-    /// Reads the action list, refusing the default rule (only ModifyListener can change it).
+    /// Reads the action list under the retry policy, refusing the default rule (only
+    /// ModifyListener can change it).
     async fn read_actions(
         &self,
         t: &AlbTarget,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
     ) -> Result<Vec<Action>, AlbError> {
+        let operation = match t.rule_arn {
+            None => "DescribeListeners",
+            Some(_) => "DescribeRules",
+        };
+        self.retrying(operation, on_step, || self.fetch_actions(t)).await
+    }
+
+    /// One attempt at reading the action list (DescribeListeners or DescribeRules).
+    async fn fetch_actions(&self, t: &AlbTarget) -> Result<Vec<Action>, AlbError> {
         match &t.rule_arn {
             None => {
                 let out = self
-                    .retrying("DescribeListeners", on_step, || async {
-                        self.client
-                            .describe_listeners()
-                            .listener_arns(&t.listener_arn)
-                            .send()
-                            .await
-                            .map_err(AlbError::from_sdk)
-                    })
-                    .await?;
+                    .client
+                    .describe_listeners()
+                    .listener_arns(&t.listener_arn)
+                    .send()
+                    .await
+                    .map_err(AlbError::from_sdk)?;
                 let listener = out
                     .listeners()
                     .iter()
@@ -1162,15 +1223,12 @@ impl AlbExecutor {
             }
             Some(rule_arn) => {
                 let out = self
-                    .retrying("DescribeRules", on_step, || async {
-                        self.client
-                            .describe_rules()
-                            .rule_arns(rule_arn)
-                            .send()
-                            .await
-                            .map_err(AlbError::from_sdk)
-                    })
-                    .await?;
+                    .client
+                    .describe_rules()
+                    .rule_arns(rule_arn)
+                    .send()
+                    .await
+                    .map_err(AlbError::from_sdk)?;
                 let rule = out
                     .rules()
                     .iter()
@@ -1249,45 +1307,66 @@ impl AlbExecutor {
     }
 
     /// Writes the whole list (the APIs replace it); returns the attempt that succeeded.
-    /// Retrying is safe: the same full list is written each time.
+    /// A failed attempt may have been applied all the same (an answer slower than the attempt
+    /// timeout, a connection cut after AWS took the request), so before each further attempt
+    /// the list is read again, and if it already routes as `expected` nothing is sent twice.
     async fn write(
         &self,
         t: &AlbTarget,
         actions: &[Action],
+        expected: &ForwardSnapshot,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
     ) -> Result<u32, AlbError> {
+        let operation = t.resource_kind().write_operation();
+        let want = expected.forward.clone().unwrap_or_default();
         let attempts = AtomicU32::new(0);
+        let on_step = std::sync::Mutex::new(on_step);
+        let emit = |s: AlbStep| {
+            if let Ok(mut f) = on_step.lock() {
+                (*f)(s);
+            }
+        };
         let list = Some(actions.to_vec());
-        match &t.rule_arn {
-            None => {
-                self.retrying("ModifyListener", on_step, || async {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    self.client
+        let mut on_attempt = |a: Attempt| emit(AlbStep::AttemptFailed(a));
+        self.retry
+            .run(operation, &mut on_attempt, || async {
+                let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+                if attempt > 1 {
+                    let read = self.fetch_actions(t).await?;
+                    let snap = ForwardSnapshot::from_actions(t.resource_arn(), t.resource_kind(), &read);
+                    let applied = snap.forward.as_ref().is_some_and(|f| want.same_routing(f));
+                    emit(AlbStep::ReadBeforeRetry {
+                        operation: operation.to_string(),
+                        attempt,
+                        applied,
+                    });
+                    if applied {
+                        tracing::info!(operation, attempt, "an earlier attempt was applied; not writing again");
+                        return Ok(());
+                    }
+                }
+                match &t.rule_arn {
+                    None => self
+                        .client
                         .modify_listener()
                         .listener_arn(&t.listener_arn)
                         .set_default_actions(list.clone())
                         .send()
                         .await
                         .map(|_| ())
-                        .map_err(AlbError::from_sdk)
-                })
-                .await?;
-            }
-            Some(rule_arn) => {
-                self.retrying("ModifyRule", on_step, || async {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    self.client
+                        .map_err(AlbError::from_sdk),
+                    Some(rule_arn) => self
+                        .client
                         .modify_rule()
                         .rule_arn(rule_arn)
                         .set_actions(list.clone())
                         .send()
                         .await
                         .map(|_| ())
-                        .map_err(AlbError::from_sdk)
-                })
-                .await?;
-            }
-        }
+                        .map_err(AlbError::from_sdk),
+                }
+            })
+            .await?;
         Ok(attempts.load(Ordering::Relaxed))
     }
 
@@ -1320,58 +1399,20 @@ impl AlbExecutor {
         Err(AlbError::WeightsDidNotTake { expected: want, got })
     }
 
-    /// Runs `op` with exponential backoff and jitter up to `max_attempts`, reporting every
-    /// failed attempt (with its code and whether another follows) through `on_step`.
+    /// Runs `op` under the shared retry policy, reporting every failed attempt (with its
+    /// code and whether another follows) through `on_step`.
     async fn retrying<T, F, Fut>(
         &self,
         operation: &'static str,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
-        mut op: F,
+        op: F,
     ) -> Result<T, AlbError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, AlbError>>,
     {
-        let attempt = AtomicU32::new(0);
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.initial_backoff)
-            .with_max_delay(MAX_BACKOFF.max(self.initial_backoff))
-            .with_max_times(usize::try_from(self.max_attempts.saturating_sub(1)).unwrap_or(0))
-            .with_jitter();
-        let result = (|| {
-            attempt.fetch_add(1, Ordering::Relaxed);
-            op()
-        })
-        .retry(backoff)
-        .when(AlbError::is_retryable)
-        .notify(|e: &AlbError, delay: Duration| {
-            let n = attempt.load(Ordering::Relaxed);
-            tracing::warn!(operation, attempt = n, code = e.code(), error = %e, retry_in = ?delay, "ELBv2 call failed, retrying");
-            on_step(AlbStep::AttemptFailed {
-                operation: operation.to_string(),
-                attempt: n,
-                code: e.code().to_string(),
-                message: e.to_string(),
-                retryable: true,
-                will_retry: true,
-                retry_in_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
-            });
-        })
-        .await;
-        if let Err(e) = &result {
-            let n = attempt.load(Ordering::Relaxed);
-            tracing::warn!(operation, attempt = n, code = e.code(), error = %e, "ELBv2 call failed, giving up");
-            on_step(AlbStep::AttemptFailed {
-                operation: operation.to_string(),
-                attempt: n,
-                code: e.code().to_string(),
-                message: e.to_string(),
-                retryable: e.is_retryable(),
-                will_retry: false,
-                retry_in_ms: None,
-            });
-        }
-        result
+        let mut on_attempt = |a: Attempt| on_step(AlbStep::AttemptFailed(a));
+        self.retry.run(operation, &mut on_attempt, op).await
     }
 }
 
@@ -1798,8 +1839,11 @@ mod tests {
         }))
         .is_err());
         let s: AwsSettings = serde_json::from_value(serde_json::json!({"region": "eu-west-1"})).unwrap();
-        assert_eq!(s.max_attempts, 4);
+        assert_eq!(s.max_attempts, 0, "no cap: the retry window decides");
         assert_eq!(s.initial_backoff_ms, 200);
+        assert_eq!(s.retry_window, Duration::from_secs(120));
+        let s: AwsSettings = serde_json::from_value(serde_json::json!({"retry_window": "5m"})).unwrap();
+        assert_eq!(s.retry_window, Duration::from_secs(300));
         assert!(serde_json::from_value::<AwsSettings>(serde_json::json!({"retries": 3})).is_err());
     }
 
@@ -1837,8 +1881,9 @@ mod tests {
         let timeouts = conf.timeout_config().unwrap();
         assert_eq!(timeouts.connect_timeout(), Some(Duration::from_secs(1)));
         assert_eq!(timeouts.operation_attempt_timeout(), Some(ATTEMPT_TIMEOUT));
-        assert_eq!(exec.max_attempts, 4);
-        assert_eq!(exec.initial_backoff, Duration::from_millis(200));
+        assert_eq!(exec.retry.max_attempts, None, "the retry window decides by default");
+        assert_eq!(exec.retry.window, crate::action::retry::DEFAULT_WINDOW);
+        assert_eq!(exec.retry.initial, Duration::from_millis(200));
     }
 
     #[test]

@@ -34,6 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::retry::{Attempt, BeforeWrite, Classify, ErrorClass, RetryPolicy};
+
 /// Reading the target back during the bake (verification).
 #[path = "kube_readback.rs"]
 mod readback;
@@ -152,10 +154,6 @@ const JSON_PATCH: &str = "application/json-patch+json";
 const MERGE_PATCH: &str = "application/merge-patch+json";
 /// One API call may not take longer than this; a hung connection becomes a retryable error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts per API call for transient failures (429, 5xx, transport); conflicts are counted
-/// separately (`max_conflict_retries`) because they need a re-read, not just a resend.
-const TRANSIENT_ATTEMPTS: u32 = 3;
-const TRANSIENT_BACKOFF: Duration = Duration::from_millis(250);
 /// Polling bounds for `verify`: often enough for short test timeouts, gentle on the API.
 const MIN_POLL: Duration = Duration::from_millis(50);
 const MAX_POLL: Duration = Duration::from_secs(2);
@@ -197,6 +195,14 @@ pub struct KubeSettings {
     pub field_manager: String,
     /// Re-reads and retries after a write lost a resourceVersion race.
     pub max_conflict_retries: u32,
+    /// How long a call failing with a retryable error (5xx, 429, timeout, connection) is
+    /// tried again (humantime, at most 30m).
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
+    /// First backoff in milliseconds before a retried call; grows exponentially with jitter.
+    /// Conflicts are counted separately (`max_conflict_retries`): they need a re-read, not
+    /// just a resend.
+    pub initial_backoff_ms: u64,
 }
 
 impl Default for KubeSettings {
@@ -207,6 +213,8 @@ impl Default for KubeSettings {
             in_cluster: false,
             field_manager: "rollback-responder".into(),
             max_conflict_retries: 3,
+            retry_window: super::retry::DEFAULT_WINDOW,
+            initial_backoff_ms: 250,
         }
     }
 }
@@ -399,19 +407,9 @@ pub enum KubeStepRecord {
         /// Whether the step is re-read and tried again.
         will_retry: bool,
     },
-    /// A call failed transiently (429, 5xx, transport) and is sent again.
-    TransientRetry {
-        /// e.g. `get services/portal-api-prod`.
-        operation: String,
-        /// 1-based attempt that failed.
-        attempt: u32,
-        /// Short error code.
-        code: String,
-        /// Error message.
-        message: String,
-        /// Backoff before the next attempt.
-        retry_in_ms: u64,
-    },
+    /// An API call failed (`call` is e.g. `get services/portal-api-prod in portal`); retryable
+    /// errors are sent again within the retry window.
+    AttemptFailed(Attempt),
     /// The object read back after the write.
     ReadBack {
         /// Step position.
@@ -674,6 +672,41 @@ impl KubeError {
         KubeError::Client {
             message: message.into(),
             retryable: false,
+        }
+    }
+}
+
+impl Classify for KubeError {
+    fn class(&self) -> ErrorClass {
+        if self.is_transient() {
+            ErrorClass::Retryable
+        } else {
+            ErrorClass::Permanent
+        }
+    }
+
+    fn code(&self) -> &str {
+        KubeError::code(self)
+    }
+
+    fn for_call(self, call: &str, attempts: u32) -> Self {
+        let tries = if attempts > 1 {
+            format!(" (gave up after {attempts} attempts)")
+        } else {
+            String::new()
+        };
+        match self {
+            KubeError::Api { code, reason, message } => KubeError::Api {
+                code,
+                reason,
+                message: format!("{call}: {message}{tries}"),
+            },
+            // Client messages start with the call already.
+            KubeError::Client { message, retryable } => KubeError::Client {
+                message: format!("{message}{tries}"),
+                retryable,
+            },
+            other => other,
         }
     }
 }
@@ -1359,10 +1392,6 @@ fn clamp_u32(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// A tenth of the timeout, within [50 ms, 2 s].
 fn poll_interval(timeout: Duration) -> Duration {
     (timeout / 10).clamp(MIN_POLL, MAX_POLL)
@@ -1378,6 +1407,7 @@ pub struct KubeExecutor {
     client: kube::Client,
     field_manager: String,
     max_conflict_retries: u32,
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -1417,6 +1447,7 @@ impl KubeExecutor {
                 s.field_manager.clone()
             },
             max_conflict_retries: s.max_conflict_retries,
+            retry: RetryPolicy::new(s.retry_window, Duration::from_millis(s.initial_backoff_ms), None),
         }
     }
 
@@ -1437,6 +1468,18 @@ impl KubeExecutor {
         t: &KubernetesTarget,
         dry_run: bool,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
+    ) -> Result<KubeOutcome, KubeError> {
+        self.revert_gated(t, dry_run, on_step, &super::retry::no_gate).await
+    }
+
+    /// [`KubeExecutor::revert`], awaiting `before_write` after each patch is planned (and
+    /// reported) and before it is sent (not in a dry run).
+    pub async fn revert_gated(
+        &self,
+        t: &KubernetesTarget,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
+        before_write: BeforeWrite<'_>,
     ) -> Result<KubeOutcome, KubeError> {
         t.validate().map_err(|message| KubeError::InvalidTarget { message })?;
         let ns = t.namespace.as_str();
@@ -1488,7 +1531,9 @@ impl KubeExecutor {
                     } else {
                         current
                     };
-                    let result = self.execute_step(ns, index, step, current, dry_run, on_step).await?;
+                    let result = self
+                        .execute_step(ns, index, step, current, dry_run, on_step, before_write)
+                        .await?;
                     if matches!(result, StepResult::Changed { .. }) {
                         touched.insert(key);
                     }
@@ -1563,39 +1608,29 @@ impl KubeExecutor {
         Ok(())
     }
 
-    /// One API call with a time limit and a few retries for transient failures.
+    /// One API call with a time limit per attempt, retried within the shared retry policy's
+    /// window while it fails transiently; every failed attempt is recorded.
     async fn call<T, F, Fut>(&self, op: Op<'_>, on_step: OnStep<'_>, mut f: F) -> Result<T, KubeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let mut attempt = 1u32;
-        loop {
-            let result = match tokio::time::timeout(CALL_TIMEOUT, f()).await {
-                Ok(r) => r.map_err(|e| classify(e, &op)),
-                Err(_) => Err(KubeError::Client {
-                    message: format!("{}: no answer within {}s", op.describe(), CALL_TIMEOUT.as_secs()),
-                    retryable: true,
-                }),
-            };
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_transient() && attempt < TRANSIENT_ATTEMPTS => {
-                    let wait = TRANSIENT_BACKOFF * 2u32.saturating_pow(attempt - 1);
-                    tracing::warn!(operation = %op.describe(), attempt, error = %e, "transient Kubernetes API error, retrying");
-                    on_step(KubeStepRecord::TransientRetry {
-                        operation: op.describe(),
-                        attempt,
-                        code: e.code().to_string(),
-                        message: e.to_string(),
-                        retry_in_ms: millis(wait),
-                    });
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
+        let call = op.describe();
+        let mut on_attempt = |a: Attempt| on_step(KubeStepRecord::AttemptFailed(a));
+        self.retry
+            .run(&call, &mut on_attempt, || {
+                let fut = f();
+                async move {
+                    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+                        Ok(r) => r.map_err(|e| classify(e, &op)),
+                        Err(_) => Err(KubeError::Client {
+                            message: format!("{}: no answer within {}s", op.describe(), CALL_TIMEOUT.as_secs()),
+                            retryable: true,
+                        }),
+                    }
                 }
-                Err(e) => return Err(e),
-            }
-        }
+            })
+            .await
     }
 
     fn dynamic_api<K>(&self, ns: &str) -> Api<DynamicObject>
@@ -1749,6 +1784,7 @@ impl KubeExecutor {
     /// Writes one step with optimistic concurrency: a 409, or a 422 while the object's
     /// resourceVersion moved (our `test` op failed), means someone wrote in between: re-read,
     /// re-plan (it may be done now) and try again, at most `max_conflict_retries` times.
+    #[allow(clippy::too_many_arguments)]
     async fn execute_step(
         &self,
         ns: &str,
@@ -1757,6 +1793,7 @@ impl KubeExecutor {
         mut current: Current,
         dry_run: bool,
         on_step: OnStep<'_>,
+        before_write: BeforeWrite<'_>,
     ) -> Result<StepResult, KubeError> {
         let object = object_name(step);
         let before = current.state();
@@ -1790,6 +1827,9 @@ impl KubeExecutor {
                 would_write: plan.would_write.clone(),
             });
             let tested = current.resource_version().to_string();
+            if !dry_run {
+                before_write().await;
+            }
             let err = match self.write(ns, step, &current, &plan, dry_run, on_step).await {
                 Ok(written) => {
                     on_step(KubeStepRecord::Patched {

@@ -9,11 +9,14 @@
 
 pub mod alb;
 pub mod kubernetes;
+pub mod retry;
+pub mod steps;
 
 use serde::{Deserialize, Serialize};
 
 pub use alb::AlbTarget;
 pub use kubernetes::{KubeStep, KubernetesTarget};
+pub use steps::Step;
 
 /// What a policy reverts.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -120,8 +123,9 @@ pub struct ActionReport {
 /// Why an action failed; `detail` is the executor's structured error (AWS code and all).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
-    /// The stable side is not healthy enough to take the traffic: nothing was changed.
-    #[error("pre-check failed: {message}")]
+    /// The stable side is not healthy enough to take the traffic: nothing was changed. The
+    /// executor's message already says "pre-check failed".
+    #[error("{message}")]
     PreCheck { message: String, detail: serde_json::Value },
     #[error("{message}")]
     Failed { message: String, detail: serde_json::Value },
@@ -148,23 +152,55 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target`. Returns every step
-    /// taken alongside the result, whether it succeeded or not.
-    pub async fn execute(&self, target: &Target, dry_run: bool) -> (Result<ActionReport, ActionError>, Steps) {
-        let mut steps: Steps = Vec::new();
-        let result = match (target, &self.alb, &self.kube) {
+    /// Carries out (or, dry run, only describes) the revert of `target`, handing every step
+    /// to `on_step` as it happens, whether the action succeeds or not.
+    /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
+    pub async fn execute(
+        &self,
+        target: &Target,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(Step) + Send),
+        before_write: retry::BeforeWrite<'_>,
+    ) -> Result<ActionReport, ActionError> {
+        match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
-                let mut record = |s: alb::AlbStep| steps.push(serde_json::to_value(&s).unwrap_or_default());
-                alb_report(t, dry_run, exec.revert(t, dry_run, &mut record).await)
+                let mut record = |s: alb::AlbStep| on_step(s.into());
+                alb_report(
+                    t,
+                    dry_run,
+                    exec.revert_gated(t, dry_run, &mut record, before_write).await,
+                )
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
-                let mut record =
-                    |s: kubernetes::KubeStepRecord| steps.push(serde_json::to_value(&s).unwrap_or_default());
-                kube_report(t, exec.revert(t, dry_run, &mut record).await)
+                let mut record = |s: kubernetes::KubeStepRecord| on_step(s.into());
+                kube_report(t, exec.revert_gated(t, dry_run, &mut record, before_write).await)
             }
             _ => Ok(not_configured(target, dry_run)),
+        }
+    }
+
+    /// Whether this responder can carry out `target` (its executor is configured).
+    pub fn can_execute(&self, target: &Target) -> bool {
+        match target {
+            Target::Alb(_) => self.alb.is_some(),
+            Target::Kubernetes(_) => self.kube.is_some(),
+        }
+    }
+
+    /// Why policy `policy`'s target cannot be carried out here, naming the missing config
+    /// section; `None` when its executor is configured.
+    pub fn missing_for(&self, policy: &str, target: &Target) -> Option<String> {
+        if self.can_execute(target) {
+            return None;
+        }
+        let (what, section) = match target {
+            Target::Alb(_) => ("an ALB", "aws"),
+            Target::Kubernetes(_) => ("a Kubernetes", "kubernetes"),
         };
-        (result, steps)
+        Some(format!(
+            "policy {policy:?} reverts {what} target, but this responder has no `{section}:` section: its rollbacks \
+             would only be recorded; add `{section}:` to the config, or set the policy's guards.dry_run"
+        ))
     }
 
     /// The executor's readiness check after a revert (Kubernetes: at least
@@ -382,5 +418,27 @@ fn alb_report(
                 _ => ActionError::Failed { message, detail },
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_executor_names_the_policy_and_the_section() {
+        let t: Target = serde_json::from_value(serde_json::json!({"kubernetes": {
+            "namespace": "portal", "steps": [{"scale": {"deployment": "web", "replicas": 0}}]
+        }}))
+        .expect("target");
+        let none = Executors::default();
+        assert_eq!(
+            none.missing_for("portal-api", &t).as_deref(),
+            Some(
+                "policy \"portal-api\" reverts a Kubernetes target, but this responder has no `kubernetes:` section: \
+                 its rollbacks would only be recorded; add `kubernetes:` to the config, or set the policy's guards.dry_run"
+            )
+        );
+        assert!(!none.can_execute(&t));
     }
 }

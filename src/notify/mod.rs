@@ -148,6 +148,10 @@ pub enum Message {
         channel: String,
         text: String,
         blocks: Value,
+        /// Our incident id, posted as the message's metadata so a retried post can find a
+        /// message an earlier attempt made (entries queued before this field have none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incident: Option<String>,
     },
     /// A reply in the incident's thread.
     SlackReply { channel: String, text: String },
@@ -297,15 +301,21 @@ impl Notifiers {
         }
     }
 
-    /// Sends one message; `refs` are the handles stored for this incident and channel.
-    pub async fn deliver(&self, msg: &Message, refs: &BTreeMap<String, String>) -> Result<Refs, DeliveryError> {
+    /// Sends one message; `refs` are the handles stored for this incident and channel;
+    /// `retried`: an earlier attempt at this message may have reached the channel.
+    pub async fn deliver(
+        &self,
+        msg: &Message,
+        refs: &BTreeMap<String, String>,
+        retried: bool,
+    ) -> Result<Refs, DeliveryError> {
         let not_configured = |c: &str| DeliveryError::Permanent {
             reason: format!("{c} is not configured on this responder"),
         };
         match msg {
             Message::SlackRoot { .. } | Message::SlackReply { .. } => {
                 let (url, token) = self.slack.as_ref().ok_or_else(|| not_configured("slack"))?;
-                slack::deliver(&self.http, url, token, msg, refs).await
+                slack::deliver(&self.http, url, token, msg, refs, retried).await
             }
             Message::PagerDuty {
                 path,
@@ -325,7 +335,7 @@ impl Notifiers {
             }
             Message::StatuspageCreate { .. } | Message::StatuspageUpdate { .. } => {
                 let (url, key, page) = self.statuspage.as_ref().ok_or_else(|| not_configured("statuspage"))?;
-                statuspage::deliver(&self.http, url, key, page, msg, refs).await
+                statuspage::deliver(&self.http, url, key, page, msg, refs, retried).await
             }
         }
     }

@@ -161,7 +161,10 @@ impl Outbox {
             }
         };
         let refs = self.store.refs(&row.incident_id, &row.channel).await?;
-        match self.notifiers.deliver(&msg, &refs).await {
+        // Sent before if an attempt failed (a timeout may have reached the channel) or a sender
+        // died mid-request: look before creating.
+        let retried = row.attempts > 0 || row.taken_over;
+        match self.notifiers.deliver(&msg, &refs, retried).await {
             Ok(new_refs) => {
                 self.store
                     .message_delivered(row, &self.replica, &new_refs, Utc::now())

@@ -12,6 +12,7 @@ use super::{
     PagerDutyRoute, Refs,
 };
 use crate::incident::{Incident, Phase};
+use crate::policy::{Outcome, Suppression};
 
 /// The dedup key of an incident's alert (stable across restarts and replicas).
 pub fn dedup_key(inc: &Incident) -> String {
@@ -70,6 +71,18 @@ fn trigger(
             "client": "rollback-responder",
         }),
     )
+}
+
+/// Whether the incident's alert was ever triggered. The only incident that never pages is one
+/// that waited out its trigger's `for` and was cancelled before it stopped waiting (its
+/// decision is still "too young"); every other one paged when it opened or stopped waiting.
+fn was_triggered(inc: &Incident) -> bool {
+    let too_young = |o: &Outcome| matches!(o, Outcome::Suppressed(Suppression::TooYoung { .. }));
+    let outcome = match &inc.decision.outcome {
+        Outcome::Suppressed(Suppression::DryRun { would }) => would.as_ref(),
+        o => o,
+    };
+    !(inc.phase == Phase::Cancelled && too_young(outcome))
 }
 
 /// PagerDuty events for a change.
@@ -149,7 +162,10 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
         }
     }
     if let Change::Closed = change {
-        out.push(simple("resolve"));
+        // A resolve for a dedup key PagerDuty never saw a trigger for is noise at best.
+        if was_triggered(inc) {
+            out.push(simple("resolve"));
+        }
         // The escalation page is its own alert: it closes with the incident too, or it would
         // page on after every alert has cleared.
         if is_escalation(inc.phase) {
@@ -243,6 +259,26 @@ mod tests {
         );
         let asking = Incident::sample(Phase::AwaitingApproval, now);
         assert_eq!(actions(&plan(&asking, &ctx, &Change::Opened, &route)), ["trigger"]);
+    }
+
+    #[test]
+    fn closing_an_incident_that_never_paged_sends_no_resolve() {
+        let route = PagerDutyRoute {
+            severity: Severity::Critical,
+            routing_key: None,
+        };
+        let ctx = Context::default();
+        let now = chrono::Utc::now();
+        let mut blip = Incident::sample(Phase::Cancelled, now);
+        blip.decision.outcome = Outcome::Suppressed(Suppression::TooYoung {
+            firing_for_secs: 10,
+            required_secs: 120,
+            recheck_at: now,
+        });
+        assert!(actions(&plan(&blip, &ctx, &Change::Closed, &route)).is_empty());
+        // Cancelled after it paged (it stopped waiting): resolved.
+        let paged = Incident::sample(Phase::Cancelled, now);
+        assert_eq!(actions(&plan(&paged, &ctx, &Change::Closed, &route)), ["resolve"]);
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Ve
             channel: channel.to_string(),
             text,
             blocks,
+            incident: Some(inc.id.0.clone()),
         }
     };
     let reply = |text: String| Message::SlackReply {
@@ -187,24 +188,49 @@ fn retryable_error(code: &str) -> bool {
     )
 }
 
-/// Posts or updates through the Web API.
+/// `event_type` of the metadata our incident messages carry.
+const METADATA_EVENT: &str = "rollback_responder_incident";
+
+/// Posts or updates through the Web API. The incident's first post carries the incident id
+/// as message metadata; when it is sent again (`retried`: an earlier attempt timed out or its
+/// answer was lost), the channel's recent history is looked through first, and a message an
+/// earlier attempt made is taken instead of posting a second one.
 pub async fn deliver(
     http: &reqwest::Client,
     api: &str,
     token: &SecretString,
     msg: &Message,
     refs: &BTreeMap<String, String>,
+    retried: bool,
 ) -> Result<Refs, DeliveryError> {
     let (method, body) = match msg {
-        Message::SlackRoot { channel, text, blocks } => match (refs.get("channel"), refs.get("ts")) {
+        Message::SlackRoot {
+            channel,
+            text,
+            blocks,
+            incident,
+        } => match (refs.get("channel"), refs.get("ts")) {
             (Some(c), Some(ts)) => (
                 "chat.update",
                 json!({ "channel": c, "ts": ts, "text": text, "blocks": blocks }),
             ),
-            _ => (
-                "chat.postMessage",
-                json!({ "channel": channel, "text": text, "blocks": blocks, "unfurl_links": false }),
-            ),
+            _ => {
+                if let (true, Some(id)) = (retried, incident) {
+                    match find_posted(http, api, token, channel, id).await {
+                        Ok(Some(found)) => return Ok(found),
+                        Ok(None) => {}
+                        // Best effort: without the scopes to look, post (a duplicate at worst).
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not look for an earlier post of this incident; posting")
+                        }
+                    }
+                }
+                let mut body = json!({ "channel": channel, "text": text, "blocks": blocks, "unfurl_links": false });
+                if let Some(id) = incident {
+                    body["metadata"] = json!({ "event_type": METADATA_EVENT, "event_payload": { "incident_id": id } });
+                }
+                ("chat.postMessage", body)
+            }
         },
         Message::SlackReply { channel, text } => {
             let c = refs.get("channel").cloned().unwrap_or_else(|| channel.clone());
@@ -266,6 +292,97 @@ pub async fn deliver(
         }
     }
     Ok(vec![])
+}
+
+/// A Web API read; `Err` names the method and Slack's error.
+async fn api_get(
+    http: &reqwest::Client,
+    api: &str,
+    token: &SecretString,
+    method: &str,
+    query: &[(&str, &str)],
+) -> Result<Value, String> {
+    let resp = http
+        .get(format!("{api}/{method}"))
+        .query(query)
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(|e| format!("{method}: {e}"))?;
+    let status = resp.status();
+    let v: Value = resp.json().await.map_err(|e| format!("{method}: HTTP {status}: {e}"))?;
+    if v["ok"].as_bool() == Some(true) {
+        Ok(v)
+    } else {
+        Err(format!("{method}: {}", v["error"].as_str().unwrap_or("unknown_error")))
+    }
+}
+
+/// The handles of a message in `channel` (a name `#x` or an id) whose metadata names
+/// `incident`, among the channel's latest 200 (scopes `channels:history`, and `channels:read`
+/// to resolve a name).
+async fn find_posted(
+    http: &reqwest::Client,
+    api: &str,
+    token: &SecretString,
+    channel: &str,
+    incident: &str,
+) -> Result<Option<Refs>, String> {
+    let id = match channel.strip_prefix('#') {
+        None => channel.to_string(),
+        Some(name) => {
+            let mut cursor = String::new();
+            let mut found = None;
+            // At most ten pages of a thousand channels.
+            for _ in 0..10 {
+                let v = api_get(
+                    http,
+                    api,
+                    token,
+                    "conversations.list",
+                    &[
+                        ("types", "public_channel,private_channel"),
+                        ("exclude_archived", "true"),
+                        ("limit", "1000"),
+                        ("cursor", &cursor),
+                    ],
+                )
+                .await?;
+                found = v["channels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["name"] == name)
+                    .and_then(|c| c["id"].as_str())
+                    .map(str::to_string);
+                cursor = v["response_metadata"]["next_cursor"].as_str().unwrap_or("").to_string();
+                if found.is_some() || cursor.is_empty() {
+                    break;
+                }
+            }
+            match found {
+                Some(id) => id,
+                None => return Ok(None),
+            }
+        }
+    };
+    let v = api_get(
+        http,
+        api,
+        token,
+        "conversations.history",
+        &[("channel", &id), ("limit", "200"), ("include_all_metadata", "true")],
+    )
+    .await?;
+    Ok(v["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| {
+            m["metadata"]["event_type"] == METADATA_EVENT && m["metadata"]["event_payload"]["incident_id"] == incident
+        })
+        .and_then(|m| m["ts"].as_str())
+        .map(|ts| vec![("channel".into(), id.clone()), ("ts".into(), ts.to_string())]))
 }
 
 /// Slack user-group membership, for approvers named by group (`usergroups.users.list`,

@@ -1,6 +1,9 @@
-//! Statuspage: an incident with the policy's components degraded when a rollback starts,
-//! `monitoring` once it is verified, `resolved` (components operational) when the incident
-//! closes. Seed 000 asks for the status page within 15 minutes of a rollback.
+//! Statuspage: an incident with the policy's components degraded once the rollback action has
+//! run, `monitoring` once it is verified, `resolved` (components operational) when the
+//! incident closes. Seed 000 asks for the status page within 15 minutes of a rollback. The
+//! public text says only what happened: "rolled back" when the action changed the target,
+//! "investigating" when it did not (already reverted, pre-check refused, failed), nothing at
+//! all when nothing could act (a dry run).
 
 use std::collections::BTreeMap;
 
@@ -18,25 +21,57 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
         .map(|(id, st)| (id, serde_json::to_value(st).unwrap_or(Value::Null)))
         .collect();
     match (entered(inc, change), change) {
-        (Some(Phase::Executing), _) => vec![Message::StatuspageCreate {
-            body: json!({ "incident": {
-                "name": format!("{}: degraded service, rolling back a release", inc.service),
-                "status": "identified",
-                // Customers read this: the service, not our internal alert names.
-                "body": format!("We identified a problem with the latest release of {} and are rolling it back.", inc.service),
-                "component_ids": route.components.keys().collect::<Vec<_>>(),
-                "components": components,
-                "deliver_notifications": route.deliver_notifications,
-            }}),
-        }],
+        // Once the action has run, so the text can say what it did.
+        (
+            Some(to),
+            Change::Phase {
+                from: Phase::Executing, ..
+            },
+        ) if to != Phase::DryRun => {
+            let rolled_back = to == Phase::Verifying && inc.executed();
+            // Customers read this: the service, not our internal alert names.
+            let (name, status, body) = if rolled_back {
+                (
+                    format!("{}: degraded service, release rolled back", inc.service),
+                    "identified",
+                    format!(
+                        "We identified a problem with the latest release of {} and rolled it back. \
+                         We are checking that the service has recovered.",
+                        inc.service
+                    ),
+                )
+            } else {
+                (
+                    format!("{}: degraded service", inc.service),
+                    "investigating",
+                    format!("We identified a problem with {} and are investigating.", inc.service),
+                )
+            };
+            vec![Message::StatuspageCreate {
+                body: json!({ "incident": {
+                    "name": name,
+                    "status": status,
+                    "body": body,
+                    "component_ids": route.components.keys().collect::<Vec<_>>(),
+                    "components": components,
+                    "deliver_notifications": route.deliver_notifications,
+                    // Lets a retried create find the incident an earlier attempt made.
+                    "metadata": { METADATA_KEY: { "incident_id": inc.id } },
+                }}),
+            }]
+        }
         (Some(Phase::Verified), _) => vec![Message::StatuspageUpdate {
             body: json!({ "incident": {
                 "status": "monitoring",
-                "body": format!("The previous version of {} is serving all traffic again and is healthy. We are monitoring.", inc.service),
+                "body": if inc.executed() {
+                    format!("The previous version of {} is serving all traffic again and is healthy. We are monitoring.", inc.service)
+                } else {
+                    format!("{} is healthy again. We are monitoring.", inc.service)
+                },
                 "deliver_notifications": route.deliver_notifications,
             }}),
         }],
-        // Every phase that went through `executing` has a status page incident to close.
+        // Every phase that left `executing` (but for a dry run) has a status page incident.
         (_, Change::Closed) if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) => {
             let operational: BTreeMap<&String, &str> = route.components.keys().map(|id| (id, "operational")).collect();
             vec![Message::StatuspageUpdate {
@@ -61,7 +96,13 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
     }
 }
 
-/// Creates or updates the page's incident; the created id is returned as a handle.
+/// Metadata key under which a created incident carries our incident id.
+const METADATA_KEY: &str = "rollback_responder";
+
+/// Creates or updates the page's incident; the created id is returned as a handle. A create
+/// sent before (`retried`: an earlier attempt timed out or its answer was lost) may have
+/// reached Statuspage: the page's unresolved incidents are looked through first, and one
+/// carrying this incident's id is taken instead of creating a second.
 pub async fn deliver(
     http: &reqwest::Client,
     base: &str,
@@ -69,7 +110,14 @@ pub async fn deliver(
     page: &str,
     msg: &Message,
     refs: &BTreeMap<String, String>,
+    retried: bool,
 ) -> Result<Refs, DeliveryError> {
+    if let (Message::StatuspageCreate { body }, true) = (msg, retried) {
+        let ours = &body["incident"]["metadata"][METADATA_KEY]["incident_id"];
+        if let Some(id) = find_created(http, base, key, page, ours).await? {
+            return Ok(vec![("incident_id".into(), id)]);
+        }
+    }
     let req = match msg {
         Message::StatuspageCreate { body } => http.post(format!("{base}/pages/{page}/incidents")).json(body),
         Message::StatuspageUpdate { body } => {
@@ -106,4 +154,128 @@ pub async fn deliver(
         });
     }
     Ok(vec![])
+}
+
+/// The id of the page's unresolved incident whose metadata names `ours`, if any.
+async fn find_created(
+    http: &reqwest::Client,
+    base: &str,
+    key: &SecretString,
+    page: &str,
+    ours: &Value,
+) -> Result<Option<String>, DeliveryError> {
+    if !ours.is_string() {
+        return Ok(None);
+    }
+    let resp = http
+        .get(format!("{base}/pages/{page}/incidents/unresolved"))
+        .header("authorization", format!("OAuth {}", key.expose_secret()))
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let text = resp.text().await.map_err(transport_error)?;
+    if !status.is_success() {
+        return Err(classify_status(status, retry_after.as_ref(), &text));
+    }
+    let list: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| &i["metadata"][METADATA_KEY]["incident_id"] == ours)
+        .and_then(|i| i["id"].as_str())
+        .map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ComponentStatus;
+
+    fn route() -> StatuspageRoute {
+        StatuspageRoute {
+            components: [("cmp".to_string(), ComponentStatus::PartialOutage)].into(),
+            deliver_notifications: false,
+        }
+    }
+
+    fn left_executing(inc: &Incident, to: Phase) -> Vec<Message> {
+        let detail = Value::Null;
+        let change = Change::Phase {
+            from: Phase::Executing,
+            to,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        plan(inc, &change, &route())
+    }
+
+    fn texts(messages: &[Message]) -> Vec<String> {
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::StatuspageCreate { body } | Message::StatuspageUpdate { body } => {
+                    Some(format!("{} | {}", body["incident"]["name"], body["incident"]["body"]))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn public_text_says_rolled_back_only_when_the_action_changed_the_target() {
+        let now = chrono::Utc::now();
+        let started = Incident::sample(Phase::Executing, now);
+        let detail = Value::Null;
+        let entering = Change::Phase {
+            from: Phase::AwaitingApproval,
+            to: Phase::Executing,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        assert!(
+            plan(&started, &entering, &route()).is_empty(),
+            "nothing is said before the action ran"
+        );
+
+        let mut wrote = Incident::sample(Phase::Verifying, now);
+        wrote.acted_at = Some(now);
+        assert_eq!(
+            texts(&left_executing(&wrote, Phase::Verifying)),
+            ["\"svc: degraded service, release rolled back\" | \"We identified a problem with the latest release of svc \
+              and rolled it back. We are checking that the service has recovered.\""]
+        );
+        // Found already reverted (someone else did it): nothing rolled back by us.
+        let found = Incident::sample(Phase::Verifying, now);
+        let said = texts(&left_executing(&found, Phase::Verifying));
+        assert_eq!(
+            said,
+            ["\"svc: degraded service\" | \"We identified a problem with svc and are investigating.\""]
+        );
+        let verified = Incident::sample(Phase::Verified, now);
+        let detail = Value::Null;
+        let passed = Change::Phase {
+            from: Phase::Verifying,
+            to: Phase::Verified,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        let said = texts(&plan(&verified, &passed, &route())).join("\n");
+        assert!(
+            said.contains("svc is healthy again") && !said.contains("serving all traffic"),
+            "{said}"
+        );
+        // The pre-check refused: failed, never "rolled back"; a dry run says nothing at all.
+        let refused = Incident::sample(Phase::Failed, now);
+        let said = texts(&left_executing(&refused, Phase::Failed)).join("\n");
+        assert!(!said.contains("roll"), "{said}");
+        let dry = Incident::sample(Phase::DryRun, now);
+        assert!(left_executing(&dry, Phase::DryRun).is_empty());
+        assert!(plan(&dry, &Change::Closed, &route()).is_empty());
+    }
 }

@@ -6,6 +6,7 @@
 //! (`worker.rs`); the store's conditional updates decide which replica does a piece of work,
 //! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
 
+mod act;
 mod human;
 mod verify;
 
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tracing::{info, warn, Instrument};
 
-use crate::action::{ActionReport, Executors, Target};
+use crate::action::Executors;
 use crate::alert::AlertStatus;
 use crate::incident::{should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase};
 use crate::metrics::Metrics;
@@ -637,142 +638,6 @@ impl Responder {
         self.record_start(tx, inc, now).await
     }
 
-    /// The `action_started` mark (and its note): a replica taking over later reads it to know
-    /// that an earlier attempt may already have written to the target.
-    async fn record_start(&self, tx: &mut StoreTx, inc: &Incident, now: DateTime<Utc>) -> Result<(), StepError> {
-        let target: Target =
-            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
-        let started = format!(
-            "{}: {}",
-            if notify::is_dry_run(inc) {
-                "dry run"
-            } else {
-                "rolling back"
-            },
-            target.describe()
-        );
-        Self::record(
-            tx,
-            inc,
-            "action_started",
-            &self.replica,
-            started.clone(),
-            json!({ "dry_run": notify::is_dry_run(inc) }),
-            now,
-        )
-        .await?;
-        self.tell(tx, inc, Change::Note { summary: &started }, now).await?;
-        Ok(())
-    }
-
-    async fn run_claimed(&self, id: &IncidentId, started: bool) -> Result<(), StepError> {
-        let Some(mut inc) = self.store.incident(id).await? else {
-            return Ok(());
-        };
-        if inc.phase == Phase::Executing {
-            let target: Target =
-                serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
-            let dry_run = notify::is_dry_run(&inc);
-            let mut interrupted = None;
-            if !started {
-                // An earlier start on this incident without a result (the phase is still
-                // `executing`): that replica died or was stopped mid-action, maybe after its
-                // write.
-                interrupted = self
-                    .store
-                    .events(id)
-                    .await?
-                    .iter()
-                    .rev()
-                    .find(|e| e.kind == "action_started")
-                    .map(|e| e.actor.clone());
-                let mut tx = self.store.begin().await?;
-                self.record_start(&mut tx, &inc, Utc::now()).await?;
-                self.commit(tx, &inc).await?;
-            }
-
-            let started = Instant::now();
-            let (result, steps) = self.with_lease(id, self.executors.execute(&target, dry_run)).await;
-            let secs = started.elapsed().as_secs_f64();
-            let now = Utc::now();
-            let mut tx = self.store.begin().await?;
-            let Some(fresh) = tx.incident(id).await? else {
-                return Ok(());
-            };
-            inc = fresh;
-            for step in steps {
-                let summary = step_summary(&step);
-                Self::record(&mut tx, &inc, "action_step", &self.replica, summary, step, now).await?;
-            }
-            match result {
-                Ok(report) => {
-                    self.metrics.action(
-                        target.kind().as_str(),
-                        if report.dry_run {
-                            "dry_run"
-                        } else if report.changed {
-                            "changed"
-                        } else {
-                            "no_op"
-                        },
-                        secs,
-                    );
-                    if report.changed {
-                        inc.acted_at = Some(now);
-                        self.metrics
-                            .alert_to_action((now - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
-                    }
-                    let ActionReport {
-                        changed,
-                        dry_run,
-                        mut summary,
-                        detail,
-                    } = report;
-                    // Found reverted after an interrupted attempt: most likely that attempt's
-                    // write (a crash after AWS applied it). Count it as this incident's rollback,
-                    // or the guards (cooldown, rate limits) and people (PagerDuty change event,
-                    // "executed") would never learn that the target was changed.
-                    if let Some(by) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
-                        inc.acted_at = Some(now);
-                        summary.push_str(&format!(
-                            " (an interrupted earlier attempt by {by} most likely wrote it: counted as this incident's rollback)"
-                        ));
-                    }
-                    self.apply(
-                        &mut tx,
-                        &mut inc,
-                        Event::ActionSucceeded { changed, dry_run },
-                        &self.replica,
-                        summary,
-                        detail,
-                        now,
-                    )
-                    .await?;
-                }
-                Err(e) => {
-                    self.metrics.action(target.kind().as_str(), "failed", secs);
-                    warn!(error = %e, "rollback action failed; escalating");
-                    self.apply(
-                        &mut tx,
-                        &mut inc,
-                        Event::ActionFailed,
-                        &self.replica,
-                        format!("rollback failed: {e}; nothing more will be tried automatically, a human must act"),
-                        json!({ "error": e.to_string(), "detail": e.detail() }),
-                        now,
-                    )
-                    .await?;
-                }
-            }
-            self.close_if_done(&mut tx, &mut inc, now).await?;
-            self.commit(tx, &inc).await?;
-        }
-        if inc.phase == Phase::Verifying {
-            self.verify(&mut inc).await?;
-        }
-        Ok(())
-    }
-
     /// Runs `fut` while renewing this replica's lease on the incident, so a long action
     /// (a gradual shift) is not taken over by another replica.
     async fn with_lease<T>(&self, id: &IncidentId, fut: impl std::future::Future<Output = T>) -> T {
@@ -972,44 +837,6 @@ fn approval_timeout_action(outcome: &Outcome) -> policy::OnTimeout {
         Outcome::EscalateLater { .. } => policy::OnTimeout::Rollback,
         Outcome::Suppressed(Suppression::DryRun { would }) => approval_timeout_action(would),
         _ => policy::OnTimeout::Escalate,
-    }
-}
-
-/// One line per executor step: what it did, with the AWS code for failed attempts.
-fn step_summary(step: &Value) -> String {
-    let kind = step.get("step").and_then(Value::as_str).unwrap_or("step");
-    match kind {
-        "attempt_failed" => format!(
-            "{} attempt {} failed: {} {}{}",
-            step["operation"].as_str().unwrap_or("?"),
-            step["attempt"],
-            step["code"].as_str().unwrap_or("?"),
-            step["message"].as_str().unwrap_or(""),
-            if step["will_retry"].as_bool() == Some(true) {
-                " (retrying)"
-            } else {
-                " (not retried)"
-            }
-        ),
-        "pre_check" => format!(
-            "pre-check: {} of {} required targets healthy in the stable group",
-            step["healthy"], step["required"]
-        ),
-        "wrote" => format!(
-            "{} written ({}% stable)",
-            step["operation"].as_str().unwrap_or("?"),
-            step["stable_percent"]
-        ),
-        "read_back" => format!(
-            "read back: {}% stable, {}",
-            step["stable_percent"],
-            if step["matches"].as_bool() == Some(true) {
-                "as written"
-            } else {
-                "NOT as written"
-            }
-        ),
-        other => other.replace('_', " "),
     }
 }
 

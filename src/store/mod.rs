@@ -540,6 +540,9 @@ pub struct OutboxRow {
     pub channel: String,
     pub payload: String,
     pub attempts: u32,
+    /// Claimed from a sender whose lease ran out before it settled the message (it died
+    /// mid-request, maybe after the channel got it).
+    pub taken_over: bool,
 }
 
 impl Store {
@@ -573,6 +576,15 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<OutboxRow>> {
         let until = ms(lease_end(now, lease));
+        // An owner is cleared whenever a sender settles or reschedules the message; one still
+        // set when its lease has run out is a sender that died mid-request.
+        let previous: Option<String> = sqlx::query("SELECT owner FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<Option<String>, _>(0))
+            .transpose()?
+            .flatten();
         let r = sqlx::query(
             "UPDATE outbox SET owner = $1, lease_until = $2 WHERE id = $3 AND state = 'pending' AND (owner IS NULL OR lease_until < $4)",
         )
@@ -595,6 +607,7 @@ impl Store {
             channel: row.try_get("channel")?,
             payload: row.try_get("payload")?,
             attempts: row.try_get::<i64, _>("attempts")? as u32,
+            taken_over: previous.is_some(),
         }))
     }
 

@@ -274,12 +274,7 @@ async fn unknown_listener_and_rule_are_not_found_without_retry() {
     let failed: Vec<_> = steps
         .iter()
         .filter_map(|s| match s {
-            AlbStep::AttemptFailed {
-                attempt,
-                code,
-                will_retry,
-                ..
-            } => Some((*attempt, code.clone(), *will_retry)),
+            AlbStep::AttemptFailed(a) => Some((a.attempt, a.code.clone(), a.will_retry)),
             _ => None,
         })
         .collect();
@@ -461,14 +456,9 @@ async fn throttling_is_retried_and_every_attempt_reported() {
     let failed: Vec<(u32, bool)> = steps
         .iter()
         .filter_map(|s| match s {
-            AlbStep::AttemptFailed {
-                attempt,
-                will_retry,
-                code,
-                ..
-            } => {
-                assert_eq!(code, "Throttling");
-                Some((*attempt, *will_retry))
+            AlbStep::AttemptFailed(a) => {
+                assert_eq!(a.code, "Throttling");
+                Some((a.attempt, a.will_retry))
             }
             _ => None,
         })
@@ -506,7 +496,7 @@ async fn transient_errors_then_success() {
     assert_eq!((fake.writes(), fake.weights()), (1, fake_weights(100, 0)));
     assert!(matches!(
         &steps[0],
-        AlbStep::AttemptFailed { attempt: 1, will_retry: true, code, .. } if code == "ServiceUnavailable"
+        AlbStep::AttemptFailed(a) if a.attempt == 1 && a.will_retry && a.code == "ServiceUnavailable"
     ));
 }
 

@@ -326,7 +326,7 @@ async fn transient_503_is_resent() {
     ));
     assert!(records
         .iter()
-        .any(|r| matches!(r, KubeStepRecord::TransientRetry { attempt: 1, .. })));
+        .any(|r| matches!(r, KubeStepRecord::AttemptFailed(a) if a.attempt == 1 && a.will_retry)));
 }
 
 fn tpl(version: &str, hash: Option<&str>) -> Value {

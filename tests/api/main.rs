@@ -6,6 +6,7 @@ mod alb;
 mod alertmanager;
 mod approvals;
 mod edges;
+mod faults_actions;
 mod faults_store;
 mod fuzz;
 mod helpers;

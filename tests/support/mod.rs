@@ -7,6 +7,7 @@ pub mod aws_proxy;
 pub mod fake_elb;
 pub mod fake_kube;
 pub mod fake_notify;
+pub mod fault_proxy;
 pub mod log_capture;
 pub mod moto;
 pub mod pg;

@@ -1,0 +1,363 @@
+//! Acting on a claimed incident: record the start, run the executor, and record each of its
+//! steps as it happens, then settle the incident on the result.
+//!
+//! Comes after a decision, an approval or an expiry moved the incident into `executing` and
+//! this replica holds its lease; verification follows ([`Responder::verify`]). Every step the
+//! executor reports reaches the timeline with its own time while the action runs (a gradual
+//! shift shows each write when it happens), and the notable ones (writes, failed calls) reach
+//! the Slack thread as they happen too. A revert that changed part of the target before it
+//! failed counts as a rollback (acted_at is set, so cooldown and rate limits apply) and says
+//! what took and what failed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::action::{ActionError, ActionReport, Step, Target};
+use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::notify::{self, Change};
+
+use super::{Responder, StepError};
+
+/// An executor step with the time it happened.
+#[derive(Debug, Clone)]
+struct Timed {
+    at: DateTime<Utc>,
+    step: Step,
+}
+
+/// An earlier attempt at this incident's action that never recorded a result.
+#[derive(Debug, Clone, PartialEq)]
+struct Interrupted {
+    /// Who started the last attempt.
+    started_by: String,
+    /// Who recorded the plan of a write (not a dry run) before dying, if any attempt did.
+    wrote: Option<String>,
+}
+
+impl Interrupted {
+    fn find(events: &[crate::store::EventRecord]) -> Option<Interrupted> {
+        let started_by = events.iter().rev().find(|e| e.kind == "action_started")?.actor.clone();
+        let wrote = events
+            .iter()
+            .find(|e| e.kind == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
+            .map(|e| e.actor.clone());
+        Some(Interrupted { started_by, wrote })
+    }
+}
+
+/// What running the executor left: its result, the steps that changed the target, and steps
+/// the store could not take while the action ran (recorded with the result instead).
+struct Ran {
+    result: Result<ActionReport, ActionError>,
+    applied: Vec<Timed>,
+    unrecorded: Vec<Timed>,
+    secs: f64,
+}
+
+impl Responder {
+    /// The `action_started` mark (and its note): a replica taking over later reads it to know
+    /// that an earlier attempt may already have written to the target.
+    pub(super) async fn record_start(
+        &self,
+        tx: &mut crate::store::StoreTx,
+        inc: &Incident,
+        now: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        let target: Target =
+            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+        let dry_run = notify::is_dry_run(inc);
+        // Never announce a rollback this responder cannot carry out.
+        let started = match self.executors.missing_for(&inc.policy, &target) {
+            Some(_) if !dry_run => format!(
+                "not executing (no {} executor is configured on this responder): would {}",
+                target.kind().as_str(),
+                target.describe()
+            ),
+            _ => format!(
+                "{}: {}",
+                if dry_run { "dry run" } else { "rolling back" },
+                target.describe()
+            ),
+        };
+        Self::record(
+            tx,
+            inc,
+            "action_started",
+            &self.replica,
+            started.clone(),
+            json!({ "dry_run": dry_run, "executor_configured": self.executors.can_execute(&target) }),
+            now,
+        )
+        .await?;
+        self.tell(tx, inc, Change::Note { summary: &started }, now).await?;
+        Ok(())
+    }
+
+    pub(super) async fn run_claimed(&self, id: &IncidentId, started: bool) -> Result<(), StepError> {
+        let Some(mut inc) = self.store.incident(id).await? else {
+            return Ok(());
+        };
+        if inc.phase == Phase::Executing {
+            let target: Target =
+                serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+            let dry_run = notify::is_dry_run(&inc);
+            let mut interrupted = None;
+            if !started {
+                // An earlier start on this incident without a result (the phase is still
+                // `executing`): that replica died or was stopped mid-action, maybe after its
+                // write.
+                interrupted = Interrupted::find(&self.store.events(id).await?);
+                let mut tx = self.store.begin().await?;
+                self.record_start(&mut tx, &inc, Utc::now()).await?;
+                self.commit(tx, &inc).await?;
+            }
+
+            let ran = self.execute_recording(&inc, &target, dry_run).await;
+            let now = Utc::now();
+            let mut tx = self.store.begin().await?;
+            let Some(fresh) = tx.incident(id).await? else {
+                return Ok(());
+            };
+            inc = fresh;
+            for t in ran.unrecorded {
+                Self::record(
+                    &mut tx,
+                    &inc,
+                    "action_step",
+                    &self.replica,
+                    t.step.summary,
+                    t.step.detail,
+                    t.at,
+                )
+                .await?;
+            }
+            // When the target first changed: what cooldowns and rate limits count from.
+            let first_write = ran.applied.first().map(|t| t.at);
+            match ran.result {
+                Ok(report) => {
+                    self.metrics.action(
+                        target.kind().as_str(),
+                        if report.dry_run {
+                            "dry_run"
+                        } else if report.changed {
+                            "changed"
+                        } else {
+                            "no_op"
+                        },
+                        ran.secs,
+                    );
+                    if report.changed {
+                        let at = first_write.unwrap_or(now);
+                        inc.acted_at = Some(at);
+                        self.metrics
+                            .alert_to_action((at - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
+                    }
+                    let ActionReport {
+                        changed,
+                        dry_run,
+                        mut summary,
+                        detail,
+                    } = report;
+                    // Found reverted after an interrupted attempt. If that attempt had got as
+                    // far as a write (its intent is recorded before anything is sent), the
+                    // revert is most likely its write (a crash after AWS applied it): count it,
+                    // or the guards (cooldown, rate limits) and people (PagerDuty change event,
+                    // "executed") would never learn that we changed the target. If it had not,
+                    // somebody else reverted it: not our rollback.
+                    if let Some(i) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
+                        match &i.wrote {
+                            Some(by) => {
+                                inc.acted_at = Some(now);
+                                summary.push_str(&format!(
+                                    " (an interrupted earlier attempt by {by} had begun to write it: counted as this \
+                                     incident's rollback)"
+                                ));
+                            }
+                            None => summary.push_str(&format!(
+                                " (the interrupted earlier attempt by {} had not begun to write, so somebody else \
+                                 reverted it: not counted as this incident's rollback)",
+                                i.started_by
+                            )),
+                        }
+                    }
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::ActionSucceeded { changed, dry_run },
+                        &self.replica,
+                        summary,
+                        detail,
+                        now,
+                    )
+                    .await?;
+                }
+                Err(e) => {
+                    self.metrics.action(target.kind().as_str(), "failed", ran.secs);
+                    warn!(error = %e, partial = ran.applied.len(), "rollback action failed; escalating");
+                    if let Some(at) = first_write {
+                        // A partial revert changed the target: it is a rollback for the guards.
+                        inc.acted_at = Some(at);
+                        self.metrics
+                            .alert_to_action((at - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
+                    }
+                    let took: Vec<String> = ran
+                        .applied
+                        .iter()
+                        .map(|t| format!("{} (at {})", t.step.summary, t.at.format("%H:%M:%S UTC")))
+                        .collect();
+                    let summary = failure_summary(&took, &e);
+                    self.apply(
+                        &mut tx,
+                        &mut inc,
+                        Event::ActionFailed,
+                        &self.replica,
+                        summary,
+                        json!({ "error": e.to_string(), "detail": e.detail(), "applied": took }),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+            self.close_if_done(&mut tx, &mut inc, now).await?;
+            self.commit(tx, &inc).await?;
+        }
+        if inc.phase == Phase::Verifying {
+            self.verify(&mut inc).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the executor under the lease, recording each step in the store as it arrives;
+    /// before each write, the steps reported so far (the write's plan among them) are
+    /// committed, so a takeover can tell whether we had begun to write.
+    async fn execute_recording(&self, inc: &Incident, target: &Target, dry_run: bool) -> Ran {
+        let (sender, mut steps) = mpsc::unbounded_channel::<Timed>();
+        let sent = AtomicU64::new(0);
+        let (recorded_tx, recorded_rx) = watch::channel(0u64);
+        let started = Instant::now();
+        let sent_ref = &sent;
+        let before_write = move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            let want = sent_ref.load(Ordering::SeqCst);
+            let mut recorded = recorded_rx.clone();
+            Box::pin(async move {
+                // An error means the recorder is gone (it outlives the executor): go on.
+                let _ = recorded.wait_for(|n| *n >= want).await;
+            })
+        };
+        let before_write = &before_write;
+        let run = async move {
+            let mut on_step = |step: Step| {
+                sent_ref.fetch_add(1, Ordering::SeqCst);
+                // The receiver lives until every sender is gone; a send cannot fail before.
+                let _ = sender.send(Timed { at: Utc::now(), step });
+            };
+            self.executors
+                .execute(target, dry_run, &mut on_step, before_write)
+                .await
+        };
+        let record = async {
+            let (mut applied, mut unrecorded) = (Vec::new(), Vec::new());
+            while let Some(t) = steps.recv().await {
+                if t.step.applied {
+                    applied.push(t.clone());
+                }
+                if let Err(e) = self.record_step(inc, &t).await {
+                    // Kept for the result's transaction: a store blip loses no step.
+                    warn!(error = %e, "could not record an action step as it happened; recording it with the result");
+                    unrecorded.push(t);
+                }
+                recorded_tx.send_modify(|n| *n += 1);
+            }
+            (applied, unrecorded)
+        };
+        let (result, (applied, unrecorded)) = self.with_lease(&inc.id, async { tokio::join!(run, record) }).await;
+        Ran {
+            result,
+            applied,
+            unrecorded,
+            secs: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// One step in its own transaction: the timeline entry, and a Slack line if notable.
+    async fn record_step(&self, inc: &Incident, t: &Timed) -> Result<(), StepError> {
+        let mut tx = self.store.begin().await?;
+        Self::record(
+            &mut tx,
+            inc,
+            "action_step",
+            &self.replica,
+            t.step.summary.clone(),
+            t.step.detail.clone(),
+            t.at,
+        )
+        .await?;
+        if t.step.notable {
+            self.tell(
+                &mut tx,
+                inc,
+                Change::Note {
+                    summary: &t.step.summary,
+                },
+                t.at,
+            )
+            .await?;
+        }
+        self.commit(tx, inc).await
+    }
+}
+
+/// What people read when the action failed: what took before the failure (with its time),
+/// and the failed call.
+fn failure_summary(took: &[String], e: &ActionError) -> String {
+    if took.is_empty() {
+        format!("rollback failed, nothing was changed: {e}; nothing more will be tried automatically, a human must act")
+    } else {
+        format!(
+            "partial rollback: {} took; then it failed: {e}; the remaining steps were not done and nothing more \
+             will be tried automatically, a human must act",
+            took.join("; ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_summaries_say_what_took_and_what_failed_without_doubled_prefixes() {
+        let e = ActionError::PreCheck {
+            message: "pre-check failed: service portal/web: 0 of 2 pod(s) matching app=web are Ready, 2 required; \
+                      nothing was changed (code precheck_failed)"
+                .into(),
+            detail: serde_json::Value::Null,
+        };
+        let s = failure_summary(&[], &e);
+        assert!(
+            s.starts_with("rollback failed, nothing was changed: pre-check failed: service portal/web"),
+            "{s}"
+        );
+        assert_eq!(s.matches("pre-check failed").count(), 1, "{s}");
+
+        let e = ActionError::Failed {
+            message: "kubernetes API error 400 BadRequest: patch deployments/scale/web in portal: bad (code api)"
+                .into(),
+            detail: serde_json::Value::Null,
+        };
+        let s = failure_summary(&["service/web patched (attempt 1) (at 10:00:01 UTC)".to_string()], &e);
+        assert_eq!(
+            s,
+            "partial rollback: service/web patched (attempt 1) (at 10:00:01 UTC) took; then it failed: kubernetes API \
+             error 400 BadRequest: patch deployments/scale/web in portal: bad (code api); the remaining steps were not \
+             done and nothing more will be tried automatically, a human must act"
+        );
+    }
+}
