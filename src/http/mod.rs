@@ -71,6 +71,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/api/v1/incidents", get(api::list_incidents))
         .route("/api/v1/incidents/{id}", get(api::get_incident))
+        .route("/api/v1/alerts/undecidable", get(api::undecidable_alerts))
         .route("/api/v1/policies", get(api::policies))
         .route("/api/v1/freezes", get(api::freezes).post(api::freeze))
         .route("/api/v1/freezes/{scope}", axum::routing::delete(api::unfreeze))

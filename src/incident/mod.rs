@@ -122,7 +122,7 @@ impl Phase {
     /// The phase a fresh decision puts an incident in; `None` for "no match" (no incident).
     pub fn for_outcome(outcome: &Outcome) -> Option<Phase> {
         match outcome {
-            Outcome::NoMatch => None,
+            Outcome::NoMatch | Outcome::Undecidable { .. } => None,
             Outcome::Auto => Some(Phase::Executing),
             Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => Some(Phase::AwaitingApproval),
             Outcome::Suppressed(Suppression::TooYoung { .. }) => Some(Phase::Waiting),

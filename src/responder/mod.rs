@@ -36,6 +36,20 @@ pub enum StepError {
     Conflict(IncidentId),
     #[error("incident {0}: stored plan is unreadable: {1}")]
     Plan(IncidentId, String),
+    /// Deciding an alert panicked (a bug, or data nobody foresaw); caught, never fatal.
+    #[error("deciding alert {0} panicked: {1}")]
+    Panicked(i64, String),
+}
+
+impl StepError {
+    /// Whether retrying cannot help: the failure comes from the alert (its data, or a bug it
+    /// hits), not from the store or a race with another replica.
+    fn is_about_the_alert(&self) -> bool {
+        matches!(
+            self,
+            StepError::Panicked(..) | StepError::Transition(_) | StepError::Plan(..)
+        ) || matches!(self, StepError::Store(StoreError::Corrupt(_)))
+    }
 }
 
 /// The wiring, shared by the HTTP edge and the workers.
@@ -220,7 +234,7 @@ impl Responder {
         let mut work = Vec::new();
         let mut decided = 0;
         for stored in &claimed {
-            work.extend(self.decide_claimed(&mut tx, stored, &mut ctx).await?);
+            work.extend(self.decide_guarded(&mut tx, stored, &mut ctx).await?);
             decided += 1;
             if started.elapsed() > BATCH_BUDGET || (decided >= BATCH_MIN && self.store.intake_waiting()) {
                 break;
@@ -234,13 +248,27 @@ impl Responder {
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.
+    /// An alert whose decision panics or fails for good (its data, not the store) is marked
+    /// undecidable in a transaction of its own, so it never holds up the alerts behind it.
     async fn process_alert(&self, alert_id: i64) -> Result<Option<IncidentId>, StepError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut ctx = self.deciding().await?;
             let mut tx = self.store.begin().await?;
-            match self.decide_alert(&mut tx, alert_id, &mut ctx).await {
+            let decided = match tx.claim_alert(alert_id).await? {
+                Some(stored) => self.decide_guarded(&mut tx, &stored, &mut ctx).await,
+                None => Ok(None),
+            };
+            match decided {
+                Err(e) if e.is_about_the_alert() => {
+                    drop(tx);
+                    let problem = e.to_string();
+                    warn!(alert = alert_id, %problem, "alert cannot be decided; marked and skipped");
+                    self.metrics.decision("undecidable", "");
+                    self.store.mark_undecidable(alert_id, &problem).await?;
+                    return Ok(None);
+                }
                 Ok(work) => match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
                     Ok(_) => return Ok(work),
                     Err(e) if e.is_conflict() && attempt < 3 => continue,
@@ -255,6 +283,28 @@ impl Responder {
         }
     }
 
+    /// [`Responder::decide_claimed`], with a panic caught and turned into
+    /// [`StepError::Panicked`]: one alert's bad data never takes the decision loop down.
+    async fn decide_guarded(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        ctx: &mut Deciding,
+    ) -> Result<Option<IncidentId>, StepError> {
+        use futures::FutureExt;
+        std::panic::AssertUnwindSafe(self.decide_claimed(tx, stored, ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(StepError::Panicked(stored.id, msg))
+            })
+    }
+
     /// The shared context of a deciding transaction, read before it begins (on SQLite the
     /// transaction holds the only connection).
     async fn deciding(&self) -> Result<Deciding, StepError> {
@@ -265,20 +315,6 @@ impl Responder {
             history: Default::default(),
             named: Default::default(),
         })
-    }
-
-    /// Claims a pending alert in `tx` and acts on it; `None` if another worker took it first
-    /// or it leads to no action by this replica.
-    async fn decide_alert(
-        &self,
-        tx: &mut StoreTx,
-        alert_id: i64,
-        ctx: &mut Deciding,
-    ) -> Result<Option<IncidentId>, StepError> {
-        let Some(stored) = tx.claim_alert(alert_id).await? else {
-            return Ok(None);
-        };
-        self.decide_claimed(tx, &stored, ctx).await
     }
 
     /// Acts on an alert this transaction has claimed.
@@ -344,6 +380,13 @@ impl Responder {
         };
         let d = self.decide_for(&set, stored, history, freezes, now);
         self.metrics.decision(d.outcome.label(), &p.name);
+        if let Outcome::Undecidable { problem } = &d.outcome {
+            // Bad data: marked, listed by the API, and never in an incident's way.
+            warn!(alertname = stored.alert.alertname(), fingerprint = %stored.alert.fingerprint, %problem, "alert cannot be decided");
+            tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
+            tx.mark_undecidable(stored.id, problem).await?;
+            return Ok(None);
+        }
 
         if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
             // One open incident per target: further alerts join it and never start a second

@@ -9,6 +9,9 @@
 //! one replica can win.
 
 mod intake;
+mod undecidable;
+
+pub use undecidable::UndecidableAlert;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,6 +14,7 @@ mod operate;
 mod peers;
 mod rbac;
 mod replicas;
+mod sequences;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
