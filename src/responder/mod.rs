@@ -7,6 +7,7 @@
 //! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
 
 mod human;
+mod reconcile;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::action::{ActionReport, Executors, Target};
 use crate::alert::AlertStatus;
+use crate::incident::reconcile::{may_change, Candidate};
 use crate::incident::{should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase};
 use crate::metrics::Metrics;
 use crate::notify::{self, Change};
@@ -72,6 +74,8 @@ pub struct Responder {
     pub config_freezes: FreezeState,
     /// Prometheus base URL for verification queries.
     pub prometheus_url: Option<String>,
+    /// Set by a policy reload: the next tick decides waiting and pending incidents again.
+    redecide: std::sync::atomic::AtomicBool,
 }
 
 pub use human::HumanError;
@@ -132,6 +136,7 @@ impl Responder {
                 .unwrap_or_default(),
             prometheus_url: None,
             config_freezes: FreezeState::default(),
+            redecide: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -181,6 +186,7 @@ impl Responder {
             Err(poisoned) => poisoned.into_inner(),
         };
         *guard = Arc::new(set);
+        self.redecide.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Processes up to `batch` pending alerts, oldest first; returns incidents whose action
@@ -366,7 +372,7 @@ impl Responder {
     ) -> Result<Option<IncidentId>, StepError> {
         let (now, freezes) = (ctx.now, &ctx.freezes);
         let set = self.policies();
-        let Some((p, _)) = policy::find(&stored.alert, &set) else {
+        let Some((p, trigger)) = policy::find(&stored.alert, &set) else {
             let d = self.decide_for(&set, stored, &policy::History::default(), freezes, now);
             self.metrics.decision(d.outcome.label(), "");
             tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
@@ -390,9 +396,20 @@ impl Responder {
 
         if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
             // One open incident per target: further alerts join it and never start a second
-            // rollback; they can only promote a pending one (a stronger trigger fired).
+            // rollback; one that could change the next step (a stronger trigger, one that
+            // passes its `for` sooner, an automatic one after a deny) has it decided again.
             tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
-            let summary = format!("{} joined the incident ({})", describe_alert(stored), d.reason);
+            let joining = Candidate::new(d.clone(), trigger);
+            let mut applied = None;
+            if may_change(inc.phase, &inc.decision, inc.due_at, &joining, now) {
+                let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
+                applied = Some(self.reconcile(tx, &mut inc, &cands, freezes, now).await?);
+            }
+            let summary = format!(
+                "{} joined the incident ({})",
+                describe_alert(stored),
+                join_note(&d, &inc, applied.as_ref().and_then(|a| a.note.as_deref()))
+            );
             Self::record(
                 tx,
                 &inc,
@@ -415,31 +432,10 @@ impl Responder {
                 self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
             }
             ctx.named.insert(named);
-            let promotes = match (inc.phase, Phase::for_outcome(&d.outcome)) {
-                // Too young as well: only an earlier re-check is news. A later one would hold
-                // off a rollback that the first alert qualifies for at its own time, and in a
-                // storm every new instance would push it back again.
-                (Phase::Waiting, Some(Phase::Waiting)) => due_at(Phase::Waiting, &d.outcome)
-                    .zip(inc.due_at)
-                    .is_some_and(|(new, old)| new < old),
-                (Phase::Waiting, Some(_)) | (Phase::AwaitingApproval, Some(Phase::Executing)) => true,
-                _ => false,
-            };
-            if promotes {
-                let reason = d.reason.clone();
-                let event = Event::Decided {
-                    outcome: d.outcome.clone(),
-                };
-                inc.decision = d;
-                if self
-                    .apply(tx, &mut inc, event, SYSTEM, reason, Value::Null, now)
-                    .await?
-                    == Phase::Executing
-                {
-                    self.claim_and_start(tx, &mut inc, now).await?;
-                    ctx.history.clear();
-                    return Ok(Some(inc.id));
-                }
+            if applied.is_some_and(|a| a.executing) {
+                self.claim_and_start(tx, &mut inc, now).await?;
+                ctx.history.clear();
+                return Ok(Some(inc.id));
             }
             // Already executing (or not to be acted on): whoever holds it runs it, and work
             // whose holder died is picked up as unowned work.
@@ -540,100 +536,6 @@ impl Responder {
             self.close_if_done(tx, &mut inc, now).await?;
         }
         Ok(())
-    }
-
-    /// Re-decides waiting incidents and expires approval requests whose time has come.
-    pub async fn run_due(&self) -> Result<Vec<IncidentId>, StepError> {
-        let now = Utc::now();
-        let mut work = Vec::new();
-        for id in self.store.due_incidents(now).await? {
-            let freezes = self.freezes(now).await?;
-            let mut tx = self.store.begin().await?;
-            let Some(mut inc) = tx.incident(&id).await? else {
-                continue;
-            };
-            if inc.due_at.is_none_or(|d| d > now) {
-                continue;
-            }
-            match inc.phase {
-                Phase::Waiting => {
-                    let firing = tx.firing_alerts_of(&inc.id).await?;
-                    let Some(oldest) = firing.first() else {
-                        self.apply(
-                            &mut tx,
-                            &mut inc,
-                            Event::AllAlertsResolved,
-                            SYSTEM,
-                            "no alert fires any more".into(),
-                            Value::Null,
-                            now,
-                        )
-                        .await?;
-                        self.close_if_done(&mut tx, &mut inc, now).await?;
-                        self.commit(tx, &inc).await?;
-                        continue;
-                    };
-                    let set = self.policies();
-                    let history = match set.get(&inc.policy) {
-                        Some(p) => self.load_history(&mut tx, p, now).await?,
-                        None => policy::History::default(),
-                    };
-                    let d = self.decide_for(&set, oldest, &history, &freezes, now);
-                    self.metrics.decision(d.outcome.label(), &inc.policy);
-                    // A reload may have removed the trigger: "no match" cancels the wait.
-                    let reason = format!("re-evaluated: {}", d.reason);
-                    let event = Event::Decided {
-                        outcome: d.outcome.clone(),
-                    };
-                    inc.decision = d;
-                    self.apply(&mut tx, &mut inc, event, SYSTEM, reason, Value::Null, now)
-                        .await?;
-                }
-                Phase::AwaitingApproval => {
-                    let on_timeout = approval_timeout_action(&inc.decision.outcome);
-                    let summary = format!(
-                        "approval request expired; policy says {}",
-                        serde_json::to_value(on_timeout)
-                            .unwrap_or(Value::Null)
-                            .as_str()
-                            .unwrap_or("?")
-                    );
-                    // Rolling back on expiry is an automatic rollback, decided now: a freeze
-                    // switched on, or a rollback of the target, while the request was open
-                    // holds it like it would hold a fresh alert.
-                    let set = self.policies();
-                    let held = match (on_timeout, set.get(&inc.policy)) {
-                        (policy::OnTimeout::Rollback, Some(p)) => {
-                            let history = self.load_history(&mut tx, p, now).await?;
-                            policy::holds_automatic(p, &history, &freezes, &self.global, now)
-                        }
-                        _ => None,
-                    };
-                    let (event, summary) = match held {
-                        Some((why, reason)) => {
-                            let outcome = Outcome::Suppressed(why);
-                            inc.decision = Decision {
-                                outcome: outcome.clone(),
-                                reason: format!("{summary}, but {reason}"),
-                                policy_hash: set.hash.clone(),
-                                decided_at: now,
-                                ..inc.decision.clone()
-                            };
-                            (Event::ExpiryHeld { outcome }, inc.decision.reason.clone())
-                        }
-                        None => (Event::ApprovalExpired { on_timeout }, summary),
-                    };
-                    self.apply(&mut tx, &mut inc, event, SYSTEM, summary, Value::Null, now)
-                        .await?;
-                }
-                _ => continue,
-            }
-            self.commit(tx, &inc).await?;
-            if inc.phase == Phase::Executing {
-                work.push(inc.id.clone());
-            }
-        }
-        Ok(work)
     }
 
     async fn commit(&self, tx: StoreTx, inc: &Incident) -> Result<(), StepError> {
@@ -1070,7 +972,12 @@ fn opening(p: &policy::Policy, d: Decision, phase: Phase, context: &notify::Cont
         service: p.service.clone(),
         target_key: p.target.key(),
         phase,
-        due_at: due_at(phase, &d.outcome),
+        // A held incident is looked at again when its hold ends.
+        due_at: due_at(phase, &d.outcome).or_else(|| {
+            (phase == Phase::Suppressed)
+                .then(|| crate::incident::reconcile::hold_ends(&d.outcome, now))
+                .flatten()
+        }),
         plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
         alertname: String::new(),
         first_alert_starts_at: now,
@@ -1144,6 +1051,38 @@ fn step_summary(step: &Value) -> String {
         ),
         other => other.replace('_', " "),
     }
+}
+
+/// What a joining alert means for the incident, in words that promise only what will happen:
+/// its own decision's promise ("re-evaluated at", "roll back automatically") is repeated only
+/// when the incident acts on it.
+fn join_note(d: &Decision, inc: &Incident, note: Option<&str>) -> String {
+    let t = d.trigger.as_deref().unwrap_or("-");
+    let what = match &d.outcome {
+        Outcome::Suppressed(Suppression::TooYoung {
+            firing_for_secs,
+            required_secs,
+            ..
+        }) => format!("trigger {t}: firing for {firing_for_secs}s of the {required_secs}s it needs"),
+        Outcome::Auto => format!("trigger {t} qualifies for an automatic rollback"),
+        Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => format!("trigger {t} asks for approval"),
+        Outcome::Suppressed(Suppression::DryRun { .. }) => format!("trigger {t}, dry run"),
+        Outcome::Suppressed(_) => format!("trigger {t}: {}", d.reason),
+        Outcome::NoMatch | Outcome::Undecidable { .. } => d.reason.clone(),
+    };
+    let then = match (inc.phase, note) {
+        (_, Some(n)) => n.to_string(),
+        (Phase::Executing | Phase::Verifying, _) => "the rollback in progress covers it".into(),
+        (Phase::Verified | Phase::DryRun, _) => "the target was already rolled back for this incident".into(),
+        (Phase::Failed | Phase::VerificationFailed, _) => {
+            "no automatic rollback follows a failed one: a person must act (Approve, /rollback now)".into()
+        }
+        (p, _) => match inc.due_at {
+            Some(at) => format!("incident {p}, looked at again at {}", at.format("%H:%M:%SZ")),
+            None => format!("incident {p}"),
+        },
+    };
+    format!("{what}; {then}")
 }
 
 fn describe_alert(s: &StoredAlert) -> String {

@@ -9,8 +9,10 @@
 //! one replica can win.
 
 mod intake;
+mod reconcile;
 mod undecidable;
 
+pub use reconcile::REDECIDED;
 pub use undecidable::UndecidableAlert;
 
 use std::sync::Arc;
@@ -236,7 +238,8 @@ impl Store {
     /// Incidents whose due time has come: re-decisions and approval expiries.
     pub async fn due_incidents(&self, now: DateTime<Utc>) -> Result<Vec<IncidentId>> {
         let rows = sqlx::query(
-            "SELECT id FROM incidents WHERE phase IN ('waiting', 'awaiting_approval') AND due_at <= $1 ORDER BY due_at LIMIT 100",
+            "SELECT id FROM incidents WHERE phase IN ('waiting', 'awaiting_approval', 'suppressed', 'denied', 'escalated', 'gave_up')
+               AND due_at <= $1 ORDER BY due_at LIMIT 100",
         )
         .bind(ms(now))
         .fetch_all(&self.pool)

@@ -400,19 +400,32 @@ async fn unknown_ids_double_clicks_and_late_answers_make_one_decision() {
 }
 
 #[tokio::test]
-async fn an_expired_request_cannot_be_approved() {
+async fn after_the_request_escalated_an_approve_rolls_back_by_hand() {
     let w = world(1, "1s").await;
     let id = w.pending("ef01").await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
-    assert!(
-        text.contains("has expired") || text.contains("is not waiting for approval (it is escalated)"),
-        "{text}"
-    );
     w.app
         .wait_incident(&id, "escalated on timeout", |i| i["phase"] == "escalated")
         .await;
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 75);
+    assert_eq!(
+        weights(&w.fx.listener_actions().await)[0].1,
+        75,
+        "nothing automatic after the escalation"
+    );
+    // Issue 18 case 3: the approver is not told "already open"; the rollback runs.
+    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    let inc = w
+        .app
+        .wait_incident(&id, "rolled back by hand", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100, "{text}");
+    let by_hand = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "human_rollback")
+        .unwrap_or_else(|| panic!("{inc}"));
+    assert_eq!(by_hand["actor"], "slack:U0APPROVER");
+    assert_eq!(by_hand["phase_from"], "escalated");
 }
 
 #[tokio::test]
