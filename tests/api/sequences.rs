@@ -3,9 +3,10 @@
 //! incident's phase.
 
 use rollback_responder::action::Executors;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::*;
+use crate::peers::Alertmanager;
 use crate::support::alb_fixture::{weights, AlbFixture};
 
 fn uniq(prefix: &str) -> String {
@@ -107,5 +108,248 @@ async fn an_alert_past_the_calendar_is_set_aside_and_another_service_still_rolls
         app.responder.store.pending_alert_ids(10).await.unwrap(),
         Vec::<i64>::new(),
         "nothing left pending: the loop is not stuck on the bad alert"
+    );
+}
+
+/// The sequences policy: the shipped modes with `for`s of seconds, a 1-hour approval timeout (so
+/// nothing below can be explained by an expiry), and a cooldown of `cooldown`.
+fn mixed_policy(fx: &AlbFixture, svc: &str, cooldown: &str) -> String {
+    format!(
+        r#"
+name: {svc}
+service: {svc}
+matchers: ['service="{svc}"']
+target:
+  alb:
+    listener_arn: {}
+    stable_target_group_arn: {}
+triggers:
+  - name: health
+    matchers: ['alertname="HealthCheckFailing"']
+    for: 2s
+    mode: auto
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    for: 2s
+    mode: auto
+  - name: latency
+    matchers: ['alertname="HighLatency"']
+    mode: manual
+  - name: elevated
+    matchers: ['alertname="ElevatedErrorRate"']
+    for: 6s
+    mode: {{auto_after: 1h}}
+guards:
+  cooldown: {cooldown}
+approval:
+  approvers: {{slack_users: [U1]}}
+  timeout: 1h
+  on_timeout: escalate
+"#,
+        fx.listener_arn, fx.stable_tg
+    )
+}
+
+struct Seq {
+    fx: AlbFixture,
+    app: TestApp,
+    am: Alertmanager,
+    svc: String,
+    run: String,
+}
+
+impl Seq {
+    async fn start(cooldown: &str) -> Seq {
+        let fx = AlbFixture::start().await;
+        let svc = "shop".to_string();
+        let app = spawn_app(Options {
+            policies: vec![("shop.yaml", mixed_policy(&fx, &svc, cooldown))],
+            executors: Some(Executors {
+                alb: Some(fx.executor()),
+                ..Default::default()
+            }),
+            ..Options::default()
+        })
+        .await;
+        let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+        assert_eq!(
+            weights(&fx.listener_actions().await),
+            vec![(fx.stable_tg.clone(), 75), (fx.canary_tg.clone(), 25)]
+        );
+        Seq {
+            fx,
+            app,
+            am,
+            svc,
+            run: uniq("seq"),
+        }
+    }
+
+    fn labels(&self, name: &str) -> Value {
+        json!({"alertname": name, "service": self.svc, "severity": "critical", "run": self.run})
+    }
+
+    /// Fires `name` through Alertmanager, started now.
+    async fn fire(&self, name: &str) -> String {
+        let starts = ago(0);
+        self.am.post(self.labels(name), &starts, None).await;
+        starts
+    }
+
+    async fn stable_weight(&self) -> i32 {
+        weights(&self.fx.listener_actions().await)[0].1
+    }
+
+    async fn one_incident(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let list = self.app.wait_incidents(what, |l| l.len() == 1 && pred(&l[0])).await;
+        self.app.incident(list[0]["id"].as_str().unwrap()).await
+    }
+}
+
+fn summaries(inc: &Value) -> Vec<String> {
+    inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["kind"].as_str().unwrap_or(""),
+                e["summary"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// Case 1: a manual request is pending; an automatic health alert joins young and rolls back
+/// when it passes its `for`, not when the (1-hour) request expires. Alertmanager's re-sends
+/// carry the same startsAt and wake nothing: the due time is on the incident.
+#[tokio::test]
+async fn a_young_automatic_alert_joining_a_pending_request_rolls_back_when_it_is_old_enough() {
+    let s = Seq::start("1h").await;
+    s.fire("HighLatency").await;
+    s.one_incident("latency request pending", |i| i["phase"] == "awaiting_approval")
+        .await;
+    s.fire("HealthCheckFailing").await;
+    let inc = s
+        .one_incident("rolled back on the health trigger", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    assert_eq!(inc["trigger"], "health", "the stronger trigger names the incident");
+    let lines = summaries(&inc);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("decided: trigger health is stronger than latency")),
+        "{lines:#?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("approval_expired")), "{lines:#?}");
+}
+
+/// Case 5 (and 6): ElevatedErrorRate opens the incident (too young for 6 s), HighErrorRate
+/// joins and passes its 2 s first: the automatic trigger acts and names the incident instead
+/// of being re-evaluated from the oldest alert.
+#[tokio::test]
+async fn the_strongest_trigger_acts_even_when_a_weaker_one_opened_the_incident() {
+    let s = Seq::start("1h").await;
+    s.fire("ElevatedErrorRate").await;
+    let first = s.one_incident("elevated waiting", |i| i["phase"] == "waiting").await;
+    assert_eq!(first["trigger"], "elevated");
+    s.fire("HighErrorRate").await;
+    let inc = s
+        .one_incident("rolled back on the errors trigger", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    assert_eq!(inc["trigger"], "errors");
+    assert_eq!(inc["decision"]["trigger"], "errors");
+    assert_eq!(inc["decision"]["outcome"], "auto");
+}
+
+/// Case 2: a deny covers the request denied (the latency trigger); a health check that fires
+/// later still rolls back, and the thread says what the deny covered and why this acts.
+#[tokio::test]
+async fn after_a_deny_a_later_automatic_trigger_still_rolls_back_and_says_why() {
+    let s = Seq::start("1h").await;
+    s.fire("HighLatency").await;
+    let inc = s
+        .one_incident("latency request pending", |i| i["phase"] == "awaiting_approval")
+        .await;
+    let id = rollback_responder::incident::IncidentId(inc["id"].as_str().unwrap().to_string());
+    let who = rollback_responder::approval::Person::slack("U1", vec![]);
+    let r = s
+        .app
+        .responder
+        .vote(
+            &id,
+            &who,
+            rollback_responder::approval::Verdict::Deny {
+                reason: Some("latency is expected during the migration".into()),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, rollback_responder::approval::VoteResult::Denied);
+    assert_eq!(s.stable_weight().await, 75, "the deny rolled nothing back");
+
+    s.fire("HealthCheckFailing").await;
+    let inc = s
+        .one_incident("rolled back on the health trigger", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    let lines = summaries(&inc);
+    let acted = lines
+        .iter()
+        .find(|l| l.starts_with("decided: the deny earlier covered the request of trigger(s) latency"))
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(acted.contains("automatic trigger health"), "{acted}");
+}
+
+/// Case 4: a new incident held by the cooldown is decided again when the cooldown ends, while
+/// its alert still fires, and rolls back then.
+#[tokio::test]
+async fn an_incident_held_by_the_cooldown_rolls_back_when_the_cooldown_ends() {
+    let s = Seq::start("8s").await;
+    let starts = s.fire("HighErrorRate").await;
+    s.one_incident("first rollback", |i| i["phase"] == "verified").await;
+    assert_eq!(s.stable_weight().await, 100);
+    // The alert resolves, the first incident closes; someone shifts traffic back to the canary.
+    s.am.post(s.labels("HighErrorRate"), &starts, Some(&ago(0))).await;
+    s.app
+        .wait_incidents("first incident closed", |l| l.len() == 1 && l[0]["open"] == false)
+        .await;
+    s.fx.elb
+        .modify_listener()
+        .listener_arn(&s.fx.listener_arn)
+        .default_actions(crate::support::alb_fixture::forward(
+            &[(s.fx.stable_tg.as_str(), 75), (s.fx.canary_tg.as_str(), 25)],
+            Some(300),
+        ))
+        .send()
+        .await
+        .unwrap();
+
+    s.fire("HealthCheckFailing").await;
+    let list = s
+        .app
+        .wait_incidents("second incident held by the cooldown", |l| {
+            l.iter().any(|i| i["open"] == true && i["phase"] == "suppressed")
+        })
+        .await;
+    let held = list.iter().find(|i| i["open"] == true).unwrap();
+    assert_eq!(held["decision"]["kind"], "cooldown", "{held}");
+    assert!(held["due_at"].is_string(), "due when the cooldown ends: {held}");
+    assert_eq!(s.stable_weight().await, 75, "held: nothing written yet");
+
+    let id = held["id"].as_str().unwrap().to_string();
+    let inc = s
+        .app
+        .wait_incident(&id, "rolled back after the cooldown", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the second rollback");
+    let lines = summaries(&inc);
+    assert!(
+        lines.iter().any(|l| l.starts_with("decided: the hold has ended")),
+        "{lines:#?}"
     );
 }
