@@ -353,3 +353,30 @@ async fn an_incident_held_by_the_cooldown_rolls_back_when_the_cooldown_ends() {
         "{lines:#?}"
     );
 }
+
+/// Item 8: a policy reload that turns the pending request's manual trigger automatic decides
+/// the incident again under the new policy, without waiting for a new alert.
+#[tokio::test]
+async fn a_policy_reload_that_makes_a_pending_trigger_automatic_rolls_back() {
+    let s = Seq::start("1h").await;
+    s.fire("HighLatency").await;
+    s.one_incident("latency request pending", |i| i["phase"] == "awaiting_approval")
+        .await;
+    let file = s.app.dir.path().join("policies").join("shop.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let automatic = text.replace(
+        "matchers: ['alertname=\"HighLatency\"']\n    mode: manual",
+        "matchers: ['alertname=\"HighLatency\"']\n    mode: auto",
+    );
+    assert_ne!(text, automatic, "the policy text changed");
+    std::fs::write(&file, automatic).unwrap();
+    let inc = s
+        .one_incident("rolled back after the reload", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    assert_eq!(inc["decision"]["outcome"], "auto");
+    assert_ne!(
+        inc["decision"]["policy_hash"], inc["timeline"][1]["detail"]["policy_hash"],
+        "decided again under the new policy set"
+    );
+}
