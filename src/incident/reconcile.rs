@@ -191,7 +191,9 @@ pub fn may_change(
         Phase::Waiting => strength > Strength::TooYoung || sooner(),
         Phase::AwaitingApproval => strength > current || (joining.matures_to > current && sooner()),
         Phase::Suppressed => strength >= Strength::Approval || sooner(),
-        Phase::Denied | Phase::Escalated | Phase::GaveUp => joining.matures_to >= Strength::EscalateLater,
+        Phase::Denied | Phase::Escalated | Phase::GaveUp => {
+            strength == Strength::Rollback || (joining.matures_to >= Strength::EscalateLater && sooner())
+        }
         _ => false,
     }
 }
@@ -292,13 +294,23 @@ pub fn reconcile(s: &Situation<'_>) -> Next {
         }
         P::Suppressed => {
             // Held by a freeze when an approval request expired with "roll back anyway":
-            // asking again while the freeze lasts would only be held again.
-            let freeze_holds = s.frozen && matches!(s.current.outcome, Outcome::Suppressed(Suppression::Frozen { .. }));
+            // asking again for the same trigger while the freeze lasts would only be held
+            // again. Another (manual) trigger still asks: a freeze holds automatic rollbacks.
+            let freeze_holds = s.frozen
+                && matches!(s.current.outcome, Outcome::Suppressed(Suppression::Frozen { .. }))
+                && best.decision.trigger == s.current.trigger;
             if strength >= Strength::Approval && !(freeze_holds && strength < Strength::EscalateLater) {
                 return Next::Decide {
                     decision: best.decision.clone(),
                     due_at: due_after(s, best),
-                    why: format!("the hold has ended: {}", best.decision.reason),
+                    why: if s.frozen {
+                        format!(
+                            "re-evaluated (automatic rollbacks stay frozen, a person can still approve): {}",
+                            best.decision.reason
+                        )
+                    } else {
+                        format!("the hold has ended: {}", best.decision.reason)
+                    },
                 };
             }
             let due = earliest(

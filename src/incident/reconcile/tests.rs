@@ -323,6 +323,38 @@ fn a_held_incident_is_due_when_the_hold_ends_and_acts_then() {
 }
 
 #[test]
+fn a_request_held_by_a_freeze_on_expiry_is_not_asked_again_until_the_freeze_is_lifted() {
+    let (set, w) = (set(), World::default());
+    let asked = candidate(&set, "HighLatency", t0(), t0() + min(10), &w).decision;
+    // The request expired with "roll back anyway" during a freeze: held, same trigger.
+    let held = Decision {
+        outcome: Outcome::Suppressed(Suppression::Frozen {
+            scope: "global".into(),
+            freeze_reason: "change freeze".into(),
+            until: None,
+        }),
+        ..asked
+    };
+    let at = t0() + min(30);
+    let cs = candidates(&set, &[("HighLatency", t0())], at, &w);
+    let mut s = situation(at, Phase::Suppressed, &held, None, &cs);
+    s.frozen = true;
+    assert_eq!(
+        reconcile(&s),
+        Next::Stay {
+            due_at: None,
+            note: None
+        }
+    );
+    s.frozen = false;
+    let next = reconcile(&s);
+    assert!(
+        matches!(&next, Next::Decide { decision, why, .. } if matches!(decision.outcome, Outcome::NeedsApproval { .. }) && why.starts_with("the hold has ended")),
+        "{next:?}"
+    );
+}
+
+#[test]
 fn a_pending_request_expires_at_its_own_time_not_at_an_earlier_re_check() {
     let (set, w) = (set(), World::default());
     let request = candidate(&set, "HighLatency", t0(), t0() + min(10), &w).decision;
