@@ -160,6 +160,10 @@ struct Seq {
 
 impl Seq {
     async fn start(cooldown: &str) -> Seq {
+        Self::start_with(cooldown, vec![]).await
+    }
+
+    async fn start_with(cooldown: &str, env: Vec<(String, String)>) -> Seq {
         let fx = AlbFixture::start().await;
         let svc = "shop".to_string();
         let app = spawn_app(Options {
@@ -168,6 +172,7 @@ impl Seq {
                 alb: Some(fx.executor()),
                 ..Default::default()
             }),
+            env,
             ..Options::default()
         })
         .await;
@@ -378,5 +383,56 @@ async fn a_policy_reload_that_makes_a_pending_trigger_automatic_rolls_back() {
     assert_ne!(
         inc["decision"]["policy_hash"], inc["timeline"][1]["detail"]["policy_hash"],
         "decided again under the new policy set"
+    );
+}
+
+/// Case 4 with a freeze: an incident held by the kill switch is decided again the moment the
+/// freeze is lifted (its alert still fires) and rolls back then, not at the freeze's planned end.
+#[tokio::test]
+async fn an_incident_held_by_a_freeze_rolls_back_when_the_freeze_is_lifted() {
+    let s = Seq::start_with(
+        "1h",
+        env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+    )
+    .await;
+    let r = s
+        .app
+        .http
+        .post(s.app.url("/api/v1/freezes"))
+        .bearer_auth("operator-token")
+        .json(&json!({"reason": "database failover", "duration": "1h", "by": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    s.fire("HealthCheckFailing").await;
+    let held = s
+        .one_incident("held by the freeze", |i| {
+            i["phase"] == "suppressed" && i["decision"]["kind"] == "frozen"
+        })
+        .await;
+    assert_eq!(s.stable_weight().await, 75, "frozen: nothing written");
+
+    let r = s
+        .app
+        .http
+        .delete(s.app.url("/api/v1/freezes/*"))
+        .bearer_auth("operator-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["lifted"], true);
+    let id = held["id"].as_str().unwrap().to_string();
+    let inc = s
+        .app
+        .wait_incident(&id, "rolled back after the freeze was lifted", |i| {
+            i["phase"] == "verified"
+        })
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    let lines = summaries(&inc);
+    assert!(
+        lines.iter().any(|l| l.starts_with("decided: the hold has ended")),
+        "{lines:#?}"
     );
 }
