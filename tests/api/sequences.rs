@@ -113,7 +113,7 @@ async fn an_alert_past_the_calendar_is_set_aside_and_another_service_still_rolls
 
 /// The sequences policy: the shipped modes with `for`s of seconds, a 1-hour approval timeout (so
 /// nothing below can be explained by an expiry), and a cooldown of `cooldown`.
-fn mixed_policy(fx: &AlbFixture, svc: &str, cooldown: &str) -> String {
+fn mixed_policy(fx: &AlbFixture, svc: &str, cooldown: &str, timeout: &str) -> String {
     format!(
         r#"
 name: {svc}
@@ -143,7 +143,7 @@ guards:
   cooldown: {cooldown}
 approval:
   approvers: {{slack_users: [U1]}}
-  timeout: 1h
+  timeout: {timeout}
   on_timeout: escalate
 "#,
         fx.listener_arn, fx.stable_tg
@@ -160,14 +160,14 @@ struct Seq {
 
 impl Seq {
     async fn start(cooldown: &str) -> Seq {
-        Self::start_with(cooldown, vec![]).await
+        Self::start_with(cooldown, "1h", vec![]).await
     }
 
-    async fn start_with(cooldown: &str, env: Vec<(String, String)>) -> Seq {
+    async fn start_with(cooldown: &str, timeout: &str, env: Vec<(String, String)>) -> Seq {
         let fx = AlbFixture::start().await;
         let svc = "shop".to_string();
         let app = spawn_app(Options {
-            policies: vec![("shop.yaml", mixed_policy(&fx, &svc, cooldown))],
+            policies: vec![("shop.yaml", mixed_policy(&fx, &svc, cooldown, timeout))],
             executors: Some(Executors {
                 alb: Some(fx.executor()),
                 ..Default::default()
@@ -392,6 +392,7 @@ async fn a_policy_reload_that_makes_a_pending_trigger_automatic_rolls_back() {
 async fn an_incident_held_by_a_freeze_rolls_back_when_the_freeze_is_lifted() {
     let s = Seq::start_with(
         "1h",
+        "1h",
         env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
     )
     .await;
@@ -433,6 +434,43 @@ async fn an_incident_held_by_a_freeze_rolls_back_when_the_freeze_is_lifted() {
     let lines = summaries(&inc);
     assert!(
         lines.iter().any(|l| l.starts_with("decided: the hold has ended")),
+        "{lines:#?}"
+    );
+}
+
+/// Case 3: after a request escalated ("ROLLBACK NEEDS A HUMAN"), `/rollback now` by an approver
+/// rolls back instead of being refused as "already open on this target".
+#[tokio::test]
+async fn after_an_escalation_rollback_now_rolls_back() {
+    let s = Seq::start_with("1h", "1s", vec![]).await;
+    s.fire("HighLatency").await;
+    let inc = s
+        .one_incident("escalated on timeout", |i| i["phase"] == "escalated")
+        .await;
+    assert_eq!(s.stable_weight().await, 75, "nothing automatic after the escalation");
+    let who = rollback_responder::approval::Person::slack("U1", vec![]);
+    let (id, _) = s
+        .app
+        .responder
+        .start_manual("shop", &who, "latency is hurting checkout")
+        .await
+        .unwrap();
+    assert_eq!(
+        id.0,
+        inc["id"].as_str().unwrap(),
+        "the open incident is the one rolled back"
+    );
+    let inc = s
+        .app
+        .wait_incident(&id.0, "rolled back by hand", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    let lines = summaries(&inc);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("human_rollback: rolled back by hand: <@U1>")
+                || l.starts_with("human_rollback: rolled back by hand:")),
         "{lines:#?}"
     );
 }
