@@ -38,6 +38,9 @@ struct Deciding {
 /// latency low while a storm is decided.
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
+/// Groups whose oldest pending alert goes ahead of the backlog in each batch.
+const FAIR_GROUPS: i64 = 8;
+
 /// Alerts a batch decides before it makes way for waiting webhook deliveries: Alertmanager is
 /// waiting on those, while a backlog still moves at least this much per commit.
 const BATCH_MIN: usize = 8;
@@ -46,12 +49,16 @@ impl Responder {
     /// Processes up to `batch` pending alerts, oldest first; returns incidents whose action
     /// this replica has claimed and must now run, and whether more alerts are waiting. Small
     /// batches let the caller start a rollback while an alert storm is still being stored and
-    /// decided.
+    /// decided. Behind a backlog, the oldest pending alert of a few other Alertmanager groups
+    /// goes first: a flood of one group never holds up another group's alert.
     pub async fn process_pending(&self, batch: i64) -> Result<(Vec<IncidentId>, bool), StepError> {
-        let ids = self.store.pending_alert_ids(batch).await?;
+        let mut ids = self.store.pending_alert_ids(batch).await?;
         let more = ids.len() as i64 == batch;
         if ids.is_empty() {
             return Ok((Vec::new(), false));
+        }
+        if more {
+            ids = self.fair_order(ids).await?;
         }
         // The whole batch in one transaction: one commit (an fsync) instead of one per alert,
         // which is what lets decisions keep up with a storm. If any alert of it fails (another
@@ -81,6 +88,32 @@ impl Responder {
         }
     }
 
+    /// The oldest pending alert of up to [`FAIR_GROUPS`] groups (rotating through the groups
+    /// from one call to the next) that `fifo` does not already hold, then `fifo`.
+    async fn fair_order(&self, fifo: Vec<i64>) -> Result<Vec<i64>, StepError> {
+        let after = self.fair_cursor.lock().map(|c| c.clone()).unwrap_or_default();
+        let heads = self.store.pending_group_heads(&after, FAIR_GROUPS).await?;
+        let next = match heads.last() {
+            Some((k, _)) if heads.len() as i64 == FAIR_GROUPS => k.clone(),
+            // Every group after the cursor had its turn: start again from the first.
+            _ => String::new(),
+        };
+        if let Ok(mut c) = self.fair_cursor.lock() {
+            *c = next;
+        }
+        // The heads behind the backlog first: a batch may end after its first alert (its time
+        // budget), and the backlog's own head is next in `fifo` anyway.
+        let mut ids: Vec<i64> = heads
+            .into_iter()
+            .map(|(_, id)| id)
+            .filter(|id| !fifo.contains(id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.extend(fifo);
+        Ok(ids)
+    }
+
     /// Decides alerts of `ids` in one transaction until [`BATCH_BUDGET`] is spent or, after
     /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and whether
     /// alerts were left for the next batch.
@@ -90,7 +123,10 @@ impl Responder {
         let started = Instant::now();
         let mut tx = self.store.begin().await?;
         // Claimed in one statement; what the batch does not get to is handed back below.
-        let claimed = tx.claim_alerts(ids).await?;
+        let mut claimed = tx.claim_alerts(ids).await?;
+        // In the order asked for: the other groups' heads first (see `fair_order`).
+        let at: std::collections::HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        claimed.sort_by_key(|a| at.get(&a.id).copied().unwrap_or(usize::MAX));
         let mut work = Vec::new();
         let mut decided = 0;
         for stored in &claimed {

@@ -75,6 +75,8 @@ pub struct Responder {
     pub prometheus_url: Option<String>,
     /// Set by a policy reload: the next tick decides waiting and pending incidents again.
     redecide: std::sync::atomic::AtomicBool,
+    /// The last Alertmanager group whose oldest pending alert went ahead of the backlog.
+    fair_cursor: std::sync::Mutex<String>,
 }
 
 pub use human::HumanError;
@@ -113,6 +115,7 @@ impl Responder {
             prometheus_url: None,
             config_freezes: FreezeState::default(),
             redecide: std::sync::atomic::AtomicBool::new(false),
+            fair_cursor: std::sync::Mutex::new(String::new()),
         }
     }
 

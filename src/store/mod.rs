@@ -8,6 +8,7 @@
 //! and conditional updates (`WHERE version = $n`, `WHERE pending = 1`, lease expiry) that only
 //! one replica can win.
 
+mod fair;
 mod intake;
 mod reconcile;
 mod undecidable;

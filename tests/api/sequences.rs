@@ -474,3 +474,74 @@ async fn after_an_escalation_rollback_now_rolls_back() {
         "{lines:#?}"
     );
 }
+
+/// Fairness (item 9): a flood of one Alertmanager group that only joins an open incident does
+/// not hold up another group's automatic alert: it is decided while the flood's backlog is
+/// still pending (without the fair order it waits for the whole backlog).
+#[tokio::test]
+async fn another_services_alert_is_decided_ahead_of_a_flood_that_only_joins() {
+    let fx = AlbFixture::start().await;
+    let app = spawn_app(Options {
+        policies: vec![
+            ("checkout.yaml", CHECKOUT_POLICY.to_string()),
+            ("portal.yaml", alb_policy(&fx, "portal")),
+        ],
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let grouped = |key: &str, alerts: Vec<Value>| {
+        let mut p = payload("firing", alerts);
+        p["groupKey"] = json!(key);
+        p
+    };
+    // The flood's first alert opens a pending request; all the others only join it.
+    let starts = ago(60);
+    let first = alert("HighLatency", "checkout", "f100000000000000", &starts, None);
+    app.post_webhook(&grouped("{}:{service=\"checkout\"}", vec![first]))
+        .await;
+    app.wait_incidents("the flood's incident", |l| l.len() == 1).await;
+    const FLOOD: usize = 20_000;
+    for chunk in 0..FLOOD / 500 {
+        let alerts = (0..500)
+            .map(|i| {
+                let mut a = alert(
+                    "HighLatency",
+                    "checkout",
+                    &format!("{:016x}", chunk * 500 + i + 1),
+                    &starts,
+                    None,
+                );
+                a["labels"]["instance"] = json!(format!("i-{chunk}-{i}"));
+                a
+            })
+            .collect();
+        let r = app.post_webhook(&grouped("{}:{service=\"checkout\"}", alerts)).await;
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let good = alert("HighErrorRate", "portal", "600d600d600d0002", &ago(60), None);
+    let posted = std::time::Instant::now();
+    app.post_webhook(&grouped("{}:{service=\"portal\"}", vec![good])).await;
+    let stored = posted.elapsed();
+    let t = std::time::Instant::now();
+    app.wait_incidents("the portal incident", |l| l.iter().any(|i| i["service"] == "portal"))
+        .await;
+    let took = t.elapsed();
+    let left = app.responder.store.pending_alert_ids(100_000).await.unwrap().len();
+    eprintln!(
+        "portal alert stored in {stored:?}, decided {took:?} after its 2xx, with {left} flood alerts still pending"
+    );
+    assert!(left > 0, "decided only after the whole flood ({took:?})");
+    app.wait_incidents("the portal rollback verified", |l| {
+        l.iter().any(|i| i["service"] == "portal" && i["phase"] == "verified")
+    })
+    .await;
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)],
+        "moto saw the rollback"
+    );
+}
