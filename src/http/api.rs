@@ -129,6 +129,21 @@ pub async fn get_incident(State(state): State<AppState>, Path(id): Path<String>)
     Ok(Json(v))
 }
 
+/// Alerts that could not be decided (bad data, a decision that panicked), newest first, with
+/// the reason each was set aside.
+pub async fn undecidable_alerts(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let list = state
+        .responder
+        .store
+        .undecidable_alerts(q.limit.clamp(1, 500))
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(Json(json!({ "alerts": list })))
+}
+
 /// The policy set in force and its hash.
 pub async fn policies(State(state): State<AppState>) -> Json<Value> {
     let set = state.responder.policies();

@@ -79,6 +79,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/incidents", get(api::list_incidents))
         .route("/api/v1/incidents/{id}", get(api::get_incident))
         .route("/api/v1/policies", get(api::policies))
+        .route("/api/v1/alerts/undecidable", get(api::undecidable_alerts))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), pages::require_read));
     Router::new()
         .route("/", get(pages::index))

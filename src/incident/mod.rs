@@ -6,6 +6,8 @@
 //! verification progress, and the store persists each new [`Phase`] together with an
 //! append-only event log: the audit trail. This module is pure: no store, no SDK.
 
+pub mod reconcile;
+
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -122,7 +124,7 @@ impl Phase {
     /// The phase a fresh decision puts an incident in; `None` for "no match" (no incident).
     pub fn for_outcome(outcome: &Outcome) -> Option<Phase> {
         match outcome {
-            Outcome::NoMatch => None,
+            Outcome::NoMatch | Outcome::Undecidable { .. } => None,
             Outcome::Auto => Some(Phase::Executing),
             Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => Some(Phase::AwaitingApproval),
             Outcome::Suppressed(Suppression::TooYoung { .. }) => Some(Phase::Waiting),
@@ -164,6 +166,9 @@ pub enum Event {
     VerificationFailed,
     /// Every alert of the incident has resolved.
     AllAlertsResolved,
+    /// An authorized person rolls back an incident whose own story ended without a rollback
+    /// that helped (escalated, failed, gave up, denied, held, verification failed).
+    HumanRollback { by: String },
 }
 
 impl Event {
@@ -180,6 +185,7 @@ impl Event {
             Event::VerificationPassed => "verification_passed",
             Event::VerificationFailed => "verification_failed",
             Event::AllAlertsResolved => "all_alerts_resolved",
+            Event::HumanRollback { .. } => "human_rollback",
         }
     }
 }
@@ -203,6 +209,23 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
             Some(P::Executing) => Some(P::Executing),
             _ => Some(P::AwaitingApproval),
         },
+        // A held incident is decided again when its hold ends: it acts, asks, or stays held.
+        (P::Suppressed, Event::Decided { outcome }) => match Phase::for_outcome(outcome) {
+            Some(p @ (P::Executing | P::AwaitingApproval)) => Some(p),
+            _ => Some(P::Suppressed),
+        },
+        // After a deny, an escalation or giving up, only an automatic trigger (one the deny did
+        // not cover, see `reconcile`) acts; anything else leaves the phase as it is.
+        (P::Denied | P::Escalated | P::GaveUp, Event::Decided { outcome }) => match Phase::for_outcome(outcome) {
+            Some(P::Executing) => Some(P::Executing),
+            _ => Some(phase),
+        },
+        // A person can always roll back by hand, also after a failed rollback or verification
+        // (never the responder on its own).
+        (
+            P::Waiting | P::Suppressed | P::Denied | P::Escalated | P::GaveUp | P::Failed | P::VerificationFailed,
+            Event::HumanRollback { .. },
+        ) => Some(P::Executing),
         (P::AwaitingApproval, Event::Approved { .. }) => Some(P::Executing),
         (P::AwaitingApproval, Event::Denied { .. }) => Some(P::Denied),
         (P::AwaitingApproval, Event::ApprovalExpired { on_timeout }) => Some(match on_timeout {
@@ -429,7 +452,7 @@ mod tests {
     }
 
     #[test]
-    fn settled_incidents_never_act_again() {
+    fn settled_incidents_never_act_again_on_their_own() {
         for p in [
             Phase::Verified,
             Phase::VerificationFailed,
@@ -439,11 +462,57 @@ mod tests {
             Phase::DryRun,
         ] {
             assert!(transition(p, &Event::Approved { by: vec![] }).is_err(), "{p}");
+            assert_eq!(transition(p, &Event::AllAlertsResolved), Ok(p));
+        }
+        // After a rollback (or a dry run) and after a failed one: never a second automatic one.
+        for p in [Phase::Verified, Phase::VerificationFailed, Phase::Failed, Phase::DryRun] {
             assert!(
                 transition(p, &Event::Decided { outcome: Outcome::Auto }).is_err(),
                 "{p}"
             );
-            assert_eq!(transition(p, &Event::AllAlertsResolved), Ok(p));
+        }
+    }
+
+    #[test]
+    fn a_hold_ending_or_an_automatic_trigger_after_a_deny_acts() {
+        for p in [Phase::Suppressed, Phase::Denied, Phase::Escalated, Phase::GaveUp] {
+            assert_eq!(
+                transition(p, &Event::Decided { outcome: Outcome::Auto }),
+                Ok(Phase::Executing),
+                "{p}"
+            );
+        }
+        let ask = Outcome::NeedsApproval {
+            expires_at: at(),
+            on_timeout: OnTimeout::Escalate,
+        };
+        assert_eq!(
+            transition(Phase::Suppressed, &Event::Decided { outcome: ask.clone() }),
+            Ok(Phase::AwaitingApproval)
+        );
+        assert_eq!(
+            transition(Phase::Denied, &Event::Decided { outcome: ask }),
+            Ok(Phase::Denied),
+            "only an automatic trigger acts after a deny"
+        );
+    }
+
+    #[test]
+    fn a_person_can_always_roll_back_once_the_story_ended_without_help() {
+        let by = Event::HumanRollback { by: "slack:U1".into() };
+        for p in [
+            Phase::Waiting,
+            Phase::Suppressed,
+            Phase::Denied,
+            Phase::Escalated,
+            Phase::GaveUp,
+            Phase::Failed,
+            Phase::VerificationFailed,
+        ] {
+            assert_eq!(transition(p, &by), Ok(Phase::Executing), "{p}");
+        }
+        for p in [Phase::Executing, Phase::Verifying, Phase::Verified, Phase::Cancelled] {
+            assert!(transition(p, &by).is_err(), "{p}");
         }
         let e = transition(Phase::Verified, &Event::ActionFailed).unwrap_err();
         assert_eq!(

@@ -113,6 +113,9 @@ pub enum Outcome {
     EscalateLater { auto_at: DateTime<Utc> },
     /// Nothing happens, for a reason.
     Suppressed(Suppression),
+    /// The alert's data cannot be decided on (a time past the calendar's end, a `startsAt`
+    /// far in the future): it is marked with `problem` and never opens or changes an incident.
+    Undecidable { problem: String },
 }
 
 impl Outcome {
@@ -124,6 +127,7 @@ impl Outcome {
             Outcome::NeedsApproval { .. } => "manual",
             Outcome::EscalateLater { .. } => "escalate_later",
             Outcome::Suppressed(_) => "suppressed",
+            Outcome::Undecidable { .. } => "undecidable",
         }
     }
 }
@@ -157,9 +161,21 @@ fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
-fn to_chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// `t + d`, or `None` past the end of the calendar (a `startsAt` in the year +262142, a
+/// `for` of a million years): time arithmetic on input never panics.
+pub fn checked_after(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
 }
+
+/// `t + d` for durations from our own config (cooldowns, approval timeouts): past the end of
+/// the calendar means "never", the latest time there is.
+pub fn saturating_after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    checked_after(t, d).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// How far in the future an alert's `startsAt` may lie (clocks of Prometheus and this service
+/// disagree a little); beyond it the alert is bad data, not an alert that fires "for 0s".
+pub const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::hours(1);
 
 /// Decides what to do about a firing `alert` that `matched` (from [`find`]) at `now`.
 pub fn decide(
@@ -188,11 +204,37 @@ pub fn decide(
             format!("no policy matches {name} with these labels"),
         );
     };
-    let firing_for = (now - alert.starts_at).to_std().unwrap_or_default();
+    let undecidable = |problem: String| {
+        make(
+            Outcome::Undecidable {
+                problem: problem.clone(),
+            },
+            Some(policy),
+            Some(trigger),
+            format!("cannot decide {name}: {problem}"),
+        )
+    };
+    if now
+        .checked_add_signed(MAX_CLOCK_SKEW)
+        .is_some_and(|latest| alert.starts_at > latest)
+    {
+        return undecidable(format!(
+            "startsAt {} is in the future (more than {} minutes ahead of this service's clock)",
+            alert.starts_at.to_rfc3339(),
+            MAX_CLOCK_SKEW.num_minutes()
+        ));
+    }
+    let firing_for = now.signed_duration_since(alert.starts_at).to_std().unwrap_or_default();
     let t = trigger.name.as_str();
 
     if firing_for < trigger.for_ {
-        let recheck_at = alert.starts_at + to_chrono(trigger.for_);
+        let Some(recheck_at) = checked_after(alert.starts_at, trigger.for_) else {
+            return undecidable(format!(
+                "startsAt {} plus trigger {t}'s for ({}) is past the end of the calendar",
+                alert.starts_at.to_rfc3339(),
+                fmt_dur(trigger.for_)
+            ));
+        };
         return make(
             Outcome::Suppressed(Suppression::TooYoung {
                 firing_for_secs: firing_for.as_secs(),
@@ -239,7 +281,13 @@ pub fn decide(
             ),
         ),
         Mode::AutoAfter(after) => {
-            let auto_at = alert.starts_at + to_chrono(after);
+            let Some(auto_at) = checked_after(alert.starts_at, after) else {
+                return undecidable(format!(
+                    "startsAt {} plus trigger {t}'s auto_after ({}) is past the end of the calendar",
+                    alert.starts_at.to_rfc3339(),
+                    fmt_dur(after)
+                ));
+            };
             (
                 Outcome::EscalateLater { auto_at },
                 format!(
@@ -256,7 +304,7 @@ pub fn decide(
                 .as_ref()
                 .map(|a| (a.timeout, a.on_timeout))
                 .unwrap_or((Duration::from_secs(900), OnTimeout::Escalate));
-            let expires_at = now + to_chrono(timeout);
+            let expires_at = saturating_after(now, timeout);
             (
                 Outcome::NeedsApproval { expires_at, on_timeout },
                 format!(
@@ -346,7 +394,7 @@ fn held_by_guards(
     now: DateTime<Utc>,
 ) -> Option<(Suppression, String)> {
     if let Some(last) = history.last_rollback_on_target {
-        let until = last + to_chrono(policy.guards.cooldown);
+        let until = saturating_after(last, policy.guards.cooldown);
         if now < until {
             return Some((
                 Suppression::Cooldown {
@@ -438,7 +486,7 @@ pub fn decide_manual(
             };
             (
                 Outcome::NeedsApproval {
-                    expires_at: now + to_chrono(a.timeout),
+                    expires_at: saturating_after(now, a.timeout),
                     on_timeout,
                 },
                 format!(
@@ -516,7 +564,7 @@ mod tests {
         f: &FreezeState,
         g: &GlobalGuards,
     ) -> Decision {
-        decide(a, find(a, set), t0() + to_chrono(after), h, f, g, &set.hash)
+        decide(a, find(a, set), saturating_after(t0(), after), h, f, g, &set.hash)
     }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -573,6 +621,78 @@ mod tests {
             assert_eq!(on_timeout, OnTimeout::Escalate);
             assert_eq!(expires_at, t0() + chrono::Duration::seconds(600 + 15 * 60));
         }
+    }
+
+    fn decide_at(set: &PolicySet, a: &Alert, now: DateTime<Utc>) -> Decision {
+        let (h, f, g) = (History::default(), FreezeState::default(), GlobalGuards::default());
+        decide(a, find(a, set), now, &h, &f, &g, &set.hash)
+    }
+
+    #[test]
+    fn a_starts_at_in_the_year_262142_is_undecidable_not_a_panic() {
+        let set = seeds();
+        let mut a = alert("HealthCheckFailing", &[]);
+        a.starts_at = "+262142-01-01T00:00:00Z".parse().unwrap();
+        let d = decide_at(&set, &a, t0());
+        let Outcome::Undecidable { problem } = &d.outcome else {
+            panic!("{d:?}")
+        };
+        assert!(problem.contains("in the future"), "{problem}");
+        assert_eq!(d.outcome.label(), "undecidable");
+        assert_eq!(d.trigger.as_deref(), Some("health-check-failing"));
+    }
+
+    #[test]
+    fn starts_at_plus_for_past_the_calendar_is_undecidable() {
+        let set = seeds();
+        let mut a = alert("HealthCheckFailing", &[]);
+        // At the end of the calendar the clock itself is there too: not "in the future", but
+        // the 2-minute re-check would lie past the last representable instant.
+        a.starts_at = DateTime::<Utc>::MAX_UTC - chrono::Duration::seconds(30);
+        let d = decide_at(&set, &a, DateTime::<Utc>::MAX_UTC - chrono::Duration::seconds(10));
+        let Outcome::Undecidable { problem } = &d.outcome else {
+            panic!("{d:?}")
+        };
+        assert!(problem.contains("past the end of the calendar"), "{problem}");
+        assert!(d.reason.contains("HealthCheckFailing"), "{}", d.reason);
+
+        let mut a = alert("ElevatedErrorRate", &[]);
+        a.starts_at = DateTime::<Utc>::MAX_UTC - chrono::Duration::minutes(11);
+        let d = decide_at(&set, &a, DateTime::<Utc>::MAX_UTC - chrono::Duration::seconds(1));
+        let Outcome::Undecidable { problem } = &d.outcome else {
+            panic!("{d:?}")
+        };
+        assert!(problem.contains("auto_after"), "{problem}");
+    }
+
+    #[test]
+    fn a_for_that_overflows_is_undecidable_and_huge_config_durations_saturate() {
+        let mut set = seeds();
+        let p = &mut set.policies[0].policy;
+        p.triggers[0].for_ = Duration::from_secs(u64::MAX);
+        p.guards.cooldown = Duration::from_secs(u64::MAX);
+        let a = alert("HealthCheckFailing", &[]);
+        let d = at(&set, &a, S(3600));
+        assert_eq!(d.outcome.label(), "undecidable", "{}", d.reason);
+
+        // A cooldown without end holds forever instead of panicking.
+        let h = History {
+            last_rollback_on_target: Some(t0()),
+            ..History::default()
+        };
+        let held = held_by_guards(&set.policies[0].policy, &h, &GlobalGuards::default(), t0());
+        assert!(
+            matches!(held, Some((Suppression::Cooldown { until, .. }, _)) if until == DateTime::<Utc>::MAX_UTC),
+            "{held:?}"
+        );
+    }
+
+    #[test]
+    fn a_starts_at_slightly_ahead_of_our_clock_is_still_decided() {
+        let set = seeds();
+        let mut a = alert("HealthCheckFailing", &[]);
+        a.starts_at = t0() + chrono::Duration::minutes(59);
+        assert_eq!(decide_at(&set, &a, t0()).outcome.label(), "suppressed");
     }
 
     #[test]

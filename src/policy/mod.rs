@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use decide::{
-    decide, decide_manual, find, holds_automatic, Decision, Freeze, FreezeState, GlobalGuards, History, Outcome,
-    Suppression,
+    checked_after, decide, decide_manual, find, holds_automatic, saturating_after, Decision, Freeze, FreezeState,
+    GlobalGuards, History, Outcome, Suppression,
 };
 pub use matcher::{all_match, MatchOp, Matcher};
 

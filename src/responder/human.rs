@@ -8,9 +8,21 @@ use tracing::info;
 
 use super::{Responder, StepError, SYSTEM};
 use crate::approval::{may_approve, Person, Refusal, Verdict, VoteResult};
+use crate::incident::reconcile::request_expiry;
 use crate::incident::{Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
-use crate::policy::{self, Freeze};
+use crate::policy::{self, Decision, Freeze, Outcome, Suppression};
+
+/// Where an authorized person's Approve or `/rollback now` rolls back an open incident at once.
+const HUMAN_ROLLBACK: [Phase; 7] = [
+    Phase::Waiting,
+    Phase::Suppressed,
+    Phase::Denied,
+    Phase::Escalated,
+    Phase::GaveUp,
+    Phase::Failed,
+    Phase::VerificationFailed,
+];
 
 /// A refusal, or a store problem.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +93,10 @@ impl Responder {
             info!(incident = %inc.id, who = %who.key(), "unauthorized approval attempt refused");
             return Err(refusal.into());
         }
+        if matches!(verdict, Verdict::Approve) && HUMAN_ROLLBACK.contains(&inc.phase) {
+            // The story ended without a rollback that helped: the Approve button still works.
+            return self.human_rollback(id, who, via, "").await;
+        }
         if inc.phase != Phase::AwaitingApproval {
             return Err(Refusal::NotPending {
                 id: inc.id.to_string(),
@@ -88,9 +104,9 @@ impl Responder {
             }
             .into());
         }
-        // Derived, not stored: past its due time the request is over even before the expiry
-        // worker has run.
-        if inc.due_at.is_some_and(|d| d <= now) {
+        // Derived, not stored: past its expiry the request is over even before the worker has
+        // run. (The due time may be earlier: a young automatic trigger's re-check.)
+        if request_expiry(&inc.decision.outcome).is_some_and(|d| d <= now) {
             return Err(Refusal::Expired(inc.id.to_string()).into());
         }
         let required = approval.map(|a| usize::from(a.required_approvals)).unwrap_or(1);
@@ -115,6 +131,9 @@ impl Responder {
                     }
                     .into());
                 }
+                // The deny covers the request as it stands: the triggers firing now. An
+                // automatic trigger that fires later still acts (see `incident::reconcile`).
+                let covers = self.firing_triggers(&mut tx, &inc).await?;
                 let summary = format!(
                     "denied by {who} via {via}{}",
                     reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
@@ -125,7 +144,7 @@ impl Responder {
                     Event::Denied { by: key.clone() },
                     &key,
                     summary,
-                    Value::Null,
+                    json!({ "event": "denied", "by": key, "reason": reason, "covers": covers }),
                     now,
                 )
                 .await?;
@@ -225,6 +244,12 @@ impl Responder {
                     .await?;
                 return Ok((open.id, format!("{r:?}")));
             }
+            if HUMAN_ROLLBACK.contains(&open.phase) {
+                let r = self
+                    .human_rollback(&open.id, who, "slack command `now`", reason)
+                    .await?;
+                return Ok((open.id, format!("{r:?}")));
+            }
             return Err(Refusal::Guard(format!(
                 "incident {} is already open on this target (phase {}): nothing started",
                 open.id, open.phase
@@ -286,6 +311,134 @@ impl Responder {
         Ok((inc.id, d.reason))
     }
 
+    /// An authorized person rolls back an open incident whose story ended without a rollback
+    /// that helped (or that is still waiting or held): Approve on an escalated request,
+    /// `/rollback now` after a failed rollback or a failed verification. Never automatic; the
+    /// cooldown and rate limits do not hold a person (they stop loops, and a person is not
+    /// one), a dry run still only records. Under a two-person rule it waits for a second one.
+    async fn human_rollback(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        via: &str,
+        reason: &str,
+    ) -> Result<VoteResult, HumanError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_human_rollback(id, who, via, reason).await {
+                Err(HumanError::Step(StepError::Conflict(_))) if attempt < 5 => continue,
+                Err(HumanError::Step(StepError::Store(e))) if e.is_conflict() && attempt < 5 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_human_rollback(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        via: &str,
+        reason: &str,
+    ) -> Result<VoteResult, HumanError> {
+        let now = Utc::now();
+        let set = self.policies();
+        let mut tx = self.store.begin().await?;
+        let Some(mut inc) = tx.incident(id).await? else {
+            return Err(Refusal::UnknownIncident(id.to_string()).into());
+        };
+        let Some(p) = set.get(&inc.policy) else {
+            return Err(Refusal::UnknownPolicy(inc.policy.clone()).into());
+        };
+        let Some(approval) = p.approval.as_ref().filter(|a| may_approve(a, who)) else {
+            return Err(Refusal::NotAuthorized {
+                who: who.to_string(),
+                policy: p.name.clone(),
+            }
+            .into());
+        };
+        if !HUMAN_ROLLBACK.contains(&inc.phase) {
+            return Err(Refusal::NotPending {
+                id: inc.id.to_string(),
+                phase: inc.phase.to_string(),
+            }
+            .into());
+        }
+        let key = who.key();
+        // A vote per person and incident: a second press by the same person counts once.
+        tx.add_vote(&inc.id, &key, "approve", via, None, now).await?;
+        let mut by = tx.approvers(&inc.id).await?;
+        if !by.contains(&key) {
+            // Their earlier vote was a deny; asking for the rollback now is their answer.
+            by.push(key.clone());
+        }
+        let required = usize::from(approval.required_approvals);
+        if by.len() < required {
+            inc.updated_at = now;
+            if !tx.save_incident(&inc).await? {
+                return Err(StepError::Conflict(inc.id.clone()).into());
+            }
+            inc.version += 1;
+            let summary = format!(
+                "rollback asked by {who} via {via} ({} of {required} approvals); waiting for another approver",
+                by.len()
+            );
+            Self::record(
+                &mut tx,
+                &inc,
+                "approval_recorded",
+                &key,
+                summary.clone(),
+                Value::Null,
+                now,
+            )
+            .await?;
+            self.tell(&mut tx, &inc, Change::Note { summary: &summary }, now)
+                .await?;
+            self.commit(tx, &inc).await?;
+            return Ok(VoteResult::NeedsMore {
+                have: by.len(),
+                need: required,
+            });
+        }
+        let was = inc.phase;
+        let summary = format!(
+            "rolled back by hand: {who} via {via}{} (the incident was {was}; nothing automatic does this)",
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
+        );
+        let outcome = if p.guards.dry_run || self.global.dry_run {
+            Outcome::Suppressed(Suppression::DryRun {
+                would: Box::new(Outcome::Auto),
+            })
+        } else {
+            Outcome::Auto
+        };
+        inc.decision = Decision {
+            outcome,
+            reason: summary.clone(),
+            policy_hash: set.hash.clone(),
+            decided_at: now,
+            ..inc.decision.clone()
+        };
+        self.apply(
+            &mut tx,
+            &mut inc,
+            Event::HumanRollback { by: key.clone() },
+            &key,
+            summary,
+            Value::Null,
+            now,
+        )
+        .await?;
+        self.commit(tx, &inc).await?;
+        self.wake.notify_one();
+        Ok(VoteResult::Approved { by })
+    }
+
     /// Freezes automatic rollbacks, globally (`policy` None) or for one policy. Anyone who may
     /// approve that policy (for a global freeze: any policy) may freeze.
     pub async fn freeze(
@@ -328,6 +481,12 @@ impl Responder {
     /// Lifts a stored freeze; false if there was none. Config-file freezes stay.
     pub async fn lift_freeze(&self, scope: &str, by: &str) -> Result<bool, crate::store::StoreError> {
         let lifted = self.store.unfreeze(scope).await?;
+        if lifted {
+            // What the freeze held is decided again now (its alerts may still fire).
+            if let Err(e) = self.freeze_lifted().await {
+                tracing::warn!(error = %e, "could not make held incidents due; they are decided at their next input");
+            }
+        }
         let still = if scope == "*" {
             self.config_freezes.global.is_some()
         } else {

@@ -8,12 +8,17 @@
 //! and conditional updates (`WHERE version = $n`, `WHERE pending = 1`, lease expiry) that only
 //! one replica can win.
 
+mod fair;
 mod health;
 mod intake;
 mod pages;
+mod reconcile;
 mod text;
+mod undecidable;
 
+pub use reconcile::REDECIDED;
 use text::{could_be_stored, storable};
+pub use undecidable::UndecidableAlert;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,7 +255,8 @@ impl Store {
     /// Incidents whose due time has come: re-decisions and approval expiries.
     pub async fn due_incidents(&self, now: DateTime<Utc>) -> Result<Vec<IncidentId>> {
         let rows = sqlx::query(
-            "SELECT id FROM incidents WHERE phase IN ('waiting', 'awaiting_approval') AND due_at <= $1 ORDER BY due_at LIMIT 100",
+            "SELECT id FROM incidents WHERE phase IN ('waiting', 'awaiting_approval', 'suppressed', 'denied', 'escalated', 'gave_up')
+               AND due_at <= $1 ORDER BY due_at LIMIT 100",
         )
         .bind(ms(now))
         .fetch_all(&self.pool)

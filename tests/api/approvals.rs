@@ -462,20 +462,34 @@ async fn unknown_ids_double_clicks_and_late_answers_make_one_decision() {
 }
 
 #[tokio::test]
-async fn an_expired_request_cannot_be_approved() {
-    // The service reads the wall clock itself (no clock can be passed in), so the test waits
-    // for the expiry to be recorded rather than sleeping past the deadline.
+async fn after_the_request_escalated_an_approve_rolls_back_by_hand() {
     let w = world(1, "1s").await;
     let id = w.pending("ef01").await;
     w.app
         .wait_incident(&id, "escalated on timeout", |i| i["phase"] == "escalated")
         .await;
+    assert_eq!(
+        weights(&w.fx.listener_actions().await)[0].1,
+        75,
+        "nothing automatic after the escalation"
+    );
+    // Issue 18 case 3: the approver is not told "already open"; the rollback runs.
     let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
-    assert!(text.contains("is not waiting for approval (it is escalated)"), "{text}");
-    assert_eq!(w.phase(&id).await, "escalated");
-    assert_eq!(timeline_count(&w.app.incident(&id).await, "approved"), 0);
-    w.slack_says("`awaiting_approval` → `escalated`").await;
-    assert_eq!(w.alb().await, w.untouched());
+    let inc = w
+        .app
+        .wait_incident(&id, "rolled back by hand", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100, "{text}");
+    let by_hand = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "human_rollback")
+        .unwrap_or_else(|| panic!("{inc}"));
+    assert_eq!(by_hand["actor"], "slack:U0APPROVER");
+    assert_eq!(by_hand["phase_from"], "escalated");
+    // Exactly one write to the ALB, by hand.
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 #[tokio::test]

@@ -1,0 +1,466 @@
+//! Deciding stored alerts: the decision loop takes pending alerts in small batches, decides
+//! each under the policy in force (`policy::decide`, pure), opens an incident or joins the
+//! target's open one, and has that incident reconciled (`reconcile.rs`) when the joining alert
+//! could change its next step. An alert that cannot be decided (bad data, even a panic) is set
+//! aside with its reason and never holds up the others. Before: the webhook stored the alert;
+//! after: the action path (`Responder::run_started`) runs what this claimed.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::{opening, Responder, StepError, SYSTEM};
+use crate::alert::AlertStatus;
+use crate::incident::reconcile::{may_change, Candidate};
+use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::notify::{self, Change};
+use crate::policy::{self, Decision, FreezeState, Outcome, PolicySet, Suppression};
+use crate::store::{NewEvent, StoreError, StoreTx, StoredAlert};
+
+/// What the decisions of one transaction share: the time, the freezes read before it, and the
+/// guards' history per policy and target, read once per batch instead of once per alert. Only
+/// a rollback that starts changes that history (it counts against the rate limits while it
+/// runs), so starting one forgets it.
+struct Deciding {
+    now: DateTime<Utc>,
+    freezes: FreezeState,
+    history: std::collections::HashMap<(String, String), policy::History>,
+    /// (incident, alertname) pairs known to be in an incident: in a storm most joining
+    /// alerts share a name, and an alert never leaves its incident, so one look-up serves
+    /// the batch.
+    named: std::collections::HashSet<(IncidentId, String)>,
+}
+
+/// How long one batch of decisions may hold its transaction. On SQLite that transaction holds
+/// the only connection, and webhook intake waits behind it: a short batch keeps the intake's
+/// latency low while a storm is decided.
+const BATCH_BUDGET: Duration = Duration::from_millis(2);
+
+/// Groups whose oldest pending alert goes ahead of the backlog in each batch.
+const FAIR_GROUPS: i64 = 8;
+
+/// Alerts a batch decides before it makes way for waiting webhook deliveries: Alertmanager is
+/// waiting on those, while a backlog still moves at least this much per commit.
+const BATCH_MIN: usize = 8;
+
+impl Responder {
+    /// Processes up to `batch` pending alerts, oldest first; returns incidents whose action
+    /// this replica has claimed and must now run, and whether more alerts are waiting. Small
+    /// batches let the caller start a rollback while an alert storm is still being stored and
+    /// decided. Behind a backlog, the oldest pending alert of a few other Alertmanager groups
+    /// goes first: a flood of one group never holds up another group's alert.
+    pub async fn process_pending(&self, batch: i64) -> Result<(Vec<IncidentId>, bool), StepError> {
+        let mut ids = self.store.pending_alert_ids(batch).await?;
+        let more = ids.len() as i64 == batch;
+        if ids.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        if more {
+            ids = self.fair_order(ids).await?;
+        }
+        // The whole batch in one transaction: one commit (an fsync) instead of one per alert,
+        // which is what lets decisions keep up with a storm. If any alert of it fails (another
+        // replica opened an incident for the same target at the same moment), nothing of the
+        // batch is kept and each alert is done again on its own, with retries.
+        match self.process_batch(&ids).await {
+            Ok((work, left)) => Ok((work, more || left)),
+            Err(e) if ids.len() > 1 => {
+                info!(error = %e, alerts = ids.len(), "deciding a batch failed; deciding its alerts one at a time");
+                let mut work = Vec::new();
+                for id in ids {
+                    match self.process_alert(id).await {
+                        Ok(w) => work.extend(w),
+                        // Work committed before this alert failed is claimed and started: it
+                        // runs now, not once its lease has run out. The failed alert stays
+                        // pending for the next call.
+                        Err(e) if !work.is_empty() => {
+                            warn!(error = %e, alert = id, "deciding an alert failed; starting what was already decided");
+                            return Ok((work, true));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((work, more))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The oldest pending alert of up to [`FAIR_GROUPS`] groups (rotating through the groups
+    /// from one call to the next) that `fifo` does not already hold, then `fifo`.
+    async fn fair_order(&self, fifo: Vec<i64>) -> Result<Vec<i64>, StepError> {
+        let after = self.fair_cursor.lock().map(|c| c.clone()).unwrap_or_default();
+        let heads = self.store.pending_group_heads(&after, FAIR_GROUPS).await?;
+        let next = match heads.last() {
+            Some((k, _)) if heads.len() as i64 == FAIR_GROUPS => k.clone(),
+            // Every group after the cursor had its turn: start again from the first.
+            _ => String::new(),
+        };
+        if let Ok(mut c) = self.fair_cursor.lock() {
+            *c = next;
+        }
+        // The heads behind the backlog first: a batch may end after its first alert (its time
+        // budget), and the backlog's own head is next in `fifo` anyway.
+        let mut ids: Vec<i64> = heads
+            .into_iter()
+            .map(|(_, id)| id)
+            .filter(|id| !fifo.contains(id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.extend(fifo);
+        Ok(ids)
+    }
+
+    /// Decides alerts of `ids` in one transaction until [`BATCH_BUDGET`] is spent or, after
+    /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and whether
+    /// alerts were left for the next batch.
+    async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, bool), StepError> {
+        // Read before the transaction: on SQLite the transaction holds the only connection.
+        let mut ctx = self.deciding().await?;
+        let started = Instant::now();
+        let mut tx = self.store.begin().await?;
+        // Claimed in one statement; what the batch does not get to is handed back below.
+        let mut claimed = tx.claim_alerts(ids).await?;
+        // In the order asked for: the other groups' heads first (see `fair_order`).
+        let at: std::collections::HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        claimed.sort_by_key(|a| at.get(&a.id).copied().unwrap_or(usize::MAX));
+        let mut work = Vec::new();
+        let mut decided = 0;
+        for stored in &claimed {
+            work.extend(self.decide_guarded(&mut tx, stored, &mut ctx).await?);
+            decided += 1;
+            if started.elapsed() > BATCH_BUDGET || (decided >= BATCH_MIN && self.store.intake_waiting()) {
+                break;
+            }
+        }
+        let left: Vec<i64> = claimed[decided..].iter().map(|a| a.id).collect();
+        tx.unclaim_alerts(&left).await?;
+        let committed = tx.commit().await?;
+        self.outbox_wake.queued(&committed);
+        Ok((work, !left.is_empty()))
+    }
+
+    /// One alert, in one transaction; retried when another replica wins a race on the target.
+    /// An alert whose decision panics or fails for good (its data, not the store) is marked
+    /// undecidable in a transaction of its own, so it never holds up the alerts behind it.
+    async fn process_alert(&self, alert_id: i64) -> Result<Option<IncidentId>, StepError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut ctx = self.deciding().await?;
+            let mut tx = self.store.begin().await?;
+            let decided = match tx.claim_alert(alert_id).await? {
+                Some(stored) => self.decide_guarded(&mut tx, &stored, &mut ctx).await,
+                None => Ok(None),
+            };
+            match decided {
+                Err(e) if e.is_about_the_alert() => {
+                    drop(tx);
+                    let problem = e.to_string();
+                    warn!(alert = alert_id, %problem, "alert cannot be decided; marked and skipped");
+                    self.metrics.decision("undecidable", "");
+                    self.store.mark_undecidable(alert_id, &problem).await?;
+                    return Ok(None);
+                }
+                Ok(work) => match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
+                    Ok(_) => return Ok(work),
+                    Err(e) if e.is_conflict() && attempt < 3 => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                // Another replica opened an incident for this target at the same moment:
+                // start over, and this time attach to it.
+                Err(StepError::Store(e)) if e.is_conflict() && attempt < 3 => continue,
+                Err(StepError::Conflict(_)) if attempt < 3 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Responder::decide_claimed`], with a panic caught and turned into
+    /// [`StepError::Panicked`]: one alert's bad data never takes the decision loop down.
+    async fn decide_guarded(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        ctx: &mut Deciding,
+    ) -> Result<Option<IncidentId>, StepError> {
+        use futures::FutureExt;
+        std::panic::AssertUnwindSafe(self.decide_claimed(tx, stored, ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(StepError::Panicked(stored.id, msg))
+            })
+    }
+
+    /// The shared context of a deciding transaction, read before it begins (on SQLite the
+    /// transaction holds the only connection).
+    async fn deciding(&self) -> Result<Deciding, StepError> {
+        let now = Utc::now();
+        Ok(Deciding {
+            now,
+            freezes: self.freezes(now).await?,
+            history: Default::default(),
+            named: Default::default(),
+        })
+    }
+
+    /// Acts on an alert this transaction has claimed.
+    async fn decide_claimed(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        ctx: &mut Deciding,
+    ) -> Result<Option<IncidentId>, StepError> {
+        match stored.alert.status {
+            AlertStatus::Firing => self.on_firing(tx, stored, ctx).await,
+            AlertStatus::Resolved => self.on_resolved(tx, stored, ctx.now).await.map(|_| None),
+        }
+    }
+
+    fn decide_for(
+        &self,
+        set: &PolicySet,
+        stored: &StoredAlert,
+        history: &policy::History,
+        freezes: &FreezeState,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let matched = policy::find(&stored.alert, set);
+        policy::decide(&stored.alert, matched, now, history, freezes, &self.global, &set.hash)
+    }
+
+    pub(super) async fn load_history(
+        &self,
+        tx: &mut StoreTx,
+        p: &policy::Policy,
+        now: DateTime<Utc>,
+    ) -> Result<policy::History, StoreError> {
+        tx.history(
+            &p.name,
+            &p.target.key(),
+            p.guards.max_rollbacks.map(|r| r.per),
+            self.global.max_rollbacks.map(|r| r.per),
+            now,
+        )
+        .await
+    }
+
+    async fn on_firing(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        ctx: &mut Deciding,
+    ) -> Result<Option<IncidentId>, StepError> {
+        let (now, freezes) = (ctx.now, &ctx.freezes);
+        let set = self.policies();
+        let Some((p, trigger)) = policy::find(&stored.alert, &set) else {
+            let d = self.decide_for(&set, stored, &policy::History::default(), freezes, now);
+            self.metrics.decision(d.outcome.label(), "");
+            tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
+            info!(alertname = stored.alert.alertname(), fingerprint = %stored.alert.fingerprint, "no policy matches; stored only");
+            return Ok(None);
+        };
+        let target_key = p.target.key();
+        let history = match ctx.history.entry((p.name.clone(), target_key.clone())) {
+            std::collections::hash_map::Entry::Occupied(h) => h.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.load_history(tx, p, now).await?),
+        };
+        let d = self.decide_for(&set, stored, history, freezes, now);
+        self.metrics.decision(d.outcome.label(), &p.name);
+        if let Outcome::Undecidable { problem } = &d.outcome {
+            // Bad data: marked, listed by the API, and never in an incident's way.
+            warn!(alertname = stored.alert.alertname(), fingerprint = %stored.alert.fingerprint, %problem, "alert cannot be decided");
+            tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
+            tx.mark_undecidable(stored.id, problem).await?;
+            return Ok(None);
+        }
+
+        if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
+            // One open incident per target: further alerts join it and never start a second
+            // rollback; one that could change the next step (a stronger trigger, one that
+            // passes its `for` sooner, an automatic one after a deny) has it decided again.
+            tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
+            let joining = Candidate::new(d.clone(), trigger);
+            let mut applied = None;
+            if may_change(inc.phase, &inc.decision, inc.due_at, &joining, now) {
+                let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
+                applied = Some(self.reconcile(tx, &mut inc, &cands, freezes, now).await?);
+            }
+            let summary = format!(
+                "{} joined the incident ({})",
+                describe_alert(stored),
+                join_note(&d, &inc, applied.as_ref().and_then(|a| a.note.as_deref()))
+            );
+            Self::record(
+                tx,
+                &inc,
+                "alert_joined",
+                SYSTEM,
+                summary.clone(),
+                json!({ "alert": stored.alert, "decision": d }),
+                now,
+            )
+            .await?;
+            // One thread reply per kind of alert: in a storm thousands of instances of one alert
+            // join, and a reply each would bury the thread and hold the rollback's own messages
+            // behind them in the ordered outbox for hours. The timeline keeps every one.
+            let named = (inc.id.clone(), stored.alert.alertname().to_string());
+            if !ctx.named.contains(&named)
+                && !tx
+                    .incident_has_alertname(&inc.id, stored.alert.alertname(), stored.id)
+                    .await?
+            {
+                self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
+            }
+            ctx.named.insert(named);
+            if applied.is_some_and(|a| a.executing) {
+                self.claim_and_start(tx, &mut inc, now).await?;
+                ctx.history.clear();
+                return Ok(Some(inc.id));
+            }
+            // Already executing (or not to be acted on): whoever holds it runs it, and work
+            // whose holder died is picked up as unowned work.
+            return Ok(None);
+        }
+
+        let Some(phase) = Phase::for_outcome(&d.outcome) else {
+            return Ok(None);
+        };
+        let context = notify::Context {
+            labels: stored.alert.labels.clone(),
+            summary: stored.alert.annotations.get("summary").cloned(),
+            external_url: Some(stored.external_url.clone()).filter(|u| !u.is_empty()),
+            generator_url: Some(stored.alert.generator_url.clone()).filter(|u| !u.is_empty()),
+            runbook: p
+                .links
+                .runbook
+                .clone()
+                .or_else(|| stored.alert.annotations.get("runbook_url").cloned()),
+            dashboard: p
+                .links
+                .dashboard
+                .clone()
+                .or_else(|| stored.alert.annotations.get("dashboard").cloned()),
+            target: p.target.describe(),
+            verification: p.verification.clone(),
+            routes: notify::Routes::resolve(p, &self.notify_defaults),
+        };
+        let inc = Incident {
+            alertname: stored.alert.alertname().to_string(),
+            first_alert_starts_at: stored.alert.starts_at,
+            ..opening(p, d.clone(), phase, &context, now)
+        };
+        tx.insert_incident(&inc).await?;
+        tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
+        ctx.named.insert((inc.id.clone(), inc.alertname.clone()));
+        let opened = format!(
+            "{} opened an incident under policy {} (trigger {})",
+            describe_alert(stored),
+            p.name,
+            d.trigger.as_deref().unwrap_or("-")
+        );
+        Self::record(tx, &inc, "opened", SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
+        tx.append_event(
+            &inc.id,
+            now,
+            NewEvent {
+                kind: "decided",
+                actor: SYSTEM,
+                phase_from: None,
+                phase_to: Some(phase),
+                summary: d.reason.clone(),
+                detail: serde_json::to_value(&d).unwrap_or(Value::Null),
+            },
+        )
+        .await?;
+        self.tell(tx, &inc, Change::Opened, now).await?;
+        info!(incident = %inc.id, policy = %p.name, decision = d.outcome.label(), reason = %d.reason, "incident opened");
+        if phase != Phase::Executing {
+            return Ok(None);
+        }
+        let mut inc = inc;
+        self.claim_and_start(tx, &mut inc, now).await?;
+        ctx.history.clear();
+        Ok(Some(inc.id))
+    }
+
+    async fn on_resolved(&self, tx: &mut StoreTx, stored: &StoredAlert, now: DateTime<Utc>) -> Result<(), StepError> {
+        let Some(id) = &stored.incident_id else {
+            return Ok(());
+        };
+        let Some(mut inc) = tx.incident(id).await? else {
+            return Ok(());
+        };
+        let summary = format!("{} resolved", describe_alert(stored));
+        Self::record(
+            tx,
+            &inc,
+            "alert_resolved",
+            "alertmanager",
+            summary.clone(),
+            json!({ "ends_at": stored.alert.ended_at() }),
+            now,
+        )
+        .await?;
+        self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
+        if tx.firing_alerts(&inc.id).await? == 0 {
+            self.apply(
+                tx,
+                &mut inc,
+                Event::AllAlertsResolved,
+                "alertmanager",
+                "every alert of the incident has resolved".into(),
+                Value::Null,
+                now,
+            )
+            .await?;
+            self.close_if_done(tx, &mut inc, now).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a joining alert means for the incident, in words that promise only what will happen:
+/// its own decision's promise ("re-evaluated at", "roll back automatically") is repeated only
+/// when the incident acts on it.
+fn join_note(d: &Decision, inc: &Incident, note: Option<&str>) -> String {
+    let t = d.trigger.as_deref().unwrap_or("-");
+    let what = match &d.outcome {
+        Outcome::Suppressed(Suppression::TooYoung {
+            firing_for_secs,
+            required_secs,
+            ..
+        }) => format!("trigger {t}: firing for {firing_for_secs}s of the {required_secs}s it needs"),
+        Outcome::Auto => format!("trigger {t} qualifies for an automatic rollback"),
+        Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => format!("trigger {t} asks for approval"),
+        Outcome::Suppressed(Suppression::DryRun { .. }) => format!("trigger {t}, dry run"),
+        Outcome::Suppressed(_) => format!("trigger {t}: {}", d.reason),
+        Outcome::NoMatch | Outcome::Undecidable { .. } => d.reason.clone(),
+    };
+    let then = match (inc.phase, note) {
+        (_, Some(n)) => n.to_string(),
+        (Phase::Executing | Phase::Verifying, _) => "the rollback in progress covers it".into(),
+        (Phase::Verified | Phase::DryRun, _) => "the target was already rolled back for this incident".into(),
+        (Phase::Failed | Phase::VerificationFailed, _) => {
+            "no automatic rollback follows a failed one: a person must act (Approve, /rollback now)".into()
+        }
+        (p, _) => match inc.due_at {
+            Some(at) => format!("incident {p}, looked at again at {}", at.format("%H:%M:%SZ")),
+            None => format!("incident {p}"),
+        },
+    };
+    format!("{what}; {then}")
+}
+
+fn describe_alert(s: &StoredAlert) -> String {
+    format!("{} ({})", policy::describe_labels(&s.alert.labels), s.alert.fingerprint)
+}
