@@ -16,7 +16,7 @@ fn policy_check_passes_on_the_shipped_policies() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 policies, 10 triggers"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 policies, 35 triggers"));
 }
 
 #[test]
