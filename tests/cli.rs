@@ -408,3 +408,113 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
         .iter()
         .any(|l| l["message"] == "notification not delivered; will retry" && l["incident"] == id.as_str()));
 }
+
+/// `simulate` over the shipped policies with one fixture per seed system: each alert falls
+/// under its own service's policy, with the trigger and decision the seed asks for. The two
+/// Portal API deployments are told apart by the `platform` label alone.
+#[test]
+fn each_seed_systems_alerts_fall_under_its_own_shipped_policy() {
+    // (fixture, [(fingerprint, policy, trigger, decision)])
+    let cases: &[(&str, &[(&str, &str, &str, &str)])] = &[
+        (
+            "portal-api-alb",
+            &[("a000000000000001", "portal-api", "error-rate-above-5pct", "auto")],
+        ),
+        (
+            "portal-api-k8s",
+            &[("a000000000000002", "portal-api-k8s", "health-check-failing", "auto")],
+        ),
+        (
+            "squad-api",
+            &[("a000000000000003", "squad-api", "error-rate-above-0.1pct", "manual")],
+        ),
+        (
+            "x0tta6bl4",
+            &[
+                ("a000000000000004", "x0tta6bl4", "critical", "auto"),
+                ("a000000000000005", "x0tta6bl4", "high", "escalate_later"),
+                ("a000000000000006", "x0tta6bl4", "medium", "manual"),
+            ],
+        ),
+        (
+            "go-cutover",
+            &[
+                ("a000000000000007", "go-cutover", "error-rate-above-5pct", "auto"),
+                ("a000000000000008", "go-cutover", "latency-above-1s", "manual"),
+            ],
+        ),
+    ];
+    for (fixture, expected) in cases {
+        let out = Command::new(BIN)
+            .args([
+                "simulate",
+                "--format",
+                "json",
+                "--at",
+                "2026-11-22T03:00:00Z",
+                "--policies",
+            ])
+            .arg(root().join("policies"))
+            .arg(root().join(format!("tests/fixtures/seeds/{fixture}.json")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{fixture}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(String, String, String, String)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["fingerprint"].as_str().unwrap_or_default().to_string(),
+                    l["policy"].as_str().unwrap_or_default().to_string(),
+                    l["trigger"].as_str().unwrap_or_default().to_string(),
+                    l["decision"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, String, String)> = expected
+            .iter()
+            .map(|(f, p, t, d)| (f.to_string(), p.to_string(), t.to_string(), d.to_string()))
+            .collect();
+        assert_eq!(got, want, "{fixture}");
+    }
+}
+
+/// An alert of the Kubernetes Portal API falls under the Kubernetes policy whichever file
+/// comes first: the ALB policy excludes `platform="kubernetes"` itself.
+#[test]
+fn the_portal_api_policies_split_on_the_platform_label_in_any_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // "0-" sorts the ALB policy first.
+    std::fs::copy(root().join("policies/portal-api.yaml"), dir.path().join("0-alb.yaml")).unwrap();
+    std::fs::copy(
+        root().join("policies/portal-api-k8s.yaml"),
+        dir.path().join("1-k8s.yaml"),
+    )
+    .unwrap();
+    for (fixture, policy) in [("portal-api-k8s", "portal-api-k8s"), ("portal-api-alb", "portal-api")] {
+        let out = Command::new(BIN)
+            .args([
+                "simulate",
+                "--format",
+                "json",
+                "--at",
+                "2026-11-22T03:00:00Z",
+                "--policies",
+            ])
+            .arg(dir.path())
+            .arg(root().join(format!("tests/fixtures/seeds/{fixture}.json")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+        assert_eq!(line["policy"], policy, "{fixture}");
+    }
+}
