@@ -414,8 +414,9 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
 /// Portal API deployments are told apart by the `platform` label alone.
 #[test]
 fn each_seed_systems_alerts_fall_under_its_own_shipped_policy() {
-    // (fixture, [(fingerprint, policy, trigger, decision)])
-    let cases: &[(&str, &[(&str, &str, &str, &str)])] = &[
+    // (fingerprint, policy, trigger, decision) per alert of each fixture.
+    type Expected = &'static [(&'static str, &'static str, &'static str, &'static str)];
+    let cases: &[(&str, Expected)] = &[
         (
             "portal-api-alb",
             &[("a000000000000001", "portal-api", "error-rate-above-5pct", "auto")],

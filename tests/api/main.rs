@@ -14,6 +14,7 @@ mod operate;
 mod peers;
 mod rbac;
 mod replicas;
+mod seed_policies;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
