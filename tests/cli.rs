@@ -16,7 +16,9 @@ fn policy_check_passes_on_the_shipped_policies() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("5 policies, 35 triggers"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 policies, 35 triggers"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
 }
 
 #[test]
@@ -518,4 +520,34 @@ fn the_portal_api_policies_split_on_the_platform_label_in_any_file_order() {
             serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
         assert_eq!(line["policy"], policy, "{fixture}");
     }
+}
+
+/// Issue 20: a copy of a policy with the same matchers passes the check but can never match;
+/// `policy check` says so as a warning, names both files, and still exits 0.
+#[test]
+fn policy_check_warns_about_a_policy_that_can_never_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("policies/portal-api.yaml")).unwrap();
+    std::fs::write(dir.path().join("a-listener.yaml"), &good).unwrap();
+    std::fs::write(
+        dir.path().join("b-rule.yaml"),
+        good.replacen("name: portal-api\n", "name: portal-api-rule\n", 1),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("2 policies"), "{text}");
+    assert!(
+        lines[1].contains("b-rule.yaml:")
+            && lines[1].contains("warning: policy \"portal-api-rule\" can never match: policy \"portal-api\"")
+            && lines[1].contains("a-listener.yaml"),
+        "{text}"
+    );
 }
