@@ -199,7 +199,7 @@ async fn go_cutover_error_rate_sends_everything_back_to_python_at_once() {
     assert_eq!(inc["trigger"], "error-rate-above-5pct");
 }
 
-const PORTAL_NS: &str = "default";
+const PORTAL_NS: &str = "portal";
 
 /// Seed 000's world in the shipped policy's namespace: portal-api-prod selects the canary
 /// (v1.0.0), two Ready stable pods, the canary Deployment at 3 replicas, and a pod of ANOTHER
