@@ -345,11 +345,15 @@ async fn portal_api_on_kubernetes_writes_nothing_when_the_stable_pods_are_not_re
 const X_NS: &str = "x0tta6bl4";
 const X_UID: &str = "33333333-3333-4333-8333-333333333333";
 
-/// Seed 002 (x0tta6bl4): a CRITICAL-tier alert rolls x0tta6bl4-api back one revision
-/// (`kubectl rollout undo`) at once. The test plays the Deployment controller: once the
-/// template is back it reports the rollout complete, which the verification waits for.
-#[tokio::test]
-async fn x0tta6bl4_critical_tier_undoes_the_deployment_to_the_previous_revision() {
+/// x0tta6bl4-api at revision 2 (image 2.0.0) with the ReplicaSets of revisions 1 and 2, the
+/// shipped policy, and a task playing the Deployment controller: once the template is revision
+/// 1's again it reports the rollout complete, which the verification waits for.
+async fn x0tta6bl4_world() -> (
+    std::sync::Arc<FakeKube>,
+    TestApp,
+    tokio::task::JoinHandle<()>,
+    FakeService,
+) {
     let fake = std::sync::Arc::new(FakeKube::start().await);
     let sel = [("app", "x0tta6bl4-api")];
     let old = template(&[("app", "x0tta6bl4-api"), ("version", "v1")], "x0tta6bl4-api:1.0.0");
@@ -376,8 +380,6 @@ async fn x0tta6bl4_critical_tier_undoes_the_deployment_to_the_previous_revision(
         ..Options::default()
     })
     .await;
-
-    // The controller: when the template is the old one again, the rollout completes.
     let controller = {
         let fake = fake.clone();
         tokio::spawn(async move {
@@ -395,7 +397,24 @@ async fn x0tta6bl4_critical_tier_undoes_the_deployment_to_the_previous_revision(
             }
         })
     };
+    (fake, app, controller, svc)
+}
 
+fn assert_undone(fake: &FakeKube) {
+    let d = fake.get("deployments", X_NS, "x0tta6bl4-api").unwrap();
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "x0tta6bl4-api:1.0.0"
+    );
+    assert_eq!(d["spec"]["template"]["metadata"]["labels"]["version"], "v1");
+    assert_eq!(fake.writes(), 1, "one Deployment write: the undo");
+}
+
+/// Seed 002 (x0tta6bl4): a CRITICAL-tier alert rolls x0tta6bl4-api back one revision
+/// (`kubectl rollout undo`) at once.
+#[tokio::test]
+async fn x0tta6bl4_critical_tier_undoes_the_deployment_to_the_previous_revision() {
+    let (fake, app, controller, _svc) = x0tta6bl4_world().await;
     let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
     let labels = json!({"alertname": "HighErrorRate", "service": "x0tta6bl4", "severity": "critical", "run": uniq()});
     let starts = ago(30);
@@ -405,11 +424,91 @@ async fn x0tta6bl4_critical_tier_undoes_the_deployment_to_the_previous_revision(
 
     assert_eq!(inc["policy"], "x0tta6bl4");
     assert_eq!(inc["trigger"], "critical");
-    let d = fake.get("deployments", X_NS, "x0tta6bl4-api").unwrap();
+    assert_undone(&fake);
+}
+
+/// Seed 002's HIGH tier, "roll back if not resolved in 30 min": an alert that started 29 min
+/// 58 s ago asks the approvers and writes nothing; with nobody answering, the rollback runs
+/// by itself when the 30 minutes are up.
+#[tokio::test]
+async fn x0tta6bl4_high_tier_asks_first_and_rolls_back_when_30_minutes_are_up() {
+    let (fake, app, controller, _svc) = x0tta6bl4_world().await;
+    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+    let labels = json!({"alertname": "HighErrorRate", "service": "x0tta6bl4", "severity": "high", "run": uniq()});
+    let starts = ago(30 * 60 - 2);
+    am.post(labels.clone(), &starts, None).await;
+    let list = app
+        .wait_incidents("the approval request", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    assert_eq!(list[0]["trigger"], "high");
     assert_eq!(
-        d["spec"]["template"]["spec"]["containers"][0]["image"],
-        "x0tta6bl4-api:1.0.0"
+        list[0]["decision"]["outcome"], "escalate_later",
+        "{}",
+        list[0]["decision"]
     );
-    assert_eq!(d["spec"]["template"]["metadata"]["labels"]["version"], "v1");
-    assert_eq!(fake.writes(), 1, "one Deployment write: the undo");
+    assert_eq!(fake.writes(), 0, "asked, not acted");
+
+    let inc = succeeded_then_verified(&app, &am, &[(&labels, &starts)]).await;
+    controller.await.expect("controller");
+    let acted: chrono::DateTime<chrono::Utc> = inc["acted_at"].as_str().unwrap().parse().unwrap();
+    let started: chrono::DateTime<chrono::Utc> = starts.parse().unwrap();
+    assert!(
+        acted >= started + chrono::Duration::minutes(30),
+        "acted at {acted}, before startsAt + 30m ({started})"
+    );
+    assert_undone(&fake);
+}
+
+/// Seed 004 (Portal API on the ALB, the change plan): the automatic 5xx > 5 % trigger reverts
+/// the listener to 100 % stable with stickiness disabled, one write, and leaves a
+/// platform="kubernetes" alert of the same service to the Kubernetes policy (no second write).
+#[tokio::test]
+async fn portal_api_on_the_alb_reverts_the_listener_and_leaves_kubernetes_alerts_alone() {
+    let fx = AlbFixture::start().await;
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    let svc = FakeService::start("portal-alb").await;
+    let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
+    let app = spawn_app(Options {
+        policies: vec![(
+            "portal-api.yaml",
+            shipped("portal-api.yaml", &svc.health_url(), on_moto(&fx)),
+        )],
+        executors: Some(Executors {
+            alb: Some(exec),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+    let labels = json!({"alertname": "HighErrorRate", "service": "portal-api", "severity": "critical", "run": uniq()});
+    let starts = ago(6 * 60);
+    am.post(labels.clone(), &starts, None).await;
+    let inc = succeeded_then_verified(&app, &am, &[(&labels, &starts)]).await;
+    assert_eq!(inc["policy"], "portal-api");
+    assert_eq!(inc["trigger"], "error-rate-above-5pct");
+    let actions = fx.listener_actions().await;
+    assert_eq!(
+        weights(&actions),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    assert!(!stickiness(&actions).0);
+    assert_eq!(proxy.count("ModifyListener"), 1);
+
+    // The Kubernetes Portal API's alert matches no policy here: stored, no incident, no write.
+    let k8s = json!({"alertname": "HighErrorRate", "service": "portal-api", "platform": "kubernetes", "severity": "critical", "run": uniq()});
+    let before = app.responder.store.alert_count().await.unwrap();
+    am.post(k8s, &ago(6 * 60), None).await;
+    // Wait for the proof that it was decided: stored, and no longer pending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.responder.store.alert_count().await.unwrap() == before
+        || !app.responder.store.pending_alert_ids(10).await.unwrap().is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "the alert was never decided");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.incidents().await.len(), 1, "no incident for the Kubernetes alert");
+    assert_eq!(proxy.count("ModifyListener"), 1);
 }
