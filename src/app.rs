@@ -2,6 +2,8 @@
 //! settings. The server binds its own port and exposes it, so tests start the real thing on
 //! port 0 ([`Application::build`] then [`Application::run`]).
 
+pub mod reload;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -178,7 +180,13 @@ impl Application {
         };
         let state = AppState::new(responder.clone(), cfg.webhook_bearer.clone(), cfg.webhook_basic.clone())
             .with_humans(slack, pagerduty)
-            .with_api_token(cfg.api_token.clone());
+            .with_api_token(cfg.api_token.clone())
+            .with_read_access(crate::http::pages::ReadAccess::new(
+                cfg.read_token.clone(),
+                cfg.api_token.clone(),
+                cfg.settings.api.trusted_user_header.as_deref(),
+                cfg.settings.server.public_url.as_deref(),
+            ));
         Ok(Application {
             listener,
             port,
@@ -223,6 +231,7 @@ impl Application {
         let outbox = tokio::spawn(self.outbox.clone().run(self.tick, stop_rx.clone()));
         let reloader = tokio::spawn(reload_policies(
             self.responder.clone(),
+            self.state.policy_reload.clone(),
             self.policies_dir.clone(),
             stop_rx,
         ));
@@ -242,24 +251,48 @@ impl Application {
 }
 
 /// Reloads the policies on SIGHUP and when a file in their directory changes. A set with
-/// errors is refused as a whole (each error logged with file and line) and the set in force
-/// stays; decisions record the hash of the set they were made under.
-async fn reload_policies(responder: Arc<Responder>, dir: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+/// errors is refused as a whole (each error logged with file and line, shown by `/readyz`,
+/// counted in `policy_reloads_total{result="refused"}`) and the set in force stays; decisions
+/// record the hash of the set they were made under.
+///
+/// `dir` may be a symlink switched to another directory (`ln -sfn v2 current`, a ConfigMap's
+/// `..data`): its parent is watched too, and the watch follows the link to its new target.
+async fn reload_policies(
+    responder: Arc<Responder>,
+    status: Arc<reload::ReloadStatus>,
+    dir: std::path::PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
     use notify::Watcher;
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(16);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {
             let _ = tx.try_send(());
         }
-    })
-    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
-    let _watcher = match watcher {
+    });
+    let mut watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
             None
         }
     };
+    {
+        let set = responder.policies();
+        responder.metrics.known_policies(set.iter().map(|p| p.name.as_str()));
+    }
+    // The directory the link points at now; watched until the link moves.
+    let mut target: Option<std::path::PathBuf> = None;
+    if let Some(w) = watcher.as_mut() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if dir.is_symlink() {
+                if let Err(e) = w.watch(parent, notify::RecursiveMode::NonRecursive) {
+                    warn!(dir = %parent.display(), error = %e, "cannot watch the parent of the policy directory link; reload with SIGHUP after switching it");
+                }
+            }
+        }
+        target = follow(w, &dir, None);
+    }
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -284,19 +317,65 @@ async fn reload_policies(responder: Arc<Responder>, dir: std::path::PathBuf, mut
             }
             _ = stop.changed() => return,
         };
+        if let Some(w) = watcher.as_mut() {
+            target = follow(w, &dir, target);
+        }
         let old = responder.policies().hash.clone();
         match PolicySet::load_dir(&dir) {
-            Ok(set) if set.hash == old => {}
+            Ok(set) if set.hash == old => {
+                responder.metrics.policy_reload("unchanged");
+                status.loaded();
+            }
             Ok(set) => {
                 info!(trigger = why, old_hash = %old, new_hash = %set.hash, policies = set.policies.len(), "policies reloaded");
+                responder.metrics.known_policies(set.iter().map(|p| p.name.as_str()));
                 responder.set_policies(set);
+                responder.metrics.policy_reload("applied");
+                status.loaded();
             }
             Err(errs) => {
                 for e in &errs {
                     tracing::error!(trigger = why, error = %e, "policy reload rejected");
                 }
                 warn!(hash = %old, errors = errs.len(), "the new policy set has errors; the old set stays in force");
+                responder.metrics.policy_reload("refused");
+                status.refused(reload::Refusal {
+                    at: chrono::Utc::now(),
+                    trigger: why.to_string(),
+                    dir: dir.display().to_string(),
+                    errors: errs.iter().map(|e| e.to_string()).collect(),
+                });
             }
+        }
+    }
+}
+
+/// Watches the directory `dir` resolves to now, moving the watch off `watched` when the link
+/// was switched; returns what is watched.
+fn follow(
+    w: &mut notify::RecommendedWatcher,
+    dir: &std::path::Path,
+    watched: Option<std::path::PathBuf>,
+) -> Option<std::path::PathBuf> {
+    use notify::Watcher;
+    let now = std::fs::canonicalize(dir).ok();
+    if now == watched {
+        return watched;
+    }
+    if let Some(old) = &watched {
+        let _ = w.unwatch(old);
+    }
+    let now = now?;
+    match w.watch(&now, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => {
+            if watched.is_some() {
+                info!(dir = %dir.display(), target = %now.display(), "the policy directory now points elsewhere; watching it");
+            }
+            Some(now)
+        }
+        Err(e) => {
+            warn!(dir = %now.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            None
         }
     }
 }

@@ -63,6 +63,9 @@ pub struct ServerSettings {
     /// How long shutdown waits for work in flight before handing it over.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where people reach this service (`https://rollback.example.com`): the base of the links
+    /// to incident pages.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -71,6 +74,7 @@ impl Default for ServerSettings {
             listen: None,
             body_limit_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(20),
+            public_url: None,
         }
     }
 }
@@ -110,6 +114,14 @@ pub struct WebhookAuth {
 pub struct ApiAuth {
     pub bearer_token: Option<SecretString>,
     pub bearer_token_file: Option<PathBuf>,
+    /// Token the read-only views (incident pages, `/api/v1` reads) require as a bearer token or
+    /// as the password of basic auth; none (and no trusted header): they are open.
+    pub read_token: Option<SecretString>,
+    pub read_token_file: Option<PathBuf>,
+    /// A header an SSO proxy in front of the service sets to the signed-in user (oauth2-proxy:
+    /// `X-Auth-Request-User` or `X-Forwarded-User`); a request carrying it may read. Only safe
+    /// when nothing but the proxy can reach the service (see the NetworkPolicy).
+    pub trusted_user_header: Option<String>,
 }
 
 /// Basic auth credentials.
@@ -317,6 +329,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest duration any setting takes.
+const MAX_SETTING_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A configuration problem: where, what, and how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -334,6 +349,8 @@ pub struct Resolved {
     /// Where the settings came from, for the start-up log.
     pub source: String,
     pub api_token: Option<SecretString>,
+    /// The read-only views' token (`api.read_token`).
+    pub read_token: Option<SecretString>,
     pub slack_token: Option<SecretString>,
     pub slack_signing_secret: Option<SecretString>,
     pub pagerduty_key: Option<SecretString>,
@@ -387,7 +404,7 @@ pub fn load_from(
             Err(e) if e.to_string().contains("missing field") => {}
             Err(e) => {
                 let line = e.location().map(|l| l.line()).unwrap_or(1);
-                let msg = e.to_string();
+                let msg = hide_values(&e.to_string());
                 let msg = msg.split(" at line ").next().unwrap_or(&msg);
                 return Err(ConfigError(format!(
                     "{}:{line}: {msg} (see deploy/config.example.yaml for every key)",
@@ -396,6 +413,22 @@ pub fn load_from(
             }
         }
         builder = builder.add_source(config::File::from(p).format(config::FileFormat::Yaml));
+    }
+    // Secrets from the environment are kept exactly as given: the environment source would
+    // read `00123` as the number 123. So they bypass it, as strings.
+    let (secrets, env): (Vec<_>, Vec<_>) = env
+        .into_iter()
+        .partition(|(k, _)| env_key(k).is_some_and(|k| is_secret_key(&k)));
+    for (var, value) in secrets {
+        let key = env_key(&var).unwrap_or_default();
+        let set = if key == "pagerduty.webhook_secrets" {
+            // Comma-separated, as the other lists (secret rotation: "old,new").
+            let list: Vec<String> = value.split(',').map(str::to_string).collect();
+            builder.set_override(key.as_str(), list)
+        } else {
+            builder.set_override(key.as_str(), value)
+        };
+        builder = set.map_err(|e| ConfigError(format!("{var}: {}", hide_values(&e.to_string()))))?;
     }
     // Lists from the environment are comma-separated (secret rotation: "old,new").
     let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
@@ -409,10 +442,46 @@ pub fn load_from(
     builder = builder.add_source(env_source);
     let settings: Settings = builder.build().and_then(|c| c.try_deserialize()).map_err(|e| {
         ConfigError(format!(
-            "{e} (environment variables are {ENV_PREFIX}__SECTION__KEY, e.g. {ENV_PREFIX}__STORE__URL)"
+            "{} (environment variables are {ENV_PREFIX}__SECTION__KEY, e.g. {ENV_PREFIX}__STORE__URL)",
+            hide_values(&e.to_string())
         ))
     })?;
     resolve(settings, path, listen_override)
+}
+
+/// The settings key of an environment variable (`ROLLBACK_RESPONDER__PAGERDUTY__ROUTING_KEY`
+/// is `pagerduty.routing_key`), as the environment source reads it.
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?.strip_prefix("__")?;
+    Some(rest.split("__").collect::<Vec<_>>().join(".").to_lowercase())
+}
+
+/// Keys whose values are secrets (their `_file` siblings are paths, not secrets).
+fn is_secret_key(key: &str) -> bool {
+    const SECRETS: [&str; 10] = [
+        "store.url",
+        "webhook.bearer_token",
+        "webhook.basic_auth.password",
+        "api.bearer_token",
+        "slack.bot_token",
+        "slack.signing_secret",
+        "pagerduty.routing_key",
+        "pagerduty.webhook_secrets",
+        "pagerduty.action_token",
+        "statuspage.api_key",
+    ];
+    SECRETS.contains(&key) || key.starts_with("pagerduty.routing_keys.")
+}
+
+/// A deserializer's message without the value it quotes (`invalid type: string "xoxb-..",
+/// expected a sequence`): the value may be a secret, and the key and the expected shape say
+/// what to fix.
+fn hide_values(msg: &str) -> String {
+    static LITERAL: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(invalid (?:type|value|length): [a-z ]*?) ?(?:"(?:[^"\\]|\\.)*"|`[^`]*`)"#)
+            .expect("a valid regex")
+    });
+    LITERAL.replace_all(msg, "$1 (value not shown)").into_owned()
 }
 
 fn secret(value: Option<SecretString>, file: Option<&PathBuf>, key: &str) -> Result<Option<SecretString>, ConfigError> {
@@ -517,7 +586,32 @@ fn resolve(
             "server.body_limit_bytes: at least 1024 (Alertmanager sends about 1 KiB per alert)".into(),
         ));
     }
-    if settings.workers.tick.is_zero() || settings.workers.lease < settings.workers.tick * 3 {
+    // Durations are added to clocks and deadlines (a lease ends at now + lease): a year is
+    // more than any of them needs, and keeps every such sum far inside the calendar.
+    let mut durations = vec![
+        ("workers.tick", settings.workers.tick),
+        ("workers.lease", settings.workers.lease),
+        ("server.shutdown_grace", settings.server.shutdown_grace),
+        ("notifications.initial_backoff", settings.notifications.initial_backoff),
+        ("notifications.max_backoff", settings.notifications.max_backoff),
+    ];
+    if let Some(r) = settings.safety.max_rollbacks {
+        durations.push(("safety.max_rollbacks.per", r.per));
+    }
+    if let Some((key, d)) = durations.into_iter().find(|(_, d)| *d > MAX_SETTING_DURATION) {
+        return Err(ConfigError(format!(
+            "{key}: {} is too long; at most {}",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_SETTING_DURATION)
+        )));
+    }
+    if settings.workers.tick.is_zero()
+        || settings
+            .workers
+            .tick
+            .checked_mul(3)
+            .is_none_or(|three| settings.workers.lease < three)
+    {
         return Err(ConfigError(
             "workers.lease: must be at least three ticks (workers.tick) so a live replica can renew it".into(),
         ));
@@ -541,6 +635,28 @@ fn resolve(
         settings.api.bearer_token_file.as_ref(),
         "api.bearer_token",
     )?;
+    let read_token = secret(
+        settings.api.read_token.clone(),
+        settings.api.read_token_file.as_ref(),
+        "api.read_token",
+    )?;
+    if let Some(h) = &settings.api.trusted_user_header {
+        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err(ConfigError(format!(
+                "api.trusted_user_header: {h:?} is not a header name (e.g. X-Auth-Request-User)"
+            )));
+        }
+    }
+    if let Some(u) = &settings.server.public_url {
+        match reqwest::Url::parse(u) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.query().is_none() => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "server.public_url: {u:?} is not an http(s) base URL (e.g. https://rollback.example.com)"
+                )))
+            }
+        }
+    }
     let slack_signing_secret = match &settings.slack {
         Some(s) => secret(
             s.signing_secret.clone(),
@@ -622,6 +738,7 @@ fn resolve(
         listen,
         source,
         api_token,
+        read_token,
         slack_token,
         slack_signing_secret,
         pagerduty_key,
@@ -798,5 +915,97 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn durations_too_long_for_a_clock_are_refused_by_name_not_a_panic() {
+        for (key, var) in [
+            ("workers.tick", "ROLLBACK_RESPONDER__WORKERS__TICK"),
+            ("workers.lease", "ROLLBACK_RESPONDER__WORKERS__LEASE"),
+            ("server.shutdown_grace", "ROLLBACK_RESPONDER__SERVER__SHUTDOWN_GRACE"),
+            (
+                "notifications.max_backoff",
+                "ROLLBACK_RESPONDER__NOTIFICATIONS__MAX_BACKOFF",
+            ),
+            (
+                "safety.max_rollbacks.per",
+                "ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__PER",
+            ),
+        ] {
+            // Three ticks of this overflow a Duration; a lease of it overflows the calendar.
+            let env = vec![(var.to_string(), "500000000000years".to_string())];
+            let e = load_from(None, None, env).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{key}: ")) && e.contains("too long"),
+                "{key}: {e}"
+            );
+        }
+        let env = vec![("ROLLBACK_RESPONDER__WORKERS__LEASE".to_string(), "300days".to_string())];
+        assert!(load_from(None, None, env).is_ok());
+    }
+
+    #[test]
+    fn errors_about_secret_keys_name_the_key_and_shape_never_the_value() {
+        const SECRET: &str = "s3cr3t-VALUE-42";
+        let files = [
+            format!("pagerduty:\n  webhook_secrets: {SECRET}\n"),
+            format!("pagerduty:\n  routing_keys: {SECRET}\n"),
+            format!("pagerduty:\n  routing_keys: {{team: [{SECRET}]}}\n"),
+            format!("slack:\n  signing_secret: {{a: {SECRET}}}\n  bot_token: {SECRET}\n"),
+        ];
+        for text in &files {
+            let f = file(text);
+            let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
+            assert!(!e.contains(SECRET) && !e.contains("VALUE"), "{text}: {e}");
+            assert!(e.contains("pagerduty.") || e.contains("slack."), "names the key: {e}");
+            assert!(e.contains("expected"), "says the shape: {e}");
+        }
+        for (var, value) in [
+            ("ROLLBACK_RESPONDER__PAGERDUTY__ROUTING_KEYS", SECRET),
+            ("ROLLBACK_RESPONDER__WEBHOOK__BASIC_AUTH", SECRET),
+            ("ROLLBACK_RESPONDER__WORKERS__TICK", SECRET),
+            ("ROLLBACK_RESPONDER__SERVER__BODY_LIMIT_BYTES", SECRET),
+        ] {
+            let e = load_from(None, None, vec![(var.into(), value.into())])
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains(value), "{var}: {e}");
+            assert!(e.contains("for key `"), "names the key: {e}");
+        }
+    }
+
+    #[test]
+    fn all_digit_secrets_from_the_environment_keep_their_leading_zeros() {
+        let env: Vec<(String, String)> = [
+            ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN", "00123"),
+            ("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "0000"),
+            ("ROLLBACK_RESPONDER__SLACK__BOT_TOKEN", "007"),
+            ("ROLLBACK_RESPONDER__SLACK__SIGNING_SECRET", "0.50"),
+            ("ROLLBACK_RESPONDER__PAGERDUTY__ROUTING_KEY", "0123456789"),
+            ("ROLLBACK_RESPONDER__PAGERDUTY__ROUTING_KEYS__TEAM", "000042"),
+            ("ROLLBACK_RESPONDER__PAGERDUTY__WEBHOOK_SECRETS", "0011,00true"),
+            ("ROLLBACK_RESPONDER__PAGERDUTY__ACTION_TOKEN", "1e3"),
+            ("ROLLBACK_RESPONDER__STATUSPAGE__API_KEY", "08"),
+            ("ROLLBACK_RESPONDER__STATUSPAGE__PAGE_ID", "p1"),
+            ("ROLLBACK_RESPONDER__SERVER__BODY_LIMIT_BYTES", "4096"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let r = load_from(None, None, env).unwrap();
+        let show = |s: &Option<SecretString>| s.as_ref().map(|s| s.expose_secret().to_string());
+        assert_eq!(show(&r.webhook_bearer).as_deref(), Some("00123"));
+        assert_eq!(show(&r.api_token).as_deref(), Some("0000"));
+        assert_eq!(show(&r.slack_token).as_deref(), Some("007"));
+        assert_eq!(show(&r.slack_signing_secret).as_deref(), Some("0.50"));
+        assert_eq!(show(&r.pagerduty_key).as_deref(), Some("0123456789"));
+        assert_eq!(show(&r.pagerduty_action_token).as_deref(), Some("1e3"));
+        assert_eq!(show(&r.statuspage_key).as_deref(), Some("08"));
+        let pd = r.settings.pagerduty.as_ref().unwrap();
+        assert_eq!(pd.routing_keys["team"].expose_secret(), "000042");
+        let secrets: Vec<&str> = pd.webhook_secrets.iter().map(|s| s.expose_secret()).collect();
+        assert_eq!(secrets, ["0011", "00true"]);
+        // Other numbers from the environment are still numbers.
+        assert_eq!(r.settings.server.body_limit_bytes, 4096);
     }
 }

@@ -1,5 +1,7 @@
-//! The `rollback-responder` command: `serve`, `policy check`, `simulate`. Thin by design: the
-//! work is in the library.
+//! The `rollback-responder` command: `serve`, `policy check`, `simulate`, and the terminal view
+//! (`incidents`, `incident ID`). Thin by design: the work is in the library.
+
+mod terminal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,15 +19,63 @@ use rollback_responder::{config, telemetry};
 #[command(
     name = "rollback-responder",
     version,
-    about = "Rolls back canary releases when Alertmanager says so, under policy."
+    about = "Rolls back canary releases when Alertmanager says so, under policy.",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// The same for every subcommand (see `terminal::exit`).
+const EXIT_CODES: &str = "Exit codes (every subcommand):
+  0  done
+  1  refused or failed: invalid policies, an unknown incident, serve could not start or stopped on an error
+  2  usage: bad arguments, an unreadable or invalid config or input file, a missing read token
+  3  unavailable: the service's API did not answer or answered 5xx (try again)";
+
+/// The API a terminal view reads (default: the local service).
+#[derive(clap::Args)]
+struct Remote {
+    /// Base URL of a running rollback-responder.
+    #[arg(long, env = "ROLLBACK_RESPONDER_URL", default_value = "http://127.0.0.1:9095")]
+    url: String,
+    /// The read token (`api.read_token`), when the service requires one.
+    #[arg(long, env = "ROLLBACK_RESPONDER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Remote {
+    fn target(self) -> terminal::Target {
+        terminal::Target {
+            url: self.url,
+            token: self.token,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// List a running service's incidents as a table, newest first.
+    #[command(after_help = EXIT_CODES)]
+    Incidents {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only open incidents.
+        #[arg(long)]
+        open: bool,
+        /// Only this service's incidents.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// One incident of a running service: facts, alerts and its timeline.
+    #[command(after_help = EXIT_CODES)]
+    Incident {
+        #[command(flatten)]
+        remote: Remote,
+        /// The incident's id, as `incidents` lists it.
+        id: String,
+    },
     /// Run the service (embedded default without --config: SQLite file, policies/, dry run, loopback).
     Serve {
         /// YAML config file; ROLLBACK_RESPONDER__SECTION__KEY variables override it.
@@ -73,6 +123,8 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Incidents { remote, open, service } => terminal::incidents(&remote.target(), open, service.as_deref()),
+        Command::Incident { remote, id } => terminal::incident(&remote.target(), &id),
         Command::Serve { config, listen } => serve(config, listen),
         Command::Policy {
             command: PolicyCommand::Check { dir },
@@ -86,7 +138,7 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                ExitCode::from(2)
+                ExitCode::from(terminal::exit::USAGE)
             }
         },
     }
@@ -97,15 +149,16 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(terminal::exit::USAGE);
         }
     };
     telemetry::init(cfg.settings.log.format, &cfg.settings.log.level);
+    log_panics();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(terminal::exit::REFUSED);
         }
     };
     let result = rt.block_on(async {
@@ -113,11 +166,11 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         app.run(shutdown_signal()).await
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(terminal::exit::OK),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(terminal::exit::REFUSED)
         }
     }
 }
@@ -136,13 +189,13 @@ fn check(dir: &std::path::Path) -> ExitCode {
             for w in &set.warnings {
                 println!("{w}");
             }
-            ExitCode::SUCCESS
+            ExitCode::from(terminal::exit::OK)
         }
         Err(errs) => {
             for e in errs {
                 println!("{e}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(terminal::exit::REFUSED)
         }
     }
 }
@@ -159,7 +212,7 @@ fn simulate(
             for e in errs {
                 eprintln!("{e}");
             }
-            return Ok(ExitCode::FAILURE);
+            return Ok(ExitCode::from(terminal::exit::REFUSED));
         }
     };
     let body = if payload.as_os_str() == "-" {
@@ -209,5 +262,21 @@ fn simulate(
             ),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(terminal::exit::OK))
+}
+
+/// Panics go to the log, once, as one event with where it happened: a handler's panic is
+/// answered 500 and a loop's is survived (both counted in `rollback_responder_panics`), so the
+/// default hook's bare stderr line would be the only trace of it outside the log pipeline.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        tracing::error!(%location, panic = %message, "panic caught; the service keeps serving");
+    }));
 }

@@ -25,12 +25,15 @@ pub struct Metrics {
     action_duration: Family<Labels, Histogram>,
     alert_to_action: Histogram,
     store_errors: Counter,
+    panics: Family<Labels, Counter>,
     frozen: Family<Labels, Gauge>,
     outbox_depth: Family<Labels, Gauge>,
     outbox_failures: Family<Labels, Counter>,
     action_to_verified: Histogram,
     incidents_open: Gauge,
     approvals_pending: Gauge,
+    policy_reloads: Family<Labels, Counter>,
+    policy_refused: Gauge,
 }
 
 impl Default for Metrics {
@@ -80,6 +83,12 @@ impl Metrics {
         );
         let store_errors = Counter::default();
         registry.register("store_errors", "Store operations that failed", store_errors.clone());
+        let panics = Family::<Labels, Counter>::default();
+        registry.register(
+            "panics",
+            "Panics caught (a request answered 500, a loop iteration or a task abandoned), by where",
+            panics.clone(),
+        );
         let frozen = Family::<Labels, Gauge>::default();
         registry.register(
             "frozen",
@@ -116,7 +125,40 @@ impl Metrics {
             "Incidents waiting for a human's approval (shared store)",
             approvals_pending.clone(),
         );
+        let policy_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads (SIGHUP, file change), by result: applied, unchanged, refused (the set in force stays)",
+            policy_reloads.clone(),
+        );
+        // Every series whose labels are known up front exists at zero before its first use, so
+        // dashboards and `increase()` see 0 rather than "No data".
+        let policy_refused = Gauge::default();
+        registry.register(
+            "policy_files_refused",
+            "1 while the policy files on disk were refused at the last reload (an older set is in force)",
+            policy_refused.clone(),
+        );
+        for result in ["applied", "unchanged", "refused"] {
+            let _ = policy_reloads.get_or_create(&l(&[("result", result)]));
+        }
+        for status in ["firing", "resolved"] {
+            let _ = notifications.get_or_create(&l(&[("status", status)]));
+            let _ = alerts.get_or_create(&l(&[("status", status)]));
+        }
+        for kind in ["alb", "kubernetes"] {
+            for result in ["changed", "no_op", "dry_run", "failed"] {
+                let _ = actions.get_or_create(&l(&[("kind", kind), ("result", result)]));
+            }
+            let _ = action_duration.get_or_create(&l(&[("kind", kind)]));
+        }
+        for channel in ["slack", "pagerduty", "statuspage"] {
+            let _ = outbox_failures.get_or_create(&l(&[("channel", channel)]));
+        }
+        let _ = frozen.get_or_create(&l(&[("scope", "*")]));
         Metrics {
+            policy_reloads,
+            policy_refused,
             incidents_open,
             approvals_pending,
             registry,
@@ -128,6 +170,7 @@ impl Metrics {
             action_duration,
             alert_to_action,
             store_errors,
+            panics,
             frozen,
             outbox_depth,
             outbox_failures,
@@ -172,6 +215,11 @@ impl Metrics {
         self.store_errors.inc();
     }
 
+    /// A panic caught in a request handler (`http`) or a background loop (`worker`).
+    pub fn panic(&self, place: &str) {
+        self.panics.get_or_create(&l(&[("where", place)])).inc();
+    }
+
     /// Current freeze state per scope.
     pub fn set_frozen(&self, scope: &str, on: bool) {
         self.frozen.get_or_create(&l(&[("scope", scope)])).set(i64::from(on));
@@ -198,11 +246,98 @@ impl Metrics {
         self.approvals_pending.set(pending);
     }
 
-    /// The text exposition.
+    /// A policy reload and how it ended (`applied`, `unchanged`, `refused`).
+    pub fn policy_reload(&self, result: &str) {
+        self.policy_reloads.get_or_create(&l(&[("result", result)])).inc();
+        self.policy_refused.set(i64::from(result == "refused"));
+    }
+
+    /// Decisions per outcome for these policies exist at zero (called when a set is loaded).
+    pub fn known_policies<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for policy in names {
+            for outcome in ["auto", "manual", "escalate_later", "suppressed"] {
+                let _ = self
+                    .decisions
+                    .get_or_create(&l(&[("outcome", outcome), ("policy", policy)]));
+            }
+        }
+    }
+
+    /// The exposition a scraper asked for: OpenMetrics when its `Accept` names it (Prometheus
+    /// does), else the Prometheus text format 0.0.4 (curl, `promtool check metrics`).
+    pub fn render_for(&self, accept: Option<&str>) -> (&'static str, String) {
+        let open_metrics = self.render();
+        if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+            (OPENMETRICS, open_metrics)
+        } else {
+            (TEXT_FORMAT, text_format(&open_metrics))
+        }
+    }
+
+    /// The OpenMetrics exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Content type of the OpenMetrics exposition.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format.
+pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics to the Prometheus text format: a counter family's HELP and TYPE name its
+/// `_total` samples, and there is no `# EOF`.
+fn text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|r| r.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples_and_has_no_eof() {
+        let m = Metrics::new();
+        m.store_error();
+        let (ct, text) = m.render_for(Some("*/*"));
+        assert_eq!(ct, TEXT_FORMAT);
+        assert!(text.contains("# HELP rollback_responder_store_errors_total Store operations that failed."));
+        assert!(text.contains(
+            "# TYPE rollback_responder_store_errors_total counter\nrollback_responder_store_errors_total 1\n"
+        ));
+        assert!(text.contains("# TYPE rollback_responder_outbox_depth gauge"));
+        assert!(!text.contains("# EOF"));
+        let (ct, om) = m.render_for(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
+        assert_eq!(ct, OPENMETRICS);
+        assert!(om.ends_with("# EOF\n") && om.contains("# TYPE rollback_responder_store_errors counter"));
     }
 }

@@ -26,6 +26,26 @@ enum Claim {
     ToTake,
 }
 
+/// An incident this replica is working on; leaves the set when dropped.
+struct InFlight(Arc<Mutex<HashSet<IncidentId>>>, IncidentId);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.remove(&self.1);
+    }
+}
+
+/// Counts the tasks that ended in a panic (logged by the panic hook); the incident's work is
+/// picked up again on a later tick, as after any failure.
+fn reap(tasks: &mut JoinSet<()>, metrics: &crate::metrics::Metrics) {
+    while let Some(done) = tasks.try_join_next() {
+        if done.is_err_and(|e| e.is_panic()) {
+            metrics.panic("worker");
+        }
+    }
+}
+
 /// Starts each incident's work unless this replica already runs it.
 fn spawn_work(
     tasks: &mut JoinSet<()>,
@@ -35,12 +55,14 @@ fn spawn_work(
     claim: Claim,
 ) {
     for id in work {
-        let fresh = in_flight.lock().map(|mut s| s.insert(id.clone())).unwrap_or(false);
+        let fresh = in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
         if !fresh {
             continue;
         }
         let r = responder.clone();
-        let flight = in_flight.clone();
+        // Taken off the in-flight set however the task ends, a panic included: otherwise this
+        // replica would never run that incident again.
+        let flight = InFlight(in_flight.clone(), id.clone());
         tasks.spawn(async move {
             let result = match claim {
                 Claim::Held => r.run_started(&id).await,
@@ -49,9 +71,7 @@ fn spawn_work(
             if let Err(e) = result {
                 warn!(incident = %id, error = %e, "incident work failed; it will be retried");
             }
-            if let Ok(mut s) = flight.lock() {
-                s.remove(&id);
-            }
+            drop(flight);
         });
     }
 }
@@ -69,38 +89,13 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
             _ = ticker.tick() => true,
             _ = shutdown.changed() => break,
         };
-        // Alerts first, in small batches: a rollback found early in a storm starts at once.
-        loop {
-            match responder.process_pending(ALERT_BATCH).await {
-                Ok((work, more)) => {
-                    spawn_work(&mut tasks, &in_flight, &responder, work, Claim::Held);
-                    // A long backlog must not hold up shutdown: what is left stays pending in
-                    // the store for the next start or another replica.
-                    if !more || *shutdown.borrow() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    responder.metrics.store_error();
-                    warn!(error = %e, "processing stored alerts failed; retrying next tick");
-                    break;
-                }
-            }
+        // A panic in one round is counted (and logged by the panic hook) and the loop goes
+        // on: the work it was doing is still in the store for the next round.
+        let round = std::panic::AssertUnwindSafe(round(&responder, &mut tasks, &in_flight, on_tick, &shutdown));
+        if futures::FutureExt::catch_unwind(round).await.is_err() {
+            responder.metrics.panic("worker");
         }
-        let mut work = Vec::new();
-        if on_tick {
-            match responder.run_due().await {
-                Ok(w) => work.extend(w),
-                Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
-            }
-        }
-        // Approved or orphaned work (a replica died holding a lease) is picked up here.
-        match responder.store.unowned_work(chrono::Utc::now()).await {
-            Ok(w) => work.extend(w),
-            Err(e) => warn!(error = %e, "looking for orphaned work failed"),
-        }
-        spawn_work(&mut tasks, &in_flight, &responder, work, Claim::ToTake);
-        while tasks.try_join_next().is_some() {}
+        reap(&mut tasks, &responder.metrics);
     }
     info!(in_flight = tasks.len(), "shutting down: waiting for work in flight");
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
@@ -118,5 +113,73 @@ pub async fn run(responder: Arc<Responder>, tick: Duration, grace: Duration, mut
                 warn!(incident = %id, error = %e, "could not release the lease; it expires on its own");
             }
         }
+    }
+}
+
+/// One round of the loop: stored alerts first, then due and orphaned work.
+async fn round(
+    responder: &Arc<Responder>,
+    tasks: &mut JoinSet<()>,
+    in_flight: &Arc<Mutex<HashSet<IncidentId>>>,
+    on_tick: bool,
+    shutdown: &watch::Receiver<bool>,
+) {
+    // Alerts first, in small batches: a rollback found early in a storm starts at once.
+    loop {
+        match responder.process_pending(ALERT_BATCH).await {
+            Ok((work, more)) => {
+                spawn_work(tasks, in_flight, responder, work, Claim::Held);
+                // A long backlog must not hold up shutdown: what is left stays pending in
+                // the store for the next start or another replica.
+                if !more || *shutdown.borrow() {
+                    break;
+                }
+            }
+            Err(e) => {
+                responder.metrics.store_error();
+                warn!(error = %e, "processing stored alerts failed; retrying next tick");
+                break;
+            }
+        }
+    }
+    let mut work = Vec::new();
+    if on_tick {
+        match responder.run_due().await {
+            Ok(w) => work.extend(w),
+            Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
+        }
+    }
+    // Approved or orphaned work (a replica died holding a lease) is picked up here.
+    match responder.store.unowned_work(chrono::Utc::now()).await {
+        Ok(w) => work.extend(w),
+        Err(e) => warn!(error = %e, "looking for orphaned work failed"),
+    }
+    spawn_work(tasks, in_flight, responder, work, Claim::ToTake);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_that_panics_leaves_the_in_flight_set_and_is_counted() {
+        let in_flight: Arc<Mutex<HashSet<IncidentId>>> = Arc::default();
+        let id = IncidentId("inc-1".into());
+        in_flight.lock().unwrap().insert(id.clone());
+        let mut tasks = JoinSet::new();
+        let flight = InFlight(in_flight.clone(), id.clone());
+        tasks.spawn(async move {
+            let _flight = flight;
+            panic!("work failed badly");
+        });
+        let metrics = crate::metrics::Metrics::new();
+        while !tasks.is_empty() {
+            tokio::task::yield_now().await;
+            reap(&mut tasks, &metrics);
+        }
+        assert!(in_flight.lock().unwrap().is_empty(), "it can run again");
+        assert!(metrics
+            .render()
+            .contains(r#"rollback_responder_panics_total{where="worker"} 1"#));
     }
 }

@@ -384,7 +384,13 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
         let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
         v["incidents"][0]["id"].as_str().unwrap().to_string()
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // PagerDuty's first answer is a 503, logged as a retry: wait for that line, not a time.
+    wait_for("the failed notification in the log", async || {
+        std::fs::read_to_string(&s.log)
+            .unwrap()
+            .contains("notification not delivered; will retry")
+    })
+    .await;
     let log = std::fs::read_to_string(&s.log).unwrap();
     for (key, secret) in secrets {
         assert!(!log.contains(secret), "{key}'s value appears in the logs");
@@ -409,6 +415,165 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
     assert!(lines
         .iter()
         .any(|l| l["message"] == "notification not delivered; will retry" && l["incident"] == id.as_str()));
+}
+
+/// Runs the binary with `args`; (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("ROLLBACK_RESPONDER_URL")
+        .env_remove("ROLLBACK_RESPONDER_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn incidents_and_incident_print_tables_from_a_running_service() {
+    let s = serve(&[]).await;
+    let http = reqwest::Client::new();
+    let starts = chrono::Utc::now().to_rfc3339();
+    let alert = |status: &str, ends: &str| {
+        serde_json::json!({
+            "version": "4", "groupKey": "{}:{}", "status": status, "receiver": "rr", "groupLabels": {},
+            "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am:9093",
+            "alerts": [{
+                "status": status, "startsAt": starts, "endsAt": ends, "fingerprint": "cli01",
+                "generatorURL": "http://prom/graph",
+                // An escape sequence in a label must not reach the terminal as one.
+                "labels": {"alertname": "HighErrorRate", "service": "checkout", "pod": "web-1\u{1b}[2J\u{1b}[31mowned"},
+                "annotations": {},
+            }],
+        })
+    };
+    let r = http
+        .post(format!("{}/webhook/alertmanager", s.url))
+        .json(&alert("firing", "0001-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let api = format!("{}/api/v1/incidents", s.url);
+    wait_for("the incident settles", async || {
+        let v: serde_json::Value = http.get(&api).send().await.unwrap().json().await.unwrap();
+        v["incidents"][0]["phase"] == "dry_run"
+    })
+    .await;
+    let v: serde_json::Value = http.get(&api).send().await.unwrap().json().await.unwrap();
+    let id = v["incidents"][0]["id"].as_str().unwrap().to_string();
+
+    let (code, out, err) = run(&["incidents", "--url", &s.url]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "PHASE", "STATE", "SERVICE", "ALERT", "OPENED", "(UTC)", "CHANGED"]
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[2], row[3], row[4], row[7]),
+        (id.as_str(), "dry_run", "open", "checkout", "HighErrorRate", "no")
+    );
+    // Columns line up: each header starts where its values start.
+    assert_eq!(lines[0].find("PHASE"), lines[1].find("dry_run"));
+    let (_, out, _) = run(&["incidents", "--url", &s.url, "--service", "search"]);
+    assert_eq!(out, "No incidents.\n");
+    let (_, out, _) = run(&["incidents", "--url", &s.url, "--service", "checkout", "--open"]);
+    assert!(out.contains(&id), "{out}");
+
+    let (code, out, err) = run(&["incident", "--url", &s.url, &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("Incident     {id}\n")), "{out}");
+    assert!(out.contains("\nPhase        dry_run\n"), "{out}");
+    assert!(out.contains("Decision     auto: "), "{out}");
+    assert!(out.contains("\nTimeline ("), "{out}");
+    assert!(out.contains("opened") && out.contains("executing -> dry_run"), "{out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "an escape sequence reached the terminal: {out:?}"
+    );
+    assert!(out.contains("pod=web-1\\u{1b}[2J\\u{1b}[31mowned"), "{out}");
+
+    // Unknown incident: 1; not an id: 2; nobody listening: 3.
+    let (code, _, err) = run(&["incident", "--url", &s.url, "0193a0b4-2f4e-7c1a-9d2b-000000000000"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no incident 0193a0b4"), "{err}");
+    let (code, _, err) = run(&["incident", "--url", &s.url, "../../etc"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not an incident id"), "{err}");
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let (code, _, err) = run(&["incidents", "--url", &nobody]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+
+    // Resolved and closed: --open lists nothing.
+    let r = http
+        .post(format!("{}/webhook/alertmanager", s.url))
+        .json(&alert("resolved", &chrono::Utc::now().to_rfc3339()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for("the incident closes", async || {
+        let v: serde_json::Value = http.get(&api).send().await.unwrap().json().await.unwrap();
+        v["incidents"][0]["open"] == false
+    })
+    .await;
+    let (code, out, _) = run(&["incidents", "--url", &s.url, "--open"]);
+    assert_eq!((code, out.as_str()), (0, "No incidents.\n"));
+    let (_, out, _) = run(&["incidents", "--url", &s.url]);
+    assert!(out.contains(" closed "), "{out}");
+}
+
+#[test]
+fn every_subcommand_documents_the_same_exit_codes() {
+    for args in [vec!["--help"], vec!["incidents", "--help"], vec!["incident", "--help"]] {
+        let (code, out, _) = run(&args);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("Exit codes (every subcommand):") && out.contains("3  unavailable"),
+            "{args:?}: {out}"
+        );
+    }
+    let (code, _, err) = run(&["incidents", "--no-such-flag"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_not_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = serve_refused(dir.path(), &[("ROLLBACK_RESPONDER__LOG__FORMAT", "text")]);
+    // The refusal went through the text log (stderr is a pipe here).
+    assert!(err.contains(" ERROR ") && err.contains("refusing to start"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_terminal_view_sends_the_read_token_when_the_service_wants_one() {
+    let s = serve(&[("ROLLBACK_RESPONDER__API__READ_TOKEN", "cli-read-7d1e".to_string())]).await;
+    let (code, _, err) = run(&["incidents", "--url", &s.url]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("needs the read token") && !err.contains("cli-read-7d1e"),
+        "{err}"
+    );
+    let (code, out, err) = run(&["incidents", "--url", &s.url, "--token", "cli-read-7d1e"]);
+    assert_eq!((code, out.as_str()), (0, "No incidents.\n"), "{err}");
+    let out = Command::new(BIN)
+        .args(["incidents", "--url", &s.url])
+        .env("ROLLBACK_RESPONDER_TOKEN", "cli-read-7d1e")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `simulate` over the shipped policies with one fixture per seed system: each alert falls

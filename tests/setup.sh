@@ -12,7 +12,12 @@ need_apt=()
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+# Headless Chromium opens the incident pages in tests/api/pages.rs.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium fonts-dejavu-core)
 if ! command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  need_apt+=(postgresql)
+elif ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  # The store fault tests start and stop a cluster of their own (initdb, pg_ctl).
   need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -47,5 +52,7 @@ cat <<ENV
 export MOTO_SERVER=$peers/venv/bin/moto_server
 export ALERTMANAGER_BIN=$(command -v prometheus-alertmanager)
 export PROMETHEUS_BIN=$(command -v prometheus)
+export CHROMIUM_BIN=/usr/bin/chromium
+export PROMTOOL_BIN=$(command -v promtool)
 export TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres
 ENV

@@ -11,8 +11,13 @@ Each subcommand checks one thing and exits non-zero with a list of problems:
   rendered FILE LABEL   what `kubectl kustomize` produced: names resolve, secrets stay out
   dashboard-rules OUT   writes the dashboard's queries as a rules file, for `promtool check rules`
   alertmanager-e2e      runs Alertmanager on loopback and checks the token and routing for real
+  prometheusrule [--write]
+                        deploy/prometheus/prometheusrule.yaml (prometheus-operator) carries exactly
+                        the groups of rules.yml; --write regenerates it from rules.yml
   dockerfile            deploy/Dockerfile parses (BuildKit's parser) and matches the service's
                         conventions; what it copies exists and is not dockerignored
+  image-smoke BINARY    runs the image's default command (the example config) on a copy of the
+                        image's file layout
   service-smoke BINARY  starts the built service on loopback with the Kubernetes config.yaml and
                         policies (paths pointed at temp copies) and checks probes and auth
 
@@ -42,6 +47,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+PROMETHEUS_RULE = DEPLOY / "prometheus" / "prometheusrule.yaml"
 AM_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARD = DEPLOY / "grafana" / "rollback-responder-dashboard.json"
 
@@ -63,6 +69,7 @@ COUNTERS = {
     "rollback_responder_actions_total",
     "rollback_responder_outbox_delivery_failures_total",
     "rollback_responder_store_errors_total",
+    "rollback_responder_policy_reloads_total",
 }
 HISTOGRAMS = {
     "rollback_responder_action_duration_seconds",
@@ -74,6 +81,7 @@ GAUGES = {
     "rollback_responder_outbox_depth",
     "rollback_responder_frozen",
     "rollback_responder_incidents_open",
+    "rollback_responder_policy_files_refused",
 }
 KNOWN_SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
@@ -678,9 +686,15 @@ def cmd_dockerfile() -> int:
                 if l.strip() and not l.startswith("#")]
 
     def ignored(rel_path: str) -> bool:
+        # Docker's rule: the last pattern that matches wins; `!pattern` re-includes.
         parts = Path(rel_path).parts
-        return any(fnmatch.fnmatch("/".join(parts[:i]), pat)
-                   for pat in patterns for i in range(1, len(parts) + 1))
+        verdict = False
+        for pat in patterns:
+            negated = pat.startswith("!")
+            pat = pat.lstrip("!")
+            if any(fnmatch.fnmatch("/".join(parts[:i]), pat) for i in range(1, len(parts) + 1)):
+                verdict = not negated
+        return verdict
 
     # What the build context must provide: the crate, and what the build and image copy.
     needed = ["Cargo.toml", "Cargo.lock", "src"]
@@ -693,7 +707,57 @@ def cmd_dockerfile() -> int:
         if p.is_file():
             problems.need(not ignored(rel(p)), f"Dockerfile: {rel(p)} is excluded by {rel(ignore_file)}")
     problems.need(ignored("target") and ignored(".git"), "Dockerfile: target/ and .git/ must stay out of the context")
+    problems.need(any(c.value == ("deploy/config.example.yaml", "/etc/rollback-responder/config.yaml") for c in copies),
+                  "Dockerfile: the example config is not the image's default config")
+    problems.need(last("WORKDIR") == (IMAGE_WORKDIR,), f"Dockerfile: WORKDIR {last('WORKDIR')}, expected {IMAGE_WORKDIR}")
     return finish("dockerfile", problems, f"{len(stages)} stages, {base}, USER {user}, context complete")
+
+
+IMAGE_WORKDIR = "/var/lib/rollback-responder"
+
+
+def cmd_image_smoke(binary: str) -> int:
+    """No Docker engine here: the image's default command is run on a copy of its file layout
+    (the example config, the policies, a working directory whose `policies` links to them), with
+    the image's absolute paths moved under a temp root. It must start and be ready."""
+    problems = Problems()
+    with tempfile.TemporaryDirectory(prefix="check-deploy-image-") as tmp:
+        root = Path(tmp)
+        etc = root / "etc/rollback-responder"
+        shutil.copytree(REPO / "policies", etc / "policies")
+        shutil.copy(DEPLOY / "config.example.yaml", etc / "config.yaml")
+        work = root / IMAGE_WORKDIR.lstrip("/")
+        work.mkdir(parents=True)
+        (work / "policies").symlink_to(etc / "policies")
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLBACK_RESPONDER", "AWS_", "KUBECONFIG"))}
+        log = (root / "svc.log").open("w")
+        proc = subprocess.Popen([str(Path(binary).resolve()), "serve", "--config", str(etc / "config.yaml"),
+                                 "--listen", f"127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+        try:
+            deadline = time.monotonic() + 30
+            status, body = None, b""
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    status, body = http_get(f"http://127.0.0.1:{port}/readyz")
+                    if status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            if problems.need(status == 200, f"/readyz never answered 200 (last {status}, exit code {proc.poll()})"):
+                ready = json.loads(body)
+                problems.need(ready.get("dry_run") is True, "the example config must run in dry run")
+                problems.need((ready.get("policies") or {}).get("count", 0) >= 1, "/readyz: no policy loaded")
+                problems.need((work / "rollback-responder.db").exists(), "the store is not in the working directory")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+        if problems:
+            print((root / "svc.log").read_text()[-3000:])
+    return finish("image-smoke", problems, "the example config runs in the image's layout (dry run, SQLite in the workdir)")
 
 
 # -------------------------------------------------------------------------- service-smoke
@@ -786,6 +850,42 @@ def cmd_service_smoke(binary: str) -> int:
     return finish("service-smoke", problems, f"{Path(binary).name} ready on the Kubernetes config, dry_run off, token enforced")
 
 
+# ------------------------------------------------------------------------- prometheusrule
+PROMETHEUS_RULE_HEADER = """\
+# The rules of rules.yml as a prometheus-operator PrometheusRule, for clusters where the operator
+# loads rules (kube-prometheus-stack). GENERATED from rules.yml: edit rules.yml, then run
+#   python3 deploy/tools/check_deploy.py prometheusrule --write
+# (.ci/check-deploy fails while the two differ). Apply with `kubectl apply -f`; most
+# installations select rules by a label (kube-prometheus-stack: `release: <helm release>`).
+"""
+
+
+def prometheus_rule() -> dict:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "rollback-responder",
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "rollback-responder",
+                       "app.kubernetes.io/part-of": "rollback-responder"},
+        },
+        "spec": {"groups": load_docs(RULES)[0]["groups"]},
+    }
+
+
+def cmd_prometheusrule(write: bool) -> int:
+    want = prometheus_rule()
+    if write:
+        PROMETHEUS_RULE.write_text(PROMETHEUS_RULE_HEADER + yaml.safe_dump(want, sort_keys=False, width=100))
+    problems = Problems()
+    if problems.need(PROMETHEUS_RULE.is_file(), f"{rel(PROMETHEUS_RULE)} is missing (run with --write)"):
+        have = load_docs(PROMETHEUS_RULE)[0]
+        problems.need(have == want, f"{rel(PROMETHEUS_RULE)} differs from {rel(RULES)}: run "
+                                    "`python3 deploy/tools/check_deploy.py prometheusrule --write`")
+    return finish("prometheusrule", problems, f"{len(want['spec']['groups'])} groups, same as {rel(RULES)}")
+
+
 def main(argv: list[str]) -> int:
     cmds = {
         "files": lambda: cmd_files(),
@@ -795,8 +895,10 @@ def main(argv: list[str]) -> int:
         "rendered": lambda: cmd_rendered(argv[2], argv[3]),
         "dashboard-rules": lambda: cmd_dashboard_rules(argv[2]),
         "alertmanager-e2e": lambda: cmd_alertmanager_e2e(),
+        "prometheusrule": lambda: cmd_prometheusrule("--write" in argv[2:]),
         "dockerfile": lambda: cmd_dockerfile(),
         "service-smoke": lambda: cmd_service_smoke(argv[2]),
+        "image-smoke": lambda: cmd_image_smoke(argv[2]),
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__)

@@ -25,6 +25,10 @@ use backon::{ExponentialBuilder, Retryable};
 use elbv2::types::{Action, ActionTypeEnum, ForwardActionConfig, TargetGroupStickinessConfig, TargetGroupTuple};
 use serde::{Deserialize, Serialize};
 
+/// Reading the target back during the bake (verification).
+#[path = "alb_readback.rs"]
+mod readback;
+
 /// Largest weight ELBv2 accepts in a `TargetGroupTuple`.
 pub const MAX_WEIGHT: i32 = 999;
 

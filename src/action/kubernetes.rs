@@ -34,6 +34,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+/// Reading the target back during the bake (verification).
+#[path = "kube_readback.rs"]
+mod readback;
+pub use readback::KubeBaseline;
+
 /// A namespace and the ordered steps to revert in it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -564,7 +569,7 @@ pub enum KubeError {
         last_status: String,
     },
     /// After the switch, the Service has no ready endpoint of the new selector's pods.
-    #[error("service {service} has no ready endpoint for pods matching {selector} after {waited_secs}s")]
+    #[error("service {service} has {ready} ready endpoint(s) for pods matching {selector} after {waited_secs}s, {required} required (min_ready_replicas)")]
     NoReadyEndpoints {
         /// Service name.
         service: String,
@@ -572,6 +577,10 @@ pub enum KubeError {
         selector: String,
         /// How long we waited.
         waited_secs: u64,
+        /// Ready endpoints of the new selector's pods at the end.
+        ready: u32,
+        /// `min_ready_replicas` (at least 1).
+        required: u32,
     },
     /// The write was accepted but the object read back is not in the wanted state (e.g. a
     /// mutating webhook or an HPA changed it).
@@ -1501,12 +1510,14 @@ impl KubeExecutor {
     }
 
     /// Verification after a revert, polling until `t.rollout_timeout` (one deadline for the
-    /// whole target): every switched Service has at least one ready endpoint (EndpointSlices
+    /// whole target): every switched Service has at least `min_ready_replicas` ready endpoints (EndpointSlices
     /// labelled `kubernetes.io/service-name`) backed by a pod of the new selector, else
     /// [`KubeError::NoReadyEndpoints`]; every undone Deployment completes its rollout
     /// (observedGeneration >= generation, updated == desired, no old replicas left, all
     /// updated available), else [`KubeError::RolloutTimedOut`], early on
-    /// ProgressDeadlineExceeded. Scale steps are not verified.
+    /// ProgressDeadlineExceeded; every scaled Deployment has exactly its replicas, all available,
+    /// else [`KubeError::RolloutTimedOut`]. Drift is the read-back's
+    /// (`read_back_sample`), sampled through the whole bake.
     pub async fn verify(
         &self,
         t: &KubernetesTarget,
@@ -1520,14 +1531,33 @@ impl KubeExecutor {
         for step in &t.steps {
             match step {
                 KubeStep::SwitchService { service, selector } => {
-                    self.wait_for_endpoints(ns, service, selector, started, deadline, interval, on_step)
+                    let within = Window {
+                        started,
+                        deadline,
+                        interval,
+                    };
+                    self.wait_for_endpoints(ns, service, selector, t.min_ready_replicas, within, on_step)
                         .await?;
                 }
                 KubeStep::RolloutUndo { deployment, .. } => {
-                    self.wait_for_rollout(ns, deployment, t.rollout_timeout, deadline, interval, on_step)
+                    self.wait_for_rollout(ns, deployment, None, t.rollout_timeout, deadline, interval, on_step)
                         .await?;
                 }
-                KubeStep::Scale { .. } => {}
+                // The controller saw the new replicas, and exactly that many pods are left,
+                // all available (scaling the canary to 0: its pods are gone).
+                KubeStep::Scale { deployment, replicas } => {
+                    let want = i32::try_from(*replicas).unwrap_or(i32::MAX);
+                    self.wait_for_rollout(
+                        ns,
+                        deployment,
+                        Some(want),
+                        t.rollout_timeout,
+                        deadline,
+                        interval,
+                        on_step,
+                    )
+                    .await?;
+                }
             }
         }
         Ok(())
@@ -1905,17 +1935,23 @@ impl KubeExecutor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Waits for at least `min_ready_replicas` (at least one) ready endpoints of the new
+    /// selector's pods behind the Service.
     async fn wait_for_endpoints(
         &self,
         ns: &str,
         service: &str,
         selector: &BTreeMap<String, String>,
-        started: Instant,
-        deadline: Instant,
-        interval: Duration,
+        min_ready_replicas: u32,
+        within: Window,
         on_step: OnStep<'_>,
     ) -> Result<(), KubeError> {
+        let Window {
+            started,
+            deadline,
+            interval,
+        } = within;
+        let required = min_ready_replicas.max(1);
         let sel = equality_selector(selector);
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let slices_api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
@@ -1944,7 +1980,7 @@ impl KubeExecutor {
             let slices = self.call(op, on_step, || slices_api.list(&slices_lp)).await?;
             let ready = ready_endpoints(&slices.items, &names);
             let matching = u32::try_from(names.len()).unwrap_or(u32::MAX);
-            let passed = ready >= 1;
+            let passed = ready >= required;
             if last != Some((matching, ready)) || passed {
                 on_step(KubeStepRecord::Endpoints {
                     service: service.to_string(),
@@ -1964,16 +2000,22 @@ impl KubeExecutor {
                     service: service.to_string(),
                     selector: sel,
                     waited_secs: now.duration_since(started).as_secs(),
+                    ready,
+                    required,
                 });
             }
             tokio::time::sleep(interval.min(deadline - now)).await;
         }
     }
 
+    /// Waits for the Deployment's rollout to complete and, for a scale step, for exactly
+    /// `replicas` pods, all available.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_for_rollout(
         &self,
         ns: &str,
         deployment: &str,
+        replicas: Option<i32>,
         timeout: Duration,
         deadline: Instant,
         interval: Duration,
@@ -1991,7 +2033,16 @@ impl KubeExecutor {
                 name: deployment,
             };
             let d = self.call(op, on_step, || api.get(deployment)).await?;
-            let progress = rollout_progress(&d);
+            let mut progress = rollout_progress(&d);
+            if let Some(n) = replicas.filter(|_| progress.complete) {
+                if progress.replicas != n || progress.available < n {
+                    progress.complete = false;
+                    progress.message = format!(
+                        "scaled to {n}: {} replicas left, {} available",
+                        progress.replicas, progress.available
+                    );
+                }
+            }
             if last.as_ref() != Some(&progress) {
                 on_step(KubeStepRecord::Rollout {
                     deployment: deployment.to_string(),
@@ -2014,6 +2065,14 @@ impl KubeExecutor {
             tokio::time::sleep(interval.min(deadline - now)).await;
         }
     }
+}
+
+/// When a verification wait started, when it must end, and how often it polls.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    started: Instant,
+    deadline: Instant,
+    interval: Duration,
 }
 
 /// The client configuration the settings ask for.

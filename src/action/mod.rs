@@ -167,24 +167,93 @@ impl Executors {
         (result, steps)
     }
 
-    /// The executor's own check that the revert took, beyond its read-back: for Kubernetes,
-    /// ready endpoints behind each switched Service and every undone Deployment's rollout
-    /// complete within the policy's timeout. The ALB read-back happens inside the revert.
-    pub async fn verify(&self, target: &Target) -> (Result<String, ActionError>, Steps) {
+    /// The executor's readiness check after a revert (Kubernetes: at least
+    /// `min_ready_replicas` ready endpoints behind each switched Service, every undone
+    /// Deployment's rollout complete, within the policy's `rollout_timeout`), with its
+    /// evidence. `None` when the executor has none (the ALB's stable-group health is part of
+    /// its read-back).
+    pub async fn verify(&self, target: &Target) -> Option<(Result<String, ActionError>, Steps)> {
         match (target, &self.kube) {
             (Target::Kubernetes(t), Some(exec)) => {
                 let mut steps: Steps = Vec::new();
                 let mut record =
                     |s: kubernetes::KubeStepRecord| steps.push(serde_json::to_value(&s).unwrap_or_default());
                 let result = exec.verify(t, &mut record).await.map(|()| {
-                    "Kubernetes: the switched Services have ready endpoints and undone rollouts completed".to_string()
+                    format!(
+                        "the switched Services have at least {} ready endpoint(s) and undone rollouts completed",
+                        t.min_ready_replicas.max(1)
+                    )
                 });
-                (result.map_err(|e| kube_error(&e)), steps)
+                Some((result.map_err(|e| kube_error(&e)), steps))
             }
-            (Target::Alb(_), _) => (Ok("ALB: weights read back as written".to_string()), Vec::new()),
-            (Target::Kubernetes(_), None) => (Ok("Kubernetes: not configured, nothing to verify".into()), Vec::new()),
+            (Target::Kubernetes(_), None) => Some((
+                Err(ActionError::Failed {
+                    message: NOT_CONFIGURED_HERE.replace("{kind}", "kubernetes"),
+                    detail: serde_json::Value::Null,
+                }),
+                Vec::new(),
+            )),
+            (Target::Alb(_), _) => None,
         }
     }
+
+    /// One read-back sample of the target during the bake: re-read what the revert wrote and
+    /// compare (see [`ReadBack`]). `baseline` keeps the bake's first read between samples.
+    /// A replica without the executor's settings cannot read: a bad sample that says so.
+    pub async fn read_back(&self, target: &Target, baseline: &mut Option<ReadBackBaseline>) -> ReadBack {
+        let failed = |message: String| ReadBack {
+            ok: false,
+            value: format!("unreadable: {message}"),
+            drift: None,
+            evidence: serde_json::Value::Null,
+        };
+        match (target, &self.alb, &self.kube) {
+            (Target::Alb(t), Some(exec), _) => {
+                let mut b = match baseline.take() {
+                    Some(ReadBackBaseline::Alb(s)) => Some(s),
+                    _ => None,
+                };
+                let r = exec.read_back_sample(t, &mut b).await;
+                *baseline = b.map(ReadBackBaseline::Alb);
+                r.unwrap_or_else(|e| failed(format!("{e} (code {})", e.code())))
+            }
+            (Target::Kubernetes(t), _, Some(exec)) => {
+                let mut b = match baseline.take() {
+                    Some(ReadBackBaseline::Kube(s)) => Some(s),
+                    _ => None,
+                };
+                let r = exec.read_back_sample(t, &mut b).await;
+                *baseline = b.map(ReadBackBaseline::Kube);
+                r.unwrap_or_else(|e| failed(format!("{e} (code {})", e.code())))
+            }
+            _ => failed(NOT_CONFIGURED_HERE.replace("{kind}", target.kind().as_str())),
+        }
+    }
+}
+
+/// Why a replica cannot verify a target.
+const NOT_CONFIGURED_HERE: &str =
+    "no {kind} executor is configured on this replica, so it cannot read the target: verification is inconclusive";
+
+/// One read of the target during the bake.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReadBack {
+    /// As written, and (ALB) enough healthy stable targets.
+    pub ok: bool,
+    /// Short, for the sample list: `as written [stable=100, canary=0]`.
+    pub value: String,
+    /// Someone changed the target back: what changed and, when known, who. Never written
+    /// over: verification fails and a human decides.
+    pub drift: Option<String>,
+    /// What was read.
+    pub evidence: serde_json::Value,
+}
+
+/// The bake's first read, to compare the later ones with.
+#[derive(Debug, Clone)]
+pub enum ReadBackBaseline {
+    Alb(alb::ForwardSnapshot),
+    Kube(kubernetes::KubeBaseline),
 }
 
 fn kube_error(e: &kubernetes::KubeError) -> ActionError {

@@ -1,4 +1,5 @@
-//! Read-only views for people and probes: health, readiness, metrics, incidents, policies.
+//! Views for people and probes (health, readiness, metrics, incidents, policies) and the
+//! operator API (freezes, closing an incident).
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -18,18 +19,31 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// How long readiness waits for the store: the shipped probe gives up at 2 s, and a pool
+/// waiting for a connection to a database that is down would take its acquire timeout (5 s).
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// Ready: the store answers and a policy set is loaded. Details say why not, and whether
-/// the responder is in dry run or frozen.
+/// the responder is in dry run or frozen. One query, bounded by [`READY_WITHIN`]: reading
+/// the freezes is the store check.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let r = &state.responder;
-    let store = r.store.ping().await;
+    let store = match tokio::time::timeout(READY_WITHIN, r.freezes(chrono::Utc::now())).await {
+        Ok(Ok(freezes)) => Ok(freezes),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("store unavailable: no answer within {READY_WITHIN:?}")),
+    };
     let set = r.policies();
-    let freezes = r.freezes(chrono::Utc::now()).await.ok();
     let ready = store.is_ok() && !set.policies.is_empty();
+    let (store, freezes) = match store {
+        Ok(f) => ("ok".to_string(), Some(f)),
+        Err(e) => (e, None),
+    };
     let body = json!({
         "ready": ready,
-        "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
-        "policies": { "count": set.policies.len(), "hash": set.hash },
+        "store": store,
+        // A refused reload leaves the set in force serving (still ready), but says why.
+        "policies": { "count": set.policies.len(), "hash": set.hash, "refused": state.policy_reload.refusal() },
         "dry_run": r.global.dry_run,
         "freezes": freezes,
         "replica": r.replica,
@@ -45,7 +59,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus exposition; gauges that are facts of the shared store are read at scrape time.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let r = &state.responder;
     match r.store.incident_gauges().await {
         Ok((open, pending)) => r.metrics.set_incident_gauges(open, pending),
@@ -54,13 +68,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             tracing::warn!(error = %e, "could not read incident gauges for /metrics");
         }
     }
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.responder.metrics.render(),
-    )
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = state.responder.metrics.render_for(accept);
+    ([("content-type", content_type)], body)
 }
 
 /// `?open=true&limit=N`
@@ -151,7 +161,10 @@ pub struct FreezeBody {
 
 /// When a freeze of `d` from `now` ends; `None` when that is past the calendar's end (a
 /// checked sum: `now + d` panics there).
-fn freeze_end(now: chrono::DateTime<chrono::Utc>, d: std::time::Duration) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(super) fn freeze_end(
+    now: chrono::DateTime<chrono::Utc>,
+    d: std::time::Duration,
+) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_add_signed(d))
@@ -218,6 +231,50 @@ pub async fn freezes(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
         .await
         .map_err(ApiError::Unavailable)?;
     Ok(Json(serde_json::to_value(f).unwrap_or(Value::Null)))
+}
+
+/// `POST /api/v1/incidents/{id}/close` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseBody {
+    /// Why it can be closed (e.g. "fixed by hand, verified on the dashboard").
+    note: String,
+    /// Who closes it, for the audit (default "operator").
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// A person closes a settled incident: after a failed verification, nothing else does.
+pub async fn close_incident(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    operator(&state, &headers)?;
+    let Path(id) = id.map_err(|e| ApiError::BadRequest(format!("id: {}", e.body_text())))?;
+    let b: CloseBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("close body: {e}")))?;
+    if b.note.trim().is_empty() {
+        return Err(ApiError::BadRequest("note: say why the incident can be closed".into()));
+    }
+    let by = format!("api:{}", b.by.unwrap_or_else(|| "operator".into()));
+    let id = IncidentId(id);
+    let out = state
+        .responder
+        .close_by_human(&id, &by, b.note.trim())
+        .await
+        .map_err(|e| match e {
+            crate::responder::StepError::Store(e) => ApiError::Unavailable(e),
+            // Concurrent changes outlasted the retries: transient, try again.
+            other => ApiError::Unavailable(crate::store::StoreError::Unavailable(other.to_string())),
+        })?;
+    match out {
+        crate::responder::HumanClose::NotFound => Err(ApiError::NotFound(format!("no incident {id}"))),
+        crate::responder::HumanClose::NotSettled { phase } => Err(ApiError::BadRequest(format!(
+            "incident {id} is {phase}: only an incident whose rollback is settled can be closed"
+        ))),
+        other => Ok(Json(serde_json::to_value(other).unwrap_or(Value::Null))),
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,12 @@ async fn verified(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result
     let signature = header(SlackEventSignatureVerifier::SLACK_SIGNED_HASH_HEADER);
     let ts = header(SlackEventSignatureVerifier::SLACK_SIGNED_TIMESTAMP);
     let text = std::str::from_utf8(body).map_err(|_| ApiError::Unauthorized)?;
+    // The verifier's own window check overflows (and panics) on a timestamp far from now:
+    // refused here first, with checked arithmetic.
+    if !timestamp_fresh(ts, chrono::Utc::now().timestamp()) {
+        tracing::warn!("Slack request with a missing or stale timestamp rejected");
+        return Err(ApiError::Unauthorized);
+    }
     if let Err(e) = verifier.verify(signature, text, ts) {
         tracing::warn!(error = %e, "Slack request with a bad signature or timestamp rejected");
         return Err(ApiError::Unauthorized);
@@ -66,6 +72,15 @@ async fn verified(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result
         return Err(ApiError::Unauthorized);
     }
     Ok(text.to_string())
+}
+
+/// Whether Slack's request timestamp is within the 5-minute replay window of `now`.
+fn timestamp_fresh(ts: &str, now: i64) -> bool {
+    ts.parse::<i64>()
+        .ok()
+        .and_then(|t| now.checked_sub(t))
+        .and_then(i64::checked_abs)
+        .is_some_and(|age| age <= 300)
 }
 
 /// The slash command's form fields we use.
@@ -224,10 +239,19 @@ pub async fn command(State(state): State<AppState>, headers: HeaderMap, body: By
                 [p, ..] => (None, Some(*p)),
                 [] => (None, None),
             };
+            let until_at = match until {
+                Some(d) => match super::api::freeze_end(chrono::Utc::now(), d) {
+                    Some(t) => Some(t),
+                    None => {
+                        return Err(ApiError::BadRequest(format!(
+                            "freeze: a freeze of {} would end past the calendar's end; use a shorter duration (e.g. 2h, 3days)",
+                            humantime::format_duration(d)
+                        )))
+                    }
+                },
+                None => None,
+            };
             let who = person(&state, &form.user_id, groups_of_policy(r, policy)).await;
-            let until_at = until
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| chrono::Utc::now() + d);
             match r
                 .freeze(
                     policy,
@@ -346,5 +370,24 @@ mod tests {
         assert!(e.url().is_none());
         let shown = format!("{e} {e:?}");
         assert!(!shown.contains("s3cr3tT0ken"), "{shown}");
+    }
+
+    #[test]
+    fn timestamps_far_from_now_are_stale_not_an_overflow() {
+        let now = 1_764_000_000;
+        assert!(timestamp_fresh("1764000000", now));
+        assert!(timestamp_fresh("1763999700", now));
+        assert!(!timestamp_fresh("1763999699", now));
+        for ts in [
+            "-9223372036854775808",
+            "9223372036854775807",
+            "99999999999999999999",
+            "",
+            "1e9",
+            "abc",
+        ] {
+            assert!(!timestamp_fresh(ts, now), "{ts}");
+        }
+        assert!(!timestamp_fresh("1764000000", i64::MIN));
     }
 }

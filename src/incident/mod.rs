@@ -227,9 +227,11 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
     })
 }
 
-/// An incident closes once its rollback story is settled and none of its alerts fires.
+/// An incident closes by itself once its rollback story is settled and none of its alerts
+/// fires, except after a failed verification: the rollback is not proven to work whatever the
+/// alert says, so the page stays open until a human closes the incident.
 pub fn should_close(phase: Phase, firing_alerts: u64) -> bool {
-    phase.is_settled() && firing_alerts == 0
+    phase.is_settled() && phase != Phase::VerificationFailed && firing_alerts == 0
 }
 
 /// An incident as stored.
@@ -456,6 +458,10 @@ mod tests {
         assert!(!should_close(Phase::Verified, 1));
         assert!(should_close(Phase::Verified, 0));
         assert!(should_close(Phase::Cancelled, 0));
+        assert!(
+            !should_close(Phase::VerificationFailed, 0),
+            "a failed verification waits for a human even when the alert resolved"
+        );
     }
 
     #[test]

@@ -42,8 +42,12 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
             vec![Message::StatuspageUpdate {
                 body: json!({ "incident": {
                     "status": "resolved",
-                    // A failed action may have changed nothing: say only what is known.
-                    "body": if inc.executed() {
+                    // A failed action may have changed nothing: say only what is known. After a
+                    // failed verification only a person closes the incident, and the checks
+                    // said unhealthy: never "recovered".
+                    "body": if inc.phase == Phase::VerificationFailed {
+                        format!("Our engineers have closed this incident about {}.", inc.service)
+                    } else if inc.executed() {
                         format!("{} has recovered; the faulty release stays rolled back.", inc.service)
                     } else {
                         format!("{} has recovered.", inc.service)

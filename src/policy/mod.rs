@@ -179,12 +179,24 @@ pub enum OnTimeout {
     GiveUp,
 }
 
-/// How to prove a rollback worked; all configured checks must pass within `bake`.
+/// How to prove a rollback worked: every configured check holds through the whole `bake`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Verification {
+    /// How long every check must hold; `verified` is said at its end, never before.
     #[serde(default = "default_bake", with = "humantime_serde")]
     pub bake: Duration,
+    /// Bad samples a check may have after its first good one before verification fails.
+    #[serde(default)]
+    pub allowed_bad_samples: u32,
+    /// End the bake at the first failed check (the default); `false` samples every check to
+    /// the end of the bake for the evidence, and the verdict is the same.
+    #[serde(default = "yes")]
+    pub fail_fast: bool,
+    /// How often the Prometheus query, the target's read-back and the alert are sampled (the
+    /// health probe has its own `interval`); a bake shorter than this samples once at its end.
+    #[serde(default = "default_sample_interval", with = "humantime_serde")]
+    pub interval: Duration,
     #[serde(default)]
     pub health_probe: Option<HealthProbe>,
     #[serde(default)]
@@ -198,6 +210,9 @@ impl Default for Verification {
     fn default() -> Self {
         Verification {
             bake: default_bake(),
+            allowed_bad_samples: 0,
+            fail_fast: true,
+            interval: default_sample_interval(),
             health_probe: None,
             prometheus: None,
             alert_resolves: false,
@@ -207,6 +222,10 @@ impl Default for Verification {
 
 fn default_bake() -> Duration {
     Duration::from_secs(5 * 60)
+}
+
+fn default_sample_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `curl -f` with patience: N consecutive successes.
@@ -408,7 +427,19 @@ impl Policy {
                 );
             }
         }
+        if self.verification.interval.is_zero() {
+            err(
+                "interval:",
+                "verification.interval: must be above zero, e.g. 10s".into(),
+            );
+        }
         if let Some(p) = &self.verification.health_probe {
+            if p.interval.is_zero() {
+                err(
+                    "interval:",
+                    "verification.health_probe.interval: must be above zero, e.g. 10s".into(),
+                );
+            }
             if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
                 err(
                     "health_probe:",

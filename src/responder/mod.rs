@@ -7,6 +7,7 @@
 //! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
 
 mod human;
+mod verify;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,7 +23,6 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
 use crate::store::{NewEvent, Store, StoreError, StoreTx, StoredAlert};
-use crate::verify;
 
 /// Why a step could not complete; the loops log it and retry on the next tick.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ pub struct Responder {
 }
 
 pub use human::HumanError;
+pub use verify::HumanClose;
 
 /// Who made a change, for the audit trail.
 const SYSTEM: &str = "rollback-responder";
@@ -772,97 +773,6 @@ impl Responder {
         Ok(())
     }
 
-    /// Runs every verification check of the incident's policy within its bake period and
-    /// settles the incident as verified or verification failed (which escalates).
-    async fn verify(&self, inc: &mut Incident) -> Result<(), StepError> {
-        let target: Target =
-            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
-        let ctx: notify::Context = serde_json::from_value(inc.context.clone()).unwrap_or_default();
-        let id = inc.id.clone();
-        let store = self.store.clone();
-        let resolved = || {
-            let (store, id) = (store.clone(), id.clone());
-            async move { store.firing_alert_count(&id).await.map(|n| n == 0).unwrap_or(false) }
-        };
-        let checks = self
-            .with_lease(
-                &inc.id,
-                verify::check(
-                    &ctx.verification,
-                    &target,
-                    &self.executors,
-                    &self.http,
-                    self.prometheus_url.as_deref(),
-                    resolved,
-                ),
-            )
-            .await;
-        let now = Utc::now();
-        let mut tx = self.store.begin().await?;
-        let Some(fresh) = tx.incident(&id).await? else {
-            return Ok(());
-        };
-        *inc = fresh;
-        for c in &checks {
-            let summary = format!(
-                "check {}: {} in {} ms: {}",
-                c.check,
-                if c.passed { "passed" } else { "FAILED" },
-                c.took_ms,
-                c.detail
-            );
-            Self::record(
-                &mut tx,
-                inc,
-                "verification_check",
-                &self.replica,
-                summary,
-                serde_json::to_value(c).unwrap_or_default(),
-                now,
-            )
-            .await?;
-        }
-        let failed: Vec<&str> = checks.iter().filter(|c| !c.passed).map(|c| c.check).collect();
-        let detail = json!({ "checks": checks });
-        if failed.is_empty() {
-            inc.verified_at = Some(now);
-            if let Some(acted) = inc.acted_at {
-                self.metrics
-                    .action_to_verified((now - acted).num_milliseconds() as f64 / 1000.0);
-            }
-            let names: Vec<&str> = checks.iter().map(|c| c.check).collect();
-            let summary = format!("verified: {} passed", names.join(", "));
-            self.apply(
-                &mut tx,
-                inc,
-                Event::VerificationPassed,
-                &self.replica,
-                summary,
-                detail,
-                now,
-            )
-            .await?;
-        } else {
-            warn!(checks = ?failed, "verification failed; escalating, no second rollback");
-            let summary = format!(
-                "verification failed ({}): the rollback did not help; no further automatic rollback of this target, a human must act",
-                failed.join(", ")
-            );
-            self.apply(
-                &mut tx,
-                inc,
-                Event::VerificationFailed,
-                &self.replica,
-                summary,
-                detail,
-                now,
-            )
-            .await?;
-        }
-        self.close_if_done(&mut tx, inc, now).await?;
-        self.commit(tx, inc).await
-    }
-
     /// Runs `fut` while renewing this replica's lease on the incident, so a long action
     /// (a gradual shift) is not taken over by another replica.
     async fn with_lease<T>(&self, id: &IncidentId, fut: impl std::future::Future<Output = T>) -> T {
@@ -1008,7 +918,7 @@ impl Responder {
         change: Change<'_>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let ctx: notify::Context = serde_json::from_value(inc.context.clone()).unwrap_or_default();
+        let ctx = verify::notification_context(inc);
         for msg in notify::plan(inc, &ctx, &change) {
             let payload = serde_json::to_string(&msg).unwrap_or_default();
             tx.enqueue(&inc.id, msg.channel().as_str(), &payload, now).await?;

@@ -303,7 +303,6 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
         let mut tx = match pool.begin().await {
             Ok(tx) => tx,
             Err(e) => {
-                let e = StoreError::from(e);
                 for job in queue.take(true) {
                     answer(&known, job, Err(StoreError::Unavailable(e.to_string())));
                 }

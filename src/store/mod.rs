@@ -8,7 +8,12 @@
 //! and conditional updates (`WHERE version = $n`, `WHERE pending = 1`, lease expiry) that only
 //! one replica can win.
 
+mod health;
 mod intake;
+mod pages;
+mod text;
+
+use text::{could_be_stored, storable};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,8 @@ use sqlx::{AnyPool, Row, Transaction};
 use crate::alert::{Alert, AlertStatus, Fingerprint, LabelSet, Notification};
 use crate::incident::{Incident, IncidentId, Phase};
 use crate::policy::{Decision, Freeze, FreezeState, History};
+
+pub use pages::{IncidentFilter, Notice};
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +73,14 @@ pub struct Store {
 
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
+}
+
+/// When a lease of `lease` taken at `now` ends: checked, the end of the calendar at most.
+fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(lease)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 fn from_ms(v: i64) -> DateTime<Utc> {
@@ -139,7 +154,9 @@ impl Store {
             }
             _ => url.to_string(),
         };
-        let opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let opts = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .after_release(|conn, _| Box::pin(health::release_only_if_clean(conn)));
         let pool = match backend {
             // One writer at a time is how SQLite works anyway; a single connection avoids
             // SQLITE_BUSY on lock upgrades. WAL + synchronous=FULL: a commit is on disk.
@@ -258,7 +275,7 @@ impl Store {
     /// conditional on the lease being free or expired, so neither another replica nor a second
     /// task on this one can start the same work.
     pub async fn claim(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let until = lease_end(now, lease);
         let r = sqlx::query(
             "UPDATE incidents SET owner = $1, lease_until = $2
              WHERE id = $3 AND phase IN ('executing', 'verifying')
@@ -275,7 +292,7 @@ impl Store {
 
     /// Extends a lease this owner holds; false if it was lost (expired and taken over).
     pub async fn renew(&self, id: &IncidentId, owner: &str, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+        let until = lease_end(now, lease);
         let r = sqlx::query("UPDATE incidents SET lease_until = $1 WHERE id = $2 AND owner = $3")
             .bind(ms(until))
             .bind(&id.0)
@@ -297,6 +314,9 @@ impl Store {
 
     /// One incident.
     pub async fn incident(&self, id: &IncidentId) -> Result<Option<Incident>> {
+        if !could_be_stored(&id.0) {
+            return Ok(None);
+        }
         fetch_incident(&self.pool, id).await
     }
 
@@ -386,7 +406,7 @@ impl Store {
     pub async fn first_receipt(&self, source: &str, key: &str, now: DateTime<Utc>) -> Result<bool> {
         let r = sqlx::query("INSERT INTO webhook_receipts (source, receipt_key, at) VALUES ($1, $2, $3) ON CONFLICT (source, receipt_key) DO NOTHING")
             .bind(source)
-            .bind(key)
+            .bind(storable(key))
             .bind(ms(now))
             .execute(&self.pool)
             .await?;
@@ -402,7 +422,7 @@ impl Store {
         .bind(&incident.0)
         .bind(channel)
         .bind(key)
-        .bind(value)
+        .bind(storable(value))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -410,6 +430,9 @@ impl Store {
 
     /// The incident a handle belongs to (e.g. which of ours a PagerDuty incident id is).
     pub async fn incident_by_ref(&self, channel: &str, key: &str, value: &str) -> Result<Option<IncidentId>> {
+        if !could_be_stored(value) {
+            return Ok(None);
+        }
         let row =
             sqlx::query("SELECT incident_id FROM notification_refs WHERE channel = $1 AND ref_key = $2 AND value = $3")
                 .bind(channel)
@@ -437,8 +460,8 @@ impl Store {
         .bind(&id.0)
         .bind(ms(now))
         .bind(kind)
-        .bind(actor)
-        .bind(summary)
+        .bind(storable(actor))
+        .bind(storable(summary))
         .bind(detail.to_string())
         .execute(&self.pool)
         .await?;
@@ -475,9 +498,9 @@ impl Store {
             "INSERT INTO freezes (scope, reason, by_whom, at, until_at) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (scope) DO UPDATE SET reason = excluded.reason, by_whom = excluded.by_whom, at = excluded.at, until_at = excluded.until_at",
         )
-        .bind(scope)
-        .bind(&f.reason)
-        .bind(&f.by)
+        .bind(storable(scope))
+        .bind(storable(&f.reason))
+        .bind(storable(&f.by))
         .bind(ms(now))
         .bind(f.until.map(ms))
         .execute(&self.pool)
@@ -487,6 +510,9 @@ impl Store {
 
     /// Lifts a freeze; true if there was one.
     pub async fn unfreeze(&self, scope: &str) -> Result<bool> {
+        if !could_be_stored(scope) {
+            return Ok(false);
+        }
         let r = sqlx::query("DELETE FROM freezes WHERE scope = $1")
             .bind(scope)
             .execute(&self.pool)
@@ -499,7 +525,7 @@ impl Store {
     pub async fn forget_receipt(&self, source: &str, key: &str) -> Result<()> {
         sqlx::query("DELETE FROM webhook_receipts WHERE source = $1 AND receipt_key = $2")
             .bind(source)
-            .bind(key)
+            .bind(storable(key))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -546,7 +572,7 @@ impl Store {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> Result<Option<OutboxRow>> {
-        let until = ms(now) + lease.as_millis() as i64;
+        let until = ms(lease_end(now, lease));
         let r = sqlx::query(
             "UPDATE outbox SET owner = $1, lease_until = $2 WHERE id = $3 AND state = 'pending' AND (owner IS NULL OR lease_until < $4)",
         )
@@ -875,7 +901,8 @@ impl StoreTx {
             .fetch_one(&mut *self.tx)
             .await?
             .try_get(0)?;
-        let since = |w: Duration| ms(now) - w.as_millis() as i64;
+        // A window longer than the calendar reaches back to its start.
+        let since = |w: Duration| ms(now).saturating_sub(i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
         let mut h = History {
             last_rollback_on_target: opt_ms(last),
             ..Default::default()
@@ -919,6 +946,9 @@ impl StoreTx {
 
     /// One incident, read inside the transaction.
     pub async fn incident(&mut self, id: &IncidentId) -> Result<Option<Incident>> {
+        if !could_be_stored(&id.0) {
+            return Ok(None);
+        }
         fetch_incident(&mut *self.tx, id).await
     }
 
@@ -1007,10 +1037,10 @@ impl StoreTx {
         .bind(&id.0)
         .bind(ms(at))
         .bind(e.kind)
-        .bind(e.actor)
+        .bind(storable(e.actor))
         .bind(e.phase_from.map(|p| p.as_str()))
         .bind(e.phase_to.map(|p| p.as_str()))
-        .bind(e.summary)
+        .bind(storable(&e.summary))
         .bind(e.detail.to_string())
         .execute(&mut *self.tx)
         .await?;
@@ -1056,10 +1086,10 @@ impl StoreTx {
              ON CONFLICT (incident_id, approver) DO NOTHING",
         )
         .bind(&incident.0)
-        .bind(approver)
+        .bind(storable(approver))
         .bind(verdict)
-        .bind(via)
-        .bind(reason.map(str::to_string))
+        .bind(storable(via))
+        .bind(reason.map(storable))
         .bind(ms(now))
         .execute(&mut *self.tx)
         .await?;
@@ -1125,6 +1155,33 @@ fn placeholders(n: usize) -> String {
 mod tests {
     use super::intake::tests::{delivery, sqlite_store};
     use super::*;
+
+    #[tokio::test]
+    async fn windows_and_leases_longer_than_the_calendar_are_clamped_not_an_overflow() {
+        let (_dir, store) = crate::store::intake::tests::sqlite_store().await;
+        let now = Utc::now();
+        let mut tx = store.begin().await.unwrap();
+        let h = tx
+            .history(
+                "p",
+                "t",
+                Some(Duration::from_millis((1 << 63) + 1)),
+                Some(Duration::MAX),
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!((h.policy_rollbacks_in_window, h.global_rollbacks_in_window), (0, 0));
+        drop(tx);
+        assert_eq!(lease_end(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            lease_end(now, Duration::from_secs(30)),
+            now + chrono::Duration::seconds(30)
+        );
+        let id = IncidentId("nobody".into());
+        assert!(!store.claim(&id, "r", now, Duration::MAX).await.unwrap());
+        assert!(store.claim_message(1, "r", now, Duration::MAX).await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_decide() {

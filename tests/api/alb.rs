@@ -398,6 +398,29 @@ async fn stable_group_missing_from_the_forward_is_an_error() {
     assert_eq!(fx.listener_actions().await, original);
 }
 
+#[tokio::test]
+async fn weights_changed_on_moto_mid_test_are_what_the_executor_reads() {
+    let fx = AlbFixture::start().await;
+    fx.set_listener_weights(40, 60).await;
+    fx.set_rule_weights(0, 100).await;
+    assert_eq!(weights(&fx.listener_actions().await), w(&fx, 40, 60));
+    assert_eq!(
+        stickiness(&fx.listener_actions().await),
+        (true, Some(300)),
+        "stickiness kept"
+    );
+    assert_eq!(weights(&fx.rule_actions().await), w(&fx, 0, 100));
+    let read = fx.executor().read(&fx.listener_target()).await.expect("read");
+    let got: Vec<(String, i32)> = read
+        .forward
+        .expect("a forward")
+        .target_groups
+        .iter()
+        .map(|g| (g.target_group_arn.clone(), g.weight.unwrap_or(-1)))
+        .collect();
+    assert_eq!(got, w(&fx, 40, 60));
+}
+
 // ---- scripted endpoint: failure modes moto does not produce ----
 
 fn fake_target() -> AlbTarget {
@@ -411,19 +434,30 @@ fn fake_target() -> AlbTarget {
     }
 }
 
+/// The stateful fake with the listener at 75/25 and `healthy` healthy targets per group.
+async fn fake_listener(healthy: usize) -> FakeElb {
+    FakeElb::listener(FAKE_LISTENER, &[(FAKE_STABLE, 75), (FAKE_CANARY, 25)], healthy).await
+}
+
+fn fake_weights(stable: i32, canary: i32) -> Vec<(String, i32)> {
+    vec![(FAKE_STABLE.into(), stable), (FAKE_CANARY.into(), canary)]
+}
+
 #[tokio::test]
 async fn throttling_is_retried_and_every_attempt_reported() {
-    let fake = FakeElb::start(Box::new(|_, _| {
-        (400, fake_elb::error_xml("Throttling", "Rate exceeded"))
-    }))
-    .await;
+    let fake = fake_listener(1).await;
+    fake.error_next(None, usize::MAX, 400, "Throttling");
     let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
     let (result, steps) = revert(&exec, &fake_target(), false).await;
     let err = result.expect_err("throttled");
     assert_eq!(err.code(), "Throttling");
     assert!(err.is_retryable());
-    // max_attempts 3, SDK retries off: exactly three requests.
+    // max_attempts 3, SDK retries off: exactly three requests, each for our listener.
     assert_eq!(fake.actions(), vec!["DescribeListeners"; 3]);
+    for r in fake.requests() {
+        assert_eq!(r.param("ListenerArns.member.1"), Some(FAKE_LISTENER), "{r:?}");
+    }
+    assert_eq!((fake.writes(), fake.weights()), (0, fake_weights(75, 25)));
     let failed: Vec<(u32, bool)> = steps
         .iter()
         .filter_map(|s| match s {
@@ -444,21 +478,10 @@ async fn throttling_is_retried_and_every_attempt_reported() {
 
 #[tokio::test]
 async fn transient_errors_then_success() {
-    let fake = FakeElb::start(Box::new(|n, action| match (n, action) {
-        (0, _) => (503, fake_elb::error_xml("ServiceUnavailable", "try later")),
-        (_, "DescribeListeners") if n < 3 => (
-            200,
-            fake_elb::describe_listeners_xml(FAKE_LISTENER, &[(FAKE_STABLE, 75), (FAKE_CANARY, 25)]),
-        ),
-        (_, "DescribeListeners") => (
-            200,
-            fake_elb::describe_listeners_xml(FAKE_LISTENER, &[(FAKE_STABLE, 100), (FAKE_CANARY, 0)]),
-        ),
-        (_, "DescribeTargetHealth") => (200, fake_elb::describe_target_health_xml(1)),
-        (_, "ModifyListener") => (200, fake_elb::modify_listener_xml()),
-        _ => (400, fake_elb::error_xml("ValidationError", "unexpected")),
-    }))
-    .await;
+    // The first request fails; everything after is answered from the listener's state, so the
+    // read-back shows what the write really sent.
+    let fake = fake_listener(1).await;
+    fake.error_next(None, 1, 503, "ServiceUnavailable");
     let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
     let (result, steps) = revert(&exec, &fake_target(), false).await;
     assert!(matches!(result, Ok(AlbOutcome::Reverted { .. })), "{result:?}");
@@ -472,6 +495,15 @@ async fn transient_errors_then_success() {
             "DescribeListeners"
         ]
     );
+    // The one write went to our listener and sent stable 100 / canary 0, canary still listed.
+    let modify = fake.requests_of("ModifyListener");
+    assert_eq!(modify.len(), 1);
+    assert_eq!(modify[0].param("ListenerArn"), Some(FAKE_LISTENER));
+    assert_eq!(modify[0].param("DefaultActions.member.1.Type"), Some("forward"));
+    assert_eq!(modify[0].forward_weights(), fake_weights(100, 0));
+    let health = fake.requests_of("DescribeTargetHealth");
+    assert_eq!(health[0].param("TargetGroupArn"), Some(FAKE_STABLE));
+    assert_eq!((fake.writes(), fake.weights()), (1, fake_weights(100, 0)));
     assert!(matches!(
         &steps[0],
         AlbStep::AttemptFailed { attempt: 1, will_retry: true, code, .. } if code == "ServiceUnavailable"
@@ -479,11 +511,26 @@ async fn transient_errors_then_success() {
 }
 
 #[tokio::test]
+async fn a_transient_error_on_the_write_is_retried_and_written_once() {
+    let fake = fake_listener(1).await;
+    fake.error_next(Some("ModifyListener"), 1, 500, "InternalFailure");
+    let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
+    let (result, steps) = revert(&exec, &fake_target(), false).await;
+    assert!(matches!(result, Ok(AlbOutcome::Reverted { .. })), "{result:?}");
+    let modify = fake.requests_of("ModifyListener");
+    assert_eq!(modify.len(), 2, "the failed write and its retry");
+    assert_eq!(
+        modify[0].params, modify[1].params,
+        "the retry writes the same full list"
+    );
+    assert_eq!((fake.writes(), fake.weights()), (1, fake_weights(100, 0)));
+    assert_eq!(wrote(&steps), 1);
+}
+
+#[tokio::test]
 async fn access_denied_is_not_retried() {
-    let fake = FakeElb::start(Box::new(|_, _| {
-        (403, fake_elb::error_xml("AccessDenied", "not allowed"))
-    }))
-    .await;
+    let fake = fake_listener(1).await;
+    fake.error_next(None, usize::MAX, 403, "AccessDenied");
     let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
     let (result, _) = revert(&exec, &fake_target(), false).await;
     let err = result.expect_err("denied");
@@ -492,21 +539,14 @@ async fn access_denied_is_not_retried() {
         "{err:?}"
     );
     assert_eq!(fake.actions().len(), 1);
+    assert_eq!((fake.writes(), fake.weights()), (0, fake_weights(75, 25)));
 }
 
 #[tokio::test]
 async fn a_write_that_does_not_take_is_reported() {
-    // ModifyListener "succeeds" but reads keep showing 75/25.
-    let fake = FakeElb::start(Box::new(|_, action| match action {
-        "DescribeListeners" => (
-            200,
-            fake_elb::describe_listeners_xml(FAKE_LISTENER, &[(FAKE_STABLE, 75), (FAKE_CANARY, 25)]),
-        ),
-        "DescribeTargetHealth" => (200, fake_elb::describe_target_health_xml(2)),
-        "ModifyListener" => (200, fake_elb::modify_listener_xml()),
-        _ => (400, fake_elb::error_xml("ValidationError", "unexpected")),
-    }))
-    .await;
+    // ModifyListener "succeeds" but the listener keeps 75/25.
+    let fake = fake_listener(2).await;
+    fake.fail_next(Some("ModifyListener"), 1, fake_elb::Fault::IgnoreWrite);
     let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
     let (result, steps) = revert(&exec, &fake_target(), false).await;
     match result {
@@ -520,6 +560,46 @@ async fn a_write_that_does_not_take_is_reported() {
         count(&steps, |s| matches!(s, AlbStep::ReadBack { matches: false, .. })),
         3
     );
+    // One write was sent (and not repeated), with the weights the read-back expected.
+    let modify = fake.requests_of("ModifyListener");
+    assert_eq!(modify.len(), 1);
+    assert_eq!(modify[0].forward_weights(), fake_weights(100, 0));
+    assert_eq!((fake.writes(), fake.weights()), (0, fake_weights(75, 25)));
+}
+
+#[tokio::test]
+async fn weights_changed_by_someone_else_are_what_the_next_read_sees() {
+    // The fake can move the listener mid-test, as an operator editing the ALB would.
+    let fake = fake_listener(1).await;
+    let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
+    let weights_read = |s: rollback_responder::action::alb::ForwardSnapshot| {
+        let f = s.forward.expect("a forward action");
+        f.target_groups
+            .iter()
+            .map(|g| (g.target_group_arn.clone(), g.weight.unwrap_or(-1)))
+            .collect::<Vec<_>>()
+    };
+    let before = exec.read(&fake_target()).await.expect("read");
+    assert_eq!(weights_read(before), fake_weights(75, 25));
+    fake.set_weights(&[(FAKE_STABLE, 40), (FAKE_CANARY, 60)]);
+    let after = exec.read(&fake_target()).await.expect("read");
+    assert_eq!(weights_read(after), fake_weights(40, 60));
+    assert_eq!(fake.writes(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_listener_is_listener_not_found_and_nothing_is_written() {
+    let fake = fake_listener(1).await;
+    let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
+    let t = AlbTarget {
+        listener_arn: FAKE_LISTENER.replace("2222222222222222", "9999999999999999"),
+        ..fake_target()
+    };
+    let (result, _) = revert(&exec, &t, false).await;
+    let err = result.expect_err("no such listener");
+    assert_eq!(err.code(), "ListenerNotFound", "{err:?}");
+    assert_eq!(fake.actions(), vec!["DescribeListeners"]);
+    assert_eq!((fake.writes(), fake.weights()), (0, fake_weights(75, 25)));
 }
 
 /// The rustls provider trap (testing.md): kube and the AWS SDK in one process must not panic

@@ -71,6 +71,7 @@ triggers:
     matchers: ['alertname="HighErrorRate"']
     for: 0s
     mode: auto
+verification: {{bake: 1s, interval: 200ms}}
 "#,
         fx.listener_arn, fx.stable_tg
     )

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use rollback_responder::action::alb::AlbExecutor;
 use rollback_responder::action::Executors;
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -13,7 +14,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::helpers::*;
 use crate::notify::{received, wait_requests, Peers};
 use crate::peers::Alertmanager;
-use crate::support::alb_fixture::{weights, AlbFixture};
+use crate::support::alb_fixture::{elb_client, fast_settings, weights, AlbFixture};
+use crate::support::aws_proxy::AwsProxy;
 
 const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const PD_SECRET: &str = "pd-webhook-secret";
@@ -41,6 +43,7 @@ approval:
   required_approvals: {required}
   timeout: {timeout}
   on_timeout: escalate
+verification: {{bake: 1s, interval: 200ms}}
 notify:
   slack: {{channel: "#portal-alerts"}}
   pagerduty: {{severity: critical}}
@@ -54,6 +57,8 @@ struct World {
     fx: AlbFixture,
     peers: Peers,
     app: TestApp,
+    /// In front of moto: every ELBv2 call the service made.
+    aws: AwsProxy,
 }
 
 async fn world(required: u8, timeout: &str) -> World {
@@ -74,17 +79,18 @@ async fn world(required: u8, timeout: &str) -> World {
         ),
         ("ROLLBACK_RESPONDER__PAGERDUTY__ACTION_TOKEN", PD_ACTION_TOKEN),
     ]));
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", policy(&fx, required, timeout))],
         env: vars,
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
     })
     .await;
-    World { fx, peers, app }
+    World { fx, peers, app, aws }
 }
 
 impl World {
@@ -106,6 +112,47 @@ impl World {
 
     async fn phase(&self, id: &str) -> String {
         self.app.incident(id).await["phase"].as_str().unwrap().to_string()
+    }
+
+    /// What moto holds now and how often the service wrote it: the listener's (group, weight)
+    /// pairs and the number of ModifyListener calls that reached moto.
+    async fn alb(&self) -> (Vec<(String, i32)>, usize) {
+        (
+            weights(&self.fx.listener_actions().await),
+            self.aws.count("ModifyListener"),
+        )
+    }
+
+    /// The listener as created (75/25), never written.
+    fn untouched(&self) -> (Vec<(String, i32)>, usize) {
+        (self.split(75, 25), 0)
+    }
+
+    /// The listener rolled back by exactly one write.
+    fn rolled_back_once(&self) -> (Vec<(String, i32)>, usize) {
+        (self.split(100, 0), 1)
+    }
+
+    fn split(&self, stable: i32, canary: i32) -> Vec<(String, i32)> {
+        vec![(self.fx.stable_tg.clone(), stable), (self.fx.canary_tg.clone(), canary)]
+    }
+
+    /// Waits until Slack holds a thread reply containing `text`: the incident's change was
+    /// committed and its notifications delivered.
+    async fn slack_says(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let said = self.peers.slack_fake.messages().iter().any(|m| m.text.contains(text));
+            if said {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Slack never got {text:?}: {:#?}",
+                self.peers.slack_fake.messages()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -211,7 +258,7 @@ async fn a_signed_approve_click_rolls_back_and_the_clicker_is_told() {
         200
     );
     w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+    assert_eq!(w.alb().await, w.rolled_back_once());
     let texts = replies(&ru, 1).await;
     assert!(texts[0].starts_with(":white_check_mark: Approved"), "{texts:?}");
     let r = &received(&ru).await[0].2;
@@ -248,14 +295,17 @@ async fn deny_by_command_closes_the_request_and_nothing_is_rolled_back() {
         denied["summary"],
         "denied by <@U0APPROVER> via slack command: error budget is fine"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 75);
+    // The denial is committed and told in the thread; moto was never called at all.
+    w.slack_says("`awaiting_approval` → `denied`").await;
+    assert_eq!(w.alb().await, w.untouched());
+    assert_eq!(w.aws.calls(), vec![], "no ELBv2 call for a denied rollback");
 }
 
 #[tokio::test]
 async fn bad_signatures_stale_timestamps_and_replays_get_401_and_change_nothing() {
     let w = world(1, "1h").await;
     let id = w.pending("ec01").await;
+    let before = w.app.incident(&id).await;
     let body = click_body("U0APPROVER", "rollback_approve", &id, "http://127.0.0.1:9/r");
     let ts = now_ts();
     let wrong = sign("not-the-secret", &ts, &body);
@@ -295,8 +345,10 @@ async fn bad_signatures_stale_timestamps_and_replays_get_401_and_change_nothing(
         .status(),
         401
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(w.phase(&id).await, "awaiting_approval");
+    // Each refusal was answered before anything was done: the incident is as it was.
+    let inc = w.app.incident(&id).await;
+    assert_eq!(inc["phase"], "awaiting_approval");
+    assert_eq!(inc["timeline"], before["timeline"], "a refused request records nothing");
     // A deny is signed and accepted once; its replay is refused even though the signature is valid.
     let deny = click_body("U0APPROVER", "rollback_deny", &id, "http://127.0.0.1:9/r");
     let sig = sign(SIGNING_SECRET, &ts, &deny);
@@ -317,6 +369,11 @@ async fn bad_signatures_stale_timestamps_and_replays_get_401_and_change_nothing(
         slack_post(&w.app, "/slack/commands", &cmd, &ts, "v0=00").await.status(),
         401
     );
+    // A click is answered at once and decided in the background: wait for the decision.
+    let inc = w.app.wait_incident(&id, "denied", |i| i["phase"] == "denied").await;
+    assert_eq!(timeline_count(&inc, "denied"), 1, "the replay decided nothing");
+    w.slack_says("`awaiting_approval` → `denied`").await;
+    assert_eq!(w.alb().await, w.untouched());
 }
 
 #[tokio::test]
@@ -349,8 +406,11 @@ async fn unauthorized_users_are_refused_and_the_attempt_is_recorded() {
     assert_eq!(refused[0]["actor"], "slack:U0INTRUDER");
     assert_eq!(w.phase(&id).await, "awaiting_approval");
     // Members of an approver user group may approve.
+    assert_eq!(w.alb().await, w.untouched(), "refused attempts change nothing");
     let text = command(&w.app, "U0GROUPIE", &format!("approve {id}")).await;
     assert!(text.starts_with(":white_check_mark: Approved"), "{text}");
+    w.app.wait_incident(&id, "verified", |i| i["phase"] == "verified").await;
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 #[tokio::test]
@@ -397,22 +457,25 @@ async fn unknown_ids_double_clicks_and_late_answers_make_one_decision() {
             .count(),
         1
     );
+    // One decision, one write to the ALB.
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 #[tokio::test]
 async fn an_expired_request_cannot_be_approved() {
+    // The service reads the wall clock itself (no clock can be passed in), so the test waits
+    // for the expiry to be recorded rather than sleeping past the deadline.
     let w = world(1, "1s").await;
     let id = w.pending("ef01").await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
-    assert!(
-        text.contains("has expired") || text.contains("is not waiting for approval (it is escalated)"),
-        "{text}"
-    );
     w.app
         .wait_incident(&id, "escalated on timeout", |i| i["phase"] == "escalated")
         .await;
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 75);
+    let text = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    assert!(text.contains("is not waiting for approval (it is escalated)"), "{text}");
+    assert_eq!(w.phase(&id).await, "escalated");
+    assert_eq!(timeline_count(&w.app.incident(&id).await, "approved"), 0);
+    w.slack_says("`awaiting_approval` → `escalated`").await;
+    assert_eq!(w.alb().await, w.untouched());
 }
 
 #[tokio::test]
@@ -469,9 +532,11 @@ async fn a_two_person_rule_needs_two_distinct_approvers() {
     let again = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
     assert_eq!(again, format!(":warning: <@U0APPROVER> already voted on incident {id}"));
     assert_eq!(w.phase(&id).await, "awaiting_approval");
+    assert_eq!(w.alb().await, w.untouched(), "one approver moves nothing");
     let second = command(&w.app, "U0SECOND", &format!("approve {id}")).await;
     assert!(second.starts_with(":white_check_mark: Approved"), "{second}");
     w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    assert_eq!(w.alb().await, w.rolled_back_once());
     let inc = w.app.incident(&id).await;
     let approved = inc["timeline"]
         .as_array()
@@ -534,7 +599,7 @@ async fn slash_commands_list_status_now_freeze_and_unfreeze() {
         list[0]["decision"]["reason"],
         "manual rollback requested by <@U0APPROVER>: customers report errors"
     );
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+    assert_eq!(w.alb().await, w.rolled_back_once());
     let id = list[0]["id"].as_str().unwrap();
     let status = command(&w.app, "U0ANYONE", &format!("status {id}")).await;
     assert!(
@@ -544,6 +609,8 @@ async fn slash_commands_list_status_now_freeze_and_unfreeze() {
     assert!(command(&w.app, "U0ANYONE", "list").await.contains(id));
     let again = command(&w.app, "U0APPROVER", "now portal-api").await;
     assert!(again.starts_with(":warning: cooldown:"), "{again}");
+    assert_eq!(w.app.incidents().await.len(), 1, "the refused attempt opened nothing");
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 fn pd_sign(secret: &str, body: &str) -> String {
@@ -654,6 +721,7 @@ async fn pagerduty_webhooks_are_signed_deduplicated_and_recorded() {
     assert_eq!(v["status"], "approved");
     assert_eq!(v["by"], json!(["pagerduty:P0ONCALL"]));
     w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 /// The end to end of the approval issue, approved from Slack and from PagerDuty.
@@ -703,10 +771,7 @@ async fn manual_flow(from_pagerduty: bool) {
         "<@U0APPROVER>"
     };
     w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
-    assert_eq!(
-        weights(&w.fx.listener_actions().await),
-        vec![(w.fx.stable_tg.clone(), 100), (w.fx.canary_tg.clone(), 0)]
-    );
+    assert_eq!(w.alb().await, w.rolled_back_once());
     // The thread says who approved and when; PagerDuty was acknowledged after the approval.
     let slack = wait_requests(&w.peers.slack, 7, "slack").await;
     let line = slack
@@ -830,6 +895,9 @@ async fn a_pagerduty_vote_that_failed_with_503_is_processed_on_redelivery() {
     assert_eq!(w.phase(&id).await, "denied");
     let r: Value = pd_post_raw(&w.app, "wh-deny", &deny).await.json().await.unwrap();
     assert_eq!(r["status"], "duplicate");
+    assert_eq!(timeline_count(&w.app.incident(&id).await, "denied"), 1);
+    w.slack_says("`awaiting_approval` → `denied`").await;
+    assert_eq!(w.alb().await, w.untouched());
 }
 
 /// `/rollback now` under a two-person rule is the first approval, not a rollback: a second,
@@ -849,17 +917,13 @@ async fn rollback_now_under_a_two_person_rule_waits_for_a_second_approver() {
     assert!(reason.contains("the policy needs 2 approvers"), "{reason}");
     assert!(now.contains(&id), "{now}");
     assert_eq!(list[0]["decision"]["on_timeout"], "escalate");
-    assert_eq!(
-        weights(&w.fx.listener_actions().await)[0].1,
-        75,
-        "nothing rolled back on one person's word"
-    );
+    assert_eq!(w.alb().await, w.untouched(), "nothing rolled back on one person's word");
     let again = command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
     assert_eq!(again, format!(":warning: <@U0APPROVER> already voted on incident {id}"));
     let second = command(&w.app, "U0SECOND", &format!("approve {id}")).await;
     assert!(second.starts_with(":white_check_mark: Approved"), "{second}");
     w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
-    assert_eq!(weights(&w.fx.listener_actions().await)[0].1, 100);
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
 /// Two approvers answering at the same moment both count. On PostgreSQL their votes run in
@@ -882,5 +946,12 @@ async fn two_approvals_at_the_same_moment_both_count() {
         results.iter().any(|v| matches!(v, VoteResult::Approved { .. })),
         "{results:?}"
     );
-    assert_ne!(w.phase(&id.0).await, "awaiting_approval");
+    // Both votes counted: the request is approved by both and rolled back once.
+    let inc = w
+        .app
+        .wait_incident(&id.0, "verified", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(timeline_count(&inc, "approved"), 1);
+    assert_eq!(timeline_count(&inc, "action_started"), 1);
+    assert_eq!(w.alb().await, w.rolled_back_once());
 }

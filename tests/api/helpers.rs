@@ -114,6 +114,7 @@ pub async fn spawn_app(opts: Options) -> TestApp {
 
 async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp {
     // Logs go to stderr: `cargo test -- --nocapture` with RUST_LOG=debug shows the service's.
+    crate::support::log_capture::install();
     rollback_responder::telemetry::init(rollback_responder::config::LogFormat::Text, "warn");
     let policies: PathBuf = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
@@ -236,6 +237,41 @@ impl TestApp {
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every stored alert has been decided (none is pending any more): after this,
+    /// an alert that would open or change an incident has done so. The deliveries themselves
+    /// are stored before they are answered, so call it after the webhook POSTs returned.
+    pub async fn wait_alerts_decided(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pending = self
+                .responder
+                .store
+                .pending_alert_ids(100)
+                .await
+                .expect("read pending alerts");
+            if pending.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "alerts {pending:?} were never decided");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the outbox holds no pending notification: every message the incidents so
+    /// far queued has been delivered (or given up). Call it after the phase the test waits
+    /// for; then the peers have received everything they are going to.
+    pub async fn wait_outbox_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let depth = self.responder.store.outbox_depth().await.expect("read the outbox");
+            if depth.iter().all(|(_, n)| *n == 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "notifications still pending: {depth:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

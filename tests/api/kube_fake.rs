@@ -576,18 +576,37 @@ async fn verify_passes_with_ready_endpoints_and_a_completed_rollout() {
     fake.modify("deployments", NS, "portal-api", |d| {
         d["status"] = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3});
     });
+    // One ready endpoint of the stable pods is not `min_ready_replicas: 2`.
+    let mut short = t.clone();
+    short.rollout_timeout = Duration::from_millis(300);
+    let err = exec.verify(&short, &mut |_| {}).await.expect_err("1 of 2 ready");
+    assert!(
+        matches!(
+            err,
+            KubeError::NoReadyEndpoints {
+                ready: 1,
+                required: 2,
+                ..
+            }
+        ),
+        "only the stable pod's endpoint counts, and one is not enough: {err:?}"
+    );
+    fake.insert(
+        "endpointslices",
+        endpointslice(NS, "portal-api-prod", "x2", &[("portal-api-stable-1", true)]),
+    );
     let mut records = Vec::new();
     exec.verify(&t, &mut |r| records.push(r)).await.expect("verified");
     assert!(
         records.iter().any(|r| matches!(
             r,
             KubeStepRecord::Endpoints {
-                ready_endpoints: 1,
+                ready_endpoints: 2,
                 passed: true,
                 ..
             }
         )),
-        "only the stable pod's endpoint counts: {records:?}"
+        "{records:?}"
     );
     assert!(records
         .iter()
@@ -693,6 +712,8 @@ async fn from_settings_builds_a_real_client_from_a_kubeconfig() {
 #[tokio::test]
 async fn fake_server_speaks_standard_status_objects() {
     let fake = FakeKube::start().await;
+    // This test checks the fake itself with raw requests, not what the executor sends.
+    fake.expect_outside_rbac();
     seed_world(&fake, true);
     let http = reqwest::Client::new();
     let url = format!("{}/api/v1/namespaces/portal/services/portal-api-prod", fake.url());
@@ -769,7 +790,8 @@ triggers:
     for: 2m
     mode: auto
 verification:
-  bake: 10s
+  bake: 3s
+  interval: 500ms
 "#;
     let app = spawn_app(Options {
         policies: vec![("portal-api-k8s.yaml", policy.to_string())],
@@ -788,6 +810,9 @@ verification:
         None,
     )
     .await;
+    app.wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    scaled_down(&fake);
     let list = app
         .wait_incidents("verified kubernetes rollback", |l| {
             l.len() == 1 && l[0]["phase"] == "verified"
@@ -802,6 +827,21 @@ verification:
     assert_eq!(
         fake.get("deployments", NS, "portal-api-canary").unwrap()["spec"]["replicas"],
         0
+    );
+    // Exactly two writes reached the API server: the selector patch and the scale patch.
+    assert_eq!(fake.writes(), 2);
+    let patched: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            format!("/api/v1/namespaces/{NS}/services/portal-api-prod"),
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/portal-api-canary/scale"),
+        ]
     );
     let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
     assert_eq!(inc["executed"], true);
@@ -822,6 +862,255 @@ verification:
         .iter()
         .filter(|e| e["kind"] == "verification_check")
         .collect();
-    assert_eq!(checks.len(), 1);
-    assert_eq!(checks[0]["detail"]["passed"], true);
+    let names: Vec<&str> = checks.iter().map(|c| c["detail"]["check"].as_str().unwrap()).collect();
+    assert_eq!(names, ["read_back", "ready"]);
+    assert!(checks.iter().all(|c| c["detail"]["passed"] == true), "{checks:#?}");
+    // The readiness evidence is kept: two ready endpoints of the stable pods.
+    let ready = &checks[1]["detail"];
+    assert!(
+        ready["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["ready_endpoints"] == 2 && s["passed"] == true),
+        "{ready}"
+    );
+    let rb = &checks[0]["detail"];
+    assert!(
+        rb["value"]
+            .as_str()
+            .unwrap()
+            .contains("svc/portal-api-prod app=portal-api,version=v1.0.0-rc.0; deploy/portal-api-canary replicas 0"),
+        "{rb}"
+    );
+}
+
+/// Drift during the bake: someone puts the Service back on the canary (`kubectl edit`). The
+/// read-back sees it, names the field's manager, fails verification and writes nothing back.
+#[tokio::test]
+async fn a_service_selector_changed_back_during_the_bake_is_drift_with_its_manager() {
+    use crate::helpers::*;
+    use rollback_responder::action::Executors;
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    let policy = r#"
+name: portal-api-k8s
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  kubernetes:
+    namespace: portal
+    min_ready_replicas: 2
+    rollout_timeout: 5s
+    steps:
+      - switch_service: {service: portal-api-prod, selector: {app: portal-api, version: v1.0.0-rc.0}}
+      - scale: {deployment: portal-api-canary, replicas: 0}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    mode: auto
+verification:
+  bake: 60s
+  interval: 200ms
+"#;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api-k8s.yaml", policy.to_string())],
+        executors: Some(Executors {
+            kube: Some(executor(&fake)),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "kd01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verifying", |l| l.len() == 1 && l[0]["phase"] == "verifying")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    scaled_down(&fake);
+    let writes = fake.writes();
+    assert_eq!(
+        fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"]["version"],
+        "v1.0.0-rc.0"
+    );
+    // `kubectl edit` puts the canary back; the API server records who owns the selector now.
+    fake.modify("services", NS, "portal-api-prod", |s| {
+        s["spec"]["selector"] = json!({"app": "portal-api", "version": "v1.0.0"});
+        s["metadata"]["managedFields"] = json!([
+            {"manager": "rollback-responder", "operation": "Update", "time": "2026-12-03T06:00:00Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:selector": {}}}},
+            {"manager": "kubectl-edit", "operation": "Update", "time": "2026-12-03T06:00:02Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:selector": {}}}}
+        ]);
+    });
+    let inc = app
+        .wait_incident(&id, "verification failed on drift", |i| {
+            i["phase"] == "verification_failed"
+        })
+        .await;
+    let rb = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "verification_check" && e["detail"]["check"] == "read_back")
+        .unwrap()["detail"]
+        .clone();
+    assert_eq!(rb["passed"], false, "{rb}");
+    let drift = rb["drift"].as_str().unwrap();
+    assert!(
+        drift.starts_with(
+            "service/portal-api-prod selector changed back to app=portal-api,version=v1.0.0 \
+             (written: app=portal-api,version=v1.0.0-rc.0) by `kubectl-edit` (Update at 2026-12-03T06:00:02Z"
+        ),
+        "{drift}"
+    );
+    // Good samples before the drift, then the drift: the check read all along.
+    let samples = rb["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2 && samples[0][2] == true, "{rb}");
+    let failed = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "verification_failed")
+        .unwrap();
+    assert!(
+        failed["summary"]
+            .as_str()
+            .unwrap()
+            .contains("read_back: DRIFT: service/portal-api-prod"),
+        "{failed}"
+    );
+    // Not fought: nothing written after the drift; the selector is what the person set.
+    assert_eq!(fake.writes(), writes);
+    assert_eq!(
+        fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"]["version"],
+        "v1.0.0"
+    );
+    assert_eq!(inc["open"], true, "a failed verification waits for a human");
+}
+
+/// The read-back through the bake, step by step: a restored template replaced by the canary's
+/// and a scaled Deployment scaled back are drift, each named with the field's manager.
+#[tokio::test]
+async fn read_back_sees_a_replaced_template_and_a_scale_back_with_their_managers() {
+    use rollback_responder::action::kubernetes::KubeBaseline;
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    let tpls = undo_world(&fake);
+    let exec = executor(&fake);
+    let t = target(vec![undo_step(None), scale_step()]);
+    run(&exec, &t, false).await.0.expect("revert");
+    let mut baseline: Option<KubeBaseline> = None;
+    let first = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(first.ok, "{first:?}");
+    assert_eq!(
+        first.value,
+        "as written: deploy/portal-api revision 3 [api=portal-api:1.0.0-rc.0]; deploy/portal-api-canary replicas 0"
+    );
+    let again = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(again.ok && again.drift.is_none(), "{again:?}");
+    let reads = fake.requests().len();
+
+    // A pipeline re-applies the canary's template.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["spec"]["template"] = tpls[2].clone();
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("4");
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "argocd-controller", "operation": "Apply", "time": "2026-12-03T06:10:00Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:template": {"f:spec": {}}}}}
+        ]);
+    });
+    let drift = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert!(!drift.ok);
+    let what = drift.drift.unwrap();
+    assert_eq!(
+        what,
+        "deployment/portal-api is no longer the restored template: revision 3 [api=portal-api:1.0.0-rc.0] -> \
+         4 [api=portal-api:1.0.0] by `argocd-controller` (Apply at 2026-12-03T06:10:00Z)"
+    );
+    assert!(fake.requests().len() > reads, "it read the API again");
+
+    // Put the template back; then someone scales the canary up again.
+    fake.modify("deployments", NS, "portal-api", |d| {
+        d["spec"]["template"] = tpls[1].clone();
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("3");
+    });
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        d["spec"]["replicas"] = json!(3);
+    });
+    let scaled = exec.read_back_sample(&t, &mut baseline).await.expect("read");
+    assert_eq!(
+        scaled.drift.as_deref(),
+        Some(
+            "deployment/portal-api-canary replicas changed to 3 (written: 0) \
+             by unknown (no managed-fields entry owns /f:spec/f:replicas)"
+        )
+    );
+    assert_eq!(
+        fake.writes(),
+        2,
+        "the read-back writes nothing: only the revert's two writes"
+    );
+}
+
+/// What the Deployment controller does once the canary is scaled to 0: observes the new
+/// generation and reports no pods left.
+fn scaled_down(fake: &FakeKube) {
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        let generation = d["metadata"]["generation"].clone();
+        d["status"] = json!({"observedGeneration": generation, "replicas": 0, "updatedReplicas": 0,
+            "readyReplicas": 0, "availableReplicas": 0});
+    });
+}
+
+/// A scale step verifies only once the controller has observed it and the pods are gone.
+#[tokio::test]
+async fn verify_waits_for_a_scale_step_to_take_effect() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    let exec = executor(&fake);
+    let mut t = target(vec![switch_step(), scale_step()]);
+    t.rollout_timeout = Duration::from_millis(300);
+    run(&exec, &t, false).await.0.expect("revert");
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("not observed yet");
+    assert!(
+        matches!(&err, KubeError::RolloutTimedOut { deployment, last_status, .. }
+            if deployment == "portal-api-canary" && last_status == "waiting for the deployment spec update to be observed"),
+        "{err:?}"
+    );
+    // Observed, but the canary's pods are still there.
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
+    });
+    let err = exec.verify(&t, &mut |_| {}).await.expect_err("pods left");
+    assert!(
+        matches!(&err, KubeError::RolloutTimedOut { last_status, .. } if last_status == "scaled to 0: 3 replicas left, 3 available"),
+        "{err:?}"
+    );
+    scaled_down(&fake);
+    exec.verify(&t, &mut |_| {}).await.expect("scaled to 0");
 }

@@ -14,6 +14,8 @@ use rollback_responder::action::kubernetes::{
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use crate::support::rbac::{Access, Role};
+
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type RunResult = (Result<KubeOutcome, KubeError>, Vec<KubeStepRecord>);
 
@@ -54,12 +56,25 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8(out).expect("utf8 query")
 }
 
-/// Takes the next request and answers it with `status` and `response`.
+/// Takes the next request and answers it with `status` and `response`. Every request must be
+/// one the shipped RBAC Role allows (in a cluster anything else is a 403).
 async fn answer(handle: &mut Handle, status: u16, response: Value) -> Seen {
     let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
         .await
         .expect("a request within 5s")
         .expect("the client is still there");
+    static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let access = Access::of(req.method().as_str(), req.uri().path(), watch);
+    assert!(
+        ROLE.get_or_init(Role::shipped).allows(&access),
+        "the executor sent {access} ({} {}), which the shipped Role does not allow",
+        req.method(),
+        req.uri()
+    );
     let query = req
         .uri()
         .query()

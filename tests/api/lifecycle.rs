@@ -3,7 +3,11 @@
 
 use serde_json::Value;
 
+use rollback_responder::action::alb::AlbExecutor;
+
 use crate::helpers::*;
+use crate::support::alb_fixture::{elb_client, fast_settings, weights, LISTENER_WEIGHTS, RULE_WEIGHTS};
+use crate::support::aws_proxy::AwsProxy;
 
 fn phase(i: &Value) -> &str {
     i["phase"].as_str().unwrap_or("")
@@ -129,12 +133,21 @@ async fn resolved_alert_closes_the_incident_and_cancels_a_pending_approval() {
         ["opened", "decided", "alert_resolved", "all_alerts_resolved", "closed"]
     );
     // A late firing duplicate from an HA peer does not reopen anything.
-    app.post_webhook(&payload(
-        "firing",
-        vec![alert("HighLatency", "checkout", "bc01", &starts, None)],
-    ))
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let v: Value = app
+        .post_webhook(&payload(
+            "firing",
+            vec![alert("HighLatency", "checkout", "bc01", &starts, None)],
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["stored"].as_u64(), v["duplicates"].as_u64()),
+        (Some(0), Some(1)),
+        "{v}"
+    );
+    app.wait_alerts_decided().await;
     assert_eq!(app.incidents().await.len(), 1);
     assert_eq!(phase(&app.incidents().await[0]), "cancelled");
 }
@@ -163,6 +176,16 @@ async fn too_young_alert_waits_then_rolls_back_if_still_firing() {
     assert!(redecided, "{inc}");
 }
 
+/// The startsAt of the incident's first alert.
+async fn list_start(app: &TestApp, list: &[Value]) -> String {
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    inc["alerts"][0]["startsAt"]
+        .as_str()
+        .or_else(|| inc["alerts"][0]["starts_at"].as_str())
+        .unwrap_or_else(|| panic!("startsAt of {}", inc["alerts"][0]))
+        .to_string()
+}
+
 /// A second instance that is too young as well joins the waiting incident without moving its
 /// re-check later: the first alert qualifies at its own time.
 #[tokio::test]
@@ -177,10 +200,13 @@ async fn a_younger_alert_joining_a_waiting_incident_does_not_postpone_it() {
         .wait_incidents("waiting", |l| l.len() == 1 && phase(&l[0]) == "waiting")
         .await;
     let due = list[0]["due_at"].as_str().unwrap().to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The second instance started 1.1 s after the first (its startsAt says so; no need to
+    // wait that long), so on its own it would qualify 1.1 s later.
+    let first_start = chrono::DateTime::parse_from_rfc3339(&list_start(&app, &list).await).unwrap();
+    let second_start = (first_start + chrono::Duration::milliseconds(1100)).to_rfc3339();
     app.post_webhook(&payload(
         "firing",
-        vec![alert("HealthCheckFailing", "checkout", "bd12", &ago(0), None)],
+        vec![alert("HealthCheckFailing", "checkout", "bd12", &second_start, None)],
     ))
     .await;
     let id = list[0]["id"].as_str().unwrap();
@@ -310,7 +336,8 @@ async fn unmatched_alerts_are_stored_but_open_no_incident() {
         vec![alert("HighErrorRate", "billing", "bh02", &ago(30), None)],
     ))
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Both alerts were decided (matching no policy) and opened nothing.
+    app.wait_alerts_decided().await;
     assert!(app.incidents().await.is_empty());
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 2);
 }
@@ -350,7 +377,7 @@ async fn the_same_alert_twice_in_one_payload_is_stored_once_and_resolved_wins() 
     );
     let v: Value = app.post_webhook(&body).await.json().await.unwrap();
     assert_eq!((v["stored"].as_u64(), v["duplicates"].as_u64()), (Some(1), Some(2)));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.wait_alerts_decided().await;
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 1);
     assert!(app.incidents().await.is_empty(), "a resolved alert opens nothing");
 }
@@ -398,7 +425,7 @@ async fn re_sent_alerts_are_answered_from_memory_and_their_resolve_still_goes_th
         (Some(0), Some(1)),
         "a late firing copy reopens nothing"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.wait_alerts_decided().await;
     assert_eq!(app.incidents().await.len(), 1);
     assert_eq!(phase(&app.incidents().await[0]), "cancelled");
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 1);
@@ -446,10 +473,11 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
         format!(
             "name: {name}\nservice: {name}\nmatchers: ['service=\"{name}\"']\ntarget:\n  alb:\n{target}    \
              stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    \
-             for: 0s\n    mode: auto\n",
+             for: 0s\n    mode: auto\nverification: {{bake: 1s, interval: 200ms}}\n",
             fx.stable_tg
         )
     };
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![
             (
@@ -466,7 +494,7 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
         ],
         env: env(&[("ROLLBACK_RESPONDER__SAFETY__MAX_ROLLBACKS__COUNT", "1")]),
         executors: Some(rollback_responder::action::Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
@@ -493,4 +521,20 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
             .starts_with("rate limit: global"),
         "{held}"
     );
+    // Moto saw one write, to the target of the incident that went ahead; the other target is
+    // as created.
+    let done = list.iter().find(|i| phase(i) == "verified").unwrap();
+    let (listener, rule) = (weights(&fx.listener_actions().await), weights(&fx.rule_actions().await));
+    let split = |(stable, canary): (i32, i32)| vec![(fx.stable_tg.clone(), stable), (fx.canary_tg.clone(), canary)];
+    let writes = (aws.count("ModifyListener"), aws.count("ModifyRule"));
+    if done["policy"] == "listener-api" {
+        assert_eq!((listener, rule, writes), (split((100, 0)), split(RULE_WEIGHTS), (1, 0)));
+    } else {
+        assert_eq!(done["policy"], "rule-api", "{done}");
+        assert_eq!(
+            (listener, rule, writes),
+            (split(LISTENER_WEIGHTS), split((100, 0)), (0, 1))
+        );
+    }
+    assert_eq!(held["executed"], false, "{held}");
 }

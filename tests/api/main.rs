@@ -5,17 +5,24 @@
 mod alb;
 mod alertmanager;
 mod approvals;
+mod edges;
+mod faults_store;
+mod fuzz;
 mod helpers;
 mod kube_fake;
 mod kube_mock;
 mod lifecycle;
+mod metrics;
 mod notify;
 mod operate;
+mod pages;
 mod peers;
 mod rbac;
+mod reload;
 mod replicas;
 mod seed_policies;
 #[path = "../support/mod.rs"]
 mod support;
 mod verify;
+mod verify_drift;
 mod webhook;

@@ -6,64 +6,43 @@ use std::time::{Duration, Instant};
 
 use rollback_responder::action::Executors;
 use serde_json::{json, Value};
-use wiremock::matchers::{method, path};
+use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use crate::helpers::*;
-use crate::support::alb_fixture::{weights, AlbFixture};
+use crate::support::alb_fixture::{elb_client, fast_settings, weights, AlbFixture};
+use crate::support::aws_proxy::AwsProxy;
+use crate::support::fake_notify::{slack_channel_id, slack_ts, PagerDutyFake, SlackFake, StatuspageFake};
+use rollback_responder::action::alb::AlbExecutor;
 
 pub const SLACK_TOKEN: &str = "xoxb-test-token";
 pub const PD_KEY: &str = "R0UTINGKEY0000000000000000000000";
 pub const SP_KEY: &str = "sp-api-key";
 
-/// The three peers, answering like the real APIs.
+/// The three peers, answering like the real APIs: from the state earlier requests created.
 pub struct Peers {
     pub slack: MockServer,
     pub pagerduty: MockServer,
     pub statuspage: MockServer,
+    /// Slack's messages so far (each with its own `ts`).
+    pub slack_fake: SlackFake,
+    /// The status page incidents created so far.
+    pub statuspage_fake: StatuspageFake,
 }
 
 impl Peers {
     pub async fn start() -> Peers {
-        let slack = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/chat.postMessage"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(json!({"ok": true, "channel": "C0ALERTS", "ts": "1763790000.000100"})),
-            )
-            .mount(&slack)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/chat.update"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(json!({"ok": true, "channel": "C0ALERTS", "ts": "1763790000.000100"})),
-            )
-            .mount(&slack)
-            .await;
+        let (slack, slack_fake) = SlackFake::start().await;
         let pagerduty = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(
-                ResponseTemplate::new(202).set_body_json(json!({"status": "success", "message": "Event processed"})),
-            )
-            .mount(&pagerduty)
-            .await;
+        PagerDutyFake::mount(&pagerduty).await;
         let statuspage = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/pages/PAGE1/incidents"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": "sp-inc-1", "status": "identified"})))
-            .mount(&statuspage)
-            .await;
-        Mock::given(method("PATCH"))
-            .and(path("/pages/PAGE1/incidents/sp-inc-1"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "sp-inc-1"})))
-            .mount(&statuspage)
-            .await;
+        let statuspage_fake = StatuspageFake::mount(&statuspage, "PAGE1").await;
         Peers {
             slack,
             pagerduty,
             statuspage,
+            slack_fake,
+            statuspage_fake,
         }
     }
 
@@ -100,14 +79,14 @@ pub async fn received(server: &MockServer) -> Vec<(String, String, Value, Reques
         .collect()
 }
 
-/// Polls until `server` has received `n` requests (then a short quiet period to catch extras).
+/// Polls until `server` has received at least `n` requests. To assert that no more came,
+/// wait for the service's outbox to drain first ([`TestApp::wait_outbox_drained`]).
 pub async fn wait_requests(server: &MockServer, n: usize, what: &str) -> Vec<(String, String, Value, Request)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = received(server).await;
         if got.len() >= n {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            return received(server).await;
+            return got;
         }
         if Instant::now() > deadline {
             let paths: Vec<String> = got.iter().map(|(m, p, b, _)| format!("{m} {p} {b}")).collect();
@@ -139,6 +118,7 @@ approval:
   approvers: {{slack_users: [U0APPROVER]}}
   timeout: 1h
   on_timeout: escalate
+verification: {{bake: 1s, interval: 200ms}}
 notify:
   slack: {{channel: "#portal-alerts"}}
   pagerduty: {{severity: error}}
@@ -161,11 +141,12 @@ fn slack_texts(reqs: &[(String, String, Value, Request)]) -> Vec<String> {
 async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     let fx = AlbFixture::start().await;
     let peers = Peers::start().await;
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", policy_with_notify(&fx, "auto"))],
         env: peers.env(),
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
             ..Default::default()
         }),
         ..Options::default()
@@ -182,12 +163,14 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         .await;
     let id = list[0]["id"].as_str().unwrap().to_string();
     assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
+    assert_eq!(aws.count("ModifyListener"), 1);
     app.post_webhook(&payload(
         "resolved",
         vec![alert("HighErrorRate", "portal-api", "ca01", &starts, Some(&ago(0)))],
     ))
     .await;
     app.wait_incidents("closed", |l| l[0]["open"] == false).await;
+    app.wait_outbox_drained().await;
 
     // Slack: the root message, its thread, root updates as the phase changes.
     let slack = wait_requests(&peers.slack, 11, "slack").await;
@@ -229,14 +212,32 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
         ctx.contains(&format!("Incident `{id}`")) && ctx.contains("<https://runbooks.example/portal|Runbook>"),
         "{ctx}"
     );
+    // Every message Slack accepted has its own ts; the root was the first. Replies hang off
+    // the root (not off another reply) in the channel Slack named; updates edit the root.
+    let (root_channel, root_ts) = (slack_channel_id("#portal-alerts"), slack_ts(0));
+    let posted = peers.slack_fake.messages();
+    assert_eq!(posted.len(), 8, "{posted:#?}");
+    let distinct: std::collections::BTreeSet<&String> = posted.iter().map(|m| &m.ts).collect();
+    assert_eq!(distinct.len(), posted.len(), "Slack gives every message its own ts");
+    assert_eq!(
+        (&posted[0].channel, &posted[0].ts, &posted[0].thread_ts),
+        (&root_channel, &root_ts, &None)
+    );
+    for m in &posted[1..] {
+        assert_eq!(
+            (&m.channel, m.thread_ts.as_ref()),
+            (&root_channel, Some(&root_ts)),
+            "replies go to the root's thread: {m:?}"
+        );
+    }
     for (_, p, b, _) in &slack[1..] {
         if p == "/chat.postMessage" {
-            assert_eq!(b["thread_ts"], "1763790000.000100", "replies go to the thread: {b}");
-            assert_eq!(b["channel"], "C0ALERTS");
+            assert_eq!(b["thread_ts"], root_ts.as_str(), "replies go to the root's thread: {b}");
+            assert_eq!(b["channel"], root_channel.as_str());
         } else {
             assert_eq!(
                 (b["channel"].as_str(), b["ts"].as_str()),
-                (Some("C0ALERTS"), Some("1763790000.000100"))
+                (Some(root_channel.as_str()), Some(root_ts.as_str()))
             );
         }
     }
@@ -309,10 +310,20 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
             "component_ids": ["cmp-portal"], "components": {"cmp-portal": "partial_outage"}, "deliver_notifications": false,
         }})
     );
+    // Both updates go to the incident the create made (the fake answers 404 for any other).
     assert_eq!(
-        (sp[1].0.as_str(), sp[1].1.as_str()),
-        ("PATCH", "/pages/PAGE1/incidents/sp-inc-1")
+        peers.statuspage_fake.created(),
+        [(
+            "sp-inc-1".to_string(),
+            "portal-api: degraded service, rolling back a release".to_string()
+        )]
     );
+    for r in &sp[1..] {
+        assert_eq!(
+            (r.0.as_str(), r.1.as_str()),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1")
+        );
+    }
     assert_eq!(sp[1].2["incident"]["status"], "monitoring");
     assert_eq!(
         sp[2].2,
@@ -356,6 +367,7 @@ async fn a_manual_incident_carries_approve_and_deny_buttons() {
         })
         .await;
     let id = list[0]["id"].as_str().unwrap();
+    app.wait_outbox_drained().await;
     let slack = wait_requests(&peers.slack, 2, "slack").await;
     assert_eq!(slack.len(), 2);
     let actions = &slack[0].2["blocks"][2];
@@ -393,21 +405,8 @@ async fn a_slack_outage_never_delays_the_rollback_and_messages_arrive_once_after
         .with_priority(2)
         .mount(&outage)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/chat.postMessage"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"ok": true, "channel": "C0ALERTS", "ts": "1763790000.000100"})),
-        )
-        .with_priority(3)
-        .mount(&outage)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/chat.update"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
-        .with_priority(3)
-        .mount(&outage)
-        .await;
+    let recovered = SlackFake::default();
+    recovered.mount(&outage, 3).await;
     let mut vars = peers.env();
     vars.retain(|(k, _)| k != "ROLLBACK_RESPONDER__SLACK__API_URL");
     vars.push(("ROLLBACK_RESPONDER__SLACK__API_URL".into(), outage.uri()));
@@ -478,6 +477,13 @@ async fn a_slack_outage_never_delays_the_rollback_and_messages_arrive_once_after
     );
     // Every failed attempt was the root message: nothing overtook it, and it succeeded once.
     assert_eq!(roots, 1 + failed_attempts, "{:#?}", slack_texts(&reqs));
+    // After the outage the replies still hang off the root Slack finally accepted.
+    let posted = recovered.messages();
+    assert_eq!(posted[0].thread_ts, None);
+    assert!(
+        posted[1..].iter().all(|m| m.thread_ts.as_ref() == Some(&posted[0].ts)),
+        "{posted:#?}"
+    );
 }
 
 #[tokio::test]
@@ -522,10 +528,24 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
     assert!(pending
         .iter()
         .any(|m| m["channel"] == "slack" && m["state"] == "pending"));
-    // PagerDuty got its events once already.
-    let pd_before = wait_requests(&peers.pagerduty, 3, "pagerduty before restart")
-        .await
-        .len();
+    // PagerDuty got its events once already: every PagerDuty message is delivered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let msgs = app
+            .responder
+            .store
+            .messages(&rollback_responder::incident::IncidentId(id.clone()))
+            .await
+            .unwrap();
+        let pd: Vec<&Value> = msgs.iter().filter(|m| m["channel"] == "pagerduty").collect();
+        if !pd.is_empty() && pd.iter().all(|m| m["state"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "PagerDuty messages not delivered: {msgs:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pd_before = received(&peers.pagerduty).await.len();
+    assert_eq!(pd_before, 3, "trigger, acknowledge, change");
 
     let mut second_env = vars;
     second_env.push(("ROLLBACK_RESPONDER__SLACK__API_URL".into(), peers.slack.uri()));
@@ -540,7 +560,9 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             ..Options::default()
         })
         .await;
-    let slack = wait_requests(&peers.slack, 7, "slack after restart").await;
+    wait_requests(&peers.slack, 7, "slack after restart").await;
+    app.wait_outbox_drained().await;
+    let slack = received(&peers.slack).await;
     assert_eq!(slack.len(), 7, "{:#?}", slack_texts(&slack));
     assert_eq!(
         slack
@@ -549,7 +571,6 @@ async fn notifications_pending_at_shutdown_are_delivered_after_restart_none_twic
             .count(),
         1
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         received(&peers.pagerduty).await.len(),
         pd_before,
@@ -606,7 +627,7 @@ async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announ
             == 22
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.wait_outbox_drained().await;
     let texts = slack_texts(&received(&peers.slack).await);
     let joined: Vec<&String> = texts.iter().filter(|t| t.contains("joined the incident")).collect();
     assert_eq!(
@@ -615,4 +636,179 @@ async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announ
         "one reply for the new kind, none per instance: {texts:#?}"
     );
     assert!(joined[0].contains("HealthCheckFailing"), "{}", joined[0]);
+}
+
+/// Two incidents at once, each with its own Slack channel and status page components: every
+/// message stays in its own incident's channel and thread, and each has its own status page
+/// incident and PagerDuty dedup key.
+#[tokio::test]
+async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    let portal = policy_with_notify(&fx, "auto");
+    let search = portal
+        .replace("portal-api", "search-api")
+        .replace("#portal-alerts", "#search-alerts")
+        .replace("cmp-portal", "cmp-search")
+        .replace(
+            &format!("    listener_arn: {}\n", fx.listener_arn),
+            &format!("    listener_arn: {}\n    rule_arn: {}\n", fx.listener_arn, fx.rule_arn),
+        );
+    assert!(search.contains("rule_arn:"), "{search}");
+    let aws = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", portal), ("search-api.yaml", search)],
+        env: peers.env(),
+        executors: Some(Executors {
+            alb: Some(AlbExecutor::new(elb_client(aws.endpoint(0)), &fast_settings())),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let starts = ago(60);
+    let firing = |service: &str, fp: &str, ends: Option<&str>| alert("HighErrorRate", service, fp, &starts, ends);
+    for (service, fp) in [("portal-api", "cf01"), ("search-api", "cf02")] {
+        app.post_webhook(&payload("firing", vec![firing(service, fp, None)]))
+            .await;
+    }
+    let list = app
+        .wait_incidents("both verified", |l| {
+            l.len() == 2 && l.iter().all(|i| i["phase"] == "verified")
+        })
+        .await;
+    assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
+    assert_eq!(weights(&fx.rule_actions().await)[0].1, 100);
+    assert_eq!((aws.count("ModifyListener"), aws.count("ModifyRule")), (1, 1));
+    let now = ago(0);
+    for (service, fp) in [("portal-api", "cf01"), ("search-api", "cf02")] {
+        app.post_webhook(&payload("resolved", vec![firing(service, fp, Some(&now))]))
+            .await;
+    }
+    app.wait_incidents("both closed", |l| l.iter().all(|i| i["open"] == false))
+        .await;
+    app.wait_outbox_drained().await;
+    let id_of = |service: &str| {
+        list.iter()
+            .find(|i| i["service"] == service || i["policy"] == service)
+            .and_then(|i| i["id"].as_str())
+            .unwrap_or_else(|| panic!("no incident for {service}: {list:#?}"))
+            .to_string()
+    };
+
+    // Slack: one root per channel, every reply in its root's channel and thread.
+    wait_requests(&peers.slack, 22, "slack for two incidents").await;
+    let posted = peers.slack_fake.messages();
+    for (service, channel) in [("portal-api", "#portal-alerts"), ("search-api", "#search-alerts")] {
+        let channel = slack_channel_id(channel);
+        let mine: Vec<_> = posted.iter().filter(|m| m.channel == channel).collect();
+        let roots: Vec<_> = mine.iter().filter(|m| m.thread_ts.is_none()).collect();
+        assert_eq!(roots.len(), 1, "one root in {channel}: {posted:#?}");
+        assert!(
+            roots[0].text.contains(&format!("Rollback executing: {service}")),
+            "{channel} root is about {service}: {:?}",
+            roots[0].text
+        );
+        assert_eq!(mine.len(), 8, "the root and 7 replies in {channel}: {posted:#?}");
+        for m in &mine {
+            assert!(
+                m.thread_ts.is_none() || m.thread_ts.as_ref() == Some(&roots[0].ts),
+                "a reply in {channel} threaded on something else than its root: {m:?}\n{posted:#?}"
+            );
+        }
+    }
+    for (_, p, b, _) in received(&peers.slack).await.iter().filter(|r| r.1 == "/chat.update") {
+        let root = posted
+            .iter()
+            .find(|m| m.thread_ts.is_none() && Some(m.ts.as_str()) == b["ts"].as_str())
+            .unwrap_or_else(|| panic!("{p} of a message that is no root: {b}"));
+        assert_eq!(b["channel"].as_str(), Some(root.channel.as_str()), "{b}");
+    }
+
+    // Statuspage: one incident per rollback, each updated under its own id.
+    let sp = wait_requests(&peers.statuspage, 6, "statuspage for two incidents").await;
+    let created = peers.statuspage_fake.created();
+    assert_eq!(created.len(), 2, "{created:?}");
+    for service in ["portal-api", "search-api"] {
+        let (sp_id, _) = created
+            .iter()
+            .find(|(_, name)| name.starts_with(&format!("{service}:")))
+            .unwrap_or_else(|| panic!("no status page incident for {service}: {created:?}"));
+        let own = format!("/pages/PAGE1/incidents/{sp_id}");
+        let patches: Vec<&str> = sp
+            .iter()
+            .filter(|r| r.0 == "PATCH" && r.2["incident"]["body"].as_str().unwrap_or("").contains(service))
+            .map(|r| r.1.as_str())
+            .collect();
+        assert_eq!(
+            patches,
+            [own.as_str(); 2],
+            "{service}'s updates go to its own status page incident"
+        );
+    }
+
+    // PagerDuty: each incident triggers and resolves under its own dedup key.
+    let pd = wait_requests(&peers.pagerduty, 8, "pagerduty for two incidents").await;
+    for service in ["portal-api", "search-api"] {
+        let key = format!("rollback-responder/{}", id_of(service));
+        let actions: Vec<&str> = pd
+            .iter()
+            .filter(|r| r.2["dedup_key"] == key.as_str())
+            .map(|r| r.2["event_action"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(actions, ["trigger", "acknowledge", "resolve"], "{service}");
+    }
+}
+
+/// Statuspage fails the create twice: the outbox retries until it goes through, and the
+/// rollback gets exactly one status page incident, updated and resolved under its id.
+#[tokio::test]
+async fn a_statuspage_outage_at_create_still_gives_one_status_page_incident() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    peers.statuspage_fake.fail_next(2, 503);
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy_with_notify(&fx, "auto"))],
+        env: peers.env(),
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let starts = ago(60);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "cg01", &starts, None)],
+    ))
+    .await;
+    app.wait_incidents("verified", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    app.post_webhook(&payload(
+        "resolved",
+        vec![alert("HighErrorRate", "portal-api", "cg01", &starts, Some(&ago(0)))],
+    ))
+    .await;
+    app.wait_incidents("closed", |l| l[0]["open"] == false).await;
+    app.wait_outbox_drained().await;
+    let sp = received(&peers.statuspage).await;
+    let calls: Vec<(&str, &str)> = sp.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    assert_eq!(
+        calls,
+        [
+            ("POST", "/pages/PAGE1/incidents"),
+            ("POST", "/pages/PAGE1/incidents"),
+            ("POST", "/pages/PAGE1/incidents"),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
+        ],
+        "two failed creates, one that went through, its two updates"
+    );
+    assert_eq!(peers.statuspage_fake.created().len(), 1);
+    let statuses: Vec<&str> = sp[3..]
+        .iter()
+        .map(|r| r.2["incident"]["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["monitoring", "resolved"]);
 }

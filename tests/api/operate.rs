@@ -30,7 +30,7 @@ async fn metrics(app: &TestApp) -> String {
 
 fn alb_policy(fx: &AlbFixture) -> String {
     format!(
-        "name: portal-api\nservice: portal-api\nmatchers: ['service=\"portal-api\"']\ntarget:\n  alb:\n    listener_arn: {}\n    stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    mode: auto\n",
+        "name: portal-api\nservice: portal-api\nmatchers: ['service=\"portal-api\"']\ntarget:\n  alb:\n    listener_arn: {}\n    stable_target_group_arn: {}\ntriggers:\n  - name: errors\n    matchers: ['alertname=\"HighErrorRate\"']\n    mode: auto\nverification: {{bake: 1s, interval: 200ms}}\n",
         fx.listener_arn, fx.stable_tg
     )
 }
@@ -104,7 +104,12 @@ async fn a_broken_policy_reload_keeps_the_old_set_and_a_good_one_takes_over() {
         "name: broken\nservice: x\ntriggers: []\nbogus: 1\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait for the reload to be refused (logged with the file and line), not a fixed time.
+    let broken = dir.join("broken.yaml");
+    let refused =
+        crate::support::log_capture::wait_logged(&["policy reload rejected", &format!("{}:4:", broken.display())])
+            .await;
+    assert!(refused[0].contains("bogus"), "{refused:?}");
     assert_eq!(
         app.get_json("/api/v1/policies").await["hash"],
         before.as_str(),
@@ -145,10 +150,14 @@ async fn a_broken_policy_reload_keeps_the_old_set_and_a_good_one_takes_over() {
 #[tokio::test]
 async fn the_kill_switch_api_suppresses_automatic_rollbacks_and_says_so() {
     let fx = AlbFixture::start().await;
+    let aws = crate::support::aws_proxy::AwsProxy::start(&fx.moto.endpoint, 1).await;
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", alb_policy(&fx))],
         executors: Some(Executors {
-            alb: Some(fx.executor()),
+            alb: Some(rollback_responder::action::alb::AlbExecutor::new(
+                crate::support::alb_fixture::elb_client(aws.endpoint(0)),
+                &crate::support::alb_fixture::fast_settings(),
+            )),
             ..Default::default()
         }),
         env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
@@ -207,6 +216,7 @@ async fn the_kill_switch_api_suppresses_automatic_rollbacks_and_says_so() {
         75,
         "nothing was rolled back"
     );
+    assert_eq!(aws.calls(), vec![], "a frozen rollback makes no ELBv2 call at all");
 
     let r = app
         .http

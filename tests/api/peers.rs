@@ -317,6 +317,37 @@ impl Prometheus {
     }
 }
 
+impl Prometheus {
+    /// Polls the instant query `query` until its first sample satisfies `pred`, or panics
+    /// after 30 s with the last answer.
+    pub async fn wait_value(&self, query: &str, pred: impl Fn(f64) -> bool) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer: Value = match http
+                .get(format!("{}/api/v1/query", self.url))
+                .query(&[("query", query)])
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(e) => Value::String(e.to_string()),
+            };
+            let value = answer["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok());
+            if value.is_some_and(&pred) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus never answered {query} as expected: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();

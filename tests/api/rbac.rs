@@ -1,12 +1,16 @@
 //! The Role in deploy/kubernetes/base/rbac.yaml grants exactly what the Kubernetes executor
 //! calls (`RBAC_RULES`): no permission missing (the revert would fail with 403 mid-incident),
-//! none extra (least privilege).
+//! none extra (least privilege). The requests the executor really sends are checked against
+//! the same Role by the fake API server (tests/support/fake_kube.rs, when it is dropped).
 
 use std::collections::BTreeSet;
 
 use rollback_responder::action::kubernetes::RBAC_RULES;
 use serde::Deserialize;
 use serde_norway::Value;
+
+use crate::support::fake_kube::{service, FakeKube};
+use crate::support::rbac::{Access, Role};
 
 const RBAC_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/base/rbac.yaml");
 
@@ -59,4 +63,79 @@ fn role_grants_exactly_the_executor_rules() {
         missing.is_empty() && extra.is_empty(),
         "rbac.yaml and RBAC_RULES differ: missing {missing:?}, extra {extra:?}"
     );
+}
+
+/// The parsed Role answers as the RBAC authorizer would: namespace, group, resource (a
+/// subresource only by its own name), verb, and resourceNames all have to match.
+#[test]
+fn the_role_check_answers_like_the_authorizer() {
+    let role = Role::parse(
+        "kind: Role\nmetadata: {name: r, namespace: portal}\nrules:\n\
+         - {apiGroups: [\"\"], resources: [services], verbs: [get, patch]}\n\
+         - {apiGroups: [apps], resources: [deployments], verbs: [get]}\n\
+         - {apiGroups: [apps], resources: [replicasets], verbs: [list], resourceNames: [only]}\n",
+    );
+    let allowed = |m: &str, p: &str| role.allows(&Access::of(m, p, false));
+    assert!(allowed("GET", "/api/v1/namespaces/portal/services/web"));
+    assert!(allowed("PATCH", "/api/v1/namespaces/portal/services/web"));
+    assert!(
+        !allowed("GET", "/api/v1/namespaces/other/services/web"),
+        "another namespace"
+    );
+    assert!(!allowed("GET", "/api/v1/namespaces/portal/services"), "list is not get");
+    assert!(!allowed("DELETE", "/api/v1/namespaces/portal/services/web"));
+    assert!(
+        !allowed("PUT", "/api/v1/namespaces/portal/services/web"),
+        "update is not patch"
+    );
+    assert!(
+        !allowed("GET", "/apis/extensions/v1/namespaces/portal/deployments/web"),
+        "another group"
+    );
+    assert!(allowed("GET", "/apis/apps/v1/namespaces/portal/deployments/web"));
+    assert!(
+        !allowed("GET", "/apis/apps/v1/namespaces/portal/deployments/web/scale"),
+        "deployments does not cover deployments/scale"
+    );
+    assert!(
+        !allowed("GET", "/apis/apps/v1/namespaces/portal/replicasets"),
+        "resourceNames"
+    );
+    assert!(!allowed("GET", "/api/v1/services"), "cluster-wide");
+    assert!(!allowed("GET", "/api"), "non-resource");
+    assert!(!role.allows(&Access::of("GET", "/api/v1/namespaces/portal/services", true)));
+}
+
+/// The fake API server logs what a client really sends; requests the shipped Role does not
+/// allow are found (and would fail the test that sent them when the fake is dropped).
+#[tokio::test]
+async fn requests_outside_the_shipped_role_are_caught() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    use kube::api::{Api, DeleteParams, ListParams};
+
+    let role = Role::shipped();
+    assert_eq!(role.namespace, "portal");
+    let fake = FakeKube::start().await;
+    fake.insert("services", service("portal", "web", &[("app", "web")]));
+    let client = fake.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "portal");
+    services.get("web").await.expect("get the service");
+    let _ = Api::<Deployment>::namespaced(client.clone(), "portal")
+        .delete("web", &DeleteParams::default())
+        .await;
+    let _ = Api::<Secret>::namespaced(client.clone(), "portal")
+        .list(&ListParams::default())
+        .await;
+    let _ = Api::<Service>::namespaced(client, "billing").get("web").await;
+    let outside: Vec<String> = fake.outside_rbac(&role).iter().map(|l| l.access.to_string()).collect();
+    assert_eq!(
+        outside,
+        [
+            "delete apps/deployments in portal",
+            "list secrets in portal",
+            "get services in billing"
+        ]
+    );
+    fake.expect_outside_rbac();
 }

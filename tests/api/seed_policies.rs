@@ -2,11 +2,13 @@
 //! Alertmanager delivers the alert, the service decides with the shipped triggers, modes and
 //! guards, and the shipped target's steps run against the real peer (moto for ALB targets,
 //! the fake Kubernetes API server for Kubernetes ones). The test overrides only what must
-//! point at loopback: the ARNs moto created, and in `verification` the health probe's URL and
-//! interval (a fake service on loopback) and the Prometheus query (no Prometheus scrapes the
-//! seed's service here). Assertions are on what the peer saw.
+//! point at loopback or be waited for: the ARNs moto created, and in `verification` the health
+//! probe's URL and interval (a fake service on loopback), the Prometheus query (no Prometheus
+//! scrapes the seed's service here) and the bake (a hold: `verified` comes at its end, so 3 s
+//! instead of the shipped minutes). Assertions are on what the peer saw.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rollback_responder::action::alb::AlbExecutor;
@@ -20,6 +22,7 @@ use crate::peers::{Alertmanager, FakeService};
 use crate::support::alb_fixture::{elb_client, fast_settings, stickiness, weights, AlbFixture};
 use crate::support::aws_proxy::AwsProxy;
 use crate::support::fake_kube::{deployment, endpointslice, pod, replicaset, service, template, FakeKube};
+use crate::support::rbac::Role;
 
 fn uniq() -> String {
     uuid::Uuid::now_v7().simple().to_string()
@@ -55,8 +58,9 @@ fn remove(doc: &mut Yaml, path: &[&str]) {
     );
 }
 
-/// The shipped policy `file` with its health probe on `health_url` (polled every 100 ms) and
-/// without its Prometheus check; `edit` overrides the target's loopback fields.
+/// The shipped policy `file` with its health probe on `health_url` (polled every 100 ms), a
+/// 3 s bake sampled every 200 ms, and without its Prometheus check; `edit` overrides the
+/// target's loopback fields.
 fn shipped(file: &str, health_url: &str, edit: impl FnOnce(&mut Yaml)) -> String {
     let mut doc: Yaml = serde_norway::from_str(&read_shipped(file)).expect("shipped YAML");
     set(
@@ -69,6 +73,9 @@ fn shipped(file: &str, health_url: &str, edit: impl FnOnce(&mut Yaml)) -> String
         &["verification", "health_probe", "interval"],
         Yaml::from("100ms"),
     );
+    // The bake is a hold: `verified` comes at its end, so a test cannot wait the shipped one.
+    set(&mut doc, &["verification", "bake"], Yaml::from("3s"));
+    set(&mut doc, &["verification", "interval"], Yaml::from("200ms"));
     if doc["verification"].get("prometheus").is_some() {
         remove(&mut doc, &["verification", "prometheus"]);
     }
@@ -199,6 +206,32 @@ async fn go_cutover_error_rate_sends_everything_back_to_python_at_once() {
     assert_eq!(inc["trigger"], "error-rate-above-5pct");
 }
 
+/// Plays the Deployment controller for `name` (the fake runs none): once `done` holds for the
+/// stored Deployment, it reports `status` with the observed generation, as a cluster would.
+fn play_controller(
+    fake: &Arc<FakeKube>,
+    ns: &'static str,
+    name: &'static str,
+    done: impl Fn(&Value) -> bool + Send + 'static,
+    status: Value,
+) -> tokio::task::JoinHandle<()> {
+    let fake = fake.clone();
+    tokio::spawn(async move {
+        loop {
+            let d = fake.get("deployments", ns, name).expect("deployment");
+            if done(&d) {
+                let generation = d["metadata"]["generation"].clone();
+                fake.modify("deployments", ns, name, |d| {
+                    d["status"] = status;
+                    d["status"]["observedGeneration"] = generation;
+                });
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 const PORTAL_NS: &str = "portal";
 
 /// Seed 000's world in the shipped policy's namespace: portal-api-prod selects the canary
@@ -261,8 +294,15 @@ fn portal_world(fake: &FakeKube) {
 /// would also select billing-0), then the canary is scaled to 0. Two writes, nothing else.
 #[tokio::test]
 async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_canary_to_zero() {
-    let fake = FakeKube::start().await;
+    let fake = Arc::new(FakeKube::start().await);
     portal_world(&fake);
+    let controller = play_controller(
+        &fake,
+        PORTAL_NS,
+        "portal-api-canary",
+        |d| d["spec"]["replicas"] == 0,
+        json!({"replicas": 0, "updatedReplicas": 0, "readyReplicas": 0, "availableReplicas": 0}),
+    );
     let svc = FakeService::start("portal-k8s").await;
     let app = spawn_app(Options {
         policies: vec![
@@ -284,6 +324,7 @@ async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_can
     let starts = ago(150);
     am.post(labels.clone(), &starts, None).await;
     let inc = succeeded_then_verified(&app, &am, &[(&labels, &starts)]).await;
+    controller.await.expect("controller");
 
     assert_eq!(inc["policy"], "portal-api-k8s");
     let s = fake.get("services", PORTAL_NS, "portal-api-prod").expect("service");
@@ -348,13 +389,8 @@ const X_UID: &str = "33333333-3333-4333-8333-333333333333";
 /// x0tta6bl4-api at revision 2 (image 2.0.0) with the ReplicaSets of revisions 1 and 2, the
 /// shipped policy, and a task playing the Deployment controller: once the template is revision
 /// 1's again it reports the rollout complete, which the verification waits for.
-async fn x0tta6bl4_world() -> (
-    std::sync::Arc<FakeKube>,
-    TestApp,
-    tokio::task::JoinHandle<()>,
-    FakeService,
-) {
-    let fake = std::sync::Arc::new(FakeKube::start().await);
+async fn x0tta6bl4_world() -> (Arc<FakeKube>, TestApp, tokio::task::JoinHandle<()>, FakeService) {
+    let fake = Arc::new(FakeKube::start().await);
     let sel = [("app", "x0tta6bl4-api")];
     let old = template(&[("app", "x0tta6bl4-api"), ("version", "v1")], "x0tta6bl4-api:1.0.0");
     let new = template(&[("app", "x0tta6bl4-api"), ("version", "v2")], "x0tta6bl4-api:2.0.0");
@@ -380,23 +416,16 @@ async fn x0tta6bl4_world() -> (
         ..Options::default()
     })
     .await;
-    let controller = {
-        let fake = fake.clone();
-        tokio::spawn(async move {
-            loop {
-                let d = fake.get("deployments", X_NS, "x0tta6bl4-api").expect("deployment");
-                if d["spec"]["template"]["spec"]["containers"][0]["image"] == "x0tta6bl4-api:1.0.0" {
-                    let generation = d["metadata"]["generation"].clone();
-                    fake.modify("deployments", X_NS, "x0tta6bl4-api", |d| {
-                        d["status"] = json!({"observedGeneration": generation, "replicas": 3,
-                            "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3});
-                    });
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let controller = play_controller(
+        &fake,
+        X_NS,
+        "x0tta6bl4-api",
+        |d| d["spec"]["template"]["spec"]["containers"][0]["image"] == "x0tta6bl4-api:1.0.0",
+        json!({"replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3}),
+    );
+    // The shipped Role grants the executor `portal` only (deploy/kubernetes/base/rbac.yaml);
+    // x0tta6bl4 needs a copy of it in its own namespace, checked in `assert_undone`.
+    fake.expect_outside_rbac();
     (fake, app, controller, svc)
 }
 
@@ -408,6 +437,20 @@ fn assert_undone(fake: &FakeKube) {
     );
     assert_eq!(d["spec"]["template"]["metadata"]["labels"]["version"], "v1");
     assert_eq!(fake.writes(), 1, "one Deployment write: the undo");
+    let shipped = Role::shipped();
+    assert!(
+        !fake.outside_rbac(&shipped).is_empty(),
+        "the shipped Role does not reach x0tta6bl4"
+    );
+    let copy = Role {
+        namespace: X_NS.into(),
+        ..shipped
+    };
+    let outside = fake.outside_rbac(&copy);
+    assert!(
+        outside.is_empty(),
+        "beyond a copy of the Role in x0tta6bl4: {outside:?}"
+    );
 }
 
 /// Seed 002 (x0tta6bl4): a CRITICAL-tier alert rolls x0tta6bl4-api back one revision

@@ -213,6 +213,37 @@ impl AlbFixture {
             .clone()
     }
 
+    /// Sets the listener's default forward to stable/canary weights behind the service's
+    /// back (an operator or a deploy tool editing the ALB mid-test), keeping its stickiness.
+    pub async fn set_listener_weights(&self, stable: i32, canary: i32) {
+        let sticky = stickiness(&self.listener_actions().await);
+        self.elb
+            .modify_listener()
+            .listener_arn(&self.listener_arn)
+            .default_actions(forward(
+                &[(&self.stable_tg, stable), (&self.canary_tg, canary)],
+                sticky.0.then_some(sticky.1.unwrap_or(300)),
+            ))
+            .send()
+            .await
+            .expect("ModifyListener (test)");
+    }
+
+    /// Sets the rule's forward to stable/canary weights behind the service's back.
+    pub async fn set_rule_weights(&self, stable: i32, canary: i32) {
+        let sticky = stickiness(&self.rule_actions().await);
+        self.elb
+            .modify_rule()
+            .rule_arn(&self.rule_arn)
+            .actions(forward(
+                &[(&self.stable_tg, stable), (&self.canary_tg, canary)],
+                sticky.0.then_some(sticky.1.unwrap_or(120)),
+            ))
+            .send()
+            .await
+            .expect("ModifyRule (test)");
+    }
+
     /// Creates a target group with no targets.
     pub async fn empty_target_group(&self, name: &str) -> String {
         create_target_group(&self.elb, name, &self.vpc_id).await

@@ -12,6 +12,13 @@
 //! selectors (`a=b`, `a==b`, `a!=b`) and `key` / `!key` are understood, anything set-based
 //! answers 400. It runs no controllers: tests change status (ready pods, rollout progress,
 //! revisions) themselves with [`FakeKube::modify`].
+//!
+//! Every request is logged with the access it makes in RBAC terms ([`Logged::access`]). When
+//! the fake is dropped at the end of a test that did not fail, each logged request is checked
+//! against the Role shipped in deploy/kubernetes/base/rbac.yaml: a request the Role does not
+//! allow (a call the executor makes but the Role forgets, which would be a 403 in a cluster)
+//! fails the test. A test that sends such requests on purpose calls
+//! [`FakeKube::expect_outside_rbac`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -25,6 +32,8 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use super::rbac::{Access, Role};
+
 /// One request as received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logged {
@@ -32,6 +41,8 @@ pub struct Logged {
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub content_type: Option<String>,
+    /// What the request asks to do, as the RBAC authorizer sees it.
+    pub access: Access,
 }
 
 #[derive(Default)]
@@ -48,6 +59,8 @@ struct Store {
     /// Writes that changed stored objects through the API (not `modify`).
     writes: u32,
     requests: Vec<Logged>,
+    /// The test sends requests outside the Role on purpose: no check when dropped.
+    outside_rbac_expected: bool,
 }
 
 impl Store {
@@ -67,6 +80,21 @@ pub struct FakeKube {
 impl Drop for FakeKube {
     fn drop(&mut self) {
         self.task.abort();
+        // A failing test has already said what went wrong; a panic here would abort.
+        if std::thread::panicking() || self.lock().outside_rbac_expected {
+            return;
+        }
+        let outside = self.outside_rbac(&Role::shipped());
+        assert!(
+            outside.is_empty(),
+            "requests the shipped Role ({}) does not allow; in a cluster they would be 403:\n{}",
+            super::rbac::RBAC_YAML,
+            outside
+                .iter()
+                .map(|l| format!("  {} ({} {})", l.access, l.method, l.path))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 }
 
@@ -182,6 +210,20 @@ impl FakeKube {
 
     pub fn requests(&self) -> Vec<Logged> {
         self.lock().requests.clone()
+    }
+
+    /// The requests so far that `role` does not allow.
+    pub fn outside_rbac(&self, role: &Role) -> Vec<Logged> {
+        self.requests()
+            .into_iter()
+            .filter(|l| !role.allows(&l.access))
+            .collect()
+    }
+
+    /// This test sends requests outside the shipped Role on purpose: do not check them when
+    /// the fake is dropped.
+    pub fn expect_outside_rbac(&self) {
+        self.lock().outside_rbac_expected = true;
     }
 }
 
@@ -344,11 +386,13 @@ async fn handle(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     s.requests.push(Logged {
         method: method.to_string(),
         path: uri.path().to_string(),
         query: query.clone().into_iter().collect(),
         content_type: content_type.clone(),
+        access: Access::of(method.as_str(), uri.path(), watch),
     });
     let Some(t) = parse_path(uri.path()) else {
         return status(

@@ -6,8 +6,12 @@ pub mod alb_fixture;
 pub mod aws_proxy;
 pub mod fake_elb;
 pub mod fake_kube;
+pub mod fake_notify;
+pub mod log_capture;
 pub mod moto;
 pub mod pg;
+pub mod pg_cluster;
+pub mod rbac;
 pub mod responder_process;
 
 /// A free loopback port for a peer (moto, Alertmanager, a responder process).

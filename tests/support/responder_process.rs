@@ -103,6 +103,27 @@ impl ResponderProcess {
         self.killed = true;
     }
 
+    /// SIGTERM, then waits until the process has exited: a graceful shutdown, so nothing it
+    /// was doing is still on its way to a peer afterwards. Panics after 30 s.
+    pub async fn terminate(&mut self) {
+        if !self.is_running() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit on SIGTERM:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
