@@ -185,6 +185,10 @@ fn check(dir: &std::path::Path) -> ExitCode {
                 set.iter().map(|p| p.triggers.len()).sum::<usize>(),
                 set.hash
             );
+            // Warnings do not fail the check: the set loads and the service would run it.
+            for w in &set.warnings {
+                println!("{w}");
+            }
             ExitCode::from(terminal::exit::OK)
         }
         Err(errs) => {

@@ -16,7 +16,9 @@ fn policy_check_passes_on_the_shipped_policies() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 policies, 10 triggers"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 policies, 35 triggers"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
 }
 
 #[test]
@@ -572,4 +574,145 @@ async fn the_terminal_view_sends_the_read_token_when_the_service_wants_one() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `simulate` over the shipped policies with one fixture per seed system: each alert falls
+/// under its own service's policy, with the trigger and decision the seed asks for. The two
+/// Portal API deployments are told apart by the `platform` label alone.
+#[test]
+fn each_seed_systems_alerts_fall_under_its_own_shipped_policy() {
+    // (fingerprint, policy, trigger, decision) per alert of each fixture.
+    type Expected = &'static [(&'static str, &'static str, &'static str, &'static str)];
+    let cases: &[(&str, Expected)] = &[
+        (
+            "portal-api-alb",
+            &[("a000000000000001", "portal-api", "error-rate-above-5pct", "auto")],
+        ),
+        (
+            "portal-api-k8s",
+            &[("a000000000000002", "portal-api-k8s", "health-check-failing", "auto")],
+        ),
+        (
+            "squad-api",
+            &[("a000000000000003", "squad-api", "error-rate-above-0.1pct", "manual")],
+        ),
+        (
+            "x0tta6bl4",
+            &[
+                ("a000000000000004", "x0tta6bl4", "critical", "auto"),
+                ("a000000000000005", "x0tta6bl4", "high", "escalate_later"),
+                ("a000000000000006", "x0tta6bl4", "medium", "manual"),
+            ],
+        ),
+        (
+            "go-cutover",
+            &[
+                ("a000000000000007", "go-cutover", "error-rate-above-5pct", "auto"),
+                ("a000000000000008", "go-cutover", "latency-above-1s", "manual"),
+            ],
+        ),
+    ];
+    for (fixture, expected) in cases {
+        let out = Command::new(BIN)
+            .args([
+                "simulate",
+                "--format",
+                "json",
+                "--at",
+                "2026-11-22T03:00:00Z",
+                "--policies",
+            ])
+            .arg(root().join("policies"))
+            .arg(root().join(format!("tests/fixtures/seeds/{fixture}.json")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{fixture}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(String, String, String, String)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["fingerprint"].as_str().unwrap_or_default().to_string(),
+                    l["policy"].as_str().unwrap_or_default().to_string(),
+                    l["trigger"].as_str().unwrap_or_default().to_string(),
+                    l["decision"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, String, String)> = expected
+            .iter()
+            .map(|(f, p, t, d)| (f.to_string(), p.to_string(), t.to_string(), d.to_string()))
+            .collect();
+        assert_eq!(got, want, "{fixture}");
+    }
+}
+
+/// An alert of the Kubernetes Portal API falls under the Kubernetes policy whichever file
+/// comes first: the ALB policy excludes `platform="kubernetes"` itself.
+#[test]
+fn the_portal_api_policies_split_on_the_platform_label_in_any_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // "0-" sorts the ALB policy first.
+    std::fs::copy(root().join("policies/portal-api.yaml"), dir.path().join("0-alb.yaml")).unwrap();
+    std::fs::copy(
+        root().join("policies/portal-api-k8s.yaml"),
+        dir.path().join("1-k8s.yaml"),
+    )
+    .unwrap();
+    for (fixture, policy) in [("portal-api-k8s", "portal-api-k8s"), ("portal-api-alb", "portal-api")] {
+        let out = Command::new(BIN)
+            .args([
+                "simulate",
+                "--format",
+                "json",
+                "--at",
+                "2026-11-22T03:00:00Z",
+                "--policies",
+            ])
+            .arg(dir.path())
+            .arg(root().join(format!("tests/fixtures/seeds/{fixture}.json")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+        assert_eq!(line["policy"], policy, "{fixture}");
+    }
+}
+
+/// Issue 20: a copy of a policy with the same matchers passes the check but can never match;
+/// `policy check` says so as a warning, names both files, and still exits 0.
+#[test]
+fn policy_check_warns_about_a_policy_that_can_never_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("policies/portal-api.yaml")).unwrap();
+    std::fs::write(dir.path().join("a-listener.yaml"), &good).unwrap();
+    std::fs::write(
+        dir.path().join("b-rule.yaml"),
+        good.replacen("name: portal-api\n", "name: portal-api-rule\n", 1),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("2 policies"), "{text}");
+    assert!(
+        lines[1].contains("b-rule.yaml:")
+            && lines[1].contains("warning: policy \"portal-api-rule\" can never match: policy \"portal-api\"")
+            && lines[1].contains("a-listener.yaml"),
+        "{text}"
+    );
 }

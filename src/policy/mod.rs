@@ -483,6 +483,10 @@ pub struct PolicySet {
     /// sha256 over every file's name and content, in name order: decisions record it.
     pub hash: String,
     pub dir: PathBuf,
+    /// Findings that do not refuse the set (`policy check` prints them): triggers that can
+    /// never match because an earlier policy takes every alert they would.
+    #[serde(skip)]
+    pub warnings: Vec<PolicyError>,
 }
 
 /// A policy and where it came from.
@@ -592,10 +596,12 @@ impl PolicySet {
         }
         if errors.is_empty() {
             let hash = hex::encode(hasher.finalize());
+            let warnings = shadowed(&policies, &sources);
             Ok(PolicySet {
                 policies,
                 hash: hash[..16].to_string(),
                 dir: dir.to_path_buf(),
+                warnings,
             })
         } else {
             Err(errors)
@@ -611,6 +617,77 @@ impl PolicySet {
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|p| &p.policy)
     }
+}
+
+/// Triggers that can never match. An alert falls under the first policy (file order) whose
+/// matchers and one of whose triggers' matchers all match. If an earlier policy has a trigger
+/// whose matchers, with its policy's, are the same as or a subset of a later trigger's (with
+/// its policy's), every alert the later trigger matches is taken by the earlier one first
+/// (the usual case: a copied file with the same matcher list). Only identical matchers are
+/// compared; a regex that happens to cover another is not detected.
+fn shadowed(policies: &[LoadedPolicy], sources: &[(PathBuf, String)]) -> Vec<PolicyError> {
+    let text_of = |file: &Path| {
+        sources
+            .iter()
+            .find(|(f, _)| f == file)
+            .map(|(_, t)| t.as_str())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for (i, later) in policies.iter().enumerate() {
+        let p = &later.policy;
+        let mut hidden = Vec::new();
+        for t in &p.triggers {
+            let conditions: Vec<&Matcher> = p.matchers.iter().chain(&t.matchers).collect();
+            let by = policies[..i].iter().find_map(|earlier| {
+                earlier
+                    .policy
+                    .triggers
+                    .iter()
+                    .find(|et| {
+                        earlier
+                            .policy
+                            .matchers
+                            .iter()
+                            .chain(&et.matchers)
+                            .all(|m| conditions.contains(&m))
+                    })
+                    .map(|et| (earlier, et))
+            });
+            if let Some(by) = by {
+                hidden.push((t, by));
+            }
+        }
+        let text = text_of(&later.file);
+        if !hidden.is_empty() && hidden.len() == p.triggers.len() {
+            let (_, (earlier, _)) = hidden[0];
+            out.push(PolicyError {
+                file: later.file.clone(),
+                line: locate(text, "name:"),
+                message: format!(
+                    "warning: policy {:?} can never match: policy {:?} ({}) comes first in file order and matches every alert its triggers match (its matchers are the same, or fewer); give the two policies different matchers (e.g. a label that tells their targets apart) or merge them",
+                    p.name,
+                    earlier.policy.name,
+                    earlier.file.display()
+                ),
+            });
+        } else {
+            for (t, (earlier, et)) in hidden {
+                out.push(PolicyError {
+                    file: later.file.clone(),
+                    line: locate(text, &t.name),
+                    message: format!(
+                        "warning: triggers[{}] can never match: trigger {:?} of policy {:?} ({}) comes first in file order and matches every alert it matches (its matchers are the same, or fewer)",
+                        t.name,
+                        et.name,
+                        earlier.policy.name,
+                        earlier.file.display()
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Adds the fix to serde's terse messages where one is obvious.
@@ -725,6 +802,100 @@ triggers:
             "{}",
             errs[0]
         );
+    }
+
+    fn two(a: &str, b: &str) -> Result<PolicySet, Vec<PolicyError>> {
+        PolicySet::from_sources(
+            Path::new("p"),
+            vec![
+                (PathBuf::from("p/a.yaml"), a.into()),
+                (PathBuf::from("p/b.yaml"), b.into()),
+            ],
+        )
+    }
+
+    fn policy(name: &str, matchers: &str, triggers: &[(&str, &str)]) -> String {
+        let mut s = format!(
+            "name: {name}\nservice: s\nmatchers: {matchers}\ntarget: {{alb: {{listener_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:listener/app/x/1/2\", stable_target_group_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/s/1\"}}}}\ntriggers:\n"
+        );
+        for (t, m) in triggers {
+            s.push_str(&format!("  - name: {t}\n    matchers: {m}\n    mode: auto\n"));
+        }
+        s
+    }
+
+    #[test]
+    fn a_policy_with_the_same_matchers_as_an_earlier_one_is_warned_about_not_refused() {
+        // Issue 20's case: one policy for the listener, a copy for a rule.
+        let a = policy(
+            "listener",
+            r#"['service="portal-api"']"#,
+            &[("errors", r#"['alertname="HighErrorRate"']"#)],
+        );
+        let b = policy(
+            "rule",
+            r#"['service="portal-api"']"#,
+            &[("errors", r#"['alertname="HighErrorRate"']"#)],
+        );
+        let set = two(&a, &b).expect("warnings do not refuse the set");
+        assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+        let w = set.warnings[0].to_string();
+        assert!(
+            w.starts_with("p/b.yaml:1: warning: policy \"rule\" can never match: policy \"listener\" (p/a.yaml)"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn fewer_matchers_earlier_shadow_too_but_different_or_more_do_not() {
+        let wide = policy("wide", r#"['service="a"']"#, &[("e", r#"['alertname="E"']"#)]);
+        let narrow = policy(
+            "narrow",
+            r#"['service="a"', 'env="prod"']"#,
+            &[("e", r#"['alertname="E"']"#)],
+        );
+        // The wide one first takes every alert of the narrow one.
+        assert_eq!(two(&wide, &narrow).unwrap().warnings.len(), 1);
+        // The narrow one first leaves the wide one the other envs.
+        assert!(two(&narrow, &wide).unwrap().warnings.is_empty());
+        // A different label value, or a negated one, is another service.
+        let other = policy("other", r#"['service="b"']"#, &[("e", r#"['alertname="E"']"#)]);
+        assert!(two(&wide, &other).unwrap().warnings.is_empty());
+        let not_a = policy("not-a", r#"['service!="a"']"#, &[("e", r#"['alertname="E"']"#)]);
+        assert!(two(&wide, &not_a).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn only_the_shadowed_trigger_is_named_when_the_policy_still_matches_other_alerts() {
+        // An alert falls through to the next policy when no trigger of the first matches.
+        let a = policy(
+            "a",
+            r#"['service="s"']"#,
+            &[("errors", r#"['alertname="HighErrorRate"']"#)],
+        );
+        let b = policy(
+            "b",
+            r#"['service="s"']"#,
+            &[
+                ("health", r#"['alertname="HealthCheckFailing"']"#),
+                ("errors-too", r#"['alertname="HighErrorRate"']"#),
+            ],
+        );
+        let set = two(&a, &b).unwrap();
+        assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+        let w = set.warnings[0].to_string();
+        assert!(
+            w.contains("warning: triggers[errors-too] can never match: trigger \"errors\" of policy \"a\""),
+            "{w}"
+        );
+        assert!(w.starts_with("p/b.yaml:9:"), "the trigger's line: {w}");
+    }
+
+    #[test]
+    fn shipped_policies_have_no_warnings() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(set.warnings.is_empty(), "{:?}", set.warnings);
     }
 
     #[test]

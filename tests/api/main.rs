@@ -21,6 +21,7 @@ mod peers;
 mod rbac;
 mod reload;
 mod replicas;
+mod seed_policies;
 mod sequences;
 #[path = "../support/mod.rs"]
 mod support;
