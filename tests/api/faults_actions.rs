@@ -1262,6 +1262,9 @@ triggers:
   - name: errors
     matchers: ['alertname="HighErrorRate"']
     mode: auto
+verification:
+  bake: 1s
+  interval: 200ms
 "#,
             listener = fx.listener_arn,
             stable = fx.stable_tg

@@ -40,6 +40,9 @@ approval:
     slack_users: [U0APPROVER]
   timeout: 1h
   on_timeout: escalate
+verification:
+  bake: 1s
+  interval: 200ms
 notify:
   slack: {{channel: "#portal-alerts"}}
   pagerduty: {{severity: critical}}

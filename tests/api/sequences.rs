@@ -29,6 +29,9 @@ triggers:
     matchers: ['alertname="HighErrorRate"']
     for: 0s
     mode: auto
+verification:
+  bake: 1s
+  interval: 200ms
 "#,
         fx.listener_arn, fx.stable_tg
     )
@@ -145,6 +148,9 @@ approval:
   approvers: {{slack_users: [U1]}}
   timeout: {timeout}
   on_timeout: escalate
+verification:
+  bake: 1s
+  interval: 200ms
 "#,
         fx.listener_arn, fx.stable_tg
     )
