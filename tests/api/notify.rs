@@ -217,8 +217,9 @@ async fn an_automatic_incident_tells_slack_pagerduty_and_statuspage_exactly() {
     // Every message Slack accepted has its own ts; the root was the first. Replies hang off
     // the root (not off another reply) in the channel Slack named; updates edit the root.
     let (root_channel, root_ts) = (slack_channel_id("#portal-alerts"), slack_ts(0));
+    // The root and 8 replies (the executor's write is one of them); the other 3 are updates.
     let posted = peers.slack_fake.messages();
-    assert_eq!(posted.len(), 8, "{posted:#?}");
+    assert_eq!(posted.len(), 9, "{posted:#?}");
     let distinct: std::collections::BTreeSet<&String> = posted.iter().map(|m| &m.ts).collect();
     assert_eq!(distinct.len(), posted.len(), "Slack gives every message its own ts");
     assert_eq!(
@@ -707,9 +708,21 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
     };
 
     // Slack: one root per channel, every reply in its root's channel and thread.
-    wait_requests(&peers.slack, 22, "slack for two incidents").await;
+    let slack = wait_requests(&peers.slack, 24, "slack for two incidents").await;
+    assert_eq!(slack.len(), 24, "12 requests per incident: {:#?}", slack_texts(&slack));
     let posted = peers.slack_fake.messages();
-    for (service, channel) in [("portal-api", "#portal-alerts"), ("search-api", "#search-alerts")] {
+    for (service, channel, write) in [
+        (
+            "portal-api",
+            "#portal-alerts",
+            "ModifyListener written: 100% to stable (attempt 1)",
+        ),
+        (
+            "search-api",
+            "#search-alerts",
+            "ModifyRule written: 100% to stable (attempt 1)",
+        ),
+    ] {
         let channel = slack_channel_id(channel);
         let mine: Vec<_> = posted.iter().filter(|m| m.channel == channel).collect();
         let roots: Vec<_> = mine.iter().filter(|m| m.thread_ts.is_none()).collect();
@@ -719,7 +732,30 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
             "{channel} root is about {service}: {:?}",
             roots[0].text
         );
-        assert_eq!(mine.len(), 8, "the root and 7 replies in {channel}: {posted:#?}");
+        assert_eq!(mine.len(), 9, "the root and 8 replies in {channel}: {posted:#?}");
+        // Each incident's own write, and its own incident's story, in its own channel.
+        let texts: Vec<&str> = mine.iter().map(|m| m.text.as_str()).collect();
+        let expected_prefixes = [
+            ":rewind: Rollback executing: ",
+            "*Decision:* `auto`",
+            "rolling back: forward 100 %",
+            write,
+            ":mag: `executing` → `verifying`:",
+            ":white_check_mark: `verifying` → `verified`",
+            "HighErrorRate service=",
+            "every alert of the incident has resolved",
+            "Incident closed in phase `verified`.",
+        ];
+        for (t, e) in texts.iter().zip(expected_prefixes) {
+            assert!(
+                t.starts_with(e),
+                "{t:?} should start with {e:?}\nall in {channel}: {texts:#?}"
+            );
+        }
+        assert!(
+            texts[6].starts_with(&format!("HighErrorRate service={service} ")),
+            "{channel}: {texts:#?}"
+        );
         for m in &mine {
             assert!(
                 m.thread_ts.is_none() || m.thread_ts.as_ref() == Some(&roots[0].ts),
@@ -770,8 +806,9 @@ async fn two_incidents_keep_their_own_thread_channel_and_status_page_incident() 
     }
 }
 
-/// Statuspage fails the create twice: the outbox retries until it goes through, and the
-/// rollback gets exactly one status page incident, updated and resolved under its id.
+/// Statuspage is down (503) for the create and the look-up that its retry makes first: the
+/// outbox retries until the create goes through, and the rollback gets exactly one status page
+/// incident, updated and resolved under its id.
 #[tokio::test]
 async fn a_statuspage_outage_at_create_still_gives_one_status_page_incident() {
     let fx = AlbFixture::start().await;
@@ -808,15 +845,36 @@ async fn a_statuspage_outage_at_create_still_gives_one_status_page_incident() {
         calls,
         [
             ("POST", "/pages/PAGE1/incidents"),
-            ("POST", "/pages/PAGE1/incidents"),
+            ("GET", "/pages/PAGE1/incidents/unresolved"),
+            ("GET", "/pages/PAGE1/incidents/unresolved"),
             ("POST", "/pages/PAGE1/incidents"),
             ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
             ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
         ],
-        "two failed creates, one that went through, its two updates"
+        "a failed create; its retry looks for an incident the create may have made (503, then \
+         none of ours), then creates; the two updates go to the one incident"
     );
-    assert_eq!(peers.statuspage_fake.created().len(), 1);
-    let statuses: Vec<&str> = sp[3..]
+    for (_, _, _, r) in &sp {
+        assert_eq!(
+            r.headers.get("authorization").unwrap().to_str().unwrap(),
+            format!("OAuth {SP_KEY}")
+        );
+    }
+    // The create sent again is the same create, carrying our incident id to be found by.
+    assert_eq!(sp[3].2, sp[0].2);
+    let id = app.incidents().await[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        sp[0].2["incident"]["metadata"],
+        json!({"rollback_responder": {"incident_id": id}})
+    );
+    assert_eq!(
+        peers.statuspage_fake.created(),
+        [(
+            "sp-inc-1".to_string(),
+            "portal-api: degraded service, release rolled back".to_string()
+        )]
+    );
+    let statuses: Vec<&str> = sp[4..]
         .iter()
         .map(|r| r.2["incident"]["status"].as_str().unwrap_or(""))
         .collect();

@@ -151,12 +151,22 @@ impl Respond for SlackFake {
     }
 }
 
-/// Answers Statuspage's create and update of incidents on one page from the incidents created.
+/// An incident the Statuspage fake created.
+struct SpIncident {
+    id: String,
+    name: String,
+    status: String,
+    metadata: Value,
+}
+
+/// Answers Statuspage's create, update and unresolved-list of incidents on one page from the
+/// incidents created: `GET /pages/{page}/incidents/unresolved` lists those not `resolved` (or
+/// `postmortem`), with the metadata they were created with, newest first, as Statuspage does.
 #[derive(Clone)]
 pub struct StatuspageFake {
     page: String,
-    /// (id, name) of every incident created.
-    created: Arc<Mutex<Vec<(String, String)>>>,
+    /// Every incident created, in order.
+    created: Arc<Mutex<Vec<SpIncident>>>,
     /// HTTP statuses to answer the next requests with, before anything is created.
     failures: Arc<Mutex<VecDeque<u16>>>,
 }
@@ -170,7 +180,7 @@ impl StatuspageFake {
             failures: Arc::default(),
         };
         let prefix = format!("^/pages/{page}/incidents");
-        for m in ["POST", "PATCH"] {
+        for m in ["POST", "PATCH", "GET"] {
             Mock::given(method(m))
                 .and(path_regex(prefix.as_str()))
                 .respond_with(fake.clone())
@@ -180,14 +190,23 @@ impl StatuspageFake {
         fake
     }
 
-    /// Answers the next `n` requests with HTTP `status` and creates or changes nothing.
+    /// Answers the next `n` requests (of any kind: an outage) with HTTP `status` and creates
+    /// or changes nothing.
     pub fn fail_next(&self, n: usize, status: u16) {
         self.failures.lock().unwrap().extend(std::iter::repeat_n(status, n));
     }
 
     /// (id, name) of the incidents created, in order (ids `sp-inc-1`, `sp-inc-2`, ...).
     pub fn created(&self) -> Vec<(String, String)> {
-        self.created.lock().unwrap().clone()
+        let created = self.created.lock().unwrap();
+        created.iter().map(|i| (i.id.clone(), i.name.clone())).collect()
+    }
+}
+
+impl StatuspageFake {
+    /// An incident as Statuspage's API shows it.
+    fn json(&self, i: &SpIncident) -> Value {
+        json!({"id": i.id, "name": i.name, "status": i.status, "page_id": self.page, "metadata": i.metadata})
     }
 }
 
@@ -205,18 +224,34 @@ impl Respond for StatuspageFake {
                 let Some(name) = incident["name"].as_str().filter(|n| !n.is_empty()) else {
                     return ResponseTemplate::new(422).set_body_json(json!({"error": "name can't be blank"}));
                 };
-                let id = format!("sp-inc-{}", created.len() + 1);
-                created.push((id.clone(), name.to_string()));
-                ResponseTemplate::new(201).set_body_json(json!({
-                    "id": id, "name": incident["name"], "status": incident["status"], "page_id": self.page,
-                }))
+                let new = SpIncident {
+                    id: format!("sp-inc-{}", created.len() + 1),
+                    name: name.to_string(),
+                    status: incident["status"].as_str().unwrap_or("investigating").to_string(),
+                    metadata: incident.get("metadata").cloned().unwrap_or_else(|| json!({})),
+                };
+                let answer = self.json(&new);
+                created.push(new);
+                ResponseTemplate::new(201).set_body_json(answer)
+            }
+            ("GET", p) if p == format!("{base}/unresolved") => {
+                let open: Vec<Value> = created
+                    .iter()
+                    .rev()
+                    .filter(|i| i.status != "resolved" && i.status != "postmortem")
+                    .map(|i| self.json(i))
+                    .collect();
+                ResponseTemplate::new(200).set_body_json(open)
             }
             ("PATCH", p) => {
                 let id = p.strip_prefix(&format!("{base}/")).unwrap_or_default();
-                if !created.iter().any(|(c, _)| c == id) {
+                let Some(found) = created.iter_mut().find(|i| i.id == id) else {
                     return ResponseTemplate::new(404).set_body_json(json!({"error": "Not found"}));
+                };
+                if let Some(status) = incident["status"].as_str() {
+                    found.status = status.to_string();
                 }
-                ResponseTemplate::new(200).set_body_json(json!({"id": id, "status": incident["status"]}))
+                ResponseTemplate::new(200).set_body_json(self.json(found))
             }
             _ => ResponseTemplate::new(404).set_body_json(json!({"error": "Not found"})),
         }
