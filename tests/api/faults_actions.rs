@@ -323,8 +323,7 @@ triggers:
     matchers: ['alertname="HealthCheckFailing"']
     for: 2m
     mode: auto
-verification:
-  bake: 10s
+verification: {bake: 1s, interval: 200ms}
 notify:
   slack: {channel: "#portal-alerts"}
 "##;
@@ -400,9 +399,29 @@ notify:
         }
     }
 
+    /// Plays the Deployment controller for the canary (the fake runs none): once its spec asks
+    /// for 0 replicas, it reports that generation observed and no pods left, as a cluster would.
+    fn scaled_to_zero_by_the_controller(fake: &std::sync::Arc<FakeKube>) -> tokio::task::JoinHandle<()> {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let d = fake.get("deployments", NS, "portal-api-canary").expect("deployment");
+                if d["spec"]["replicas"] == 0 {
+                    let generation = d["metadata"]["generation"].clone();
+                    fake.modify("deployments", NS, "portal-api-canary", |d| {
+                        d["status"] = json!({"observedGeneration": generation, "replicas": 0, "updatedReplicas": 0,
+                            "readyReplicas": 0, "availableReplicas": 0});
+                    });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+
     #[tokio::test]
     async fn a_kubernetes_rollback_through_503s_reads_in_kubernetes_terms_in_the_timeline_and_slack() {
-        let fake = FakeKube::start().await;
+        let fake = std::sync::Arc::new(FakeKube::start().await);
         kube_world(&fake);
         fake.insert(
             "endpointslices",
@@ -413,6 +432,9 @@ notify:
                 &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
             ),
         );
+        // Verification holds a scale step to what a cluster does: the Deployment controller
+        // observes the new generation and the canary's pods go. The fake runs no controller.
+        let controller = scaled_to_zero_by_the_controller(&fake);
         let proxy = FaultProxy::start(&fake.url()).await;
         proxy.inject(Fault::kube_unavailable(3));
         proxy.inject(Fault {
@@ -427,6 +449,7 @@ notify:
                 l.len() == 1 && l[0]["phase"] == "verified"
             })
             .await;
+        controller.await.expect("controller");
         let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
         assert_eq!(inc["executed"], true);
         assert_eq!(
