@@ -131,7 +131,10 @@ impl Application {
         }
         let metrics_for_freeze = metrics.clone();
         let notifiers = Notifiers::from_config(&cfg);
-        let defaults = notifiers.defaults(cfg.settings.slack.as_ref().and_then(|s| s.default_channel.clone()));
+        let defaults = crate::notify::Defaults {
+            pages_url: cfg.settings.server.public_url.clone(),
+            ..notifiers.defaults(cfg.settings.slack.as_ref().and_then(|s| s.default_channel.clone()))
+        };
         for (name, on) in [
             ("slack", defaults.slack),
             ("pagerduty", defaults.pagerduty),

@@ -87,6 +87,20 @@ pub struct Context {
     /// How to prove the rollback worked, as the policy said when the incident opened.
     #[serde(default)]
     pub verification: crate::policy::Verification,
+    /// The incident pages' public base URL (`server.public_url`), when configured: Slack and
+    /// PagerDuty link to `{pages_url}/incidents/{id}`. Never the public status page: the
+    /// pages sit behind the read token or SSO.
+    #[serde(default)]
+    pub pages_url: Option<String>,
+}
+
+impl Context {
+    /// The incident's page, when a public base URL is configured.
+    pub fn page(&self, inc: &Incident) -> Option<String> {
+        self.pages_url
+            .as_deref()
+            .map(|base| format!("{}/incidents/{}", base.trim_end_matches('/'), inc.id))
+    }
 }
 
 /// Which channels are configured on this responder, and their defaults.
@@ -96,6 +110,8 @@ pub struct Defaults {
     pub slack_channel: Option<String>,
     pub pagerduty: bool,
     pub statuspage: bool,
+    /// `server.public_url`: where the incident pages are reachable for people.
+    pub pages_url: Option<String>,
 }
 
 impl Routes {
@@ -298,6 +314,7 @@ impl Notifiers {
             slack_channel,
             pagerduty: self.pagerduty.is_some(),
             statuspage: self.statuspage.is_some(),
+            pages_url: None,
         }
     }
 

@@ -19,9 +19,10 @@ pub fn dedup_key(inc: &Incident) -> String {
     format!("rollback-responder/{}", inc.id)
 }
 
-fn links(ctx: &Context) -> Value {
+fn links(inc: &Incident, ctx: &Context) -> Value {
     let mut l = Vec::new();
     for (url, text) in [
+        (&ctx.page(inc), "Incident page"),
         (&ctx.external_url, "Alertmanager"),
         (&ctx.runbook, "Runbook"),
         (&ctx.dashboard, "Dashboard"),
@@ -67,7 +68,7 @@ fn trigger(
                     "reason": inc.decision.reason, "target": ctx.target, "labels": ctx.labels,
                 },
             },
-            "links": links(ctx),
+            "links": links(inc, ctx),
             "client": "rollback-responder",
         }),
     )
@@ -144,7 +145,7 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
                         "timestamp": inc.acted_at.unwrap_or(inc.updated_at).to_rfc3339(),
                         "custom_details": { "incident": inc.id, "policy": inc.policy, "by": actor, "summary": summary, "detail": detail },
                     },
-                    "links": links(ctx),
+                    "links": links(inc, ctx),
                 }),
             });
         }
@@ -228,6 +229,37 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_page_links_to_the_incident_page_only_when_a_public_url_is_configured() {
+        let route = PagerDutyRoute {
+            severity: Severity::Critical,
+            routing_key: None,
+        };
+        let inc = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let hrefs = |ctx: &Context| -> Vec<String> {
+            let sent = plan(&inc, ctx, &Change::Opened, &route);
+            let Some(Message::PagerDuty { body, .. }) = sent.iter().find(|m| matches!(m, Message::PagerDuty { .. }))
+            else {
+                panic!("no trigger: {sent:?}");
+            };
+            body["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| format!("{} {}", l["text"].as_str().unwrap(), l["href"].as_str().unwrap()))
+                .collect()
+        };
+        assert!(hrefs(&Context::default()).is_empty());
+        let ctx = Context {
+            pages_url: Some("https://rr.example.com/".into()),
+            ..Context::default()
+        };
+        assert_eq!(
+            hrefs(&ctx),
+            [format!("Incident page https://rr.example.com/incidents/{}", inc.id)]
+        );
     }
 
     #[test]

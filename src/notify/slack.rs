@@ -112,6 +112,7 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
     }
     let links: Vec<String> = [
         Some(format!("Incident `{}`", inc.id)),
+        link(&ctx.page(inc), "Incident page"),
         link(&ctx.external_url, "Alertmanager"),
         link(&ctx.generator_url, "Prometheus"),
         link(&ctx.runbook, "Runbook"),
@@ -473,6 +474,28 @@ mod tests {
         let c = clip(&long, SECTION_MAX);
         assert_eq!(c.chars().count(), SECTION_MAX);
         assert!(c.ends_with('…'));
+    }
+
+    #[test]
+    fn the_root_message_links_to_the_incident_page_when_a_public_url_is_configured() {
+        let inc = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let context_line = |ctx: &Context| -> String {
+            let (_, blocks) = root(&inc, ctx);
+            let last = blocks.as_array().unwrap().last().unwrap().clone();
+            last["elements"][0]["text"].as_str().unwrap().to_string()
+        };
+        assert_eq!(context_line(&Context::default()), format!("Incident `{}`", inc.id));
+        let ctx = Context {
+            pages_url: Some("https://rr.example.com".into()),
+            ..Context::default()
+        };
+        assert_eq!(
+            context_line(&ctx),
+            format!(
+                "Incident `{}` · <https://rr.example.com/incidents/{}|Incident page>",
+                inc.id, inc.id
+            )
+        );
     }
 
     #[test]

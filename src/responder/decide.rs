@@ -353,6 +353,7 @@ impl Responder {
             target: p.target.describe(),
             verification: p.verification.clone(),
             routes: notify::Routes::resolve(p, &self.notify_defaults),
+            pages_url: self.notify_defaults.pages_url.clone(),
         };
         let inc = Incident {
             alertname: stored.alert.alertname().to_string(),

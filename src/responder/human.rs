@@ -272,6 +272,7 @@ impl Responder {
             target: p.target.describe(),
             routes: notify::Routes::resolve(p, &self.notify_defaults),
             verification: p.verification.clone(),
+            pages_url: self.notify_defaults.pages_url.clone(),
             ..Default::default()
         };
         let inc = Incident {
