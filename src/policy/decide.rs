@@ -668,7 +668,14 @@ mod tests {
     #[test]
     fn a_for_that_overflows_is_undecidable_and_huge_config_durations_saturate() {
         let mut set = seeds();
-        let p = &mut set.policies[0].policy;
+        // The shipped Portal API policy on the ALB (the seed alerts below fall under it).
+        let i = set
+            .policies
+            .iter()
+            .position(|l| l.policy.name == "portal-api")
+            .expect("policies/portal-api.yaml");
+        let p = &mut set.policies[i].policy;
+        assert_eq!(p.triggers[0].name, "health-check-failing");
         p.triggers[0].for_ = Duration::from_secs(u64::MAX);
         p.guards.cooldown = Duration::from_secs(u64::MAX);
         let a = alert("HealthCheckFailing", &[]);
@@ -680,7 +687,7 @@ mod tests {
             last_rollback_on_target: Some(t0()),
             ..History::default()
         };
-        let held = held_by_guards(&set.policies[0].policy, &h, &GlobalGuards::default(), t0());
+        let held = held_by_guards(&set.policies[i].policy, &h, &GlobalGuards::default(), t0());
         assert!(
             matches!(held, Some((Suppression::Cooldown { until, .. }, _)) if until == DateTime::<Utc>::MAX_UTC),
             "{held:?}"
