@@ -2,7 +2,7 @@
 //! start a rollback by hand, freeze and unfreeze automatic rollbacks. Every state change
 //! still goes through `Responder::apply`; this file decides who may and records the votes.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tracing::info;
 
@@ -12,6 +12,7 @@ use crate::incident::reconcile::request_expiry;
 use crate::incident::{Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, Freeze, Outcome, Suppression};
+use crate::store::StoreTx;
 
 /// Where an authorized person's Approve or `/rollback now` rolls back an open incident at once.
 const HUMAN_ROLLBACK: [Phase; 7] = [
@@ -178,26 +179,11 @@ impl Responder {
                     // same moment (PostgreSQL) would each see only their own vote and both
                     // wait for "another approver". The version check makes the second wait
                     // for the first and conflict; its retry then counts both votes.
-                    inc.updated_at = now;
-                    if !tx.save_incident(&inc).await? {
-                        return Err(StepError::Conflict(inc.id.clone()).into());
-                    }
-                    inc.version += 1;
                     let summary = format!(
                         "approval {} of {required} from {who} via {via}; waiting for another approver",
                         by.len()
                     );
-                    Self::record(
-                        &mut tx,
-                        &inc,
-                        "approval_recorded",
-                        &key,
-                        summary.clone(),
-                        Value::Null,
-                        now,
-                    )
-                    .await?;
-                    self.tell(&mut tx, &inc, Change::Note { summary: &summary }, now)
+                    self.record_partial_approval(&mut tx, &mut inc, &key, &summary, now)
                         .await?;
                     VoteResult::NeedsMore {
                         have: by.len(),
@@ -375,26 +361,11 @@ impl Responder {
         }
         let required = usize::from(approval.required_approvals);
         if by.len() < required {
-            inc.updated_at = now;
-            if !tx.save_incident(&inc).await? {
-                return Err(StepError::Conflict(inc.id.clone()).into());
-            }
-            inc.version += 1;
             let summary = format!(
                 "rollback asked by {who} via {via} ({} of {required} approvals); waiting for another approver",
                 by.len()
             );
-            Self::record(
-                &mut tx,
-                &inc,
-                "approval_recorded",
-                &key,
-                summary.clone(),
-                Value::Null,
-                now,
-            )
-            .await?;
-            self.tell(&mut tx, &inc, Change::Note { summary: &summary }, now)
+            self.record_partial_approval(&mut tx, &mut inc, &key, &summary, now)
                 .await?;
             self.commit(tx, &inc).await?;
             return Ok(VoteResult::NeedsMore {
@@ -496,6 +467,27 @@ impl Responder {
         self.metrics.set_frozen(scope, still);
         info!(scope = %scope, by = %by, lifted, "freeze lifted");
         Ok(lifted)
+    }
+
+    /// A vote that does not yet make the required number: written under the incident's
+    /// version although its phase does not change, so two votes at the same moment
+    /// (PostgreSQL) conflict and the retry counts both; then recorded and told.
+    async fn record_partial_approval(
+        &self,
+        tx: &mut StoreTx,
+        inc: &mut Incident,
+        key: &str,
+        summary: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), HumanError> {
+        inc.updated_at = now;
+        if !tx.save_incident(inc).await? {
+            return Err(StepError::Conflict(inc.id.clone()).into());
+        }
+        inc.version += 1;
+        Self::record(tx, inc, "approval_recorded", key, summary.to_string(), Value::Null, now).await?;
+        self.tell(tx, inc, Change::Note { summary }, now).await?;
+        Ok(())
     }
 
     fn authorize_scope(&self, policy: Option<&str>, who: &Person) -> Result<String, HumanError> {
