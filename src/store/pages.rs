@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{from_ms, incident_from_row, opt_ms, Result, Store, INCIDENT_COLS};
+use super::incidents::{incident_from_row, INCIDENT_COLS};
+use super::{from_ms, opt_ms, Result, Store};
 use crate::incident::{Incident, IncidentId, Phase};
 
 /// Which incidents a list shows.

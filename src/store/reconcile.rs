@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{ms, Result, Store, StoreTx};
+use super::{ms, sql_phases, Result, Store, StoreTx};
 use crate::incident::{IncidentId, Phase};
 
 /// Phases whose incidents are decided again when an input changes (their due time).
@@ -18,14 +18,6 @@ pub const REDECIDED: [Phase; 6] = [
     Phase::GaveUp,
 ];
 
-fn phase_list(phases: &[Phase]) -> String {
-    phases
-        .iter()
-        .map(|p| format!("'{}'", p.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 impl Store {
     /// Makes every open incident in `phases` due at `now`, so the next tick decides it again
     /// (a freeze was lifted, the policies changed). Returns how many.
@@ -33,7 +25,7 @@ impl Store {
         let r = sqlx::query(&format!(
             "UPDATE incidents SET due_at = $1, version = version + 1
              WHERE closed_at IS NULL AND phase IN ({}) AND (due_at IS NULL OR due_at > $1)",
-            phase_list(phases)
+            sql_phases(phases)
         ))
         .bind(ms(now))
         .execute(&self.pool)
