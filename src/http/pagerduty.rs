@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::approval::{Person, Refusal, Verdict, VoteResult};
-use crate::incident::IncidentId;
+use crate::incident::{AuditKind, IncidentId};
 use crate::responder::{HumanError, StepError};
 use crate::store::StoreError;
 
@@ -158,30 +158,19 @@ async fn process(state: &AppState, event: &Value, now: chrono::DateTime<chrono::
         ));
     };
     let detail = json!({ "event_type": kind, "pagerduty_incident": pd_incident, "agent": agent });
+    if let Some(entry) = AuditKind::for_pagerduty(kind) {
+        let summary = format!(
+            "PagerDuty: {} by {}",
+            kind.trim_start_matches("incident."),
+            if agent.is_empty() { "PagerDuty" } else { &agent_name }
+        );
+        store
+            .note(&ours, now, entry, &format!("pagerduty:{agent}"), &summary, &detail)
+            .await
+            .map_err(ApiError::Unavailable)?;
+        return Ok(Json(json!({ "status": "recorded" })));
+    }
     match kind {
-        "incident.acknowledged"
-        | "incident.resolved"
-        | "incident.unacknowledged"
-        | "incident.reopened"
-        | "incident.escalated" => {
-            let summary = format!(
-                "PagerDuty: {} by {}",
-                kind.trim_start_matches("incident."),
-                if agent.is_empty() { "PagerDuty" } else { &agent_name }
-            );
-            store
-                .note(
-                    &ours,
-                    now,
-                    &format!("pagerduty_{}", kind.trim_start_matches("incident.")),
-                    &format!("pagerduty:{agent}"),
-                    &summary,
-                    &detail,
-                )
-                .await
-                .map_err(ApiError::Unavailable)?;
-            Ok(Json(json!({ "status": "recorded" })))
-        }
         "incident.annotated" => {
             let Some(verdict) = parse_note(data["content"].as_str().unwrap_or_default()) else {
                 return Ok(Json(

@@ -6,7 +6,10 @@
 //! verification progress, and the store persists each new [`Phase`] together with an
 //! append-only event log: the audit trail. This module is pure: no store, no SDK.
 
+mod audit;
 pub mod reconcile;
+
+pub use audit::AuditKind;
 
 use std::fmt;
 
@@ -173,19 +176,18 @@ pub enum Event {
 
 impl Event {
     /// The audit-trail kind of this event.
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> AuditKind {
         match self {
-            Event::Decided { .. } => "decided",
-            Event::Approved { .. } => "approved",
-            Event::Denied { .. } => "denied",
-            Event::ApprovalExpired { .. } => "approval_expired",
-            Event::ExpiryHeld { .. } => "approval_expired",
-            Event::ActionSucceeded { .. } => "action_succeeded",
-            Event::ActionFailed => "action_failed",
-            Event::VerificationPassed => "verification_passed",
-            Event::VerificationFailed => "verification_failed",
-            Event::AllAlertsResolved => "all_alerts_resolved",
-            Event::HumanRollback { .. } => "human_rollback",
+            Event::Decided { .. } => AuditKind::Decided,
+            Event::Approved { .. } => AuditKind::Approved,
+            Event::Denied { .. } => AuditKind::Denied,
+            Event::ApprovalExpired { .. } | Event::ExpiryHeld { .. } => AuditKind::ApprovalExpired,
+            Event::ActionSucceeded { .. } => AuditKind::ActionSucceeded,
+            Event::ActionFailed => AuditKind::ActionFailed,
+            Event::VerificationPassed => AuditKind::VerificationPassed,
+            Event::VerificationFailed => AuditKind::VerificationFailed,
+            Event::AllAlertsResolved => AuditKind::AllAlertsResolved,
+            Event::HumanRollback { .. } => AuditKind::HumanRollback,
         }
     }
 }
@@ -246,7 +248,7 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
     };
     next.ok_or_else(|| InvalidTransition {
         phase,
-        event: event.name().to_string(),
+        event: event.kind().to_string(),
     })
 }
 

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::action::{ActionError, ActionReport, Step, Target};
-use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 
 use super::{Responder, StepError};
@@ -43,10 +43,15 @@ struct Interrupted {
 
 impl Interrupted {
     fn find(events: &[crate::store::EventRecord]) -> Option<Interrupted> {
-        let started_by = events.iter().rev().find(|e| e.kind == "action_started")?.actor.clone();
+        let started_by = events
+            .iter()
+            .rev()
+            .find(|e| e.kind == AuditKind::ActionStarted)?
+            .actor
+            .clone();
         let wrote = events
             .iter()
-            .find(|e| e.kind == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
+            .find(|e| e.kind == AuditKind::ActionStep && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
             .map(|e| e.actor.clone());
         Some(Interrupted { started_by, wrote })
     }
@@ -89,7 +94,7 @@ impl Responder {
         Self::record(
             tx,
             inc,
-            "action_started",
+            AuditKind::ActionStarted,
             &self.replica,
             started.clone(),
             json!({ "dry_run": dry_run, "executor_configured": self.executors.can_execute(&target) }),
@@ -130,7 +135,7 @@ impl Responder {
                 Self::record(
                     &mut tx,
                     &inc,
-                    "action_step",
+                    AuditKind::ActionStep,
                     &self.replica,
                     t.step.summary,
                     t.step.detail,
@@ -292,7 +297,7 @@ impl Responder {
         Self::record(
             &mut tx,
             inc,
-            "action_step",
+            AuditKind::ActionStep,
             &self.replica,
             t.step.summary.clone(),
             t.step.detail.clone(),

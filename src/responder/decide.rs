@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{opening, Responder, StepError, SYSTEM};
 use crate::alert::AlertStatus;
 use crate::incident::reconcile::{may_change, Candidate};
-use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, FreezeState, Outcome, PolicySet, Suppression};
 use crate::store::{NewEvent, StoreError, StoreTx, StoredAlert};
@@ -303,7 +303,7 @@ impl Responder {
             Self::record(
                 tx,
                 &inc,
-                "alert_joined",
+                AuditKind::AlertJoined,
                 SYSTEM,
                 summary.clone(),
                 json!({ "alert": stored.alert, "decision": d }),
@@ -369,12 +369,12 @@ impl Responder {
             p.name,
             d.trigger.as_deref().unwrap_or("-")
         );
-        Self::record(tx, &inc, "opened", SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
+        Self::record(tx, &inc, AuditKind::Opened, SYSTEM, opened, json!({ "alert": stored.alert, "group_key": stored.group_key, "external_url": stored.external_url, "plan": p.target.describe() }), now).await?;
         tx.append_event(
             &inc.id,
             now,
             NewEvent {
-                kind: "decided",
+                kind: AuditKind::Decided,
                 actor: SYSTEM,
                 phase_from: None,
                 phase_to: Some(phase),
@@ -405,7 +405,7 @@ impl Responder {
         Self::record(
             tx,
             &inc,
-            "alert_resolved",
+            AuditKind::AlertResolved,
             "alertmanager",
             summary.clone(),
             json!({ "ends_at": stored.alert.ended_at() }),

@@ -9,7 +9,7 @@ use tracing::info;
 use super::{Responder, StepError, SYSTEM};
 use crate::approval::{may_approve, Person, Refusal, Verdict, VoteResult};
 use crate::incident::reconcile::request_expiry;
-use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, Freeze, Outcome, Suppression};
 use crate::store::StoreTx;
@@ -85,7 +85,7 @@ impl Responder {
                 .note(
                     &inc.id,
                     now,
-                    "approval_refused",
+                    AuditKind::ApprovalRefused,
                     &who.key(),
                     &refusal.to_string(),
                     &json!({ "via": via, "verdict": format!("{verdict:?}") }),
@@ -269,7 +269,7 @@ impl Responder {
         Self::record(
             &mut tx,
             &inc,
-            "opened",
+            AuditKind::Opened,
             &who.key(),
             format!("manual rollback of policy {} started by {who}", p.name),
             json!({ "reason": reason }),
@@ -285,7 +285,7 @@ impl Responder {
         Self::record(
             &mut tx,
             &inc,
-            "decided",
+            AuditKind::Decided,
             SYSTEM,
             d.reason.clone(),
             serde_json::to_value(&d).unwrap_or(Value::Null),
@@ -485,7 +485,16 @@ impl Responder {
             return Err(StepError::Conflict(inc.id.clone()).into());
         }
         inc.version += 1;
-        Self::record(tx, inc, "approval_recorded", key, summary.to_string(), Value::Null, now).await?;
+        Self::record(
+            tx,
+            inc,
+            AuditKind::ApprovalRecorded,
+            key,
+            summary.to_string(),
+            Value::Null,
+            now,
+        )
+        .await?;
         self.tell(tx, inc, Change::Note { summary }, now).await?;
         Ok(())
     }

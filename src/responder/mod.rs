@@ -20,7 +20,7 @@ use serde_json::Value;
 use tracing::{info, warn, Instrument};
 
 use crate::action::Executors;
-use crate::incident::{should_close, transition, Event, Incident, IncidentId, InvalidTransition, Phase};
+use crate::incident::{should_close, transition, AuditKind, Event, Incident, IncidentId, InvalidTransition, Phase};
 use crate::metrics::Metrics;
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, FreezeState, GlobalGuards, Outcome, PolicySet, Suppression};
@@ -288,7 +288,7 @@ impl Responder {
             &inc.id,
             now,
             NewEvent {
-                kind: event.name(),
+                kind: event.kind(),
                 actor,
                 phase_from: Some(from),
                 phase_to: Some(next),
@@ -306,7 +306,7 @@ impl Responder {
     async fn record(
         tx: &mut StoreTx,
         inc: &Incident,
-        kind: &str,
+        kind: AuditKind,
         actor: &str,
         summary: String,
         detail: Value,
@@ -339,7 +339,7 @@ impl Responder {
         Self::record(
             tx,
             inc,
-            "closed",
+            AuditKind::Closed,
             SYSTEM,
             format!("incident closed in phase {}", inc.phase),
             Value::Null,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::{Responder, StepError, SYSTEM};
 use crate::incident::reconcile::{self, Candidate, Next, Situation};
-use crate::incident::{Event, Incident, IncidentId, Phase};
+use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::policy::{self, Decision, FreezeState, Outcome, PolicySet};
 use crate::store::{StoreTx, REDECIDED};
 
@@ -73,7 +73,7 @@ impl Responder {
 
     /// The triggers a human's deny covered (those firing when the request was denied).
     async fn denied_triggers(&self, tx: &mut StoreTx, inc: &Incident) -> Result<Option<BTreeSet<String>>, StepError> {
-        let detail = tx.last_event_detail(&inc.id, "denied").await?;
+        let detail = tx.last_event_detail(&inc.id, AuditKind::Denied).await?;
         Ok(detail.map(|d| {
             let mut covers: BTreeSet<String> = d["covers"]
                 .as_array()

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::{Responder, StepError};
 use crate::action::Target;
 use crate::alert::AlertStatus;
-use crate::incident::{Event, Incident, IncidentId};
+use crate::incident::{AuditKind, Event, Incident, IncidentId};
 use crate::notify::Change;
 use crate::policy::Verification;
 use crate::verify::{self, AlertState, CheckResult};
@@ -200,7 +200,7 @@ impl Responder {
             Self::record(
                 &mut tx,
                 inc,
-                "verification_check",
+                AuditKind::VerificationCheck,
                 &self.replica,
                 check_summary(c),
                 serde_json::to_value(c).unwrap_or_default(),
@@ -300,7 +300,7 @@ impl Responder {
         Self::record(
             &mut tx,
             &inc,
-            "closed",
+            AuditKind::Closed,
             by,
             summary.clone(),
             json!({ "by": by, "note": note }),

@@ -5,14 +5,14 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{from_ms, ms, storable, Result, Store, StoreTx};
-use crate::incident::{IncidentId, Phase};
+use super::{from_ms, ms, storable, Result, Store, StoreError, StoreTx};
+use crate::incident::{AuditKind, IncidentId, Phase};
 
 /// One entry of an incident's audit trail.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EventRecord {
     pub at: DateTime<Utc>,
-    pub kind: String,
+    pub kind: AuditKind,
     pub actor: String,
     pub phase_from: Option<Phase>,
     pub phase_to: Option<Phase>,
@@ -23,7 +23,7 @@ pub struct EventRecord {
 /// A new audit entry, appended within a state change's transaction.
 #[derive(Debug, Clone)]
 pub struct NewEvent<'a> {
-    pub kind: &'a str,
+    pub kind: AuditKind,
     pub actor: &'a str,
     pub phase_from: Option<Phase>,
     pub phase_to: Option<Phase>,
@@ -44,7 +44,10 @@ impl Store {
             .map(|r| {
                 Ok(EventRecord {
                     at: from_ms(r.try_get("at")?),
-                    kind: r.try_get("kind")?,
+                    kind: {
+                        let kind: String = r.try_get("kind")?;
+                        AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?
+                    },
                     actor: r.try_get("actor")?,
                     phase_from: r
                         .try_get::<Option<String>, _>("phase_from")?
@@ -66,44 +69,106 @@ impl Store {
         &self,
         id: &IncidentId,
         now: DateTime<Utc>,
-        kind: &str,
+        kind: AuditKind,
         actor: &str,
         summary: &str,
         detail: &Value,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
-             VALUES ($1, $2, $3, $4, NULL, NULL, $5, $6)",
-        )
-        .bind(&id.0)
-        .bind(ms(now))
-        .bind(kind)
-        .bind(storable(actor))
-        .bind(storable(summary))
-        .bind(detail.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let entry = NewEvent {
+            kind,
+            actor,
+            phase_from: None,
+            phase_to: None,
+            summary: summary.to_string(),
+            detail: detail.clone(),
+        };
+        insert(&self.pool, id, now, &entry).await
     }
 }
 
 impl StoreTx {
     /// Appends to an incident's audit trail.
     pub async fn append_event(&mut self, id: &IncidentId, at: DateTime<Utc>, e: NewEvent<'_>) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&id.0)
-        .bind(ms(at))
-        .bind(e.kind)
-        .bind(storable(e.actor))
-        .bind(e.phase_from.map(|p| p.as_str()))
-        .bind(e.phase_to.map(|p| p.as_str()))
-        .bind(storable(&e.summary))
-        .bind(e.detail.to_string())
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        insert(&mut *self.tx, id, at, &e).await
+    }
+}
+
+/// Appends one audit entry, through the pool or inside a transaction.
+pub(super) async fn insert<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    id: &IncidentId,
+    at: DateTime<Utc>,
+    e: &NewEvent<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&id.0)
+    .bind(ms(at))
+    .bind(e.kind.as_str())
+    .bind(storable(e.actor))
+    .bind(e.phase_from.map(|p| p.as_str()))
+    .bind(e.phase_to.map(|p| p.as_str()))
+    .bind(storable(&e.summary))
+    .bind(e.detail.to_string())
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::intake::tests::sqlite_store;
+    use super::*;
+    use crate::incident::Incident;
+
+    /// Every kind is stored by its name and read back as itself; a name this version does not
+    /// know is reported as corrupt data, never taken for another kind.
+    #[tokio::test]
+    async fn audit_kinds_are_stored_by_name_and_read_back() {
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let inc = Incident::sample(Phase::Executing, now);
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        for kind in AuditKind::ALL {
+            let entry = NewEvent {
+                kind,
+                actor: "test",
+                phase_from: None,
+                phase_to: None,
+                summary: kind.to_string(),
+                detail: Value::Null,
+            };
+            tx.append_event(&inc.id, now, entry).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        store
+            .note(&inc.id, now, AuditKind::ApprovalRefused, "u", "refused", &Value::Null)
+            .await
+            .unwrap();
+        let read: Vec<AuditKind> = store.events(&inc.id).await.unwrap().iter().map(|e| e.kind).collect();
+        let mut expected = AuditKind::ALL.to_vec();
+        expected.push(AuditKind::ApprovalRefused);
+        assert_eq!(read, expected);
+        let names: Vec<String> = sqlx::query("SELECT kind FROM incident_events ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect();
+        assert_eq!(names[0], "opened", "stored as its name");
+
+        sqlx::query("UPDATE incident_events SET kind = 'from_the_future' WHERE kind = 'closed'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let err = store.events(&inc.id).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("from_the_future")),
+            "{err}"
+        );
     }
 }

@@ -300,7 +300,7 @@ mod tests {
                 &inc.id,
                 now,
                 NewEvent {
-                    kind: "decided",
+                    kind: crate::incident::AuditKind::Decided,
                     actor: "test",
                     phase_from: Some(from),
                     phase_to: Some(p),

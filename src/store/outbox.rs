@@ -9,7 +9,8 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::{could_be_stored, lease_end, ms, storable, Result, Store, StoreError, StoreTx};
-use crate::incident::IncidentId;
+use super::{events, NewEvent};
+use crate::incident::{AuditKind, IncidentId};
 
 /// A notification claimed for delivery.
 #[derive(Debug, Clone)]
@@ -143,16 +144,19 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if r.rows_affected() == 1 {
-            sqlx::query(
-                "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail)
-                 VALUES ($1, $2, 'notification_failed', 'rollback-responder', NULL, NULL, $3, $4)",
-            )
-            .bind(&row.incident_id.0)
-            .bind(ms(now))
-            .bind(format!("{} notification failed for good after {} attempt(s): {error}", row.channel, row.attempts + 1))
-            .bind(serde_json::json!({ "channel": row.channel, "error": error, "message": serde_json::from_str::<Value>(&row.payload).unwrap_or(Value::Null) }).to_string())
-            .execute(&mut *tx)
-            .await?;
+            let entry = NewEvent {
+                kind: AuditKind::NotificationFailed,
+                actor: "rollback-responder",
+                phase_from: None,
+                phase_to: None,
+                summary: format!(
+                    "{} notification failed for good after {} attempt(s): {error}",
+                    row.channel,
+                    row.attempts + 1
+                ),
+                detail: serde_json::json!({ "channel": row.channel, "error": error, "message": serde_json::from_str::<Value>(&row.payload).unwrap_or(Value::Null) }),
+            };
+            events::insert(&mut *tx, &row.incident_id, now, &entry).await?;
         }
         tx.commit().await?;
         Ok(())

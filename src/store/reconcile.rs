@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::{ms, sql_phases, Result, Store, StoreTx};
-use crate::incident::{IncidentId, Phase};
+use crate::incident::{AuditKind, IncidentId, Phase};
 
 /// Phases whose incidents are decided again when an input changes (their due time).
 pub const REDECIDED: [Phase; 6] = [
@@ -36,12 +36,12 @@ impl Store {
 
 impl StoreTx {
     /// The detail of the incident's latest audit entry of `kind` (the triggers a deny covered).
-    pub async fn last_event_detail(&mut self, id: &IncidentId, kind: &str) -> Result<Option<Value>> {
+    pub async fn last_event_detail(&mut self, id: &IncidentId, kind: AuditKind) -> Result<Option<Value>> {
         let row = sqlx::query(
             "SELECT detail FROM incident_events WHERE incident_id = $1 AND kind = $2 ORDER BY id DESC LIMIT 1",
         )
         .bind(&id.0)
-        .bind(kind)
+        .bind(kind.as_str())
         .fetch_optional(&mut *self.tx)
         .await?;
         Ok(row

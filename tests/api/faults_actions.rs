@@ -782,6 +782,7 @@ mod unconfigured {
 
 mod takeover {
     use rollback_responder::action::Executors;
+    use rollback_responder::incident::AuditKind;
     use rollback_responder::incident::{Event, IncidentId};
     use rollback_responder::store::NewEvent;
     use serde_json::{json, Value};
@@ -863,7 +864,7 @@ mod takeover {
         tx.append_event(
             &id,
             now,
-            event("action_started", "rolling back", json!({"dry_run": false})),
+            event(AuditKind::ActionStarted, "rolling back", json!({"dry_run": false})),
         )
         .await
         .unwrap();
@@ -872,7 +873,7 @@ mod takeover {
                 &id,
                 now,
                 event(
-                    "action_step",
+                    AuditKind::ActionStep,
                     "ModifyListener planned",
                     json!({"step": "planned", "dry_run": false, "operation": "ModifyListener"}),
                 ),

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rollback_responder::incident::{Incident, IncidentId, Phase};
+use rollback_responder::incident::{AuditKind, Incident, IncidentId, Phase};
 use rollback_responder::store::{EventRecord, Store};
 use serde_json::Value;
 
@@ -234,7 +234,7 @@ impl Cluster {
 }
 
 fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
-    timeline.iter().filter(|e| e.kind == kind).collect()
+    timeline.iter().filter(|e| e.kind.as_str() == kind).collect()
 }
 
 fn show(timeline: &[EventRecord]) -> String {
@@ -514,7 +514,7 @@ async fn a_replica_killed_after_aws_applied_its_write_is_taken_over_as_a_no_op()
     );
     let heir_steps: Vec<&Value> = timeline
         .iter()
-        .filter(|e| e.kind == "action_step" && e.actor == replica_id(*heir))
+        .filter(|e| e.kind == AuditKind::ActionStep && e.actor == replica_id(*heir))
         .map(|e| &e.detail)
         .collect();
     assert_eq!(

@@ -351,10 +351,10 @@ impl Detail<'_> {
                 h2 { "Timeline" }
                 ol.timeline {
                     @for e in self.events {
-                        li class={ "ev " (e.kind) } {
+                        li class={ "ev " (e.kind.as_str()) } {
                             div.when { (time(e.at, now)) }
                             div.what {
-                                span.kind { (e.kind.replace('_', " ")) }
+                                span.kind { (e.kind.as_str().replace('_', " ")) }
                                 @if let Some(to) = e.phase_to {
                                     @if e.phase_from != Some(to) {
                                         " " @if let Some(from) = e.phase_from { (badge(from)) " → " } (badge(to))
