@@ -7,9 +7,11 @@
 //! append-only event log: the audit trail. This module is pure: no store, no SDK.
 
 mod audit;
+mod plan;
 pub mod reconcile;
 
 pub use audit::AuditKind;
+pub use plan::Plan;
 
 use std::fmt;
 
@@ -270,7 +272,7 @@ pub struct Incident {
     pub phase: Phase,
     pub decision: crate::policy::Decision,
     /// What a rollback reverts (the policy's target, as it was when the incident opened).
-    pub plan: serde_json::Value,
+    pub plan: Plan,
     pub alertname: String,
     pub first_alert_starts_at: DateTime<Utc>,
     pub opened_at: DateTime<Utc>,
@@ -313,7 +315,10 @@ impl Incident {
                 policy_hash: "h".into(),
                 decided_at: now,
             },
-            plan: serde_json::Value::Null,
+            plan: Plan::Unreadable {
+                stored: serde_json::Value::Null,
+                problem: "no plan in this sample".into(),
+            },
             alertname: "HighErrorRate".into(),
             first_alert_starts_at: now,
             opened_at: now,

@@ -22,7 +22,7 @@ pub use decide::{
 };
 pub use matcher::{all_match, MatchOp, Matcher};
 
-use crate::action::Target;
+pub use crate::action::Target;
 use crate::alert::LabelSet;
 
 /// One policy file: a service, the alerts that matter for it, and how to roll it back.

@@ -75,8 +75,11 @@ impl Responder {
         inc: &Incident,
         now: DateTime<Utc>,
     ) -> Result<(), StepError> {
-        let target: Target =
-            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+        let target: Target = inc
+            .plan
+            .target()
+            .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?
+            .clone();
         let dry_run = notify::is_dry_run(inc);
         // Never announce a rollback this responder cannot carry out.
         let started = match self.executors.missing_for(&inc.policy, &target) {
@@ -110,8 +113,11 @@ impl Responder {
             return Ok(());
         };
         if inc.phase == Phase::Executing {
-            let target: Target =
-                serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+            let target: Target = inc
+                .plan
+                .target()
+                .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?
+                .clone();
             let dry_run = notify::is_dry_run(&inc);
             let mut interrupted = None;
             if !started {

@@ -383,7 +383,7 @@ fn opening(p: &policy::Policy, d: Decision, phase: Phase, context: &notify::Cont
                 .then(|| crate::incident::reconcile::hold_ends(&d.outcome, now))
                 .flatten()
         }),
-        plan: serde_json::to_value(&p.target).unwrap_or(Value::Null),
+        plan: p.target.clone().into(),
         alertname: String::new(),
         first_alert_starts_at: now,
         opened_at: now,

@@ -157,8 +157,11 @@ impl Responder {
     /// Runs every verification check of the incident's policy through its bake period and
     /// settles the incident as verified or verification failed (which escalates).
     pub(super) async fn verify(&self, inc: &mut Incident) -> Result<(), StepError> {
-        let target: Target =
-            serde_json::from_value(inc.plan.clone()).map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?;
+        let target: Target = inc
+            .plan
+            .target()
+            .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?
+            .clone();
         let id = inc.id.clone();
         let (checks, bake) = match settings(&inc.context) {
             Ok(v) => {

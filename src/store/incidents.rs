@@ -151,7 +151,7 @@ impl StoreTx {
         .bind(&i.target_key)
         .bind(i.phase.as_str())
         .bind(to_json(&i.decision))
-        .bind(i.plan.to_string())
+        .bind(to_json(&i.plan))
         .bind(&i.alertname)
         .bind(ms(i.first_alert_starts_at))
         .bind(ms(i.opened_at))
@@ -354,5 +354,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(made_due, 0, "all were due already");
+    }
+
+    /// The plan is parsed once, when the incident is read: a target comes back as the target
+    /// it was; a plan this version cannot read still leaves the incident readable.
+    #[tokio::test]
+    async fn an_incidents_plan_is_read_back_typed_and_an_unknown_one_as_stored() {
+        use crate::incident::Plan;
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let target: crate::policy::Target = serde_json::from_value(serde_json::json!({
+            "kubernetes": { "namespace": "shop", "steps": [ { "scale": { "deployment": "api-canary", "replicas": 0 } } ] }
+        }))
+        .unwrap();
+        let mut inc = Incident::sample(Phase::Executing, now);
+        inc.plan = Plan::Target(target.clone());
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        tx.commit().await.unwrap();
+        let back = store.incident(&inc.id).await.unwrap().unwrap();
+        assert_eq!(back.plan.target(), Ok(&target));
+
+        sqlx::query("UPDATE incidents SET plan = '{\"gcp\":{}}' WHERE id = $1")
+            .bind(&inc.id.0)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let odd = store.incident(&inc.id).await.unwrap().expect("still readable");
+        assert!(odd.plan.target().unwrap_err().contains("gcp"), "{:?}", odd.plan);
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.save_incident(&odd).await.unwrap());
+        tx.commit().await.unwrap();
+        let stored: String = sqlx::query("SELECT plan FROM incidents WHERE id = $1")
+            .bind(&inc.id.0)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored, "{\"gcp\":{}}");
     }
 }
