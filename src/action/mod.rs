@@ -435,6 +435,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_kubernetes_target_with_gitops_says_it_suspends_first() {
+        let t: Target = serde_json::from_value(serde_json::json!({"kubernetes": {
+            "namespace": "portal",
+            "gitops": {"flux": {"kind": "HelmRelease", "name": "portal-api", "namespace": "portal"}},
+            "steps": [{"rollout_undo": {"deployment": "portal-api"}}]
+        }}))
+        .expect("target");
+        assert_eq!(t.validate(), Ok(()));
+        // What a dry run without an executor records.
+        assert_eq!(
+            not_configured(&t, true).summary,
+            "not executed (dry run): would in namespace portal: suspend the sync of Flux HelmRelease \
+             portal/portal-api, then rollout undo deployment/portal-api"
+        );
+    }
+
+    #[test]
     fn a_missing_executor_names_the_policy_and_the_section() {
         let t: Target = serde_json::from_value(serde_json::json!({"kubernetes": {
             "namespace": "portal", "steps": [{"scale": {"deployment": "web", "replicas": 0}}]

@@ -512,6 +512,19 @@ async fn the_incident_tells_people_that_sync_is_suspended_and_how_to_resume_it()
         "the original automated policy is recorded"
     );
 
+    // The action's result, the last word on it, repeats how to resume.
+    let succeeded = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "action_succeeded")
+        .expect("action_succeeded");
+    assert!(
+        succeeded["summary"].as_str().unwrap().contains(resume),
+        "{}",
+        succeeded["summary"]
+    );
+
     let texts = slack_texts(&slack, |t| t.iter().any(|m| m.contains(resume))).await;
     assert!(
         texts
