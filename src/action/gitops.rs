@@ -548,7 +548,7 @@ impl KubeExecutor {
                 patch: Some(&patch),
                 dry_run,
             };
-            let err = match self.gitops_call(write, on_step).await {
+            let (kind, namespace, name, message) = match self.gitops_call(write, on_step).await {
                 Ok(_) if dry_run => {
                     return Ok(GitOpsStep::DryRun {
                         owner: owner.clone(),
@@ -577,7 +577,13 @@ impl KubeExecutor {
                         attempt,
                     });
                 }
-                Err(e @ KubeError::Conflict { .. }) => e,
+                Err(KubeError::Conflict {
+                    kind,
+                    namespace,
+                    name,
+                    message,
+                    ..
+                }) => (kind, namespace, name, message),
                 Err(e) => return Err(e),
             };
             let will_retry = attempt < max_attempts;
@@ -587,21 +593,12 @@ impl KubeExecutor {
                 will_retry,
             }));
             if !will_retry {
-                return Err(match err {
-                    KubeError::Conflict {
-                        kind,
-                        namespace,
-                        name,
-                        message,
-                        ..
-                    } => KubeError::Conflict {
-                        kind,
-                        namespace,
-                        name,
-                        attempts: attempt,
-                        message,
-                    },
-                    other => other,
+                return Err(KubeError::Conflict {
+                    kind,
+                    namespace,
+                    name,
+                    attempts: attempt,
+                    message,
                 });
             }
             obj = self.gitops_call(get, on_step).await?;

@@ -348,6 +348,36 @@ async fn a_suspend_that_loses_a_race_rereads_and_tries_again() {
     }
 }
 
+/// Another writer wins every race: after `max_conflict_retries` re-reads the suspend gives up,
+/// and nothing is reverted.
+#[tokio::test]
+async fn a_suspend_that_keeps_losing_races_gives_up_with_nothing_reverted() {
+    let fake = FakeKube::start().await;
+    release_world(&fake);
+    fake.insert("applications", application(json!({"prune": true})));
+    fake.concurrent_writes(10);
+    let (result, records) = run(&fake, &undo_target(argo_gitops(true)), false).await;
+    let err = result.expect_err("gave up");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("could not suspend Argo CD application argocd/portal-api before the revert: conflict: Application argocd/portal-api changed under us 4 time(s)"),
+        "{message}"
+    );
+    assert!(err.is_retryable(), "a later run may win the race");
+    let races = gitops_steps(&records);
+    assert_eq!(races.len(), 4, "{races:?}");
+    assert!(matches!(
+        races[3],
+        GitOpsStep::ConflictRetry {
+            attempt: 4,
+            will_retry: false,
+            ..
+        }
+    ));
+    assert_eq!(fake.writes(), 0);
+    assert_eq!(image(&fake), "portal-api:1.0.0");
+}
+
 #[tokio::test]
 async fn automation_already_off_is_left_alone_and_the_revert_runs() {
     let fake = FakeKube::start().await;
