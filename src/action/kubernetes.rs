@@ -53,6 +53,9 @@ pub struct KubernetesTarget {
     /// How long an undone Deployment may take to complete its rollout.
     #[serde(default = "five_minutes", with = "humantime_serde")]
     pub rollout_timeout: Duration,
+    /// The Argo CD Application or Flux object to suspend before the first write (action::gitops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitops: Option<super::gitops::GitOps>,
 }
 
 fn one() -> u32 {
@@ -92,6 +95,9 @@ impl KubernetesTarget {
             return Err(
                 "target.kubernetes.steps: list at least one step (switch_service, rollout_undo or scale)".into(),
             );
+        }
+        if let Some(g) = &self.gitops {
+            g.owner()?;
         }
         for (i, s) in self.steps.iter().enumerate() {
             if let KubeStep::SwitchService { selector, .. } = s {
@@ -323,6 +329,9 @@ pub struct KubeOutcome {
     pub dry_run: bool,
     /// Every step, in order.
     pub steps: Vec<StepOutcome>,
+    /// What the GitOps suspend did before the first write (action::gitops).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gitops: Option<super::gitops::GitOpsStep>,
 }
 
 /// A notable step of a revert or verification, for the incident's audit trail.
@@ -439,6 +448,8 @@ pub enum KubeStepRecord {
         /// Progress as read.
         progress: RolloutProgress,
     },
+    /// The GitOps owner's sync suspended (or not) before the first write (action::gitops).
+    Gitops(super::gitops::GitOpsStep),
 }
 
 /// A Deployment's rollout progress, judged as `kubectl rollout status` does.
@@ -613,6 +624,20 @@ pub enum KubeError {
         /// Server message.
         message: String,
     },
+    /// The GitOps owner could not be suspended and the policy requires it: nothing reverted.
+    #[error(
+        "could not suspend {owner} before the revert: {cause}; nothing was reverted, because its sync would undo \
+         the revert within minutes: fix the policy's target.kubernetes.gitops or the responder's RBAC \
+         (deploy/kubernetes/gitops/), or set gitops.required: false to revert without suspending"
+    )]
+    GitOpsSuspend {
+        /// `Argo CD application argocd/portal-api`.
+        owner: String,
+        /// The failed call's error.
+        cause: String,
+        /// Whether the failed call may succeed later.
+        retryable: bool,
+    },
     /// Transport, timeout or decoding error on our side.
     #[error("kubernetes client error: {message}")]
     Client {
@@ -629,7 +654,7 @@ impl KubeError {
         match self {
             KubeError::Conflict { .. } => true,
             KubeError::Api { code, .. } => *code == 429 || *code >= 500,
-            KubeError::Client { retryable, .. } => *retryable,
+            KubeError::Client { retryable, .. } | KubeError::GitOpsSuspend { retryable, .. } => *retryable,
             _ => false,
         }
     }
@@ -649,6 +674,7 @@ impl KubeError {
             KubeError::ReadBackMismatch { .. } => "read_back_mismatch",
             KubeError::InvalidTarget { .. } => "invalid_target",
             KubeError::Config { .. } => "config",
+            KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",
             KubeError::Api { .. } => "api",
             KubeError::Client { .. } => "client",
         }
@@ -1509,6 +1535,12 @@ impl KubeExecutor {
             }
         }
 
+        // GitOps (action::gitops): Argo CD / Flux must not sync the release back; before any write.
+        let gitops = match &t.gitops {
+            Some(g) => Some(self.suspend_gitops(g, dry_run, on_step, before_write).await?),
+            None => None,
+        };
+
         let mut touched: HashSet<String> = HashSet::new();
         let mut steps = Vec::with_capacity(t.steps.len());
         for (index, (step, (current, plan))) in t.steps.iter().zip(planned).enumerate() {
@@ -1551,6 +1583,7 @@ impl KubeExecutor {
             changed,
             dry_run,
             steps,
+            gitops,
         })
     }
 
@@ -2104,6 +2137,48 @@ impl KubeExecutor {
             last = Some(progress);
             tokio::time::sleep(interval.min(deadline - now)).await;
         }
+    }
+}
+
+// GitOps hook: action::gitops makes its calls through this executor's client, retries and
+// error classification.
+impl KubeExecutor {
+    /// GET, or merge PATCH (with the field manager, `dryRun=All` in a dry run), of the GitOps
+    /// owner object; the object comes back as JSON.
+    pub(super) async fn gitops_call(
+        &self,
+        c: super::gitops::Call<'_>,
+        on_step: OnStep<'_>,
+    ) -> Result<Value, KubeError> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), c.owner.namespace(), &c.owner.api_resource());
+        let op = Op {
+            verb: if c.patch.is_some() { "patch" } else { "get" },
+            kind: c.owner.kind(),
+            api_group: c.owner.group(),
+            resource: c.owner.resource(),
+            namespace: c.owner.namespace(),
+            name: c.owner.name(),
+        };
+        let name = c.owner.name();
+        let obj = match c.patch {
+            None => self.call(op, on_step, || api.get(name)).await?,
+            Some(body) => {
+                let pp = PatchParams {
+                    dry_run: c.dry_run,
+                    field_manager: Some(self.field_manager.clone()),
+                    ..PatchParams::default()
+                };
+                let patch = Patch::Merge(body);
+                self.call(op, on_step, || api.patch(name, &pp, &patch)).await?
+            }
+        };
+        serde_json::to_value(&obj).map_err(|e| KubeError::internal(format!("{}: {e}", op.describe())))
+    }
+
+    /// Re-reads after a lost resourceVersion race, as for the revert's own writes.
+    pub(super) fn max_conflict_retries(&self) -> u32 {
+        self.max_conflict_retries
     }
 }
 

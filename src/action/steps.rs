@@ -49,6 +49,7 @@ impl From<KubeStepRecord> for Step {
             notable: match &s {
                 KubeStepRecord::Patched { dry_run, .. } => !dry_run,
                 KubeStepRecord::AttemptFailed(a) => a.is_notable(),
+                KubeStepRecord::Gitops(g) => g.is_notable(),
                 _ => false,
             },
             detail: serde_json::to_value(&s).unwrap_or_default(),
@@ -270,12 +271,16 @@ impl KubeStepRecord {
             KubeStepRecord::Rollout { deployment, progress } => {
                 format!("rollout of deployment/{deployment}: {}", progress.message)
             }
+            KubeStepRecord::Gitops(g) => g.describe(),
         }
     }
 
     /// Whether this step changed an object (a patch that was stored).
     pub fn applied(&self) -> bool {
-        matches!(self, KubeStepRecord::Patched { dry_run: false, .. })
+        match self {
+            KubeStepRecord::Gitops(g) => g.applied(),
+            other => matches!(other, KubeStepRecord::Patched { dry_run: false, .. }),
+        }
     }
 }
 
