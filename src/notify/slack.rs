@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use slack_morphism::prelude::*;
 
+use super::mrkdwn::{escape, escape_keeping_mentions, link};
 use super::{
     action_ran, classify_status, clip, headline, is_dry_run, is_escalation, transport_error, Change, Context,
     DeliveryError, Message, Refs,
@@ -34,64 +35,12 @@ fn emoji(p: Phase) -> &'static str {
     }
 }
 
-/// A Slack link to an http(s) URL; anything else (a `javascript:` URL, text) is left out. The
-/// characters that would end the link or start another (`|`, `>`, `<`, spaces) are
-/// percent-encoded, `&` is escaped: an annotation cannot smuggle a mention or a second link.
-fn link(url: &Option<String>, text: &str) -> Option<String> {
-    let u = url.as_deref()?.trim();
-    let lower = u.to_ascii_lowercase();
-    if !(lower.starts_with("https://") || lower.starts_with("http://")) {
-        return None;
-    }
-    let mut safe = String::with_capacity(u.len());
-    for c in u.chars() {
-        match c {
-            '<' => safe.push_str("%3C"),
-            '>' => safe.push_str("%3E"),
-            '|' => safe.push_str("%7C"),
-            '&' => safe.push_str("&amp;"),
-            c if c.is_whitespace() => safe.push_str("%20"),
-            c if c.is_control() => {}
-            c => safe.push(c),
-        }
-    }
-    Some(format!("<{safe}|{text}>"))
-}
-
 /// Slack's limit for a section block's text.
 const SECTION_MAX: usize = 3000;
 /// Longest action result the root message repeats (the thread has it whole).
 const STATE_MAX: usize = 1500;
 /// The block that says what the rollback did to the target, and the handle it is kept under.
 const STATE_BLOCK: &str = "rollback_state";
-
-/// Text for Slack's mrkdwn: its three control characters escaped, so text from alerts,
-/// policies and people shows as written and never becomes a mention (`<!channel>`) or a link.
-pub(crate) fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-/// [`escape`] for a line the responder wrote, keeping the user mentions (`<@U0ALICE>`) it puts
-/// in on purpose to name who acted; everything else in it (alert labels, a person's reason)
-/// is escaped.
-fn escape_keeping_mentions(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("<@") {
-        let tail = &rest[i + 2..];
-        let id_len = tail.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(tail.len());
-        out.push_str(&escape(&rest[..i]));
-        if id_len > 0 && tail[id_len..].starts_with('>') {
-            out.push_str(&rest[i..i + 2 + id_len + 1]);
-            rest = &tail[id_len + 1..];
-        } else {
-            out.push_str("&lt;@");
-            rest = tail;
-        }
-    }
-    out.push_str(&escape(rest));
-    out
-}
 
 /// What people do next: once the rollback has run, what the policy leaves to them and the
 /// post-mortem; always, where to look.
@@ -643,6 +592,132 @@ mod tests {
                 inc.id, inc.id
             )
         );
+    }
+
+    fn hostile_context() -> Context {
+        let hostile = format!(
+            "5xx at 6 % <!channel> <http://evil.example|see here> {}",
+            "x".repeat(3200)
+        );
+        let mut annotations = crate::alert::LabelSet::new();
+        annotations.insert("description".into(), hostile);
+        Context {
+            summary: Some("HighErrorRate on portal-api <!here>".into()),
+            measured: crate::notify::Measured::from_annotations("HighErrorRate", &annotations),
+            runbook: Some("https://runbooks.example/portal".into()),
+            follow_ups: vec!["Restore the <database> & purge the CDN".into()],
+            ..Context::default()
+        }
+    }
+
+    fn section_text(blocks: &Value, i: usize) -> String {
+        blocks[i]["text"]["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn a_hostile_description_is_clipped_and_escaped_in_the_root() {
+        let inc = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let (text, blocks) = root(&inc, &hostile_context());
+        let body = section_text(&blocks, 1);
+        let measured = body.lines().find(|l| l.starts_with("*Measured:*")).expect(&body);
+        assert!(
+            measured.starts_with("*Measured:* 5xx at 6 % &lt;!channel&gt; &lt;http://evil.example|see here&gt; xxx"),
+            "{measured}"
+        );
+        assert!(measured.ends_with("x… (alert `HighErrorRate`)"), "{measured}");
+        // Clipped when stored (500 characters of the description), escaped when shown.
+        let stored = hostile_context().measured.unwrap();
+        assert_eq!(stored.text.chars().count(), crate::notify::Measured::MAX_CHARS);
+        assert_eq!(
+            measured,
+            format!("*Measured:* {} (alert `HighErrorRate`)", escape(&stored.text))
+        );
+        assert!(
+            body.contains("*Alert:* HighErrorRate on portal-api &lt;!here&gt;"),
+            "{body}"
+        );
+        let all = blocks.to_string();
+        assert!(
+            !all.contains("<!channel>") && !all.contains("<!here>") && !all.contains("<http://evil"),
+            "{all}"
+        );
+        assert!(!text.contains('<'), "{text}");
+    }
+
+    #[test]
+    fn next_steps_list_follow_ups_and_the_post_mortem_once_the_rollback_ran() {
+        let ctx = hostile_context();
+        let before = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let (_, blocks) = root(&before, &ctx);
+        // Before the action: where to look only.
+        assert_eq!(
+            section_text(&blocks, 2),
+            "*Next steps*\nWhere to look: <https://runbooks.example/portal|Runbook>"
+        );
+        let after = Incident::sample(Phase::Verified, chrono::Utc::now());
+        let (_, blocks) = root(&after, &ctx);
+        assert_eq!(
+            section_text(&blocks, 2),
+            format!(
+                "*Next steps*\nLeft to people (the responder does not do these):\n• Restore the &lt;database&gt; &amp; \
+                 purge the CDN\n• Post-mortem: write it up from the incident's timeline (`incident {}`)\nWhere to \
+                 look: <https://runbooks.example/portal|Runbook>",
+                after.id
+            )
+        );
+    }
+
+    #[test]
+    fn the_change_that_ends_the_action_carries_its_result_and_the_follow_ups_reply() {
+        let ctx = Context {
+            routes: crate::notify::Routes::default(),
+            ..hostile_context()
+        };
+        let inc = Incident::sample(Phase::Verifying, chrono::Utc::now());
+        let detail = Value::Null;
+        let change = Change::Phase {
+            from: Phase::Executing,
+            to: Phase::Verifying,
+            summary: "listener: forward changed from [prod 50, canary 50] to [prod 100], read back OK",
+            actor: "r1",
+            detail: &detail,
+        };
+        let sent = plan(&inc, &ctx, &change, "#c");
+        let Message::SlackRoot { state, blocks, .. } = &sent[0] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(
+            state.as_deref(),
+            Some("*Rollback:* listener: forward changed from [prod 50, canary 50] to [prod 100], read back OK")
+        );
+        // Delivery puts it under the main section, and later updates take it from the handles.
+        let with = with_state(blocks, state.as_deref());
+        assert_eq!(with[2]["block_id"], STATE_BLOCK);
+        assert_eq!(with[2]["text"]["text"], state.as_deref().unwrap());
+        let texts: Vec<&str> = sent
+            .iter()
+            .filter_map(|m| match m {
+                Message::SlackReply { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert_eq!(
+            texts[1],
+            "*Left to people* now that the rollback has run (the responder does not do these):\n• Restore the \
+             &lt;database&gt; &amp; purge the CDN"
+        );
+        // A later change neither repeats the follow-ups nor knows the result.
+        let later = Change::Phase {
+            from: Phase::Verifying,
+            to: Phase::Verified,
+            summary: "verified",
+            actor: "r1",
+            detail: &detail,
+        };
+        let sent = plan(&inc, &ctx, &later, "#c");
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(matches!(&sent[0], Message::SlackRoot { state: None, .. }));
     }
 
     #[test]

@@ -63,6 +63,55 @@ mod tests {
             .collect()
     }
 
+    const POLICY: &str = "name: web
+service: web
+target:
+  alb:
+    listener_arn: arn:aws:elasticloadbalancing:us-east-1:1:listener/app/web/1/2
+    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web-stable/1
+triggers:
+  - name: errors
+    matchers: ['alertname=\"HighErrorRate\"']
+    mode: auto
+follow_ups:
+  - Purge the CDN cache
+  - ''
+  - Purge the CDN cache
+";
+
+    fn load(text: &str) -> Vec<String> {
+        let dir = std::path::Path::new("p");
+        match super::super::PolicySet::from_sources(dir, vec![(dir.join("web.yaml"), text.to_string())]) {
+            Ok(_) => vec![],
+            Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_bad_follow_up_refuses_the_policy_with_file_line_and_key() {
+        assert_eq!(
+            load(POLICY),
+            [
+                "p/web.yaml:11: follow_ups[1]: empty; write what a person must do, e.g. \"Purge the CDN cache\"",
+                "p/web.yaml:12: follow_ups[2]: \"Purge the CDN cache\" is listed twice",
+            ]
+        );
+        // Not a list of strings: serde's error at its line, pointing at the documented shape.
+        let errs = load(&POLICY.replace("  - ''\n", "  - {restore: db}\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("p/web.yaml:13: follow_ups[1]: invalid type"),
+            "{}",
+            errs[0]
+        );
+        assert!(load(
+            &POLICY
+                .replace("  - ''\n", "  - Switch DNS back\n")
+                .replace("  - Purge the CDN cache\n", "")
+        )
+        .is_empty());
+    }
+
     #[test]
     fn plain_short_distinct_lines_pass() {
         assert!(messages(&[]).is_empty());
