@@ -113,6 +113,15 @@ follow_ups:
     }
 
     #[test]
+    fn every_shipped_policy_lists_what_it_leaves_to_people() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let set = super::super::PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+        for p in set.iter() {
+            assert!(!p.follow_ups.is_empty(), "policies/{}: no follow_ups", p.name);
+        }
+    }
+
+    #[test]
     fn plain_short_distinct_lines_pass() {
         assert!(messages(&[]).is_empty());
         assert!(messages(&[

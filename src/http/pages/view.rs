@@ -475,6 +475,65 @@ mod tests {
     }
 
     #[test]
+    fn the_incident_page_shows_what_was_measured_what_the_rollback_did_and_the_next_steps() {
+        let now = Utc::now();
+        let mut inc = Incident::sample(Phase::Verified, now);
+        inc.context = serde_json::json!({
+            "measured": {"alert": "HighErrorRate", "text": "5xx at 6 % <script>x</script>"},
+            "follow_ups": ["Purge the <CDN> cache"],
+            "runbook": "https://runbooks.example/portal",
+            "dashboard": "javascript:alert(1)",
+        });
+        let ended = EventRecord {
+            at: now,
+            kind: "phase".into(),
+            actor: "r1".into(),
+            phase_from: Some(Phase::Executing),
+            phase_to: Some(Phase::Verifying),
+            summary: "forward changed from [canary 50] to [prod 100]".into(),
+            detail: Value::Null,
+        };
+        let page = |inc: &Incident| {
+            Detail {
+                incident: inc,
+                alerts: &[],
+                events: std::slice::from_ref(&ended),
+                notices: &[],
+                public_url: None,
+                viewer: None,
+                now,
+            }
+            .render()
+            .into_string()
+        };
+        let html = page(&inc);
+        assert!(
+            html.contains("<dt>Measured</dt><dd>5xx at 6 % &lt;script&gt;x&lt;/script&gt; (HighErrorRate)</dd>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<dt>Rollback</dt><dd>forward changed from [canary 50] to [prod 100]</dd>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("Left to people (the responder does not do these):"),
+            "{html}"
+        );
+        assert!(html.contains("<li>Purge the &lt;CDN&gt; cache</li>"), "{html}");
+        assert!(html.contains("Post-mortem: write it up"), "{html}");
+        assert!(html.contains("<a href=\"https://runbooks.example/portal\""), "{html}");
+        assert!(!html.contains("href=\"javascript:"), "{html}");
+        // Before the rollback the follow-ups are what comes after it, and no post-mortem yet.
+        inc.phase = Phase::AwaitingApproval;
+        let html = page(&inc);
+        assert!(
+            html.contains("Once the target is rolled back, left to people"),
+            "{html}"
+        );
+        assert!(!html.contains("Post-mortem"), "{html}");
+    }
+
+    #[test]
     fn ages_read_naturally_and_never_overflow() {
         let now = Utc::now();
         assert_eq!(ago(now - chrono::Duration::seconds(30), now), "30 s ago");
