@@ -6,6 +6,7 @@
 //! nothing here ever runs on the rollback's path, so an outage of Slack cannot delay a
 //! rollback. One file per channel renders its messages and speaks its API.
 
+mod mrkdwn;
 pub mod outbox;
 pub mod pagerduty;
 pub mod slack;
@@ -92,6 +93,53 @@ pub struct Context {
     /// pages sit behind the read token or SSO.
     #[serde(default)]
     pub pages_url: Option<String>,
+    /// What the opening alert measured (its `description` annotation), clipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+    /// What the policy leaves to people after the rollback (`follow_ups`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub follow_ups: Vec<String>,
+}
+
+/// The value an alert measured, as its rule wrote it ("5xx at 6 %"), and which alert said so.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    pub alert: String,
+    pub text: String,
+}
+
+impl Measured {
+    /// Longest description kept: Prometheus rules write a sentence; an annotation can be
+    /// megabytes, and the context is stored with every incident.
+    pub const MAX_CHARS: usize = 500;
+
+    /// The `description` annotation of alert `alertname`, when it says something.
+    pub fn from_annotations(alertname: &str, annotations: &LabelSet) -> Option<Measured> {
+        let d = annotations.get("description")?.trim();
+        (!d.is_empty()).then(|| Measured {
+            alert: clip(alertname, 200),
+            text: clip(d, Self::MAX_CHARS),
+        })
+    }
+}
+
+/// `s` cut to at most `max` characters, marked with an ellipsis when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Whether the rollback action has run for this incident (changed, found done, failed or
+/// rehearsed): from here on the messages list what is left to people.
+pub fn action_ran(p: Phase) -> bool {
+    matches!(
+        p,
+        Phase::Verifying | Phase::Verified | Phase::VerificationFailed | Phase::Failed | Phase::DryRun
+    )
 }
 
 impl Context {
@@ -168,6 +216,11 @@ pub enum Message {
         /// message an earlier attempt made (entries queued before this field have none).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         incident: Option<String>,
+        /// What the rollback did to the target (the action's before and after), set by the
+        /// change that ended the action. Kept with the message's handles at delivery, so the
+        /// later updates of the message (which do not know it) still show it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
     },
     /// A reply in the incident's thread.
     SlackReply { channel: String, text: String },

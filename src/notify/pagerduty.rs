@@ -3,6 +3,8 @@
 //! acknowledge while a rollback is under way, resolve when the incident closes, a change event
 //! when a rollback is executed, and a separate high-severity trigger when a rollback fails or
 //! does not verify, so the on-call is paged even if the first alert was acknowledged.
+//! Triggers and the change event carry, in `custom_details`, what the opening alert measured
+//! and the policy's `follow_ups` (what the rollback leaves to people); `links` say where to look.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
@@ -34,6 +36,18 @@ fn links(inc: &Incident, ctx: &Context) -> Value {
     Value::Array(l)
 }
 
+/// `details` with what the opening alert measured and what the policy leaves to people after
+/// the rollback, when there is any (the links say where to look).
+fn with_next_steps(ctx: &Context, mut details: Value) -> Value {
+    if let Some(m) = &ctx.measured {
+        details["measured"] = json!({ "alert": m.alert, "value": m.text });
+    }
+    if !ctx.follow_ups.is_empty() {
+        details["follow_ups"] = json!(ctx.follow_ups);
+    }
+    details
+}
+
 fn event(route: &PagerDutyRoute, body: Value) -> Message {
     Message::PagerDuty {
         path: "/v2/enqueue".into(),
@@ -63,10 +77,10 @@ fn trigger(
                 "component": inc.service,
                 "group": inc.policy,
                 "class": inc.alertname,
-                "custom_details": {
+                "custom_details": with_next_steps(ctx, json!({
                     "incident": inc.id, "phase": inc.phase, "decision": inc.decision.outcome.label(),
                     "reason": inc.decision.reason, "target": ctx.target, "labels": ctx.labels,
-                },
+                })),
             },
             "links": links(inc, ctx),
             "client": "rollback-responder",
@@ -143,7 +157,7 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
                         "summary": format!("Rollback executed by rollback-responder: {}", ctx.target).chars().take(1024).collect::<String>(),
                         "source": "rollback-responder",
                         "timestamp": inc.acted_at.unwrap_or(inc.updated_at).to_rfc3339(),
-                        "custom_details": { "incident": inc.id, "policy": inc.policy, "by": actor, "summary": summary, "detail": detail },
+                        "custom_details": with_next_steps(ctx, json!({ "incident": inc.id, "policy": inc.policy, "by": actor, "summary": summary, "detail": detail })),
                     },
                     "links": links(inc, ctx),
                 }),

@@ -9,9 +9,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use slack_morphism::prelude::*;
 
+use super::mrkdwn::{escape, escape_keeping_mentions, link};
 use super::{
-    classify_status, headline, is_dry_run, is_escalation, transport_error, Change, Context, DeliveryError, Message,
-    Refs,
+    action_ran, classify_status, clip, headline, is_dry_run, is_escalation, transport_error, Change, Context,
+    DeliveryError, Message, Refs,
 };
 use crate::incident::{Incident, Phase};
 
@@ -34,24 +35,69 @@ fn emoji(p: Phase) -> &'static str {
     }
 }
 
-fn link(url: &Option<String>, text: &str) -> Option<String> {
-    url.as_ref().filter(|u| !u.is_empty()).map(|u| format!("<{u}|{text}>"))
-}
-
 /// Slack's limit for a section block's text.
 const SECTION_MAX: usize = 3000;
+/// Longest action result the root message repeats (the thread has it whole).
+const STATE_MAX: usize = 1500;
+/// The block that says what the rollback did to the target, and the handle it is kept under.
+const STATE_BLOCK: &str = "rollback_state";
 
-/// `s` cut to at most `max` characters, marked with an ellipsis when cut.
-fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
+/// What people do next: once the rollback has run, what the policy leaves to them and the
+/// post-mortem; always, where to look.
+fn next_steps(inc: &Incident, ctx: &Context) -> Option<String> {
+    let mut lines = Vec::new();
+    if action_ran(inc.phase) {
+        let dry = inc.phase == Phase::DryRun;
+        let mut todo: Vec<String> = ctx.follow_ups.iter().map(|f| format!("• {}", escape(f))).collect();
+        if !dry {
+            todo.push(match link(&ctx.page(inc), "incident page") {
+                Some(page) => format!("• Post-mortem: write it up from the timeline on the {page}"),
+                None => format!(
+                    "• Post-mortem: write it up from the incident's timeline (`incident {}`)",
+                    inc.id
+                ),
+            });
+        }
+        if !todo.is_empty() {
+            lines.push(if dry {
+                "After a real rollback, left to people (the responder does not do these):".to_string()
+            } else {
+                "Left to people (the responder does not do these):".to_string()
+            });
+            lines.extend(todo);
+        }
     }
-    let mut out: String = s.chars().take(max - 1).collect();
-    out.push('…');
-    out
+    let look: Vec<String> = [
+        link(&ctx.runbook, "Runbook"),
+        link(&ctx.dashboard, "Dashboard"),
+        link(&ctx.page(inc), "Incident page"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !look.is_empty() {
+        lines.push(format!("Where to look: {}", look.join(" · ")));
+    }
+    (!lines.is_empty()).then(|| format!("*Next steps*\n{}", lines.join("\n")))
 }
 
-/// The incident message: what fired, which policy decided what and why, the target, links.
+/// The thread's list of follow-ups when the action has just run, if the policy has any.
+fn follow_ups_reply(to: Phase, ctx: &Context) -> Option<String> {
+    if ctx.follow_ups.is_empty() || !action_ran(to) {
+        return None;
+    }
+    let head = match to {
+        Phase::DryRun => "*After a real rollback, left to people* (a dry run changed nothing):",
+        Phase::Failed => "*Left to people* (the rollback failed: revert the target by hand first, then):",
+        _ => "*Left to people* now that the rollback has run (the responder does not do these):",
+    };
+    let items: Vec<String> = ctx.follow_ups.iter().map(|f| format!("• {}", escape(f))).collect();
+    Some(format!("{head}\n{}", items.join("\n")))
+}
+
+/// The incident message: what fired and what it measured, which policy decided what and why,
+/// the target, the next steps and links. What the rollback did is added at delivery
+/// ([`with_state`]): only the change that ended the action knows it.
 pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
     let dry = if is_dry_run(inc) {
         " (DRY RUN: nothing is changed)"
@@ -59,18 +105,25 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
         ""
     };
     let title = headline(inc, ctx);
-    let text = format!("{} Rollback {}: {title}{dry}", emoji(inc.phase), inc.phase);
+    let text = format!("{} Rollback {}: {}{dry}", emoji(inc.phase), inc.phase, escape(&title));
     let mut body = format!(
         "*Phase:* `{}`{dry}\n*Decision:* {} ({})\n*Policy:* `{}` (trigger `{}`)\n*Target:* {}",
         inc.phase,
         inc.decision.outcome.label(),
-        inc.decision.reason,
-        inc.policy,
-        inc.trigger.as_deref().unwrap_or("-"),
-        ctx.target,
+        escape_keeping_mentions(&inc.decision.reason),
+        escape(&inc.policy),
+        escape(inc.trigger.as_deref().unwrap_or("-")),
+        escape(&ctx.target),
     );
     if let Some(s) = &ctx.summary {
-        body.push_str(&format!("\n*Alert:* {s}"));
+        body.push_str(&format!("\n*Alert:* {}", escape_keeping_mentions(s)));
+    }
+    if let Some(m) = &ctx.measured {
+        body.push_str(&format!(
+            "\n*Measured:* {} (alert `{}`)",
+            escape(&m.text),
+            escape(&m.alert)
+        ));
     }
     if inc.executed() {
         body.push_str("\n*Executed:* yes, the target was changed");
@@ -110,6 +163,13 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
             .into(),
         );
     }
+    if let Some(steps) = next_steps(inc, ctx) {
+        blocks.push(
+            SlackSectionBlock::new()
+                .with_text(md!(clip(&steps, SECTION_MAX)))
+                .into(),
+        );
+    }
     let links: Vec<String> = [
         Some(format!("Incident `{}`", inc.id)),
         link(&ctx.page(inc), "Incident page"),
@@ -130,15 +190,30 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
     (text, serde_json::to_value(blocks).unwrap_or(Value::Null))
 }
 
+/// The root's blocks with the block saying what the rollback did (`state`) after the main
+/// section, when known.
+fn with_state(blocks: &Value, state: Option<&str>) -> Value {
+    let mut blocks = blocks.clone();
+    if let (Some(state), Some(list)) = (state, blocks.as_array_mut()) {
+        let at = list.len().min(2);
+        list.insert(
+            at,
+            json!({ "type": "section", "block_id": STATE_BLOCK, "text": { "type": "mrkdwn", "text": state } }),
+        );
+    }
+    blocks
+}
+
 /// Slack messages for a change.
 pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Vec<Message> {
-    let root_msg = || {
+    let root_msg = |state: Option<String>| {
         let (text, blocks) = root(inc, ctx);
         Message::SlackRoot {
             channel: channel.to_string(),
             text,
             blocks,
             incident: Some(inc.id.0.clone()),
+            state,
         }
     };
     let reply = |text: String| Message::SlackReply {
@@ -147,11 +222,11 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Ve
     };
     match change {
         Change::Opened => vec![
-            root_msg(),
+            root_msg(None),
             reply(format!(
                 "*Decision:* `{}`: {}",
                 inc.decision.outcome.label(),
-                inc.decision.reason
+                escape_keeping_mentions(&inc.decision.reason)
             )),
         ],
         Change::Phase {
@@ -165,19 +240,25 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Ve
                 (Some(m), true) => format!("{m} "),
                 _ => String::new(),
             };
-            let line = if from == to {
-                format!("{summary} ({actor})")
-            } else {
-                format!("{mention}{} `{from}` → `{to}`: {summary} ({actor})", emoji(*to))
-            };
+            let (summary, actor) = (escape_keeping_mentions(summary), escape_keeping_mentions(actor));
             if from == to {
-                vec![reply(line)]
-            } else {
-                vec![root_msg(), reply(line)]
+                return vec![reply(format!("{summary} ({actor})"))];
             }
+            let line = format!("{mention}{} `{from}` → `{to}`: {summary} ({actor})", emoji(*to));
+            // The change that ends the action is the one that knows what it did.
+            let ended_action = *from == Phase::Executing;
+            let state = ended_action.then(|| format!("*Rollback:* {}", clip(&summary, STATE_MAX)));
+            let mut out = vec![root_msg(state), reply(line)];
+            if ended_action {
+                out.extend(follow_ups_reply(*to, ctx).map(reply));
+            }
+            out
         }
-        Change::Note { summary } => vec![reply(summary.to_string())],
-        Change::Closed => vec![root_msg(), reply(format!("Incident closed in phase `{}`.", inc.phase))],
+        Change::Note { summary } => vec![reply(escape_keeping_mentions(summary))],
+        Change::Closed => vec![
+            root_msg(None),
+            reply(format!("Incident closed in phase `{}`.", inc.phase)),
+        ],
     }
 }
 
@@ -210,29 +291,34 @@ pub async fn deliver(
             text,
             blocks,
             incident,
-        } => match (refs.get("channel"), refs.get("ts")) {
-            (Some(c), Some(ts)) => (
-                "chat.update",
-                json!({ "channel": c, "ts": ts, "text": text, "blocks": blocks }),
-            ),
-            _ => {
-                if let (true, Some(id)) = (retried, incident) {
-                    match find_posted(http, api, token, channel, id).await {
-                        Ok(Some(found)) => return Ok(found),
-                        Ok(None) => {}
-                        // Best effort: without the scopes to look, post (a duplicate at worst).
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not look for an earlier post of this incident; posting")
+            state,
+        } => {
+            let blocks = with_state(blocks, state.as_deref().or(refs.get(STATE_BLOCK).map(String::as_str)));
+            match (refs.get("channel"), refs.get("ts")) {
+                (Some(c), Some(ts)) => (
+                    "chat.update",
+                    json!({ "channel": c, "ts": ts, "text": text, "blocks": blocks }),
+                ),
+                _ => {
+                    if let (true, Some(id)) = (retried, incident) {
+                        match find_posted(http, api, token, channel, id).await {
+                            Ok(Some(found)) => return Ok(found.into_iter().chain(kept_state(msg)).collect()),
+                            Ok(None) => {}
+                            // Best effort: without the scopes to look, post (a duplicate at worst).
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not look for an earlier post of this incident; posting")
+                            }
                         }
                     }
+                    let mut body = json!({ "channel": channel, "text": text, "blocks": blocks, "unfurl_links": false });
+                    if let Some(id) = incident {
+                        body["metadata"] =
+                            json!({ "event_type": METADATA_EVENT, "event_payload": { "incident_id": id } });
+                    }
+                    ("chat.postMessage", body)
                 }
-                let mut body = json!({ "channel": channel, "text": text, "blocks": blocks, "unfurl_links": false });
-                if let Some(id) = incident {
-                    body["metadata"] = json!({ "event_type": METADATA_EVENT, "event_payload": { "incident_id": id } });
-                }
-                ("chat.postMessage", body)
             }
-        },
+        }
         Message::SlackReply { channel, text } => {
             let c = refs.get("channel").cloned().unwrap_or_else(|| channel.clone());
             match refs.get("ts") {
@@ -285,14 +371,24 @@ pub async fn deliver(
         });
     }
     // Only the incident's first post creates the handles the thread and updates hang off.
+    let mut handles = Vec::new();
     if matches!(msg, Message::SlackRoot { .. }) && method == "chat.postMessage" {
         let channel = v["channel"].as_str().unwrap_or_default().to_string();
         let ts = v["ts"].as_str().unwrap_or_default().to_string();
         if !channel.is_empty() && !ts.is_empty() {
-            return Ok(vec![("channel".into(), channel), ("ts".into(), ts)]);
+            handles = vec![("channel".into(), channel), ("ts".into(), ts)];
         }
     }
-    Ok(vec![])
+    handles.extend(kept_state(msg));
+    Ok(handles)
+}
+
+/// The root's "what the rollback did", kept with its handles for the later updates.
+fn kept_state(msg: &Message) -> Option<(String, String)> {
+    match msg {
+        Message::SlackRoot { state: Some(s), .. } => Some((STATE_BLOCK.to_string(), s.clone())),
+        _ => None,
+    }
 }
 
 /// A Web API read; `Err` names the method and Slack's error.
@@ -496,6 +592,132 @@ mod tests {
                 inc.id, inc.id
             )
         );
+    }
+
+    fn hostile_context() -> Context {
+        let hostile = format!(
+            "5xx at 6 % <!channel> <http://evil.example|see here> {}",
+            "x".repeat(3200)
+        );
+        let mut annotations = crate::alert::LabelSet::new();
+        annotations.insert("description".into(), hostile);
+        Context {
+            summary: Some("HighErrorRate on portal-api <!here>".into()),
+            measured: crate::notify::Measured::from_annotations("HighErrorRate", &annotations),
+            runbook: Some("https://runbooks.example/portal".into()),
+            follow_ups: vec!["Restore the <database> & purge the CDN".into()],
+            ..Context::default()
+        }
+    }
+
+    fn section_text(blocks: &Value, i: usize) -> String {
+        blocks[i]["text"]["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn a_hostile_description_is_clipped_and_escaped_in_the_root() {
+        let inc = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let (text, blocks) = root(&inc, &hostile_context());
+        let body = section_text(&blocks, 1);
+        let measured = body.lines().find(|l| l.starts_with("*Measured:*")).expect(&body);
+        assert!(
+            measured.starts_with("*Measured:* 5xx at 6 % &lt;!channel&gt; &lt;http://evil.example|see here&gt; xxx"),
+            "{measured}"
+        );
+        assert!(measured.ends_with("x… (alert `HighErrorRate`)"), "{measured}");
+        // Clipped when stored (500 characters of the description), escaped when shown.
+        let stored = hostile_context().measured.unwrap();
+        assert_eq!(stored.text.chars().count(), crate::notify::Measured::MAX_CHARS);
+        assert_eq!(
+            measured,
+            format!("*Measured:* {} (alert `HighErrorRate`)", escape(&stored.text))
+        );
+        assert!(
+            body.contains("*Alert:* HighErrorRate on portal-api &lt;!here&gt;"),
+            "{body}"
+        );
+        let all = blocks.to_string();
+        assert!(
+            !all.contains("<!channel>") && !all.contains("<!here>") && !all.contains("<http://evil"),
+            "{all}"
+        );
+        assert!(!text.contains('<'), "{text}");
+    }
+
+    #[test]
+    fn next_steps_list_follow_ups_and_the_post_mortem_once_the_rollback_ran() {
+        let ctx = hostile_context();
+        let before = Incident::sample(Phase::Executing, chrono::Utc::now());
+        let (_, blocks) = root(&before, &ctx);
+        // Before the action: where to look only.
+        assert_eq!(
+            section_text(&blocks, 2),
+            "*Next steps*\nWhere to look: <https://runbooks.example/portal|Runbook>"
+        );
+        let after = Incident::sample(Phase::Verified, chrono::Utc::now());
+        let (_, blocks) = root(&after, &ctx);
+        assert_eq!(
+            section_text(&blocks, 2),
+            format!(
+                "*Next steps*\nLeft to people (the responder does not do these):\n• Restore the &lt;database&gt; &amp; \
+                 purge the CDN\n• Post-mortem: write it up from the incident's timeline (`incident {}`)\nWhere to \
+                 look: <https://runbooks.example/portal|Runbook>",
+                after.id
+            )
+        );
+    }
+
+    #[test]
+    fn the_change_that_ends_the_action_carries_its_result_and_the_follow_ups_reply() {
+        let ctx = Context {
+            routes: crate::notify::Routes::default(),
+            ..hostile_context()
+        };
+        let inc = Incident::sample(Phase::Verifying, chrono::Utc::now());
+        let detail = Value::Null;
+        let change = Change::Phase {
+            from: Phase::Executing,
+            to: Phase::Verifying,
+            summary: "listener: forward changed from [prod 50, canary 50] to [prod 100], read back OK",
+            actor: "r1",
+            detail: &detail,
+        };
+        let sent = plan(&inc, &ctx, &change, "#c");
+        let Message::SlackRoot { state, blocks, .. } = &sent[0] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(
+            state.as_deref(),
+            Some("*Rollback:* listener: forward changed from [prod 50, canary 50] to [prod 100], read back OK")
+        );
+        // Delivery puts it under the main section, and later updates take it from the handles.
+        let with = with_state(blocks, state.as_deref());
+        assert_eq!(with[2]["block_id"], STATE_BLOCK);
+        assert_eq!(with[2]["text"]["text"], state.as_deref().unwrap());
+        let texts: Vec<&str> = sent
+            .iter()
+            .filter_map(|m| match m {
+                Message::SlackReply { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert_eq!(
+            texts[1],
+            "*Left to people* now that the rollback has run (the responder does not do these):\n• Restore the \
+             &lt;database&gt; &amp; purge the CDN"
+        );
+        // A later change neither repeats the follow-ups nor knows the result.
+        let later = Change::Phase {
+            from: Phase::Verifying,
+            to: Phase::Verified,
+            summary: "verified",
+            actor: "r1",
+            detail: &detail,
+        };
+        let sent = plan(&inc, &ctx, &later, "#c");
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(matches!(&sent[0], Message::SlackRoot { state: None, .. }));
     }
 
     #[test]

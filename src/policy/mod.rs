@@ -6,6 +6,7 @@
 //! stores that decision and acts on it. Nothing in this module does I/O beyond reading the files.
 
 mod decide;
+mod follow_ups;
 mod matcher;
 
 use std::collections::{BTreeMap, HashSet};
@@ -52,6 +53,10 @@ pub struct Policy {
     pub notify: Notify,
     #[serde(default)]
     pub links: Links,
+    /// What a rollback leaves to people (database restore, DNS, cache): listed in the
+    /// incident's messages once the rollback has run. Checked in `follow_ups.rs`.
+    #[serde(default)]
+    pub follow_ups: Vec<String>,
 }
 
 /// One alert condition and the mode of rollback it calls for.
@@ -458,6 +463,7 @@ impl Policy {
                 );
             }
         }
+        errs.extend(follow_ups::check(&self.follow_ups));
         errs
     }
 }

@@ -354,6 +354,8 @@ impl Responder {
             verification: p.verification.clone(),
             routes: notify::Routes::resolve(p, &self.notify_defaults),
             pages_url: self.notify_defaults.pages_url.clone(),
+            measured: notify::Measured::from_annotations(stored.alert.alertname(), &stored.alert.annotations),
+            follow_ups: p.follow_ups.clone(),
         };
         let inc = Incident {
             alertname: stored.alert.alertname().to_string(),

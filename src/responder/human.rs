@@ -259,6 +259,7 @@ impl Responder {
             routes: notify::Routes::resolve(p, &self.notify_defaults),
             verification: p.verification.clone(),
             pages_url: self.notify_defaults.pages_url.clone(),
+            follow_ups: p.follow_ups.clone(),
             ..Default::default()
         };
         let inc = Incident {

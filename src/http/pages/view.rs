@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::alert::AlertStatus;
 use crate::incident::{Incident, Phase};
+use crate::notify::{action_ran, clip, Measured};
 use crate::store::{EventRecord, IncidentFilter, Notice, StoredAlert};
 
 /// Seconds between refreshes of a page that shows something still moving.
@@ -291,6 +292,60 @@ fn notice_text(n: &Notice) -> String {
     short
 }
 
+/// What the opening alert measured, as stored with the incident: "5xx at 6 % (HighErrorRate)".
+fn measured(context: &Value) -> Option<String> {
+    let m: Measured = serde_json::from_value(context.get("measured")?.clone()).ok()?;
+    Some(format!("{} ({})", m.text, m.alert))
+}
+
+/// What the last rollback action did (its before and after), from the phase change that ended it.
+fn rollback_result(events: &[EventRecord]) -> Option<&str> {
+    events
+        .iter()
+        .rev()
+        .find(|e| e.phase_from == Some(Phase::Executing) && e.phase_to.is_some_and(|p| p != Phase::Executing))
+        .map(|e| e.summary.as_str())
+}
+
+/// What people do next: the policy's follow-ups, the post-mortem, and where to look.
+fn next_steps(i: &Incident, public_url: Option<&str>) -> Markup {
+    let follow_ups: Vec<&str> = i.context["follow_ups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let ran = action_ran(i.phase);
+    let look: Vec<(&str, &str)> = [("runbook", "Runbook"), ("dashboard", "Dashboard")]
+        .into_iter()
+        .filter_map(|(k, text)| i.context[k].as_str().filter(|u| !u.is_empty()).map(|u| (u, text)))
+        .collect();
+    let post_mortem = ran && i.phase != Phase::DryRun;
+    html! {
+        @if !follow_ups.is_empty() || post_mortem || !look.is_empty() {
+        section.next {
+            h2 { "Next steps" }
+            @if !follow_ups.is_empty() {
+                p {
+                    @if ran { "Left to people (the responder does not do these):" }
+                    @else { "Once the target is rolled back, left to people (the responder does not do these):" }
+                }
+                ul.follow-ups { @for f in &follow_ups { li { (f) } } }
+            }
+            @if post_mortem {
+                p { "Post-mortem: write it up from the timeline below"
+                    @if let Some(base) = public_url { " (" a href={ (base) "/incidents/" (i.id) } { "permanent link" } ")" }
+                    "." }
+            }
+            @if !look.is_empty() {
+                p { "Where to look: "
+                    @for (n, (url, text)) in look.iter().enumerate() { @if n > 0 { " · " } (safe_link(url, text)) } }
+            }
+        }
+        }
+    }
+}
+
 impl Detail<'_> {
     pub fn render(&self) -> Markup {
         let i = self.incident;
@@ -309,6 +364,8 @@ impl Detail<'_> {
                 dt { "Changed" } dd {
                     @if let Some(a) = i.acted_at { "yes, " (time(a, now)) } @else { "no: nothing was changed on a real system" }
                 }
+                @if let Some(m) = measured(&i.context) { dt { "Measured" } dd { (m) } }
+                @if let Some(r) = rollback_result(self.events) { dt { "Rollback" } dd { (r) } }
                 @if let Some(v) = i.verified_at { dt { "Verified" } dd { (time(v, now)) } }
                 dt { "Opened" } dd { (time(i.opened_at, now)) }
                 dt { "Policy" } dd { (i.policy) @if let Some(t) = &i.trigger { " · trigger " (t) } }
@@ -327,6 +384,7 @@ impl Detail<'_> {
                     " · policy set " code title=(d.policy_hash) { (d.policy_hash.chars().take(12).collect::<String>()) }
                 }
             }
+            (next_steps(i, self.public_url))
             section {
                 h2 { "Alerts (" (self.alerts.len()) ")" }
                 ul.alerts {
@@ -341,6 +399,9 @@ impl Detail<'_> {
                             " since " (time(a.alert.starts_at, now))
                             @if let Some(e) = a.alert.ended_at() { ", ended " (time(e, now)) }
                             @if let Some(s) = a.alert.annotations.get("summary") { p.summary { (s) } }
+                            @if let Some(d) = a.alert.annotations.get("description").filter(|d| !d.trim().is_empty()) {
+                                p.measured { (clip(d, Measured::MAX_CHARS)) }
+                            }
                             (chips(a.alert.labels.iter().map(|(k, v)| (k.as_str(), v.clone()))))
                             @if !a.alert.generator_url.is_empty() { p.meta { (safe_link(&a.alert.generator_url, "source")) } }
                         }
@@ -411,6 +472,65 @@ mod tests {
             b.contains("href=\"https://prometheus.example/graph?g0.expr=up\""),
             "{b}"
         );
+    }
+
+    #[test]
+    fn the_incident_page_shows_what_was_measured_what_the_rollback_did_and_the_next_steps() {
+        let now = Utc::now();
+        let mut inc = Incident::sample(Phase::Verified, now);
+        inc.context = serde_json::json!({
+            "measured": {"alert": "HighErrorRate", "text": "5xx at 6 % <script>x</script>"},
+            "follow_ups": ["Purge the <CDN> cache"],
+            "runbook": "https://runbooks.example/portal",
+            "dashboard": "javascript:alert(1)",
+        });
+        let ended = EventRecord {
+            at: now,
+            kind: "phase".into(),
+            actor: "r1".into(),
+            phase_from: Some(Phase::Executing),
+            phase_to: Some(Phase::Verifying),
+            summary: "forward changed from [canary 50] to [prod 100]".into(),
+            detail: Value::Null,
+        };
+        let page = |inc: &Incident| {
+            Detail {
+                incident: inc,
+                alerts: &[],
+                events: std::slice::from_ref(&ended),
+                notices: &[],
+                public_url: None,
+                viewer: None,
+                now,
+            }
+            .render()
+            .into_string()
+        };
+        let html = page(&inc);
+        assert!(
+            html.contains("<dt>Measured</dt><dd>5xx at 6 % &lt;script&gt;x&lt;/script&gt; (HighErrorRate)</dd>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<dt>Rollback</dt><dd>forward changed from [canary 50] to [prod 100]</dd>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("Left to people (the responder does not do these):"),
+            "{html}"
+        );
+        assert!(html.contains("<li>Purge the &lt;CDN&gt; cache</li>"), "{html}");
+        assert!(html.contains("Post-mortem: write it up"), "{html}");
+        assert!(html.contains("<a href=\"https://runbooks.example/portal\""), "{html}");
+        assert!(!html.contains("href=\"javascript:"), "{html}");
+        // Before the rollback the follow-ups are what comes after it, and no post-mortem yet.
+        inc.phase = Phase::AwaitingApproval;
+        let html = page(&inc);
+        assert!(
+            html.contains("Once the target is rolled back, left to people"),
+            "{html}"
+        );
+        assert!(!html.contains("Post-mortem"), "{html}");
     }
 
     #[test]
