@@ -1,7 +1,12 @@
 //! Slack: one message per incident in the policy's channel, updated in place as the phase
 //! changes, and a thread reply for every step. Incidents awaiting approval carry Approve and
-//! Deny buttons whose value is the incident id. Block Kit is built with slack-morphism's
-//! types; the Web API is called with reqwest (slack-morphism has no reqwest connector).
+//! Deny buttons whose value is the incident id. The message shows what the opening alert
+//! measured, what the rollback did to the target (known only to the change that ended the
+//! action, so kept with the message's handles for later updates) and the next steps: the
+//! policy's follow-ups and the post-mortem once the rollback has run, and where to look. Text
+//! from alerts, policies and people is escaped (`mrkdwn.rs`). Block Kit is built with
+//! slack-morphism's types; the Web API is called with reqwest (slack-morphism has no reqwest
+//! connector).
 
 use std::collections::BTreeMap;
 
