@@ -1,7 +1,12 @@
 //! Slack: one message per incident in the policy's channel, updated in place as the phase
 //! changes, and a thread reply for every step. Incidents awaiting approval carry Approve and
-//! Deny buttons whose value is the incident id. Block Kit is built with slack-morphism's
-//! types; the Web API is called with reqwest (slack-morphism has no reqwest connector).
+//! Deny buttons whose value is the incident id. The message shows what the opening alert
+//! measured, what the rollback did to the target (known only to the change that ended the
+//! action, so kept with the message's handles for later updates) and the next steps: the
+//! policy's follow-ups and the post-mortem once the rollback has run, and where to look. Text
+//! from alerts, policies and people is escaped (`mrkdwn.rs`). Block Kit is built with
+//! slack-morphism's types; the Web API is called with reqwest (slack-morphism has no reqwest
+//! connector).
 
 use std::collections::BTreeMap;
 
@@ -191,10 +196,10 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
 }
 
 /// The root's blocks with the block saying what the rollback did (`state`) after the main
-/// section, when known.
+/// section, when known (empty: an attempt is under way, nothing to say yet).
 fn with_state(blocks: &Value, state: Option<&str>) -> Value {
     let mut blocks = blocks.clone();
-    if let (Some(state), Some(list)) = (state, blocks.as_array_mut()) {
+    if let (Some(state), Some(list)) = (state.filter(|s| !s.is_empty()), blocks.as_array_mut()) {
         let at = list.len().min(2);
         list.insert(
             at,
@@ -245,9 +250,14 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Ve
                 return vec![reply(format!("{summary} ({actor})"))];
             }
             let line = format!("{mention}{} `{from}` → `{to}`: {summary} ({actor})", emoji(*to));
-            // The change that ends the action is the one that knows what it did.
+            // The change that ends the action is the one that knows what it did; a new
+            // attempt (a person's rollback after a failed one) forgets the last one's result.
             let ended_action = *from == Phase::Executing;
-            let state = ended_action.then(|| format!("*Rollback:* {}", clip(&summary, STATE_MAX)));
+            let state = if ended_action {
+                Some(format!("*Rollback:* {}", clip(&summary, STATE_MAX)))
+            } else {
+                (*to == Phase::Executing).then(String::new)
+            };
             let mut out = vec![root_msg(state), reply(line)];
             if ended_action {
                 out.extend(follow_ups_reply(*to, ctx).map(reply));
@@ -718,6 +728,21 @@ mod tests {
         let sent = plan(&inc, &ctx, &later, "#c");
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert!(matches!(&sent[0], Message::SlackRoot { state: None, .. }));
+        // A new attempt (a person's rollback after a failed one) clears the last result.
+        let again = Change::Phase {
+            from: Phase::Failed,
+            to: Phase::Executing,
+            summary: "approved by <@U1>",
+            actor: "<@U1>",
+            detail: &detail,
+        };
+        let sent = plan(&inc, &ctx, &again, "#c");
+        let Message::SlackRoot { state, blocks, .. } = &sent[0] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(state.as_deref(), Some(""));
+        assert_eq!(&with_state(blocks, Some("")), blocks);
+        assert_eq!(kept_state(&sent[0]), Some((STATE_BLOCK.to_string(), String::new())));
     }
 
     #[test]

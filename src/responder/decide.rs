@@ -319,7 +319,14 @@ impl Responder {
                     .incident_has_alertname(&inc.id, stored.alert.alertname(), stored.id)
                     .await?
             {
-                self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
+                // The thread says what the new kind of alert measured, as the root does for the
+                // first one; the timeline keeps the whole alert.
+                let told = match notify::Measured::from_annotations(stored.alert.alertname(), &stored.alert.annotations)
+                {
+                    Some(m) => format!("{summary}\n*Measured:* {}", m.text),
+                    None => summary.clone(),
+                };
+                self.tell(tx, &inc, Change::Note { summary: &told }, now).await?;
             }
             ctx.named.insert(named);
             if applied.is_some_and(|a| a.executing) {

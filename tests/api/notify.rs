@@ -630,8 +630,12 @@ async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announ
     let mut storm: Vec<Value> = (1..=20)
         .map(|i| alert("HighErrorRate", "portal-api", &format!("cb{i:02}"), &ago(50), None))
         .collect();
-    storm.push(alert("HealthCheckFailing", "portal-api", "cc01", &ago(40), None));
-    storm.push(alert("HealthCheckFailing", "portal-api", "cc02", &ago(40), None));
+    let mut health = alert("HealthCheckFailing", "portal-api", "cc01", &ago(40), None);
+    health["annotations"]["description"] = json!("GET /v1/health answered 503 <!channel>");
+    storm.push(health.clone());
+    // The second instance says the same (whichever of the two is announced).
+    health["fingerprint"] = json!("cc02");
+    storm.push(health);
     app.post_webhook(&payload("firing", storm)).await;
     app.wait_incident(&id, "every alert joined", |i| {
         i["timeline"]
@@ -652,6 +656,12 @@ async fn a_storm_of_one_alert_joins_quietly_and_each_new_kind_of_alert_is_announ
         "one reply for the new kind, none per instance: {texts:#?}"
     );
     assert!(joined[0].contains("HealthCheckFailing"), "{}", joined[0]);
+    // What the new kind of alert measured, escaped like every alert text.
+    assert!(
+        joined[0].ends_with("\n*Measured:* GET /v1/health answered 503 &lt;!channel&gt;"),
+        "{}",
+        joined[0]
+    );
 }
 
 /// Two incidents at once, each with its own Slack channel and status page components: every

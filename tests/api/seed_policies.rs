@@ -178,6 +178,16 @@ async fn squad_api_asks_on_errors_and_sends_everything_back_to_blue_when_health_
     assert_eq!(inc["policy"], "squad-api");
     assert_eq!(find(&inc, "action_succeeded")["detail"]["outcome"], "reverted");
     assert!(svc.health_requests() >= 3, "the shipped probe needs 3 successes");
+    // The checklist steps the responder leaves to people travel with the incident, for its
+    // messages (Slack, PagerDuty, the incident page) to list after the rollback.
+    let doc: Yaml = serde_norway::from_str(&read_shipped("squad-api.yaml")).unwrap();
+    let follow_ups: Vec<String> = serde_norway::from_value(doc["follow_ups"].clone()).unwrap();
+    assert!(
+        follow_ups.iter().any(|f| f.starts_with("Database: restore"))
+            && follow_ups.iter().any(|f| f.starts_with("Cache: invalidate")),
+        "{follow_ups:?}"
+    );
+    assert_eq!(inc["context"]["follow_ups"], json!(follow_ups));
 }
 
 /// Seed 003 (Python-to-Go cutover): an immediate trigger (error rate > 5 % sustained 5 min)
