@@ -13,10 +13,9 @@ use kube::api::{Api, DynamicObject};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{
-    equality_selector, template_summary, templates_equal, KubeError, KubeExecutor, KubeStep, KubernetesTarget, Op,
-    REVISION_ANNOTATION,
-};
+use super::error::Op;
+use super::views::{equality_selector, template_summary, templates_equal};
+use super::{KubeError, KubeExecutor, KubeStep, KubernetesTarget, REVISION_ANNOTATION};
 use crate::action::ReadBack;
 
 /// kubectl apply's record of what it last applied.
