@@ -91,11 +91,13 @@ impl Target {
                         KubeStep::RolloutUndo {
                             deployment,
                             to_revision,
-                        } => match to_revision {
-                            Some(r) => {
+                            to_image,
+                        } => match (to_revision, to_image) {
+                            (Some(r), _) => {
                                 format!("rollout undo deployment/{deployment} to revision {r}")
                             }
-                            None => format!("rollout undo deployment/{deployment}"),
+                            (None, Some(image)) => format!("rollout undo deployment/{deployment} to image {image}"),
+                            (None, None) => format!("rollout undo deployment/{deployment}"),
                         },
                         KubeStep::Scale { deployment, replicas } => {
                             format!("scale deployment/{deployment} to {replicas}")
@@ -152,13 +154,15 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target`, handing every step
+    /// Carries out (or, dry run, only describes) the revert of `target` for an incident opened
+    /// at `opened_at` (what was current then is the bad release), handing every step
     /// to `on_step` as it happens, whether the action succeeds or not.
     /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
     pub async fn execute(
         &self,
         target: &Target,
         dry_run: bool,
+        opened_at: chrono::DateTime<chrono::Utc>,
         on_step: &mut (dyn FnMut(Step) + Send),
         before_write: retry::BeforeWrite<'_>,
     ) -> Result<ActionReport, ActionError> {
@@ -173,7 +177,11 @@ impl Executors {
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
                 let mut record = |s: kubernetes::KubeStepRecord| on_step(s.into());
-                kube_report(t, exec.revert_gated(t, dry_run, &mut record, before_write).await)
+                kube_report(
+                    t,
+                    exec.revert_gated(t, dry_run, Some(opened_at), &mut record, before_write)
+                        .await,
+                )
             }
             _ => Ok(not_configured(target, dry_run)),
         }

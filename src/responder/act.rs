@@ -259,7 +259,7 @@ impl Responder {
                 let _ = sender.send(Timed { at: Utc::now(), step });
             };
             self.executors
-                .execute(target, dry_run, &mut on_step, before_write)
+                .execute(target, dry_run, inc.opened_at, &mut on_step, before_write)
                 .await
         };
         let record = async {

@@ -129,6 +129,7 @@ fn undo_step(to_revision: Option<u64>) -> KubeStep {
     KubeStep::RolloutUndo {
         deployment: "portal-api".into(),
         to_revision,
+        to_image: None,
     }
 }
 

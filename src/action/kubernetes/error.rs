@@ -95,6 +95,32 @@ pub enum KubeError {
         /// Revisions found.
         available: Vec<u64>,
     },
+    /// `to_image` names an image none of the Deployment's ReplicaSets runs.
+    #[error("no revision of deployment {deployment} runs image {image} (images present: {available:?})")]
+    ImageNotFound {
+        /// Deployment name.
+        deployment: String,
+        /// Requested image.
+        image: String,
+        /// Images found.
+        available: Vec<String>,
+    },
+    /// The pod template changed after the incident opened, to a release that is not older than
+    /// the one that was current then: not ours to undo.
+    #[error(
+        "deployment {deployment} changed after the incident opened ({opened_at}) {by}, to a newer release ({images}); \
+         not undoing someone else's release: a human decides"
+    )]
+    ChangedSinceOpened {
+        /// Deployment name.
+        deployment: String,
+        /// Who changed it and when.
+        by: String,
+        /// When the incident opened.
+        opened_at: String,
+        /// Its images now.
+        images: String,
+    },
     /// The undone Deployment did not finish rolling out in time (or hit its progress deadline).
     #[error("deployment {deployment} did not complete its rollout within {timeout_secs}s: {last_status}")]
     RolloutTimedOut {
@@ -185,6 +211,8 @@ impl KubeError {
             KubeError::Paused { .. } => "paused",
             KubeError::NoRolloutHistory { .. } => "no_rollout_history",
             KubeError::RevisionNotFound { .. } => "revision_not_found",
+            KubeError::ImageNotFound { .. } => "image_not_found",
+            KubeError::ChangedSinceOpened { .. } => "changed_since_opened",
             KubeError::RolloutTimedOut { .. } => "rollout_timed_out",
             KubeError::NoReadyEndpoints { .. } => "no_ready_endpoints",
             KubeError::ReadBackMismatch { .. } => "read_back_mismatch",

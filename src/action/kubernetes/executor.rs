@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
@@ -93,16 +94,32 @@ impl KubeExecutor {
         dry_run: bool,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
     ) -> Result<KubeOutcome, KubeError> {
-        self.revert_gated(t, dry_run, on_step, &crate::action::retry::no_gate)
+        self.revert_gated(t, dry_run, None, on_step, &crate::action::retry::no_gate)
             .await
     }
 
-    /// [`KubeExecutor::revert`], awaiting `before_write` after each patch is planned (and
-    /// reported) and before it is sent (not in a dry run).
+    /// [`KubeExecutor::revert`] for an incident that opened at `opened_at`: a rollout undo
+    /// without a named revision pins the revision current then as the bad one, so a rollback
+    /// someone made since is found done, not undone (see [`KubeStep::RolloutUndo`]).
+    pub async fn revert_since(
+        &self,
+        t: &KubernetesTarget,
+        dry_run: bool,
+        opened_at: DateTime<Utc>,
+        on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
+    ) -> Result<KubeOutcome, KubeError> {
+        self.revert_gated(t, dry_run, Some(opened_at), on_step, &crate::action::retry::no_gate)
+            .await
+    }
+
+    /// [`KubeExecutor::revert_since`] (or, without `opened_at`, [`KubeExecutor::revert`]),
+    /// awaiting `before_write` after each patch is planned (and reported) and before it is sent
+    /// (not in a dry run).
     pub async fn revert_gated(
         &self,
         t: &KubernetesTarget,
         dry_run: bool,
+        opened_at: Option<DateTime<Utc>>,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
         before_write: BeforeWrite<'_>,
     ) -> Result<KubeOutcome, KubeError> {
@@ -116,12 +133,13 @@ impl KubeExecutor {
                 index,
                 state: current.state(),
             });
-            let plan = plan_step(step, &current)?;
-            if let Plan::Done { reason } = &plan {
+            let plan = plan_step(step, &current, opened_at)?;
+            if let Plan::Done { reason, by } = &plan {
                 on_step(KubeStepRecord::AlreadyDone {
                     index,
                     state: current.state(),
                     reason: reason.clone(),
+                    by: by.clone(),
                 });
             }
             planned.push((current, plan));
@@ -138,9 +156,10 @@ impl KubeExecutor {
         let mut steps = Vec::with_capacity(t.steps.len());
         for (index, (step, (current, plan))) in t.steps.iter().zip(planned).enumerate() {
             let result = match plan {
-                Plan::Done { reason } => StepResult::AlreadyDone {
+                Plan::Done { reason, by } => StepResult::AlreadyDone {
                     state: current.state(),
                     reason,
+                    by,
                 },
                 Plan::Write(_) => {
                     let key = object_key(step);
@@ -157,7 +176,7 @@ impl KubeExecutor {
                         current
                     };
                     let result = self
-                        .execute_step(ns, index, step, current, dry_run, on_step, before_write)
+                        .execute_step(ns, index, step, current, dry_run, opened_at, on_step, before_write)
                         .await?;
                     if matches!(result, StepResult::Changed { .. }) {
                         touched.insert(key);
@@ -363,6 +382,7 @@ impl KubeExecutor {
         step: &KubeStep,
         mut current: Current,
         dry_run: bool,
+        opened_at: Option<DateTime<Utc>>,
         on_step: OnStep<'_>,
         before_write: BeforeWrite<'_>,
     ) -> Result<StepResult, KubeError> {
@@ -371,19 +391,20 @@ impl KubeExecutor {
         let max_attempts = self.max_conflict_retries.saturating_add(1);
         let mut attempt = 1u32;
         loop {
-            let plan = match plan_step(step, &current)? {
+            let plan = match plan_step(step, &current, opened_at)? {
                 Plan::Write(w) => w,
-                Plan::Done { reason } => {
+                Plan::Done { reason, by } => {
                     let state = current.state();
                     on_step(KubeStepRecord::AlreadyDone {
                         index,
                         state: state.clone(),
                         reason: reason.clone(),
+                        by: by.clone(),
                     });
                     // Found done after a conflict: by someone else, or by our own attempt
                     // whose answer was lost. Either way the object changed during this run.
                     return Ok(if attempt == 1 || dry_run {
-                        StepResult::AlreadyDone { state, reason }
+                        StepResult::AlreadyDone { state, reason, by }
                     } else {
                         StepResult::Changed { before, after: state }
                     });
@@ -419,7 +440,7 @@ impl KubeExecutor {
                     tracing::info!(object = %object, namespace = ns, attempt, "kubernetes revert step written");
                     let reread = self.read_step(ns, step, on_step).await?;
                     let after = reread.state();
-                    let matches = matches!(plan_step(step, &reread), Ok(Plan::Done { .. }));
+                    let matches = matches!(plan_step(step, &reread, opened_at), Ok(Plan::Done { .. }));
                     on_step(KubeStepRecord::ReadBack {
                         index,
                         state: after.clone(),

@@ -50,10 +50,12 @@ pub use executor::KubeExecutor;
 pub use readback::KubeBaseline;
 pub use records::{KubeOutcome, KubeStepRecord, ObjectState, RolloutProgress, StepOutcome, StepResult};
 pub use settings::KubeSettings;
-pub use views::rollout_progress;
+pub use views::{rollout_progress, FieldChange};
 
 /// The Deployment controller's revision counter, on Deployments and their ReplicaSets.
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+/// Revisions a reused ReplicaSet had before (the controller renumbers it on a rollback).
+pub const REVISION_HISTORY_ANNOTATION: &str = "deployment.kubernetes.io/revision-history";
 /// Label the Deployment controller adds to each ReplicaSet's pod template (and pods).
 pub const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 /// Annotation we write together with a rollout undo: which ReplicaSet's template we restored.

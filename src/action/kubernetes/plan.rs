@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::views::{
-    equality_selector, owned, strip_hash, template_summary, templates_equal, Current, DeploymentView, RsView,
+    equality_selector, owned, strip_hash, template_summary, templates_equal, Current, DeploymentView, FieldChange,
+    RsView,
 };
 use super::{
     KubeError, KubeStep, ObjectState, ANNOTATIONS_TO_SKIP, JSON_PATCH, MERGE_PATCH, REVISION_ANNOTATION,
@@ -67,6 +69,9 @@ pub(super) struct UndoMarker {
     /// The step's `to_revision` (`None` for "previous"): a different request is not done.
     #[serde(default)]
     pub(super) requested: Option<u64>,
+    /// The step's `to_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) requested_image: Option<String>,
 }
 
 /// JSON patch replacing the Service selector as a whole, guarded by resourceVersion. `add`
@@ -124,16 +129,27 @@ pub(super) struct WritePlan {
 /// What a step needs, decided from what was read.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Plan {
-    Done { reason: String },
+    /// Nothing to write; `by` is who last changed the field, when managedFields say.
+    Done {
+        reason: String,
+        by: Option<FieldChange>,
+    },
     Write(Box<WritePlan>),
 }
 
-pub(super) fn plan_step(step: &KubeStep, current: &Current) -> Result<Plan, KubeError> {
+/// Plans one step from what was read. `opened_at` is when the incident opened: the revision
+/// current then is the bad one (`None`: kubectl's "previous revision", nothing pinned).
+pub(super) fn plan_step(
+    step: &KubeStep,
+    current: &Current,
+    opened_at: Option<DateTime<Utc>>,
+) -> Result<Plan, KubeError> {
     match (step, current) {
         (KubeStep::SwitchService { service, selector }, Current::Service(s)) => {
             if &s.selector == selector {
                 return Ok(Plan::Done {
                     reason: format!("service {service} already selects {}", equality_selector(selector)),
+                    by: s.selector_change.clone(),
                 });
             }
             Ok(Plan::Write(Box::new(WritePlan {
@@ -150,12 +166,25 @@ pub(super) fn plan_step(step: &KubeStep, current: &Current) -> Result<Plan, Kube
                 },
             })))
         }
-        (KubeStep::RolloutUndo { to_revision, .. }, Current::Undo(d, rses)) => plan_rollout_undo(d, rses, *to_revision),
+        (
+            KubeStep::RolloutUndo {
+                to_revision, to_image, ..
+            },
+            Current::Undo(d, rses),
+        ) => {
+            let good = match (to_revision.filter(|&r| r != 0), to_image) {
+                (Some(r), _) => Good::Revision(r),
+                (None, Some(image)) => Good::Image(image.clone()),
+                (None, None) => Good::BeforeBad { opened_at },
+            };
+            plan_rollout_undo(d, rses, &good)
+        }
         (KubeStep::Scale { deployment, replicas }, Current::Scale(s)) => {
             let want = i32::try_from(*replicas).unwrap_or(i32::MAX);
             if s.replicas == want {
                 return Ok(Plan::Done {
                     reason: format!("deployment {deployment} already has {want} replica(s)"),
+                    by: None,
                 });
             }
             Ok(Plan::Write(Box::new(WritePlan {
@@ -173,14 +202,78 @@ pub(super) fn plan_step(step: &KubeStep, current: &Current) -> Result<Plan, Kube
     }
 }
 
+/// Which revision a rollout undo restores.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Good {
+    /// The one before the bad release: the revision current when the incident opened (or, with
+    /// `opened_at` unknown, the current one, as kubectl assumes).
+    BeforeBad { opened_at: Option<DateTime<Utc>> },
+    /// The policy names the known-good revision (its old number counts after a renumbering).
+    Revision(u64),
+    /// The policy names the known-good image of one of the containers.
+    Image(String),
+}
+
+impl Good {
+    fn requested(&self) -> (Option<u64>, Option<String>) {
+        match self {
+            Good::BeforeBad { .. } => (None, None),
+            Good::Revision(r) => (Some(*r), None),
+            Good::Image(i) => (None, Some(i.clone())),
+        }
+    }
+}
+
+fn has_image(template: &Value, image: &str) -> bool {
+    template_summary(template).0.values().any(|i| i == image)
+}
+
+/// The named known-good ReplicaSet: by revision (present or in its revision history, so a
+/// renumbered one is still found) or by image (the newest revision that runs it).
+fn select_good<'a>(d: &'a DeploymentView, rses: &'a [RsView], good: &Good) -> Result<&'a RsView, KubeError> {
+    let mut owned: Vec<&RsView> = owned(d, rses).filter(|rs| rs.revision.is_some()).collect();
+    owned.sort_by_key(|rs| std::cmp::Reverse(rs.revision));
+    match good {
+        Good::Revision(n) => owned
+            .iter()
+            .find(|rs| rs.revision == Some(*n))
+            .or_else(|| owned.iter().find(|rs| rs.revision_history.contains(n)))
+            .copied()
+            .ok_or_else(|| KubeError::RevisionNotFound {
+                deployment: d.name.clone(),
+                revision: *n,
+                available: owned.iter().filter_map(|rs| rs.revision).collect(),
+            }),
+        Good::Image(image) => owned
+            .iter()
+            .find(|rs| has_image(&rs.template, image))
+            .copied()
+            .ok_or_else(|| KubeError::ImageNotFound {
+                deployment: d.name.clone(),
+                image: image.clone(),
+                available: owned
+                    .iter()
+                    .flat_map(|rs| template_summary(&rs.template).0.into_values())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+            }),
+        Good::BeforeBad { .. } => select_replica_set(d, rses, None),
+    }
+}
+
+/// Whether `a` is an older release than `b`: reused by a rollback (it has a revision history),
+/// or created earlier.
+fn older(a: &RsView, b: &RsView) -> bool {
+    !a.revision_history.is_empty() || matches!((a.created, b.created), (Some(x), Some(y)) if x < y)
+}
+
 /// `kubectl rollout undo` as a plan (the module docs list where it differs from kubectl).
-pub(super) fn plan_rollout_undo(
-    d: &DeploymentView,
-    rses: &[RsView],
-    to_revision: Option<u64>,
-) -> Result<Plan, KubeError> {
-    // kubectl treats 0 as "previous", like no revision at all.
-    let requested = to_revision.filter(|&r| r != 0);
+/// With [`Good::BeforeBad`] and the incident's opening time, the bad release is pinned: if the
+/// pod template changed after the incident opened (managedFields) to an older release, someone
+/// already rolled back and nothing is written; to a newer one, we refuse to undo it.
+pub(super) fn plan_rollout_undo(d: &DeploymentView, rses: &[RsView], good: &Good) -> Result<Plan, KubeError> {
+    let (requested, requested_image) = good.requested();
     if d.paused {
         return Err(KubeError::Paused {
             deployment: d.name.clone(),
@@ -193,7 +286,7 @@ pub(super) fn plan_rollout_undo(
         .get(UNDO_MARKER_ANNOTATION)
         .and_then(|m| serde_json::from_str::<UndoMarker>(m).ok())
     {
-        let same_request = marker.requested == requested;
+        let same_request = marker.requested == requested && marker.requested_image == requested_image;
         if let Some(rs) = owned(d, rses).find(|rs| same_request && rs.name == marker.to_replica_set) {
             if templates_equal(&rs.template, &d.template) {
                 return Ok(Plan::Done {
@@ -202,11 +295,20 @@ pub(super) fn plan_rollout_undo(
                          its template is still current",
                         rs.name, marker.to_revision
                     ),
+                    by: d.template_change.clone(),
                 });
             }
         }
     }
-    let target = select_replica_set(d, rses, to_revision)?;
+    if let Good::BeforeBad {
+        opened_at: Some(opened_at),
+    } = good
+    {
+        if let Some(change) = d.template_change.as_ref().filter(|c| c.since(*opened_at)) {
+            return changed_since_opened(d, rses, change, *opened_at);
+        }
+    }
+    let target = select_good(d, rses, good)?;
     let revision = target.revision.unwrap_or_default();
     if templates_equal(&target.template, &d.template) {
         return Ok(Plan::Done {
@@ -214,6 +316,7 @@ pub(super) fn plan_rollout_undo(
                 "current template already matches revision {revision} (replicaset {})",
                 target.name
             ),
+            by: d.template_change.clone(),
         });
     }
     let template = strip_hash(&target.template);
@@ -223,6 +326,7 @@ pub(super) fn plan_rollout_undo(
         to_revision: revision,
         from_revision: d.annotations.get(REVISION_ANNOTATION).cloned(),
         requested,
+        requested_image,
     };
     annotations.insert(
         UNDO_MARKER_ANNOTATION.to_string(),
@@ -248,6 +352,52 @@ pub(super) fn plan_rollout_undo(
             ready: target.ready,
         },
     })))
+}
+
+/// The pod template changed after the incident opened: the bad release is the one current
+/// before that change (the newest other revision; a rollback renumbers the restored one to the
+/// top). Back to an older release: done by someone else. Forward to a newer one: refused, a
+/// person decides.
+fn changed_since_opened(
+    d: &DeploymentView,
+    rses: &[RsView],
+    change: &FieldChange,
+    opened_at: DateTime<Utc>,
+) -> Result<Plan, KubeError> {
+    let current = owned(d, rses).find(|rs| templates_equal(&rs.template, &d.template));
+    let bad = owned(d, rses)
+        .filter(|rs| current.is_none_or(|c| c.name != rs.name))
+        .max_by_key(|rs| rs.revision);
+    match (current, bad) {
+        (Some(cur), Some(bad)) if older(cur, bad) => Ok(Plan::Done {
+            reason: format!(
+                "deployment {} was already rolled back after the incident opened, {}: it runs revision {} \
+                 (replicaset {}, images {}) instead of the bad release (replicaset {})",
+                d.name,
+                change.describe(),
+                cur.revision.unwrap_or_default(),
+                cur.name,
+                images_of(&cur.template),
+                bad.name
+            ),
+            by: Some(change.clone()),
+        }),
+        _ => Err(KubeError::ChangedSinceOpened {
+            deployment: d.name.clone(),
+            by: change.describe(),
+            opened_at: opened_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            images: images_of(&d.template),
+        }),
+    }
+}
+
+fn images_of(template: &Value) -> String {
+    let (images, _) = template_summary(template);
+    images
+        .iter()
+        .map(|(c, i)| format!("{c}={i}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub(super) fn object_name(step: &KubeStep) -> String {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::KubeStep;
+use super::{FieldChange, KubeStep};
 use crate::action::retry::Attempt;
 use crate::action::steps::Step;
 
@@ -85,6 +85,9 @@ pub enum StepResult {
         state: ObjectState,
         /// Why nothing needed writing.
         reason: String,
+        /// Who last changed the field, when managedFields say (us, after a takeover, or a person).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<FieldChange>,
     },
     /// Dry run: the server validated the patch (dryRun=All) and persisted nothing.
     DryRun {
@@ -137,6 +140,9 @@ pub enum KubeStepRecord {
         state: ObjectState,
         /// Why nothing needs writing.
         reason: String,
+        /// Who last changed the field, when managedFields say.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<FieldChange>,
     },
     /// Readiness of what is about to take the traffic.
     PreCheck {
@@ -320,7 +326,12 @@ impl KubeStepRecord {
     pub fn describe(&self) -> String {
         match self {
             KubeStepRecord::Read { state, .. } => format!("read: {}", state.describe()),
-            KubeStepRecord::AlreadyDone { reason, .. } => format!("already done, nothing written: {reason}"),
+            KubeStepRecord::AlreadyDone { reason, by, .. } => match by {
+                Some(by) if !reason.contains(&by.describe()) => {
+                    format!("already done, nothing written: {reason} (last changed {})", by.describe())
+                }
+                _ => format!("already done, nothing written: {reason}"),
+            },
             KubeStepRecord::PreCheck {
                 object,
                 selector,

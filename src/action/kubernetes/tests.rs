@@ -24,6 +24,9 @@ fn tpl(version: &str, hash: Option<&str>) -> Value {
                     "initContainers": [{"name": "migrate", "image": "migrate:1"}]}})
 }
 
+/// kubectl's "previous revision", nothing pinned.
+const PREVIOUS: Good = Good::BeforeBad { opened_at: None };
+
 fn deploy(version: &str) -> DeploymentView {
     DeploymentView {
         name: "web".into(),
@@ -38,6 +41,7 @@ fn deploy(version: &str) -> DeploymentView {
         paused: false,
         selector: "app=web".into(),
         template: tpl(version, None),
+        template_change: None,
     }
 }
 
@@ -58,6 +62,8 @@ fn rs(name: &str, version: &str, revision: Option<u64>, owner: Option<&str>) -> 
         template: tpl(version, Some(&format!("h-{name}"))),
         replicas: 0,
         ready: 0,
+        revision_history: Vec::new(),
+        created: None,
     }
 }
 
@@ -186,7 +192,7 @@ fn patch_bodies_are_exact() {
 fn undo_plan_writes_the_previous_template_and_a_marker_then_is_done() {
     let mut d = deploy("v3");
     let mut rses = history();
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, None) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
         panic!("expected a write");
     };
     let ops = w.patch.as_array().expect("ops");
@@ -202,20 +208,23 @@ fn undo_plan_writes_the_previous_template_and_a_marker_then_is_done() {
     d.annotations = ann;
     rses[1].revision = Some(4);
     assert!(
-        matches!(plan_rollout_undo(&d, &rses, None), Ok(Plan::Done { ref reason }) if reason.contains("earlier run"))
+        matches!(plan_rollout_undo(&d, &rses, &PREVIOUS), Ok(Plan::Done { ref reason, .. }) if reason.contains("earlier run"))
     );
     // A different request is judged on its own.
-    assert!(matches!(plan_rollout_undo(&d, &rses, Some(1)), Ok(Plan::Write(_))));
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &Good::Revision(1)),
+        Ok(Plan::Write(_))
+    ));
     // Without our marker, kubectl semantics would flip back to the canary (web-3).
     d.annotations.remove(UNDO_MARKER_ANNOTATION);
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, None) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
         panic!("expected a write");
     };
     assert_eq!(w.patch[1]["value"], tpl("v3", None));
 
     d.paused = true;
     assert_eq!(
-        plan_rollout_undo(&d, &rses, None),
+        plan_rollout_undo(&d, &rses, &PREVIOUS),
         Err(KubeError::Paused {
             deployment: "web".into()
         })
@@ -228,10 +237,13 @@ fn undo_to_the_current_template_is_done() {
     let d = deploy("v2");
     let rses = history();
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, None),
-        Ok(Plan::Done { ref reason }) if reason == "current template already matches revision 2 (replicaset web-2)"
+        plan_rollout_undo(&d, &rses, &PREVIOUS),
+        Ok(Plan::Done { ref reason, .. }) if reason == "current template already matches revision 2 (replicaset web-2)"
     ));
-    assert!(matches!(plan_rollout_undo(&d, &rses, Some(1)), Ok(Plan::Write(_))));
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &Good::Revision(1)),
+        Ok(Plan::Write(_))
+    ));
 }
 
 #[test]
@@ -254,15 +266,16 @@ fn service_and_scale_plans() {
             ("stale".to_string(), "x".to_string()),
         ]
         .into(),
+        selector_change: None,
     };
-    let Ok(Plan::Write(w)) = plan_step(&step, &Current::Service(view.clone())) else {
+    let Ok(Plan::Write(w)) = plan_step(&step, &Current::Service(view.clone()), None) else {
         panic!("expected a write");
     };
     assert_eq!(w.content_type, JSON_PATCH);
     assert_eq!(w.patch, selector_patch("5", &want));
     view.selector = want;
     assert!(matches!(
-        plan_step(&step, &Current::Service(view)),
+        plan_step(&step, &Current::Service(view), None),
         Ok(Plan::Done { .. })
     ));
 
@@ -275,14 +288,14 @@ fn service_and_scale_plans() {
         resource_version: "8".into(),
         replicas: 3,
     };
-    let Ok(Plan::Write(w)) = plan_step(&step, &Current::Scale(scale.clone())) else {
+    let Ok(Plan::Write(w)) = plan_step(&step, &Current::Scale(scale.clone()), None) else {
         panic!("expected a write");
     };
     assert_eq!((w.content_type, w.patch.clone()), (MERGE_PATCH, scale_patch("8", 0)));
     assert_eq!(w.precheck, PreCheckNeed::None);
     scale.replicas = 0;
     assert!(matches!(
-        plan_step(&step, &Current::Scale(scale)),
+        plan_step(&step, &Current::Scale(scale), None),
         Ok(Plan::Done { .. })
     ));
 }
@@ -463,4 +476,124 @@ fn rbac_rules_cover_every_call_the_executor_makes() {
         .flat_map(|(g, r, vs)| vs.iter().map(move |v| (*g, *r, *v)))
         .collect();
     assert_eq!(granted, calls.into_iter().collect());
+}
+
+fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("time")
+        .with_timezone(&chrono::Utc)
+}
+
+fn change(manager: &str, time: &str) -> Option<FieldChange> {
+    Some(FieldChange {
+        manager: manager.into(),
+        operation: "Update".into(),
+        time: Some(at(time)),
+    })
+}
+
+/// A human ran `kubectl rollout undo` after the incident opened: web-2 (v2) was reused and
+/// renumbered to revision 4; web-3 (v3, the bad release) is now "the previous revision".
+fn undone_by_a_human(undone: &str) -> (DeploymentView, Vec<RsView>) {
+    let mut d = deploy("v2");
+    d.annotations.insert(REVISION_ANNOTATION.into(), "4".into());
+    d.template_change = change("kubectl-rollout", undone);
+    let mut rses = history();
+    rses[1].revision = Some(4);
+    rses[1].revision_history = vec![2];
+    for (rs, created) in rses
+        .iter_mut()
+        .zip(["2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"])
+    {
+        rs.created = Some(at(created));
+    }
+    (d, rses)
+}
+
+#[test]
+fn a_rollback_made_after_the_incident_opened_is_done_by_someone_else_not_undone() {
+    let opened = at("2026-12-03T10:00:00.500Z");
+    let (d, rses) = undone_by_a_human("2026-12-03T10:05:00Z");
+    let pinned = Good::BeforeBad {
+        opened_at: Some(opened),
+    };
+    let Ok(Plan::Done { reason, by }) = plan_rollout_undo(&d, &rses, &pinned) else {
+        panic!("expected done: {:?}", plan_rollout_undo(&d, &rses, &pinned));
+    };
+    assert_eq!(
+        reason,
+        "deployment web was already rolled back after the incident opened, by `kubectl-rollout` (Update at \
+         2026-12-03T10:05:00Z): it runs revision 4 (replicaset web-2, images init:migrate=migrate:1,web=web:v2) \
+         instead of the bad release (replicaset web-3)"
+    );
+    assert_eq!(by, change("kubectl-rollout", "2026-12-03T10:05:00Z"));
+    // kubectl's rule (the second-highest revision) would put the bad release back.
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
+        panic!("expected a write");
+    };
+    assert_eq!(w.patch[1]["value"], tpl("v3", None));
+    // The same second as the opening counts as after it (managedFields keep whole seconds).
+    let (mut d, rses) = undone_by_a_human("2026-12-03T10:00:00Z");
+    assert!(matches!(plan_rollout_undo(&d, &rses, &pinned), Ok(Plan::Done { .. })));
+    // A template change before the incident opened is the bad release itself: undo it.
+    d = deploy("v3");
+    d.template_change = change("argocd-controller", "2026-12-03T09:59:59Z");
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &history(), &pinned) else {
+        panic!("expected a write");
+    };
+    assert_eq!(w.patch[1]["value"], tpl("v2", None));
+}
+
+#[test]
+fn a_newer_release_rolled_out_after_the_incident_opened_is_refused() {
+    let opened = at("2026-12-03T10:00:00Z");
+    let mut d = deploy("v4");
+    d.template_change = change("kubectl-client-side-apply", "2026-12-03T10:03:00Z");
+    let mut rses = history();
+    rses.push(rs("web-4", "v4", Some(4), Some(UID)));
+    for (rs, created) in rses
+        .iter_mut()
+        .zip(["2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"])
+    {
+        rs.created = Some(at(created));
+    }
+    let pinned = Good::BeforeBad {
+        opened_at: Some(opened),
+    };
+    let err = plan_rollout_undo(&d, &rses, &pinned).expect_err("refused");
+    assert_eq!(err.code(), "changed_since_opened");
+    assert_eq!(
+        err.to_string(),
+        "deployment web changed after the incident opened (2026-12-03T10:00:00Z) by `kubectl-client-side-apply` \
+         (Update at 2026-12-03T10:03:00Z), to a newer release (init:migrate=migrate:1,web=web:v4); not undoing \
+         someone else's release: a human decides"
+    );
+}
+
+#[test]
+fn a_named_good_revision_survives_renumbering_and_a_named_image_is_found() {
+    let (d, rses) = undone_by_a_human("2026-12-03T10:05:00Z");
+    // Revision 2 is now 4: found through its revision history, and already current.
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &Good::Revision(2)),
+        Ok(Plan::Done { ref reason, .. }) if reason == "current template already matches revision 4 (replicaset web-2)"
+    ));
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &Good::Image("web:v1".into())) else {
+        panic!("expected a write");
+    };
+    assert_eq!(w.patch[1]["value"], tpl("v1", None));
+    assert!(matches!(w.precheck, PreCheckNeed::ReplicaSet { ref name, .. } if name == "web-1"));
+    let err = plan_rollout_undo(&d, &rses, &Good::Image("web:v0".into())).expect_err("unknown image");
+    assert_eq!(
+        err,
+        KubeError::ImageNotFound {
+            deployment: "web".into(),
+            image: "web:v0".into(),
+            available: vec!["migrate:1".into(), "web:v1".into(), "web:v2".into(), "web:v3".into()],
+        }
+    );
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &Good::Revision(7)),
+        Err(KubeError::RevisionNotFound { revision: 7, .. })
+    ));
 }

@@ -4,14 +4,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v1::Scale;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
+use serde::Serialize;
 use serde_json::Value;
 
-use super::{KubeError, ObjectState, RolloutProgress, POD_TEMPLATE_HASH_LABEL, REVISION_ANNOTATION};
+use super::{
+    KubeError, ObjectState, RolloutProgress, POD_TEMPLATE_HASH_LABEL, REVISION_ANNOTATION, REVISION_HISTORY_ANNOTATION,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers: views of the objects, template comparison, plans and patch bodies
@@ -23,6 +28,8 @@ pub(super) struct ServiceView {
     pub(super) name: String,
     pub(super) resource_version: String,
     pub(super) selector: BTreeMap<String, String>,
+    /// Who last changed the selector, from managedFields.
+    pub(super) selector_change: Option<FieldChange>,
 }
 
 impl ServiceView {
@@ -31,6 +38,7 @@ impl ServiceView {
             name: svc.metadata.name.clone().unwrap_or_default(),
             resource_version: svc.metadata.resource_version.clone().unwrap_or_default(),
             selector: svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default(),
+            selector_change: last_change(&svc.metadata, &["f:spec", "f:selector"]),
         }
     }
 }
@@ -48,6 +56,8 @@ pub(super) struct DeploymentView {
     pub(super) paused: bool,
     pub(super) selector: String,
     pub(super) template: Value,
+    /// Who last changed the pod template, from managedFields (`None`: not recorded).
+    pub(super) template_change: Option<FieldChange>,
 }
 
 impl DeploymentView {
@@ -73,6 +83,7 @@ impl DeploymentView {
                 .unwrap_or(false),
             selector,
             template,
+            template_change: last_change(&obj.metadata, &["f:spec", "f:template"]),
             name,
         })
     }
@@ -90,6 +101,10 @@ pub(super) struct RsView {
     pub(super) template: Value,
     pub(super) replicas: i64,
     pub(super) ready: i64,
+    /// The revisions it had before the controller renumbered it (reused by a rollback).
+    pub(super) revision_history: Vec<u64>,
+    /// metadata.creationTimestamp.
+    pub(super) created: Option<DateTime<Utc>>,
 }
 
 impl RsView {
@@ -110,6 +125,11 @@ impl RsView {
             template: obj.data.pointer("/spec/template").cloned().unwrap_or(Value::Null),
             replicas: count("replicas"),
             ready: count("readyReplicas"),
+            revision_history: annotations
+                .get(REVISION_HISTORY_ANNOTATION)
+                .map(|h| h.split(',').filter_map(|r| r.trim().parse().ok()).collect())
+                .unwrap_or_default(),
+            created: time_of(&obj.metadata.creation_timestamp),
             annotations,
         }
     }
@@ -365,4 +385,62 @@ pub(super) fn ready_endpoints(slices: &[EndpointSlice], pods: &BTreeSet<String>)
         })
         .count();
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Who last changed a field of an object, from its managedFields: the field manager
+/// (`kubectl-rollout`, `kubectl-patch`, our own), the operation and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldChange {
+    /// Field manager.
+    pub manager: String,
+    /// `Update` or `Apply`.
+    pub operation: String,
+    /// When (second precision, as the API server records it).
+    pub time: Option<DateTime<Utc>>,
+}
+
+impl FieldChange {
+    /// `by `kubectl-rollout` (Update at 2026-12-03T11:02:03Z)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "by `{}` ({} at {})",
+            self.manager,
+            self.operation,
+            self.time.map_or_else(
+                || "unknown time".to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        )
+    }
+
+    /// Whether the change was made at or after `at` (managedFields keep whole seconds, so
+    /// `at` is compared truncated to its second).
+    pub fn since(&self, at: DateTime<Utc>) -> bool {
+        let floor = at.timestamp();
+        self.time.is_some_and(|t| t.timestamp() >= floor)
+    }
+}
+
+/// A metav1.Time as chrono (it serializes as RFC 3339).
+pub(super) fn time_of<T: Serialize>(t: &Option<T>) -> Option<DateTime<Utc>> {
+    let s = serde_json::to_value(t.as_ref()?).ok()?;
+    DateTime::parse_from_rfc3339(s.as_str()?)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The newest managedFields entry that owns `path` (e.g. `["f:spec", "f:selector"]`) or
+/// something under it. Pure.
+pub(crate) fn last_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChange> {
+    let pointer: String = path.iter().map(|p| format!("/{p}")).collect();
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| e.fields_v1.as_ref().is_some_and(|f| f.0.pointer(&pointer).is_some()))
+        .map(|e| FieldChange {
+            manager: e.manager.clone().unwrap_or_else(|| "?".into()),
+            operation: e.operation.clone().unwrap_or_else(|| "?".into()),
+            time: time_of(&e.time),
+        })
+        .max_by_key(|c| c.time)
 }

@@ -38,11 +38,17 @@ pub enum KubeStep {
         service: String,
         selector: BTreeMap<String, String>,
     },
-    /// `kubectl rollout undo deployment/NAME [--to-revision=N]`.
+    /// `kubectl rollout undo deployment/NAME [--to-revision=N]`. Without `to_revision` or
+    /// `to_image`, the bad release is the revision that was current when the incident opened,
+    /// and the one before it is restored; if someone already rolled back since, nothing is
+    /// written. `to_revision` names the known-good revision (also found under its old number
+    /// after an undo renumbered it); `to_image` the known-good image of one of its containers.
     RolloutUndo {
         deployment: String,
         #[serde(default)]
         to_revision: Option<u64>,
+        #[serde(default)]
+        to_image: Option<String>,
     },
     /// `kubectl scale deployment NAME --replicas=N`.
     Scale { deployment: String, replicas: u32 },
@@ -60,12 +66,29 @@ impl KubernetesTarget {
             );
         }
         for (i, s) in self.steps.iter().enumerate() {
-            if let KubeStep::SwitchService { selector, .. } = s {
-                if selector.is_empty() {
+            match s {
+                KubeStep::SwitchService { selector, .. } if selector.is_empty() => {
                     return Err(format!(
                         "target.kubernetes.steps[{i}].switch_service.selector: give the previous version's labels, e.g. {{version: v1.0.0-rc.0}}"
                     ));
                 }
+                KubeStep::RolloutUndo {
+                    to_revision: Some(_),
+                    to_image: Some(_),
+                    ..
+                } => {
+                    return Err(format!(
+                        "target.kubernetes.steps[{i}].rollout_undo: name the known-good to_revision or to_image, not both"
+                    ));
+                }
+                KubeStep::RolloutUndo {
+                    to_image: Some(image), ..
+                } if image.trim().is_empty() => {
+                    return Err(format!(
+                        "target.kubernetes.steps[{i}].rollout_undo.to_image: give the known-good image, e.g. registry/portal-api:v1.0.0-rc.0"
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(())
