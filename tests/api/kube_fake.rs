@@ -1115,3 +1115,161 @@ async fn verify_waits_for_a_scale_step_to_take_effect() {
     scaled_down(&fake);
     exec.verify(&t, &mut |_| {}).await.expect("scaled to 0");
 }
+
+/// Deployment `portal-api` released three times through the API (0.9.0, 1.0.0-rc.0, then the
+/// bad 1.0.0) with the fake's Deployment controller making ReplicaSets and revisions.
+async fn released_three_times(fake: &FakeKube) -> Vec<Value> {
+    fake.run_controllers();
+    let tpls = vec![
+        template(&[("app", "portal-api"), ("version", "v0.9.0")], "portal-api:0.9.0"),
+        template(
+            &[("app", "portal-api"), ("version", "v1.0.0-rc.0")],
+            "portal-api:1.0.0-rc.0",
+        ),
+        template(&[("app", "portal-api"), ("version", "v1.0.0")], "portal-api:1.0.0"),
+    ];
+    fake.insert(
+        "deployments",
+        deployment(
+            NS,
+            "portal-api",
+            DEPLOY_UID,
+            &[("app", "portal-api")],
+            tpls[0].clone(),
+            1,
+        ),
+    );
+    fake.run_controllers();
+    for tpl in &tpls[1..] {
+        patch_template(fake, tpl, "argocd-controller").await;
+    }
+    tpls
+}
+
+/// What `kubectl rollout undo` (or a release tool) sends: the pod template replaced.
+async fn patch_template(fake: &FakeKube, tpl: &Value, manager: &str) {
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(fake.client(), NS);
+    let patch: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/spec/template", "value": tpl}])).expect("patch");
+    let pp = kube::api::PatchParams {
+        field_manager: Some(manager.into()),
+        ..Default::default()
+    };
+    api.patch("portal-api", &pp, &kube::api::Patch::Json::<()>(patch))
+        .await
+        .expect("template patched");
+}
+
+/// The incident opens after the release, in a later second: managedFields keep whole seconds,
+/// and a change in the incident's own second counts as made after it opened.
+async fn incident_opens() -> chrono::DateTime<chrono::Utc> {
+    let released = chrono::Utc::now().timestamp();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while chrono::Utc::now().timestamp() == released {
+        assert!(tokio::time::Instant::now() < deadline, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    chrono::Utc::now()
+}
+
+fn revision_and_image(fake: &FakeKube) -> (String, String) {
+    let d = fake.get("deployments", NS, "portal-api").expect("deployment");
+    (
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        d["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_human_rollout_undo_before_the_responder_acts_is_not_undone_again() {
+    let fake = FakeKube::start().await;
+    let tpls = released_three_times(&fake).await;
+    assert_eq!(revision_and_image(&fake), ("3".into(), "portal-api:1.0.0".into()));
+    let opened_at = incident_opens().await;
+    // A person runs `kubectl rollout undo` while the incident waits for approval: 1.0.0-rc.0
+    // is back, renumbered to revision 4; the bad 1.0.0 is now "the previous revision".
+    patch_template(&fake, &tpls[1], "kubectl-rollout").await;
+    assert_eq!(revision_and_image(&fake), ("4".into(), "portal-api:1.0.0-rc.0".into()));
+    let writes = fake.writes();
+
+    let exec = executor(&fake);
+    let t = target(vec![undo_step(None)]);
+    let mut records = Vec::new();
+    let outcome = exec
+        .revert_since(&t, false, opened_at, &mut |r| records.push(r))
+        .await
+        .expect("revert");
+    assert!(!outcome.changed, "{outcome:?}");
+    assert_eq!(fake.writes(), writes, "nothing written");
+    assert_eq!(revision_and_image(&fake), ("4".into(), "portal-api:1.0.0-rc.0".into()));
+    let StepResult::AlreadyDone { reason, by, .. } = &outcome.steps[0].result else {
+        panic!("expected done: {outcome:?}");
+    };
+    assert_eq!(by.as_ref().map(|b| b.manager.as_str()), Some("kubectl-rollout"));
+    assert!(
+        reason.starts_with(
+            "deployment portal-api was already rolled back after the incident opened, by `kubectl-rollout` (Update at "
+        ),
+        "{reason}"
+    );
+    assert!(reason.contains("images api=portal-api:1.0.0-rc.0"), "{reason}");
+    let said: Vec<String> = records
+        .iter()
+        .filter(|r| matches!(r, KubeStepRecord::AlreadyDone { .. }))
+        .map(KubeStepRecord::describe)
+        .collect();
+    assert_eq!(said, vec![format!("already done, nothing written: {reason}")]);
+
+    // Without the incident's opening time, kubectl's rule would put the bad release back.
+    let (result, _) = run(&exec, &t, false).await;
+    assert!(result.expect("unpinned revert").changed);
+    assert_eq!(revision_and_image(&fake), ("5".into(), "portal-api:1.0.0".into()));
+}
+
+#[tokio::test]
+async fn rollout_undo_restores_the_release_before_the_one_current_when_the_incident_opened() {
+    let fake = FakeKube::start().await;
+    released_three_times(&fake).await;
+    let exec = executor(&fake);
+    let t = target(vec![undo_step(None)]);
+    let opened_at = incident_opens().await;
+    let outcome = exec
+        .revert_since(&t, false, opened_at, &mut |_| {})
+        .await
+        .expect("revert");
+    assert!(outcome.changed);
+    // The controller reused 1.0.0-rc.0's ReplicaSet and numbered it 4, as a cluster does.
+    assert_eq!(revision_and_image(&fake), ("4".into(), "portal-api:1.0.0-rc.0".into()));
+    // A takeover running it again finds our own undo (revision 4 is now the newest, the bad
+    // release the second-newest) and writes nothing.
+    let writes = fake.writes();
+    let again = exec
+        .revert_since(&t, false, opened_at, &mut |_| {})
+        .await
+        .expect("again");
+    assert!(!again.changed);
+    assert_eq!(fake.writes(), writes);
+    // A policy naming the known-good image reaches further back, by image, not by number.
+    let mut named = target(vec![KubeStep::RolloutUndo {
+        deployment: "portal-api".into(),
+        to_revision: None,
+        to_image: Some("portal-api:0.9.0".into()),
+    }]);
+    named.min_ready_replicas = 0;
+    exec.revert_since(&named, false, opened_at, &mut |_| {})
+        .await
+        .expect("to image");
+    assert_eq!(revision_and_image(&fake), ("5".into(), "portal-api:0.9.0".into()));
+    // And the original revision 2 (1.0.0-rc.0, renumbered to 4) is still found by its old number.
+    let by_number = target(vec![undo_step(Some(2))]);
+    exec.revert_since(&by_number, false, opened_at, &mut |_| {})
+        .await
+        .expect("to revision 2");
+    assert_eq!(revision_and_image(&fake), ("6".into(), "portal-api:1.0.0-rc.0".into()));
+}

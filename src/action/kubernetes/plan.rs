@@ -242,7 +242,7 @@ fn select_good<'a>(d: &'a DeploymentView, rses: &'a [RsView], good: &Good) -> Re
             .ok_or_else(|| KubeError::RevisionNotFound {
                 deployment: d.name.clone(),
                 revision: *n,
-                available: owned.iter().filter_map(|rs| rs.revision).collect(),
+                available: owned.iter().rev().filter_map(|rs| rs.revision).collect(),
             }),
         Good::Image(image) => owned
             .iter()
