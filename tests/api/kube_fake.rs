@@ -1273,3 +1273,54 @@ async fn rollout_undo_restores_the_release_before_the_one_current_when_the_incid
         .expect("to revision 2");
     assert_eq!(revision_and_image(&fake), ("6".into(), "portal-api:1.0.0-rc.0".into()));
 }
+
+#[tokio::test]
+async fn a_selector_that_drops_the_app_key_is_refused_naming_the_other_apps_pods() {
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    // Another app in the namespace released the same version string.
+    fake.insert(
+        "pods",
+        pod(
+            NS,
+            "billing-7f9c-0",
+            &[("app", "billing"), ("version", "v1.0.0-rc.0")],
+            true,
+        ),
+    );
+    let exec = executor(&fake);
+    // Seed 000's patch copied as the whole selector: {version: v1.0.0-rc.0}, no app.
+    let copied = KubeStep::SwitchService {
+        service: "portal-api-prod".into(),
+        selector: sel(&[("version", "v1.0.0-rc.0")]),
+    };
+    let (result, records) = run(&exec, &target(vec![copied, scale_step()]), false).await;
+    let err = result.expect_err("foreign pods");
+    assert!(err.is_precheck(), "{err}");
+    assert_eq!(err.code(), "foreign_pods");
+    assert_eq!(
+        err.to_string(),
+        "pre-check failed: service portal/portal-api-prod: the new selector version=v1.0.0-rc.0 also selects pod(s) \
+         of another app, which neither the current selector (app=portal-api,track=canary,version=v1.0.0) selects nor \
+         carry its app labels: billing-7f9c-0 (app=billing); nothing was changed; list the app's key in the policy's \
+         selector (e.g. app: NAME)"
+    );
+    assert_eq!(fake.writes(), 0);
+    let said: Vec<String> = records
+        .iter()
+        .filter(|r| matches!(r, KubeStepRecord::PreCheck { .. }))
+        .map(KubeStepRecord::describe)
+        .collect();
+    assert_eq!(
+        said,
+        vec![
+            "pre-check service/portal-api-prod: 3 of 3 pod(s) matching version=v1.0.0-rc.0 Ready, 2 required: FAILED, \
+             nothing written (1 of them belong to another app (neither selected now nor labelled like \
+             app=portal-api,track=canary,version=v1.0.0): billing-7f9c-0 (app=billing))"
+                .to_string()
+        ]
+    );
+    // The selector with the app key leaves the other app alone and goes ahead.
+    let (result, _) = run(&exec, &target(vec![switch_step(), scale_step()]), false).await;
+    assert!(result.expect("switch with app").changed);
+}

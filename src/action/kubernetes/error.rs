@@ -73,6 +73,25 @@ pub enum KubeError {
         /// `min_ready_replicas`.
         required: u32,
     },
+    /// The new selector also selects pods of another app; nothing was written.
+    #[error(
+        "pre-check failed: service {namespace}/{service}: the new selector {selector} also selects pod(s) of another \
+         app, which neither the current selector ({current}) selects nor carry its app labels: {}; nothing was \
+         changed; list the app's key in the policy's selector (e.g. app: NAME)",
+        pods.join(", ")
+    )]
+    ForeignPods {
+        /// Service about to be switched.
+        service: String,
+        /// Namespace.
+        namespace: String,
+        /// The new selector.
+        selector: String,
+        /// The Service's selector now.
+        current: String,
+        /// The foreign pods, `name (app labels)`.
+        pods: Vec<String>,
+    },
     /// kubectl refuses to roll back a paused Deployment, and so do we.
     #[error("deployment {deployment} is paused: resume it (kubectl rollout resume) before rolling back")]
     Paused {
@@ -208,6 +227,7 @@ impl KubeError {
             KubeError::Forbidden { .. } => "forbidden",
             KubeError::Conflict { .. } => "conflict",
             KubeError::PreCheckFailed { .. } => "precheck_failed",
+            KubeError::ForeignPods { .. } => "foreign_pods",
             KubeError::Paused { .. } => "paused",
             KubeError::NoRolloutHistory { .. } => "no_rollout_history",
             KubeError::RevisionNotFound { .. } => "revision_not_found",
@@ -225,7 +245,7 @@ impl KubeError {
 
     /// The pods about to take the traffic were not ready, so nothing was changed.
     pub fn is_precheck(&self) -> bool {
-        matches!(self, KubeError::PreCheckFailed { .. })
+        matches!(self, KubeError::PreCheckFailed { .. } | KubeError::ForeignPods { .. })
     }
 
     /// Worth sending the same request again right away (throttling, server trouble, transport).

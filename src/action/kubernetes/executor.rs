@@ -14,7 +14,8 @@ use super::error::{classify, Op};
 use super::plan::{clamp_u32, object_key, object_name, plan_step, step_kind, Plan, PreCheckNeed, WritePlan};
 use super::settings::load_config;
 use super::views::{
-    deployment_state, equality_selector, pod_is_ready, Current, DeploymentView, RsView, ScaleView, ServiceView,
+    deployment_state, equality_selector, foreign_pods, pod_is_ready, Current, DeploymentView, RsView, ScaleView,
+    ServiceView,
 };
 use super::{
     KubeError, KubeOutcome, KubeSettings, KubeStep, KubeStepRecord, KubernetesTarget, ObjectState, StepOutcome,
@@ -298,7 +299,11 @@ impl KubeExecutor {
     ) -> Result<(), KubeError> {
         match need {
             PreCheckNeed::None => Ok(()),
-            PreCheckNeed::Pods { service, selector } => {
+            PreCheckNeed::Pods {
+                service,
+                selector,
+                current,
+            } => {
                 let sel = equality_selector(selector);
                 let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
                 let lp = ListParams::default().labels(&sel);
@@ -313,7 +318,8 @@ impl KubeExecutor {
                 let pods = self.call(op, on_step, || api.list(&lp)).await?;
                 let matching = u32::try_from(pods.items.len()).unwrap_or(u32::MAX);
                 let ready = u32::try_from(pods.items.iter().filter(|p| pod_is_ready(p)).count()).unwrap_or(u32::MAX);
-                let passed = ready >= required;
+                let foreign = foreign_pods(&pods.items, current);
+                let passed = ready >= required && foreign.is_empty();
                 on_step(KubeStepRecord::PreCheck {
                     index,
                     object: format!("service/{service}"),
@@ -322,10 +328,25 @@ impl KubeExecutor {
                     ready,
                     required,
                     passed,
-                    note: None,
+                    note: (!foreign.is_empty()).then(|| {
+                        format!(
+                            "{} of them belong to another app (neither selected now nor labelled like {}): {}",
+                            foreign.len(),
+                            equality_selector(current),
+                            foreign.join(", ")
+                        )
+                    }),
                 });
                 if passed {
                     Ok(())
+                } else if !foreign.is_empty() {
+                    Err(KubeError::ForeignPods {
+                        service: service.clone(),
+                        namespace: ns.to_string(),
+                        selector: sel,
+                        current: equality_selector(current),
+                        pods: foreign,
+                    })
                 } else {
                     Err(KubeError::PreCheckFailed {
                         service: service.clone(),

@@ -107,6 +107,8 @@ pub(super) enum PreCheckNeed {
     Pods {
         service: String,
         selector: BTreeMap<String, String>,
+        /// The Service's selector now: pods it selects, or of its app, are not foreign.
+        current: BTreeMap<String, String>,
     },
     /// The ReplicaSet a rollout undo restores (informational, see `precheck`).
     ReplicaSet {
@@ -163,6 +165,7 @@ pub(super) fn plan_step(
                 precheck: PreCheckNeed::Pods {
                     service: service.clone(),
                     selector: selector.clone(),
+                    current: s.selector.clone(),
                 },
             })))
         }

@@ -14,6 +14,8 @@ use kube::api::DynamicObject;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::policy::target::kubernetes::APP_KEYS;
+
 use super::{
     KubeError, ObjectState, RolloutProgress, POD_TEMPLATE_HASH_LABEL, REVISION_ANNOTATION, REVISION_HISTORY_ANNOTATION,
 };
@@ -443,4 +445,41 @@ pub(crate) fn last_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChang
             time: time_of(&e.time),
         })
         .max_by_key(|c| c.time)
+}
+
+/// Pods the new selector would pick up that neither the Service's current selector selects nor
+/// carry the current selector's app-naming labels (the app the Service serves, whose stable
+/// Deployment's pods are the ones we switch to): another app's pods, as `name (k=v,..)`. Empty
+/// when the current selector names no app (nothing to tell them apart by).
+pub(super) fn foreign_pods(pods: &[Pod], current: &BTreeMap<String, String>) -> Vec<String> {
+    let app: Vec<(&String, &String)> = current.iter().filter(|(k, _)| APP_KEYS.contains(&k.as_str())).collect();
+    if app.is_empty() {
+        return Vec::new();
+    }
+    pods.iter()
+        .filter(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            let has = |k: &String, v: &String| labels.get(k) == Some(v);
+            let in_current = current.iter().all(|(k, v)| has(k, v));
+            let same_app = app.iter().all(|(k, v)| has(k, v));
+            !(in_current || same_app)
+        })
+        .map(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            let shown: Vec<String> = labels
+                .iter()
+                .filter(|(k, _)| APP_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(
+                "{} ({})",
+                p.metadata.name.as_deref().unwrap_or("?"),
+                if shown.is_empty() {
+                    "no app label".to_string()
+                } else {
+                    shown.join(",")
+                }
+            )
+        })
+        .collect()
 }

@@ -21,6 +21,18 @@ pub struct KubernetesTarget {
     pub rollout_timeout: Duration,
 }
 
+/// Selector keys that name an application (the Kubernetes recommended labels and the common
+/// conventions).
+pub const APP_KEYS: &[&str] = &[
+    "app",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "k8s-app",
+    "name",
+    "component",
+    "app.kubernetes.io/component",
+];
+
 fn one() -> u32 {
     1
 }
@@ -94,6 +106,34 @@ impl KubernetesTarget {
         Ok(())
     }
 
+    /// Findings that do not refuse the target (`policy check` prints them), one line each.
+    /// A `switch_service` selector replaces the Service's whole selector, so one without a key
+    /// that names the app (seed 000's patch `{version: v1.0.0-rc.0}` copied as is drops `app`)
+    /// would send the traffic to every pod of any app carrying that version.
+    pub fn warnings(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                KubeStep::SwitchService { service, selector }
+                    if !selector.keys().any(|k| APP_KEYS.contains(&k.as_str())) =>
+                {
+                    let keys: Vec<&str> = selector.keys().map(String::as_str).collect();
+                    Some(format!(
+                        "warning: target.kubernetes.steps[{i}].switch_service.selector has only {} and no key naming \
+                         the app ({}): it replaces service/{service}'s whole selector, so keys it leaves out (such as \
+                         app) are dropped and pods of other apps with these labels get the traffic; list every key the \
+                         Service selects, e.g. {{app: NAME, version: ...}} (at run time the pre-check refuses pods that \
+                         neither the current selector nor the stable Deployment owns)",
+                        keys.join(", "),
+                        APP_KEYS.join(", ")
+                    ))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Identity of what a revert changes: the namespace and every object it touches.
     pub fn key(&self) -> String {
         let objects: Vec<String> = self
@@ -107,5 +147,65 @@ impl KubernetesTarget {
             })
             .collect();
         format!("k8s:{}/{}", self.namespace, objects.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn switch(pairs: &[(&str, &str)]) -> KubernetesTarget {
+        KubernetesTarget {
+            namespace: "portal".into(),
+            steps: vec![KubeStep::SwitchService {
+                service: "portal-api-prod".into(),
+                selector: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            }],
+            min_ready_replicas: 1,
+            rollout_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_selector_without_the_app_key_is_warned_about() {
+        let w = switch(&[("version", "v1.0.0-rc.0")]).warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "warning: target.kubernetes.steps[0].switch_service.selector has only version and no key naming the app"
+            ),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("service/portal-api-prod's whole selector"), "{}", w[0]);
+        assert!(switch(&[("app", "portal-api"), ("version", "v1.0.0-rc.0")])
+            .warnings()
+            .is_empty());
+        assert!(switch(&[("app.kubernetes.io/name", "portal-api"), ("version", "v1")])
+            .warnings()
+            .is_empty());
+    }
+
+    #[test]
+    fn undo_names_one_known_good_release_at_most() {
+        let mut t = switch(&[("app", "a")]);
+        t.steps = vec![KubeStep::RolloutUndo {
+            deployment: "web".into(),
+            to_revision: Some(2),
+            to_image: Some("web:1".into()),
+        }];
+        assert_eq!(
+            t.validate().unwrap_err(),
+            "target.kubernetes.steps[0].rollout_undo: name the known-good to_revision or to_image, not both"
+        );
+        t.steps = vec![KubeStep::RolloutUndo {
+            deployment: "web".into(),
+            to_revision: None,
+            to_image: Some(" ".into()),
+        }];
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .contains("to_image: give the known-good image"));
     }
 }
