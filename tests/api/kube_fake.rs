@@ -1324,3 +1324,178 @@ async fn a_selector_that_drops_the_app_key_is_refused_naming_the_other_apps_pods
     let (result, _) = run(&exec, &target(vec![switch_step(), scale_step()]), false).await;
     assert!(result.expect("switch with app").changed);
 }
+
+/// A replica planned its selector patch and died; meanwhile a person switched the Service with
+/// `kubectl patch` and scaled the canary down. The takeover finds it done and says who: not our
+/// rollback (before, the planned write alone made it count as ours).
+#[tokio::test]
+async fn a_takeover_that_finds_a_persons_revert_says_who_and_does_not_count_it() {
+    use crate::helpers::{ago, alert, payload, spawn_app, Options};
+    use rollback_responder::action::Executors;
+    use rollback_responder::incident::{Event, IncidentId};
+    use rollback_responder::store::NewEvent;
+    const DEAD: &str = "replica-dead";
+
+    let fake = FakeKube::start().await;
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    fake.run_controllers();
+    let policy = r#"
+name: portal-api-k8s
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  kubernetes:
+    namespace: portal
+    min_ready_replicas: 2
+    rollout_timeout: 5s
+    steps:
+      - switch_service: {service: portal-api-prod, selector: {app: portal-api, version: v1.0.0-rc.0}}
+      - scale: {deployment: portal-api-canary, replicas: 0}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    mode: manual
+approval:
+  approvers:
+    slack_users: [U0APPROVER]
+  timeout: 15m
+  on_timeout: escalate
+verification:
+  bake: 1s
+  interval: 500ms
+"#;
+    let app = spawn_app(Options {
+        policies: vec![("portal-api-k8s.yaml", policy.to_string())],
+        executors: Some(Executors {
+            kube: Some(executor(&fake)),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "kt01", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("awaiting approval", |l| {
+            l.len() == 1 && l[0]["phase"] == "awaiting_approval"
+        })
+        .await;
+    let id = IncidentId(list[0]["id"].as_str().unwrap().to_string());
+
+    // The person: `kubectl patch service` and `kubectl scale`.
+    let client = fake.client();
+    let services: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(client.clone(), NS);
+    let patch: json_patch::Patch = serde_json::from_value(json!([{"op": "add", "path": "/spec/selector",
+        "value": {"app": "portal-api", "version": "v1.0.0-rc.0"}}]))
+    .unwrap();
+    let pp = |m: &str| kube::api::PatchParams {
+        field_manager: Some(m.into()),
+        ..Default::default()
+    };
+    services
+        .patch(
+            "portal-api-prod",
+            &pp("kubectl-patch"),
+            &kube::api::Patch::Json::<()>(patch),
+        )
+        .await
+        .expect("kubectl patch");
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(client, NS);
+    deployments
+        .patch_scale(
+            "portal-api-canary",
+            &pp("kubectl-scale"),
+            &kube::api::Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .expect("kubectl scale");
+    scaled_down(&fake);
+    let writes = fake.writes();
+
+    // What a replica that died mid-action leaves: approved, its expired lease, its start mark
+    // and the plan of its first write.
+    let r = &app.responder;
+    let now = chrono::Utc::now();
+    let mut tx = r.store.begin().await.unwrap();
+    let mut inc = tx.incident(&id).await.unwrap().unwrap();
+    r.apply(
+        &mut tx,
+        &mut inc,
+        Event::Approved {
+            by: vec!["U0APPROVER".into()],
+        },
+        "U0APPROVER",
+        "approved".into(),
+        Value::Null,
+        now,
+    )
+    .await
+    .unwrap();
+    inc.owner = Some(DEAD.into());
+    inc.lease_until = Some(now - chrono::Duration::seconds(1));
+    assert!(tx.take_lease(&inc).await.unwrap());
+    for (kind, detail) in [
+        ("action_started", json!({"dry_run": false})),
+        (
+            "action_step",
+            json!({"step": "planned", "dry_run": false, "object": "service/portal-api-prod"}),
+        ),
+    ] {
+        tx.append_event(
+            &id,
+            now,
+            NewEvent {
+                kind,
+                actor: DEAD,
+                phase_from: None,
+                phase_to: None,
+                summary: kind.into(),
+                detail,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let list = app
+        .wait_incidents("taken over and settled", |l| l[0]["phase"] == "verified")
+        .await;
+    assert_eq!(list[0]["executed"], false, "not our rollback: {}", list[0]);
+    assert_eq!(fake.writes(), writes, "nothing written by the takeover");
+    let inc = app.incident(&id.0).await;
+    let done = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "action_succeeded")
+        .expect("the takeover's result");
+    let summary = done["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("switch service/portal-api-prod selector to app=portal-api,version=v1.0.0-rc.0: already done, by `kubectl-patch` (Update at "),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "(the interrupted earlier attempt by {DEAD} did not write it: it was reverted service/portal-api-prod by \
+             `kubectl-patch` (Update at "
+        )),
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("not counted as this incident's rollback)"),
+        "{summary}"
+    );
+}

@@ -63,6 +63,11 @@ impl KubeExecutor {
         Ok(Self::new(client, s))
     }
 
+    /// The field manager our patches are recorded under in managedFields.
+    pub fn field_manager(&self) -> &str {
+        &self.field_manager
+    }
+
     /// Wraps an existing client (tests pass a mock or a client of the fake API server).
     pub fn new(client: kube::Client, s: &KubeSettings) -> Self {
         Self {

@@ -121,6 +121,38 @@ pub struct KubeOutcome {
     pub steps: Vec<StepOutcome>,
 }
 
+impl KubeOutcome {
+    /// Found already reverted (nothing written, not a dry run): who had done it, from the
+    /// managedFields of what each step would have written. `None` when something was written
+    /// or nobody is recorded.
+    pub fn found_reverted_by(&self, our_manager: &str) -> Option<crate::action::RevertedBy> {
+        if self.changed || self.dry_run {
+            return None;
+        }
+        let by: Vec<(&KubeStep, &FieldChange)> = self
+            .steps
+            .iter()
+            .filter_map(|s| match &s.result {
+                StepResult::AlreadyDone { by: Some(b), .. } => Some((&s.step, b)),
+                _ => None,
+            })
+            .collect();
+        if by.is_empty() {
+            return None;
+        }
+        let others: Vec<String> = by
+            .iter()
+            .filter(|(_, b)| b.manager != our_manager)
+            .map(|(step, b)| format!("{} {}", step.object(), b.describe()))
+            .collect();
+        Some(if others.is_empty() {
+            crate::action::RevertedBy::Us
+        } else {
+            crate::action::RevertedBy::Others { who: others.join("; ") }
+        })
+    }
+}
+
 /// A notable step of a revert or verification, for the incident's audit trail.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
@@ -461,5 +493,48 @@ mod tests {
         for s in [pre, back, scale] {
             assert!(!s.describe().contains("null"), "{}", s.describe());
         }
+    }
+
+    #[test]
+    fn a_target_found_reverted_names_who_did_it_and_only_our_manager_is_us() {
+        let done = |manager: &str| StepOutcome {
+            index: 0,
+            step: KubeStep::SwitchService {
+                service: "web".into(),
+                selector: sel(&[("app", "web")]),
+            },
+            result: StepResult::AlreadyDone {
+                state: ObjectState::Service {
+                    name: "web".into(),
+                    resource_version: "3".into(),
+                    selector: sel(&[("app", "web")]),
+                },
+                reason: "service web already selects app=web".into(),
+                by: Some(FieldChange {
+                    manager: manager.into(),
+                    operation: "Update".into(),
+                    time: None,
+                }),
+            },
+        };
+        let outcome = |steps| KubeOutcome {
+            changed: false,
+            dry_run: false,
+            steps,
+        };
+        assert_eq!(
+            outcome(vec![done("rollback-responder")]).found_reverted_by("rollback-responder"),
+            Some(crate::action::RevertedBy::Us)
+        );
+        assert_eq!(
+            outcome(vec![done("rollback-responder"), done("kubectl-patch")]).found_reverted_by("rollback-responder"),
+            Some(crate::action::RevertedBy::Others {
+                who: "service/web by `kubectl-patch` (Update at unknown time)".into()
+            })
+        );
+        let mut changed = outcome(vec![done("kubectl-patch")]);
+        changed.changed = true;
+        assert_eq!(changed.found_reverted_by("rollback-responder"), None);
+        assert_eq!(outcome(vec![]).found_reverted_by("rollback-responder"), None);
     }
 }

@@ -66,6 +66,18 @@ pub enum KubeStep {
     Scale { deployment: String, replicas: u32 },
 }
 
+impl KubeStep {
+    /// The object the step writes: `service/NAME` or `deployment/NAME`.
+    pub fn object(&self) -> String {
+        match self {
+            KubeStep::SwitchService { service, .. } => format!("service/{service}"),
+            KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => {
+                format!("deployment/{deployment}")
+            }
+        }
+    }
+}
+
 impl KubernetesTarget {
     /// Checks what serde cannot; the message names the field and the fix.
     pub fn validate(&self) -> Result<(), String> {
