@@ -8,6 +8,7 @@
 //! nothing.
 
 pub mod alb;
+pub mod gitops;
 pub mod kubernetes;
 pub mod retry;
 pub mod steps;
@@ -104,7 +105,11 @@ impl Target {
                         }
                     })
                     .collect();
-                format!("in namespace {}: {}", t.namespace, steps.join(", then "))
+                let suspend = match t.gitops.as_ref().map(gitops::GitOps::owner) {
+                    Some(Ok(owner)) => format!("suspend the sync of {}, then ", owner.describe()),
+                    _ => String::new(),
+                };
+                format!("in namespace {}: {suspend}{}", t.namespace, steps.join(", then "))
             }
         }
     }
@@ -352,13 +357,17 @@ fn kube_report(
             )
         })
         .collect();
-    let summary = if outcome.dry_run {
+    let mut summary = if outcome.dry_run {
         format!("dry run, nothing written (server-side dry run): {}", steps.join("; "))
     } else if outcome.changed {
         format!("reverted: {}", steps.join("; "))
     } else {
         format!("already reverted, nothing written: {}", steps.join("; "))
     };
+    // How to resume Argo CD / Flux belongs in the result people read last, too.
+    if let Some(g) = &outcome.gitops {
+        summary.push_str(&format!(". {}", g.describe()));
+    }
     Ok(ActionReport {
         changed: outcome.changed,
         dry_run: outcome.dry_run,
@@ -453,6 +462,23 @@ fn alb_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kubernetes_target_with_gitops_says_it_suspends_first() {
+        let t: Target = serde_json::from_value(serde_json::json!({"kubernetes": {
+            "namespace": "portal",
+            "gitops": {"flux": {"kind": "HelmRelease", "name": "portal-api", "namespace": "portal"}},
+            "steps": [{"rollout_undo": {"deployment": "portal-api"}}]
+        }}))
+        .expect("target");
+        assert_eq!(t.validate(), Ok(()));
+        // What a dry run without an executor records.
+        assert_eq!(
+            not_configured(&t, true).summary,
+            "not executed (dry run): would in namespace portal: suspend the sync of Flux HelmRelease \
+             portal/portal-api, then rollout undo deployment/portal-api"
+        );
+    }
 
     #[test]
     fn a_missing_executor_names_the_policy_and_the_section() {

@@ -68,6 +68,7 @@ pub fn kube_target() -> KubernetesTarget {
         ],
         min_ready_replicas: 2,
         rollout_timeout: Duration::from_secs(5),
+        gitops: None,
     }
 }
 

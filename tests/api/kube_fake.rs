@@ -25,6 +25,7 @@ fn target(steps: Vec<KubeStep>) -> KubernetesTarget {
         steps,
         min_ready_replicas: 2,
         rollout_timeout: Duration::from_secs(5),
+        gitops: None,
     }
 }
 

@@ -137,6 +137,7 @@ fn target(steps: Vec<KubeStep>) -> KubernetesTarget {
         steps,
         min_ready_replicas: 1,
         rollout_timeout: Duration::from_secs(1),
+        gitops: None,
     }
 }
 

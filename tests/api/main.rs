@@ -9,6 +9,7 @@ mod edges;
 mod faults_actions;
 mod faults_store;
 mod fuzz;
+mod gitops;
 mod helpers;
 mod kube_fake;
 mod kube_mock;

@@ -65,6 +65,53 @@ fn role_grants_exactly_the_executor_rules() {
     );
 }
 
+/// The optional GitOps Roles (deploy/kubernetes/gitops/) grant exactly what the suspend calls
+/// (`gitops::RBAC_RULES`), in the tools' own namespaces, bound to the responder's account.
+#[test]
+fn gitops_roles_grant_exactly_the_suspend_rules() {
+    use crate::support::rbac::GITOPS_RBAC_YAMLS;
+    use rollback_responder::action::gitops;
+
+    let mut granted = BTreeSet::new();
+    let mut namespaces = Vec::new();
+    for path in GITOPS_RBAC_YAMLS {
+        let text = std::fs::read_to_string(path).expect("read a gitops rbac.yaml");
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).expect("yaml document"))
+            .collect();
+        let roles = Role::parse_all(&text);
+        assert_eq!(roles.len(), 1, "{path}: one Role");
+        let binding = docs
+            .iter()
+            .find(|d| d.get("kind").and_then(Value::as_str) == Some("RoleBinding"))
+            .unwrap_or_else(|| panic!("{path}: a RoleBinding"));
+        assert_eq!(
+            binding["metadata"]["namespace"].as_str(),
+            Some(roles[0].namespace.as_str())
+        );
+        assert_eq!(binding["roleRef"]["name"].as_str(), Some(roles[0].name.as_str()));
+        assert_eq!(binding["subjects"][0]["name"].as_str(), Some("rollback-responder"));
+        assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("rollback-responder"));
+        namespaces.push(roles[0].namespace.clone());
+        for rule in &roles[0].rules {
+            assert!(rule.resource_names.is_empty(), "{path}: resourceNames");
+            for g in &rule.api_groups {
+                for r in &rule.resources {
+                    for v in &rule.verbs {
+                        granted.insert((g.clone(), r.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(namespaces, ["argocd", "flux-system"]);
+    let needed: BTreeSet<(String, String, String)> = gitops::RBAC_RULES
+        .iter()
+        .flat_map(|(g, r, verbs)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string())))
+        .collect();
+    assert_eq!(granted, needed, "gitops Roles and gitops::RBAC_RULES differ");
+}
+
 /// The parsed Role answers as the RBAC authorizer would: namespace, group, resource (a
 /// subresource only by its own name), verb, and resourceNames all have to match.
 #[test]

@@ -1,7 +1,9 @@
 //! A small fake Kubernetes API server on loopback for the Kubernetes executor's end-to-end
 //! tests (no real kube-apiserver can run here).
 //!
-//! It keeps Services, Pods, Deployments, ReplicaSets and EndpointSlices in memory and serves
+//! It keeps Services, Pods, Deployments, ReplicaSets and EndpointSlices in memory (and, for
+//! the GitOps suspend, Argo CD Applications and Flux Kustomizations and HelmReleases, stored
+//! like any other object: GET and merge/JSON patch, no controller), and serves
 //! the Deployment `scale` subresource as an autoscaling/v1 `Scale`. Like the real server it
 //! assigns `uid`, `resourceVersion` (one counter for everything) and `generation` (bumped when
 //! `spec` changes), answers 409 `Conflict` to a PUT or merge patch carrying a stale
@@ -88,11 +90,12 @@ impl Drop for FakeKube {
         if std::thread::panicking() || self.lock().outside_rbac_expected {
             return;
         }
-        let outside = self.outside_rbac(&Role::shipped());
+        let outside = self.outside_roles(&Role::shipped_all());
         assert!(
             outside.is_empty(),
-            "requests the shipped Role ({}) does not allow; in a cluster they would be 403:\n{}",
+            "requests the shipped Roles ({} and {:?}) do not allow; in a cluster they would be 403:\n{}",
             super::rbac::RBAC_YAML,
+            super::rbac::GITOPS_RBAC_YAMLS,
             outside
                 .iter()
                 .map(|l| format!("  {} ({} {})", l.access, l.method, l.path))
@@ -110,6 +113,17 @@ fn kind_of(plural: &str) -> Option<(&'static str, &'static str, &'static str)> {
         "deployments" => ("/apis/apps/v1", "apps/v1", "Deployment"),
         "replicasets" => ("/apis/apps/v1", "apps/v1", "ReplicaSet"),
         "endpointslices" => ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice"),
+        "applications" => ("/apis/argoproj.io/v1alpha1", "argoproj.io/v1alpha1", "Application"),
+        "kustomizations" => (
+            "/apis/kustomize.toolkit.fluxcd.io/v1",
+            "kustomize.toolkit.fluxcd.io/v1",
+            "Kustomization",
+        ),
+        "helmreleases" => (
+            "/apis/helm.toolkit.fluxcd.io/v2",
+            "helm.toolkit.fluxcd.io/v2",
+            "HelmRelease",
+        ),
         _ => return None,
     })
 }
@@ -118,6 +132,9 @@ fn group_of(plural: &str) -> &'static str {
     match plural {
         "deployments" | "replicasets" => "apps",
         "endpointslices" => "discovery.k8s.io",
+        "applications" => "argoproj.io",
+        "kustomizations" => "kustomize.toolkit.fluxcd.io",
+        "helmreleases" => "helm.toolkit.fluxcd.io",
         _ => "",
     }
 }
@@ -238,9 +255,14 @@ impl FakeKube {
 
     /// The requests so far that `role` does not allow.
     pub fn outside_rbac(&self, role: &Role) -> Vec<Logged> {
+        self.outside_roles(std::slice::from_ref(role))
+    }
+
+    /// The requests so far that none of `roles` allows.
+    pub fn outside_roles(&self, roles: &[Role]) -> Vec<Logged> {
         self.requests()
             .into_iter()
-            .filter(|l| !role.allows(&l.access))
+            .filter(|l| !roles.iter().any(|r| r.allows(&l.access)))
             .collect()
     }
 

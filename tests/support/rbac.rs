@@ -8,6 +8,11 @@ use serde_norway::Value;
 
 /// Path of the shipped Role and RoleBinding.
 pub const RBAC_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/base/rbac.yaml");
+/// The optional Roles for the GitOps suspend (Argo CD, Flux), each in its tool's namespace.
+pub const GITOPS_RBAC_YAMLS: &[&str] = &[
+    concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/gitops/argocd/rbac.yaml"),
+    concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/gitops/flux/rbac.yaml"),
+];
 
 /// One API request in RBAC terms, as the API server's authorizer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,15 +146,32 @@ impl Role {
         Role::parse(&text)
     }
 
+    /// Every Role shipped: the executor's (base) and the optional GitOps ones.
+    pub fn shipped_all() -> Vec<Role> {
+        std::iter::once(RBAC_YAML)
+            .chain(GITOPS_RBAC_YAMLS.iter().copied())
+            .flat_map(|path| {
+                let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+                Role::parse_all(&text)
+            })
+            .collect()
+    }
+
     /// The (first) Role in a multi-document manifest.
     pub fn parse(text: &str) -> Role {
-        let docs: Vec<Value> = serde_norway::Deserializer::from_str(text)
+        Role::parse_all(text).into_iter().next().expect("a Role document")
+    }
+
+    /// Every Role in a multi-document manifest.
+    pub fn parse_all(text: &str) -> Vec<Role> {
+        serde_norway::Deserializer::from_str(text)
             .map(|d| Value::deserialize(d).expect("yaml document"))
-            .collect();
-        let role = docs
-            .iter()
-            .find(|d| d.get("kind").and_then(Value::as_str) == Some("Role"))
-            .expect("a Role document");
+            .filter(|d| d.get("kind").and_then(Value::as_str) == Some("Role"))
+            .map(|role| Role::from_doc(&role))
+            .collect()
+    }
+
+    fn from_doc(role: &Value) -> Role {
         let rules = role["rules"]
             .as_sequence()
             .expect("rules")

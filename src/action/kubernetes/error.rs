@@ -199,6 +199,20 @@ pub enum KubeError {
         /// Server message.
         message: String,
     },
+    /// The GitOps owner could not be suspended and the policy requires it: nothing reverted.
+    #[error(
+        "could not suspend {owner} before the revert: {cause}; nothing was reverted, because its sync would undo \
+         the revert within minutes: fix the policy's target.kubernetes.gitops or the responder's RBAC \
+         (deploy/kubernetes/gitops/), or set gitops.required: false to revert without suspending"
+    )]
+    GitOpsSuspend {
+        /// `Argo CD application argocd/portal-api`.
+        owner: String,
+        /// The failed call's error.
+        cause: String,
+        /// Whether the failed call may succeed later.
+        retryable: bool,
+    },
     /// Transport, timeout or decoding error on our side.
     #[error("kubernetes client error: {message}")]
     Client {
@@ -215,7 +229,7 @@ impl KubeError {
         match self {
             KubeError::Conflict { .. } => true,
             KubeError::Api { code, .. } => *code == 429 || *code >= 500,
-            KubeError::Client { retryable, .. } => *retryable,
+            KubeError::Client { retryable, .. } | KubeError::GitOpsSuspend { retryable, .. } => *retryable,
             _ => false,
         }
     }
@@ -238,6 +252,7 @@ impl KubeError {
             KubeError::ReadBackMismatch { .. } => "read_back_mismatch",
             KubeError::InvalidTarget { .. } => "invalid_target",
             KubeError::Config { .. } => "config",
+            KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",
             KubeError::Api { .. } => "api",
             KubeError::Client { .. } => "client",
         }

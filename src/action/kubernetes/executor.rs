@@ -31,8 +31,8 @@ use crate::action::retry::{Attempt, BeforeWrite, RetryPolicy};
 #[derive(Clone)]
 pub struct KubeExecutor {
     pub(super) client: kube::Client,
-    field_manager: String,
-    max_conflict_retries: u32,
+    pub(super) field_manager: String,
+    pub(super) max_conflict_retries: u32,
     retry: RetryPolicy,
 }
 
@@ -158,6 +158,12 @@ impl KubeExecutor {
             }
         }
 
+        // GitOps (action::gitops): Argo CD / Flux must not sync the release back; before any write.
+        let gitops = match &t.gitops {
+            Some(g) => Some(self.suspend_gitops(g, dry_run, on_step, before_write).await?),
+            None => None,
+        };
+
         let mut touched: HashSet<String> = HashSet::new();
         let mut steps = Vec::with_capacity(t.steps.len());
         for (index, (step, (current, plan))) in t.steps.iter().zip(planned).enumerate() {
@@ -201,6 +207,7 @@ impl KubeExecutor {
             changed,
             dry_run,
             steps,
+            gitops,
         })
     }
 

@@ -31,12 +31,14 @@
 //! write (pure, unit-tested in `tests.rs`); `executor` makes the API calls of a revert;
 //! `verify` waits for endpoints and rollouts after it; `readback` samples the target during
 //! the bake; `records` holds the typed step records and renders them in Kubernetes terms;
-//! `error` the error enum and its classification.
+//! `error` the error enum and its classification; `gitops_hook` the calls through which
+//! [`crate::action::gitops`] suspends Argo CD / Flux right after the pre-checks.
 
 use std::time::Duration;
 
 mod error;
 mod executor;
+mod gitops_hook;
 mod plan;
 /// Reading the target back during the bake (verification).
 mod readback;

@@ -119,6 +119,9 @@ pub struct KubeOutcome {
     pub dry_run: bool,
     /// Every step, in order.
     pub steps: Vec<StepOutcome>,
+    /// What the GitOps suspend did before the first write (action::gitops).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gitops: Option<crate::action::gitops::GitOpsStep>,
 }
 
 impl KubeOutcome {
@@ -270,6 +273,8 @@ pub enum KubeStepRecord {
         /// Progress as read.
         progress: RolloutProgress,
     },
+    /// The GitOps owner's sync suspended (or not) before the first write (action::gitops).
+    Gitops(crate::action::gitops::GitOpsStep),
 }
 
 /// A Deployment's rollout progress, judged as `kubectl rollout status` does.
@@ -303,6 +308,7 @@ impl From<KubeStepRecord> for Step {
             notable: match &s {
                 KubeStepRecord::Patched { dry_run, .. } => !dry_run,
                 KubeStepRecord::AttemptFailed(a) => a.is_notable(),
+                KubeStepRecord::Gitops(g) => g.is_notable(),
                 _ => false,
             },
             detail: serde_json::to_value(&s).unwrap_or_default(),
@@ -435,12 +441,16 @@ impl KubeStepRecord {
             KubeStepRecord::Rollout { deployment, progress } => {
                 format!("rollout of deployment/{deployment}: {}", progress.message)
             }
+            KubeStepRecord::Gitops(g) => g.describe(),
         }
     }
 
     /// Whether this step changed an object (a patch that was stored).
     pub fn applied(&self) -> bool {
-        matches!(self, KubeStepRecord::Patched { dry_run: false, .. })
+        match self {
+            KubeStepRecord::Gitops(g) => g.applied(),
+            other => matches!(other, KubeStepRecord::Patched { dry_run: false, .. }),
+        }
     }
 }
 
@@ -521,6 +531,7 @@ mod tests {
             changed: false,
             dry_run: false,
             steps,
+            gitops: None,
         };
         assert_eq!(
             outcome(vec![done("rollback-responder")]).found_reverted_by("rollback-responder"),

@@ -19,6 +19,9 @@ pub struct KubernetesTarget {
     /// How long an undone Deployment may take to complete its rollout.
     #[serde(default = "five_minutes", with = "humantime_serde")]
     pub rollout_timeout: Duration,
+    /// The Argo CD Application or Flux object to suspend before the first write (action::gitops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitops: Option<crate::action::gitops::GitOps>,
 }
 
 /// Selector keys that name an application (the Kubernetes recommended labels and the common
@@ -88,6 +91,9 @@ impl KubernetesTarget {
             return Err(
                 "target.kubernetes.steps: list at least one step (switch_service, rollout_undo or scale)".into(),
             );
+        }
+        if let Some(g) = &self.gitops {
+            g.owner()?;
         }
         for (i, s) in self.steps.iter().enumerate() {
             match s {
@@ -175,6 +181,7 @@ mod tests {
             }],
             min_ready_replicas: 1,
             rollout_timeout: Duration::from_secs(60),
+            gitops: None,
         }
     }
 
