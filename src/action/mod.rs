@@ -92,11 +92,13 @@ impl Target {
                         KubeStep::RolloutUndo {
                             deployment,
                             to_revision,
-                        } => match to_revision {
-                            Some(r) => {
+                            to_image,
+                        } => match (to_revision, to_image) {
+                            (Some(r), _) => {
                                 format!("rollout undo deployment/{deployment} to revision {r}")
                             }
-                            None => format!("rollout undo deployment/{deployment}"),
+                            (None, Some(image)) => format!("rollout undo deployment/{deployment} to image {image}"),
+                            (None, None) => format!("rollout undo deployment/{deployment}"),
                         },
                         KubeStep::Scale { deployment, replicas } => {
                             format!("scale deployment/{deployment} to {replicas}")
@@ -123,6 +125,19 @@ pub struct ActionReport {
     pub summary: String,
     /// Before/after state or what would be written.
     pub detail: serde_json::Value,
+    /// Found already reverted (nothing written): who had done it, when the executor can tell.
+    pub found_reverted_by: Option<RevertedBy>,
+}
+
+/// Who had reverted a target this action found already reverted (Kubernetes: the managedFields
+/// manager of the fields a step would have written).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum RevertedBy {
+    /// Our own field manager: an earlier attempt of ours wrote it.
+    Us,
+    /// Somebody else (`by `kubectl-patch` (Update at ...)` per object).
+    Others { who: String },
 }
 
 /// Why an action failed; `detail` is the executor's structured error (AWS code and all).
@@ -157,13 +172,15 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target`, handing every step
+    /// Carries out (or, dry run, only describes) the revert of `target` for an incident opened
+    /// at `opened_at` (what was current then is the bad release), handing every step
     /// to `on_step` as it happens, whether the action succeeds or not.
     /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
     pub async fn execute(
         &self,
         target: &Target,
         dry_run: bool,
+        opened_at: chrono::DateTime<chrono::Utc>,
         on_step: &mut (dyn FnMut(Step) + Send),
         before_write: retry::BeforeWrite<'_>,
     ) -> Result<ActionReport, ActionError> {
@@ -178,7 +195,12 @@ impl Executors {
             }
             (Target::Kubernetes(t), _, Some(exec)) => {
                 let mut record = |s: kubernetes::KubeStepRecord| on_step(s.into());
-                kube_report(t, exec.revert_gated(t, dry_run, &mut record, before_write).await)
+                kube_report(
+                    t,
+                    exec.field_manager(),
+                    exec.revert_gated(t, dry_run, Some(opened_at), &mut record, before_write)
+                        .await,
+                )
             }
             _ => Ok(not_configured(target, dry_run)),
         }
@@ -309,19 +331,21 @@ fn kube_error(e: &kubernetes::KubeError) -> ActionError {
 
 fn kube_report(
     t: &KubernetesTarget,
+    our_manager: &str,
     result: Result<kubernetes::KubeOutcome, kubernetes::KubeError>,
 ) -> Result<ActionReport, ActionError> {
     let outcome = result.map_err(|e| kube_error(&e))?;
+    let found_reverted_by = outcome.found_reverted_by(our_manager);
     let steps: Vec<String> = outcome
         .steps
         .iter()
         .map(|s| {
-            let what = match serde_json::to_value(&s.result)
-                .ok()
-                .and_then(|v| v.get("result").and_then(|r| r.as_str().map(str::to_string)))
-            {
-                Some(r) => r.replace('_', " "),
-                None => "done".into(),
+            let what = match (&s.result, serde_json::to_value(&s.result).ok()) {
+                (kubernetes::StepResult::AlreadyDone { by: Some(by), .. }, _) => {
+                    format!("already done, {}", by.describe())
+                }
+                (_, Some(v)) => v["result"].as_str().unwrap_or("done").replace('_', " "),
+                (_, None) => "done".into(),
             };
             format!(
                 "{}: {what}",
@@ -349,6 +373,7 @@ fn kube_report(
         dry_run: outcome.dry_run,
         summary,
         detail: serde_json::to_value(&outcome).unwrap_or_default(),
+        found_reverted_by,
     })
 }
 
@@ -363,6 +388,7 @@ fn not_configured(target: &Target, dry_run: bool) -> ActionReport {
         dry_run: true,
         summary: format!("not executed ({why}): would {}", target.describe()),
         detail: serde_json::json!({ "executed": false, "why": why, "would": target }),
+        found_reverted_by: None,
     }
 }
 
@@ -392,6 +418,7 @@ fn alb_report(
                         forward(after)
                     ),
                     detail,
+                    found_reverted_by: None,
                 },
                 // Found stable in a dry run is still a dry run: the incident ends in `dry_run`,
                 // not in a verification (and an escalation) of a rollback nobody did.
@@ -404,6 +431,7 @@ fn alb_report(
                         forward(state)
                     ),
                     detail,
+                    found_reverted_by: None,
                 },
                 alb::AlbOutcome::DryRun { before, would_write } => ActionReport {
                     changed: false,
@@ -416,6 +444,7 @@ fn alb_report(
                         would_write.stable_percent(stable)
                     ),
                     detail,
+                    found_reverted_by: None,
                 },
             })
         }

@@ -8,6 +8,7 @@
 mod decide;
 mod follow_ups;
 mod matcher;
+pub mod target;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -602,7 +603,8 @@ impl PolicySet {
         }
         if errors.is_empty() {
             let hash = hex::encode(hasher.finalize());
-            let warnings = shadowed(&policies, &sources);
+            let mut warnings = shadowed(&policies, &sources);
+            warnings.extend(target_warnings(&policies, &sources));
             Ok(PolicySet {
                 policies,
                 hash: hash[..16].to_string(),
@@ -689,6 +691,28 @@ fn shadowed(policies: &[LoadedPolicy], sources: &[(PathBuf, String)]) -> Vec<Pol
                         earlier.policy.name,
                         earlier.file.display()
                     ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What each policy's target says about itself (a Kubernetes selector that drops the app key).
+fn target_warnings(policies: &[LoadedPolicy], sources: &[(PathBuf, String)]) -> Vec<PolicyError> {
+    let mut out = Vec::new();
+    for p in policies {
+        if let Target::Kubernetes(t) = &p.policy.target {
+            let text = sources
+                .iter()
+                .find(|(f, _)| f == &p.file)
+                .map(|(_, t)| t.as_str())
+                .unwrap_or_default();
+            for message in t.warnings() {
+                out.push(PolicyError {
+                    file: p.file.clone(),
+                    line: locate(text, "switch_service"),
+                    message,
                 });
             }
         }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::action::{ActionError, ActionReport, Step, Target};
+use crate::action::{ActionError, ActionReport, RevertedBy, Step, Target};
 use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 
@@ -175,6 +175,7 @@ impl Responder {
                         dry_run,
                         mut summary,
                         detail,
+                        found_reverted_by,
                     } = report;
                     // Found reverted after an interrupted attempt. If that attempt had got as
                     // far as a write (its intent is recorded before anything is sent), the
@@ -183,15 +184,22 @@ impl Responder {
                     // "executed") would never learn that we changed the target. If it had not,
                     // somebody else reverted it: not our rollback.
                     if let Some(i) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
-                        match &i.wrote {
-                            Some(by) => {
+                        match (&i.wrote, found_reverted_by) {
+                            // The executor can tell who wrote it (Kubernetes managedFields):
+                            // somebody else's change is not our rollback, whatever we planned.
+                            (_, Some(RevertedBy::Others { who })) => summary.push_str(&format!(
+                                " (the interrupted earlier attempt by {} did not write it: it was reverted {who}; \
+                                 not counted as this incident's rollback)",
+                                i.started_by
+                            )),
+                            (Some(by), _) => {
                                 inc.acted_at = Some(now);
                                 summary.push_str(&format!(
                                     " (an interrupted earlier attempt by {by} had begun to write it: counted as this \
                                      incident's rollback)"
                                 ));
                             }
-                            None => summary.push_str(&format!(
+                            (None, _) => summary.push_str(&format!(
                                 " (the interrupted earlier attempt by {} had not begun to write, so somebody else \
                                  reverted it: not counted as this incident's rollback)",
                                 i.started_by
@@ -270,7 +278,7 @@ impl Responder {
                 let _ = sender.send(Timed { at: Utc::now(), step });
             };
             self.executors
-                .execute(target, dry_run, &mut on_step, before_write)
+                .execute(target, dry_run, inc.opened_at, &mut on_step, before_write)
                 .await
         };
         let record = async {

@@ -69,6 +69,7 @@ fn undo_target(gitops: Value) -> KubernetesTarget {
         steps: vec![KubeStep::RolloutUndo {
             deployment: "portal-api".into(),
             to_revision: None,
+            to_image: None,
         }],
         min_ready_replicas: 1,
         rollout_timeout: Duration::from_secs(5),

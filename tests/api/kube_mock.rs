@@ -374,6 +374,7 @@ async fn rollout_undo_sends_kubectls_patch_with_a_test_op_and_kept_annotations()
     let t = target(vec![KubeStep::RolloutUndo {
         deployment: "portal-api".into(),
         to_revision: None,
+        to_image: None,
     }]);
     let (mut h, task) = start(t, false, KubeSettings::default());
     let get = answer(&mut h, 200, deploy("200", "v1.0.0", false)).await;
@@ -432,6 +433,7 @@ async fn rollout_undo_refuses_paused_and_reports_missing_history() {
     let t = target(vec![KubeStep::RolloutUndo {
         deployment: "portal-api".into(),
         to_revision: None,
+        to_image: None,
     }]);
     let (mut h, task) = start(t.clone(), false, KubeSettings::default());
     answer(&mut h, 200, deploy("200", "v1.0.0", true)).await;

@@ -12,8 +12,9 @@
 //! `Conflict`, `Invalid`, `Forbidden`, `BadRequest`) because kube-core classifies errors by
 //! their reason. Lists filter by namespace and `labelSelector`; only equality-based
 //! selectors (`a=b`, `a==b`, `a!=b`) and `key` / `!key` are understood, anything set-based
-//! answers 400. It runs no controllers: tests change status (ready pods, rollout progress,
-//! revisions) themselves with [`FakeKube::modify`].
+//! answers 400. By default it runs no controllers: tests change status (ready pods, rollout
+//! progress, revisions) themselves with [`FakeKube::modify`]; [`FakeKube::run_controllers`]
+//! turns on managedFields and the Deployment controller (`support::kube_controllers`).
 //!
 //! Every request is logged with the access it makes in RBAC terms ([`Logged::access`]). When
 //! the fake is dropped at the end of a test that did not fail, each logged request is checked
@@ -34,6 +35,7 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use super::kube_controllers::{reconcile_deployment, record_manager};
 use super::rbac::{Access, Role};
 
 /// One request as received.
@@ -63,6 +65,8 @@ struct Store {
     requests: Vec<Logged>,
     /// The test sends requests outside the Role on purpose: no check when dropped.
     outside_rbac_expected: bool,
+    /// managedFields and the Deployment controller run (`kube_controllers`).
+    controllers: bool,
 }
 
 impl Store {
@@ -208,6 +212,26 @@ impl FakeKube {
             .expect("object to modify exists");
         f(obj);
         obj["metadata"]["resourceVersion"] = json!(rv);
+    }
+
+    /// From now on, writes record managedFields and Deployments get ReplicaSets and revisions
+    /// as in a cluster (see `support::kube_controllers`); reconciles the Deployments stored.
+    pub fn run_controllers(&self) {
+        let mut s = self.lock();
+        s.controllers = true;
+        let deployments: Vec<(String, String)> = s
+            .objects
+            .keys()
+            .filter(|(p, _, _)| p == "deployments")
+            .map(|(_, ns, n)| (ns.clone(), n.clone()))
+            .collect();
+        for (ns, name) in deployments {
+            let Store { objects, next_rv, .. } = &mut *s;
+            reconcile_deployment(objects, &ns, &name, &mut || {
+                *next_rv += 1;
+                next_rv.to_string()
+            });
+        }
     }
 
     /// Answer 403 to `verb` on `resource` (e.g. `("patch", "deployments/scale")`).
@@ -602,10 +626,24 @@ async fn handle(
         new_obj["metadata"]["generation"] = json!(generation + 1);
     }
     if !dry_run && new_obj != current {
+        if s.controllers {
+            let manager = query.get("fieldManager").map_or("unknown", String::as_str);
+            record_manager(&current, &mut new_obj, manager, t.sub.as_deref());
+        }
         let rv = s.rv();
         new_obj["metadata"]["resourceVersion"] = json!(rv);
         s.objects.insert(key, new_obj.clone());
         s.writes += 1;
+        if s.controllers && t.plural == "deployments" {
+            let Store { objects, next_rv, .. } = &mut *s;
+            reconcile_deployment(objects, &t.ns, &name, &mut || {
+                *next_rv += 1;
+                next_rv.to_string()
+            });
+            if let Some(d) = s.objects.get(&(t.plural.clone(), t.ns.clone(), name.clone())) {
+                new_obj = d.clone();
+            }
+        }
     }
     if is_scale {
         ok(scale_of(&new_obj))

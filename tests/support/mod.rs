@@ -8,6 +8,7 @@ pub mod fake_elb;
 pub mod fake_kube;
 pub mod fake_notify;
 pub mod fault_proxy;
+pub mod kube_controllers;
 pub mod log_capture;
 pub mod moto;
 pub mod pg;

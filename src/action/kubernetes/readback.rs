@@ -13,10 +13,9 @@ use kube::api::{Api, DynamicObject};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{
-    equality_selector, template_summary, templates_equal, KubeError, KubeExecutor, KubeStep, KubernetesTarget, Op,
-    REVISION_ANNOTATION,
-};
+use super::error::Op;
+use super::views::{equality_selector, last_change, template_summary, templates_equal};
+use super::{KubeError, KubeExecutor, KubeStep, KubernetesTarget, REVISION_ANNOTATION};
 use crate::action::ReadBack;
 
 /// kubectl apply's record of what it last applied.
@@ -32,31 +31,14 @@ pub struct KubeBaseline {
 /// Who owns `path` (e.g. `["f:spec", "f:selector"]`) of an object now: the newest
 /// managed-fields entry that covers it. Pure.
 pub(crate) fn who_changed(meta: &ObjectMeta, path: &[&str]) -> String {
+    if let Some(change) = last_change(meta, path) {
+        return change.describe();
+    }
     let pointer: String = path.iter().map(|p| format!("/{p}")).collect();
-    let newest = meta
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter(|e| e.fields_v1.as_ref().is_some_and(|f| f.0.pointer(&pointer).is_some()))
-        .max_by_key(|e| {
-            serde_json::to_value(&e.time)
-                .ok()
-                .and_then(|t| t.as_str().map(str::to_string))
-        });
-    match newest {
-        Some(e) => format!(
-            "by `{}` ({} at {})",
-            e.manager.as_deref().unwrap_or("?"),
-            e.operation.as_deref().unwrap_or("?"),
-            serde_json::to_value(&e.time)
-                .ok()
-                .and_then(|t| t.as_str().map(str::to_string))
-                .unwrap_or_else(|| "unknown time".into())
-        ),
-        None if meta.annotations.as_ref().is_some_and(|a| a.contains_key(LAST_APPLIED)) => {
-            format!("by unknown (no managed-fields entry owns {pointer}; the object carries a `kubectl apply` last-applied-configuration)")
-        }
-        None => format!("by unknown (no managed-fields entry owns {pointer})"),
+    if meta.annotations.as_ref().is_some_and(|a| a.contains_key(LAST_APPLIED)) {
+        format!("by unknown (no managed-fields entry owns {pointer}; the object carries a `kubectl apply` last-applied-configuration)")
+    } else {
+        format!("by unknown (no managed-fields entry owns {pointer})")
     }
 }
 
