@@ -13,7 +13,7 @@ mod load;
 mod matcher;
 mod schema;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use decide::{
     checked_after, decide, decide_manual, find, holds_automatic, saturating_after, Decision, Freeze, FreezeState,

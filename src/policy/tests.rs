@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use super::*;
 
-const MINIMAL: &str = "name: web
+/// A policy with one automatic trigger on `HighErrorRate` firing for 5m (other modules' tests
+/// use it too).
+pub(crate) const MINIMAL: &str = "name: web
 service: web
 target:
   alb:

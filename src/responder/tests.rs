@@ -11,19 +11,6 @@ use crate::action::Executors;
 use crate::alert::Notification;
 use crate::policy::{GlobalGuards, PolicySet};
 
-const POLICY: &str = "name: web
-service: web
-target:
-  alb:
-    listener_arn: arn:aws:elasticloadbalancing:us-east-1:1:listener/app/web/1/2
-    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web-stable/1
-triggers:
-  - name: errors
-    matchers: ['alertname=\"HighErrorRate\"']
-    for: 2m
-    mode: auto
-";
-
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
@@ -32,7 +19,11 @@ async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("r.db").display());
     let store = Store::connect(&url, 1).await.unwrap();
-    let set = PolicySet::from_sources(Path::new("p"), vec![(PathBuf::from("p/web.yaml"), POLICY.into())]).unwrap();
+    let set = PolicySet::from_sources(
+        Path::new("p"),
+        vec![(PathBuf::from("p/web.yaml"), crate::policy::tests::MINIMAL.into())],
+    )
+    .unwrap();
     let global = GlobalGuards {
         dry_run: true,
         max_rollbacks: None,
@@ -66,21 +57,21 @@ async fn a_waiting_incident_is_decided_again_when_the_clock_reaches_its_due_time
     r.store.ingest(&delivery, clock.now()).await.unwrap();
     r.process_pending(10).await.unwrap();
     let inc = r.store.incidents(false, 10).await.unwrap().remove(0);
-    assert_eq!(inc.phase, Phase::Waiting, "firing for 1m of 2m");
-    assert_eq!(inc.due_at, Some(at("2026-11-30T10:02:00Z")));
+    assert_eq!(inc.phase, Phase::Waiting, "firing for 1m of 5m");
+    assert_eq!(inc.due_at, Some(at("2026-11-30T10:05:00Z")));
     assert_eq!(
         inc.opened_at,
         at("2026-11-30T10:01:00Z"),
         "opened on the responder's clock"
     );
 
-    clock.set(at("2026-11-30T10:01:59Z"));
+    clock.set(at("2026-11-30T10:04:59Z"));
     assert!(r.run_due().await.unwrap().is_empty());
     assert_eq!(r.store.incident(&inc.id).await.unwrap().unwrap().phase, Phase::Waiting);
 
-    clock.set(at("2026-11-30T10:02:00Z"));
+    clock.set(at("2026-11-30T10:05:00Z"));
     assert_eq!(r.run_due().await.unwrap(), vec![inc.id.clone()]);
     let now = r.store.incident(&inc.id).await.unwrap().unwrap();
     assert_eq!(now.phase, Phase::Executing);
-    assert_eq!(now.updated_at, at("2026-11-30T10:02:00Z"));
+    assert_eq!(now.updated_at, at("2026-11-30T10:05:00Z"));
 }
