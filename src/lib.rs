@@ -9,7 +9,10 @@
 //! to an audit trail. Incidents to roll back are claimed by exactly one replica and handed to
 //! an [`action`] executor (ALB listener weights, Kubernetes objects), then verified.
 //! [`config`] holds every setting and external base URL; [`metrics`] and [`telemetry`] make
-//! it observable. [`app`] puts the pieces together for `serve` and for tests.
+//! it observable. [`app`] puts the pieces together for `serve` and for tests. The pure steps
+//! (`policy`, `incident`, `approval`) import no store, no HTTP and no SDK client (the target
+//! schema `policy::Target` is still defined beside its executor in `action`); [`store`] holds
+//! all SQL, one file per table family, with phase and audit-kind names taken from their enums.
 
 pub mod action;
 pub mod alert;

@@ -1,10 +1,19 @@
 //! Logging with tracing: readable text locally, JSON in production. Secrets never reach a log
-//! line because they are `secrecy` types whose Debug prints `[REDACTED]`.
+//! line because they are `secrecy` types whose Debug prints `[REDACTED]`. The settings' `log`
+//! section uses this module's types; this module reads no settings of its own.
 
+use serde::Deserialize;
 use tracing_subscriber::filter::{Directive, LevelFilter};
 use tracing_subscriber::{fmt, EnvFilter};
 
-use crate::config::LogFormat;
+/// Text for people, JSON for log pipelines.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 /// What `log.level` accepts, for the error that refuses anything else.
 pub const LEVEL_CHOICES: &str =

@@ -150,7 +150,7 @@ async fn round(
         }
     }
     // Approved or orphaned work (a replica died holding a lease) is picked up here.
-    match responder.store.unowned_work(chrono::Utc::now()).await {
+    match responder.store.unowned_work(responder.clock.now()).await {
         Ok(w) => work.extend(w),
         Err(e) => warn!(error = %e, "looking for orphaned work failed"),
     }

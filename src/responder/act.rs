@@ -126,12 +126,12 @@ impl Responder {
                 // write.
                 interrupted = Interrupted::find(&self.store.events(id).await?);
                 let mut tx = self.store.begin().await?;
-                self.record_start(&mut tx, &inc, Utc::now()).await?;
+                self.record_start(&mut tx, &inc, self.clock.now()).await?;
                 self.commit(tx, &inc).await?;
             }
 
             let ran = self.execute_recording(&inc, &target, dry_run).await;
-            let now = Utc::now();
+            let now = self.clock.now();
             let mut tx = self.store.begin().await?;
             let Some(fresh) = tx.incident(id).await? else {
                 return Ok(());
@@ -275,7 +275,10 @@ impl Responder {
             let mut on_step = |step: Step| {
                 sent_ref.fetch_add(1, Ordering::SeqCst);
                 // The receiver lives until every sender is gone; a send cannot fail before.
-                let _ = sender.send(Timed { at: Utc::now(), step });
+                let _ = sender.send(Timed {
+                    at: self.clock.now(),
+                    step,
+                });
             };
             self.executors
                 .execute(target, dry_run, inc.opened_at, &mut on_step, before_write)

@@ -204,7 +204,7 @@ impl Responder {
     /// The shared context of a deciding transaction, read before it begins (on SQLite the
     /// transaction holds the only connection).
     async fn deciding(&self) -> Result<Deciding, StepError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         Ok(Deciding {
             now,
             freezes: self.freezes(now).await?,

@@ -69,7 +69,7 @@ impl Responder {
         verdict: &Verdict,
         via: &str,
     ) -> Result<VoteResult, HumanError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let Some(inc) = self.store.incident(id).await? else {
             return Err(Refusal::UnknownIncident(id.to_string()).into());
         };
@@ -209,7 +209,7 @@ impl Responder {
         who: &Person,
         reason: &str,
     ) -> Result<(IncidentId, String), HumanError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let set = self.policies();
         let p = set
             .get(policy_name)
@@ -329,7 +329,7 @@ impl Responder {
         via: &str,
         reason: &str,
     ) -> Result<VoteResult, HumanError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let set = self.policies();
         let mut tx = self.store.begin().await?;
         let Some(mut inc) = tx.incident(id).await? else {
@@ -431,7 +431,7 @@ impl Responder {
             by: who.key(),
             until,
         };
-        self.store.freeze(&scope, &f, Utc::now()).await?;
+        self.store.freeze(&scope, &f, self.clock.now()).await?;
         self.metrics.set_frozen(&scope, true);
         info!(scope = %scope, by = %who.key(), "automatic rollbacks frozen");
         Ok(scope)
@@ -445,7 +445,7 @@ impl Responder {
 
     /// Stores a freeze (`*` or a policy name) and shows it in the metrics.
     pub async fn set_freeze(&self, scope: &str, f: &Freeze) -> Result<(), crate::store::StoreError> {
-        self.store.freeze(scope, f, Utc::now()).await?;
+        self.store.freeze(scope, f, self.clock.now()).await?;
         self.metrics.set_frozen(scope, true);
         info!(scope = %scope, by = %f.by, reason = %f.reason, until = ?f.until, "automatic rollbacks frozen");
         Ok(())

@@ -5,12 +5,20 @@
 //! alerts and wakes [`Responder::process_pending`]. Each replica runs the same loops
 //! (`worker.rs`); the store's conditional updates decide which replica does a piece of work,
 //! so duplicates from an HA Alertmanager pair, several replicas, or a restart never act twice.
+//! Every step takes its time from the responder's [`Clock`] (the system clock in service), read
+//! once per step and passed down, so tests can move time instead of waiting for it.
 
 mod act;
+mod clock;
 mod decide;
 mod human;
 mod reconcile;
 mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use clock::Clock;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -78,6 +86,8 @@ pub struct Responder {
     redecide: std::sync::atomic::AtomicBool,
     /// The last Alertmanager group whose oldest pending alert went ahead of the backlog.
     fair_cursor: std::sync::Mutex<String>,
+    /// Where "now" comes from for every step.
+    pub clock: Clock,
 }
 
 pub use human::HumanError;
@@ -118,7 +128,14 @@ impl Responder {
             config_freezes: FreezeState::default(),
             redecide: std::sync::atomic::AtomicBool::new(false),
             fair_cursor: std::sync::Mutex::new(String::new()),
+            clock: Clock::System,
         }
+    }
+
+    /// Runs on `clock` instead of the system clock (tests set the time by hand).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Turns on notifications: which channels exist, and how to wake the outbox.
@@ -185,7 +202,11 @@ impl Responder {
 
     /// Runs an incident's action and verification, if this replica can claim it.
     pub async fn run_work(&self, id: &IncidentId) -> Result<(), StepError> {
-        if !self.store.claim(id, &self.replica, Utc::now(), self.lease).await? {
+        if !self
+            .store
+            .claim(id, &self.replica, self.clock.now(), self.lease)
+            .await?
+        {
             return Ok(());
         }
         let span = tracing::info_span!("incident", incident = %id);
@@ -224,7 +245,7 @@ impl Responder {
             tokio::select! {
                 out = &mut fut => return out,
                 _ = tick.tick() => {
-                    match self.store.renew(id, &self.replica, Utc::now(), self.lease).await {
+                    match self.store.renew(id, &self.replica, self.clock.now(), self.lease).await {
                         Ok(true) => {}
                         Ok(false) => warn!("lost the lease on this incident; another replica may take over"),
                         Err(e) => warn!(error = %e, "could not renew the lease"),

@@ -275,7 +275,7 @@ impl Responder {
     /// expiring, a hold ending, a freeze lifted, a policy reload. Returns incidents that
     /// entered `executing` (to be claimed and run).
     pub async fn run_due(&self) -> Result<Vec<IncidentId>, StepError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         if self.redecide.swap(false, Ordering::AcqRel) {
             // A policy reload: everything waiting on a decision is decided again under it.
             self.store.make_due(&REDECIDED, now).await?;
@@ -303,7 +303,7 @@ impl Responder {
 
     /// A freeze was lifted: incidents it held are decided again at once.
     pub(super) async fn freeze_lifted(&self) -> Result<(), StepError> {
-        self.store.make_due(&REDECIDED, Utc::now()).await?;
+        self.store.make_due(&REDECIDED, self.clock.now()).await?;
         self.wake.notify_one();
         Ok(())
     }

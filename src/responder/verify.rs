@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
 use serde_json::{json, Value};
 use tracing::warn;
 
@@ -193,7 +192,7 @@ impl Responder {
             }
             Err(why) => (vec![verify::inconclusive("settings", why)], std::time::Duration::ZERO),
         };
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut tx = self.store.begin().await?;
         let Some(fresh) = tx.incident(&id).await? else {
             return Ok(());
@@ -281,7 +280,7 @@ impl Responder {
     }
 
     async fn try_close_by_human(&self, id: &IncidentId, by: &str, note: &str) -> Result<HumanClose, StepError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut tx = self.store.begin().await?;
         let Some(mut inc) = tx.incident(id).await? else {
             return Ok(HumanClose::NotFound);
@@ -338,7 +337,7 @@ mod tests {
 
     #[test]
     fn notifications_do_not_depend_on_readable_verification_settings() {
-        let mut inc = Incident::sample(crate::incident::Phase::VerificationFailed, Utc::now());
+        let mut inc = Incident::sample(crate::incident::Phase::VerificationFailed, chrono::Utc::now());
         inc.context = json!({
             "labels": {}, "target": "t",
             "routes": {"slack_channel": "#portal", "pagerduty": null, "statuspage": null, "escalation_mention": null},

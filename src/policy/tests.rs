@@ -1,0 +1,183 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// A policy with one automatic trigger on `HighErrorRate` firing for 5m (other modules' tests
+/// use it too).
+pub(crate) const MINIMAL: &str = "name: web
+service: web
+target:
+  alb:
+    listener_arn: arn:aws:elasticloadbalancing:us-east-1:1:listener/app/web/1/2
+    stable_target_group_arn: arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web-stable/1
+triggers:
+  - name: errors
+    matchers: ['alertname=\"HighErrorRate\"']
+    for: 5m
+    mode: auto
+";
+
+fn load(text: &str) -> Result<PolicySet, Vec<PolicyError>> {
+    PolicySet::from_sources(Path::new("p"), vec![(PathBuf::from("p/web.yaml"), text.to_string())])
+}
+
+#[test]
+fn minimal_policy_loads_with_defaults() {
+    let set = load(MINIMAL).unwrap();
+    let p = set.get("web").unwrap();
+    assert_eq!(p.guards.cooldown, Duration::from_secs(1800));
+    assert_eq!(p.triggers[0].for_, Duration::from_secs(300));
+    assert_eq!(set.hash.len(), 16);
+}
+
+#[test]
+fn unknown_key_is_reported_with_file_and_line() {
+    let text = MINIMAL.replace("    for: 5m", "    for: 5m\n    fro: 5m");
+    let errs = load(&text).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].line, 11, "{}", errs[0]);
+    assert!(errs[0].to_string().starts_with("p/web.yaml:11: "), "{}", errs[0]);
+    assert!(errs[0].message.contains("unknown field `fro`"), "{}", errs[0]);
+}
+
+#[test]
+fn bad_matcher_regex_is_reported_at_its_line() {
+    let text = MINIMAL.replace("alertname=\"HighErrorRate\"", "alertname=~\"(\"");
+    let errs = load(&text).unwrap_err();
+    assert!(errs[0].message.contains("invalid regular expression"), "{}", errs[0]);
+    assert_eq!(errs[0].line, 9, "{}", errs[0]);
+}
+
+#[test]
+fn manual_trigger_without_approval_is_refused_with_the_fix() {
+    let errs = load(&MINIMAL.replace("mode: auto", "mode: manual")).unwrap_err();
+    assert!(errs[0].message.contains("add approval.approvers"), "{}", errs[0]);
+    assert_eq!(errs[0].line, 8);
+}
+
+#[test]
+fn bad_duration_names_the_line() {
+    let errs = load(&MINIMAL.replace("for: 5m", "for: five minutes")).unwrap_err();
+    assert_eq!(errs[0].line, 10, "{}", errs[0]);
+}
+
+#[test]
+fn duplicate_policy_names_across_files_are_refused() {
+    let errs = PolicySet::from_sources(
+        Path::new("p"),
+        vec![
+            (PathBuf::from("p/a.yaml"), MINIMAL.to_string()),
+            (PathBuf::from("p/b.yaml"), MINIMAL.to_string()),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("p/b.yaml:1: name: policy \"web\" is already defined in p/a.yaml"),
+        "{}",
+        errs[0]
+    );
+}
+
+fn two(a: &str, b: &str) -> Result<PolicySet, Vec<PolicyError>> {
+    PolicySet::from_sources(
+        Path::new("p"),
+        vec![
+            (PathBuf::from("p/a.yaml"), a.into()),
+            (PathBuf::from("p/b.yaml"), b.into()),
+        ],
+    )
+}
+
+fn policy(name: &str, matchers: &str, triggers: &[(&str, &str)]) -> String {
+    let mut s = format!(
+            "name: {name}\nservice: s\nmatchers: {matchers}\ntarget: {{alb: {{listener_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:listener/app/x/1/2\", stable_target_group_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/s/1\"}}}}\ntriggers:\n"
+        );
+    for (t, m) in triggers {
+        s.push_str(&format!("  - name: {t}\n    matchers: {m}\n    mode: auto\n"));
+    }
+    s
+}
+
+#[test]
+fn a_policy_with_the_same_matchers_as_an_earlier_one_is_warned_about_not_refused() {
+    // Issue 20's case: one policy for the listener, a copy for a rule.
+    let a = policy(
+        "listener",
+        r#"['service="portal-api"']"#,
+        &[("errors", r#"['alertname="HighErrorRate"']"#)],
+    );
+    let b = policy(
+        "rule",
+        r#"['service="portal-api"']"#,
+        &[("errors", r#"['alertname="HighErrorRate"']"#)],
+    );
+    let set = two(&a, &b).expect("warnings do not refuse the set");
+    assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+    let w = set.warnings[0].to_string();
+    assert!(
+        w.starts_with("p/b.yaml:1: warning: policy \"rule\" can never match: policy \"listener\" (p/a.yaml)"),
+        "{w}"
+    );
+}
+
+#[test]
+fn fewer_matchers_earlier_shadow_too_but_different_or_more_do_not() {
+    let wide = policy("wide", r#"['service="a"']"#, &[("e", r#"['alertname="E"']"#)]);
+    let narrow = policy(
+        "narrow",
+        r#"['service="a"', 'env="prod"']"#,
+        &[("e", r#"['alertname="E"']"#)],
+    );
+    // The wide one first takes every alert of the narrow one.
+    assert_eq!(two(&wide, &narrow).unwrap().warnings.len(), 1);
+    // The narrow one first leaves the wide one the other envs.
+    assert!(two(&narrow, &wide).unwrap().warnings.is_empty());
+    // A different label value, or a negated one, is another service.
+    let other = policy("other", r#"['service="b"']"#, &[("e", r#"['alertname="E"']"#)]);
+    assert!(two(&wide, &other).unwrap().warnings.is_empty());
+    let not_a = policy("not-a", r#"['service!="a"']"#, &[("e", r#"['alertname="E"']"#)]);
+    assert!(two(&wide, &not_a).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn only_the_shadowed_trigger_is_named_when_the_policy_still_matches_other_alerts() {
+    // An alert falls through to the next policy when no trigger of the first matches.
+    let a = policy(
+        "a",
+        r#"['service="s"']"#,
+        &[("errors", r#"['alertname="HighErrorRate"']"#)],
+    );
+    let b = policy(
+        "b",
+        r#"['service="s"']"#,
+        &[
+            ("health", r#"['alertname="HealthCheckFailing"']"#),
+            ("errors-too", r#"['alertname="HighErrorRate"']"#),
+        ],
+    );
+    let set = two(&a, &b).unwrap();
+    assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+    let w = set.warnings[0].to_string();
+    assert!(
+        w.contains("warning: triggers[errors-too] can never match: trigger \"errors\" of policy \"a\""),
+        "{w}"
+    );
+    assert!(w.starts_with("p/b.yaml:9:"), "the trigger's line: {w}");
+}
+
+#[test]
+fn shipped_policies_have_no_warnings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+}
+
+#[test]
+fn shipped_policies_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(set.get("portal-api").is_some());
+}

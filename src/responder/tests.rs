@@ -1,0 +1,77 @@
+//! The responder driven by a clock set by hand, on a SQLite store of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::action::Executors;
+use crate::alert::Notification;
+use crate::policy::{GlobalGuards, PolicySet};
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let store = Store::connect(&url, 1).await.unwrap();
+    let set = PolicySet::from_sources(
+        Path::new("p"),
+        vec![(PathBuf::from("p/web.yaml"), crate::policy::tests::MINIMAL.into())],
+    )
+    .unwrap();
+    let global = GlobalGuards {
+        dry_run: true,
+        max_rollbacks: None,
+    };
+    let r = Responder::new(
+        store,
+        set,
+        global,
+        Executors::default(),
+        "replica-a".into(),
+        Duration::from_secs(30),
+        Arc::new(Metrics::new()),
+    )
+    .with_clock(clock);
+    (dir, r)
+}
+
+/// A trigger's `for` runs on the responder's clock: an alert too young is decided again when
+/// that clock reaches its due time, not a moment before, with no waiting in the test.
+#[tokio::test]
+async fn a_waiting_incident_is_decided_again_when_the_clock_reaches_its_due_time() {
+    let clock = Clock::manual(at("2026-11-30T10:01:00Z"));
+    let (_dir, r) = responder(clock.clone()).await;
+    let delivery: Notification = serde_json::from_str(
+        r#"{"version":"4","status":"firing","receiver":"rr","groupKey":"{}:{alertname=\"HighErrorRate\"}",
+            "groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"http://am",
+            "alerts":[{"status":"firing","labels":{"alertname":"HighErrorRate","service":"web"},"annotations":{},
+            "startsAt":"2026-11-30T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"a1b2c3d4e5f60701"}]}"#,
+    )
+    .unwrap();
+    r.store.ingest(&delivery, clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    let inc = r.store.incidents(false, 10).await.unwrap().remove(0);
+    assert_eq!(inc.phase, Phase::Waiting, "firing for 1m of 5m");
+    assert_eq!(inc.due_at, Some(at("2026-11-30T10:05:00Z")));
+    assert_eq!(
+        inc.opened_at,
+        at("2026-11-30T10:01:00Z"),
+        "opened on the responder's clock"
+    );
+
+    clock.set(at("2026-11-30T10:04:59Z"));
+    assert!(r.run_due().await.unwrap().is_empty());
+    assert_eq!(r.store.incident(&inc.id).await.unwrap().unwrap().phase, Phase::Waiting);
+
+    clock.set(at("2026-11-30T10:05:00Z"));
+    assert_eq!(r.run_due().await.unwrap(), vec![inc.id.clone()]);
+    let now = r.store.incident(&inc.id).await.unwrap().unwrap();
+    assert_eq!(now.phase, Phase::Executing);
+    assert_eq!(now.updated_at, at("2026-11-30T10:05:00Z"));
+}
