@@ -7,6 +7,7 @@
 
 mod decide;
 mod matcher;
+pub mod target;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -539,6 +539,12 @@ async fn portal_api_on_the_alb_reverts_the_listener_and_leaves_kubernetes_alerts
     );
     assert!(!stickiness(&actions).0);
     assert_eq!(proxy.count("ModifyListener"), 1);
+    // `scope: listener`: the fixture's `/api/*` rule forwarded to the canary too.
+    assert_eq!(
+        weights(&fx.rule_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    assert_eq!(proxy.count("ModifyRule"), 1);
 
     // The Kubernetes Portal API's alert matches no policy here: stored, no incident, no write.
     let k8s = json!({"alertname": "HighErrorRate", "service": "portal-api", "platform": "kubernetes", "severity": "critical", "run": uniq()});
