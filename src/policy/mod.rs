@@ -68,6 +68,10 @@ pub struct Trigger {
     pub for_: Duration,
     #[serde(with = "serde_norway::with::singleton_map")]
     pub mode: Mode,
+    /// ALB only: this trigger's own immediate (`none`) or stepwise revert, instead of the
+    /// target's `gradual` (seed 003: immediate and graceful triggers for the same traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradual: Option<target::alb::GradualChoice>,
 }
 
 /// How a trigger rolls back.
@@ -354,6 +358,30 @@ pub struct Links {
 }
 
 impl Policy {
+    /// `planned` (the incident's target) with the immediate or stepwise choice of `trigger`,
+    /// the trigger that names the incident when the action runs: its own `gradual` if it has
+    /// one, else this policy's target's. Chosen then, not when the incident opened, so a
+    /// graceful request promoted by an immediate trigger shifts at once (seed 003).
+    pub fn with_trigger_gradual(&self, planned: Target, trigger: Option<&str>) -> Target {
+        match planned {
+            Target::Alb(mut t) => {
+                let own = match &self.target {
+                    Target::Alb(p) => p.gradual.clone(),
+                    Target::Kubernetes(_) => t.gradual.clone(),
+                };
+                let choice = trigger
+                    .and_then(|name| self.triggers.iter().find(|x| x.name == name))
+                    .and_then(|x| x.gradual.as_ref());
+                t.gradual = match choice {
+                    Some(c) => c.shift().cloned(),
+                    None => own,
+                };
+                Target::Alb(t)
+            }
+            other => other,
+        }
+    }
+
     /// Cross-field checks serde cannot express: `(text to locate in the file, message)`.
     fn check(&self) -> Vec<(String, String)> {
         let mut errs = Vec::new();
@@ -382,6 +410,18 @@ impl Policy {
                 if d < t.for_ {
                     err(&t.name, format!("triggers[{}].mode.auto_after ({}) is shorter than for ({}): make auto_after at least as long", t.name, humantime::format_duration(d), humantime::format_duration(t.for_)));
                 }
+            }
+            match (&t.gradual, &self.target) {
+                (Some(_), Target::Kubernetes(_)) => err(
+                    &t.name,
+                    format!("triggers[{}].gradual only applies to an ALB target: remove it", t.name),
+                ),
+                (Some(target::alb::GradualChoice::Shift(g)), _) => {
+                    if let Err(e) = g.validate() {
+                        err(&t.name, format!("triggers[{}].{e}", t.name));
+                    }
+                }
+                _ => {}
             }
             if matches!(t.mode, Mode::Manual | Mode::AutoAfter(_)) && self.approval.is_none() {
                 err(&t.name, format!("triggers[{}] needs approval but the policy has no approval section: add approval.approvers and approval.on_timeout", t.name));
@@ -890,6 +930,54 @@ triggers:
             "{w}"
         );
         assert!(w.starts_with("p/b.yaml:9:"), "the trigger's line: {w}");
+    }
+
+    #[test]
+    fn the_go_cutover_triggers_choose_immediate_or_graceful_for_the_same_target() {
+        let set = PolicySet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).expect("shipped");
+        let p = set.get("go-cutover").expect("go-cutover");
+        let gradual = |trigger: &str| match p.with_trigger_gradual(p.target.clone(), Some(trigger)) {
+            Target::Alb(t) => t.gradual.map(|g| g.steps),
+            Target::Kubernetes(_) => panic!("an ALB target"),
+        };
+        // Seed 003 "Immediate Rollback If": one write.
+        assert_eq!(gradual("error-rate-above-5pct"), None);
+        assert_eq!(gradual("data-integrity"), None);
+        // "Graceful Rollback If": back in the seed's own phases (Python at 10 %, 50 %, 100 %).
+        assert_eq!(gradual("latency-above-1s"), Some(vec![10, 50, 100]));
+        assert_eq!(gradual("memory-leak"), Some(vec![10, 50, 100]));
+        // A planned stepwise target promoted to an immediate trigger shifts at once.
+        let stepwise = p.with_trigger_gradual(p.target.clone(), Some("latency-above-1s"));
+        let Target::Alb(t) = p.with_trigger_gradual(stepwise, Some("security-breach")) else {
+            panic!("an ALB target")
+        };
+        assert_eq!(t.gradual, None);
+    }
+
+    #[test]
+    fn a_trigger_gradual_is_checked_like_the_targets_and_only_for_alb() {
+        let with = |gradual: &str| {
+            format!(
+                "name: p\nservice: s\ntarget: {{alb: {{listener_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:listener/app/x/1/2\", stable_target_group_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/s/1\"}}}}\ntriggers:\n  - name: slow\n    matchers: ['alertname=\"A\"']\n    mode: auto\n    gradual: {gradual}\n"
+            )
+        };
+        assert!(load(&with("none")).is_ok());
+        assert!(load(&with("{steps: [50, 100], interval: 30s}")).is_ok());
+        let errs = load(&with("{steps: [50], interval: 30s}")).unwrap_err();
+        assert!(
+            errs[0].message.contains("triggers[slow].gradual.steps ends at 50"),
+            "{errs:?}"
+        );
+        let errs = load(&with("sometimes")).unwrap_err();
+        assert!(errs[0].message.contains("`none` or {steps"), "{errs:?}");
+        let kube = "name: k\nservice: s\ntarget: {kubernetes: {namespace: n, steps: [{scale: {deployment: d, replicas: 0}}]}}\ntriggers:\n  - name: slow\n    matchers: ['alertname=\"A\"']\n    mode: auto\n    gradual: none\n";
+        let errs = load(kube).unwrap_err();
+        assert!(
+            errs[0]
+                .message
+                .contains("triggers[slow].gradual only applies to an ALB target"),
+            "{errs:?}"
+        );
     }
 
     #[test]

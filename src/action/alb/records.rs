@@ -376,6 +376,142 @@ mod tests {
     const STABLE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/stable/73e2d6bc24d8a067";
     const CANARY: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/canary/2453ed029918f21f";
 
+    fn snapshot(arn: &str, kind: ResourceKind, stable: i32, canary: i32) -> ForwardSnapshot {
+        ForwardSnapshot::from_actions(
+            arn,
+            kind,
+            &[Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .forward_config(
+                    ForwardActionConfig::builder()
+                        .target_groups(
+                            TargetGroupTuple::builder()
+                                .target_group_arn(STABLE)
+                                .weight(stable)
+                                .build(),
+                        )
+                        .target_groups(
+                            TargetGroupTuple::builder()
+                                .target_group_arn(CANARY)
+                                .weight(canary)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build()],
+        )
+    }
+
+    fn listener_target() -> AlbTarget {
+        serde_json::from_value(serde_json::json!({
+            "listener_arn": LISTENER, "stable_target_group_arn": STABLE, "scope": "listener"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_listener_wide_revert_reports_each_forward_and_a_partial_one_names_what_failed() {
+        let t = listener_target();
+        let rule = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener-rule/app/lb/50dc6c495c0c9188/f2f7dc8efc522ab2/1";
+        let outcome = AlbOutcome::Listener {
+            listener_arn: LISTENER.into(),
+            forwards: vec![
+                AlbOutcome::Reverted {
+                    before: snapshot(LISTENER, ResourceKind::ListenerDefaultActions, 75, 25),
+                    after: snapshot(LISTENER, ResourceKind::ListenerDefaultActions, 100, 0),
+                },
+                AlbOutcome::AlreadyStable {
+                    state: snapshot(rule, ResourceKind::Rule, 100, 0),
+                },
+            ],
+        };
+        let r = report(&t, false, Ok(outcome)).expect("a report");
+        assert!(r.changed && !r.dry_run);
+        assert!(
+            r.summary.starts_with(&format!(
+                "listener {LISTENER}, 2 forward(s) to the canary: {LISTENER}: forward changed from ["
+            )),
+            "{}",
+            r.summary
+        );
+        assert!(
+            r.summary.contains(&format!("; {rule}: already forwards everything")),
+            "{}",
+            r.summary
+        );
+
+        // Nothing in scope: not changed, said plainly.
+        let none = report(
+            &t,
+            false,
+            Ok(AlbOutcome::Listener {
+                listener_arn: LISTENER.into(),
+                forwards: vec![],
+            }),
+        )
+        .unwrap();
+        assert!(!none.changed);
+        assert!(
+            none.summary
+                .contains("no forward sends traffic to a canary target group"),
+            "{}",
+            none.summary
+        );
+
+        let partial = AlbError::Partial {
+            done: vec![LISTENER.into()],
+            failed: vec![crate::action::alb::FailedForward {
+                resource: Resource {
+                    arn: rule.into(),
+                    kind: ResourceKind::Rule,
+                },
+                error: Box::new(AlbError::from_code("AccessDenied", "no", Some(403))),
+            }],
+        };
+        let Err(ActionError::Failed { message, detail }) = report(&t, false, Err(partial)) else {
+            panic!("a failure, not a pre-check");
+        };
+        assert_eq!(
+            message,
+            format!(
+                "1 of 2 forward(s) to the canary NOT reverted: rule {rule}: AWS error AccessDenied: no (code AccessDenied); \
+                 reverted or already stable: {LISTENER} (code PartialRevert)"
+            )
+        );
+        assert_eq!(detail["error"], "partial");
+        assert_eq!(detail["failed"][0]["resource"]["kind"], "rule");
+    }
+
+    #[test]
+    fn scope_and_forward_steps_speak_of_the_listener_and_are_told_in_slack() {
+        let scope = AlbStep::Scope {
+            listener_arn: LISTENER.into(),
+            canary_target_groups: vec![CANARY.into()],
+            forwards: vec![Resource {
+                arn: LISTENER.into(),
+                kind: ResourceKind::ListenerDefaultActions,
+            }],
+            left_alone: 2,
+        };
+        assert_eq!(
+            scope.describe(),
+            format!(
+                "listener {LISTENER}: 1 forward(s) send traffic to canary group(s) {CANARY}: the default action of {LISTENER}; \
+                 2 other action list(s) left as they are"
+            )
+        );
+        assert!(scope.notable() && !scope.applied());
+        let one = AlbStep::Forward {
+            resource: Resource {
+                arn: "r".into(),
+                kind: ResourceKind::Rule,
+            },
+            index: 2,
+            of: 3,
+        };
+        assert_eq!(one.describe(), "forward 2 of 3: rule r (ModifyRule)");
+    }
+
     #[test]
     fn steps_and_outcomes_serialize() {
         let snap = ForwardSnapshot::from_actions(

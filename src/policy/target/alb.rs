@@ -76,6 +76,58 @@ impl GradualShift {
     }
 }
 
+/// A trigger's own choice between an immediate and a stepwise revert (seed 003 has both for
+/// the same traffic): `gradual: none`, or `gradual: {steps: [...], interval: ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GradualChoice {
+    /// One write, whatever the target says.
+    None,
+    /// These steps, whatever the target says.
+    Shift(GradualShift),
+}
+
+impl GradualChoice {
+    /// The shift to use: `None` for an immediate revert.
+    pub fn shift(&self) -> Option<&GradualShift> {
+        match self {
+            GradualChoice::None => None,
+            GradualChoice::Shift(g) => Some(g),
+        }
+    }
+}
+
+impl Serialize for GradualChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GradualChoice::None => s.serialize_str("none"),
+            GradualChoice::Shift(g) => g.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GradualChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct Choice;
+        impl<'de> Visitor<'de> for Choice {
+            type Value = GradualChoice;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`none` or {steps: [stable percentages ending at 100], interval: DURATION}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GradualChoice, E> {
+                match v {
+                    "none" => Ok(GradualChoice::None),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<GradualChoice, A::Error> {
+                GradualShift::deserialize(de::value::MapAccessDeserializer::new(map)).map(GradualChoice::Shift)
+            }
+        }
+        d.deserialize_any(Choice)
+    }
+}
+
 fn default_min_healthy_targets() -> u32 {
     1
 }
@@ -239,6 +291,21 @@ mod tests {
             scope: Scope::One,
             canary_target_group_arns: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_gradual_choice_is_none_or_steps_and_anything_else_is_refused() {
+        let none: GradualChoice = serde_norway::from_str("none").unwrap();
+        assert_eq!(none, GradualChoice::None);
+        assert_eq!(none.shift(), None);
+        let steps: GradualChoice = serde_norway::from_str("{steps: [50, 100], interval: 30s}").unwrap();
+        assert_eq!(steps.shift().map(|g| g.steps.clone()), Some(vec![50, 100]));
+        assert_eq!(serde_json::to_value(&none).unwrap(), serde_json::json!("none"));
+        let err = serde_norway::from_str::<GradualChoice>("immediate")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`none` or {steps"), "{err}");
+        assert!(serde_norway::from_str::<GradualChoice>("{steps: [100], interval: 1s, extra: 1}").is_err());
     }
 
     #[test]
