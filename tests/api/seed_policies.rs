@@ -222,7 +222,7 @@ async fn go_cutover_graceful_trigger_shifts_back_to_python_in_its_own_steps() {
         let triggers = doc["triggers"].as_sequence_mut().expect("triggers");
         let latency = triggers
             .iter_mut()
-            .find(|t| t["name"] == Yaml::from("latency-above-1s"))
+            .find(|t| t["name"] == "latency-above-1s")
             .expect("the latency trigger");
         latency["mode"] = Yaml::from("auto");
         latency["gradual"]["interval"] = Yaml::from("100ms");

@@ -494,24 +494,10 @@ mod tests {
     use super::*;
     use aws_sdk_elasticloadbalancingv2::types::{AuthenticateOidcActionConfig, FixedResponseActionConfig};
 
-    const LISTENER: &str =
-        "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/lb/50dc6c495c0c9188/f2f7dc8efc522ab2";
-    const STABLE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/stable/73e2d6bc24d8a067";
+    use crate::policy::target::alb::example::{target, LISTENER, STABLE};
+
     const CANARY: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/canary/2453ed029918f21f";
     const OTHER: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/other/1111ed029918f21f";
-
-    fn target() -> AlbTarget {
-        AlbTarget {
-            listener_arn: LISTENER.into(),
-            rule_arn: None,
-            stable_target_group_arn: STABLE.into(),
-            stickiness: Stickiness::Keep,
-            min_healthy_targets: 1,
-            gradual: None,
-            scope: Scope::One,
-            canary_target_group_arns: Vec::new(),
-        }
-    }
 
     fn fixed() -> Action {
         Action::builder()

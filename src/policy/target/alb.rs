@@ -271,16 +271,17 @@ fn check_arn<'a>(field: &str, arn: &'a str, marker: &str) -> Result<(&'a str, &'
     }
 }
 
+/// A listener-default-action target and its ARNs, for unit tests here and in `action::alb`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod example {
     use super::*;
 
-    const LISTENER: &str =
+    pub const LISTENER: &str =
         "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/lb/50dc6c495c0c9188/f2f7dc8efc522ab2";
-    const RULE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener-rule/app/lb/50dc6c495c0c9188/f2f7dc8efc522ab2/9683b2d02a6cabee";
-    const STABLE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/stable/73e2d6bc24d8a067";
+    pub const RULE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener-rule/app/lb/50dc6c495c0c9188/f2f7dc8efc522ab2/9683b2d02a6cabee";
+    pub const STABLE: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/stable/73e2d6bc24d8a067";
 
-    fn target() -> AlbTarget {
+    pub fn target() -> AlbTarget {
         AlbTarget {
             listener_arn: LISTENER.into(),
             rule_arn: None,
@@ -292,6 +293,12 @@ mod tests {
             canary_target_group_arns: Vec::new(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::example::{target, LISTENER, RULE, STABLE};
+    use super::*;
 
     #[test]
     fn a_gradual_choice_is_none_or_steps_and_anything_else_is_refused() {
