@@ -193,3 +193,92 @@ async fn a_failed_pre_check_before_any_write_writes_nothing_anywhere() {
         vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)]
     );
 }
+
+/// Through the whole service: a listener-wide rollback whose `/v1/files/*` rule cannot be
+/// written fails as a PARTIAL rollback: the timeline names the two writes that took and the
+/// rule that did not, and the incident counts as executed (the target changed).
+#[tokio::test]
+async fn the_incident_of_a_partial_listener_revert_says_what_took_and_what_did_not() {
+    use rollback_responder::action::Executors;
+
+    use crate::helpers::{ago, alert, payload, spawn_app, Options};
+
+    let l = listener().await;
+    let fx = &l.fx;
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    proxy.fail("ModifyRule", &l.files, 400, "AccessDenied");
+    let policy = format!(
+        r#"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    scope: listener
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    for: 2m
+    mode: auto
+verification: {{bake: 1s, interval: 200ms}}
+"#,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    );
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        executors: Some(Executors {
+            alb: Some(AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings())),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "albpartial", &ago(150), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("failed rollback", |l| l.len() == 1 && l[0]["phase"] == "failed")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inc["executed"], true, "the target changed: {inc:#}");
+    let timeline = inc["timeline"].as_array().unwrap();
+    let steps: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e["kind"] == "action_step")
+        .filter_map(|e| e["summary"].as_str())
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with(&format!("listener {}: 3 forward(s)", fx.listener_arn))),
+        "{steps:#?}"
+    );
+    assert!(
+        steps.contains(&format!("forward 3 of 3: rule {} (ModifyRule)", l.files).as_str()),
+        "{steps:#?}"
+    );
+    let failed = timeline.iter().find(|e| e["kind"] == "action_failed").expect("failure");
+    let summary = failed["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("partial rollback: ModifyListener written: 100% to stable (attempt 1) (at "),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "then it failed: 1 of 3 forward(s) to the canary NOT reverted: rule {}: AWS error AccessDenied: ",
+            l.files
+        )),
+        "{summary}"
+    );
+    assert_eq!(proxy.refused("ModifyRule"), 1, "a permanent error is not retried");
+    assert_eq!(
+        weights(fx.rule(&l.files).await.actions()),
+        vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)]
+    );
+    assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+}
