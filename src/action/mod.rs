@@ -75,6 +75,11 @@ impl Target {
     /// One line a person reads in the timeline and in Slack.
     pub fn describe(&self) -> String {
         match self {
+            Target::Alb(t) if t.scope == alb::Scope::Listener => format!(
+                "forward 100 % of every forward on listener {} that sends traffic to a canary group to stable target \
+                 group {} (others weight 0)",
+                t.listener_arn, t.stable_target_group_arn
+            ),
             Target::Alb(t) => format!(
                 "forward 100 % of {} to stable target group {} (others weight 0)",
                 t.rule_arn.as_deref().unwrap_or(&t.listener_arn),
@@ -187,7 +192,7 @@ impl Executors {
         match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| on_step(s.into());
-                alb_report(
+                alb::report(
                     t,
                     dry_run,
                     exec.revert_gated(t, dry_run, &mut record, before_write).await,
@@ -315,7 +320,7 @@ pub struct ReadBack {
 /// The bake's first read, to compare the later ones with.
 #[derive(Debug, Clone)]
 pub enum ReadBackBaseline {
-    Alb(alb::ForwardSnapshot),
+    Alb(Vec<alb::ForwardSnapshot>),
     Kube(kubernetes::KubeBaseline),
 }
 
@@ -389,73 +394,6 @@ fn not_configured(target: &Target, dry_run: bool) -> ActionReport {
         summary: format!("not executed ({why}): would {}", target.describe()),
         detail: serde_json::json!({ "executed": false, "why": why, "would": target }),
         found_reverted_by: None,
-    }
-}
-
-fn alb_report(
-    t: &AlbTarget,
-    dry_run: bool,
-    result: Result<alb::AlbOutcome, alb::AlbError>,
-) -> Result<ActionReport, ActionError> {
-    let stable = t.stable_target_group_arn.as_str();
-    let forward = |s: &alb::ForwardSnapshot| {
-        s.forward
-            .as_ref()
-            .map(|f| f.to_string())
-            .unwrap_or_else(|| "no forward".into())
-    };
-    match result {
-        Ok(outcome) => {
-            let detail = serde_json::to_value(&outcome).unwrap_or_default();
-            Ok(match &outcome {
-                alb::AlbOutcome::Reverted { before, after } => ActionReport {
-                    changed: true,
-                    dry_run: false,
-                    summary: format!(
-                        "{}: forward changed from [{}] to [{}], read back OK",
-                        t.resource_arn(),
-                        forward(before),
-                        forward(after)
-                    ),
-                    detail,
-                    found_reverted_by: None,
-                },
-                // Found stable in a dry run is still a dry run: the incident ends in `dry_run`,
-                // not in a verification (and an escalation) of a rollback nobody did.
-                alb::AlbOutcome::AlreadyStable { state } => ActionReport {
-                    changed: false,
-                    dry_run,
-                    summary: format!(
-                        "{}: already forwards everything to the stable group [{}]; nothing written",
-                        t.resource_arn(),
-                        forward(state)
-                    ),
-                    detail,
-                    found_reverted_by: None,
-                },
-                alb::AlbOutcome::DryRun { before, would_write } => ActionReport {
-                    changed: false,
-                    dry_run: true,
-                    summary: format!(
-                        "dry run, nothing written: {} would change from [{}] to [{}] ({}% stable)",
-                        t.resource_arn(),
-                        forward(before),
-                        forward(would_write),
-                        would_write.stable_percent(stable)
-                    ),
-                    detail,
-                    found_reverted_by: None,
-                },
-            })
-        }
-        Err(e) => {
-            let detail = serde_json::to_value(&e).unwrap_or_default();
-            let message = format!("{} (code {})", e, e.code());
-            Err(match e {
-                alb::AlbError::PreCheckFailed { .. } => ActionError::PreCheck { message, detail },
-                _ => ActionError::Failed { message, detail },
-            })
-        }
     }
 }
 

@@ -7,9 +7,7 @@
 //! healthy targets and weights, a Kubernetes step of ready pods, selectors and replicas (its
 //! rendering lives beside its records, in `kubernetes/records.rs`).
 
-use std::collections::BTreeMap;
-
-use super::alb::{AlbStep, ForwardSnapshot};
+use super::alb::AlbStep;
 
 /// One step of an action as it happens.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,109 +27,9 @@ impl From<AlbStep> for Step {
         Step {
             summary: s.describe(),
             applied: s.applied(),
-            notable: match &s {
-                AlbStep::Wrote { .. } | AlbStep::Waiting { .. } | AlbStep::ReadBeforeRetry { applied: true, .. } => {
-                    true
-                }
-                AlbStep::AttemptFailed(a) => a.is_notable(),
-                _ => false,
-            },
+            notable: s.notable(),
             detail: serde_json::to_value(&s).unwrap_or_default(),
         }
-    }
-}
-
-fn forward_of(s: &ForwardSnapshot) -> String {
-    s.forward
-        .as_ref()
-        .map_or_else(|| "no forward action".to_string(), ToString::to_string)
-}
-
-fn states_of(states: &BTreeMap<String, u32>) -> String {
-    if states.is_empty() {
-        return "no targets registered".to_string();
-    }
-    states
-        .iter()
-        .map(|(k, v)| format!("{v} {k}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-impl AlbStep {
-    /// One line in ALB terms: healthy targets, weights, the ELBv2 call.
-    pub fn describe(&self) -> String {
-        match self {
-            AlbStep::Read { snapshot } => format!("read {}: [{}]", snapshot.resource_arn, forward_of(snapshot)),
-            AlbStep::AlreadyStable => "already forwards everything to the stable target group: nothing to write".into(),
-            AlbStep::PreCheck {
-                target_group_arn,
-                healthy,
-                required,
-                passed,
-                states,
-                ..
-            } => format!(
-                "pre-check: {healthy} healthy target(s) in stable target group {target_group_arn}, {required} required ({}): {}",
-                states_of(states),
-                if *passed { "passed" } else { "FAILED, nothing written" }
-            ),
-            AlbStep::Planned {
-                stable_percent,
-                operation,
-                dry_run,
-                actions,
-            } => format!(
-                "{operation} planned: {stable_percent}% to stable [{}]{}",
-                forward_of(actions),
-                if *dry_run { " (dry run, not sent)" } else { "" }
-            ),
-            AlbStep::Wrote {
-                operation,
-                stable_percent,
-                attempt,
-            } => format!("{operation} written: {stable_percent}% to stable (attempt {attempt})"),
-            AlbStep::AttemptFailed(a) => a.describe(),
-            AlbStep::ReadBeforeRetry {
-                operation,
-                attempt,
-                applied,
-            } => {
-                if *applied {
-                    format!("before resending {operation} (attempt {attempt}): read back, the earlier attempt took; not sent again")
-                } else {
-                    format!("before resending {operation} (attempt {attempt}): read back, not written yet; sending again")
-                }
-            }
-            AlbStep::ReadBack {
-                stable_percent,
-                snapshot,
-                matches,
-            } => format!(
-                "read back: [{}]: {}",
-                forward_of(snapshot),
-                if *matches {
-                    format!("{stable_percent}% to stable as written")
-                } else {
-                    format!("NOT the {stable_percent}% to stable written")
-                }
-            ),
-            AlbStep::Waiting {
-                interval_ms,
-                next_stable_percent,
-            } => format!(
-                "waiting {} before shifting to {next_stable_percent}% stable",
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(*interval_ms))
-            ),
-        }
-    }
-
-    /// Whether this step changed the listener or rule.
-    pub fn applied(&self) -> bool {
-        matches!(
-            self,
-            AlbStep::Wrote { .. } | AlbStep::ReadBeforeRetry { applied: true, .. }
-        )
     }
 }
 

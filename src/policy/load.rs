@@ -11,6 +11,30 @@ use sha2::{Digest, Sha256};
 use super::{Matcher, Mode, Policy, Target};
 
 impl Policy {
+    /// `planned` (the incident's target) with the immediate or stepwise choice of `trigger`,
+    /// the trigger that names the incident when the action runs: its own `gradual` if it has
+    /// one, else this policy's target's. Chosen then, not when the incident opened, so a
+    /// graceful request promoted by an immediate trigger shifts at once (seed 003).
+    pub fn with_trigger_gradual(&self, planned: Target, trigger: Option<&str>) -> Target {
+        match planned {
+            Target::Alb(mut t) => {
+                let own = match &self.target {
+                    Target::Alb(p) => p.gradual.clone(),
+                    Target::Kubernetes(_) => t.gradual.clone(),
+                };
+                let choice = trigger
+                    .and_then(|name| self.triggers.iter().find(|x| x.name == name))
+                    .and_then(|x| x.gradual.as_ref());
+                t.gradual = match choice {
+                    Some(c) => c.shift().cloned(),
+                    None => own,
+                };
+                Target::Alb(t)
+            }
+            other => other,
+        }
+    }
+
     /// Cross-field checks serde cannot express: `(text to locate in the file, message)`.
     fn check(&self) -> Vec<(String, String)> {
         let mut errs = Vec::new();
@@ -39,6 +63,18 @@ impl Policy {
                 if d < t.for_ {
                     err(&t.name, format!("triggers[{}].mode.auto_after ({}) is shorter than for ({}): make auto_after at least as long", t.name, humantime::format_duration(d), humantime::format_duration(t.for_)));
                 }
+            }
+            match (&t.gradual, &self.target) {
+                (Some(_), Target::Kubernetes(_)) => err(
+                    &t.name,
+                    format!("triggers[{}].gradual only applies to an ALB target: remove it", t.name),
+                ),
+                (Some(super::target::alb::GradualChoice::Shift(g)), _) => {
+                    if let Err(e) = g.validate() {
+                        err(&t.name, format!("triggers[{}].{e}", t.name));
+                    }
+                }
+                _ => {}
             }
             if matches!(t.mode, Mode::Manual | Mode::AutoAfter(_)) && self.approval.is_none() {
                 err(&t.name, format!("triggers[{}] needs approval but the policy has no approval section: add approval.approvers and approval.on_timeout", t.name));

@@ -56,6 +56,10 @@ pub struct Trigger {
     pub for_: Duration,
     #[serde(with = "serde_norway::with::singleton_map")]
     pub mode: Mode,
+    /// ALB only: this trigger's own immediate (`none`) or stepwise revert, instead of the
+    /// target's `gradual` (seed 003: immediate and graceful triggers for the same traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradual: Option<super::target::alb::GradualChoice>,
 }
 
 /// How a trigger rolls back.

@@ -169,6 +169,54 @@ fn only_the_shadowed_trigger_is_named_when_the_policy_still_matches_other_alerts
 }
 
 #[test]
+fn the_go_cutover_triggers_choose_immediate_or_graceful_for_the_same_target() {
+    let set = PolicySet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).expect("shipped");
+    let p = set.get("go-cutover").expect("go-cutover");
+    let gradual = |trigger: &str| match p.with_trigger_gradual(p.target.clone(), Some(trigger)) {
+        Target::Alb(t) => t.gradual.map(|g| g.steps),
+        Target::Kubernetes(_) => panic!("an ALB target"),
+    };
+    // Seed 003 "Immediate Rollback If": one write.
+    assert_eq!(gradual("error-rate-above-5pct"), None);
+    assert_eq!(gradual("data-integrity"), None);
+    // "Graceful Rollback If": back in the seed's own phases (Python at 10 %, 50 %, 100 %).
+    assert_eq!(gradual("latency-above-1s"), Some(vec![10, 50, 100]));
+    assert_eq!(gradual("memory-leak"), Some(vec![10, 50, 100]));
+    // A planned stepwise target promoted to an immediate trigger shifts at once.
+    let stepwise = p.with_trigger_gradual(p.target.clone(), Some("latency-above-1s"));
+    let Target::Alb(t) = p.with_trigger_gradual(stepwise, Some("security-breach")) else {
+        panic!("an ALB target")
+    };
+    assert_eq!(t.gradual, None);
+}
+
+#[test]
+fn a_trigger_gradual_is_checked_like_the_targets_and_only_for_alb() {
+    let with = |gradual: &str| {
+        format!(
+            "name: p\nservice: s\ntarget: {{alb: {{listener_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:listener/app/x/1/2\", stable_target_group_arn: \"arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/s/1\"}}}}\ntriggers:\n  - name: slow\n    matchers: ['alertname=\"A\"']\n    mode: auto\n    gradual: {gradual}\n"
+        )
+    };
+    assert!(load(&with("none")).is_ok());
+    assert!(load(&with("{steps: [50, 100], interval: 30s}")).is_ok());
+    let errs = load(&with("{steps: [50], interval: 30s}")).unwrap_err();
+    assert!(
+        errs[0].message.contains("triggers[slow].gradual.steps ends at 50"),
+        "{errs:?}"
+    );
+    let errs = load(&with("sometimes")).unwrap_err();
+    assert!(errs[0].message.contains("`none` or {steps"), "{errs:?}");
+    let kube = "name: k\nservice: s\ntarget: {kubernetes: {namespace: n, steps: [{scale: {deployment: d, replicas: 0}}]}}\ntriggers:\n  - name: slow\n    matchers: ['alertname=\"A\"']\n    mode: auto\n    gradual: none\n";
+    let errs = load(kube).unwrap_err();
+    assert!(
+        errs[0]
+            .message
+            .contains("triggers[slow].gradual only applies to an ALB target"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn shipped_policies_have_no_warnings() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));

@@ -113,11 +113,17 @@ impl Responder {
             return Ok(());
         };
         if inc.phase == Phase::Executing {
-            let target: Target = inc
+            let planned: Target = inc
                 .plan
                 .target()
                 .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?
                 .clone();
+            // Immediate or stepwise is the trigger's choice (seed 003), and a promotion may
+            // have changed the trigger since the plan was made.
+            let target = match self.policies().get(&inc.policy) {
+                Some(p) => p.with_trigger_gradual(planned, inc.trigger.as_deref()),
+                None => planned,
+            };
             let dry_run = notify::is_dry_run(&inc);
             let mut interrupted = None;
             if !started {

@@ -8,7 +8,7 @@ use crate::support::alb_fixture::{
 };
 use crate::support::fake_elb::{self, FakeElb};
 use rollback_responder::action::alb::{
-    AlbError, AlbExecutor, AlbOutcome, AlbStep, AlbTarget, GradualShift, Stickiness,
+    AlbError, AlbExecutor, AlbOutcome, AlbStep, AlbTarget, GradualShift, Scope, Stickiness,
 };
 
 const FAKE_LISTENER: &str =
@@ -426,6 +426,8 @@ fn fake_target() -> AlbTarget {
         stickiness: Stickiness::Keep,
         min_healthy_targets: 1,
         gradual: None,
+        scope: Scope::One,
+        canary_target_group_arns: Vec::new(),
     }
 }
 

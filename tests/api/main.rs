@@ -3,6 +3,7 @@
 //! TEST_DATABASE_URL points at it); see the README's Tests section.
 
 mod alb;
+mod alb_listener;
 mod alertmanager;
 mod approvals;
 mod edges;

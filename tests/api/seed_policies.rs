@@ -111,12 +111,14 @@ fn find<'a>(inc: &'a Value, kind: &str) -> &'a Value {
 /// An ALB service on moto behind a recording proxy (to count the writes moto received), with
 /// the shipped `file` policy and the shipped portal-api.yaml next to it.
 async fn alb_app(file: &'static str, fx: &AlbFixture, proxy: &AwsProxy, svc: &FakeService) -> TestApp {
+    alb_app_with(file, shipped(file, &svc.health_url(), on_moto(fx)), proxy).await
+}
+
+/// [`alb_app`] with the policy text given.
+async fn alb_app_with(file: &'static str, policy: String, proxy: &AwsProxy) -> TestApp {
     let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
     spawn_app(Options {
-        policies: vec![
-            (file, shipped(file, &svc.health_url(), on_moto(fx))),
-            ("portal-api.yaml", read_shipped("portal-api.yaml")),
-        ],
+        policies: vec![(file, policy), ("portal-api.yaml", read_shipped("portal-api.yaml"))],
         executors: Some(Executors {
             alb: Some(exec),
             ..Default::default()
@@ -214,6 +216,55 @@ async fn go_cutover_error_rate_sends_everything_back_to_python_at_once() {
     assert_eq!(proxy.count("ModifyListener"), 1, "all at once: one write, no steps");
     assert_eq!(inc["policy"], "go-cutover");
     assert_eq!(inc["trigger"], "error-rate-above-5pct");
+}
+
+/// Seed 003's graceful trigger (latency > 1 s) shifts back in its own steps, Python at 10 %, 50 %,
+/// 100 %, where the immediate one (above) writes once: the choice is the trigger's. The shipped
+/// trigger is manual; here it is made automatic (and its interval short) to skip the approval.
+#[tokio::test]
+async fn go_cutover_graceful_trigger_shifts_back_to_python_in_its_own_steps() {
+    let fx = AlbFixture::start().await;
+    fx.set_listener_weights(0, 100).await;
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    let svc = FakeService::start("cutover-graceful").await;
+    let policy = shipped("go-cutover.yaml", &svc.health_url(), |doc| {
+        on_moto(&fx)(doc);
+        let triggers = doc["triggers"].as_sequence_mut().expect("triggers");
+        let latency = triggers
+            .iter_mut()
+            .find(|t| t["name"] == "latency-above-1s")
+            .expect("the latency trigger");
+        latency["mode"] = Yaml::from("auto");
+        latency["gradual"]["interval"] = Yaml::from("100ms");
+    });
+    let app = alb_app_with("go-cutover.yaml", policy, &proxy).await;
+    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
+
+    let labels = json!({"alertname": "HighLatency", "service": "go-cutover", "severity": "warning", "run": uniq()});
+    let starts = ago(11 * 60);
+    am.post(labels.clone(), &starts, None).await;
+    let inc = succeeded_then_verified(&app, &am, &[(&labels, &starts)]).await;
+    assert_eq!(inc["trigger"], "latency-above-1s");
+    let written: Vec<&str> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "action_step" && e["summary"].as_str().is_some_and(|s| s.contains(" written: ")))
+        .map(|e| e["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        written,
+        vec![
+            "ModifyListener written: 10% to stable (attempt 1)",
+            "ModifyListener written: 50% to stable (attempt 1)",
+            "ModifyListener written: 100% to stable (attempt 1)",
+        ]
+    );
+    assert_eq!(proxy.count("ModifyListener"), 3);
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
 }
 
 /// Plays the Deployment controller for `name` (the fake runs none): once `done` holds for the
@@ -549,6 +600,12 @@ async fn portal_api_on_the_alb_reverts_the_listener_and_leaves_kubernetes_alerts
     );
     assert!(!stickiness(&actions).0);
     assert_eq!(proxy.count("ModifyListener"), 1);
+    // `scope: listener`: the fixture's `/api/*` rule forwarded to the canary too.
+    assert_eq!(
+        weights(&fx.rule_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    assert_eq!(proxy.count("ModifyRule"), 1);
 
     // The Kubernetes Portal API's alert matches no policy here: stored, no incident, no write.
     let k8s = json!({"alertname": "HighErrorRate", "service": "portal-api", "platform": "kubernetes", "severity": "critical", "run": uniq()});

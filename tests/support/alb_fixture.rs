@@ -7,7 +7,7 @@ use elbv2::types::{
     Action, ActionTypeEnum, ForwardActionConfig, ProtocolEnum, RuleCondition, TargetDescription,
     TargetGroupStickinessConfig, TargetGroupTuple, TargetTypeEnum,
 };
-use rollback_responder::action::alb::{AlbExecutor, AlbTarget, AwsSettings, Stickiness};
+use rollback_responder::action::alb::{AlbExecutor, AlbTarget, AwsSettings, Scope, Stickiness};
 
 use super::moto::{xml_values, Moto};
 
@@ -174,6 +174,8 @@ impl AlbFixture {
             stickiness: Stickiness::Keep,
             min_healthy_targets: 1,
             gradual: None,
+            scope: Scope::One,
+            canary_target_group_arns: Vec::new(),
         }
     }
 
@@ -242,6 +244,21 @@ impl AlbFixture {
             .send()
             .await
             .expect("ModifyRule (test)");
+    }
+
+    /// Adds a rule matching `path` at `priority` with `actions`; returns its ARN.
+    pub async fn add_rule(&self, priority: i32, path: &str, actions: Action) -> String {
+        let out = self
+            .elb
+            .create_rule()
+            .listener_arn(&self.listener_arn)
+            .priority(priority)
+            .conditions(RuleCondition::builder().field("path-pattern").values(path).build())
+            .actions(actions)
+            .send()
+            .await
+            .expect("CreateRule (test)");
+        out.rules()[0].rule_arn().expect("rule ARN").to_string()
     }
 
     /// Creates a target group with no targets.

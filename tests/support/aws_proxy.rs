@@ -43,10 +43,21 @@ struct Hold {
     release: oneshot::Receiver<()>,
 }
 
+/// Every call of `action` whose form has a field equal to `value` is answered with an awsQuery
+/// error instead of reaching moto.
+struct Fault {
+    action: String,
+    value: String,
+    status: StatusCode,
+    code: String,
+}
+
 #[derive(Default)]
 struct Shared {
     calls: Vec<Call>,
     holds: Vec<Hold>,
+    faults: Vec<Fault>,
+    refused: Vec<Call>,
 }
 
 #[derive(Clone)]
@@ -145,6 +156,28 @@ impl AwsProxy {
         }
     }
 
+    /// From now on, answers every `action` call that names `value` (a rule ARN, say) with
+    /// `status` and the awsQuery error `code`, without passing it to moto.
+    pub fn fail(&self, action: &str, value: &str, status: u16, code: &str) {
+        self.shared.lock().unwrap().faults.push(Fault {
+            action: action.to_string(),
+            value: value.to_string(),
+            status: StatusCode::from_u16(status).expect("status"),
+            code: code.to_string(),
+        });
+    }
+
+    /// How many `action` calls were answered with an injected error.
+    pub fn refused(&self, action: &str) -> usize {
+        self.shared
+            .lock()
+            .unwrap()
+            .refused
+            .iter()
+            .filter(|c| c.action == action)
+            .count()
+    }
+
     /// Every call that reached moto, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.shared.lock().unwrap().calls.clone()
@@ -180,6 +213,26 @@ fn hop_by_hop(name: &str) -> bool {
 
 async fn forward(State(ctx): State<Ctx>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let action = action_of(&body);
+    let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let fault = {
+        let mut shared = ctx.shared.lock().unwrap();
+        let hit = shared
+            .faults
+            .iter()
+            .find(|f| f.action == action && fields.iter().any(|(_, v)| *v == f.value))
+            .map(|f| (f.status, f.code.clone()));
+        if hit.is_some() {
+            shared.refused.push(Call {
+                caller: ctx.caller,
+                action: action.clone(),
+            });
+        }
+        hit
+    };
+    if let Some((status, code)) = fault {
+        let xml = super::fake_elb::error_xml(&code, "injected by the test proxy");
+        return (status, [("content-type", "text/xml")], xml).into_response();
+    }
     let hold = {
         let mut shared = ctx.shared.lock().unwrap();
         let at = shared.holds.iter().position(|h| h.action == action);

@@ -2,4 +2,5 @@
 //! file, with the checks serde cannot make. The executors in `action/` read these; nothing
 //! here does I/O.
 
+pub mod alb;
 pub mod kubernetes;

@@ -1,8 +1,10 @@
-//! The ALB read-back during the bake: re-read the listener's default actions (or the rule's)
-//! and the stable target group's health, and compare them with what the revert wrote. A change
-//! back is drift: reported with what changed, never written over (no fight in a loop).
+//! The ALB read-back during the bake: re-read the listener's default actions (or the rule's;
+//! with `scope: listener`, every forward on the listener that names a canary group, found
+//! again at each read) and the stable target group's health, and compare them with what the
+//! revert wrote. A change back on any of them is drift: reported with what changed, never
+//! written over (no fight in a loop).
 
-use super::{AlbError, AlbExecutor, AlbTarget, ForwardSnapshot, ForwardState};
+use super::{plan, AlbError, AlbExecutor, AlbTarget, ForwardSnapshot, ForwardState, Resource, Scope};
 use crate::action::ReadBack;
 
 /// The last path segment of an ARN's resource (`targetgroup/stable/abc` -> `stable`).
@@ -37,7 +39,7 @@ pub(crate) fn describe_forward(f: Option<&ForwardState>) -> String {
 
 /// Compares one read with what was written and with the bake's first read. Pure.
 pub(crate) fn judge(t: &AlbTarget, snap: &ForwardSnapshot, baseline: Option<&ForwardSnapshot>) -> Option<String> {
-    let resource = t.resource_arn();
+    let resource = snap.resource_arn.as_str();
     let now = describe_forward(snap.forward.as_ref());
     if super::needs_write(snap, t) {
         return Some(format!(
@@ -57,16 +59,40 @@ pub(crate) fn judge(t: &AlbTarget, snap: &ForwardSnapshot, baseline: Option<&For
     }
 }
 
+/// Compares every forward read with what was written and with the bake's first reads (a
+/// forward of the baseline that is no longer found counts too). Pure.
+pub(crate) fn judge_all(t: &AlbTarget, snaps: &[ForwardSnapshot], baseline: Option<&[ForwardSnapshot]>) -> Vec<String> {
+    let mut drift: Vec<String> = snaps
+        .iter()
+        .filter_map(|s| {
+            judge(
+                t,
+                s,
+                baseline.and_then(|b| b.iter().find(|x| x.resource_arn == s.resource_arn)),
+            )
+        })
+        .collect();
+    for gone in baseline
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| !snaps.iter().any(|s| s.resource_arn == b.resource_arn))
+    {
+        drift.push(format!(
+            "{}: was reverted, no longer found among the forwards to the canary",
+            gone.resource_arn
+        ));
+    }
+    drift
+}
+
 /// Who changed it: ELBv2 does not say; CloudTrail does.
 fn who(t: &AlbTarget) -> String {
-    format!(
-        "ELBv2 does not record who wrote it: look for {} events on {} in CloudTrail",
-        match t.rule_arn {
-            Some(_) => "ModifyRule",
-            None => "ModifyListener",
-        },
-        t.resource_arn()
-    )
+    let (calls, arn) = match (t.scope, &t.rule_arn) {
+        (Scope::Listener, _) => ("ModifyListener and ModifyRule", t.listener_arn.as_str()),
+        (Scope::One, Some(rule)) => ("ModifyRule", rule.as_str()),
+        (Scope::One, None) => ("ModifyListener", t.listener_arn.as_str()),
+    };
+    format!("ELBv2 does not record who wrote it: look for {calls} events on {arn} in CloudTrail")
 }
 
 impl AlbExecutor {
@@ -77,21 +103,40 @@ impl AlbExecutor {
     pub async fn read_back_sample(
         &self,
         t: &AlbTarget,
-        baseline: &mut Option<ForwardSnapshot>,
+        baseline: &mut Option<Vec<ForwardSnapshot>>,
     ) -> Result<ReadBack, AlbError> {
         let mut ignore = |_| {};
-        let actions = self.read_actions(t, &mut ignore).await?;
-        let snap = ForwardSnapshot::from_actions(t.resource_arn(), t.resource_kind(), &actions);
-        let drift = judge(t, &snap, baseline.as_ref());
-        let forward = describe_forward(snap.forward.as_ref());
-        if let Some(what) = drift {
+        let snaps: Vec<ForwardSnapshot> = match t.scope {
+            Scope::One => {
+                let r = Resource::of(t);
+                let actions = self.read_actions(&r, &mut ignore).await?;
+                vec![ForwardSnapshot::from_actions(&r.arn, r.kind, &actions)]
+            }
+            Scope::Listener => {
+                let lists = self.listener_lists(&t.listener_arn, &mut ignore).await?;
+                let scope = plan::in_scope(t, &lists)?;
+                lists
+                    .iter()
+                    .filter(|(r, _)| scope.contains(r))
+                    .map(|(r, a)| ForwardSnapshot::from_actions(&r.arn, r.kind, a))
+                    .collect()
+            }
+        };
+        let drift = judge_all(t, &snaps, baseline.as_deref());
+        let forward = snaps
+            .iter()
+            .map(|s| describe_forward(s.forward.as_ref()))
+            .collect::<Vec<_>>()
+            .join(" | ");
+        if !drift.is_empty() {
             return Ok(ReadBack {
                 ok: false,
                 value: format!("DRIFT [{forward}]"),
-                drift: Some(format!("{what}; {}", who(t))),
-                evidence: serde_json::to_value(&snap).unwrap_or_default(),
+                drift: Some(format!("{}; {}", drift.join("; "), who(t))),
+                evidence: serde_json::to_value(&snaps).unwrap_or_default(),
             });
         }
+        let snap = snaps;
         if baseline.is_none() {
             *baseline = Some(snap.clone());
         }
@@ -121,7 +166,7 @@ impl AlbExecutor {
             ok,
             value,
             drift: None,
-            evidence: serde_json::json!({ "snapshot": snap, "stable_health": health }),
+            evidence: serde_json::json!({ "snapshots": snap, "stable_health": health }),
         })
     }
 }

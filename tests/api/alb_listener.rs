@@ -1,0 +1,284 @@
+//! `scope: listener` against moto: every forward on the listener that sends traffic to the
+//! canary is reverted (default action and each rule found at run time), the others are left
+//! alone, a failure on one rule leaves the rest reverted and says so, and the bake's read-back
+//! checks every reverted forward.
+
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, FixedResponseActionConfig};
+
+use crate::support::alb_fixture::{elb_client, fast_settings, forward, weights, AlbFixture};
+use crate::support::aws_proxy::AwsProxy;
+use rollback_responder::action::alb::{AlbError, AlbExecutor, AlbOutcome, AlbStep, AlbTarget, ResourceKind, Scope};
+
+/// The fixture's listener (default 75/25, rule `/api/*` 10/90) plus three rules: `/v1/files/*`
+/// 50/50 to the same canary, `/admin/*` to a group of its own, `/gone/*` a fixed response.
+struct Listener {
+    fx: AlbFixture,
+    files: String,
+    admin: String,
+    admin_tg: String,
+    gone: String,
+}
+
+async fn listener() -> Listener {
+    let fx = AlbFixture::start().await;
+    let files = fx
+        .add_rule(
+            20,
+            "/v1/files/*",
+            forward(&[(&fx.stable_tg, 50), (&fx.canary_tg, 50)], None),
+        )
+        .await;
+    let admin_tg = fx.empty_target_group("admin").await;
+    let admin = fx.add_rule(30, "/admin/*", forward(&[(&admin_tg, 1)], None)).await;
+    let fixed = Action::builder()
+        .r#type(ActionTypeEnum::FixedResponse)
+        .fixed_response_config(FixedResponseActionConfig::builder().status_code("410").build())
+        .build();
+    let gone = fx.add_rule(40, "/gone/*", fixed).await;
+    Listener {
+        fx,
+        files,
+        admin,
+        admin_tg,
+        gone,
+    }
+}
+
+fn listener_scope(fx: &AlbFixture) -> AlbTarget {
+    AlbTarget {
+        scope: Scope::Listener,
+        ..fx.listener_target()
+    }
+}
+
+async fn revert(exec: &AlbExecutor, t: &AlbTarget) -> (Result<AlbOutcome, AlbError>, Vec<AlbStep>) {
+    let mut steps = Vec::new();
+    let mut record = |s: AlbStep| steps.push(s);
+    let result = exec.revert(t, false, &mut record).await;
+    (result, steps)
+}
+
+fn wrote(steps: &[AlbStep]) -> usize {
+    steps.iter().filter(|s| matches!(s, AlbStep::Wrote { .. })).count()
+}
+
+fn all_stable(l: &Listener) -> Vec<(String, i32)> {
+    vec![(l.fx.stable_tg.clone(), 100), (l.fx.canary_tg.clone(), 0)]
+}
+
+#[tokio::test]
+async fn every_forward_to_the_canary_ends_at_100_stable_and_the_others_are_untouched() {
+    let l = listener().await;
+    let fx = &l.fx;
+    let t = listener_scope(fx);
+    let exec = fx.executor();
+
+    let (result, steps) = revert(&exec, &t).await;
+    let outcome = result.expect("listener-wide revert");
+    assert!(outcome.changed());
+    let Some(AlbStep::Scope {
+        forwards, left_alone, ..
+    }) = steps.iter().find(|s| matches!(s, AlbStep::Scope { .. }))
+    else {
+        panic!("no scope step: {steps:?}");
+    };
+    let arns: Vec<&str> = forwards.iter().map(|r| r.arn.as_str()).collect();
+    assert_eq!(
+        arns,
+        vec![fx.listener_arn.as_str(), fx.rule_arn.as_str(), l.files.as_str()]
+    );
+    assert_eq!(forwards[0].kind, ResourceKind::ListenerDefaultActions);
+    assert_eq!(*left_alone, 2, "the admin rule and the fixed response");
+    assert_eq!(wrote(&steps), 3, "one write per forward to the canary: {steps:?}");
+    let prechecks = steps
+        .iter()
+        .filter(|s| matches!(s, AlbStep::PreCheck { passed: true, .. }))
+        .count();
+    let read_backs = steps
+        .iter()
+        .filter(|s| matches!(s, AlbStep::ReadBack { matches: true, .. }))
+        .count();
+    assert_eq!(
+        (prechecks, read_backs),
+        (3, 3),
+        "each forward has its pre-check and read-back"
+    );
+
+    // What moto holds now, read without the module.
+    assert_eq!(weights(&fx.listener_actions().await), all_stable(&l));
+    assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+    assert_eq!(weights(fx.rule(&l.files).await.actions()), all_stable(&l));
+    assert_eq!(
+        weights(fx.rule(&l.admin).await.actions()),
+        vec![(l.admin_tg.clone(), 1)]
+    );
+    let gone = fx.rule(&l.gone).await;
+    assert_eq!(gone.actions().len(), 1);
+    assert_eq!(gone.actions()[0].r#type, Some(ActionTypeEnum::FixedResponse));
+
+    // Run again (a takeover after a crash): everything is found stable, nothing written.
+    let (again, steps) = revert(&exec, &t).await;
+    assert!(!again.expect("second run").changed());
+    assert_eq!(wrote(&steps), 0);
+
+    // The bake's read-back checks every reverted forward: a rule put back is drift.
+    let mut baseline = None;
+    let sample = exec.read_back_sample(&t, &mut baseline).await.expect("read back");
+    assert!(sample.ok && sample.drift.is_none(), "{sample:?}");
+    assert_eq!(baseline.as_ref().map(Vec::len), Some(3));
+    fx.elb
+        .modify_rule()
+        .rule_arn(&l.files)
+        .actions(forward(&[(&fx.stable_tg, 50), (&fx.canary_tg, 50)], None))
+        .send()
+        .await
+        .expect("ModifyRule (someone else)");
+    let sample = exec.read_back_sample(&t, &mut baseline).await.expect("read back");
+    assert!(!sample.ok);
+    let drift = sample.drift.expect("drift");
+    assert!(drift.contains(&l.files) && drift.contains("50% stable"), "{drift}");
+    assert!(!drift.contains(&fx.rule_arn), "only the changed rule is named: {drift}");
+}
+
+#[tokio::test]
+async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert_partial() {
+    let l = listener().await;
+    let fx = &l.fx;
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    // Every ModifyRule of the files rule answers 503: retried up to fast_settings' 3 attempts.
+    proxy.fail("ModifyRule", &l.files, 503, "ServiceUnavailable");
+    let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
+
+    let (result, steps) = revert(&exec, &listener_scope(fx)).await;
+    let Err(AlbError::Partial { done, failed }) = result else {
+        panic!("expected a partial revert, got {result:?}");
+    };
+    assert_eq!(done, vec![fx.listener_arn.clone(), fx.rule_arn.clone()]);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].resource.arn, l.files);
+    assert_eq!(failed[0].error.code(), "ServiceUnavailable");
+    assert_eq!(proxy.refused("ModifyRule"), 3);
+    assert_eq!(wrote(&steps), 2, "the two forwards written: {steps:?}");
+    let message = AlbError::Partial { done, failed }.to_string();
+    assert!(
+        message.starts_with("1 of 3 forward(s) to the canary NOT reverted: rule ")
+            && message.contains(&l.files)
+            && message.contains("ServiceUnavailable"),
+        "{message}"
+    );
+
+    assert_eq!(weights(&fx.listener_actions().await), all_stable(&l));
+    assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+    assert_eq!(
+        weights(fx.rule(&l.files).await.actions()),
+        vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)],
+        "the failed rule is as it was"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_pre_check_before_any_write_writes_nothing_anywhere() {
+    let l = listener().await;
+    let fx = &l.fx;
+    fx.stop_instances(&fx.stable_instances).await;
+    let (result, steps) = revert(&fx.executor(), &listener_scope(fx)).await;
+    assert!(matches!(result, Err(AlbError::PreCheckFailed { .. })), "{result:?}");
+    assert_eq!(wrote(&steps), 0);
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 75), (fx.canary_tg.clone(), 25)]
+    );
+    assert_eq!(
+        weights(fx.rule(&l.files).await.actions()),
+        vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)]
+    );
+}
+
+/// Through the whole service: a listener-wide rollback whose `/v1/files/*` rule cannot be
+/// written fails as a PARTIAL rollback: the timeline names the two writes that took and the
+/// rule that did not, and the incident counts as executed (the target changed).
+#[tokio::test]
+async fn the_incident_of_a_partial_listener_revert_says_what_took_and_what_did_not() {
+    use rollback_responder::action::Executors;
+
+    use crate::helpers::{ago, alert, payload, spawn_app, Options};
+
+    let l = listener().await;
+    let fx = &l.fx;
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
+    proxy.fail("ModifyRule", &l.files, 400, "AccessDenied");
+    let policy = format!(
+        r#"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    scope: listener
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    for: 2m
+    mode: auto
+verification: {{bake: 1s, interval: 200ms}}
+"#,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    );
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        executors: Some(Executors {
+            alb: Some(AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings())),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "albpartial", &ago(150), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("failed rollback", |l| l.len() == 1 && l[0]["phase"] == "failed")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inc["executed"], true, "the target changed: {inc:#}");
+    let timeline = inc["timeline"].as_array().unwrap();
+    let steps: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e["kind"] == "action_step")
+        .filter_map(|e| e["summary"].as_str())
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with(&format!("listener {}: 3 forward(s)", fx.listener_arn))),
+        "{steps:#?}"
+    );
+    assert!(
+        steps.contains(&format!("forward 3 of 3: rule {} (ModifyRule)", l.files).as_str()),
+        "{steps:#?}"
+    );
+    let failed = timeline.iter().find(|e| e["kind"] == "action_failed").expect("failure");
+    let summary = failed["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("partial rollback: ModifyListener written: 100% to stable (attempt 1) (at "),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "then it failed: 1 of 3 forward(s) to the canary NOT reverted: rule {}: AWS error AccessDenied: ",
+            l.files
+        )),
+        "{summary}"
+    );
+    assert_eq!(proxy.refused("ModifyRule"), 1, "a permanent error is not retried");
+    assert_eq!(
+        weights(fx.rule(&l.files).await.actions()),
+        vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)]
+    );
+    assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+}
