@@ -302,7 +302,7 @@ async fn mark_acted(app: &TestApp, id: &str) {
 #[tokio::test]
 async fn dry_run_mode_is_visible_in_the_decision() {
     let app = spawn_app(Options {
-        dry_run: true,
+        dry_run: Some(true),
         ..Options::default()
     })
     .await;
