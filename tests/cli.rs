@@ -146,7 +146,10 @@ fn serve_outside_dry_run_refuses_a_policy_whose_executor_is_not_configured() {
             .lines()
             .find(|l| l.contains(&format!("{}: policy", dir.path().join(file).display())))
             .unwrap_or_else(|| panic!("no line names {file}: {err}"));
-        assert!(line.contains(what) && line.contains(&format!("add {section} settings")), "{line}");
+        assert!(
+            line.contains(what) && line.contains(&format!("add {section} settings")),
+            "{line}"
+        );
         assert!(line.contains("safety.dry_run: true"), "{line}");
     }
     // The same policies in dry run start (the embedded default is a dry run).
@@ -171,17 +174,22 @@ fn serve_outside_dry_run_refuses_a_policy_whose_executor_is_not_configured() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the embedded default exited with {status}");
         }
-        let body = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut c| {
-            use std::io::{Read, Write};
-            c.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
-            let mut s = String::new();
-            c.read_to_string(&mut s).ok()?;
-            Some(s)
-        });
+        let body = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut c| {
+                use std::io::{Read, Write};
+                c.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+                let mut s = String::new();
+                c.read_to_string(&mut s).ok()?;
+                Some(s)
+            });
         if let Some(b) = body.filter(|b| b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200")) {
             break b;
         }
-        assert!(std::time::Instant::now() < deadline, "the embedded default never became ready");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the embedded default never became ready"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let _ = child.kill();

@@ -88,10 +88,16 @@ triggers:
         let s = set(&[("a-web.yaml", ALB), ("b-api.yaml", KUBE)]);
         let err = check(&s, &Executors::default(), false).unwrap_err();
         assert_eq!(err.0.len(), 2, "{err}");
-        assert!(err.0[0].contains("a-web.yaml: policy \"web\" reverts an ALB target"), "{err}");
+        assert!(
+            err.0[0].contains("a-web.yaml: policy \"web\" reverts an ALB target"),
+            "{err}"
+        );
         assert!(err.0[0].contains("add `aws:` settings"), "{err}");
         assert!(err.0[0].contains("safety.dry_run: true"), "{err}");
-        assert!(err.0[1].contains("b-api.yaml: policy \"api\" reverts a Kubernetes target"), "{err}");
+        assert!(
+            err.0[1].contains("b-api.yaml: policy \"api\" reverts a Kubernetes target"),
+            "{err}"
+        );
         assert!(err.0[1].contains("add `kubernetes:` settings"), "{err}");
         assert!(err.to_string().starts_with("refusing to start: "), "{err}");
     }

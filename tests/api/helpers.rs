@@ -68,6 +68,16 @@ impl Default for Options {
     }
 }
 
+/// An ALB executor for a test whose ALB policies never act (they are loaded next to the one
+/// under test): outside dry run every policy needs its executor, and this one reaches nothing
+/// (nothing listens on port 9), so a call it did make would fail loudly.
+pub fn alb_never_called() -> rollback_responder::action::alb::AlbExecutor {
+    rollback_responder::action::alb::AlbExecutor::new(
+        crate::support::alb_fixture::elb_client("http://127.0.0.1:9"),
+        &crate::support::alb_fixture::fast_settings(),
+    )
+}
+
 /// A fresh database per test: a SQLite file, or a PostgreSQL database created for the test
 /// when TEST_DATABASE_URL is set (and dropped afterwards).
 pub struct TestDb {
