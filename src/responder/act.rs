@@ -7,7 +7,10 @@
 //! shift shows each write when it happens), and the notable ones (writes, failed calls) reach
 //! the Slack thread as they happen too. A revert that changed part of the target before it
 //! failed counts as a rollback (acted_at is set, so cooldown and rate limits apply) and says
-//! what took and what failed.
+//! what took and what failed. A real action that finds the target already reverted says so
+//! ("found already reverted", by whom when the executor reports `changed_by` in its detail,
+//! else "not by this service") and counts only when our own interrupted attempt had recorded
+//! the intent of a write ([`found_reverted`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -165,27 +168,12 @@ impl Responder {
                         mut summary,
                         detail,
                     } = report;
-                    // Found reverted after an interrupted attempt. If that attempt had got as
-                    // far as a write (its intent is recorded before anything is sent), the
-                    // revert is most likely its write (a crash after AWS applied it): count it,
-                    // or the guards (cooldown, rate limits) and people (PagerDuty change event,
-                    // "executed") would never learn that we changed the target. If it had not,
-                    // somebody else reverted it: not our rollback.
-                    if let Some(i) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
-                        match &i.wrote {
-                            Some(by) => {
-                                inc.acted_at = Some(now);
-                                summary.push_str(&format!(
-                                    " (an interrupted earlier attempt by {by} had begun to write it: counted as this \
-                                     incident's rollback)"
-                                ));
-                            }
-                            None => summary.push_str(&format!(
-                                " (the interrupted earlier attempt by {} had not begun to write, so somebody else \
-                                 reverted it: not counted as this incident's rollback)",
-                                i.started_by
-                            )),
+                    if !changed && !dry_run && inc.acted_at.is_none() {
+                        let (counted, text) = found_reverted(interrupted.as_ref(), changed_by(&detail), &summary);
+                        if counted {
+                            inc.acted_at = Some(now);
                         }
+                        summary = text;
                     }
                     self.apply(
                         &mut tx,
@@ -314,6 +302,52 @@ impl Responder {
     }
 }
 
+/// Who the executor says last changed the target (`changed_by` in the report's detail), when
+/// it can tell (Kubernetes managed fields, for example).
+fn changed_by(detail: &serde_json::Value) -> Option<&str> {
+    detail
+        .get("changed_by")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+}
+
+/// A real (not dry) action that found the target already reverted: whether it counts as this
+/// incident's rollback, and what people read. It counts only when an interrupted earlier
+/// attempt had recorded the intent of a write before dying (its intent is committed before
+/// anything is sent, so the revert is most likely that write, applied by AWS or the API
+/// server after the crash): then the guards (cooldown, rate limits) and people (the PagerDuty
+/// change event, "executed") must learn that we changed the target. Otherwise somebody else
+/// reverted it: it is said so, naming who when the executor knows, and not counted.
+fn found_reverted(interrupted: Option<&Interrupted>, by: Option<&str>, summary: &str) -> (bool, String) {
+    let last_change = by.map(|w| format!("; last changed by {w}")).unwrap_or_default();
+    match interrupted {
+        Some(Interrupted {
+            wrote: Some(writer), ..
+        }) => (
+            true,
+            format!(
+                "found already reverted, most likely by the interrupted earlier attempt of {writer}, which had begun \
+                 to write it{last_change}: counted as this incident's rollback; {summary}"
+            ),
+        ),
+        _ => {
+            let who = by.map_or_else(|| "not by this service".to_string(), |w| format!("by {w}"));
+            let earlier = interrupted
+                .map(|i| {
+                    format!(
+                        " (the interrupted earlier attempt by {} had not begun to write)",
+                        i.started_by
+                    )
+                })
+                .unwrap_or_default();
+            (
+                false,
+                format!("found already reverted ({who}){earlier}: not counted as this incident's rollback; {summary}"),
+            )
+        }
+    }
+}
+
 /// What people read when the action failed: what took before the failure (with its time),
 /// and the failed call.
 fn failure_summary(took: &[String], e: &ActionError) -> String {
@@ -331,6 +365,55 @@ fn failure_summary(took: &[String], e: &ActionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_found_reverted_counts_only_after_our_own_recorded_intent_and_says_by_whom() {
+        let s = "listener L: already forwards everything to the stable group [stable 100]; nothing written";
+        // First attempt, nobody of ours wrote: somebody else did.
+        let (counted, text) = found_reverted(None, None, s);
+        assert!(!counted);
+        assert_eq!(
+            text,
+            format!("found already reverted (not by this service): not counted as this incident's rollback; {s}")
+        );
+        let (counted, text) = found_reverted(None, Some("alice (kubectl-patch)"), s);
+        assert!(!counted);
+        assert!(
+            text.starts_with("found already reverted (by alice (kubectl-patch)): not counted"),
+            "{text}"
+        );
+        // A takeover after a replica died before writing: not ours either.
+        let died_early = Interrupted {
+            started_by: "replica-0".into(),
+            wrote: None,
+        };
+        let (counted, text) = found_reverted(Some(&died_early), None, s);
+        assert!(!counted);
+        assert!(
+            text.starts_with(
+                "found already reverted (not by this service) (the interrupted earlier attempt by replica-0 had \
+                 not begun to write): not counted"
+            ),
+            "{text}"
+        );
+        // A takeover after a replica died mid-write: most likely its write, counted.
+        let died_writing = Interrupted {
+            started_by: "replica-0".into(),
+            wrote: Some("replica-0".into()),
+        };
+        let (counted, text) = found_reverted(Some(&died_writing), None, s);
+        assert!(counted);
+        assert!(
+            text.starts_with(
+                "found already reverted, most likely by the interrupted earlier attempt of replica-0, which had \
+                 begun to write it: counted as this incident's rollback; listener L"
+            ),
+            "{text}"
+        );
+        assert_eq!(changed_by(&json!({"changed_by": "bob"})), Some("bob"));
+        assert_eq!(changed_by(&json!({"changed_by": ""})), None);
+        assert_eq!(changed_by(&json!({})), None);
+    }
 
     #[test]
     fn failure_summaries_say_what_took_and_what_failed_without_doubled_prefixes() {

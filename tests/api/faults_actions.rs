@@ -924,9 +924,9 @@ mod takeover {
             .expect("the takeover's result");
         let summary = done["summary"].as_str().unwrap();
         assert!(
-            summary.contains(&format!(
-                "the interrupted earlier attempt by {DEAD} had not begun to write, so somebody else reverted it: \
-                 not counted as this incident's rollback"
+            summary.starts_with(&format!(
+                "found already reverted (not by this service) (the interrupted earlier attempt by {DEAD} had not \
+                 begun to write): not counted as this incident's rollback; "
             )),
             "{summary}"
         );
@@ -934,6 +934,30 @@ mod takeover {
         assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
         let msgs = app.responder.store.messages(&id).await.unwrap();
         assert_eq!(change_events(&msgs), 0, "{msgs:#?}");
+        // The thread says what was found; no channel claims a rollback of ours.
+        assert!(
+            msgs.iter().any(|m| m["channel"] == "slack"
+                && m["message"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("found already reverted (not by this service)"))),
+            "{msgs:#?}"
+        );
+        for m in &msgs {
+            let text = m["message"].to_string();
+            for claim in [
+                "Rollback executed",
+                "rolled it back",
+                "Executed:* yes",
+                "stays rolled back",
+            ] {
+                assert!(!text.contains(claim), "{claim:?} in {text}");
+            }
+        }
+        let statuspage: Vec<&Value> = msgs.iter().filter(|m| m["channel"] == "statuspage").collect();
+        assert_eq!(
+            statuspage[0]["message"]["body"]["incident"]["status"], "investigating",
+            "{statuspage:#?}"
+        );
     }
 
     #[tokio::test]
@@ -951,8 +975,9 @@ mod takeover {
             .find(|e| e["kind"] == "action_succeeded")
             .expect("the takeover's result");
         assert!(
-            done["summary"].as_str().unwrap().contains(&format!(
-                "an interrupted earlier attempt by {DEAD} had begun to write it"
+            done["summary"].as_str().unwrap().starts_with(&format!(
+                "found already reverted, most likely by the interrupted earlier attempt of {DEAD}, which had begun \
+                 to write it: counted as this incident's rollback"
             )),
             "{done}"
         );

@@ -532,7 +532,7 @@ async fn a_replica_killed_after_aws_applied_its_write_is_taken_over_as_a_no_op()
     let summary = &succeeded[0].summary;
     assert!(summary.contains("nothing written"), "{summary}");
     assert!(
-        summary.contains(&format!("interrupted earlier attempt by {}", replica_id(*victim))),
+        summary.contains(&format!("interrupted earlier attempt of {}", replica_id(*victim))),
         "{summary}"
     );
 }
