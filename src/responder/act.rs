@@ -66,11 +66,14 @@ struct Ran {
 
 impl Responder {
     /// The `action_started` mark (and its note): a replica taking over later reads it to know
-    /// that an earlier attempt may already have written to the target.
+    /// that an earlier attempt may already have written to the target. `taking_over_from`: the
+    /// replica whose attempt was interrupted, named in the note so the thread does not read
+    /// as the same start twice.
     pub(super) async fn record_start(
         &self,
         tx: &mut crate::store::StoreTx,
         inc: &Incident,
+        taking_over_from: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(), StepError> {
         let target: Target =
@@ -88,6 +91,10 @@ impl Responder {
                 if dry_run { "dry run" } else { "rolling back" },
                 target.describe()
             ),
+        };
+        let started = match taking_over_from {
+            Some(who) => format!("taking over from {who}, whose attempt was interrupted; {started}"),
+            None => started,
         };
         Self::record(
             tx,
@@ -118,7 +125,8 @@ impl Responder {
                 // write.
                 interrupted = Interrupted::find(&self.store.events(id).await?);
                 let mut tx = self.store.begin().await?;
-                self.record_start(&mut tx, &inc, Utc::now()).await?;
+                let from = interrupted.as_ref().map(|i| i.started_by.clone());
+                self.record_start(&mut tx, &inc, from.as_deref(), Utc::now()).await?;
                 self.commit(tx, &inc).await?;
             }
 

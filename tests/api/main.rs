@@ -5,6 +5,7 @@
 mod alb;
 mod alertmanager;
 mod approvals;
+mod crash;
 mod edges;
 mod faults_actions;
 mod faults_store;
