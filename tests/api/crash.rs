@@ -16,11 +16,12 @@
 use std::time::{Duration, Instant};
 
 use rollback_responder::incident::{Incident, Phase};
-use rollback_responder::store::{EventRecord, Store};
+use rollback_responder::store::Store;
 use serde_json::Value;
 
 use crate::helpers::{self, ago, alert, payload, TestDb, TOKEN};
 use crate::notify::{policy_with_notify, received, Peers};
+use crate::replicas::{of_kind, show};
 use crate::support::alb_fixture::{weights, AlbFixture};
 use crate::support::aws_proxy::{AwsProxy, HoldPoint};
 use crate::support::responder_process::ResponderProcess;
@@ -98,26 +99,6 @@ async fn wait_delivered(store: &Store, inc: &Incident) -> Vec<Value> {
         assert!(Instant::now() < deadline, "messages not delivered: {msgs:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn show(timeline: &[EventRecord]) -> String {
-    timeline
-        .iter()
-        .map(|e| {
-            format!(
-                "  {} {} {}: {}",
-                e.at.format("%H:%M:%S%.3f"),
-                e.actor,
-                e.kind,
-                e.summary
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
-    timeline.iter().filter(|e| e.kind == kind).collect()
 }
 
 async fn kill_at(k: KillPoint) {

@@ -233,11 +233,12 @@ impl Cluster {
     }
 }
 
-fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
+pub(crate) fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
     timeline.iter().filter(|e| e.kind == kind).collect()
 }
 
-fn show(timeline: &[EventRecord]) -> String {
+/// A timeline, one line per entry, for failure messages.
+pub(crate) fn show(timeline: &[EventRecord]) -> String {
     timeline
         .iter()
         .map(|e| {
