@@ -541,3 +541,48 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
     }
     assert_eq!(held["executed"], false, "{held}");
 }
+
+#[tokio::test]
+async fn two_alerts_resolving_in_one_delivery_close_the_incident_once() {
+    let app = spawn_app(Options::default()).await;
+    let (s1, s2) = (ago(30), ago(20));
+    app.post_webhook(&payload(
+        "firing",
+        vec![
+            alert("HighErrorRate", "checkout", "bz01", &s1, None),
+            alert("HighErrorRate", "checkout", "bz02", &s2, None),
+        ],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("settled", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    app.post_webhook(&payload(
+        "resolved",
+        vec![
+            alert("HighErrorRate", "checkout", "bz01", &s1, Some(&ago(0))),
+            alert("HighErrorRate", "checkout", "bz02", &s2, Some(&ago(0))),
+        ],
+    ))
+    .await;
+    app.wait_incident(&id, "closed", |i| i["open"] == false).await;
+    app.wait_alerts_decided().await;
+    let inc = app.incident(&id).await;
+    let said = |text: &str| {
+        inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["summary"] == text)
+            .count()
+    };
+    assert_eq!(timeline_count(&inc, "alert_resolved"), 2, "{}", inc["timeline"]);
+    assert_eq!(
+        said("every alert of the incident has resolved"),
+        1,
+        "{}",
+        inc["timeline"]
+    );
+    assert_eq!(timeline_count(&inc, "closed"), 1, "{}", inc["timeline"]);
+}
