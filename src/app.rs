@@ -2,6 +2,7 @@
 //! settings. The server binds its own port and exposes it, so tests start the real thing on
 //! port 0 ([`Application::build`] then [`Application::run`]).
 
+pub mod preflight;
 pub mod reload;
 
 use std::net::SocketAddr;
@@ -108,6 +109,9 @@ impl Application {
                 e
             }
         };
+        // Outside dry run, a policy nobody here can carry out is a rollback that would only
+        // be recorded while people are told it is under way: refuse before serving anything.
+        preflight::check(&policies, &executors, global.dry_run)?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {} (server.listen / --listen)", cfg.listen))?;
@@ -121,13 +125,6 @@ impl Application {
         }
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
-        } else {
-            // Outside dry run, a policy nobody here can carry out is a rollback that will not happen.
-            for p in policies.policies.iter().filter(|p| !p.policy.guards.dry_run) {
-                if let Some(why) = executors.missing_for(&p.policy.name, &p.policy.target) {
-                    tracing::error!(file = %p.file.display(), "{why}");
-                }
-            }
         }
         let metrics_for_freeze = metrics.clone();
         let notifiers = Notifiers::from_config(&cfg);
@@ -331,7 +328,16 @@ async fn reload_policies(
             target = follow(w, &dir, target);
         }
         let old = responder.policies().hash.clone();
-        match PolicySet::load_dir(&dir) {
+        // A set this responder could not carry out (an executor missing outside dry run) is
+        // refused like a set with errors.
+        let loaded = PolicySet::load_dir(&dir)
+            .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+            .and_then(|set| {
+                preflight::check(&set, &responder.executors, responder.global.dry_run)
+                    .map(|()| set)
+                    .map_err(|preflight::Unexecutable(lines)| lines)
+            });
+        match loaded {
             Ok(set) if set.hash == old => {
                 responder.metrics.policy_reload("unchanged");
                 status.loaded();
@@ -343,17 +349,17 @@ async fn reload_policies(
                 responder.metrics.policy_reload("applied");
                 status.loaded();
             }
-            Err(errs) => {
-                for e in &errs {
+            Err(errors) => {
+                for e in &errors {
                     tracing::error!(trigger = why, error = %e, "policy reload rejected");
                 }
-                warn!(hash = %old, errors = errs.len(), "the new policy set has errors; the old set stays in force");
+                warn!(hash = %old, errors = errors.len(), "the new policy set has errors; the old set stays in force");
                 responder.metrics.policy_reload("refused");
                 status.refused(reload::Refusal {
                     at: chrono::Utc::now(),
                     trigger: why.to_string(),
                     dir: dir.display().to_string(),
-                    errors: errs.iter().map(|e| e.to_string()).collect(),
+                    errors,
                 });
             }
         }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use rollback_responder::alert::{AlertStatus, Notification};
+use rollback_responder::app::preflight::Unexecutable;
 use rollback_responder::app::{shutdown_signal, Application};
 use rollback_responder::policy::{self, FreezeState, GlobalGuards, History, PolicySet};
 use rollback_responder::{config, telemetry};
@@ -31,7 +32,8 @@ struct Cli {
 const EXIT_CODES: &str = "Exit codes (every subcommand):
   0  done
   1  refused or failed: invalid policies, an unknown incident, serve could not start or stopped on an error
-  2  usage: bad arguments, an unreadable or invalid config or input file, a missing read token
+  2  usage: bad arguments, an unreadable or invalid config or input file, a missing read token,
+     a policy whose executor (aws:, kubernetes:) the config lacks outside dry run
   3  unavailable: the service's API did not answer or answered 5xx (try again)";
 
 /// The API a terminal view reads (default: the local service).
@@ -170,7 +172,12 @@ fn serve(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::from(terminal::exit::REFUSED)
+            // A policy this config cannot carry out is fixed in the config (or dry run).
+            if e.downcast_ref::<Unexecutable>().is_some() {
+                ExitCode::from(terminal::exit::USAGE)
+            } else {
+                ExitCode::from(terminal::exit::REFUSED)
+            }
         }
     }
 }

@@ -118,6 +118,86 @@ fn serve_refused(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
 }
 
 #[test]
+fn serve_outside_dry_run_refuses_a_policy_whose_executor_is_not_configured() {
+    // The shipped policies revert ALB and Kubernetes targets; this config has neither
+    // `aws:` nor `kubernetes:`, so outside dry run their rollbacks could only be recorded.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["portal-api.yaml", "portal-api-k8s.yaml"] {
+        std::fs::copy(root().join("policies").join(f), dir.path().join(f)).unwrap();
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ROLLBACK_RESPONDER__POLICIES_DIR", dir.path())
+        .env(
+            "ROLLBACK_RESPONDER__STORE__URL",
+            format!("sqlite://{}", dir.path().join("db").display()),
+        )
+        .env("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "false")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "the config exit code: {err}");
+    assert!(err.contains("refusing to start"), "{err}");
+    for (file, what, section) in [
+        ("portal-api.yaml", "an ALB target", "`aws:`"),
+        ("portal-api-k8s.yaml", "a Kubernetes target", "`kubernetes:`"),
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("{}: policy", dir.path().join(file).display())))
+            .unwrap_or_else(|| panic!("no line names {file}: {err}"));
+        assert!(
+            line.contains(what) && line.contains(&format!("add {section} settings")),
+            "{line}"
+        );
+        assert!(line.contains("safety.dry_run: true"), "{line}");
+    }
+    // The same policies in dry run start (the embedded default is a dry run).
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::create_dir(cwd.path().join("policies")).unwrap();
+    for f in std::fs::read_dir(root().join("policies")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, cwd.path().join("policies").join(f.file_name().unwrap())).unwrap();
+    }
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(cwd.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let ready = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the embedded default exited with {status}");
+        }
+        let body = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut c| {
+                use std::io::{Read, Write};
+                c.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+                let mut s = String::new();
+                c.read_to_string(&mut s).ok()?;
+                Some(s)
+            });
+        if let Some(b) = body.filter(|b| b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200")) {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the embedded default never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready.contains("\"dry_run\":true"), "{ready}");
+}
+
+#[test]
 fn serve_refuses_an_empty_policy_directory_and_a_freeze_on_an_unknown_policy() {
     // No policy means no rollback, ever.
     let dir = tempfile::tempdir().unwrap();
@@ -210,7 +290,8 @@ async fn serve(env: &[(&str, String)]) -> Serve {
         .env("ROLLBACK_RESPONDER__LOG__FORMAT", "json")
         .env("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms")
         .env("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s")
-        .env("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "false")
+        // No `aws:` settings here: outside dry run the ALB policy would refuse start-up.
+        .env("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "true")
         .env(
             "RUST_LOG",
             "debug,hyper=info,h2=info,sqlx=warn,reqwest=info,rustls=info",
@@ -323,7 +404,13 @@ async fn sighup_reloads_policies_and_a_broken_set_is_refused_with_file_and_line(
 async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
     use wiremock::matchers::method;
     use wiremock::{Mock, MockServer, ResponseTemplate};
+    // A dry run goes to Slack only; Slack's first answer is a 503, so a retry is logged.
     let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&slack)
+        .await;
     Mock::given(method("POST"))
         .respond_with(
             ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true, "channel": "C1", "ts": "1.2"})),
@@ -331,11 +418,6 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
         .mount(&slack)
         .await;
     let pd = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
-        .mount(&pd)
-        .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(202))
         .mount(&pd)
@@ -377,14 +459,14 @@ async fn logs_of_a_full_run_carry_incident_ids_and_never_a_secret() {
     let incidents = format!("{}/api/v1/incidents", s.url);
     wait_for("a settled incident with its notifications", async || {
         let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
-        v["incidents"][0]["phase"] == "dry_run" && pd.received_requests().await.unwrap_or_default().len() >= 2
+        v["incidents"][0]["phase"] == "dry_run" && slack.received_requests().await.unwrap_or_default().len() >= 2
     })
     .await;
     let id = {
         let v: serde_json::Value = http.get(&incidents).send().await.unwrap().json().await.unwrap();
         v["incidents"][0]["id"].as_str().unwrap().to_string()
     };
-    // PagerDuty's first answer is a 503, logged as a retry: wait for that line, not a time.
+    // Slack's first answer is a 503, logged as a retry: wait for that line, not a time.
     wait_for("the failed notification in the log", async || {
         std::fs::read_to_string(&s.log)
             .unwrap()
@@ -491,7 +573,7 @@ async fn incidents_and_incident_print_tables_from_a_running_service() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with(&format!("Incident     {id}\n")), "{out}");
     assert!(out.contains("\nPhase        dry_run\n"), "{out}");
-    assert!(out.contains("Decision     auto: "), "{out}");
+    assert!(out.contains("Decision     suppressed: dry run (global)"), "{out}");
     assert!(out.contains("\nTimeline ("), "{out}");
     assert!(out.contains("opened") && out.contains("executing -> dry_run"), "{out}");
     assert!(

@@ -798,6 +798,17 @@ def cmd_service_smoke(binary: str) -> int:
                     stand_in.write_text("smoke-" + Path(value).name + "\n")
                     section[key] = str(stand_in)
         cfg["policies_dir"] = str(BASE / "policies")
+        # No cluster here: a kubeconfig naming an address nothing listens on stands in for the
+        # pod's service account (the client is built at start-up, never called).
+        problems.need((cfg.get("kubernetes") or {}).get("in_cluster") is True,
+                      "config.yaml: kubernetes.in_cluster must be true (the shipped policies revert Kubernetes objects)")
+        (tmpd / "kubeconfig").write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "smoke",
+            "clusters": [{"name": "smoke", "cluster": {"server": "http://127.0.0.1:9"}}],
+            "users": [{"name": "smoke", "user": {}}],
+            "contexts": [{"name": "smoke", "context": {"cluster": "smoke", "user": "smoke"}}],
+        }))
+        cfg["kubernetes"] = {"kubeconfig": str(tmpd / "kubeconfig")}
         (tmpd / "config.yaml").write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLBACK_RESPONDER", "AWS_", "KUBECONFIG"))}
         env.update({

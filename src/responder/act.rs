@@ -7,7 +7,10 @@
 //! shift shows each write when it happens), and the notable ones (writes, failed calls) reach
 //! the Slack thread as they happen too. A revert that changed part of the target before it
 //! failed counts as a rollback (acted_at is set, so cooldown and rate limits apply) and says
-//! what took and what failed.
+//! what took and what failed. A real action that finds the target already reverted says so
+//! ("found already reverted", by whom when the executor can tell, `found_reverted_by`, else
+//! "not by this service") and counts only when our own interrupted attempt had recorded
+//! the intent of a write ([`found_reverted`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,11 +71,14 @@ struct Ran {
 
 impl Responder {
     /// The `action_started` mark (and its note): a replica taking over later reads it to know
-    /// that an earlier attempt may already have written to the target.
+    /// that an earlier attempt may already have written to the target. `taking_over_from`: the
+    /// replica whose attempt was interrupted, named in the note so the thread does not read
+    /// as the same start twice.
     pub(super) async fn record_start(
         &self,
         tx: &mut crate::store::StoreTx,
         inc: &Incident,
+        taking_over_from: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(), StepError> {
         let target: Target = inc
@@ -93,6 +99,10 @@ impl Responder {
                 if dry_run { "dry run" } else { "rolling back" },
                 target.describe()
             ),
+        };
+        let started = match taking_over_from {
+            Some(who) => format!("taking over from {who}, whose attempt was interrupted; {started}"),
+            None => started,
         };
         Self::record(
             tx,
@@ -132,7 +142,9 @@ impl Responder {
                 // write.
                 interrupted = Interrupted::find(&self.store.events(id).await?);
                 let mut tx = self.store.begin().await?;
-                self.record_start(&mut tx, &inc, self.clock.now()).await?;
+                let from = interrupted.as_ref().map(|i| i.started_by.clone());
+                self.record_start(&mut tx, &inc, from.as_deref(), self.clock.now())
+                    .await?;
                 self.commit(tx, &inc).await?;
             }
 
@@ -183,34 +195,13 @@ impl Responder {
                         detail,
                         found_reverted_by,
                     } = report;
-                    // Found reverted after an interrupted attempt. If that attempt had got as
-                    // far as a write (its intent is recorded before anything is sent), the
-                    // revert is most likely its write (a crash after AWS applied it): count it,
-                    // or the guards (cooldown, rate limits) and people (PagerDuty change event,
-                    // "executed") would never learn that we changed the target. If it had not,
-                    // somebody else reverted it: not our rollback.
-                    if let Some(i) = interrupted.filter(|_| !changed && !dry_run && inc.acted_at.is_none()) {
-                        match (&i.wrote, found_reverted_by) {
-                            // The executor can tell who wrote it (Kubernetes managedFields):
-                            // somebody else's change is not our rollback, whatever we planned.
-                            (_, Some(RevertedBy::Others { who })) => summary.push_str(&format!(
-                                " (the interrupted earlier attempt by {} did not write it: it was reverted {who}; \
-                                 not counted as this incident's rollback)",
-                                i.started_by
-                            )),
-                            (Some(by), _) => {
-                                inc.acted_at = Some(now);
-                                summary.push_str(&format!(
-                                    " (an interrupted earlier attempt by {by} had begun to write it: counted as this \
-                                     incident's rollback)"
-                                ));
-                            }
-                            (None, _) => summary.push_str(&format!(
-                                " (the interrupted earlier attempt by {} had not begun to write, so somebody else \
-                                 reverted it: not counted as this incident's rollback)",
-                                i.started_by
-                            )),
+                    if !changed && !dry_run && inc.acted_at.is_none() {
+                        let (counted, text) =
+                            found_reverted(interrupted.as_ref(), found_reverted_by.as_ref(), &summary);
+                        if counted {
+                            inc.acted_at = Some(now);
                         }
+                        summary = text;
                     }
                     self.apply(
                         &mut tx,
@@ -342,6 +333,59 @@ impl Responder {
     }
 }
 
+/// A real (not dry) action that found the target already reverted: whether it counts as this
+/// incident's rollback, and what people read. It counts only when an interrupted earlier
+/// attempt had recorded the intent of a write before dying (its intent is committed before
+/// anything is sent, so the revert is most likely that write, applied by AWS or the API
+/// server after the crash): then the guards (cooldown, rate limits) and people (the PagerDuty
+/// change event, "executed") must learn that we changed the target. When the executor can tell
+/// who wrote it (Kubernetes managedFields), somebody else's change is never counted, whatever
+/// we had begun. Otherwise somebody else reverted it: it is said so and not counted.
+fn found_reverted(interrupted: Option<&Interrupted>, by: Option<&RevertedBy>, summary: &str) -> (bool, String) {
+    let writer = interrupted.and_then(|i| i.wrote.as_deref());
+    match (by, writer) {
+        (Some(RevertedBy::Others { who }), _) => {
+            let earlier = interrupted
+                .map(|i| {
+                    format!(
+                        " (the interrupted earlier attempt by {} did not write it)",
+                        i.started_by
+                    )
+                })
+                .unwrap_or_default();
+            (
+                false,
+                format!("found already reverted ({who}){earlier}: not counted as this incident's rollback; {summary}"),
+            )
+        }
+        (_, Some(writer)) => (
+            true,
+            format!(
+                "found already reverted, most likely by the interrupted earlier attempt of {writer}, which had begun \
+                 to write it: counted as this incident's rollback; {summary}"
+            ),
+        ),
+        (by, None) => {
+            let who = match by {
+                Some(RevertedBy::Us) => "by this service, but not in this incident",
+                _ => "not by this service",
+            };
+            let earlier = interrupted
+                .map(|i| {
+                    format!(
+                        " (the interrupted earlier attempt by {} had not begun to write)",
+                        i.started_by
+                    )
+                })
+                .unwrap_or_default();
+            (
+                false,
+                format!("found already reverted ({who}){earlier}: not counted as this incident's rollback; {summary}"),
+            )
+        }
+    }
+}
+
 /// What people read when the action failed: what took before the failure (with its time),
 /// and the failed call.
 fn failure_summary(took: &[String], e: &ActionError) -> String {
@@ -359,6 +403,68 @@ fn failure_summary(took: &[String], e: &ActionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_found_reverted_counts_only_after_our_own_recorded_intent_and_says_by_whom() {
+        let s = "listener L: already forwards everything to the stable group [stable 100]; nothing written";
+        // First attempt, nobody of ours wrote: somebody else did.
+        let (counted, text) = found_reverted(None, None, s);
+        assert!(!counted);
+        assert_eq!(
+            text,
+            format!("found already reverted (not by this service): not counted as this incident's rollback; {s}")
+        );
+        let (counted, text) = found_reverted(
+            None,
+            Some(&RevertedBy::Others {
+                who: "by alice (kubectl-patch)".into(),
+            }),
+            s,
+        );
+        assert!(!counted);
+        assert!(
+            text.starts_with("found already reverted (by alice (kubectl-patch)): not counted"),
+            "{text}"
+        );
+        // A takeover after a replica died before writing: not ours either.
+        let died_early = Interrupted {
+            started_by: "replica-0".into(),
+            wrote: None,
+        };
+        let (counted, text) = found_reverted(Some(&died_early), None, s);
+        assert!(!counted);
+        assert!(
+            text.starts_with(
+                "found already reverted (not by this service) (the interrupted earlier attempt by replica-0 had \
+                 not begun to write): not counted"
+            ),
+            "{text}"
+        );
+        // A takeover after a replica died mid-write: most likely its write, counted.
+        let died_writing = Interrupted {
+            started_by: "replica-0".into(),
+            wrote: Some("replica-0".into()),
+        };
+        let (counted, text) = found_reverted(Some(&died_writing), None, s);
+        assert!(counted);
+        assert!(
+            text.starts_with(
+                "found already reverted, most likely by the interrupted earlier attempt of replica-0, which had \
+                 begun to write it: counted as this incident's rollback; listener L"
+            ),
+            "{text}"
+        );
+        // The executor saw somebody else's write: never counted, even after our intent.
+        let (counted, text) = found_reverted(
+            Some(&died_writing),
+            Some(&RevertedBy::Others {
+                who: "deployment/web by kubectl-rollout".into(),
+            }),
+            s,
+        );
+        assert!(!counted);
+        assert!(text.starts_with("found already reverted (deployment/web by kubectl-rollout) (the interrupted earlier attempt by replica-0 did not write it)"), "{text}");
+    }
 
     #[test]
     fn failure_summaries_say_what_took_and_what_failed_without_doubled_prefixes() {

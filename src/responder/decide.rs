@@ -422,7 +422,9 @@ impl Responder {
         )
         .await?;
         self.tell(tx, &inc, Change::Note { summary: &summary }, now).await?;
-        if tx.firing_alerts(&inc.id).await? == 0 {
+        // Alerts resolving in one delivery are each seen with none left firing: the first
+        // one closes the incident, the others must not say "every alert resolved" again.
+        if inc.closed_at.is_none() && tx.firing_alerts(&inc.id).await? == 0 {
             self.apply(
                 tx,
                 &mut inc,

@@ -231,7 +231,7 @@ impl Responder {
             return Err(StepError::Conflict(inc.id.clone()));
         }
         inc.version += 1;
-        self.record_start(tx, inc, now).await
+        self.record_start(tx, inc, None, now).await
     }
 
     /// Runs `fut` while renewing this replica's lease on the incident, so a long action

@@ -740,40 +740,58 @@ mod messages {
 }
 
 mod unconfigured {
+    use rollback_responder::action::{kubernetes::KubeSettings, Executors};
+    use rollback_responder::app::preflight::Unexecutable;
+    use rollback_responder::app::Application;
+    use rollback_responder::config;
+
     use crate::helpers::*;
 
+    /// Builds the service on the default test policy (an ALB target) outside dry run with
+    /// `executors`; the error if it refuses.
+    async fn build(executors: Option<Executors>) -> Option<anyhow::Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("checkout.yaml"), CHECKOUT_POLICY).unwrap();
+        let db = format!("sqlite://{}", dir.path().join("rr.db").display());
+        let vars = env(&[
+            ("ROLLBACK_RESPONDER__STORE__URL", &db),
+            ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
+            ("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "false"),
+        ]);
+        let cfg = config::load_from(None, Some("127.0.0.1:0".parse().unwrap()), vars).unwrap();
+        Application::build_with(cfg, executors).await.err()
+    }
+
     #[tokio::test]
-    async fn a_rollback_without_its_executor_is_never_announced_as_rolling_back() {
-        // The default test policy reverts an ALB; this responder has no `aws:` section.
-        let app = spawn_app(Options::default()).await;
-        app.post_webhook(&payload(
-            "firing",
-            vec![alert("HighErrorRate", "checkout", "nx01", &ago(30), None)],
-        ))
-        .await;
-        let list = app
-            .wait_incidents("settled", |l| l.len() == 1 && l[0]["phase"] == "dry_run")
-            .await;
-        let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
-        assert_eq!(inc["executed"], false);
-        let started = inc["timeline"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["kind"] == "action_started")
-            .expect("action_started");
-        let summary = started["summary"].as_str().unwrap();
-        assert!(
-            summary.starts_with(
-                "not executing (no alb executor is configured on this responder): would forward 100 % of \
-                 arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/checkout/1/2"
-            ),
-            "{summary}"
-        );
-        assert_eq!(started["detail"]["executor_configured"], false);
-        for e in inc["timeline"].as_array().unwrap() {
-            assert!(!e["summary"].as_str().unwrap().contains("rolling back"), "{e}");
+    async fn a_policy_whose_executor_is_not_configured_refuses_start_up_outside_dry_run() {
+        // No executor at all, then only the other kind: an ALB rollback could only be recorded
+        // while PagerDuty and the status page were told it was under way.
+        let kube_only = Executors {
+            kube: Some(rollback_responder::action::kubernetes::KubeExecutor::new(
+                crate::support::fake_kube::FakeKube::start().await.client(),
+                &KubeSettings::default(),
+            )),
+            ..Default::default()
+        };
+        for executors in [None, Some(kube_only)] {
+            let err = build(executors).await.expect("start-up is refused");
+            let why = err.downcast_ref::<Unexecutable>().unwrap_or_else(|| panic!("{err:#}"));
+            assert_eq!(why.0.len(), 1, "{why}");
+            assert!(
+                why.0[0].contains("checkout.yaml: policy \"checkout\" reverts an ALB target")
+                    && why.0[0].contains("add `aws:` settings")
+                    && why.0[0].contains("safety.dry_run: true"),
+                "{why}"
+            );
         }
+        // With its executor the same set starts.
+        let with_alb = Executors {
+            alb: Some(alb_never_called()),
+            ..Default::default()
+        };
+        assert!(build(Some(with_alb)).await.is_none());
     }
 }
 
@@ -908,9 +926,9 @@ mod takeover {
             .expect("the takeover's result");
         let summary = done["summary"].as_str().unwrap();
         assert!(
-            summary.contains(&format!(
-                "the interrupted earlier attempt by {DEAD} had not begun to write, so somebody else reverted it: \
-                 not counted as this incident's rollback"
+            summary.starts_with(&format!(
+                "found already reverted (not by this service) (the interrupted earlier attempt by {DEAD} had not \
+                 begun to write): not counted as this incident's rollback; "
             )),
             "{summary}"
         );
@@ -918,6 +936,30 @@ mod takeover {
         assert_eq!(weights(&fx.listener_actions().await)[0].1, 100);
         let msgs = app.responder.store.messages(&id).await.unwrap();
         assert_eq!(change_events(&msgs), 0, "{msgs:#?}");
+        // The thread says what was found; no channel claims a rollback of ours.
+        assert!(
+            msgs.iter().any(|m| m["channel"] == "slack"
+                && m["message"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("found already reverted (not by this service)"))),
+            "{msgs:#?}"
+        );
+        for m in &msgs {
+            let text = m["message"].to_string();
+            for claim in [
+                "Rollback executed",
+                "rolled it back",
+                "Executed:* yes",
+                "stays rolled back",
+            ] {
+                assert!(!text.contains(claim), "{claim:?} in {text}");
+            }
+        }
+        let statuspage: Vec<&Value> = msgs.iter().filter(|m| m["channel"] == "statuspage").collect();
+        assert_eq!(
+            statuspage[0]["message"]["body"]["incident"]["status"], "investigating",
+            "{statuspage:#?}"
+        );
     }
 
     #[tokio::test]
@@ -935,8 +977,9 @@ mod takeover {
             .find(|e| e["kind"] == "action_succeeded")
             .expect("the takeover's result");
         assert!(
-            done["summary"].as_str().unwrap().contains(&format!(
-                "an interrupted earlier attempt by {DEAD} had begun to write it"
+            done["summary"].as_str().unwrap().starts_with(&format!(
+                "found already reverted, most likely by the interrupted earlier attempt of {DEAD}, which had begun \
+                 to write it: counted as this incident's rollback"
             )),
             "{done}"
         );

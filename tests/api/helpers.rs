@@ -48,7 +48,10 @@ approval:
 /// How to start the service.
 pub struct Options {
     pub policies: Vec<(&'static str, String)>,
-    pub dry_run: bool,
+    /// `safety.dry_run`. `None`: dry run unless the test hands in executors or sets `aws:` /
+    /// `kubernetes:` through `env`, because outside dry run a policy whose executor is not
+    /// configured refuses start-up. `Some(false)` without executors asks for that refusal.
+    pub dry_run: Option<bool>,
     pub env: Vec<(String, String)>,
     /// Executors built by the test (an ELBv2 client on moto); `None`: from the config.
     pub executors: Option<rollback_responder::action::Executors>,
@@ -58,11 +61,21 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             policies: vec![("checkout.yaml", CHECKOUT_POLICY.to_string())],
-            dry_run: false,
+            dry_run: None,
             env: vec![],
             executors: None,
         }
     }
+}
+
+/// An ALB executor for a test whose ALB policies never act (they are loaded next to the one
+/// under test): outside dry run every policy needs its executor, and this one reaches nothing
+/// (nothing listens on port 9), so a call it did make would fail loudly.
+pub fn alb_never_called() -> rollback_responder::action::alb::AlbExecutor {
+    rollback_responder::action::alb::AlbExecutor::new(
+        crate::support::alb_fixture::elb_client("http://127.0.0.1:9"),
+        &crate::support::alb_fixture::fast_settings(),
+    )
 }
 
 /// A fresh database per test: a SQLite file, or a PostgreSQL database created for the test
@@ -121,6 +134,11 @@ async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp 
     for (name, text) in &opts.policies {
         std::fs::write(policies.join(name), text).unwrap();
     }
+    let executes = opts.executors.is_some()
+        || opts.env.iter().any(|(k, _)| {
+            k.starts_with("ROLLBACK_RESPONDER__AWS__") || k.starts_with("ROLLBACK_RESPONDER__KUBERNETES__")
+        });
+    let dry_run = opts.dry_run.unwrap_or(!executes);
     let mut vars = env(&[
         ("ROLLBACK_RESPONDER__STORE__URL", &db.url),
         ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
@@ -129,7 +147,7 @@ async fn start_in(dir: tempfile::TempDir, db: TestDb, opts: Options) -> TestApp 
         ("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s"),
         (
             "ROLLBACK_RESPONDER__SAFETY__DRY_RUN",
-            if opts.dry_run { "true" } else { "false" },
+            if dry_run { "true" } else { "false" },
         ),
     ]);
     vars.extend(opts.env);

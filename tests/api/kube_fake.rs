@@ -10,6 +10,7 @@ use rollback_responder::action::kubernetes::{
     KubeError, KubeExecutor, KubeSettings, KubeStep, KubeStepRecord, KubernetesTarget, ObjectState, StepResult,
     UNDO_MARKER_ANNOTATION,
 };
+use rollback_responder::incident::AuditKind;
 use serde_json::{json, Value};
 
 const NS: &str = "portal";
@@ -1448,9 +1449,9 @@ verification:
     inc.lease_until = Some(now - chrono::Duration::seconds(1));
     assert!(tx.take_lease(&inc).await.unwrap());
     for (kind, detail) in [
-        ("action_started", json!({"dry_run": false})),
+        (AuditKind::ActionStarted, json!({"dry_run": false})),
         (
-            "action_step",
+            AuditKind::ActionStep,
             json!({"step": "planned", "dry_run": false, "object": "service/portal-api-prod"}),
         ),
     ] {
@@ -1462,7 +1463,7 @@ verification:
                 actor: DEAD,
                 phase_from: None,
                 phase_to: None,
-                summary: kind.into(),
+                summary: kind.as_str().into(),
                 detail,
             },
         )

@@ -15,6 +15,7 @@ fn phase(i: &Value) -> &str {
 
 #[tokio::test]
 async fn automatic_decision_records_the_plan_and_says_nothing_was_executed() {
+    // No executor: the test app runs in dry run (outside it, start-up would refuse).
     let app = spawn_app(Options::default()).await;
     let r = app
         .post_webhook(&payload(
@@ -31,7 +32,9 @@ async fn automatic_decision_records_the_plan_and_says_nothing_was_executed() {
     let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
     assert_eq!(inc["policy"], "checkout");
     assert_eq!(inc["executed"], false);
-    assert_eq!(inc["decision"]["outcome"], "auto");
+    assert_eq!(inc["decision"]["outcome"], "suppressed");
+    assert_eq!(inc["decision"]["kind"], "dry_run");
+    assert_eq!(inc["decision"]["would"]["outcome"], "auto");
     assert!(inc["decision"]["reason"]
         .as_str()
         .unwrap()
@@ -52,7 +55,7 @@ async fn automatic_decision_records_the_plan_and_says_nothing_was_executed() {
         last["summary"]
             .as_str()
             .unwrap()
-            .starts_with("not executed (no alb executor is configured on this responder)"),
+            .starts_with("not executed (dry run): would forward 100 % of"),
         "{last}"
     );
     assert_eq!(last["detail"]["executed"], false);
@@ -112,7 +115,7 @@ async fn resolved_alert_closes_the_incident_and_cancels_a_pending_approval() {
             l.len() == 1 && phase(&l[0]) == "awaiting_approval"
         })
         .await;
-    assert_eq!(list[0]["decision"]["outcome"], "needs_approval");
+    assert_eq!(list[0]["decision"]["would"]["outcome"], "needs_approval");
     app.post_webhook(&payload(
         "resolved",
         vec![alert("HighLatency", "checkout", "bc01", &starts, Some(&ago(0)))],
@@ -239,7 +242,7 @@ async fn escalate_later_rolls_back_when_the_approval_window_ends() {
             l.len() == 1 && phase(&l[0]) == "awaiting_approval"
         })
         .await;
-    assert_eq!(list[0]["decision"]["outcome"], "escalate_later");
+    assert_eq!(list[0]["decision"]["would"]["outcome"], "escalate_later");
     let list = app.wait_incidents("auto after 2s", |l| phase(&l[0]) == "dry_run").await;
     let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
     assert!(
@@ -302,7 +305,7 @@ async fn mark_acted(app: &TestApp, id: &str) {
 #[tokio::test]
 async fn dry_run_mode_is_visible_in_the_decision() {
     let app = spawn_app(Options {
-        dry_run: true,
+        dry_run: Some(true),
         ..Options::default()
     })
     .await;
@@ -537,4 +540,49 @@ async fn a_rollback_still_running_counts_against_the_global_rate_limit() {
         );
     }
     assert_eq!(held["executed"], false, "{held}");
+}
+
+#[tokio::test]
+async fn two_alerts_resolving_in_one_delivery_close_the_incident_once() {
+    let app = spawn_app(Options::default()).await;
+    let (s1, s2) = (ago(30), ago(20));
+    app.post_webhook(&payload(
+        "firing",
+        vec![
+            alert("HighErrorRate", "checkout", "bz01", &s1, None),
+            alert("HighErrorRate", "checkout", "bz02", &s2, None),
+        ],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("settled", |l| l.len() == 1 && phase(&l[0]) == "dry_run")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    app.post_webhook(&payload(
+        "resolved",
+        vec![
+            alert("HighErrorRate", "checkout", "bz01", &s1, Some(&ago(0))),
+            alert("HighErrorRate", "checkout", "bz02", &s2, Some(&ago(0))),
+        ],
+    ))
+    .await;
+    app.wait_incident(&id, "closed", |i| i["open"] == false).await;
+    app.wait_alerts_decided().await;
+    let inc = app.incident(&id).await;
+    let said = |text: &str| {
+        inc["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["summary"] == text)
+            .count()
+    };
+    assert_eq!(timeline_count(&inc, "alert_resolved"), 2, "{}", inc["timeline"]);
+    assert_eq!(
+        said("every alert of the incident has resolved"),
+        1,
+        "{}",
+        inc["timeline"]
+    );
+    assert_eq!(timeline_count(&inc, "closed"), 1, "{}", inc["timeline"]);
 }

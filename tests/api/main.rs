@@ -6,6 +6,7 @@ mod alb;
 mod alb_listener;
 mod alertmanager;
 mod approvals;
+mod crash;
 mod edges;
 mod faults_actions;
 mod faults_store;

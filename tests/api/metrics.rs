@@ -96,7 +96,8 @@ async fn promtool_passes_on_metrics_and_known_series_start_at_zero() {
     assert_eq!(
         sample(
             &after,
-            "rollback_responder_decisions_total{outcome=\"auto\",policy=\"checkout\"}"
+            // No executor: the test app runs in dry run, which suppresses the decision.
+            "rollback_responder_decisions_total{outcome=\"suppressed\",policy=\"checkout\"}"
         ),
         Some(1.0)
     );

@@ -421,7 +421,7 @@ async fn a_dry_run_that_finds_the_target_already_stable_ends_as_a_dry_run() {
         .expect("ModifyListener");
     let app = spawn_app(Options {
         policies: vec![("portal-api.yaml", alb_policy(&fx))],
-        dry_run: true,
+        dry_run: Some(true),
         executors: Some(Executors {
             alb: Some(fx.executor()),
             ..Default::default()

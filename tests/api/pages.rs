@@ -402,7 +402,7 @@ async fn two_incidents(extra_env: Vec<(String, String)>, http: reqwest::Client) 
             ("checkout.yaml", portal("checkout", "checkout")),
             ("search.yaml", portal("search", "search")),
         ],
-        dry_run: true,
+        dry_run: Some(true),
         env: extra_env,
         ..Options::default()
     })

@@ -148,3 +148,65 @@ async fn a_switched_symlink_is_followed_and_a_refused_set_is_named_in_readyz_and
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_set_this_responder_cannot_carry_out_is_refused_outside_dry_run() {
+    // An ALB executor, no Kubernetes one, dry run off (the test hands in executors).
+    let app = spawn_app(Options {
+        executors: Some(rollback_responder::action::Executors {
+            alb: Some(alb_never_called()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let first = wait_ready(&app, "checkout in force", |v| v["policies"]["count"] == 1).await;
+    assert_eq!(first["dry_run"], false);
+    let in_force = first["policies"]["hash"].clone();
+
+    // A Kubernetes policy arrives: its rollbacks could only be recorded here.
+    let file = app.dir.path().join("policies").join("api.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: api
+service: api
+matchers: ['service="api"']
+target:
+  kubernetes:
+    namespace: portal
+    steps:
+      - rollout_undo: {deployment: api}
+triggers:
+  - {name: errors, matchers: ['alertname="HighErrorRate"'], mode: auto}
+"#,
+    )
+    .unwrap();
+    let ready = wait_ready(&app, "the refusal", |v| v["policies"]["refused"].is_object()).await;
+    let errors = ready["policies"]["refused"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = errors[0].as_str().unwrap();
+    assert!(
+        e.contains(&format!(
+            "{}: policy \"api\" reverts a Kubernetes target",
+            file.display()
+        )) && e.contains("add `kubernetes:` settings"),
+        "{e}"
+    );
+    assert_eq!(ready["policies"]["hash"], in_force, "the set in force stays");
+    assert_eq!(reloads(&app, "refused").await, 1);
+    let names: Vec<String> = app.get_json("/api/v1/policies").await["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, ["checkout"]);
+
+    // The same policy in dry run can be loaded: nothing is announced that cannot happen.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{text}guards: {{dry_run: true}}\n")).unwrap();
+    let ready = wait_ready(&app, "the dry-run policy loaded", |v| v["policies"]["count"] == 2).await;
+    assert!(ready["policies"]["refused"].is_null(), "{ready}");
+    assert_eq!(reloads(&app, "applied").await, 1);
+}

@@ -233,11 +233,12 @@ impl Cluster {
     }
 }
 
-fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
+pub(crate) fn of_kind<'a>(timeline: &'a [EventRecord], kind: &str) -> Vec<&'a EventRecord> {
     timeline.iter().filter(|e| e.kind.as_str() == kind).collect()
 }
 
-fn show(timeline: &[EventRecord]) -> String {
+/// A timeline, one line per entry, for failure messages.
+pub(crate) fn show(timeline: &[EventRecord]) -> String {
     timeline
         .iter()
         .map(|e| {
@@ -532,7 +533,7 @@ async fn a_replica_killed_after_aws_applied_its_write_is_taken_over_as_a_no_op()
     let summary = &succeeded[0].summary;
     assert!(summary.contains("nothing written"), "{summary}");
     assert!(
-        summary.contains(&format!("interrupted earlier attempt by {}", replica_id(*victim))),
+        summary.contains(&format!("interrupted earlier attempt of {}", replica_id(*victim))),
         "{summary}"
     );
 }

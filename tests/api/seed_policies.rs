@@ -373,9 +373,10 @@ async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_can
                 shipped("portal-api-k8s.yaml", &svc.health_url(), |_| {}),
             ),
         ],
+        // The ALB policy is loaded to show the split on `platform`; it never acts here.
         executors: Some(Executors {
             kube: Some(KubeExecutor::new(fake.client(), &KubeSettings::default())),
-            ..Default::default()
+            alb: Some(crate::helpers::alb_never_called()),
         }),
         ..Options::default()
     })

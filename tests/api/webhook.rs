@@ -182,7 +182,8 @@ async fn health_readiness_and_policies_endpoints() {
     let ready = app.get_json("/readyz").await;
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["store"], "ok");
-    assert_eq!(ready["dry_run"], false);
+    // No executor configured: the test app runs in dry run, and says so.
+    assert_eq!(ready["dry_run"], true);
     let p = app.get_json("/api/v1/policies").await;
     assert_eq!(p["policies"][0]["name"], "checkout");
     assert_eq!(p["hash"], ready["policies"]["hash"]);

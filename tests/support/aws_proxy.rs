@@ -38,6 +38,8 @@ pub struct Call {
 
 struct Hold {
     action: String,
+    /// Calls of `action` to let through before the one held.
+    skip: usize,
     point: HoldPoint,
     caught: oneshot::Sender<usize>,
     release: oneshot::Receiver<()>,
@@ -141,10 +143,16 @@ impl AwsProxy {
 
     /// Holds the next call of `action` (from any caller) at `point`.
     pub fn hold_next(&self, action: &str, point: HoldPoint) -> HeldCall {
+        self.hold_nth(action, 0, point)
+    }
+
+    /// Lets `skip` calls of `action` through, then holds the next one at `point`.
+    pub fn hold_nth(&self, action: &str, skip: usize, point: HoldPoint) -> HeldCall {
         let (caught_tx, caught_rx) = oneshot::channel();
         let (release_tx, release_rx) = oneshot::channel();
         self.shared.lock().unwrap().holds.push(Hold {
             action: action.to_string(),
+            skip,
             point,
             caught: caught_tx,
             release: release_rx,
@@ -235,8 +243,14 @@ async fn forward(State(ctx): State<Ctx>, method: Method, uri: Uri, headers: Head
     }
     let hold = {
         let mut shared = ctx.shared.lock().unwrap();
-        let at = shared.holds.iter().position(|h| h.action == action);
-        at.map(|i| shared.holds.remove(i))
+        match shared.holds.iter_mut().position(|h| h.action == action) {
+            Some(i) if shared.holds[i].skip > 0 => {
+                shared.holds[i].skip -= 1;
+                None
+            }
+            Some(i) => Some(shared.holds.remove(i)),
+            None => None,
+        }
     };
     let (hold_before, hold_after) = match hold {
         Some(h) if h.point == HoldPoint::BeforeForward => (Some(h), None),

@@ -486,7 +486,7 @@ mod tests {
         });
         let ended = EventRecord {
             at: now,
-            kind: "phase".into(),
+            kind: crate::incident::AuditKind::ActionSucceeded,
             actor: "r1".into(),
             phase_from: Some(Phase::Executing),
             phase_to: Some(Phase::Verifying),

@@ -1,0 +1,317 @@
+//! kill -9 at each step of an ALB rollback (issue 19, fault suite): the real binary as a
+//! process, a recording proxy in front of moto that holds one AWS call at an exact point, and
+//! a second process started on the same store after the kill.
+//!
+//! The points, in the order a rollback passes them: the first AWS call (the read) held before
+//! it reaches AWS, i.e. right after the decision and the action's start were committed; that
+//! read answered; the stable group's health pre-check, before and after AWS answered; the
+//! write held after its intent (its plan) was committed but before it reached AWS; the write
+//! applied by AWS but its answer not yet heard (so not recorded); and the read-back after the
+//! write. Each case asserts from the outside: exactly one ModifyListener reached moto, the
+//! listener forwards 100 % to stable, the incident ends verified and closed with one rollback
+//! counted, every alert answered 2xx before the kill is in the store, and every Slack message
+//! went out once. The store is SQLite (the first process is dead before the second starts)
+//! or, when TEST_DATABASE_URL is a postgres URL, a fresh PostgreSQL database.
+
+use std::time::{Duration, Instant};
+
+use rollback_responder::incident::{Incident, Phase};
+use rollback_responder::store::Store;
+use serde_json::Value;
+
+use crate::helpers::{self, ago, alert, payload, TestDb, TOKEN};
+use crate::notify::{policy_with_notify, received, Peers};
+use crate::replicas::{of_kind, show};
+use crate::support::alb_fixture::{weights, AlbFixture};
+use crate::support::aws_proxy::{AwsProxy, HoldPoint};
+use crate::support::responder_process::ResponderProcess;
+
+/// Where the first process dies.
+struct KillPoint {
+    action: &'static str,
+    /// Calls of `action` let through before the held one.
+    skip: usize,
+    point: HoldPoint,
+    /// Whether the write had reached AWS when the process died.
+    written_at_kill: bool,
+}
+
+fn env_for(db: &str, policies: &std::path::Path, replica: &str, aws: &str, peers: &Peers) -> Vec<(String, String)> {
+    let mut env = helpers::env(&[
+        ("ROLLBACK_RESPONDER__STORE__URL", db),
+        ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
+        ("ROLLBACK_RESPONDER__WEBHOOK__BEARER_TOKEN", TOKEN),
+        ("ROLLBACK_RESPONDER__SAFETY__DRY_RUN", "false"),
+        ("ROLLBACK_RESPONDER__WORKERS__TICK", "100ms"),
+        ("ROLLBACK_RESPONDER__WORKERS__LEASE", "2s"),
+        ("ROLLBACK_RESPONDER__WORKERS__REPLICA_ID", replica),
+        ("ROLLBACK_RESPONDER__AWS__ENDPOINT_URL", aws),
+        ("ROLLBACK_RESPONDER__AWS__REGION", "us-east-1"),
+        ("ROLLBACK_RESPONDER__LOG__LEVEL", "info"),
+        ("NO_COLOR", "1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    env.extend(peers.env());
+    env
+}
+
+async fn post(p: &ResponderProcess, body: &Value) {
+    let r = reqwest::Client::new()
+        .post(p.url("/webhook/alertmanager"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+    assert_eq!(r.status(), 200, "{}: {}", p.name, r.text().await.unwrap_or_default());
+}
+
+/// The one incident once `pred` holds; panics at the deadline with its timeline.
+async fn wait_incident(store: &Store, what: &str, pred: impl Fn(&Incident) -> bool) -> Incident {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = store.incidents(false, 10).await.expect("incidents");
+        assert!(list.len() <= 1, "more than one incident: {list:#?}");
+        if let Some(one) = list.first().filter(|i| pred(i)) {
+            return one.clone();
+        }
+        if Instant::now() > deadline {
+            let timeline = match list.first() {
+                Some(i) => show(&store.events(&i.id).await.unwrap_or_default()),
+                None => "no incident".into(),
+            };
+            panic!("timed out waiting for {what}:\n{timeline}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every message queued for the incident so far, once all are delivered.
+async fn wait_delivered(store: &Store, inc: &Incident) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let msgs = store.messages(&inc.id).await.expect("outbox");
+        if !msgs.is_empty() && msgs.iter().all(|m| m["state"] == "delivered") {
+            return msgs;
+        }
+        assert!(Instant::now() < deadline, "messages not delivered: {msgs:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn kill_at(k: KillPoint) {
+    let (fx, peers) = tokio::join!(AlbFixture::start(), Peers::start());
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(dir.path()).await;
+    // Connecting runs the migrations before either process starts.
+    let store = Store::connect(&db.url, 2).await.expect("connect to the test store");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("portal-api.yaml"), policy_with_notify(&fx, "auto")).unwrap();
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 2).await;
+    let stable_only = vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)];
+
+    let mut first = ResponderProcess::start(
+        "first",
+        &env_for(&db.url, &policies, "first", proxy.endpoint(0), &peers),
+    )
+    .await;
+    let mut held = proxy.hold_nth(k.action, k.skip, k.point);
+    let starts = ago(60);
+    post(
+        &first,
+        &payload(
+            "firing",
+            vec![alert("HighErrorRate", "portal-api", "crash01", &starts, None)],
+        ),
+    )
+    .await;
+    assert_eq!(
+        held.caught(Duration::from_secs(20)).await,
+        0,
+        "the first process made the call"
+    );
+    let caught_at = Instant::now();
+    // Another alert joins while the action is held: answered 2xx, so it must survive the kill.
+    let joined = ago(30);
+    post(
+        &first,
+        &payload(
+            "firing",
+            vec![alert("HighErrorRate", "portal-api", "crash02", &joined, None)],
+        ),
+    )
+    .await;
+
+    let inc = wait_incident(&store, "executing", |i| i.phase == Phase::Executing).await;
+    // What was queued goes out first, so the kill interrupts the action, not a delivery.
+    wait_delivered(&store, &inc).await;
+    let at_kill = store.events(&inc.id).await.unwrap();
+    let intent = at_kill
+        .iter()
+        .any(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false);
+    let planned_by_then = k.action == "ModifyListener" || k.skip > 0;
+    assert_eq!(
+        intent,
+        planned_by_then,
+        "the write's intent is committed before the write is sent:\n{}",
+        show(&at_kill)
+    );
+    assert_eq!(
+        proxy.count("ModifyListener"),
+        usize::from(k.written_at_kill),
+        "{:#?}",
+        proxy.calls()
+    );
+    assert!(
+        caught_at.elapsed() < Duration::from_secs(8),
+        "the SDK would retry the held call"
+    );
+    first.kill();
+
+    let second = ResponderProcess::start(
+        "second",
+        &env_for(&db.url, &policies, "second", proxy.endpoint(1), &peers),
+    )
+    .await;
+    let inc = wait_incident(&store, "verified after the restart", |i| i.phase == Phase::Verified).await;
+    assert_eq!(
+        proxy.count("ModifyListener"),
+        1,
+        "one write reached AWS: {:#?}",
+        proxy.calls()
+    );
+    assert_eq!(weights(&fx.listener_actions().await), stable_only);
+    assert!(inc.executed(), "one rollback counted (acted_at): {inc:#?}");
+    let timeline = store.events(&inc.id).await.unwrap();
+    assert_eq!(of_kind(&timeline, "action_succeeded").len(), 1, "{}", show(&timeline));
+    assert_eq!(
+        of_kind(&timeline, "action_succeeded")[0].actor,
+        "second",
+        "{}",
+        show(&timeline)
+    );
+    assert!(of_kind(&timeline, "action_failed").is_empty(), "{}", show(&timeline));
+
+    // Nothing acknowledged before the kill is lost: both alerts are stored and resolve.
+    assert_eq!(store.alert_count().await.unwrap(), 2);
+    post(
+        &second,
+        &payload(
+            "resolved",
+            vec![
+                alert("HighErrorRate", "portal-api", "crash01", &starts, Some(&ago(0))),
+                alert("HighErrorRate", "portal-api", "crash02", &joined, Some(&ago(0))),
+            ],
+        ),
+    )
+    .await;
+    let inc = wait_incident(&store, "closed", |i| i.closed_at.is_some()).await;
+    assert_eq!(inc.phase, Phase::Verified);
+    assert_eq!(store.alert_count().await.unwrap(), 2);
+
+    // Every message went out once: as many requests per channel as messages queued, one
+    // Slack root, one PagerDuty change event for the one rollback.
+    let msgs = wait_delivered(&store, &inc).await;
+    drop(second);
+    for (channel, server) in [
+        ("slack", &peers.slack),
+        ("pagerduty", &peers.pagerduty),
+        ("statuspage", &peers.statuspage),
+    ] {
+        let queued = msgs.iter().filter(|m| m["channel"] == channel).count();
+        let sent = received(server).await.len();
+        assert_eq!(sent, queued, "{channel}: sent once per queued message: {msgs:#?}");
+    }
+    let slack = received(&peers.slack).await;
+    let roots = slack
+        .iter()
+        .filter(|(_, p, b, _)| p == "/chat.postMessage" && b.get("thread_ts").is_none())
+        .count();
+    assert_eq!(roots, 1, "one Slack root message");
+    let mut replies: Vec<String> = slack
+        .iter()
+        .filter(|(_, p, b, _)| p == "/chat.postMessage" && b.get("thread_ts").is_some())
+        .map(|(_, _, b, _)| b["text"].to_string())
+        .collect();
+    let said = replies.clone();
+    replies.sort();
+    replies.dedup();
+    // The second process's start names the interrupted attempt: no line is said twice.
+    assert_eq!(replies.len(), said.len(), "Slack replies repeated: {said:#?}");
+    let change_events = received(&peers.pagerduty)
+        .await
+        .iter()
+        .filter(|(_, p, _, _)| p == "/v2/change/enqueue")
+        .count();
+    assert_eq!(change_events, 1);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_decision_commit_before_aws_saw_anything() {
+    kill_at(KillPoint {
+        action: "DescribeListeners",
+        skip: 0,
+        point: HoldPoint::BeforeForward,
+        written_at_kill: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_aws_answered_the_first_read() {
+    kill_at(KillPoint {
+        action: "DescribeListeners",
+        skip: 0,
+        point: HoldPoint::AfterForward,
+        written_at_kill: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_the_health_pre_check() {
+    kill_at(KillPoint {
+        action: "DescribeTargetHealth",
+        skip: 0,
+        point: HoldPoint::AfterForward,
+        written_at_kill: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_write_intent_before_the_write_reached_aws() {
+    kill_at(KillPoint {
+        action: "ModifyListener",
+        skip: 0,
+        point: HoldPoint::BeforeForward,
+        written_at_kill: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_aws_applied_the_write_before_it_was_recorded() {
+    kill_at(KillPoint {
+        action: "ModifyListener",
+        skip: 0,
+        point: HoldPoint::AfterForward,
+        written_at_kill: true,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_the_read_back_after_the_write() {
+    kill_at(KillPoint {
+        action: "DescribeListeners",
+        skip: 1,
+        point: HoldPoint::BeforeForward,
+        written_at_kill: true,
+    })
+    .await;
+}
