@@ -288,6 +288,16 @@ pub struct WorkerSettings {
     pub lease: Duration,
     /// This replica's name in claims and the audit trail (default: hostname and pid).
     pub replica_id: Option<String>,
+    /// How long one batch of alert decisions may hold its transaction (on SQLite, webhook
+    /// intake waits behind it). A batch also ends after 32 alerts. `bench/callgrind.sh` sets a
+    /// long one: under valgrind the service runs ~50 times slower, and 2 ms would cut every
+    /// batch to one alert, which it never is natively.
+    #[serde(with = "humantime_serde")]
+    pub decision_batch_budget: Duration,
+    /// Whether this replica decides the alerts it stores. `false` makes an intake-only
+    /// replica: alerts are stored (and answered) and wait, pending, for a replica that decides
+    /// (PostgreSQL) or for the next start. `bench/callgrind.sh` uses it to count intake alone.
+    pub decide: bool,
 }
 
 impl Default for WorkerSettings {
@@ -296,6 +306,8 @@ impl Default for WorkerSettings {
             tick: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             replica_id: None,
+            decision_batch_budget: Duration::from_millis(2),
+            decide: true,
         }
     }
 }
@@ -591,6 +603,7 @@ fn resolve(
     let mut durations = vec![
         ("workers.tick", settings.workers.tick),
         ("workers.lease", settings.workers.lease),
+        ("workers.decision_batch_budget", settings.workers.decision_batch_budget),
         ("server.shutdown_grace", settings.server.shutdown_grace),
         ("notifications.initial_backoff", settings.notifications.initial_backoff),
         ("notifications.max_backoff", settings.notifications.max_backoff),
@@ -769,6 +782,29 @@ mod tests {
     }
 
     #[test]
+    fn decisions_default_to_two_millisecond_batches_and_can_be_turned_off_or_stretched() {
+        let r = load_from(None, None, vec![]).unwrap();
+        assert_eq!(r.settings.workers.decision_batch_budget, Duration::from_millis(2));
+        assert!(r.settings.workers.decide);
+        let env = vec![
+            ("ROLLBACK_RESPONDER__WORKERS__DECIDE".into(), "false".into()),
+            ("ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET".into(), "1s".into()),
+        ];
+        let r = load_from(None, None, env).unwrap();
+        assert!(!r.settings.workers.decide);
+        assert_eq!(r.settings.workers.decision_batch_budget, Duration::from_secs(1));
+        let env = vec![(
+            "ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET".into(),
+            "soon".into(),
+        )];
+        let e = load_from(None, None, env).unwrap_err().to_string();
+        assert!(e.contains("decision_batch_budget"), "{e}");
+        let env = vec![("ROLLBACK_RESPONDER__WORKERS__DECIDE".into(), "maybe".into())];
+        let e = load_from(None, None, env).unwrap_err().to_string();
+        assert!(e.contains("decide"), "{e}");
+    }
+
+    #[test]
     fn typo_in_the_file_names_file_and_line() {
         let f = file("server:\n  listen: 127.0.0.1:9000\n  lisen: 1\n");
         let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
@@ -922,6 +958,10 @@ mod tests {
         for (key, var) in [
             ("workers.tick", "ROLLBACK_RESPONDER__WORKERS__TICK"),
             ("workers.lease", "ROLLBACK_RESPONDER__WORKERS__LEASE"),
+            (
+                "workers.decision_batch_budget",
+                "ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET",
+            ),
             ("server.shutdown_grace", "ROLLBACK_RESPONDER__SERVER__SHUTDOWN_GRACE"),
             (
                 "notifications.max_backoff",

@@ -124,8 +124,9 @@ async fn round(
     on_tick: bool,
     shutdown: &watch::Receiver<bool>,
 ) {
-    // Alerts first, in small batches: a rollback found early in a storm starts at once.
-    loop {
+    // Alerts first, in small batches: a rollback found early in a storm starts at once. An
+    // intake-only replica (`workers.decide: false`) leaves them pending for one that decides.
+    while responder.decides {
         match responder.process_pending(ALERT_BATCH).await {
             Ok((work, more)) => {
                 spawn_work(tasks, in_flight, responder, work, Claim::Held);

@@ -78,6 +78,10 @@ pub struct Responder {
     redecide: std::sync::atomic::AtomicBool,
     /// The last Alertmanager group whose oldest pending alert went ahead of the backlog.
     fair_cursor: std::sync::Mutex<String>,
+    /// How long one batch of decisions may hold its transaction (`workers.decision_batch_budget`).
+    decision_budget: Duration,
+    /// Whether this replica decides stored alerts (`workers.decide`); false: intake only.
+    pub decides: bool,
 }
 
 pub use human::HumanError;
@@ -118,7 +122,17 @@ impl Responder {
             config_freezes: FreezeState::default(),
             redecide: std::sync::atomic::AtomicBool::new(false),
             fair_cursor: std::sync::Mutex::new(String::new()),
+            decision_budget: Duration::from_millis(2),
+            decides: true,
         }
+    }
+
+    /// How decisions run here: each batch's time budget, and whether this replica decides
+    /// at all (an intake-only replica leaves its alerts pending for others).
+    pub fn with_decisions(mut self, batch_budget: Duration, decides: bool) -> Self {
+        self.decision_budget = batch_budget;
+        self.decides = decides;
+        self
     }
 
     /// Turns on notifications: which channels exist, and how to wake the outbox.
