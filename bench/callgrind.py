@@ -48,7 +48,7 @@ TOKEN = "bench-callgrind-token"
 SERVICES = 10
 # (N, M) deliveries per size: enough that the difference dwarfs run-to-run noise, few enough
 # that the whole run takes a couple of minutes under valgrind.
-COUNTS = {1: (100, 300), 10: (100, 300), 100: (20, 60)}
+COUNTS = {1: (100, 300), 10: (100, 300), 100: (10, 30)}
 
 ALERT = (
     '{{"status":"firing","labels":{{"alertname":"HighErrorRate","env":"prod",'
