@@ -126,20 +126,22 @@ async fn round(
 ) {
     // Alerts first, in small batches: a rollback found early in a storm starts at once. An
     // intake-only replica (`workers.decide: false`) leaves them pending for one that decides.
-    while responder.decides {
-        match responder.process_pending(ALERT_BATCH).await {
-            Ok((work, more)) => {
-                spawn_work(tasks, in_flight, responder, work, Claim::Held);
-                // A long backlog must not hold up shutdown: what is left stays pending in
-                // the store for the next start or another replica.
-                if !more || *shutdown.borrow() {
+    if responder.decides {
+        loop {
+            match responder.process_pending(ALERT_BATCH).await {
+                Ok((work, more)) => {
+                    spawn_work(tasks, in_flight, responder, work, Claim::Held);
+                    // A long backlog must not hold up shutdown: what is left stays pending in
+                    // the store for the next start or another replica.
+                    if !more || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    responder.metrics.store_error();
+                    warn!(error = %e, "processing stored alerts failed; retrying next tick");
                     break;
                 }
-            }
-            Err(e) => {
-                responder.metrics.store_error();
-                warn!(error = %e, "processing stored alerts failed; retrying next tick");
-                break;
             }
         }
     }

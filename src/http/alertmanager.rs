@@ -131,7 +131,7 @@ mod tests {
             body.insert_str(at, "\\u0000");
             assert!(may_hold_nul(body.as_bytes()), "escape at {at}");
             // Cut short at the end, or another escape: not a NUL.
-            assert!(!may_hold_nul(body[..at + 5].as_bytes()), "truncated at {at}");
+            assert!(!may_hold_nul(&body.as_bytes()[..at + 5]), "truncated at {at}");
             let other = body.replace("\\u0000", "\\u0001");
             assert!(!may_hold_nul(other.as_bytes()), "\\u0001 at {at}");
         }
