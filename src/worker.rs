@@ -2,6 +2,8 @@
 //! wakes us, and on every tick pick up due incidents (re-decisions, approval expiry) and
 //! orphaned work (a replica died holding a lease). The store decides who does what; a local
 //! in-flight set stops this replica from running one incident twice at once.
+//! An intake-only replica (`workers.decide: false`) skips the first part: it stores alerts
+//! and leaves them pending for a replica that decides.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
