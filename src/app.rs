@@ -123,6 +123,9 @@ impl Application {
         if !cfg.webhook_auth_configured() {
             warn!("no webhook credentials configured: listening on loopback only; set webhook.bearer_token to accept Alertmanager from other hosts");
         }
+        if !cfg.settings.workers.decide {
+            warn!("INTAKE ONLY: alerts are stored but this replica decides none of them (workers.decide: false)");
+        }
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
         }
@@ -167,6 +170,7 @@ impl Application {
             )
             .with_notifications(defaults, wake)
             .with_prometheus(cfg.settings.verification.prometheus_url.clone())
+            .with_decisions(cfg.settings.workers.decision_batch_budget, cfg.settings.workers.decide)
             .with_config_freezes(config_freezes(&cfg.settings.safety.freeze, &metrics_for_freeze)),
         );
         let directory = cfg

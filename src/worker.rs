@@ -2,6 +2,8 @@
 //! wakes us, and on every tick pick up due incidents (re-decisions, approval expiry) and
 //! orphaned work (a replica died holding a lease). The store decides who does what; a local
 //! in-flight set stops this replica from running one incident twice at once.
+//! An intake-only replica (`workers.decide: false`) skips the first part: it stores alerts
+//! and leaves them pending for a replica that decides.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -124,21 +126,24 @@ async fn round(
     on_tick: bool,
     shutdown: &watch::Receiver<bool>,
 ) {
-    // Alerts first, in small batches: a rollback found early in a storm starts at once.
-    loop {
-        match responder.process_pending(ALERT_BATCH).await {
-            Ok((work, more)) => {
-                spawn_work(tasks, in_flight, responder, work, Claim::Held);
-                // A long backlog must not hold up shutdown: what is left stays pending in
-                // the store for the next start or another replica.
-                if !more || *shutdown.borrow() {
+    // Alerts first, in small batches: a rollback found early in a storm starts at once. An
+    // intake-only replica (`workers.decide: false`) leaves them pending for one that decides.
+    if responder.decides {
+        loop {
+            match responder.process_pending(ALERT_BATCH).await {
+                Ok((work, more)) => {
+                    spawn_work(tasks, in_flight, responder, work, Claim::Held);
+                    // A long backlog must not hold up shutdown: what is left stays pending in
+                    // the store for the next start or another replica.
+                    if !more || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    responder.metrics.store_error();
+                    warn!(error = %e, "processing stored alerts failed; retrying next tick");
                     break;
                 }
-            }
-            Err(e) => {
-                responder.metrics.store_error();
-                warn!(error = %e, "processing stored alerts failed; retrying next tick");
-                break;
             }
         }
     }

@@ -123,7 +123,7 @@ fn resume_commands_are_exact_and_shell_safe() {
         flux(FluxKind::Kustomization).resume_commands(&json!({}))[1],
         "flux resume kustomization apps -n flux-system"
     );
-    assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    assert_eq!(crate::policy::target::gitops::shell_quote("it's"), r"'it'\''s'");
 }
 
 #[test]

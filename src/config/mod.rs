@@ -216,6 +216,7 @@ fn resolve(
     let mut durations = vec![
         ("workers.tick", settings.workers.tick),
         ("workers.lease", settings.workers.lease),
+        ("workers.decision_batch_budget", settings.workers.decision_batch_budget),
         ("server.shutdown_grace", settings.server.shutdown_grace),
         ("notifications.initial_backoff", settings.notifications.initial_backoff),
         ("notifications.max_backoff", settings.notifications.max_backoff),

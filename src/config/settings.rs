@@ -279,6 +279,16 @@ pub struct WorkerSettings {
     pub lease: Duration,
     /// This replica's name in claims and the audit trail (default: hostname and pid).
     pub replica_id: Option<String>,
+    /// How long one batch of alert decisions may hold its transaction (on SQLite, webhook
+    /// intake waits behind it). A batch also ends after 32 alerts. `bench/callgrind.sh` sets a
+    /// long one: under valgrind the service runs ~50 times slower, and 2 ms would cut every
+    /// batch to one alert, which it never is natively.
+    #[serde(with = "humantime_serde")]
+    pub decision_batch_budget: Duration,
+    /// Whether this replica decides the alerts it stores. `false` makes an intake-only
+    /// replica: alerts are stored (and answered) and wait, pending, for a replica that decides
+    /// (PostgreSQL) or for the next start. `bench/callgrind.sh` uses it to count intake alone.
+    pub decide: bool,
 }
 
 impl Default for WorkerSettings {
@@ -287,6 +297,8 @@ impl Default for WorkerSettings {
             tick: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             replica_id: None,
+            decision_batch_budget: Duration::from_millis(2),
+            decide: true,
         }
     }
 }

@@ -20,6 +20,29 @@ fn no_file_means_loopback_sqlite_and_dry_run() {
 }
 
 #[test]
+fn decisions_default_to_two_millisecond_batches_and_can_be_turned_off_or_stretched() {
+    let r = load_from(None, None, vec![]).unwrap();
+    assert_eq!(r.settings.workers.decision_batch_budget, Duration::from_millis(2));
+    assert!(r.settings.workers.decide);
+    let env = vec![
+        ("ROLLBACK_RESPONDER__WORKERS__DECIDE".into(), "false".into()),
+        ("ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET".into(), "1s".into()),
+    ];
+    let r = load_from(None, None, env).unwrap();
+    assert!(!r.settings.workers.decide);
+    assert_eq!(r.settings.workers.decision_batch_budget, Duration::from_secs(1));
+    let env = vec![(
+        "ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET".into(),
+        "soon".into(),
+    )];
+    let e = load_from(None, None, env).unwrap_err().to_string();
+    assert!(e.contains("decision_batch_budget"), "{e}");
+    let env = vec![("ROLLBACK_RESPONDER__WORKERS__DECIDE".into(), "maybe".into())];
+    let e = load_from(None, None, env).unwrap_err().to_string();
+    assert!(e.contains("decide"), "{e}");
+}
+
+#[test]
 fn typo_in_the_file_names_file_and_line() {
     let f = file("server:\n  listen: 127.0.0.1:9000\n  lisen: 1\n");
     let e = load_from(Some(f.path()), None, vec![]).unwrap_err().to_string();
@@ -173,6 +196,10 @@ fn durations_too_long_for_a_clock_are_refused_by_name_not_a_panic() {
     for (key, var) in [
         ("workers.tick", "ROLLBACK_RESPONDER__WORKERS__TICK"),
         ("workers.lease", "ROLLBACK_RESPONDER__WORKERS__LEASE"),
+        (
+            "workers.decision_batch_budget",
+            "ROLLBACK_RESPONDER__WORKERS__DECISION_BATCH_BUDGET",
+        ),
         ("server.shutdown_grace", "ROLLBACK_RESPONDER__SERVER__SHUTDOWN_GRACE"),
         (
             "notifications.max_backoff",

@@ -25,8 +25,8 @@ pub use load::{LoadedPolicy, PolicyError, PolicySet};
 pub use matcher::{all_match, MatchOp, Matcher};
 pub use schema::*;
 
-pub use crate::action::Target;
 use crate::alert::LabelSet;
+pub use target::Target;
 
 /// Labels that identify a policy's match for display: `alertname` first.
 pub fn describe_labels(labels: &LabelSet) -> String {

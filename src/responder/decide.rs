@@ -5,7 +5,7 @@
 //! aside with its reason and never holds up the others. Before: the webhook stored the alert;
 //! after: the action path (`Responder::run_started`) runs what this claimed.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -32,11 +32,6 @@ struct Deciding {
     /// the batch.
     named: std::collections::HashSet<(IncidentId, String)>,
 }
-
-/// How long one batch of decisions may hold its transaction. On SQLite that transaction holds
-/// the only connection, and webhook intake waits behind it: a short batch keeps the intake's
-/// latency low while a storm is decided.
-const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
 /// Groups whose oldest pending alert goes ahead of the backlog in each batch.
 const FAIR_GROUPS: i64 = 8;
@@ -114,7 +109,7 @@ impl Responder {
         Ok(ids)
     }
 
-    /// Decides alerts of `ids` in one transaction until [`BATCH_BUDGET`] is spent or, after
+    /// Decides alerts of `ids` in one transaction until its time budget is spent or, after
     /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and whether
     /// alerts were left for the next batch.
     async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, bool), StepError> {
@@ -132,7 +127,10 @@ impl Responder {
         for stored in &claimed {
             work.extend(self.decide_guarded(&mut tx, stored, &mut ctx).await?);
             decided += 1;
-            if started.elapsed() > BATCH_BUDGET || (decided >= BATCH_MIN && self.store.intake_waiting()) {
+            // The budget (`workers.decision_batch_budget`, 2 ms): on SQLite this transaction
+            // holds the only connection and webhook intake waits behind it, so a short batch
+            // keeps the intake's latency low while a storm is decided.
+            if started.elapsed() > self.decision_budget || (decided >= BATCH_MIN && self.store.intake_waiting()) {
                 break;
             }
         }

@@ -88,6 +88,10 @@ pub struct Responder {
     fair_cursor: std::sync::Mutex<String>,
     /// Where "now" comes from for every step.
     pub clock: Clock,
+    /// How long one batch of decisions may hold its transaction (`workers.decision_batch_budget`).
+    decision_budget: Duration,
+    /// Whether this replica decides stored alerts (`workers.decide`); false: intake only.
+    pub decides: bool,
 }
 
 pub use human::HumanError;
@@ -129,12 +133,22 @@ impl Responder {
             redecide: std::sync::atomic::AtomicBool::new(false),
             fair_cursor: std::sync::Mutex::new(String::new()),
             clock: Clock::System,
+            decision_budget: Duration::from_millis(2),
+            decides: true,
         }
     }
 
     /// Runs on `clock` instead of the system clock (tests set the time by hand).
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// How decisions run here: each batch's time budget, and whether this replica decides
+    /// at all (an intake-only replica leaves its alerts pending for others).
+    pub fn with_decisions(mut self, batch_budget: Duration, decides: bool) -> Self {
+        self.decision_budget = batch_budget;
+        self.decides = decides;
         self
     }
 

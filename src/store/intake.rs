@@ -300,8 +300,8 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
         }
         // The connection first, then the jobs: until the connection is free, whoever holds
         // it may carry them in its own commit.
-        let mut tx = match pool.begin().await {
-            Ok(tx) => tx,
+        let mut conn = match pool.acquire().await {
+            Ok(conn) => conn,
             Err(e) => {
                 for job in queue.take(true) {
                     answer(&known, job, Err(StoreError::Unavailable(e.to_string())));
@@ -313,15 +313,10 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
         if batch.is_empty() {
             continue;
         }
-        let written = match write_in(&mut tx, &batch, &sql).await {
-            Ok(counts) => tx.commit().await.map(|_| counts).map_err(StoreError::from),
-            Err(e) => {
-                // Rolled back and the connection returned before the retries below: on
-                // SQLite it is the only one.
-                drop(tx);
-                Err(e)
-            }
-        };
+        let written = commit_jobs(&mut conn, &batch, &sql).await;
+        // Returned (a failed transaction rolled back) before the retries below: on SQLite it
+        // is the only connection.
+        drop(conn);
         match written {
             Ok(counts) => {
                 for (job, stored) in batch.into_iter().zip(counts) {
@@ -342,10 +337,27 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
 
 /// Writes one job in a transaction of its own.
 async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>) -> Result<u64> {
-    let mut tx = pool.begin().await?;
-    let counts = write_in(&mut tx, std::slice::from_ref(job), sql).await?;
-    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    let counts = commit_jobs(&mut conn, std::slice::from_ref(job), sql).await?;
     Ok(counts[0])
+}
+
+/// Writes jobs and commits them, durably, before it returns. One job that fits one statement
+/// is that statement alone, which SQLite and PostgreSQL commit as its own transaction: no
+/// BEGIN and COMMIT round trips, and on SQLite no statement journal, which a multi-row
+/// statement inside an explicit transaction keeps (every page it touches copied, in case it
+/// fails half-way). That is every delivery that finds the writer idle. Anything more is one
+/// transaction.
+async fn commit_jobs(conn: &mut AnyConnection, jobs: &[Job], sql: &Mutex<UpsertSql>) -> Result<Vec<u64>> {
+    match jobs {
+        [job] if job.rows.len() <= ROWS_PER_STATEMENT => write_in(conn, jobs, sql).await,
+        _ => {
+            let mut tx = sqlx::Connection::begin(conn).await?;
+            let counts = write_in(&mut tx, jobs, sql).await?;
+            tx.commit().await?;
+            Ok(counts)
+        }
+    }
 }
 
 /// Remembers a committed job's alerts and wakes its handler (which may have gone: the client
@@ -638,6 +650,48 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!(stats.stored, 1);
         assert_eq!(store.alert_count().await.unwrap(), 1, "written once, by the writer");
+    }
+
+    /// A delivery that finds the writer idle is one statement with no transaction around it:
+    /// it must still be all or nothing.
+    #[tokio::test]
+    async fn a_lone_delivery_that_fails_half_way_stores_none_of_its_alerts() {
+        let (_dir, store) = sqlite_store().await;
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.fingerprint = 'badbadbadbadbad0'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&mut *tx.tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let e = store
+            .ingest(&delivery(&["a1b2c3d4e5f60718", "badbadbadbadbad0"]), Utc::now())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("refused by the test"), "{e}");
+        assert_eq!(
+            store.alert_count().await.unwrap(),
+            0,
+            "the first row went with the second"
+        );
+        let starts_at = ms("2026-11-30T10:00:00Z".parse().unwrap());
+        assert!(!store
+            .intake
+            .known
+            .covers("a1b2c3d4e5f60718", starts_at, AlertStatus::Firing));
+        let stats = store
+            .ingest(&delivery(&["a1b2c3d4e5f60718"]), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!((stats.stored, stats.duplicates), (1, 0));
+        let again = store
+            .ingest(&delivery(&["a1b2c3d4e5f60718"]), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!((again.stored, again.duplicates), (0, 1));
+        assert_eq!(store.alert_count().await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -1490,14 +1490,14 @@ verification:
         "{summary}"
     );
     assert!(
-        summary.contains(&format!(
-            "(the interrupted earlier attempt by {DEAD} did not write it: it was reverted service/portal-api-prod by \
-             `kubectl-patch` (Update at "
+        summary.starts_with("found already reverted (service/portal-api-prod by `kubectl-patch` (Update at ")
+            && summary.contains(&format!(
+            "(the interrupted earlier attempt by {DEAD} did not write it): not counted as this incident's rollback; "
         )),
         "{summary}"
     );
     assert!(
-        summary.ends_with("not counted as this incident's rollback)"),
+        summary.ends_with("scale deployment/portal-api-canary to 0: already done"),
         "{summary}"
     );
 }

@@ -202,3 +202,32 @@ async fn an_alert_without_alertname_is_stored_with_the_rest_of_its_group() {
     assert_eq!(app.responder.store.alert_count().await.unwrap(), 2);
     app.wait_incidents("the valid alert's incident", |l| l.len() == 1).await;
 }
+
+/// `workers.decide: false` (an intake-only replica; bench/callgrind.sh counts intake alone
+/// with it): deliveries are stored and answered, nothing is decided, and the alerts wait,
+/// pending, for a replica that decides.
+#[tokio::test]
+async fn an_intake_only_replica_stores_and_answers_and_leaves_the_deciding_to_another() {
+    let opts = || Options {
+        env: env(&[("ROLLBACK_RESPONDER__WORKERS__DECIDE", "false")]),
+        ..Options::default()
+    };
+    let app = spawn_app(opts()).await;
+    let body = payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "ab01", &ago(60), None)],
+    );
+    let r = app.post_webhook(&body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["stored"], 1);
+    // Several ticks (100 ms each) and wakes go by: nothing is decided.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(app.incidents().await.is_empty(), "an intake-only replica decided");
+    assert_eq!(app.responder.store.pending_alert_ids(10).await.unwrap().len(), 1);
+
+    // A replica that decides (here: the same one restarted with the default) takes it over.
+    let app = app.restart(Options::default()).await;
+    let incidents = app.wait_incidents("the alert decided", |i| i.len() == 1).await;
+    assert_eq!(incidents[0]["policy"], "checkout");
+    app.wait_alerts_decided().await;
+}

@@ -21,7 +21,7 @@ pub struct KubernetesTarget {
     pub rollout_timeout: Duration,
     /// The Argo CD Application or Flux object to suspend before the first write (action::gitops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gitops: Option<crate::action::gitops::GitOps>,
+    pub gitops: Option<super::gitops::GitOps>,
 }
 
 /// Selector keys that name an application (the Kubernetes recommended labels and the common
