@@ -1,11 +1,14 @@
-//! Carrying out a rollback: one file per executor, dispatched on the [`Target`] enum.
+//! Carrying out a rollback: one folder per executor (`alb/`, `kubernetes/`, each split into
+//! its pure plan, its API calls, typed step records and error classification), dispatched on
+//! the [`Target`] enum, whose schema is plain data in `policy::target`.
 //!
 //! The responder hands an incident's target here once the incident is claimed for execution
 //! (decision "auto", an approval, or an expiry that says roll back). The report that comes back
 //! (before and after state, every step) goes into the incident's audit trail; verification
-//! comes next. An executor that is not configured (no AWS or Kubernetes settings) turns the
-//! action into a dry run that records exactly what would be done: the embedded default acts on
-//! nothing.
+//! comes next. Both executors share one retry policy and one retryable-or-permanent
+//! classification (`retry.rs`). An executor that is not configured (no AWS or Kubernetes
+//! settings) can only record what would be done: start-up and reloads refuse such a policy
+//! outside dry run (`app::preflight`), so the embedded default (dry run) acts on nothing.
 
 pub mod alb;
 pub mod gitops;

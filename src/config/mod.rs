@@ -32,6 +32,13 @@ pub const DEFAULT_PORT: u16 = 9095;
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "ROLLBACK_RESPONDER";
 
+/// How long a replica holds a message while it sends it. `notifications.timeout` must end
+/// well inside it (this module refuses more than [`MAX_REQUEST_TIMEOUT`]) or another replica
+/// could send the same message while the first request is still running.
+pub const DELIVERY_LEASE: Duration = Duration::from_secs(60);
+/// The longest request timeout the lease leaves room for.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(50);
+
 /// The longest duration any setting takes.
 const MAX_SETTING_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -301,12 +308,12 @@ fn resolve(
     // A message is leased while it is sent (notify::outbox): a request still running when
     // the lease ends could be sent a second time by another replica.
     let t = settings.notifications.timeout;
-    if t.is_zero() || t > crate::notify::outbox::MAX_REQUEST_TIMEOUT {
+    if t.is_zero() || t > MAX_REQUEST_TIMEOUT {
         return Err(ConfigError(format!(
             "notifications.timeout: {} is out of range; use 1s to {} (a message is leased for {} while it is sent)",
             humantime::format_duration(t),
-            humantime::format_duration(crate::notify::outbox::MAX_REQUEST_TIMEOUT),
-            humantime::format_duration(crate::notify::outbox::DELIVERY_LEASE),
+            humantime::format_duration(MAX_REQUEST_TIMEOUT),
+            humantime::format_duration(DELIVERY_LEASE),
         )));
     }
     let policies_dir = settings

@@ -65,12 +65,9 @@ impl Wake {
     }
 }
 
-/// How long a replica holds a message while it sends it. `notifications.timeout` must end
-/// well inside it (config refuses more than [`MAX_REQUEST_TIMEOUT`]), or another replica
-/// could send the same message while the first request is still running.
-pub const DELIVERY_LEASE: Duration = Duration::from_secs(60);
-/// The longest request timeout the lease leaves room for.
-pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(50);
+/// The delivery lease and the request timeout limit it leaves room for are settings-level
+/// constants (config checks `notifications.timeout` against them).
+pub use crate::config::{DELIVERY_LEASE, MAX_REQUEST_TIMEOUT};
 
 /// Everything a delivery loop needs.
 pub struct Outbox {
