@@ -108,6 +108,7 @@ impl Target {
                         KubeStep::Scale { deployment, replicas } => {
                             format!("scale deployment/{deployment} to {replicas}")
                         }
+                        KubeStep::Check(c) => format!("check that {}", c.describe()),
                     })
                     .collect();
                 let suspend = match t.gitops.as_ref().map(gitops::GitOps::owner) {

@@ -166,6 +166,23 @@ pub enum KubeError {
         /// `min_ready_replicas` (at least 1).
         required: u32,
     },
+    /// A check step did not pass within its timeout; the steps after it were not run.
+    #[error(
+        "check steps[{index}] failed: {check}: not passed after {probes} probe(s) over {waited_secs}s, last answer \
+         {last}; the steps after it were not run"
+    )]
+    CheckFailed {
+        /// Step position.
+        index: usize,
+        /// The check, described.
+        check: String,
+        /// Requests made.
+        probes: u32,
+        /// How long it waited.
+        waited_secs: u64,
+        /// The last answer (`HTTP 503`, `no answer within 2s`, ...).
+        last: String,
+    },
     /// The write was accepted but the object read back is not in the wanted state (e.g. a
     /// mutating webhook or an HPA changed it).
     #[error("{object}: write did not take: expected {expected}, read back {got}")]
@@ -250,6 +267,7 @@ impl KubeError {
             KubeError::RolloutTimedOut { .. } => "rollout_timed_out",
             KubeError::NoReadyEndpoints { .. } => "no_ready_endpoints",
             KubeError::ReadBackMismatch { .. } => "read_back_mismatch",
+            KubeError::CheckFailed { .. } => "check_failed",
             KubeError::InvalidTarget { .. } => "invalid_target",
             KubeError::Config { .. } => "config",
             KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",

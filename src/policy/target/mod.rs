@@ -3,4 +3,5 @@
 //! here does I/O.
 
 pub mod alb;
+pub mod kube_check;
 pub mod kubernetes;
