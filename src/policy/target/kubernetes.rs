@@ -110,20 +110,6 @@ impl KubernetesTarget {
                     .into(),
             );
         }
-        let waits = self
-            .steps
-            .iter()
-            .filter_map(|s| match s {
-                KubeStep::Check(c) => Some(c.timeout()),
-                _ => None,
-            })
-            .try_fold(Duration::ZERO, Duration::checked_add);
-        if waits.is_none_or(|w| w > super::kube_check::MAX_CHECKS_TOTAL) {
-            return Err(format!(
-                "target.kubernetes.steps: the checks' timeouts add up to more than {}; shorten them",
-                humantime::format_duration(super::kube_check::MAX_CHECKS_TOTAL)
-            ));
-        }
         for (i, s) in self.steps.iter().enumerate() {
             match s {
                 KubeStep::Check(c) => c.validate(&format!("target.kubernetes.steps[{i}]"))?,
@@ -150,6 +136,20 @@ impl KubernetesTarget {
                 }
                 _ => {}
             }
+        }
+        let waits = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                KubeStep::Check(c) => Some(c.timeout()),
+                _ => None,
+            })
+            .try_fold(Duration::ZERO, Duration::checked_add);
+        if waits.is_none_or(|w| w > super::kube_check::MAX_CHECKS_TOTAL) {
+            return Err(format!(
+                "target.kubernetes.steps: the checks' timeouts add up to more than {}; shorten them",
+                humantime::format_duration(super::kube_check::MAX_CHECKS_TOTAL)
+            ));
         }
         Ok(())
     }
