@@ -432,7 +432,9 @@ fn step_line(text: &str, message: &str) -> Option<usize> {
         .iter()
         .enumerate()
         .skip(steps + 1)
-        .take_while(|(_, l)| l.trim().is_empty() || l.trim_start().starts_with('#') || indent(l) >= indent(lines[steps]))
+        .take_while(|(_, l)| {
+            l.trim().is_empty() || l.trim_start().starts_with('#') || indent(l) >= indent(lines[steps])
+        })
         .filter(|(_, l)| l.trim_start().starts_with("- "));
     let first = items.next()?;
     let item_indent = indent(first.1);

@@ -281,18 +281,29 @@ fn bad_kubernetes_checks_are_refused_at_their_step_line_naming_the_key() {
     let e = bad("check: {http: {url: 'web.example.com/health'}}");
     assert_eq!(e.line, 8, "{e}");
     assert!(
-        e.message.starts_with("target.kubernetes.steps[1].check.http.url: \"web.example.com/health\" is not an http"),
+        e.message
+            .starts_with("target.kubernetes.steps[1].check.http.url: \"web.example.com/health\" is not an http"),
         "{e}"
     );
     let e = bad("check: {http: {url: 'http://web/health', successes: 0}}");
-    assert_eq!((e.line, e.message.as_str()), (8, "target.kubernetes.steps[1].check.http.successes: at least 1"));
+    assert_eq!(
+        (e.line, e.message.as_str()),
+        (8, "target.kubernetes.steps[1].check.http.successes: at least 1")
+    );
     let e = bad("check: {http: {url: 'http://web/health', timeout: 1h}}");
     assert_eq!(e.line, 8, "{e}");
-    assert!(e.message.contains("check.http.timeout: 1h is out of range; use 1s to 10m"), "{e}");
+    assert!(
+        e.message
+            .contains("check.http.timeout: 1h is out of range; use 1s to 10m"),
+        "{e}"
+    );
     // serde's own errors (a bad status, a misspelt key) carry their line too.
     let e = bad("check: {http: {url: 'http://web/health', expect_status: 2yy}}");
     assert_eq!(e.line, 8, "{e}");
-    assert!(e.message.contains("use a code such as 200 or a class such as 2xx"), "{e}");
+    assert!(
+        e.message.contains("use a code such as 200 or a class such as 2xx"),
+        "{e}"
+    );
     let e = bad("check: {http: {url: 'http://web/health', sucesses: 2}}");
     assert_eq!(e.line, 8, "{e}");
     assert!(e.message.contains("unknown field `sucesses`"), "{e}");
@@ -302,7 +313,9 @@ fn bad_kubernetes_checks_are_refused_at_their_step_line_naming_the_key() {
     // A check as the only step reverts nothing.
     let errs = load(&kube_policy(&["check: {http: {url: 'http://web/health'}}"])).unwrap_err();
     assert!(
-        errs[0].message.starts_with("target.kubernetes.steps: a check writes nothing"),
+        errs[0]
+            .message
+            .starts_with("target.kubernetes.steps: a check writes nothing"),
         "{}",
         errs[0]
     );

@@ -169,7 +169,11 @@ fn seed(check: KubeStep) -> KubernetesTarget {
     }
 }
 
-async fn run(fake: &FakeKube, t: &KubernetesTarget, dry_run: bool) -> (Result<KubeOutcome, KubeError>, Vec<KubeStepRecord>) {
+async fn run(
+    fake: &FakeKube,
+    t: &KubernetesTarget,
+    dry_run: bool,
+) -> (Result<KubeOutcome, KubeError>, Vec<KubeStepRecord>) {
     let exec = KubeExecutor::new(fake.client(), &KubeSettings::default());
     let mut records = Vec::new();
     let result = exec.revert(t, dry_run, &mut |r| records.push(r)).await;
@@ -210,7 +214,15 @@ async fn a_passing_check_runs_after_the_switch_and_before_the_scale_down() {
         .iter()
         .find(|r| matches!(r, KubeStepRecord::Checked { .. }))
         .expect("verdict");
-    assert!(matches!(passed, KubeStepRecord::Checked { index: 1, verdict: CheckVerdict::Passed, probes: 3, .. }));
+    assert!(matches!(
+        passed,
+        KubeStepRecord::Checked {
+            index: 1,
+            verdict: CheckVerdict::Passed,
+            probes: 3,
+            ..
+        }
+    ));
     let line = passed.describe();
     assert!(
         line.starts_with(&format!(
@@ -253,7 +265,9 @@ async fn a_failing_check_stops_before_the_scale_down_and_names_itself() {
     assert_eq!(scale_patches(&fake), 0);
     assert_eq!(canary_replicas(&fake), 3);
     assert_eq!(fake.writes(), 1);
-    assert!(!records.iter().any(|r| matches!(r, KubeStepRecord::Planned { index: 2, .. })));
+    assert!(!records
+        .iter()
+        .any(|r| matches!(r, KubeStepRecord::Planned { index: 2, .. })));
     assert!(records.iter().any(|r| matches!(
         r,
         KubeStepRecord::Checked {
@@ -302,7 +316,10 @@ async fn a_failure_between_successes_resets_the_count() {
     // 200, 503, 200, 200: the first success does not count towards the two in a row.
     let health = Health::start(&fake, &[200, 503], 200).await;
     let (result, _) = run(&fake, &seed(check(&health.url(), 2, 50, 5_000)), false).await;
-    assert!(matches!(result.expect("revert").steps[1].result, StepResult::Checked { probes: 4, .. }));
+    assert!(matches!(
+        result.expect("revert").steps[1].result,
+        StepResult::Checked { probes: 4, .. }
+    ));
 }
 
 #[tokio::test]
@@ -320,11 +337,19 @@ async fn a_hanging_or_unreachable_endpoint_fails_the_check_saying_why() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let (result, _) = run(&fake, &seed(check(&format!("http://{closed}/health"), 1, 200, 1_000)), false).await;
+    let (result, _) = run(
+        &fake,
+        &seed(check(&format!("http://{closed}/health"), 1, 200, 1_000)),
+        false,
+    )
+    .await;
     match result.expect_err("refused") {
         KubeError::CheckFailed { last, .. } => {
             assert!(last.starts_with("request failed: "), "{last}");
-            assert!(!last.contains(&closed.to_string()), "the URL is named once, in the check: {last}");
+            assert!(
+                !last.contains(&closed.to_string()),
+                "the URL is named once, in the check: {last}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -368,7 +393,10 @@ async fn a_rerun_runs_the_check_again_and_writes_only_what_is_left() {
         steps: vec![switch()],
         ..t.clone()
     };
-    run(&fake, &only_switch, false).await.0.expect("the first attempt's switch");
+    run(&fake, &only_switch, false)
+        .await
+        .0
+        .expect("the first attempt's switch");
     assert_eq!(fake.writes(), 1);
 
     let (second, _) = run(&fake, &t, false).await;
@@ -398,5 +426,8 @@ async fn a_failing_first_check_writes_nothing() {
     let (result, _) = run(&fake, &t, false).await;
     assert!(matches!(result, Err(KubeError::CheckFailed { index: 0, .. })));
     assert_eq!(fake.writes(), 0);
-    assert!(health.seen().iter().all(|s| s.selector_version.as_deref() == Some("v1.0.0")));
+    assert!(health
+        .seen()
+        .iter()
+        .all(|s| s.selector_version.as_deref() == Some("v1.0.0")));
 }

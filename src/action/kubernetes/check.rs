@@ -227,7 +227,7 @@ impl KubeExecutor {
                     index,
                     check: what,
                     probes,
-                    waited_secs: waited.as_secs(),
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
                     last: last.unwrap_or_default(),
                 });
             }

@@ -1,6 +1,8 @@
 //! The Kubernetes executor's errors, and how a failed API call is classified (not found,
 //! forbidden with the rule to add, conflict, retryable server trouble) naming the call.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::action::retry::{Classify, ErrorClass};
@@ -168,8 +170,9 @@ pub enum KubeError {
     },
     /// A check step did not pass within its timeout; the steps after it were not run.
     #[error(
-        "check steps[{index}] failed: {check}: not passed after {probes} probe(s) over {waited_secs}s, last answer \
-         {last}; the steps after it were not run"
+        "check steps[{index}] failed: {check}: not passed after {probes} probe(s) in {:.1}s, last answer {last}; \
+         the steps after it were not run",
+        Duration::from_millis(*waited_ms).as_secs_f64()
     )]
     CheckFailed {
         /// Step position.
@@ -178,8 +181,8 @@ pub enum KubeError {
         check: String,
         /// Requests made.
         probes: u32,
-        /// How long it waited.
-        waited_secs: u64,
+        /// How long it waited, in milliseconds.
+        waited_ms: u64,
         /// The last answer (`HTTP 503`, `no answer within 2s`, ...).
         last: String,
     },

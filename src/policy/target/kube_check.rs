@@ -88,7 +88,12 @@ impl TryFrom<StatusSpec> for ExpectStatus {
                 let lower = t.trim().to_ascii_lowercase();
                 match lower.as_bytes() {
                     [d @ b'1'..=b'5', b'x', b'x'] => Ok(ExpectStatus::Class(d - b'0')),
-                    _ => lower.parse::<u16>().ok().filter(|c| (100..=599).contains(c)).map(ExpectStatus::Code).ok_or_else(|| bad(&t)),
+                    _ => lower
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|c| (100..=599).contains(c))
+                        .map(ExpectStatus::Code)
+                        .ok_or_else(|| bad(&t)),
                 }
             }
         }
@@ -213,9 +218,16 @@ mod tests {
         assert!(h.expect_status.accepts(200) && !h.expect_status.accepts(201));
         let KubeCheck::Http(h) = http(serde_json::json!({"url": "http://a/h", "expect_status": "3XX"})).unwrap();
         assert_eq!(h.expect_status.describe(), "3xx");
-        for bad in [serde_json::json!("2yy"), serde_json::json!(700), serde_json::json!("ok")] {
+        for bad in [
+            serde_json::json!("2yy"),
+            serde_json::json!(700),
+            serde_json::json!("ok"),
+        ] {
             let e = http(serde_json::json!({"url": "http://a/h", "expect_status": bad})).unwrap_err();
-            assert!(e.contains("is not a status; use a code such as 200 or a class such as 2xx"), "{e}");
+            assert!(
+                e.contains("is not a status; use a code such as 200 or a class such as 2xx"),
+                "{e}"
+            );
         }
     }
 
@@ -232,7 +244,10 @@ mod tests {
         let e = check(serde_json::json!({"url": "ftp://a/h"})).unwrap_err();
         assert!(e.contains(".url:"), "{e}");
         let e = check(serde_json::json!({"url": "https://u:secret@a/h"})).unwrap_err();
-        assert!(e.contains("remove the user and password") && !e.contains("secret"), "{e}");
+        assert!(
+            e.contains("remove the user and password") && !e.contains("secret"),
+            "{e}"
+        );
         assert_eq!(
             check(serde_json::json!({"url": "http://a/h", "successes": 0})).unwrap_err(),
             "target.kubernetes.steps[1].check.http.successes: at least 1"
@@ -243,7 +258,8 @@ mod tests {
         for t in ["500ms", "11m", "100d"] {
             let e = check(serde_json::json!({"url": "http://a/h", "timeout": t})).unwrap_err();
             assert!(
-                e.starts_with("target.kubernetes.steps[1].check.http.timeout: ") && e.contains("is out of range; use 1s to 10m"),
+                e.starts_with("target.kubernetes.steps[1].check.http.timeout: ")
+                    && e.contains("is out of range; use 1s to 10m"),
                 "{e}"
             );
         }
