@@ -14,7 +14,7 @@ use rollback_responder::action::kubernetes::{
     KubeStepRecord, KubernetesTarget, StepResult,
 };
 
-use crate::support::fake_kube::{deployment, pod, service, template, FakeKube};
+use crate::support::fake_kube::FakeKube;
 
 const NS: &str = "portal";
 
@@ -97,36 +97,11 @@ impl Health {
     }
 }
 
-/// Seed 000's world: portal-api-prod on the canary (v1.0.0), two Ready stable pods, the canary
-/// Deployment at 3 replicas.
+/// Seed 000's world (`faults_actions::kube_world`): portal-api-prod on the canary (v1.0.0),
+/// two Ready stable pods, the canary Deployment at 3 replicas.
 async fn world() -> Arc<FakeKube> {
     let fake = Arc::new(FakeKube::start().await);
-    fake.insert(
-        "services",
-        service(NS, "portal-api-prod", &[("app", "portal-api"), ("version", "v1.0.0")]),
-    );
-    for i in 0..2 {
-        fake.insert(
-            "pods",
-            pod(
-                NS,
-                &format!("portal-api-stable-{i}"),
-                &[("app", "portal-api"), ("version", "v1.0.0-rc.0")],
-                true,
-            ),
-        );
-    }
-    fake.insert(
-        "deployments",
-        deployment(
-            NS,
-            "portal-api-canary",
-            "22222222-2222-4222-8222-222222222222",
-            &[("app", "portal-api"), ("version", "v1.0.0")],
-            template(&[("app", "portal-api"), ("version", "v1.0.0")], "portal-api:1.0.0"),
-            1,
-        ),
-    );
+    crate::faults_actions::kube_world(&fake);
     fake
 }
 

@@ -443,22 +443,16 @@ async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_can
     );
 }
 
-/// Seed 000 fault: after the switch, the health check keeps failing. The canary is NOT scaled
-/// down (it is the only copy of the new release's pods and logs, and no traffic reaches it
-/// any more); the incident says which check failed and that the switch took.
-#[tokio::test]
-async fn portal_api_on_kubernetes_keeps_the_canary_when_the_health_check_after_the_switch_fails() {
-    let fake = FakeKube::start().await;
-    portal_world(&fake);
-    let svc = FakeService::start("portal-k8s-check").await;
-    svc.set(false, 0.0);
+/// The shipped portal-api-k8s alone, its check and probe on `svc` (the check within
+/// `check_timeout`), on the fake API server, after a health alert labelled for Kubernetes.
+async fn portal_k8s_alerted(fake: &FakeKube, svc: &FakeService, check_timeout: &str) -> (TestApp, Alertmanager) {
     let app = spawn_app(Options {
         policies: vec![(
             "portal-api-k8s.yaml",
             shipped(
                 "portal-api-k8s.yaml",
                 &svc.health_url(),
-                check_on(&svc.health_url(), "2s"),
+                check_on(&svc.health_url(), check_timeout),
             ),
         )],
         executors: Some(Executors {
@@ -475,6 +469,19 @@ async fn portal_api_on_kubernetes_keeps_the_canary_when_the_health_check_after_t
         None,
     )
     .await;
+    (app, am)
+}
+
+/// Seed 000 fault: after the switch, the health check keeps failing. The canary is NOT scaled
+/// down (it is the only copy of the new release's pods and logs, and no traffic reaches it
+/// any more); the incident says which check failed and that the switch took.
+#[tokio::test]
+async fn portal_api_on_kubernetes_keeps_the_canary_when_the_health_check_after_the_switch_fails() {
+    let fake = FakeKube::start().await;
+    portal_world(&fake);
+    let svc = FakeService::start("portal-k8s-check").await;
+    svc.set(false, 0.0);
+    let (app, _am) = portal_k8s_alerted(&fake, &svc, "2s").await;
     let list = app
         .wait_incidents("the check to fail the rollback", |l| {
             l.len() == 1 && l[0]["phase"] == "failed"
@@ -522,29 +529,7 @@ async fn portal_api_on_kubernetes_writes_nothing_when_the_stable_pods_are_not_re
         p["status"]["conditions"][0]["status"] = json!("False")
     });
     let svc = FakeService::start("portal-k8s-fault").await;
-    let app = spawn_app(Options {
-        policies: vec![(
-            "portal-api-k8s.yaml",
-            shipped(
-                "portal-api-k8s.yaml",
-                &svc.health_url(),
-                check_on(&svc.health_url(), "60s"),
-            ),
-        )],
-        executors: Some(Executors {
-            kube: Some(KubeExecutor::new(fake.client(), &KubeSettings::default())),
-            ..Default::default()
-        }),
-        ..Options::default()
-    })
-    .await;
-    let am = Alertmanager::start(&app.url("/webhook/alertmanager"), TOKEN).await;
-    am.post(
-        json!({"alertname": "HealthCheckFailing", "service": "portal-api", "platform": "kubernetes", "run": uniq()}),
-        &ago(150),
-        None,
-    )
-    .await;
+    let (app, _am) = portal_k8s_alerted(&fake, &svc, "60s").await;
     let list = app
         .wait_incidents("the pre-check to refuse", |l| l.len() == 1 && l[0]["phase"] == "failed")
         .await;
