@@ -25,7 +25,7 @@ pub use steps::Step;
 pub enum Target {
     /// An AWS ALB listener (or rule): weighted forward back to the stable target group.
     Alb(AlbTarget),
-    /// Kubernetes: Service selector, rollout undo, scale, in order.
+    /// Kubernetes: Service selector, rollout undo, scale, and checks between them, in order.
     Kubernetes(KubernetesTarget),
 }
 

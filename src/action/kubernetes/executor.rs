@@ -94,7 +94,9 @@ impl KubeExecutor {
     /// up and keeps the current pods until the restored ones are Ready); then each step is
     /// written with a resourceVersion precondition (conflicts: re-read, re-plan, retry up to
     /// `max_conflict_retries` times) and read back. Steps already in the wanted state are
-    /// reported as done, which makes a second call after a partial run finish the work.
+    /// reported as done, which makes a second call after a partial run finish the work. A
+    /// check step runs in its turn (`check`); failing, it ends the revert and no later step is
+    /// sent ([`KubeError::CheckFailed`]); the writes after a check re-read their object first.
     /// Dry run: reads, pre-checks, and sends each patch with `dryRun=All` so the server
     /// validates it (RBAC, admission, schema) without persisting anything.
     pub async fn revert(
