@@ -256,7 +256,7 @@ impl PolicySet {
                     for (at, message) in policy.check() {
                         errors.push(PolicyError {
                             file: file.clone(),
-                            line: locate(text, &at),
+                            line: step_line(text, &message).unwrap_or_else(|| locate(text, &at)),
                             message,
                         });
                     }
@@ -417,6 +417,31 @@ fn explain(msg: &str) -> String {
     } else {
         msg.to_string()
     }
+}
+
+/// The 1-based line of the Kubernetes step a message is about (`target.kubernetes.steps[N]...`):
+/// the N-th `- ` item under `steps:` (block style; `None` for anything else).
+fn step_line(text: &str, message: &str) -> Option<usize> {
+    let rest = message.strip_prefix("target.kubernetes.steps[")?;
+    let n: usize = rest.split(']').next()?.parse().ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let kube = lines.iter().position(|l| l.trim() == "kubernetes:")?;
+    let steps = kube + 1 + lines[kube + 1..].iter().position(|l| l.trim() == "steps:")?;
+    let mut items = lines
+        .iter()
+        .enumerate()
+        .skip(steps + 1)
+        .take_while(|(_, l)| {
+            l.trim().is_empty() || l.trim_start().starts_with('#') || indent(l) >= indent(lines[steps])
+        })
+        .filter(|(_, l)| l.trim_start().starts_with("- "));
+    let first = items.next()?;
+    let item_indent = indent(first.1);
+    std::iter::once(first)
+        .chain(items.filter(|(_, l)| indent(l) == item_indent))
+        .nth(n)
+        .map(|(i, _)| i + 1)
 }
 
 /// The 1-based line of the first occurrence of `needle`, or 1.

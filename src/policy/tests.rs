@@ -229,3 +229,103 @@ fn shipped_policies_are_valid() {
     let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
     assert!(set.get("portal-api").is_some());
 }
+
+/// A Kubernetes policy whose steps are `steps` (YAML list items, one per line).
+fn kube_policy(steps: &[&str]) -> String {
+    let steps: Vec<String> = steps.iter().map(|s| format!("      - {s}\n")).collect();
+    format!(
+        "name: web
+service: web
+target:
+  kubernetes:
+    namespace: portal
+    steps:
+{}triggers:
+  - name: errors
+    matchers: ['alertname=\"HighErrorRate\"']
+    for: 5m
+    mode: auto
+",
+        steps.concat()
+    )
+}
+
+const SWITCH: &str = "switch_service: {service: web, selector: {app: web, version: v1}}";
+const SCALE: &str = "scale: {deployment: web-canary, replicas: 0}";
+
+#[test]
+fn a_check_between_kubernetes_steps_loads_and_is_described_in_order() {
+    let check = "check: {http: {url: 'https://web.example.com/health', expect_status: 2xx, successes: 3, interval: 2s, timeout: 60s}}";
+    let set = load(&kube_policy(&[SWITCH, check, SCALE])).unwrap_or_else(|e| panic!("{e:?}"));
+    let p = set.get("web").unwrap();
+    assert_eq!(
+        p.target.describe(),
+        "in namespace portal: switch service/web selector to app=web,version=v1, then check that GET \
+         https://web.example.com/health answers 2xx 3 time(s) in a row (every 2s, within 1m), then scale \
+         deployment/web-canary to 0"
+    );
+    // A check changes nothing: the target's identity is the objects it writes.
+    assert_eq!(p.target.key(), "k8s:portal/svc/web,deploy/web-canary");
+    // A check first is allowed (verify before touching anything).
+    assert!(load(&kube_policy(&[check, SWITCH])).is_ok());
+}
+
+#[test]
+fn bad_kubernetes_checks_are_refused_at_their_step_line_naming_the_key() {
+    let bad = |check: &str| -> PolicyError {
+        let errs = load(&kube_policy(&[SWITCH, check, SCALE])).expect_err(check);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs[0].clone()
+    };
+    // Lines: 7 switch, 8 check, 9 scale.
+    let e = bad("check: {http: {url: 'web.example.com/health'}}");
+    assert_eq!(e.line, 8, "{e}");
+    assert!(
+        e.message
+            .starts_with("target.kubernetes.steps[1].check.http.url: \"web.example.com/health\" is not an http"),
+        "{e}"
+    );
+    let e = bad("check: {http: {url: 'http://web/health', successes: 0}}");
+    assert_eq!(
+        (e.line, e.message.as_str()),
+        (8, "target.kubernetes.steps[1].check.http.successes: at least 1")
+    );
+    let e = bad("check: {http: {url: 'http://web/health', timeout: 1h}}");
+    assert_eq!(e.line, 8, "{e}");
+    assert!(
+        e.message
+            .contains("check.http.timeout: 1h is out of range; use 1s to 10m"),
+        "{e}"
+    );
+    // serde's own errors (a bad status, a misspelt key) carry their line too.
+    let e = bad("check: {http: {url: 'http://web/health', expect_status: 2yy}}");
+    assert_eq!(e.line, 8, "{e}");
+    assert!(
+        e.message.contains("use a code such as 200 or a class such as 2xx"),
+        "{e}"
+    );
+    let e = bad("check: {http: {url: 'http://web/health', sucesses: 2}}");
+    assert_eq!(e.line, 8, "{e}");
+    assert!(e.message.contains("unknown field `sucesses`"), "{e}");
+    let e = bad("check: {tcp: {host: web}}");
+    assert!(e.message.contains("unknown variant `tcp`"), "{e}");
+
+    // A check as the only step reverts nothing.
+    let errs = load(&kube_policy(&["check: {http: {url: 'http://web/health'}}"])).unwrap_err();
+    assert!(
+        errs[0]
+            .message
+            .starts_with("target.kubernetes.steps: a check writes nothing"),
+        "{}",
+        errs[0]
+    );
+    // Three 10-minute checks exceed the 30-minute bound of one action.
+    let ten = "check: {http: {url: 'http://web/health', timeout: 10m}}";
+    let errs = load(&kube_policy(&[ten, SWITCH, ten, SCALE, ten, ten])).unwrap_err();
+    assert!(
+        errs[0].message.contains("the checks' timeouts add up to more than 30m"),
+        "{}",
+        errs[0]
+    );
+    assert!(load(&kube_policy(&[ten, SWITCH, ten, SCALE, ten])).is_ok());
+}

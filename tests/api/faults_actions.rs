@@ -1136,6 +1136,8 @@ mod recreate {
         );
         assert_eq!(reqs[2].2["incident"]["status"], "monitoring");
         assert_eq!(created.lock().unwrap().len(), 1, "one public incident");
+        // The last PATCH has been answered, but its delivery is recorded just after.
+        app.wait_outbox_drained().await;
         let msgs = app
             .responder
             .store

@@ -13,6 +13,7 @@ mod faults_store;
 mod fuzz;
 mod gitops;
 mod helpers;
+mod kube_check;
 mod kube_fake;
 mod kube_mock;
 mod lifecycle;

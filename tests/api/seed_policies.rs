@@ -295,6 +295,22 @@ fn play_controller(
 
 const PORTAL_NS: &str = "portal";
 
+/// The shipped portal-api-k8s check step (seed 000's `curl -f` between the switch and the
+/// scale-down) pointed at `url`, polled every 100 ms, within `timeout`.
+fn check_on<'a>(url: &'a str, timeout: &'a str) -> impl FnOnce(&mut Yaml) + 'a {
+    move |doc| {
+        let step = &mut doc["target"]["kubernetes"]["steps"][1];
+        let http = step
+            .get_mut("check")
+            .and_then(|c| c.get_mut("http"))
+            .and_then(Yaml::as_mapping_mut)
+            .expect("steps[1] of the shipped policy is the http check");
+        http.insert(Yaml::from("url"), Yaml::from(url));
+        http.insert(Yaml::from("interval"), Yaml::from("100ms"));
+        http.insert(Yaml::from("timeout"), Yaml::from(timeout));
+    }
+}
+
 /// Seed 000's world in the shipped policy's namespace: portal-api-prod selects the canary
 /// (v1.0.0), two Ready stable pods, the canary Deployment at 3 replicas, and a pod of ANOTHER
 /// app that carries the stable version label.
@@ -370,7 +386,11 @@ async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_can
             ("portal-api.yaml", read_shipped("portal-api.yaml")),
             (
                 "portal-api-k8s.yaml",
-                shipped("portal-api-k8s.yaml", &svc.health_url(), |_| {}),
+                shipped(
+                    "portal-api-k8s.yaml",
+                    &svc.health_url(),
+                    check_on(&svc.health_url(), "60s"),
+                ),
             ),
         ],
         // The ALB policy is loaded to show the split on `platform`; it never acts here.
@@ -400,22 +420,40 @@ async fn portal_api_on_kubernetes_switches_the_full_selector_then_scales_the_can
     let steps = &find(&inc, "action_succeeded")["detail"]["steps"];
     assert_eq!(steps[0]["before"]["selector"]["version"], "v1.0.0");
     assert_eq!(steps[0]["after"]["selector"]["app"], "portal-api");
+    // The seed's `curl -f` ran between the two writes: three 2xx in a row, then the scale-down.
+    assert_eq!(steps[1]["result"], "checked", "{steps}");
+    assert_eq!(steps[1]["probes"], 3, "{steps}");
+    let order: Vec<&str> = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e["detail"]["step"].as_str() {
+            Some("patched") => e["detail"]["object"].as_str(),
+            Some("checked") => Some("checked"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "service/portal-api-prod",
+            "checked",
+            "deployment/portal-api-canary/scale"
+        ]
+    );
 }
 
-/// Seed 000 fault: the stable pods are not Ready. The shipped min_ready_replicas (2) holds
-/// the switch: nothing is written, the canary keeps its replicas, the incident fails.
-#[tokio::test]
-async fn portal_api_on_kubernetes_writes_nothing_when_the_stable_pods_are_not_ready() {
-    let fake = FakeKube::start().await;
-    portal_world(&fake);
-    fake.modify("pods", PORTAL_NS, "portal-api-stable-1", |p| {
-        p["status"]["conditions"][0]["status"] = json!("False")
-    });
-    let svc = FakeService::start("portal-k8s-fault").await;
+/// The shipped portal-api-k8s alone, its check and probe on `svc` (the check within
+/// `check_timeout`), on the fake API server, after a health alert labelled for Kubernetes.
+async fn portal_k8s_alerted(fake: &FakeKube, svc: &FakeService, check_timeout: &str) -> (TestApp, Alertmanager) {
     let app = spawn_app(Options {
         policies: vec![(
             "portal-api-k8s.yaml",
-            shipped("portal-api-k8s.yaml", &svc.health_url(), |_| {}),
+            shipped(
+                "portal-api-k8s.yaml",
+                &svc.health_url(),
+                check_on(&svc.health_url(), check_timeout),
+            ),
         )],
         executors: Some(Executors {
             kube: Some(KubeExecutor::new(fake.client(), &KubeSettings::default())),
@@ -431,6 +469,67 @@ async fn portal_api_on_kubernetes_writes_nothing_when_the_stable_pods_are_not_re
         None,
     )
     .await;
+    (app, am)
+}
+
+/// Seed 000 fault: after the switch, the health check keeps failing. The canary is NOT scaled
+/// down (it is the only copy of the new release's pods and logs, and no traffic reaches it
+/// any more); the incident says which check failed and that the switch took.
+#[tokio::test]
+async fn portal_api_on_kubernetes_keeps_the_canary_when_the_health_check_after_the_switch_fails() {
+    let fake = FakeKube::start().await;
+    portal_world(&fake);
+    let svc = FakeService::start("portal-k8s-check").await;
+    svc.set(false, 0.0);
+    let (app, _am) = portal_k8s_alerted(&fake, &svc, "2s").await;
+    let list = app
+        .wait_incidents("the check to fail the rollback", |l| {
+            l.len() == 1 && l[0]["phase"] == "failed"
+        })
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    // The switch is a change: the incident counts as a rollback for the guards.
+    assert_eq!(inc["executed"], true, "{}", inc["timeline"]);
+    let failed = find(&inc, "action_failed");
+    let summary = failed["summary"].as_str().unwrap();
+    let check = format!(
+        "check steps[1] failed: GET {} answers 2xx 3 time(s) in a row (every 100ms, within 2s): not passed after",
+        svc.health_url()
+    );
+    assert!(
+        summary.starts_with("partial rollback: service/portal-api-prod patched (at ")
+            && summary.contains(&format!("took; then it failed: {check}"))
+            && summary.contains("last answer HTTP 500; the steps after it were not run (code check_failed)"),
+        "{summary}"
+    );
+    assert_eq!(failed["detail"]["detail"]["error"], "check_failed", "{failed}");
+    assert_eq!(failed["detail"]["applied"].as_array().unwrap().len(), 1, "{failed}");
+    // What the fake API server saw: the selector patch, and no scale.
+    let s = fake.get("services", PORTAL_NS, "portal-api-prod").unwrap();
+    assert_eq!(s["spec"]["selector"]["version"], "v1.0.0-rc.0");
+    assert_eq!(
+        fake.get("deployments", PORTAL_NS, "portal-api-canary").unwrap()["spec"]["replicas"],
+        3
+    );
+    assert_eq!(fake.writes(), 1);
+    assert!(!fake
+        .requests()
+        .iter()
+        .any(|r| r.path.ends_with("/scale") && r.method == "PATCH"));
+    assert!(svc.health_requests() >= 10, "{} probes", svc.health_requests());
+}
+
+/// Seed 000 fault: the stable pods are not Ready. The shipped min_ready_replicas (2) holds
+/// the switch: nothing is written, the canary keeps its replicas, the incident fails.
+#[tokio::test]
+async fn portal_api_on_kubernetes_writes_nothing_when_the_stable_pods_are_not_ready() {
+    let fake = FakeKube::start().await;
+    portal_world(&fake);
+    fake.modify("pods", PORTAL_NS, "portal-api-stable-1", |p| {
+        p["status"]["conditions"][0]["status"] = json!("False")
+    });
+    let svc = FakeService::start("portal-k8s-fault").await;
+    let (app, _am) = portal_k8s_alerted(&fake, &svc, "60s").await;
     let list = app
         .wait_incidents("the pre-check to refuse", |l| l.len() == 1 && l[0]["phase"] == "failed")
         .await;

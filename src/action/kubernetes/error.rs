@@ -1,6 +1,8 @@
 //! The Kubernetes executor's errors, and how a failed API call is classified (not found,
 //! forbidden with the rule to add, conflict, retryable server trouble) naming the call.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::action::retry::{Classify, ErrorClass};
@@ -166,6 +168,24 @@ pub enum KubeError {
         /// `min_ready_replicas` (at least 1).
         required: u32,
     },
+    /// A check step did not pass within its timeout; the steps after it were not run.
+    #[error(
+        "check steps[{index}] failed: {check}: not passed after {probes} probe(s) in {:.1}s, last answer {last}; \
+         the steps after it were not run",
+        Duration::from_millis(*waited_ms).as_secs_f64()
+    )]
+    CheckFailed {
+        /// Step position.
+        index: usize,
+        /// The check, described.
+        check: String,
+        /// Requests made.
+        probes: u32,
+        /// How long it waited, in milliseconds.
+        waited_ms: u64,
+        /// The last answer (`HTTP 503`, `no answer within 2s`, ...).
+        last: String,
+    },
     /// The write was accepted but the object read back is not in the wanted state (e.g. a
     /// mutating webhook or an HPA changed it).
     #[error("{object}: write did not take: expected {expected}, read back {got}")]
@@ -250,6 +270,7 @@ impl KubeError {
             KubeError::RolloutTimedOut { .. } => "rollout_timed_out",
             KubeError::NoReadyEndpoints { .. } => "no_ready_endpoints",
             KubeError::ReadBackMismatch { .. } => "read_back_mismatch",
+            KubeError::CheckFailed { .. } => "check_failed",
             KubeError::InvalidTarget { .. } => "invalid_target",
             KubeError::Config { .. } => "config",
             KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",

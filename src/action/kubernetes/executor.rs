@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 
 use super::error::{classify, Op};
-use super::plan::{clamp_u32, object_key, object_name, plan_step, step_kind, Plan, PreCheckNeed, WritePlan};
+use super::plan::{object_key, object_name, plan_step, step_kind, Plan, WritePlan};
 use super::settings::load_config;
-use super::views::{
-    deployment_state, equality_selector, foreign_pods, pod_is_ready, Current, DeploymentView, RsView, ScaleView,
-    ServiceView,
-};
+use super::views::{deployment_state, Current, DeploymentView, RsView, ScaleView, ServiceView};
 use super::{
     KubeError, KubeOutcome, KubeSettings, KubeStep, KubeStepRecord, KubernetesTarget, ObjectState, StepOutcome,
     StepResult, CALL_TIMEOUT,
@@ -34,6 +31,8 @@ pub struct KubeExecutor {
     pub(super) field_manager: String,
     pub(super) max_conflict_retries: u32,
     retry: RetryPolicy,
+    /// For check steps; redirects are not followed (a login page answering 200 is not health).
+    pub(super) http: reqwest::Client,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -79,6 +78,10 @@ impl KubeExecutor {
             },
             max_conflict_retries: s.max_conflict_retries,
             retry: RetryPolicy::new(s.retry_window, Duration::from_millis(s.initial_backoff_ms), None),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -91,7 +94,9 @@ impl KubeExecutor {
     /// up and keeps the current pods until the restored ones are Ready); then each step is
     /// written with a resourceVersion precondition (conflicts: re-read, re-plan, retry up to
     /// `max_conflict_retries` times) and read back. Steps already in the wanted state are
-    /// reported as done, which makes a second call after a partial run finish the work.
+    /// reported as done, which makes a second call after a partial run finish the work. A
+    /// check step runs in its turn (`check`); failing, it ends the revert and no later step is
+    /// sent ([`KubeError::CheckFailed`]); the writes after a check re-read their object first.
     /// Dry run: reads, pre-checks, and sends each patch with `dryRun=All` so the server
     /// validates it (RBAC, admission, schema) without persisting anything.
     pub async fn revert(
@@ -132,8 +137,13 @@ impl KubeExecutor {
         t.validate().map_err(|message| KubeError::InvalidTarget { message })?;
         let ns = t.namespace.as_str();
 
-        let mut planned: Vec<(Current, Plan)> = Vec::with_capacity(t.steps.len());
+        // A check step reads and plans nothing (`None`): it runs in its turn below.
+        let mut planned: Vec<Option<(Current, Plan)>> = Vec::with_capacity(t.steps.len());
         for (index, step) in t.steps.iter().enumerate() {
+            if matches!(step, KubeStep::Check(_)) {
+                planned.push(None);
+                continue;
+            }
             let current = self.read_step(ns, step, on_step).await?;
             on_step(KubeStepRecord::Read {
                 index,
@@ -148,11 +158,11 @@ impl KubeExecutor {
                     by: by.clone(),
                 });
             }
-            planned.push((current, plan));
+            planned.push(Some((current, plan)));
         }
 
-        for (index, (_, plan)) in planned.iter().enumerate() {
-            if let Plan::Write(w) = plan {
+        for (index, p) in planned.iter().enumerate() {
+            if let Some((_, Plan::Write(w))) = p {
                 self.precheck(ns, index, &w.precheck, t.min_ready_replicas, on_step)
                     .await?;
             }
@@ -165,8 +175,24 @@ impl KubeExecutor {
         };
 
         let mut touched: HashSet<String> = HashSet::new();
+        // A check waited (seconds, maybe a minute): what was read before it may be stale.
+        let mut waited = false;
         let mut steps = Vec::with_capacity(t.steps.len());
-        for (index, (step, (current, plan))) in t.steps.iter().zip(planned).enumerate() {
+        for (index, (step, p)) in t.steps.iter().zip(planned).enumerate() {
+            let (current, plan) = match (step, p) {
+                (KubeStep::Check(c), _) => {
+                    let result = self.run_check(index, c, dry_run, on_step).await?;
+                    waited = true;
+                    steps.push(StepOutcome {
+                        index,
+                        step: step.clone(),
+                        result,
+                    });
+                    continue;
+                }
+                (_, Some(p)) => p,
+                (_, None) => return Err(KubeError::internal("a write step was not planned")),
+            };
             let result = match plan {
                 Plan::Done { reason, by } => StepResult::AlreadyDone {
                     state: current.state(),
@@ -177,7 +203,7 @@ impl KubeExecutor {
                     let key = object_key(step);
                     // An earlier step of this run wrote the same object (undo, then scale):
                     // read it again rather than spend a conflict retry on a known-stale version.
-                    let current = if touched.contains(&key) {
+                    let current = if touched.contains(&key) || waited {
                         let fresh = self.read_step(ns, step, on_step).await?;
                         on_step(KubeStepRecord::Read {
                             index,
@@ -298,109 +324,7 @@ impl KubeExecutor {
                 let scale = self.call(op, on_step, || api.get_scale(deployment)).await?;
                 Ok(Current::Scale(ScaleView::from_scale(deployment, &scale)))
             }
-        }
-    }
-
-    pub(super) async fn precheck(
-        &self,
-        ns: &str,
-        index: usize,
-        need: &PreCheckNeed,
-        required: u32,
-        on_step: OnStep<'_>,
-    ) -> Result<(), KubeError> {
-        match need {
-            PreCheckNeed::None => Ok(()),
-            PreCheckNeed::Pods {
-                service,
-                selector,
-                current,
-            } => {
-                let sel = equality_selector(selector);
-                let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-                let lp = ListParams::default().labels(&sel);
-                let op = Op {
-                    verb: "list",
-                    kind: "Pod",
-                    api_group: "",
-                    resource: "pods",
-                    namespace: ns,
-                    name: "",
-                };
-                let pods = self.call(op, on_step, || api.list(&lp)).await?;
-                let matching = u32::try_from(pods.items.len()).unwrap_or(u32::MAX);
-                let ready = u32::try_from(pods.items.iter().filter(|p| pod_is_ready(p)).count()).unwrap_or(u32::MAX);
-                let foreign = foreign_pods(&pods.items, current);
-                let passed = ready >= required && foreign.is_empty();
-                on_step(KubeStepRecord::PreCheck {
-                    index,
-                    object: format!("service/{service}"),
-                    selector: sel.clone(),
-                    matching,
-                    ready,
-                    required,
-                    passed,
-                    note: (!foreign.is_empty()).then(|| {
-                        format!(
-                            "{} of them belong to another app (neither selected now nor labelled like {}): {}",
-                            foreign.len(),
-                            equality_selector(current),
-                            foreign.join(", ")
-                        )
-                    }),
-                });
-                if passed {
-                    Ok(())
-                } else if !foreign.is_empty() {
-                    Err(KubeError::ForeignPods {
-                        service: service.clone(),
-                        namespace: ns.to_string(),
-                        selector: sel,
-                        current: equality_selector(current),
-                        pods: foreign,
-                    })
-                } else {
-                    Err(KubeError::PreCheckFailed {
-                        service: service.clone(),
-                        namespace: ns.to_string(),
-                        selector: sel,
-                        matching,
-                        ready,
-                        required,
-                    })
-                }
-            }
-            PreCheckNeed::ReplicaSet {
-                name,
-                revision,
-                replicas,
-                ready,
-            } => {
-                // Decided: recorded, never blocking. After a completed rollout the ReplicaSet
-                // to restore is normally at 0 replicas, so demanding ready pods would refuse
-                // every ordinary undo. The controller scales it up within the rolling-update
-                // budget and a Service only routes to Ready pods, so the current pods keep
-                // serving meanwhile (a Recreate strategy has a gap either way); verify() is
-                // what tells whether the restored version came up.
-                let ready_n = clamp_u32(*ready);
-                let note = (ready_n < required).then(|| {
-                    format!(
-                        "replicaset {name} has {ready_n} ready replica(s); the Deployment controller scales it up \
-                         after the undo, and verify() waits for the rollout to complete"
-                    )
-                });
-                on_step(KubeStepRecord::PreCheck {
-                    index,
-                    object: format!("replicaset/{name}"),
-                    selector: format!("revision {revision}"),
-                    matching: clamp_u32(*replicas),
-                    ready: ready_n,
-                    required,
-                    passed: true,
-                    note,
-                });
-                Ok(())
-            }
+            KubeStep::Check(_) => Err(KubeError::internal("a check step reads no object")),
         }
     }
 

@@ -3,7 +3,9 @@
 //! This runs after the responder has decided (from alerts and policies) to roll back a target
 //! of kind Kubernetes. A target is a namespace and an ordered list of steps: switch a Service's
 //! selector back to the stable pods (`kubectl patch service`), undo a Deployment's rollout
-//! (`kubectl rollout undo`), scale a Deployment (`kubectl scale`). [`KubeExecutor::revert`]
+//! (`kubectl rollout undo`), scale a Deployment (`kubectl scale`); check steps between them
+//! (an HTTP GET that must pass, seed 000's `curl -f`) stop the steps after them when they
+//! fail, and the rollback ends partial, naming the check. [`KubeExecutor::revert`]
 //! first reads every object and plans every step, then pre-checks that the pods about to take
 //! the traffic are ready, and only then writes, one step at a time, each write guarded by the
 //! object's resourceVersion and read back afterwards. A step whose object is already in the
@@ -29,6 +31,7 @@
 //! re-exported here); `settings` holds the client settings; `views` the parts of each object
 //! we read and pure helpers over them; `plan` decides, from what was read, what each step must
 //! write (pure, unit-tested in `tests.rs`); `executor` makes the API calls of a revert;
+//! `check` the pre-check before any write and the check steps between writes;
 //! `verify` waits for endpoints and rollouts after it; `readback` samples the target during
 //! the bake; `records` holds the typed step records and renders them in Kubernetes terms;
 //! `error` the error enum and its classification; `gitops_hook` the calls through which
@@ -36,6 +39,7 @@
 
 use std::time::Duration;
 
+mod check;
 mod error;
 mod executor;
 mod gitops_hook;
@@ -50,11 +54,11 @@ mod views;
 #[cfg(test)]
 mod tests;
 
-pub use crate::policy::target::kubernetes::{KubeStep, KubernetesTarget};
+pub use crate::policy::target::kubernetes::{ExpectStatus, HttpCheck, KubeCheck, KubeStep, KubernetesTarget};
 pub use error::KubeError;
 pub use executor::KubeExecutor;
 pub use readback::KubeBaseline;
-pub use records::{KubeOutcome, KubeStepRecord, ObjectState, RolloutProgress, StepOutcome, StepResult};
+pub use records::{CheckVerdict, KubeOutcome, KubeStepRecord, ObjectState, RolloutProgress, StepOutcome, StepResult};
 pub use settings::KubeSettings;
 pub use views::{rollout_progress, FieldChange};
 

@@ -408,6 +408,7 @@ pub(super) fn object_name(step: &KubeStep) -> String {
         KubeStep::SwitchService { service, .. } => format!("service/{service}"),
         KubeStep::RolloutUndo { deployment, .. } => format!("deployment/{deployment}"),
         KubeStep::Scale { deployment, .. } => format!("deployment/{deployment}/scale"),
+        KubeStep::Check(_) => "check".into(),
     }
 }
 
@@ -418,6 +419,7 @@ pub(super) fn object_key(step: &KubeStep) -> String {
         KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => {
             format!("deployment/{deployment}")
         }
+        KubeStep::Check(_) => "check".into(),
     }
 }
 
@@ -425,6 +427,7 @@ pub(super) fn step_kind(step: &KubeStep) -> (&'static str, &str) {
     match step {
         KubeStep::SwitchService { service, .. } => ("Service", service),
         KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => ("Deployment", deployment),
+        KubeStep::Check(_) => ("Check", ""),
     }
 }
 

@@ -64,6 +64,8 @@ impl KubeExecutor {
         let mut first = baseline.clone().unwrap_or_default();
         for step in &t.steps {
             let drift = match step {
+                // A check wrote nothing: nothing to read back.
+                KubeStep::Check(_) => continue,
                 KubeStep::SwitchService { service, selector } => {
                     let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
                     let op = Op {

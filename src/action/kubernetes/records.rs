@@ -4,6 +4,7 @@
 //! the Slack thread.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -96,6 +97,34 @@ pub enum StepResult {
         /// The object as the server says it would be after the patch.
         would_write: ObjectState,
     },
+    /// A check step passed; the next step ran.
+    Checked {
+        /// The check, described.
+        check: String,
+        /// Requests made.
+        probes: u32,
+        /// How long it took.
+        waited_ms: u64,
+        /// The last answer.
+        last: String,
+    },
+    /// Dry run: a check step is described, not run (the steps before it were not written).
+    CheckNotRun {
+        /// The check, described.
+        check: String,
+    },
+}
+
+/// How a check step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckVerdict {
+    /// Passed: the next step runs.
+    Passed,
+    /// Not passed within its timeout: no later step runs.
+    Failed,
+    /// Dry run: not run.
+    NotRun,
 }
 
 /// One step's outcome, in target order.
@@ -275,6 +304,38 @@ pub enum KubeStepRecord {
     },
     /// The GitOps owner's sync suspended (or not) before the first write (action::gitops).
     Gitops(crate::action::gitops::GitOpsStep),
+    /// One request of a check step, recorded when its answer differs from the one before.
+    CheckProbe {
+        /// Step position.
+        index: usize,
+        /// The check, described.
+        check: String,
+        /// 1-based request number.
+        probe: u32,
+        /// `HTTP 503`, `no answer within 2s`, `request failed: ...`.
+        answer: String,
+        /// Whether the answer is accepted.
+        ok: bool,
+        /// Accepted answers in a row so far.
+        in_a_row: u32,
+        /// Accepted answers in a row needed.
+        required: u32,
+    },
+    /// How a check step ended.
+    Checked {
+        /// Step position.
+        index: usize,
+        /// The check, described.
+        check: String,
+        /// Passed, failed or (dry run) not run.
+        verdict: CheckVerdict,
+        /// Requests made.
+        probes: u32,
+        /// How long it waited.
+        waited_ms: u64,
+        /// The last answer.
+        last: Option<String>,
+    },
 }
 
 /// A Deployment's rollout progress, judged as `kubectl rollout status` does.
@@ -309,6 +370,7 @@ impl From<KubeStepRecord> for Step {
                 KubeStepRecord::Patched { dry_run, .. } => !dry_run,
                 KubeStepRecord::AttemptFailed(a) => a.is_notable(),
                 KubeStepRecord::Gitops(g) => g.is_notable(),
+                KubeStepRecord::Checked { verdict, .. } => *verdict != CheckVerdict::NotRun,
                 _ => false,
             },
             detail: serde_json::to_value(&s).unwrap_or_default(),
@@ -442,6 +504,45 @@ impl KubeStepRecord {
                 format!("rollout of deployment/{deployment}: {}", progress.message)
             }
             KubeStepRecord::Gitops(g) => g.describe(),
+            KubeStepRecord::CheckProbe {
+                index,
+                probe,
+                answer,
+                ok,
+                in_a_row,
+                required,
+                ..
+            } => format!(
+                "check steps[{index}] probe {probe}: {answer}: {}",
+                if *ok {
+                    format!("accepted, {in_a_row} of {required} in a row")
+                } else {
+                    format!("not accepted, {required} in a row needed")
+                }
+            ),
+            KubeStepRecord::Checked {
+                index,
+                check,
+                verdict,
+                probes,
+                waited_ms,
+                last,
+            } => {
+                let secs = Duration::from_millis(*waited_ms).as_secs_f64();
+                let last = last.as_deref().unwrap_or("none");
+                match verdict {
+                    CheckVerdict::Passed => format!(
+                        "check steps[{index}] passed, the next step runs: {check} ({probes} probe(s) in {secs:.1}s, last {last})"
+                    ),
+                    CheckVerdict::Failed => format!(
+                        "check steps[{index}] FAILED, the steps after it are not run: {check} (not passed after {probes} \
+                         probe(s) in {secs:.1}s, last {last})"
+                    ),
+                    CheckVerdict::NotRun => format!(
+                        "dry run: check steps[{index}] not run (the steps before it were not written): would {check}"
+                    ),
+                }
+            }
         }
     }
 

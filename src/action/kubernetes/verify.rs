@@ -69,6 +69,9 @@ impl KubeExecutor {
                     )
                     .await?;
                 }
+                // It ran between the writes; the policy's verification.health_probe repeats
+                // such a probe through the bake.
+                KubeStep::Check(_) => {}
             }
         }
         Ok(())

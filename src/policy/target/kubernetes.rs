@@ -1,11 +1,14 @@
 //! A Kubernetes rollback target as written in a policy file: a namespace and the ordered
 //! kubectl-equivalent steps (switch a Service's selector, undo a Deployment's rollout, scale a
-//! Deployment). Plain data and its validation; `action::kubernetes` carries it out.
+//! Deployment) and the checks between them (`kube_check`). Plain data and its validation;
+//! `action::kubernetes` carries it out.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use super::kube_check::{ExpectStatus, HttpCheck, KubeCheck};
 
 /// A namespace and the ordered steps to revert in it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -67,16 +70,21 @@ pub enum KubeStep {
     },
     /// `kubectl scale deployment NAME --replicas=N`.
     Scale { deployment: String, replicas: u32 },
+    /// Verify before the next step runs (seed 000's `curl -f` between the switch and the
+    /// scale-down); writes nothing. A failure stops the steps after it.
+    Check(KubeCheck),
 }
 
 impl KubeStep {
-    /// The object the step writes: `service/NAME` or `deployment/NAME`.
+    /// The object the step writes: `service/NAME` or `deployment/NAME` (a check: what it
+    /// checks).
     pub fn object(&self) -> String {
         match self {
             KubeStep::SwitchService { service, .. } => format!("service/{service}"),
             KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => {
                 format!("deployment/{deployment}")
             }
+            KubeStep::Check(c) => format!("check {}", c.describe()),
         }
     }
 }
@@ -95,8 +103,16 @@ impl KubernetesTarget {
         if let Some(g) = &self.gitops {
             g.owner()?;
         }
+        if self.steps.iter().all(|s| matches!(s, KubeStep::Check(_))) {
+            return Err(
+                "target.kubernetes.steps: a check writes nothing, so checks alone revert nothing; add the step(s) it \
+                 guards (switch_service, rollout_undo or scale)"
+                    .into(),
+            );
+        }
         for (i, s) in self.steps.iter().enumerate() {
             match s {
+                KubeStep::Check(c) => c.validate(&format!("target.kubernetes.steps[{i}]"))?,
                 KubeStep::SwitchService { selector, .. } if selector.is_empty() => {
                     return Err(format!(
                         "target.kubernetes.steps[{i}].switch_service.selector: give the previous version's labels, e.g. {{version: v1.0.0-rc.0}}"
@@ -120,6 +136,20 @@ impl KubernetesTarget {
                 }
                 _ => {}
             }
+        }
+        let waits = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                KubeStep::Check(c) => Some(c.timeout()),
+                _ => None,
+            })
+            .try_fold(Duration::ZERO, Duration::checked_add);
+        if waits.is_none_or(|w| w > super::kube_check::MAX_CHECKS_TOTAL) {
+            return Err(format!(
+                "target.kubernetes.steps: the checks' timeouts add up to more than {}; shorten them",
+                humantime::format_duration(super::kube_check::MAX_CHECKS_TOTAL)
+            ));
         }
         Ok(())
     }
@@ -154,14 +184,16 @@ impl KubernetesTarget {
 
     /// Identity of what a revert changes: the namespace and every object it touches.
     pub fn key(&self) -> String {
+        // A check changes nothing: not part of the identity.
         let objects: Vec<String> = self
             .steps
             .iter()
-            .map(|s| match s {
-                KubeStep::SwitchService { service, .. } => format!("svc/{service}"),
+            .filter_map(|s| match s {
+                KubeStep::SwitchService { service, .. } => Some(format!("svc/{service}")),
                 KubeStep::RolloutUndo { deployment, .. } | KubeStep::Scale { deployment, .. } => {
-                    format!("deploy/{deployment}")
+                    Some(format!("deploy/{deployment}"))
                 }
+                KubeStep::Check(_) => None,
             })
             .collect();
         format!("k8s:{}/{}", self.namespace, objects.join(","))

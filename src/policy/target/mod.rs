@@ -4,6 +4,7 @@
 
 pub mod alb;
 pub mod gitops;
+pub mod kube_check;
 pub mod kubernetes;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use kubernetes::{KubeStep, KubernetesTarget};
 pub enum Target {
     /// An AWS ALB listener (or rule): weighted forward back to the stable target group.
     Alb(AlbTarget),
-    /// Kubernetes: Service selector, rollout undo, scale, in order.
+    /// Kubernetes: Service selector, rollout undo, scale, and checks between them, in order.
     Kubernetes(KubernetesTarget),
 }
 
@@ -100,6 +101,7 @@ impl Target {
                         KubeStep::Scale { deployment, replicas } => {
                             format!("scale deployment/{deployment} to {replicas}")
                         }
+                        KubeStep::Check(c) => format!("check that {}", c.describe()),
                     })
                     .collect();
                 let suspend = match t.gitops.as_ref().map(gitops::GitOps::owner) {
