@@ -285,6 +285,11 @@ mod tests {
     }
 
     #[test]
+    fn the_checks_of_a_target_are_bounded_like_the_longest_retry_window() {
+        assert_eq!(crate::policy::target::kube_check::MAX_CHECKS_TOTAL, MAX_WINDOW);
+    }
+
+    #[test]
     fn windows_and_caps_are_bounded() {
         let p = RetryPolicy::new(Duration::from_secs(7200), Duration::ZERO, Some(0));
         assert_eq!((p.window, p.max_attempts), (MAX_WINDOW, None));
