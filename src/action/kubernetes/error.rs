@@ -347,7 +347,38 @@ pub(super) struct Op<'a> {
     pub(super) name: &'a str,
 }
 
-impl Op<'_> {
+impl<'a> Op<'a> {
+    /// A call on a core/v1 Service.
+    pub(super) fn service(verb: &'static str, namespace: &'a str, name: &'a str) -> Self {
+        Op {
+            verb,
+            kind: "Service",
+            api_group: "",
+            resource: "services",
+            namespace,
+            name,
+        }
+    }
+
+    /// A call on an apps/v1 Deployment's scale subresource.
+    pub(super) fn scale(verb: &'static str, namespace: &'a str, name: &'a str) -> Self {
+        Op {
+            resource: "deployments/scale",
+            ..Op::deployment(verb, namespace, name)
+        }
+    }
+
+    /// A call on an apps/v1 Deployment.
+    pub(super) fn deployment(verb: &'static str, namespace: &'a str, name: &'a str) -> Self {
+        Op {
+            verb,
+            kind: "Deployment",
+            api_group: "apps",
+            resource: "deployments",
+            namespace,
+            name,
+        }
+    }
     pub(super) fn describe(&self) -> String {
         if self.name.is_empty() {
             format!("{} {} in {}", self.verb, self.resource, self.namespace)

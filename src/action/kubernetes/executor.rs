@@ -274,27 +274,13 @@ impl KubeExecutor {
         match step {
             KubeStep::SwitchService { service, .. } => {
                 let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
-                let op = Op {
-                    verb: "get",
-                    kind: "Service",
-                    api_group: "",
-                    resource: "services",
-                    namespace: ns,
-                    name: service,
-                };
+                let op = Op::service("get", ns, service);
                 let svc = self.call(op, on_step, || api.get(service)).await?;
                 Ok(Current::Service(ServiceView::from_service(&svc)))
             }
             KubeStep::RolloutUndo { deployment, .. } => {
                 let api = self.dynamic_api::<Deployment>(ns);
-                let op = Op {
-                    verb: "get",
-                    kind: "Deployment",
-                    api_group: "apps",
-                    resource: "deployments",
-                    namespace: ns,
-                    name: deployment,
-                };
+                let op = Op::deployment("get", ns, deployment);
                 let obj = self.call(op, on_step, || api.get(deployment)).await?;
                 let d = DeploymentView::parse(&obj)?;
                 let rs_api = self.dynamic_api::<ReplicaSet>(ns);
@@ -313,14 +299,7 @@ impl KubeExecutor {
             }
             KubeStep::Scale { deployment, .. } => {
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
-                let op = Op {
-                    verb: "get",
-                    kind: "Deployment",
-                    api_group: "apps",
-                    resource: "deployments/scale",
-                    namespace: ns,
-                    name: deployment,
-                };
+                let op = Op::scale("get", ns, deployment);
                 let scale = self.call(op, on_step, || api.get_scale(deployment)).await?;
                 Ok(Current::Scale(ScaleView::from_scale(deployment, &scale)))
             }
@@ -477,28 +456,14 @@ impl KubeExecutor {
             (KubeStep::SwitchService { service, .. }, Current::Service(_)) => {
                 let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
                 let patch = json_patch()?;
-                let op = Op {
-                    verb: "patch",
-                    kind: "Service",
-                    api_group: "",
-                    resource: "services",
-                    namespace: ns,
-                    name: service,
-                };
+                let op = Op::service("patch", ns, service);
                 let svc = self.call(op, on_step, || api.patch(service, &pp, &patch)).await?;
                 Ok(Current::Service(ServiceView::from_service(&svc)).state())
             }
             (KubeStep::RolloutUndo { deployment, .. }, Current::Undo(_, rses)) => {
                 let api = self.dynamic_api::<Deployment>(ns);
                 let patch = json_patch()?;
-                let op = Op {
-                    verb: "patch",
-                    kind: "Deployment",
-                    api_group: "apps",
-                    resource: "deployments",
-                    namespace: ns,
-                    name: deployment,
-                };
+                let op = Op::deployment("patch", ns, deployment);
                 let obj = self.call(op, on_step, || api.patch(deployment, &pp, &patch)).await?;
                 Ok(deployment_state(&DeploymentView::parse(&obj)?, rses))
             }
@@ -507,14 +472,7 @@ impl KubeExecutor {
                 // leaves a Deployment at 0 alone, but resets any other value to its range).
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
                 let patch = Patch::Merge(plan.patch.clone());
-                let op = Op {
-                    verb: "patch",
-                    kind: "Deployment",
-                    api_group: "apps",
-                    resource: "deployments/scale",
-                    namespace: ns,
-                    name: deployment,
-                };
+                let op = Op::scale("patch", ns, deployment);
                 let scale = self
                     .call(op, on_step, || api.patch_scale(deployment, &pp, &patch))
                     .await?;

@@ -68,14 +68,7 @@ impl KubeExecutor {
                 KubeStep::Check(_) => continue,
                 KubeStep::SwitchService { service, selector } => {
                     let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
-                    let op = Op {
-                        verb: "get",
-                        kind: "Service",
-                        api_group: "",
-                        resource: "services",
-                        namespace: ns,
-                        name: service,
-                    };
+                    let op = Op::service("get", ns, service);
                     let svc = self.call(op, &mut ignore, || api.get(service)).await?;
                     let now = svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
                     seen.push(format!("svc/{service} {}", equality_selector(&now)));
@@ -168,14 +161,7 @@ impl KubeExecutor {
             return Ok(d.clone());
         }
         let api = self.dynamic_api::<Deployment>(ns);
-        let op = Op {
-            verb: "get",
-            kind: "Deployment",
-            api_group: "apps",
-            resource: "deployments",
-            namespace: ns,
-            name,
-        };
+        let op = Op::deployment("get", ns, name);
         let d = self.call(op, &mut |_| {}, || api.get(name)).await?;
         cache.insert(name.to_string(), d.clone());
         Ok(d)

@@ -166,14 +166,7 @@ impl KubeExecutor {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
         let mut last: Option<RolloutProgress> = None;
         loop {
-            let op = Op {
-                verb: "get",
-                kind: "Deployment",
-                api_group: "apps",
-                resource: "deployments",
-                namespace: ns,
-                name: deployment,
-            };
+            let op = Op::deployment("get", ns, deployment);
             let d = self.call(op, on_step, || api.get(deployment)).await?;
             let mut progress = rollout_progress(&d);
             if let Some(n) = replicas.filter(|_| progress.complete) {
