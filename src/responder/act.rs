@@ -35,6 +35,10 @@ struct Timed {
     step: Step,
 }
 
+/// How long a step that the store refuses is retried before the next write goes ahead with
+/// the step kept for the result's transaction instead: well inside the action's lease.
+const RECORD_STEP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An earlier attempt at this incident's action that never recorded a result.
 #[derive(Debug, Clone, PartialEq)]
 struct Interrupted {
@@ -42,6 +46,8 @@ struct Interrupted {
     started_by: String,
     /// Who recorded the plan of a write (not a dry run) before dying, if any attempt did.
     wrote: Option<String>,
+    /// When that plan was recorded: the write, if it took, came right after.
+    wrote_at: Option<DateTime<Utc>>,
 }
 
 impl Interrupted {
@@ -52,11 +58,14 @@ impl Interrupted {
             .find(|e| e.kind == AuditKind::ActionStarted)?
             .actor
             .clone();
-        let wrote = events
+        let planned = events
             .iter()
-            .find(|e| e.kind == AuditKind::ActionStep && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
-            .map(|e| e.actor.clone());
-        Some(Interrupted { started_by, wrote })
+            .find(|e| e.kind == AuditKind::ActionStep && e.detail["step"] == "planned" && e.detail["dry_run"] == false);
+        Some(Interrupted {
+            started_by,
+            wrote: planned.map(|e| e.actor.clone()),
+            wrote_at: planned.map(|e| e.at),
+        })
     }
 }
 
@@ -217,17 +226,31 @@ impl Responder {
                 Err(e) => {
                     self.metrics.action(target.kind().as_str(), "failed", ran.secs);
                     warn!(error = %e, partial = ran.applied.len(), "rollback action failed; escalating");
-                    if let Some(at) = first_write {
+                    // An interrupted earlier attempt that had begun to write (a takeover that
+                    // then failed, e.g. on a forward or step the first replica never reached):
+                    // its writes most likely took, so this is a partial rollback, counted.
+                    let earlier = interrupted
+                        .as_ref()
+                        .filter(|_| !dry_run && first_write.is_none() && inc.acted_at.is_none())
+                        .and_then(|i| Some((i.wrote.clone()?, i.wrote_at?)));
+                    if let Some(at) = first_write.or(earlier.as_ref().map(|(_, at)| *at)) {
                         // A partial revert changed the target: it is a rollback for the guards.
                         inc.acted_at = Some(at);
                         self.metrics
                             .alert_to_action((at - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
                     }
-                    let took: Vec<String> = ran
+                    let mut took: Vec<String> = ran
                         .applied
                         .iter()
                         .map(|t| format!("{} (at {})", t.step.summary, t.at.format("%H:%M:%S UTC")))
                         .collect();
+                    if let Some((writer, at)) = &earlier {
+                        took.push(format!(
+                            "the writes of the interrupted earlier attempt of {writer} (begun at {}; see its steps in \
+                             the timeline)",
+                            at.format("%H:%M:%S UTC")
+                        ));
+                    }
                     let summary = failure_summary(&took, &e);
                     self.apply(
                         &mut tx,
@@ -287,7 +310,18 @@ impl Responder {
                 if t.step.applied {
                     applied.push(t.clone());
                 }
-                if let Err(e) = self.record_step(inc, &t).await {
+                // The next write waits for this: a takeover reads a recorded plan as "we had
+                // begun to write", so a store blip is retried for a while before the write is
+                // let through without it.
+                let mut delay = std::time::Duration::from_millis(100);
+                let mut last = self.record_step(inc, &t).await;
+                let give_up = Instant::now() + RECORD_STEP_PATIENCE;
+                while last.is_err() && Instant::now() + delay < give_up {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                    last = self.record_step(inc, &t).await;
+                }
+                if let Err(e) = last {
                     // Kept for the result's transaction: a store blip loses no step.
                     warn!(error = %e, "could not record an action step as it happened; recording it with the result");
                     unrecorded.push(t);
@@ -430,6 +464,7 @@ mod tests {
         let died_early = Interrupted {
             started_by: "replica-0".into(),
             wrote: None,
+            wrote_at: None,
         };
         let (counted, text) = found_reverted(Some(&died_early), None, s);
         assert!(!counted);
@@ -444,6 +479,7 @@ mod tests {
         let died_writing = Interrupted {
             started_by: "replica-0".into(),
             wrote: Some("replica-0".into()),
+            wrote_at: Some(Utc::now()),
         };
         let (counted, text) = found_reverted(Some(&died_writing), None, s);
         assert!(counted);

@@ -1327,16 +1327,19 @@ async fn a_selector_that_drops_the_app_key_is_refused_naming_the_other_apps_pods
     assert!(result.expect("switch with app").changed);
 }
 
-/// A replica planned its selector patch and died; meanwhile a person switched the Service with
-/// `kubectl patch` and scaled the canary down. The takeover finds it done and says who: not our
-/// rollback (before, the planned write alone made it count as ours).
-#[tokio::test]
-async fn a_takeover_that_finds_a_persons_revert_says_who_and_does_not_count_it() {
+/// The replica that died mid-action in the takeover tests.
+const DEAD: &str = "replica-dead";
+
+/// A Kubernetes world (switch the Service, then scale the canary down) and a service whose
+/// manual policy has opened an incident awaiting approval.
+async fn takeover_world() -> (
+    FakeKube,
+    crate::helpers::TestApp,
+    rollback_responder::incident::IncidentId,
+) {
     use crate::helpers::{ago, alert, payload, spawn_app, Options};
     use rollback_responder::action::Executors;
-    use rollback_responder::incident::{Event, IncidentId};
-    use rollback_responder::store::NewEvent;
-    const DEAD: &str = "replica-dead";
+    use rollback_responder::incident::IncidentId;
 
     let fake = FakeKube::start().await;
     seed_world(&fake, true);
@@ -1395,7 +1398,66 @@ verification:
         })
         .await;
     let id = IncidentId(list[0]["id"].as_str().unwrap().to_string());
+    (fake, app, id)
+}
 
+/// What a replica that died mid-action leaves: approved, its expired lease, its start mark
+/// and the plan of its first write (the Service switch).
+async fn leave_a_dead_attempt(app: &crate::helpers::TestApp, id: &rollback_responder::incident::IncidentId) {
+    use rollback_responder::incident::Event;
+    use rollback_responder::store::NewEvent;
+
+    let r = &app.responder;
+    let now = chrono::Utc::now();
+    let mut tx = r.store.begin().await.unwrap();
+    let mut inc = tx.incident(id).await.unwrap().unwrap();
+    r.apply(
+        &mut tx,
+        &mut inc,
+        Event::Approved {
+            by: vec!["U0APPROVER".into()],
+        },
+        "U0APPROVER",
+        "approved".into(),
+        Value::Null,
+        now,
+    )
+    .await
+    .unwrap();
+    inc.owner = Some(DEAD.into());
+    inc.lease_until = Some(now - chrono::Duration::seconds(1));
+    assert!(tx.take_lease(&inc).await.unwrap());
+    for (kind, detail) in [
+        (AuditKind::ActionStarted, json!({"dry_run": false})),
+        (
+            AuditKind::ActionStep,
+            json!({"step": "planned", "dry_run": false, "object": "service/portal-api-prod"}),
+        ),
+    ] {
+        tx.append_event(
+            id,
+            now,
+            NewEvent {
+                kind,
+                actor: DEAD,
+                phase_from: None,
+                phase_to: None,
+                summary: kind.as_str().into(),
+                detail,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// A replica planned its selector patch and died; meanwhile a person switched the Service with
+/// `kubectl patch` and scaled the canary down. The takeover finds it done and says who: not our
+/// rollback (before, the planned write alone made it count as ours).
+#[tokio::test]
+async fn a_takeover_that_finds_a_persons_revert_says_who_and_does_not_count_it() {
+    let (fake, app, id) = takeover_world().await;
     // The person: `kubectl patch service` and `kubectl scale`.
     let client = fake.client();
     let services: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(client.clone(), NS);
@@ -1426,51 +1488,7 @@ verification:
     scaled_down(&fake);
     let writes = fake.writes();
 
-    // What a replica that died mid-action leaves: approved, its expired lease, its start mark
-    // and the plan of its first write.
-    let r = &app.responder;
-    let now = chrono::Utc::now();
-    let mut tx = r.store.begin().await.unwrap();
-    let mut inc = tx.incident(&id).await.unwrap().unwrap();
-    r.apply(
-        &mut tx,
-        &mut inc,
-        Event::Approved {
-            by: vec!["U0APPROVER".into()],
-        },
-        "U0APPROVER",
-        "approved".into(),
-        Value::Null,
-        now,
-    )
-    .await
-    .unwrap();
-    inc.owner = Some(DEAD.into());
-    inc.lease_until = Some(now - chrono::Duration::seconds(1));
-    assert!(tx.take_lease(&inc).await.unwrap());
-    for (kind, detail) in [
-        (AuditKind::ActionStarted, json!({"dry_run": false})),
-        (
-            AuditKind::ActionStep,
-            json!({"step": "planned", "dry_run": false, "object": "service/portal-api-prod"}),
-        ),
-    ] {
-        tx.append_event(
-            &id,
-            now,
-            NewEvent {
-                kind,
-                actor: DEAD,
-                phase_from: None,
-                phase_to: None,
-                summary: kind.as_str().into(),
-                detail,
-            },
-        )
-        .await
-        .unwrap();
-    }
-    tx.commit().await.unwrap();
+    leave_a_dead_attempt(&app, &id).await;
 
     let list = app
         .wait_incidents("taken over and settled", |l| l[0]["phase"] == "verified")
@@ -1500,4 +1518,47 @@ verification:
         summary.ends_with("scale deployment/portal-api-canary to 0: already done"),
         "{summary}"
     );
+}
+
+/// A takeover that fails after the dead replica had begun to write (it switched the Service,
+/// then died; the takeover finds the switch done and the scale refused) is a partial
+/// rollback: counted for the guards and said so, never "nothing was changed".
+#[tokio::test]
+async fn a_takeover_that_fails_after_the_dead_replicas_write_is_a_partial_rollback() {
+    let (fake, app, id) = takeover_world().await;
+    // The dead replica's write took: the Service is switched, by our field manager.
+    let services: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(fake.client(), NS);
+    let patch: json_patch::Patch = serde_json::from_value(json!([{"op": "add", "path": "/spec/selector",
+        "value": {"app": "portal-api", "version": "v1.0.0-rc.0"}}]))
+    .unwrap();
+    let params = kube::api::PatchParams {
+        field_manager: Some("rollback-responder".into()),
+        ..Default::default()
+    };
+    services
+        .patch("portal-api-prod", &params, &kube::api::Patch::Json::<()>(patch))
+        .await
+        .expect("the dead replica's switch");
+    fake.deny("patch", "deployments/scale");
+    leave_a_dead_attempt(&app, &id).await;
+
+    let list = app
+        .wait_incidents("taken over and failed", |l| l[0]["phase"] == "failed")
+        .await;
+    assert_eq!(list[0]["executed"], true, "the switch was ours: {}", list[0]);
+    let inc = app.incident(&id.0).await;
+    let failed = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "action_failed")
+        .expect("the takeover's result");
+    let summary = failed["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with(&format!(
+            "partial rollback: the writes of the interrupted earlier attempt of {DEAD} (begun at "
+        )),
+        "{summary}"
+    );
+    assert!(!summary.contains("nothing was changed"), "{summary}");
 }
