@@ -6,7 +6,7 @@
 //! nothing here ever runs on the rollback's path, so an outage of Slack cannot delay a
 //! rollback. One file per channel renders its messages and speaks its API.
 
-mod mrkdwn;
+pub mod mrkdwn;
 pub mod outbox;
 pub mod pagerduty;
 pub mod slack;

@@ -33,6 +33,13 @@ pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Text from an alert (labels, annotations) that goes into a line later rendered with
+/// [`escape_keeping_mentions`]: a `<@U…>` in it is broken with a word joiner so it shows as
+/// written but never pings anyone; only the mentions the responder adds itself stay live.
+pub fn defuse_mentions(s: &str) -> String {
+    s.replace("<@", "<\u{2060}@")
+}
+
 /// [`escape`] for a line the responder wrote, keeping the user mentions (`<@U0ALICE>`) it puts
 /// in on purpose to name who acted; everything else in it (alert labels, a person's reason)
 /// is escaped.
@@ -74,6 +81,12 @@ mod tests {
             "approved by <@U0ALICE> for &lt;!here&gt; &lt;@U1|x&gt; &lt;@&gt; a&lt;b"
         );
         assert_eq!(escape_keeping_mentions("<@U1><@U2>"), "<@U1><@U2>");
+        // An alert's text cannot mention anyone, even inside a line that keeps mentions.
+        let joined = format!("{} joined, approved by <@U0ALICE>", defuse_mentions("svc=<@U0CEO>"));
+        assert_eq!(
+            escape_keeping_mentions(&joined),
+            "svc=&lt;\u{2060}@U0CEO&gt; joined, approved by <@U0ALICE>"
+        );
         assert_eq!(escape_keeping_mentions("trailing <@U1"), "trailing &lt;@U1");
     }
 

@@ -121,7 +121,7 @@ pub fn root(inc: &Incident, ctx: &Context) -> (String, Value) {
         escape(&ctx.target),
     );
     if let Some(s) = &ctx.summary {
-        body.push_str(&format!("\n*Alert:* {}", escape_keeping_mentions(s)));
+        body.push_str(&format!("\n*Alert:* {}", escape(s)));
     }
     if let Some(m) = &ctx.measured {
         body.push_str(&format!(

@@ -321,7 +321,7 @@ impl Responder {
                 // first one; the timeline keeps the whole alert.
                 let told = match notify::Measured::from_annotations(stored.alert.alertname(), &stored.alert.annotations)
                 {
-                    Some(m) => format!("{summary}\n*Measured:* {}", m.text),
+                    Some(m) => format!("{summary}\n*Measured:* {}", notify::mrkdwn::defuse_mentions(&m.text)),
                     None => summary.clone(),
                 };
                 self.tell(tx, &inc, Change::Note { summary: &told }, now).await?;
@@ -471,6 +471,11 @@ fn join_note(d: &Decision, inc: &Incident, note: Option<&str>) -> String {
     format!("{what}; {then}")
 }
 
+/// An alert for the timeline and the Slack thread: its labels can mention nobody.
 fn describe_alert(s: &StoredAlert) -> String {
-    format!("{} ({})", policy::describe_labels(&s.alert.labels), s.alert.fingerprint)
+    notify::mrkdwn::defuse_mentions(&format!(
+        "{} ({})",
+        policy::describe_labels(&s.alert.labels),
+        s.alert.fingerprint
+    ))
 }
