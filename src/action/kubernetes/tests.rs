@@ -597,3 +597,64 @@ fn a_named_good_revision_survives_renumbering_and_a_named_image_is_found() {
         Err(KubeError::RevisionNotFound { revision: 7, .. })
     ));
 }
+
+fn labelled_pod(name: &str, labels: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels.iter().copied().collect::<BTreeMap<_, _>>()}}),
+    )
+    .expect("pod")
+}
+
+#[test]
+fn a_switch_between_instances_or_components_of_one_app_finds_no_foreign_pods() {
+    let s = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let stable = [
+        labelled_pod(
+            "portal-api-0",
+            &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")],
+        ),
+        labelled_pod(
+            "portal-api-1",
+            &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")],
+        ),
+    ];
+    // The canary's instance to the stable one's: the instance key tells the tracks apart.
+    let current = s(&[
+        ("app", "portal-api"),
+        ("app.kubernetes.io/instance", "portal-api-canary"),
+    ]);
+    let new = s(&[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")]);
+    assert_eq!(foreign_pods(&stable, &current, &new), Vec::<String>::new());
+    // The same by component.
+    let web = [labelled_pod("web-0", &[("name", "web"), ("component", "stable")])];
+    let current = s(&[("name", "web"), ("component", "canary")]);
+    let new = s(&[("name", "web"), ("component", "stable")]);
+    assert_eq!(foreign_pods(&web, &current, &new), Vec::<String>::new());
+    // Seed 000's copied selector drops `app`: another app's pod is still foreign, ours is not.
+    let current = s(&[("app", "portal-api"), ("track", "canary"), ("version", "v1.0.0")]);
+    let new = s(&[("version", "v1.0.0-rc.0")]);
+    let mixed = [
+        labelled_pod("portal-api-0", &[("app", "portal-api"), ("version", "v1.0.0-rc.0")]),
+        labelled_pod("billing-0", &[("app", "billing"), ("version", "v1.0.0-rc.0")]),
+    ];
+    assert_eq!(
+        foreign_pods(&mixed, &current, &new),
+        vec!["billing-0 (app=billing)".to_string()]
+    );
+    // Dropping the instance key keeps it compared: a pod of another instance is foreign.
+    let current = s(&[
+        ("app", "portal-api"),
+        ("app.kubernetes.io/instance", "portal-api-canary"),
+    ]);
+    let new = s(&[("app", "portal-api")]);
+    let other = [labelled_pod(
+        "eu-0",
+        &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api-eu")],
+    )];
+    assert_eq!(
+        foreign_pods(&other, &current, &new),
+        vec!["eu-0 (app=portal-api,app.kubernetes.io/instance=portal-api-eu)".to_string()]
+    );
+}
