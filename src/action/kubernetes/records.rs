@@ -554,12 +554,11 @@ impl KubeStepRecord {
         }
     }
 
-    /// Whether this step changed an object (a patch that was stored).
+    /// Whether this step reverted part of the target (a patch of a step that was stored). A
+    /// GitOps suspend is recorded and shown but is not one: it moves no traffic, so a revert
+    /// that fails after it is not a partial rollback.
     pub fn applied(&self) -> bool {
-        match self {
-            KubeStepRecord::Gitops(g) => g.applied(),
-            other => matches!(other, KubeStepRecord::Patched { dry_run: false, .. }),
-        }
+        matches!(self, KubeStepRecord::Patched { dry_run: false, .. })
     }
 }
 
