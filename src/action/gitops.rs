@@ -220,11 +220,6 @@ impl GitOpsStep {
     pub fn is_notable(&self) -> bool {
         !matches!(self, GitOpsStep::ConflictRetry { will_retry: true, .. })
     }
-
-    /// The owner object was changed (stored).
-    pub fn applied(&self) -> bool {
-        matches!(self, GitOpsStep::Suspended { .. })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

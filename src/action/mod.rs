@@ -106,6 +106,7 @@ impl Executors {
                 kube_report(
                     t,
                     exec.field_manager(),
+                    opened_at,
                     exec.revert_gated(t, dry_run, Some(opened_at), &mut record, before_write)
                         .await,
                 )
@@ -240,10 +241,11 @@ fn kube_error(e: &kubernetes::KubeError) -> ActionError {
 fn kube_report(
     t: &KubernetesTarget,
     our_manager: &str,
+    opened_at: chrono::DateTime<chrono::Utc>,
     result: Result<kubernetes::KubeOutcome, kubernetes::KubeError>,
 ) -> Result<ActionReport, ActionError> {
     let outcome = result.map_err(|e| kube_error(&e))?;
-    let found_reverted_by = outcome.found_reverted_by(our_manager);
+    let found_reverted_by = outcome.found_reverted_by(our_manager, Some(opened_at));
     let steps: Vec<String> = outcome
         .steps
         .iter()

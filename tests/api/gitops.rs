@@ -601,6 +601,53 @@ async fn a_missing_application_fails_the_incident_with_nothing_reverted() {
     assert_eq!(image(&fake), "portal-api:1.0.0");
 }
 
+/// The suspend took but the Deployment's undo was refused: no traffic moved, so the incident
+/// is a failed rollback with nothing reverted (not a "partial rollback" that counts for the
+/// guards); the suspend is still on the timeline, with how to resume.
+#[tokio::test]
+async fn a_suspend_followed_by_a_failed_undo_is_not_a_partial_rollback() {
+    let fake = FakeKube::start().await;
+    release_world(&fake);
+    fake.insert("applications", application(json!({"prune": true})));
+    fake.deny("patch", "deployments");
+    let (slack_server, _slack) = SlackFake::start().await;
+    let app = service_app(&fake, &slack_server).await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "a1b2c3d4e5f60718", &ago(5), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("the incident to fail", |l| l.len() == 1 && l[0]["phase"] == "failed")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    let automated_gone = fake.get("applications", "argocd", "portal-api").unwrap()["spec"]["syncPolicy"]
+        .get("automated")
+        .is_none();
+    assert!(automated_gone, "the suspend took");
+    assert_eq!(image(&fake), "portal-api:1.0.0");
+    assert_eq!(
+        inc["executed"], false,
+        "no traffic moved: not a rollback for the guards"
+    );
+    let failed = inc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "action_failed")
+        .unwrap_or_else(|| panic!("no action_failed: {}", inc["timeline"]));
+    let summary = failed["summary"].as_str().unwrap();
+    assert!(!summary.contains("partial rollback"), "{summary}");
+    assert_eq!(failed["detail"]["applied"], json!([]), "{failed:#}");
+    let steps = action_steps(&inc);
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with("Argo CD application argocd/portal-api: automated sync suspended")),
+        "{steps:#?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bad policy input
 // ---------------------------------------------------------------------------------------------

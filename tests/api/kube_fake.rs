@@ -1562,3 +1562,40 @@ async fn a_takeover_that_fails_after_the_dead_replicas_write_is_a_partial_rollba
     );
     assert!(!summary.contains("nothing was changed"), "{summary}");
 }
+
+/// The usual Helm/Kustomize switch from the canary's instance to the stable one's: every pod
+/// the new selector picks has another `app.kubernetes.io/instance` than the current selector,
+/// by design; they are the same app, so the switch is made (a revert that was always refused
+/// as foreign pods before).
+#[tokio::test]
+async fn a_switch_from_the_canary_instance_to_the_stable_one_is_made() {
+    let fake = FakeKube::start().await;
+    fn instance(i: &str) -> [(&str, &str); 2] {
+        [("app", "portal-api"), ("app.kubernetes.io/instance", i)]
+    }
+    fake.insert(
+        "services",
+        service(NS, "portal-api-prod", &instance("portal-api-canary")),
+    );
+    for i in 0..2 {
+        fake.insert(
+            "pods",
+            pod(NS, &format!("portal-api-{i}"), &instance("portal-api"), true),
+        );
+    }
+    fake.insert(
+        "pods",
+        pod(NS, "portal-api-canary-0", &instance("portal-api-canary"), true),
+    );
+    let exec = executor(&fake);
+    let to_stable = KubeStep::SwitchService {
+        service: "portal-api-prod".into(),
+        selector: sel(&instance("portal-api")),
+    };
+    let (result, _) = run(&exec, &target(vec![to_stable]), false).await;
+    assert!(result.expect("switched").changed);
+    assert_eq!(
+        fake.get("services", NS, "portal-api-prod").unwrap()["spec"]["selector"],
+        json!({"app": "portal-api", "app.kubernetes.io/instance": "portal-api"})
+    );
+}

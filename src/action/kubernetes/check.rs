@@ -79,7 +79,7 @@ impl KubeExecutor {
                 let pods = self.call(op, on_step, || api.list(&lp)).await?;
                 let matching = u32::try_from(pods.items.len()).unwrap_or(u32::MAX);
                 let ready = u32::try_from(pods.items.iter().filter(|p| pod_is_ready(p)).count()).unwrap_or(u32::MAX);
-                let foreign = foreign_pods(&pods.items, current);
+                let foreign = foreign_pods(&pods.items, current, selector);
                 let passed = ready >= required && foreign.is_empty();
                 on_step(KubeStepRecord::PreCheck {
                     index,

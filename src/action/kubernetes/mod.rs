@@ -19,8 +19,9 @@
 //! a JSON patch (`kubectl patch -p` merges maps, so stale keys survive); every write carries a
 //! resourceVersion precondition (kubectl's rollout undo has none); rollout undo keeps all of
 //! the Deployment's annotations (kubectl drops those not on its skip list) and adds
-//! [`UNDO_MARKER_ANNOTATION`], so that running the same undo twice does not flip back to the
-//! canary the way a second `kubectl rollout undo` does; given the incident's opening time,
+//! [`UNDO_MARKER_ANNOTATION`] (with the incident's opening time: another incident ignores it),
+//! so that running the same undo twice does not flip back to the canary the way a second
+//! `kubectl rollout undo` does; given the incident's opening time,
 //! rollout undo pins the release current then as the bad one (a person's undo since then is
 //! found done, with who and when from managedFields, instead of being undone again), and a
 //! policy may name the known-good revision or image; a Service switch is refused when the new

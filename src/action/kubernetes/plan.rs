@@ -72,6 +72,10 @@ pub(super) struct UndoMarker {
     /// The step's `to_image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) requested_image: Option<String>,
+    /// When the incident whose run wrote it opened: a later incident does not take an earlier
+    /// incident's undo for its own (that release may have been rolled forward since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) incident_opened_at: Option<DateTime<Utc>>,
 }
 
 /// JSON patch replacing the Service selector as a whole, guarded by resourceVersion. `add`
@@ -178,9 +182,9 @@ pub(super) fn plan_step(
             let good = match (to_revision.filter(|&r| r != 0), to_image) {
                 (Some(r), _) => Good::Revision(r),
                 (None, Some(image)) => Good::Image(image.clone()),
-                (None, None) => Good::BeforeBad { opened_at },
+                (None, None) => Good::BeforeBad,
             };
-            plan_rollout_undo(d, rses, &good)
+            plan_rollout_undo(d, rses, &good, opened_at)
         }
         (KubeStep::Scale { deployment, replicas }, Current::Scale(s)) => {
             let want = i32::try_from(*replicas).unwrap_or(i32::MAX);
@@ -210,7 +214,7 @@ pub(super) fn plan_step(
 pub(super) enum Good {
     /// The one before the bad release: the revision current when the incident opened (or, with
     /// `opened_at` unknown, the current one, as kubectl assumes).
-    BeforeBad { opened_at: Option<DateTime<Utc>> },
+    BeforeBad,
     /// The policy names the known-good revision (its old number counts after a renumbering).
     Revision(u64),
     /// The policy names the known-good image of one of the containers.
@@ -220,7 +224,7 @@ pub(super) enum Good {
 impl Good {
     fn requested(&self) -> (Option<u64>, Option<String>) {
         match self {
-            Good::BeforeBad { .. } => (None, None),
+            Good::BeforeBad => (None, None),
             Good::Revision(r) => (Some(*r), None),
             Good::Image(i) => (None, Some(i.clone())),
         }
@@ -261,7 +265,7 @@ fn select_good<'a>(d: &'a DeploymentView, rses: &'a [RsView], good: &Good) -> Re
                     .into_iter()
                     .collect(),
             }),
-        Good::BeforeBad { .. } => select_replica_set(d, rses, None),
+        Good::BeforeBad => select_replica_set(d, rses, None),
     }
 }
 
@@ -272,22 +276,31 @@ fn older(a: &RsView, b: &RsView) -> bool {
 }
 
 /// `kubectl rollout undo` as a plan (the module docs list where it differs from kubectl).
-/// With [`Good::BeforeBad`] and the incident's opening time, the bad release is pinned: if the
-/// pod template changed after the incident opened (managedFields) to an older release, someone
-/// already rolled back and nothing is written; to a newer one, we refuse to undo it.
-pub(super) fn plan_rollout_undo(d: &DeploymentView, rses: &[RsView], good: &Good) -> Result<Plan, KubeError> {
+/// With [`Good::BeforeBad`] and the incident's opening time `opened_at`, the bad release is
+/// pinned: if the pod template changed after the incident opened (managedFields) to an older
+/// release, someone already rolled back and nothing is written; to a newer one, we refuse to
+/// undo it. Our undo marker counts only when written for this incident (opened at or after
+/// `opened_at`).
+pub(super) fn plan_rollout_undo(
+    d: &DeploymentView,
+    rses: &[RsView],
+    good: &Good,
+    opened_at: Option<DateTime<Utc>>,
+) -> Result<Plan, KubeError> {
     let (requested, requested_image) = good.requested();
     if d.paused {
         return Err(KubeError::Paused {
             deployment: d.name.clone(),
         });
     }
-    // An earlier run (ours) already restored a ReplicaSet that is still in effect: done, even
-    // though "the previous revision" now points at the canary again.
+    // An earlier run (ours, for this incident) already restored a ReplicaSet that is still in
+    // effect: done, even though "the previous revision" now points at the canary again. An
+    // earlier incident's marker says nothing about this one's bad release.
     if let Some(marker) = d
         .annotations
         .get(UNDO_MARKER_ANNOTATION)
         .and_then(|m| serde_json::from_str::<UndoMarker>(m).ok())
+        .filter(|m| opened_at.is_none_or(|at| m.incident_opened_at.is_some_and(|mine| mine >= at)))
     {
         let same_request = marker.requested == requested && marker.requested_image == requested_image;
         if let Some(rs) = owned(d, rses).find(|rs| same_request && rs.name == marker.to_replica_set) {
@@ -303,12 +316,9 @@ pub(super) fn plan_rollout_undo(d: &DeploymentView, rses: &[RsView], good: &Good
             }
         }
     }
-    if let Good::BeforeBad {
-        opened_at: Some(opened_at),
-    } = good
-    {
-        if let Some(change) = d.template_change.as_ref().filter(|c| c.since(*opened_at)) {
-            return changed_since_opened(d, rses, change, *opened_at);
+    if let (Good::BeforeBad, Some(opened_at)) = (good, opened_at) {
+        if let Some(change) = d.template_change.as_ref().filter(|c| c.since(opened_at)) {
+            return changed_since_opened(d, rses, change, opened_at);
         }
     }
     let target = select_good(d, rses, good)?;
@@ -330,6 +340,7 @@ pub(super) fn plan_rollout_undo(d: &DeploymentView, rses: &[RsView], good: &Good
         from_revision: d.annotations.get(REVISION_ANNOTATION).cloned(),
         requested,
         requested_image,
+        incident_opened_at: opened_at,
     };
     annotations.insert(
         UNDO_MARKER_ANNOTATION.to_string(),

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -155,9 +156,15 @@ pub struct KubeOutcome {
 
 impl KubeOutcome {
     /// Found already reverted (nothing written, not a dry run): who had done it, from the
-    /// managedFields of what each step would have written. `None` when something was written
-    /// or nobody is recorded.
-    pub fn found_reverted_by(&self, our_manager: &str) -> Option<crate::action::RevertedBy> {
+    /// managedFields of what each step would have written. Only changes made at or after
+    /// `opened_at` (when the incident opened, if known) say who reverted it: an older one
+    /// (last month's `helm` upgrade of a step that was already stable) says nothing. `None`
+    /// when something was written or nobody is recorded since.
+    pub fn found_reverted_by(
+        &self,
+        our_manager: &str,
+        opened_at: Option<DateTime<Utc>>,
+    ) -> Option<crate::action::RevertedBy> {
         if self.changed || self.dry_run {
             return None;
         }
@@ -168,6 +175,7 @@ impl KubeOutcome {
                 StepResult::AlreadyDone { by: Some(b), .. } => Some((&s.step, b)),
                 _ => None,
             })
+            .filter(|(_, b)| opened_at.is_none_or(|at| b.since(at)))
             .collect();
         if by.is_empty() {
             return None;
@@ -546,12 +554,11 @@ impl KubeStepRecord {
         }
     }
 
-    /// Whether this step changed an object (a patch that was stored).
+    /// Whether this step reverted part of the target (a patch of a step that was stored). A
+    /// GitOps suspend is recorded and shown but is not one: it moves no traffic, so a revert
+    /// that fails after it is not a partial rollback.
     pub fn applied(&self) -> bool {
-        match self {
-            KubeStepRecord::Gitops(g) => g.applied(),
-            other => matches!(other, KubeStepRecord::Patched { dry_run: false, .. }),
-        }
+        matches!(self, KubeStepRecord::Patched { dry_run: false, .. })
     }
 }
 
@@ -608,7 +615,8 @@ mod tests {
 
     #[test]
     fn a_target_found_reverted_names_who_did_it_and_only_our_manager_is_us() {
-        let done = |manager: &str| StepOutcome {
+        let t = |s: &str| Some(DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc));
+        let done_at = |manager: &str, time: Option<DateTime<Utc>>| StepOutcome {
             index: 0,
             step: KubeStep::SwitchService {
                 service: "web".into(),
@@ -624,10 +632,11 @@ mod tests {
                 by: Some(FieldChange {
                     manager: manager.into(),
                     operation: "Update".into(),
-                    time: None,
+                    time,
                 }),
             },
         };
+        let done = |manager: &str| done_at(manager, None);
         let outcome = |steps| KubeOutcome {
             changed: false,
             dry_run: false,
@@ -635,18 +644,42 @@ mod tests {
             gitops: None,
         };
         assert_eq!(
-            outcome(vec![done("rollback-responder")]).found_reverted_by("rollback-responder"),
+            outcome(vec![done("rollback-responder")]).found_reverted_by("rollback-responder", None),
             Some(crate::action::RevertedBy::Us)
         );
         assert_eq!(
-            outcome(vec![done("rollback-responder"), done("kubectl-patch")]).found_reverted_by("rollback-responder"),
+            outcome(vec![done("rollback-responder"), done("kubectl-patch")])
+                .found_reverted_by("rollback-responder", None),
             Some(crate::action::RevertedBy::Others {
                 who: "service/web by `kubectl-patch` (Update at unknown time)".into()
             })
         );
         let mut changed = outcome(vec![done("kubectl-patch")]);
         changed.changed = true;
-        assert_eq!(changed.found_reverted_by("rollback-responder"), None);
-        assert_eq!(outcome(vec![]).found_reverted_by("rollback-responder"), None);
+        assert_eq!(changed.found_reverted_by("rollback-responder", None), None);
+        assert_eq!(outcome(vec![]).found_reverted_by("rollback-responder", None), None);
+
+        // With the incident's opening time: a months-old `helm` change of a step that was
+        // already stable says nothing; our own takeover write since the opening is Us.
+        let opened = t("2026-12-03T11:00:00.700Z");
+        let old_helm = done_at("helm", t("2026-09-01T08:00:00Z"));
+        let ours = done_at("rollback-responder", t("2026-12-03T11:02:00Z"));
+        assert_eq!(
+            outcome(vec![old_helm.clone(), ours.clone()]).found_reverted_by("rollback-responder", opened),
+            Some(crate::action::RevertedBy::Us)
+        );
+        // Nobody changed anything since it opened: nobody is named.
+        assert_eq!(
+            outcome(vec![old_helm.clone()]).found_reverted_by("rollback-responder", opened),
+            None
+        );
+        // Someone else since the opening (same second counts: managedFields keep whole seconds).
+        let human = done_at("kubectl-patch", t("2026-12-03T11:00:00Z"));
+        assert_eq!(
+            outcome(vec![old_helm, ours, human]).found_reverted_by("rollback-responder", opened),
+            Some(crate::action::RevertedBy::Others {
+                who: "service/web by `kubectl-patch` (Update at 2026-12-03T11:00:00Z)".into()
+            })
+        );
     }
 }

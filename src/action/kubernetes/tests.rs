@@ -25,7 +25,7 @@ fn tpl(version: &str, hash: Option<&str>) -> Value {
 }
 
 /// kubectl's "previous revision", nothing pinned.
-const PREVIOUS: Good = Good::BeforeBad { opened_at: None };
+const PREVIOUS: Good = Good::BeforeBad;
 
 fn deploy(version: &str) -> DeploymentView {
     DeploymentView {
@@ -192,7 +192,7 @@ fn patch_bodies_are_exact() {
 fn undo_plan_writes_the_previous_template_and_a_marker_then_is_done() {
     let mut d = deploy("v3");
     let mut rses = history();
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS, None) else {
         panic!("expected a write");
     };
     let ops = w.patch.as_array().expect("ops");
@@ -208,23 +208,23 @@ fn undo_plan_writes_the_previous_template_and_a_marker_then_is_done() {
     d.annotations = ann;
     rses[1].revision = Some(4);
     assert!(
-        matches!(plan_rollout_undo(&d, &rses, &PREVIOUS), Ok(Plan::Done { ref reason, .. }) if reason.contains("earlier run"))
+        matches!(plan_rollout_undo(&d, &rses, &PREVIOUS, None), Ok(Plan::Done { ref reason, .. }) if reason.contains("earlier run"))
     );
     // A different request is judged on its own.
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, &Good::Revision(1)),
+        plan_rollout_undo(&d, &rses, &Good::Revision(1), None),
         Ok(Plan::Write(_))
     ));
     // Without our marker, kubectl semantics would flip back to the canary (web-3).
     d.annotations.remove(UNDO_MARKER_ANNOTATION);
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS, None) else {
         panic!("expected a write");
     };
     assert_eq!(w.patch[1]["value"], tpl("v3", None));
 
     d.paused = true;
     assert_eq!(
-        plan_rollout_undo(&d, &rses, &PREVIOUS),
+        plan_rollout_undo(&d, &rses, &PREVIOUS, None),
         Err(KubeError::Paused {
             deployment: "web".into()
         })
@@ -237,11 +237,11 @@ fn undo_to_the_current_template_is_done() {
     let d = deploy("v2");
     let rses = history();
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, &PREVIOUS),
+        plan_rollout_undo(&d, &rses, &PREVIOUS, None),
         Ok(Plan::Done { ref reason, .. }) if reason == "current template already matches revision 2 (replicaset web-2)"
     ));
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, &Good::Revision(1)),
+        plan_rollout_undo(&d, &rses, &Good::Revision(1), None),
         Ok(Plan::Write(_))
     ));
 }
@@ -514,11 +514,12 @@ fn undone_by_a_human(undone: &str) -> (DeploymentView, Vec<RsView>) {
 fn a_rollback_made_after_the_incident_opened_is_done_by_someone_else_not_undone() {
     let opened = at("2026-12-03T10:00:00.500Z");
     let (d, rses) = undone_by_a_human("2026-12-03T10:05:00Z");
-    let pinned = Good::BeforeBad {
-        opened_at: Some(opened),
-    };
-    let Ok(Plan::Done { reason, by }) = plan_rollout_undo(&d, &rses, &pinned) else {
-        panic!("expected done: {:?}", plan_rollout_undo(&d, &rses, &pinned));
+    let pinned = Good::BeforeBad;
+    let Ok(Plan::Done { reason, by }) = plan_rollout_undo(&d, &rses, &pinned, Some(opened)) else {
+        panic!(
+            "expected done: {:?}",
+            plan_rollout_undo(&d, &rses, &pinned, Some(opened))
+        );
     };
     assert_eq!(
         reason,
@@ -528,17 +529,20 @@ fn a_rollback_made_after_the_incident_opened_is_done_by_someone_else_not_undone(
     );
     assert_eq!(by, change("kubectl-rollout", "2026-12-03T10:05:00Z"));
     // kubectl's rule (the second-highest revision) would put the bad release back.
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS, None) else {
         panic!("expected a write");
     };
     assert_eq!(w.patch[1]["value"], tpl("v3", None));
     // The same second as the opening counts as after it (managedFields keep whole seconds).
     let (mut d, rses) = undone_by_a_human("2026-12-03T10:00:00Z");
-    assert!(matches!(plan_rollout_undo(&d, &rses, &pinned), Ok(Plan::Done { .. })));
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &pinned, Some(opened)),
+        Ok(Plan::Done { .. })
+    ));
     // A template change before the incident opened is the bad release itself: undo it.
     d = deploy("v3");
     d.template_change = change("argocd-controller", "2026-12-03T09:59:59Z");
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &history(), &pinned) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &history(), &pinned, Some(opened)) else {
         panic!("expected a write");
     };
     assert_eq!(w.patch[1]["value"], tpl("v2", None));
@@ -557,10 +561,8 @@ fn a_newer_release_rolled_out_after_the_incident_opened_is_refused() {
     {
         rs.created = Some(at(created));
     }
-    let pinned = Good::BeforeBad {
-        opened_at: Some(opened),
-    };
-    let err = plan_rollout_undo(&d, &rses, &pinned).expect_err("refused");
+    let pinned = Good::BeforeBad;
+    let err = plan_rollout_undo(&d, &rses, &pinned, Some(opened)).expect_err("refused");
     assert_eq!(err.code(), "changed_since_opened");
     assert_eq!(
         err.to_string(),
@@ -575,15 +577,15 @@ fn a_named_good_revision_survives_renumbering_and_a_named_image_is_found() {
     let (d, rses) = undone_by_a_human("2026-12-03T10:05:00Z");
     // Revision 2 is now 4: found through its revision history, and already current.
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, &Good::Revision(2)),
+        plan_rollout_undo(&d, &rses, &Good::Revision(2), None),
         Ok(Plan::Done { ref reason, .. }) if reason == "current template already matches revision 4 (replicaset web-2)"
     ));
-    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &Good::Image("web:v1".into())) else {
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &Good::Image("web:v1".into()), None) else {
         panic!("expected a write");
     };
     assert_eq!(w.patch[1]["value"], tpl("v1", None));
     assert!(matches!(w.precheck, PreCheckNeed::ReplicaSet { ref name, .. } if name == "web-1"));
-    let err = plan_rollout_undo(&d, &rses, &Good::Image("web:v0".into())).expect_err("unknown image");
+    let err = plan_rollout_undo(&d, &rses, &Good::Image("web:v0".into()), None).expect_err("unknown image");
     assert_eq!(
         err,
         KubeError::ImageNotFound {
@@ -593,7 +595,108 @@ fn a_named_good_revision_survives_renumbering_and_a_named_image_is_found() {
         }
     );
     assert!(matches!(
-        plan_rollout_undo(&d, &rses, &Good::Revision(7)),
+        plan_rollout_undo(&d, &rses, &Good::Revision(7), None),
         Err(KubeError::RevisionNotFound { revision: 7, .. })
+    ));
+}
+
+fn labelled_pod(name: &str, labels: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels.iter().copied().collect::<BTreeMap<_, _>>()}}),
+    )
+    .expect("pod")
+}
+
+#[test]
+fn a_switch_between_instances_or_components_of_one_app_finds_no_foreign_pods() {
+    let s = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let stable = [
+        labelled_pod(
+            "portal-api-0",
+            &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")],
+        ),
+        labelled_pod(
+            "portal-api-1",
+            &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")],
+        ),
+    ];
+    // The canary's instance to the stable one's: the instance key tells the tracks apart.
+    let current = s(&[
+        ("app", "portal-api"),
+        ("app.kubernetes.io/instance", "portal-api-canary"),
+    ]);
+    let new = s(&[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api")]);
+    assert_eq!(foreign_pods(&stable, &current, &new), Vec::<String>::new());
+    // The same by component.
+    let web = [labelled_pod("web-0", &[("name", "web"), ("component", "stable")])];
+    let current = s(&[("name", "web"), ("component", "canary")]);
+    let new = s(&[("name", "web"), ("component", "stable")]);
+    assert_eq!(foreign_pods(&web, &current, &new), Vec::<String>::new());
+    // Seed 000's copied selector drops `app`: another app's pod is still foreign, ours is not.
+    let current = s(&[("app", "portal-api"), ("track", "canary"), ("version", "v1.0.0")]);
+    let new = s(&[("version", "v1.0.0-rc.0")]);
+    let mixed = [
+        labelled_pod("portal-api-0", &[("app", "portal-api"), ("version", "v1.0.0-rc.0")]),
+        labelled_pod("billing-0", &[("app", "billing"), ("version", "v1.0.0-rc.0")]),
+    ];
+    assert_eq!(
+        foreign_pods(&mixed, &current, &new),
+        vec!["billing-0 (app=billing)".to_string()]
+    );
+    // Dropping the instance key keeps it compared: a pod of another instance is foreign.
+    let current = s(&[
+        ("app", "portal-api"),
+        ("app.kubernetes.io/instance", "portal-api-canary"),
+    ]);
+    let new = s(&[("app", "portal-api")]);
+    let other = [labelled_pod(
+        "eu-0",
+        &[("app", "portal-api"), ("app.kubernetes.io/instance", "portal-api-eu")],
+    )];
+    assert_eq!(
+        foreign_pods(&other, &current, &new),
+        vec!["eu-0 (app=portal-api,app.kubernetes.io/instance=portal-api-eu)".to_string()]
+    );
+}
+
+#[test]
+fn our_undo_marker_counts_only_for_the_incident_that_wrote_it() {
+    let first = at("2026-12-03T10:00:00.250Z");
+    let mut d = deploy("v3");
+    let mut rses = history();
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS, Some(first)) else {
+        panic!("expected a write");
+    };
+    // Applied as the server would; web-2 renumbered to 4, the change recorded before `later`.
+    d.template = w.patch[1]["value"].clone();
+    d.annotations = serde_json::from_value(w.patch[2]["value"].clone()).expect("map");
+    d.template_change = change("rollback-responder", "2026-12-03T10:01:00Z");
+    rses[1].revision = Some(4);
+    let marker: Value = serde_json::from_str(&d.annotations[UNDO_MARKER_ANNOTATION]).expect("marker");
+    assert_eq!(marker["incident_opened_at"], "2026-12-03T10:00:00.250Z");
+    // A takeover in the same incident finds its own undo.
+    assert!(
+        matches!(plan_rollout_undo(&d, &rses, &PREVIOUS, Some(first)), Ok(Plan::Done { ref reason, .. }) if reason.contains("earlier run"))
+    );
+    // A later incident (web-2 is now the release that serves badly) does not take that undo
+    // for its own: the opening time decides, and the revision before it is restored.
+    let later = at("2026-12-04T09:00:00Z");
+    let Ok(Plan::Write(w)) = plan_rollout_undo(&d, &rses, &PREVIOUS, Some(later)) else {
+        panic!(
+            "expected a write: {:?}",
+            plan_rollout_undo(&d, &rses, &PREVIOUS, Some(later))
+        );
+    };
+    assert_eq!(w.patch[1]["value"], tpl("v3", None));
+    // A marker without the incident's time (an older version wrote it) is not honoured either.
+    let mut old = marker.clone();
+    old.as_object_mut().expect("object").remove("incident_opened_at");
+    d.annotations
+        .insert(UNDO_MARKER_ANNOTATION.to_string(), old.to_string());
+    assert!(matches!(
+        plan_rollout_undo(&d, &rses, &PREVIOUS, Some(later)),
+        Ok(Plan::Write(_))
     ));
 }

@@ -451,11 +451,25 @@ pub(crate) fn last_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChang
 /// carry the current selector's app-naming labels (the app the Service serves, whose stable
 /// Deployment's pods are the ones we switch to): another app's pods, as `name (k=v,..)`. Empty
 /// when the current selector names no app (nothing to tell them apart by).
-pub(super) fn foreign_pods(pods: &[Pod], current: &BTreeMap<String, String>) -> Vec<String> {
-    let app: Vec<(&String, &String)> = current.iter().filter(|(k, _)| APP_KEYS.contains(&k.as_str())).collect();
-    if app.is_empty() {
+///
+/// An app key the new selector gives another value (`app.kubernetes.io/instance:
+/// portal-api-canary` to `portal-api`) tells the canary from the stable track, not one app from
+/// another, so it is not compared: every pod the new selector picks differs there by design.
+/// An app key it keeps or drops is compared (dropping `app`, seed 000's copied `{version: ..}`,
+/// is what lets another app's pods in).
+pub(super) fn foreign_pods(
+    pods: &[Pod],
+    current: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let named: Vec<(&String, &String)> = current.iter().filter(|(k, _)| APP_KEYS.contains(&k.as_str())).collect();
+    if named.is_empty() {
         return Vec::new();
     }
+    let app: Vec<(&String, &String)> = named
+        .into_iter()
+        .filter(|(k, v)| new.get(*k).is_none_or(|n| n == *v))
+        .collect();
     pods.iter()
         .filter(|p| {
             let labels = p.metadata.labels.clone().unwrap_or_default();
