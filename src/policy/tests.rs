@@ -329,3 +329,28 @@ fn bad_kubernetes_checks_are_refused_at_their_step_line_naming_the_key() {
     );
     assert!(load(&kube_policy(&[ten, SWITCH, ten, SCALE, ten])).is_ok());
 }
+
+#[test]
+fn a_listener_scope_policy_and_another_alb_policy_on_the_same_listener_are_refused() {
+    let rule = "arn:aws:elasticloadbalancing:us-east-1:1:listener-rule/app/x/1/2/9";
+    let with_target = |name: &str, extra: &str| {
+        policy(name, r#"['service="s"']"#, &[("errors", r#"['alertname="E"']"#)])
+            .replace("targetgroup/s/1\"}}", &format!("targetgroup/s/1\"{extra}}}}}"))
+    };
+    let listener = with_target("whole", ", scope: listener");
+    let one_rule = with_target("api", &format!(", rule_arn: \"{rule}\""));
+    assert!(listener.contains("scope: listener}}"), "{listener}");
+    let errs = two(&listener, &one_rule).unwrap_err();
+    let e = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert!(
+        e.contains("p/b.yaml") && e.contains("p/a.yaml") && e.contains("scope: listener") && e.contains("\"whole\""),
+        "{e}"
+    );
+    // Either order.
+    assert!(two(&one_rule, &listener).is_err());
+    // Without scope: listener, a listener policy and a rule policy have their own resources.
+    let default_action = with_target("default", "");
+    assert!(two(&default_action, &one_rule).is_ok());
+    // Same key (the listener) twice: one cooldown, one incident at a time; allowed.
+    assert!(two(&listener, &with_target("whole-too", ", scope: listener")).is_ok());
+}
