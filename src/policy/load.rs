@@ -14,22 +14,18 @@ use super::{Matcher, Mode, Policy, Target};
 impl Policy {
     /// `planned` (the incident's target) with the immediate or stepwise choice of `trigger`,
     /// the trigger that names the incident when the action runs: its own `gradual` if it has
-    /// one, else this policy's target's. Chosen then, not when the incident opened, so a
-    /// graceful request promoted by an immediate trigger shifts at once (seed 003).
+    /// one, else the planned target's own (frozen with the rest of the plan; a policy edited
+    /// since does not change it). Only the trigger's choice is read live, so a graceful
+    /// request promoted by an immediate trigger shifts at once (seed 003).
     pub fn with_trigger_gradual(&self, planned: Target, trigger: Option<&str>) -> Target {
         match planned {
             Target::Alb(mut t) => {
-                let own = match &self.target {
-                    Target::Alb(p) => p.gradual.clone(),
-                    Target::Kubernetes(_) => t.gradual.clone(),
-                };
                 let choice = trigger
                     .and_then(|name| self.triggers.iter().find(|x| x.name == name))
                     .and_then(|x| x.gradual.as_ref());
-                t.gradual = match choice {
-                    Some(c) => c.shift().cloned(),
-                    None => own,
-                };
+                if let Some(c) = choice {
+                    t.gradual = c.shift().cloned();
+                }
                 Target::Alb(t)
             }
             other => other,
