@@ -150,7 +150,7 @@ async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert
     let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
 
     let (result, steps) = revert(&exec, &listener_scope(fx)).await;
-    let Err(AlbError::Partial { done, failed }) = result else {
+    let Err(AlbError::Partial { done, failed, dry_run }) = result else {
         panic!("expected a partial revert, got {result:?}");
     };
     assert_eq!(done, vec![fx.listener_arn.clone(), fx.rule_arn.clone()]);
@@ -159,7 +159,8 @@ async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert
     assert_eq!(failed[0].error.code(), "ServiceUnavailable");
     assert_eq!(proxy.refused("ModifyRule"), 3);
     assert_eq!(wrote(&steps), 2, "the two forwards written: {steps:?}");
-    let message = AlbError::Partial { done, failed }.to_string();
+    assert!(!dry_run);
+    let message = AlbError::Partial { done, failed, dry_run }.to_string();
     assert!(
         message.starts_with("1 of 3 forward(s) to the canary NOT reverted: rule ")
             && message.contains(&l.files)
