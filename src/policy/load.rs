@@ -8,27 +8,24 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::target::alb::Scope;
 use super::{Matcher, Mode, Policy, Target};
 
 impl Policy {
     /// `planned` (the incident's target) with the immediate or stepwise choice of `trigger`,
     /// the trigger that names the incident when the action runs: its own `gradual` if it has
-    /// one, else this policy's target's. Chosen then, not when the incident opened, so a
-    /// graceful request promoted by an immediate trigger shifts at once (seed 003).
+    /// one, else the planned target's own (frozen with the rest of the plan; a policy edited
+    /// since does not change it). Only the trigger's choice is read live, so a graceful
+    /// request promoted by an immediate trigger shifts at once (seed 003).
     pub fn with_trigger_gradual(&self, planned: Target, trigger: Option<&str>) -> Target {
         match planned {
             Target::Alb(mut t) => {
-                let own = match &self.target {
-                    Target::Alb(p) => p.gradual.clone(),
-                    Target::Kubernetes(_) => t.gradual.clone(),
-                };
                 let choice = trigger
                     .and_then(|name| self.triggers.iter().find(|x| x.name == name))
                     .and_then(|x| x.gradual.as_ref());
-                t.gradual = match choice {
-                    Some(c) => c.shift().cloned(),
-                    None => own,
-                };
+                if let Some(c) = choice {
+                    t.gradual = c.shift().cloned();
+                }
                 Target::Alb(t)
             }
             other => other,
@@ -289,6 +286,7 @@ impl PolicySet {
                 }
             }
         }
+        errors.extend(listener_overlaps(&policies, &sources));
         if errors.is_empty() {
             let hash = hex::encode(hasher.finalize());
             let mut warnings = shadowed(&policies, &sources);
@@ -381,6 +379,47 @@ fn shadowed(policies: &[LoadedPolicy], sources: &[(PathBuf, String)]) -> Vec<Pol
                     ),
                 });
             }
+        }
+    }
+    out
+}
+
+/// A `scope: listener` ALB policy rewrites every forward on its listener, keyed (cooldown,
+/// one open incident) by the listener; another ALB policy on the same listener keyed by one of
+/// its rules could then have an incident open at the same time writing the same rule under a
+/// separate cooldown. Such a set is refused.
+fn listener_overlaps(policies: &[LoadedPolicy], sources: &[(PathBuf, String)]) -> Vec<PolicyError> {
+    let alb = |p: &LoadedPolicy| match &p.policy.target {
+        Target::Alb(t) => Some(t.clone()),
+        Target::Kubernetes(_) => None,
+    };
+    let mut out = Vec::new();
+    for (i, later) in policies.iter().enumerate() {
+        let Some(lt) = alb(later) else { continue };
+        let clash = policies[..i].iter().find(|earlier| {
+            alb(earlier).is_some_and(|et| {
+                et.listener_arn == lt.listener_arn
+                    && (et.scope == Scope::Listener || lt.scope == Scope::Listener)
+                    && et.key() != lt.key()
+            })
+        });
+        if let Some(earlier) = clash {
+            let text = sources
+                .iter()
+                .find(|(f, _)| f == &later.file)
+                .map(|(_, t)| t.as_str())
+                .unwrap_or_default();
+            out.push(PolicyError {
+                file: later.file.clone(),
+                line: locate(text, "listener_arn"),
+                message: format!(
+                    "target.alb: policy {:?} and policy {:?} ({}) both act on listener {} and one of them has scope: listener, which rewrites every forward on it: two incidents could write the same rule at once under separate cooldowns; keep only the scope: listener policy (its triggers can live in one file), or give both scope: one with different rules",
+                    later.policy.name,
+                    earlier.policy.name,
+                    earlier.file.display(),
+                    lt.listener_arn
+                ),
+            });
         }
     }
     out

@@ -182,9 +182,15 @@ fn the_go_cutover_triggers_choose_immediate_or_graceful_for_the_same_target() {
     // "Graceful Rollback If": back in the seed's own phases (Python at 10 %, 50 %, 100 %).
     assert_eq!(gradual("latency-above-1s"), Some(vec![10, 50, 100]));
     assert_eq!(gradual("memory-leak"), Some(vec![10, 50, 100]));
-    // A planned stepwise target promoted to an immediate trigger shifts at once.
-    let stepwise = p.with_trigger_gradual(p.target.clone(), Some("latency-above-1s"));
-    let Target::Alb(t) = p.with_trigger_gradual(stepwise, Some("security-breach")) else {
+    // The incident's plan is the target as it was at open (never a trigger's choice baked
+    // in): opened by a graceful trigger it is stepwise, promoted to an immediate one the same
+    // plan shifts at once.
+    let planned = p.target.clone();
+    let Target::Alb(t) = p.with_trigger_gradual(planned.clone(), Some("latency-above-1s")) else {
+        panic!("an ALB target")
+    };
+    assert!(t.gradual.is_some());
+    let Target::Alb(t) = p.with_trigger_gradual(planned, Some("security-breach")) else {
         panic!("an ALB target")
     };
     assert_eq!(t.gradual, None);
@@ -328,4 +334,53 @@ fn bad_kubernetes_checks_are_refused_at_their_step_line_naming_the_key() {
         errs[0]
     );
     assert!(load(&kube_policy(&[ten, SWITCH, ten, SCALE, ten])).is_ok());
+}
+
+#[test]
+fn a_listener_scope_policy_and_another_alb_policy_on_the_same_listener_are_refused() {
+    let rule = "arn:aws:elasticloadbalancing:us-east-1:1:listener-rule/app/x/1/2/9";
+    let with_target = |name: &str, extra: &str| {
+        policy(name, r#"['service="s"']"#, &[("errors", r#"['alertname="E"']"#)])
+            .replace("targetgroup/s/1\"}}", &format!("targetgroup/s/1\"{extra}}}}}"))
+    };
+    let listener = with_target("whole", ", scope: listener");
+    let one_rule = with_target("api", &format!(", rule_arn: \"{rule}\""));
+    assert!(listener.contains("scope: listener}}"), "{listener}");
+    let errs = two(&listener, &one_rule).unwrap_err();
+    let e = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert!(
+        e.contains("p/b.yaml") && e.contains("p/a.yaml") && e.contains("scope: listener") && e.contains("\"whole\""),
+        "{e}"
+    );
+    // Either order.
+    assert!(two(&one_rule, &listener).is_err());
+    // Without scope: listener, a listener policy and a rule policy have their own resources.
+    let default_action = with_target("default", "");
+    assert!(two(&default_action, &one_rule).is_ok());
+    // Same key (the listener) twice: one cooldown, one incident at a time; allowed.
+    assert!(two(&listener, &with_target("whole-too", ", scope: listener")).is_ok());
+}
+
+#[test]
+fn without_a_trigger_choice_the_planned_targets_own_gradual_is_kept_not_the_live_policys() {
+    let p = load(MINIMAL).unwrap().get("web").unwrap().clone();
+    let Target::Alb(live) = &p.target else {
+        panic!("an ALB target")
+    };
+    assert_eq!(live.gradual, None, "the live policy shifts at once");
+    // The plan frozen when the incident opened was stepwise (the policy was edited since).
+    let frozen = super::target::alb::GradualShift {
+        steps: vec![50, 100],
+        interval: Duration::from_secs(60),
+    };
+    let planned = Target::Alb(super::target::alb::AlbTarget {
+        gradual: Some(frozen.clone()),
+        ..live.clone()
+    });
+    for trigger in [Some("errors"), Some("gone"), None] {
+        let Target::Alb(t) = p.with_trigger_gradual(planned.clone(), trigger) else {
+            panic!("an ALB target")
+        };
+        assert_eq!(t.gradual, Some(frozen.clone()), "trigger {trigger:?}");
+    }
 }

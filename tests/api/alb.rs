@@ -608,3 +608,39 @@ async fn a_kube_client_and_an_elbv2_client_live_in_one_binary() {
     let kube = kube::Client::try_from(cfg).expect("kube client builds next to the ELBv2 client");
     assert_eq!(kube.default_namespace(), "default");
 }
+
+#[tokio::test]
+async fn a_describe_rules_marker_that_repeats_is_an_error_not_an_endless_loop() {
+    let fake = FakeElb::start(Box::new(|_, action| match action {
+        "DescribeListeners" => (
+            200,
+            fake_elb::describe_listeners_xml(FAKE_LISTENER, &[(FAKE_STABLE, 75), (FAKE_CANARY, 25)]),
+        ),
+        "DescribeRules" => (
+            200,
+            format!(
+                "<DescribeRulesResponse xmlns=\"{}\"><DescribeRulesResult><Rules/>\
+                 <NextMarker>again</NextMarker></DescribeRulesResult>\
+                 <ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata></DescribeRulesResponse>",
+                fake_elb::NS
+            ),
+        ),
+        other => (400, fake_elb::error_xml("Unexpected", other)),
+    }))
+    .await;
+    let exec = AlbExecutor::new(elb_client(&fake.endpoint), &fast_settings());
+    let t = AlbTarget {
+        scope: Scope::Listener,
+        ..fake_target()
+    };
+    let (result, _) = tokio::time::timeout(Duration::from_secs(20), revert(&exec, &t, false))
+        .await
+        .expect("DescribeRules must not loop forever");
+    let err = result.expect_err("a repeating marker");
+    assert_eq!(err.code(), "DescribeRulesPagination");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("again"), "{err}");
+    assert_eq!(fake.writes(), 0);
+    // The first page, then the repeat: two reads, not a hundred.
+    assert_eq!(fake.requests_of("DescribeRules").len(), 2);
+}

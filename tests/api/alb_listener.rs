@@ -150,7 +150,7 @@ async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert
     let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
 
     let (result, steps) = revert(&exec, &listener_scope(fx)).await;
-    let Err(AlbError::Partial { done, failed }) = result else {
+    let Err(AlbError::Partial { done, failed, dry_run }) = result else {
         panic!("expected a partial revert, got {result:?}");
     };
     assert_eq!(done, vec![fx.listener_arn.clone(), fx.rule_arn.clone()]);
@@ -159,7 +159,8 @@ async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert
     assert_eq!(failed[0].error.code(), "ServiceUnavailable");
     assert_eq!(proxy.refused("ModifyRule"), 3);
     assert_eq!(wrote(&steps), 2, "the two forwards written: {steps:?}");
-    let message = AlbError::Partial { done, failed }.to_string();
+    assert!(!dry_run);
+    let message = AlbError::Partial { done, failed, dry_run }.to_string();
     assert!(
         message.starts_with("1 of 3 forward(s) to the canary NOT reverted: rule ")
             && message.contains(&l.files)
@@ -281,4 +282,46 @@ verification: {{bake: 1s, interval: 200ms}}
         vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)]
     );
     assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+}
+
+#[tokio::test]
+async fn a_stale_named_canary_is_an_error_not_already_reverted_and_the_read_back_fails() {
+    let fx = AlbFixture::start().await;
+    // Last release's canary is named; the listener now sends 25 % to this release's.
+    let stale = fx.empty_target_group("canary-v1").await;
+    let t = AlbTarget {
+        canary_target_group_arns: vec![stale.clone()],
+        ..listener_scope(&fx)
+    };
+    let exec = fx.executor();
+    let (result, steps) = revert(&exec, &t).await;
+    let Err(AlbError::InvalidTarget { message }) = result else {
+        panic!("expected InvalidTarget, got {result:?} {steps:?}");
+    };
+    assert!(
+        message.contains(&stale) && message.contains(&fx.canary_tg),
+        "names the stale ARN and the group that shares the forward: {message}"
+    );
+    assert_eq!(wrote(&steps), 0);
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 75), (fx.canary_tg.clone(), 25)],
+        "nothing written"
+    );
+    // The bake's read-back does not pass on it either.
+    let mut baseline = None;
+    assert!(matches!(
+        exec.read_back_sample(&t, &mut baseline).await,
+        Err(AlbError::InvalidTarget { .. })
+    ));
+
+    // A named canary and a listener where no forward names it nor the stable group: zero
+    // forwards in scope, and a read-back that checks nothing must not pass.
+    let elsewhere = AlbTarget {
+        stable_target_group_arn: stale.clone(),
+        ..t.clone()
+    };
+    let sample = exec.read_back_sample(&elsewhere, &mut None).await.expect("read back");
+    assert!(!sample.ok, "{sample:?}");
+    assert!(sample.value.contains("NO FORWARD"), "{sample:?}");
 }

@@ -77,12 +77,14 @@ pub enum AlbError {
     },
     /// `scope: listener`: some forwards to the canary were reverted, others failed; what was
     /// reverted stays reverted.
-    #[error("{}", partial_message(done, failed))]
+    #[error("{}", partial_message(done, failed, *dry_run))]
     Partial {
         /// Listener (default action) and rule ARNs that were reverted or found already stable.
         done: Vec<String>,
         /// The forwards that failed, each with its error.
         failed: Vec<FailedForward>,
+        /// A dry run: nothing was written, `done` would be reverted.
+        dry_run: bool,
     },
     /// Any other AWS or transport error.
     #[error("AWS error {code}: {message}")]
@@ -105,13 +107,22 @@ pub struct FailedForward {
     pub error: Box<AlbError>,
 }
 
-fn partial_message(done: &[String], failed: &[FailedForward]) -> String {
+fn partial_message(done: &[String], failed: &[FailedForward], dry_run: bool) -> String {
     let failures: Vec<String> = failed
         .iter()
         .map(|f| format!("{}: {} (code {})", f.resource.describe(), f.error, f.error.code()))
         .collect();
+    // A dry run wrote nothing: saying "reverted" would tell a reader traffic moved.
+    let (not, done_as) = if dry_run {
+        (
+            "would NOT be reverted (dry run)",
+            "would be reverted (dry run) or already stable",
+        )
+    } else {
+        ("NOT reverted", "reverted or already stable")
+    };
     format!(
-        "{} of {} forward(s) to the canary NOT reverted: {}; reverted or already stable: {}",
+        "{} of {} forward(s) to the canary {not}: {}; {done_as}: {}",
         failed.len(),
         failed.len() + done.len(),
         failures.join("; "),

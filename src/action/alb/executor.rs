@@ -2,7 +2,7 @@
 //! group's health pre-check, the write (never sent twice) and the read-back, each under the
 //! shared retry policy with every failed attempt reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -16,6 +16,9 @@ use super::{
     AlbError, AlbStep, AlbTarget, AwsSettings, ForwardSnapshot, ForwardState, Resource, ResourceKind, TargetHealthSeen,
 };
 use crate::action::retry::{Attempt, RetryPolicy};
+
+/// DescribeRules pages read at most: a listener has at most 100 rules, so far more than enough.
+const MAX_RULE_PAGES: usize = 100;
 
 /// ELBv2 reads are normally consistent right after a write, but allow a short settling time
 /// before declaring that the write did not take.
@@ -182,6 +185,8 @@ impl AlbExecutor {
             .await?;
         let mut rules = Vec::new();
         let mut marker: Option<String> = None;
+        let mut seen = HashSet::new();
+        let mut pages = 0usize;
         loop {
             let out = self
                 .retrying("DescribeRules", on_step, || async {
@@ -195,9 +200,19 @@ impl AlbExecutor {
                 })
                 .await?;
             rules.extend(out.rules().iter().filter(|r| r.is_default() != Some(true)).cloned());
+            pages += 1;
             marker = out.next_marker().map(str::to_string);
-            if marker.is_none() {
-                break;
+            let Some(m) = &marker else { break };
+            // A marker seen before (or endless pages) would loop forever: stop and say so.
+            if !seen.insert(m.clone()) || pages >= MAX_RULE_PAGES {
+                return Err(AlbError::Aws {
+                    code: "DescribeRulesPagination".into(),
+                    message: format!(
+                        "DescribeRules on {listener_arn} did not finish: NextMarker {m:?} after {pages} page(s) \
+                         (repeated, or over {MAX_RULE_PAGES} pages)"
+                    ),
+                    retryable: false,
+                });
             }
         }
         // Priorities are numbers as strings; the default rule (already left out) says "default".

@@ -121,6 +121,7 @@ impl AlbExecutor {
         Err(AlbError::Partial {
             done: outcomes.iter().map(|o| o.resource_arn().to_string()).collect(),
             failed,
+            dry_run,
         })
     }
 

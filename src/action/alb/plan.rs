@@ -443,6 +443,11 @@ pub fn canary_groups(t: &AlbTarget, lists: &[(Resource, Vec<Action>)]) -> BTreeS
     if !t.canary_target_group_arns.is_empty() {
         return t.canary_target_group_arns.iter().cloned().collect();
     }
+    sharing_stable(t, lists)
+}
+
+/// Every group other than the stable one that shares a forward with it.
+fn sharing_stable(t: &AlbTarget, lists: &[(Resource, Vec<Action>)]) -> BTreeSet<String> {
     let stable = t.stable_target_group_arn.as_str();
     lists
         .iter()
@@ -481,6 +486,26 @@ pub fn in_scope(t: &AlbTarget, lists: &[(Resource, Vec<Action>)]) -> Result<Vec<
             stable_target_group_arn: t.stable_target_group_arn.clone(),
             present: present.into_iter().collect(),
         });
+    }
+    // Named canaries that match no forward are most likely last release's (a stale ARN):
+    // an empty scope would then be reported "already reverted" while the current canary
+    // still takes traffic. Only a listener where nothing shares a forward with the stable
+    // group is truly all-stable.
+    let present: BTreeSet<String> = lists.iter().flat_map(|(_, a)| groups(a)).collect();
+    if !t.canary_target_group_arns.is_empty() && canaries.is_disjoint(&present) {
+        let sharing = sharing_stable(t, lists);
+        if !sharing.is_empty() {
+            return Err(AlbError::InvalidTarget {
+                message: format!(
+                    "none of canary_target_group_arns {:?} is in any forward of listener {}; \
+                     the groups sharing a forward with the stable group are {:?}: \
+                     list the current canary in canary_target_group_arns (or leave it empty)",
+                    t.canary_target_group_arns,
+                    t.listener_arn,
+                    sharing.into_iter().collect::<Vec<_>>()
+                ),
+            });
+        }
     }
     Ok(lists
         .iter()
@@ -569,6 +594,32 @@ mod tests {
             vec![weighted(&[(STABLE, 1)], None)],
         )];
         assert_eq!(in_scope(&t, &lists).unwrap(), Vec::<Resource>::new());
+    }
+
+    #[test]
+    fn a_named_canary_in_no_forward_is_an_error_naming_the_groups_that_share_one() {
+        let named = AlbTarget {
+            scope: Scope::Listener,
+            canary_target_group_arns: vec![OTHER.into()],
+            ..target()
+        };
+        // Last release's canary is named; this release's takes 25 %.
+        let lists = vec![list(
+            LISTENER,
+            ResourceKind::ListenerDefaultActions,
+            vec![weighted(&[(STABLE, 75), (CANARY, 25)], None)],
+        )];
+        let Err(AlbError::InvalidTarget { message }) = in_scope(&named, &lists) else {
+            panic!("expected InvalidTarget: {:?}", in_scope(&named, &lists));
+        };
+        assert!(message.contains(OTHER) && message.contains(CANARY), "{message}");
+        // Nothing shares a forward with stable: truly all-stable, an empty scope.
+        let lists = vec![list(
+            LISTENER,
+            ResourceKind::ListenerDefaultActions,
+            vec![weighted(&[(STABLE, 1)], None)],
+        )];
+        assert_eq!(in_scope(&named, &lists).unwrap(), Vec::<Resource>::new());
     }
 
     fn tuple(arn: &str, w: i32) -> TargetGroupTuple {

@@ -4,6 +4,8 @@
 //! revert wrote. A change back on any of them is drift: reported with what changed, never
 //! written over (no fight in a loop).
 
+use aws_sdk_elasticloadbalancingv2::types::Action;
+
 use super::{plan, AlbError, AlbExecutor, AlbTarget, ForwardSnapshot, ForwardState, Resource, Scope};
 use crate::action::ReadBack;
 
@@ -115,13 +117,40 @@ impl AlbExecutor {
             Scope::Listener => {
                 let lists = self.listener_lists(&t.listener_arn, &mut ignore).await?;
                 let scope = plan::in_scope(t, &lists)?;
+                // Nothing in scope (found all-stable): check the forwards naming the stable
+                // group instead, so the sample still looks at something real.
+                let checked = |r: &Resource, a: &[Action]| {
+                    if scope.is_empty() {
+                        ForwardSnapshot::from_actions(&r.arn, r.kind, a)
+                            .forward
+                            .is_some_and(|f| {
+                                f.target_groups
+                                    .iter()
+                                    .any(|g| g.target_group_arn == t.stable_target_group_arn)
+                            })
+                    } else {
+                        scope.contains(r)
+                    }
+                };
                 lists
                     .iter()
-                    .filter(|(r, _)| scope.contains(r))
+                    .filter(|(r, a)| checked(r, a))
                     .map(|(r, a)| ForwardSnapshot::from_actions(&r.arn, r.kind, a))
                     .collect()
             }
         };
+        // Zero forwards checked proves nothing: never a passing sample.
+        if snaps.is_empty() {
+            return Ok(ReadBack {
+                ok: false,
+                value: format!(
+                    "NO FORWARD in scope: no forward on {} names the stable group or a canary",
+                    t.listener_arn
+                ),
+                drift: None,
+                evidence: serde_json::json!({ "snapshots": [] }),
+            });
+        }
         let drift = judge_all(t, &snaps, baseline.as_deref());
         let forward = snaps
             .iter()

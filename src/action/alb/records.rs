@@ -469,7 +469,27 @@ mod tests {
                 },
                 error: Box::new(AlbError::from_code("AccessDenied", "no", Some(403))),
             }],
+            dry_run: false,
         };
+        // A dry run wrote nothing: its partial says what would have been reverted.
+        let AlbError::Partial { done, failed, .. } = partial.clone() else {
+            unreachable!()
+        };
+        let dry = AlbError::Partial {
+            done,
+            failed,
+            dry_run: true,
+        };
+        let Err(ActionError::Failed { message, .. }) = report(&t, true, Err(dry)) else {
+            panic!("a failure, not a pre-check");
+        };
+        assert_eq!(
+            message,
+            format!(
+                "1 of 2 forward(s) to the canary would NOT be reverted (dry run): rule {rule}: AWS error AccessDenied: no (code AccessDenied); \
+                 would be reverted (dry run) or already stable: {LISTENER} (code PartialRevert)"
+            )
+        );
         let Err(ActionError::Failed { message, detail }) = report(&t, false, Err(partial)) else {
             panic!("a failure, not a pre-check");
         };
