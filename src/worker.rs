@@ -147,12 +147,17 @@ async fn round(
             }
         }
     }
+    // Due and unowned work: on every tick, and at once when this replica made some (an
+    // approval, a takeover, a lifted freeze). A wake for stored alerts alone skips it: the
+    // decisions above claim what they start themselves.
+    let hinted = responder.work_hint.swap(false, std::sync::atomic::Ordering::SeqCst);
+    if !on_tick && !hinted {
+        return;
+    }
     let mut work = Vec::new();
-    if on_tick {
-        match responder.run_due().await {
-            Ok(w) => work.extend(w),
-            Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
-        }
+    match responder.run_due().await {
+        Ok(w) => work.extend(w),
+        Err(e) => warn!(error = %e, "due incidents failed; retrying next tick"),
     }
     // Approved or orphaned work (a replica died holding a lease) is picked up here.
     match responder.store.unowned_work(responder.clock.now()).await {

@@ -31,7 +31,18 @@ struct Deciding {
     /// alerts share a name, and an alert never leaves its incident, so one look-up serves
     /// the batch.
     named: std::collections::HashSet<(IncidentId, String)>,
+    /// The open incident per target, read once per batch: in a storm every alert of a target
+    /// joins the same incident, and reading and parsing it again for each cost more than the
+    /// rest of the join. Only a plain join (one that changed nothing of the incident) puts it
+    /// back; any other path reads it again. Before the batch commits, each cached incident is
+    /// checked to be unchanged and still open (another replica may have changed it meanwhile
+    /// on PostgreSQL); if not, the batch is redone alert by alert.
+    open: std::collections::HashMap<String, Incident>,
 }
+
+/// Open incidents kept between batches ([`Responder::open_incidents`]) before they are all
+/// forgotten: more targets than this with an open incident at once is not a release going bad.
+const MAX_KEPT_INCIDENTS: usize = 1024;
 
 /// Groups whose oldest pending alert goes ahead of the backlog in each batch.
 const FAIR_GROUPS: i64 = 8;
@@ -117,7 +128,7 @@ impl Responder {
         let mut ctx = self.deciding().await?;
         let started = Instant::now();
         let mut tx = self.store.begin().await?;
-        // Claimed in one statement; what the batch does not get to is handed back below.
+        // Claimed in one statement; what the batch does not get to stays pending (see below).
         let mut claimed = tx.claim_alerts(ids).await?;
         // In the order asked for: the other groups' heads first (see `fair_order`).
         let at: std::collections::HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
@@ -134,11 +145,26 @@ impl Responder {
                 break;
             }
         }
-        let left: Vec<i64> = claimed[decided..].iter().map(|a| a.id).collect();
-        tx.unclaim_alerts(&left).await?;
+        // The decided ones are settled; the rest stay pending for the next batch.
+        let settled: Vec<i64> = claimed[..decided].iter().map(|a| a.id).collect();
+        tx.settle_alerts(&settled);
+        let left = claimed.len() - decided;
+        for inc in ctx.open.values() {
+            if !tx.incident_unchanged(&inc.id, inc.version).await? {
+                return Err(StepError::Conflict(inc.id.clone()));
+            }
+        }
+        let open = std::mem::take(&mut ctx.open);
         let committed = tx.commit().await?;
         self.outbox_wake.queued(&committed);
-        Ok((work, !left.is_empty()))
+        if let Ok(mut kept) = self.open_incidents.lock() {
+            // Bounded by the targets with an open incident; forgetting is always safe.
+            if kept.len() > MAX_KEPT_INCIDENTS {
+                kept.clear();
+            }
+            kept.extend(open);
+        }
+        Ok((work, left > 0))
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.
@@ -208,7 +234,25 @@ impl Responder {
             freezes: self.freezes(now).await?,
             history: Default::default(),
             named: Default::default(),
+            open: Default::default(),
         })
+    }
+
+    /// The open incident on a target: the copy the last batch committed if the store still
+    /// has it open at that version, else read whole.
+    async fn open_incident(&self, tx: &mut StoreTx, target_key: &str) -> Result<Option<Incident>, StepError> {
+        let Some((id, version)) = tx.open_incident_version(target_key).await? else {
+            return Ok(None);
+        };
+        let kept = self.open_incidents.lock().ok().and_then(|k| {
+            k.get(target_key)
+                .filter(|i| i.id == id && i.version == version)
+                .cloned()
+        });
+        match kept {
+            Some(inc) => Ok(Some(inc)),
+            None => Ok(tx.open_incident_for(target_key).await?),
+        }
     }
 
     /// Acts on an alert this transaction has claimed.
@@ -220,7 +264,11 @@ impl Responder {
     ) -> Result<Option<IncidentId>, StepError> {
         match stored.alert.status {
             AlertStatus::Firing => self.on_firing(tx, stored, ctx).await,
-            AlertStatus::Resolved => self.on_resolved(tx, stored, ctx.now).await.map(|_| None),
+            AlertStatus::Resolved => {
+                // A resolving alert may close its incident: the batch reads it again.
+                ctx.open.retain(|_, inc| Some(&inc.id) != stored.incident_id.as_ref());
+                self.on_resolved(tx, stored, ctx.now).await.map(|_| None)
+            }
         }
     }
 
@@ -282,7 +330,11 @@ impl Responder {
             return Ok(None);
         }
 
-        if let Some(mut inc) = tx.open_incident_for(&target_key).await? {
+        let open = match ctx.open.remove(&target_key) {
+            Some(inc) => Some(inc),
+            None => self.open_incident(tx, &target_key).await?,
+        };
+        if let Some(mut inc) = open {
             // One open incident per target: further alerts join it and never start a second
             // rollback; one that could change the next step (a stronger trigger, one that
             // passes its `for` sooner, an automatic one after a deny) has it decided again.
@@ -290,6 +342,11 @@ impl Responder {
             let joining = Candidate::new(d.clone(), trigger);
             let mut applied = None;
             if may_change(inc.phase, &inc.decision, inc.due_at, &joining, now) {
+                // Changing it: from the store as it is now, lease and all, not a kept copy.
+                inc = tx
+                    .incident(&inc.id)
+                    .await?
+                    .ok_or_else(|| StepError::Conflict(inc.id.clone()))?;
                 let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
                 applied = Some(self.reconcile(tx, &mut inc, &cands, freezes, now).await?);
             }
@@ -298,16 +355,26 @@ impl Responder {
                 describe_alert(stored),
                 join_note(&d, &inc, applied.as_ref().and_then(|a| a.note.as_deref()))
             );
-            Self::record(
-                tx,
-                &inc,
-                AuditKind::AlertJoined,
-                SYSTEM,
-                summary.clone(),
-                json!({ "alert": stored.alert, "decision": d }),
+            // The alert and its decision are in its row (`alert_id`); the entry says which,
+            // and its summary why. A storm writes one of these per alert: kept small.
+            let detail = format!(
+                r#"{{"alert_id":{},"fingerprint":{}}}"#,
+                stored.id,
+                serde_json::to_string(&stored.alert.fingerprint).unwrap_or_else(|_| "null".into()),
+            );
+            tx.append_event_json(
+                &inc.id,
                 now,
-            )
-            .await?;
+                NewEvent {
+                    kind: AuditKind::AlertJoined,
+                    actor: SYSTEM,
+                    phase_from: None,
+                    phase_to: None,
+                    summary: summary.clone(),
+                    detail: Value::Null,
+                },
+                detail,
+            );
             // One thread reply per kind of alert: in a storm thousands of instances of one alert
             // join, and a reply each would bury the thread and hold the rollback's own messages
             // behind them in the ordered outbox for hours. The timeline keeps every one.
@@ -318,19 +385,27 @@ impl Responder {
                     .await?
             {
                 // The thread says what the new kind of alert measured, as the root does for the
-                // first one; the timeline keeps the whole alert.
-                let told = match notify::Measured::from_annotations(stored.alert.alertname(), &stored.alert.annotations)
-                {
+                // first one; the timeline keeps the whole alert. (Annotations are not read
+                // with the claim: only the first of each kind needs them.)
+                let full = tx.complete_alert(stored).await?;
+                let told = match notify::Measured::from_annotations(full.alert.alertname(), &full.alert.annotations) {
                     Some(m) => format!("{summary}\n*Measured:* {}", notify::mrkdwn::defuse_mentions(&m.text)),
                     None => summary.clone(),
                 };
                 self.tell(tx, &inc, Change::Note { summary: &told }, now).await?;
             }
             ctx.named.insert(named);
-            if applied.is_some_and(|a| a.executing) {
-                self.claim_and_start(tx, &mut inc, now).await?;
-                ctx.history.clear();
-                return Ok(Some(inc.id));
+            match applied {
+                Some(a) if a.executing => {
+                    self.claim_and_start(tx, &mut inc, now).await?;
+                    ctx.history.clear();
+                    return Ok(Some(inc.id));
+                }
+                // Changed: the next alert reads it again.
+                Some(_) => {}
+                None => {
+                    ctx.open.insert(target_key, inc);
+                }
             }
             // Already executing (or not to be acted on): whoever holds it runs it, and work
             // whose holder died is picked up as unowned work.
@@ -340,6 +415,8 @@ impl Responder {
         let Some(phase) = Phase::for_outcome(&d.outcome) else {
             return Ok(None);
         };
+        // Opening needs all of the alert: its annotations, URLs and group.
+        let stored = &tx.complete_alert(stored).await?;
         let context = notify::Context {
             labels: stored.alert.labels.clone(),
             summary: stored.alert.annotations.get("summary").cloned(),

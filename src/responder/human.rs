@@ -195,7 +195,7 @@ impl Responder {
         self.commit(tx, &inc).await?;
         if inc.phase == Phase::Executing {
             // The worker picks the approved work up at once.
-            self.wake.notify_one();
+            self.wake_for_work();
         }
         Ok(result)
     }
@@ -295,7 +295,7 @@ impl Responder {
         .await?;
         self.tell(&mut tx, &inc, Change::Opened, now).await?;
         self.commit(tx, &inc).await?;
-        self.wake.notify_one();
+        self.wake_for_work();
         Ok((inc.id, d.reason))
     }
 
@@ -408,7 +408,7 @@ impl Responder {
         )
         .await?;
         self.commit(tx, &inc).await?;
-        self.wake.notify_one();
+        self.wake_for_work();
         Ok(VoteResult::Approved { by })
     }
 

@@ -72,6 +72,11 @@ pub struct Responder {
     pub lease: Duration,
     pub metrics: Arc<Metrics>,
     pub wake: tokio::sync::Notify,
+    /// Set (with a wake) when this replica made work for the worker other than new alerts:
+    /// approved or taken-over work, incidents made due. The worker's round then looks for
+    /// unowned and due work at once; a wake for stored alerts alone does not, since that
+    /// look-up cost as much as storing a delivery (others' work is found on the next tick).
+    pub work_hint: std::sync::atomic::AtomicBool,
     /// Which notification channels are configured, for new incidents' routes.
     pub notify_defaults: notify::Defaults,
     /// Wakes the outbox after a commit that queued messages.
@@ -86,6 +91,10 @@ pub struct Responder {
     redecide: std::sync::atomic::AtomicBool,
     /// The last Alertmanager group whose oldest pending alert went ahead of the backlog.
     fair_cursor: std::sync::Mutex<String>,
+    /// Open incidents per target as the last deciding batch committed them: the next batch
+    /// uses one only if the store still has it open at the same version (one small query
+    /// instead of reading and parsing the whole incident); see `decide::Deciding::open`.
+    pub(super) open_incidents: std::sync::Mutex<std::collections::HashMap<String, crate::incident::Incident>>,
     /// Where "now" comes from for every step.
     pub clock: Clock,
     /// How long one batch of decisions may hold its transaction (`workers.decision_batch_budget`).
@@ -120,6 +129,7 @@ impl Responder {
             lease,
             metrics,
             wake: tokio::sync::Notify::new(),
+            work_hint: Default::default(),
             notify_defaults: notify::Defaults::default(),
             outbox_wake: Arc::default(),
             // The health probe judges the status it gets: a redirect to a login or maintenance
@@ -132,6 +142,7 @@ impl Responder {
             config_freezes: FreezeState::default(),
             redecide: std::sync::atomic::AtomicBool::new(false),
             fair_cursor: std::sync::Mutex::new(String::new()),
+            open_incidents: Default::default(),
             clock: Clock::System,
             decision_budget: Duration::from_millis(2),
             decides: true,
@@ -175,6 +186,12 @@ impl Responder {
             f.policies.entry(k.clone()).or_insert_with(|| v.clone());
         }
         Ok(f)
+    }
+
+    /// Wakes the worker for work other than stored alerts (see [`Responder::work_hint`]).
+    pub fn wake_for_work(&self) {
+        self.work_hint.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     /// Where verification queries go.

@@ -304,7 +304,7 @@ impl Responder {
     /// A freeze was lifted: incidents it held are decided again at once.
     pub(super) async fn freeze_lifted(&self) -> Result<(), StepError> {
         self.store.make_due(&REDECIDED, self.clock.now()).await?;
-        self.wake.notify_one();
+        self.wake_for_work();
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{bind_ids, from_ms, opt_ms, placeholders, to_json, Result, Store, StoreError, StoreTx};
+use super::{bind_ids, from_ms, opt_ms, placeholders, to_json, Backend, Result, Store, StoreError, StoreTx};
 use crate::alert::{Alert, AlertStatus, Fingerprint, LabelSet};
 use crate::incident::IncidentId;
 use crate::policy::Decision;
@@ -18,6 +18,10 @@ pub struct StoredAlert {
     pub group_key: String,
     pub external_url: String,
     pub incident_id: Option<IncidentId>,
+    /// Read by [`StoreTx::claim_alerts`] without its annotations, generator and external URLs
+    /// and group key, which a decision needs only when it opens an incident or announces a
+    /// new kind of alert; [`StoreTx::complete_alert`] reads them.
+    pub partial: bool,
 }
 
 impl Store {
@@ -70,58 +74,78 @@ impl StoreTx {
             "UPDATE alerts SET pending = 0 WHERE id = $1 AND pending = 1 RETURNING {ALERT_COLS}"
         ))
         .bind(id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.db().await?)
         .await?;
         row.map(|r| alert_from_row(&r)).transpose()
     }
 
     /// Takes every alert of `ids` that is still pending, in one statement; returns them in id
-    /// order (alerts another worker took first are left out).
+    /// order (alerts another worker took first are left out). They stay pending until
+    /// [`StoreTx::settle_alerts`] says which were decided: that write is held back and joins
+    /// the alerts' outcomes in one statement ([`super::deferred`]), so each decided alert's row
+    /// is written once, not twice. Taken alerts are not settled go back with the commit, as
+    /// they were. What keeps another worker off them until then: on SQLite this transaction
+    /// holds the only connection; on PostgreSQL `FOR UPDATE SKIP LOCKED` locks the rows (a
+    /// second worker skips them) until the commit.
     pub async fn claim_alerts(&mut self, ids: &[i64]) -> Result<Vec<StoredAlert>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
         let sql = format!(
-            "UPDATE alerts SET pending = 0 WHERE pending = 1 AND id IN ({}) RETURNING {ALERT_COLS}",
+            "SELECT {CLAIM_COLS} FROM alerts WHERE pending = 1 AND id IN ({}){lock}",
             placeholders(ids.len())
         );
         let mut alerts = bind_ids(&sql, ids)
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.db().await?)
             .await?
             .iter()
-            .map(alert_from_row)
+            .map(claimed_from_row)
             .collect::<Result<Vec<_>>>()?;
         alerts.sort_by_key(|a| a.id);
         Ok(alerts)
     }
 
-    /// Gives claimed alerts back (pending again), in the claiming transaction: a batch that
-    /// stops early leaves the rest to the next one, and nobody else ever saw them taken.
-    pub async fn unclaim_alerts(&mut self, ids: &[i64]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
+    /// `a` with everything [`StoreTx::claim_alerts`] left out read (a copy; `a` itself if it
+    /// is complete already).
+    pub async fn complete_alert(&mut self, a: &StoredAlert) -> Result<StoredAlert> {
+        if !a.partial {
+            return Ok(a.clone());
         }
-        let sql = format!(
-            "UPDATE alerts SET pending = 1 WHERE id IN ({})",
-            placeholders(ids.len())
-        );
-        bind_ids(&sql, ids).execute(&mut *self.tx).await?;
-        Ok(())
+        let row = sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE id = $1"))
+            .bind(a.id)
+            .fetch_one(self.db().await?)
+            .await?;
+        alert_from_row(&row)
     }
 
-    /// Records what became of an alert: its incident (if any) and the decision.
+    /// Marks alerts taken by [`StoreTx::claim_alerts`] as decided (no longer pending), with
+    /// the outcomes recorded for them; held back like those.
+    pub fn settle_alerts(&mut self, ids: &[i64]) {
+        self.deferred.outcomes.extend(ids.iter().map(|&alert_id| super::deferred::Outcome {
+            alert_id,
+            incident: None,
+            decision: None,
+        }));
+    }
+
+    /// Records what became of an alert, which this transaction has taken: its incident (if
+    /// any) and the decision; it is no longer pending. Held back and sent with the
+    /// transaction's next statement or its commit ([`super::deferred`]).
     pub async fn set_alert_outcome(
         &mut self,
         alert_id: i64,
         incident: Option<&IncidentId>,
         decision: Option<&Decision>,
     ) -> Result<()> {
-        sqlx::query("UPDATE alerts SET incident_id = COALESCE($1, incident_id), decision = COALESCE($2, decision) WHERE id = $3")
-            .bind(incident.map(|i| i.0.clone()))
-            .bind(decision.map(to_json))
-            .bind(alert_id)
-            .execute(&mut *self.tx)
-            .await?;
+        self.deferred.outcomes.push(super::deferred::Outcome {
+            alert_id,
+            incident: incident.map(|i| i.0.clone()),
+            decision: decision.map(to_json),
+        });
         Ok(())
     }
 
@@ -131,7 +155,7 @@ impl StoreTx {
             .bind(&id.0)
             .bind(alertname)
             .bind(except)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.db().await?)
             .await?;
         Ok(row.is_some())
     }
@@ -140,7 +164,7 @@ impl StoreTx {
     pub async fn firing_alerts(&mut self, id: &IncidentId) -> Result<u64> {
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")
             .bind(&id.0)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.db().await?)
             .await?
             .try_get(0)?;
         Ok(n as u64)
@@ -152,10 +176,37 @@ impl StoreTx {
             "SELECT {ALERT_COLS} FROM alerts WHERE incident_id = $1 AND status = 'firing' ORDER BY id"
         ))
         .bind(&id.0)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.db().await?)
         .await?;
         rows.iter().map(alert_from_row).collect()
     }
+}
+
+/// What deciding needs of every claimed alert, in this order (read by position).
+const CLAIM_COLS: &str = "id, fingerprint, starts_at, ends_at, status, labels, incident_id";
+
+/// A claimed alert from a row of [`CLAIM_COLS`]: partial.
+fn claimed_from_row(r: &AnyRow) -> Result<StoredAlert> {
+    let status: String = r.try_get(4)?;
+    let labels: LabelSet =
+        serde_json::from_str(&r.try_get::<String, _>(5)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(StoredAlert {
+        id: r.try_get(0)?,
+        alert: Alert {
+            status: AlertStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("alert status {status:?}")))?,
+            labels,
+            annotations: LabelSet::new(),
+            starts_at: from_ms(r.try_get(2)?),
+            ends_at: opt_ms(r.try_get(3)?),
+            generator_url: String::new(),
+            fingerprint: Fingerprint(r.try_get(1)?),
+        },
+        group_key: String::new(),
+        external_url: String::new(),
+        incident_id: r.try_get::<Option<String>, _>(6)?.map(IncidentId),
+        partial: true,
+    })
 }
 
 const ALERT_COLS: &str =
@@ -182,6 +233,7 @@ fn alert_from_row(r: &AnyRow) -> Result<StoredAlert> {
         group_key: r.try_get("group_key")?,
         external_url: r.try_get("external_url")?,
         incident_id: r.try_get::<Option<String>, _>("incident_id")?.map(IncidentId),
+        partial: false,
     })
 }
 
@@ -191,7 +243,7 @@ mod tests {
     use chrono::Utc;
 
     #[tokio::test]
-    async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_decide() {
+    async fn a_batch_claims_in_one_statement_and_hands_back_what_it_did_not_settle() {
         let (_dir, store) = sqlite_store().await;
         let fps = ["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703"];
         store.ingest(&delivery(&fps), Utc::now()).await.unwrap();
@@ -205,11 +257,12 @@ mod tests {
             ids,
             "all, in id order"
         );
-        assert!(
-            tx.claim_alerts(&ids).await.unwrap().is_empty(),
-            "a claimed alert is not claimed twice"
+        tx.settle_alerts(&ids[..1]);
+        assert_eq!(
+            tx.claim_alerts(&ids).await.unwrap().len(),
+            2,
+            "a settled alert is not pending any more, in the transaction too"
         );
-        tx.unclaim_alerts(&ids[1..]).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(
             store.pending_alert_ids(10).await.unwrap(),

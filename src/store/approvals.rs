@@ -52,7 +52,7 @@ impl StoreTx {
         .bind(storable(via))
         .bind(reason.map(storable))
         .bind(ms(now))
-        .execute(&mut *self.tx)
+        .execute(self.db().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -62,7 +62,7 @@ impl StoreTx {
         let rows =
             sqlx::query("SELECT approver FROM approvals WHERE incident_id = $1 AND verdict = 'approve' ORDER BY id")
                 .bind(&incident.0)
-                .fetch_all(&mut *self.tx)
+                .fetch_all(self.db().await?)
                 .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))

@@ -87,9 +87,26 @@ impl Store {
 }
 
 impl StoreTx {
-    /// Appends to an incident's audit trail.
+    /// Appends to an incident's audit trail. Held back and sent with the transaction's next
+    /// statement or its commit ([`super::deferred`]), in order.
     pub async fn append_event(&mut self, id: &IncidentId, at: DateTime<Utc>, e: NewEvent<'_>) -> Result<()> {
-        insert(&mut *self.tx, id, at, &e).await
+        let detail = e.detail.to_string();
+        self.append_event_json(id, at, e, detail);
+        Ok(())
+    }
+
+    /// [`StoreTx::append_event`] with the detail already serialised; `e.detail` is ignored.
+    pub fn append_event_json(&mut self, id: &IncidentId, at: DateTime<Utc>, e: NewEvent<'_>, detail: String) {
+        self.deferred.events.push(super::deferred::EventRow {
+            incident_id: id.0.clone(),
+            at: ms(at),
+            kind: e.kind.as_str(),
+            actor: storable(e.actor),
+            phase_from: e.phase_from.map(|p| p.as_str()),
+            phase_to: e.phase_to.map(|p| p.as_str()),
+            summary: storable(&e.summary),
+            detail,
+        });
     }
 }
 

@@ -74,7 +74,7 @@ impl StoreTx {
     ) -> Result<History> {
         let last: Option<i64> = sqlx::query("SELECT MAX(acted_at) FROM incidents WHERE target_key = $1")
             .bind(target_key)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.db().await?)
             .await?
             .try_get(0)?;
         // A window longer than the calendar reaches back to its start.
@@ -103,7 +103,7 @@ impl StoreTx {
             let n: i64 = sqlx::query(&POLICY_SQL)
                 .bind(policy)
                 .bind(since(w))
-                .fetch_one(&mut *self.tx)
+                .fetch_one(self.db().await?)
                 .await?
                 .try_get(0)?;
             h.policy_rollbacks_in_window = n as u32;
@@ -111,7 +111,7 @@ impl StoreTx {
         if let Some(w) = global_window {
             let n: i64 = sqlx::query(&GLOBAL_SQL)
                 .bind(since(w))
-                .fetch_one(&mut *self.tx)
+                .fetch_one(self.db().await?)
                 .await?
                 .try_get(0)?;
             h.global_rollbacks_in_window = n as u32;
@@ -123,9 +123,28 @@ impl StoreTx {
     pub async fn open_incident_for(&mut self, target_key: &str) -> Result<Option<Incident>> {
         let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE open_target = $1"))
             .bind(target_key)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.db().await?)
             .await?;
         row.map(|r| incident_from_row(&r)).transpose()
+    }
+
+    /// The id and version of the open incident on a target, if any.
+    pub async fn open_incident_version(&mut self, target_key: &str) -> Result<Option<(IncidentId, i64)>> {
+        let row = sqlx::query("SELECT id, version FROM incidents WHERE open_target = $1")
+            .bind(target_key)
+            .fetch_optional(self.db().await?)
+            .await?;
+        row.map(|r| Ok((IncidentId(r.try_get(0)?), r.try_get(1)?))).transpose()
+    }
+
+    /// Whether the incident is still open at `version`: nobody changed it since it was read.
+    pub async fn incident_unchanged(&mut self, id: &IncidentId, version: i64) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM incidents WHERE id = $1 AND version = $2 AND closed_at IS NULL")
+            .bind(&id.0)
+            .bind(version)
+            .fetch_optional(self.db().await?)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// One incident, read inside the transaction.
@@ -133,7 +152,7 @@ impl StoreTx {
         if !could_be_stored(&id.0) {
             return Ok(None);
         }
-        fetch_incident(&mut *self.tx, id).await
+        fetch_incident(self.db().await?, id).await
     }
 
     /// Inserts a new incident; a conflict means another replica opened one for this target.
@@ -159,7 +178,7 @@ impl StoreTx {
         .bind(i.due_at.map(ms))
         .bind(i.version)
         .bind(i.context.to_string())
-        .execute(&mut *self.tx)
+        .execute(self.db().await?)
         .await?;
         Ok(())
     }
@@ -192,7 +211,7 @@ impl StoreTx {
         .bind(i64::from(i.phase.is_settled()))
         .bind(&i.id.0)
         .bind(i.version)
-        .execute(&mut *self.tx)
+        .execute(self.db().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }

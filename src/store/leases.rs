@@ -85,7 +85,7 @@ impl StoreTx {
         .bind(i.lease_until.map(ms))
         .bind(&i.id.0)
         .bind(i.version)
-        .execute(&mut *self.tx)
+        .execute(self.db().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }

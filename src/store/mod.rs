@@ -15,6 +15,7 @@
 
 mod alerts;
 mod approvals;
+mod deferred;
 mod events;
 mod fair;
 mod freezes;
@@ -218,6 +219,7 @@ impl Store {
             backend: self.backend,
             queued: Vec::new(),
             intake: self.intake.clone(),
+            deferred: Default::default(),
         })
     }
 }
@@ -225,12 +227,14 @@ impl Store {
 /// One state change's transaction: everything it writes commits together or not at all.
 pub struct StoreTx {
     tx: Transaction<'static, sqlx::Any>,
-    #[allow(dead_code)]
     backend: Backend,
     /// Outbox channels this transaction queued messages for.
     queued: Vec<String>,
     /// Webhook deliveries waiting for the connection ride along with the commit (SQLite).
     intake: Arc<intake::Intake>,
+    /// Writes held back to be sent together ([`deferred`]); every other statement goes through
+    /// [`StoreTx::db`], which sends them first.
+    deferred: deferred::Deferred,
 }
 
 /// What a committed transaction left for others to do.
@@ -247,6 +251,7 @@ impl StoreTx {
     /// (see [`intake`]): they are answered after this commit, or go back to the writer if it
     /// fails.
     pub async fn commit(mut self) -> Result<Committed> {
+        self.flush().await?;
         let carried = self.intake.absorb(&mut self.tx).await;
         let result = self.tx.commit().await;
         if let Some(c) = carried {

@@ -258,7 +258,7 @@ impl StoreTx {
         .bind(channel)
         .bind(payload)
         .bind(ms(now))
-        .execute(&mut *self.tx)
+        .execute(self.db().await?)
         .await?;
         if !self.queued.iter().any(|c| c == channel) {
             self.queued.push(channel.to_string());

@@ -42,7 +42,7 @@ impl StoreTx {
         )
         .bind(&id.0)
         .bind(kind.as_str())
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.db().await?)
         .await?;
         Ok(row
             .map(|r| r.try_get::<String, _>("detail"))

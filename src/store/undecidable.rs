@@ -23,7 +23,7 @@ impl StoreTx {
         sqlx::query("UPDATE alerts SET pending = 0, undecidable = $1 WHERE id = $2")
             .bind(problem)
             .bind(alert_id)
-            .execute(&mut *self.tx)
+            .execute(self.db().await?)
             .await?;
         Ok(())
     }
