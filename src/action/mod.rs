@@ -48,6 +48,17 @@ pub enum RevertedBy {
     Others { who: String },
 }
 
+/// A step an interrupted earlier attempt at the same action recorded (the executor's record as
+/// JSON) and how long before this attempt began: a takeover resumes from it (ALB: the wait before
+/// the next gradual step counts from the last step written).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EarlierStep {
+    /// Time since the step was recorded.
+    pub ago: std::time::Duration,
+    /// The step's record, as the audit trail holds it.
+    pub detail: serde_json::Value,
+}
+
 /// Why an action failed; `detail` is the executor's structured error (AWS code and all).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
@@ -84,6 +95,7 @@ impl Executors {
     /// at `opened_at` (what was current then is the bad release), handing every step
     /// to `on_step` as it happens, whether the action succeeds or not.
     /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
+    /// `earlier`: what an interrupted earlier attempt recorded (empty for a first attempt).
     pub async fn execute(
         &self,
         target: &Target,
@@ -91,14 +103,17 @@ impl Executors {
         opened_at: chrono::DateTime<chrono::Utc>,
         on_step: &mut (dyn FnMut(Step) + Send),
         before_write: retry::BeforeWrite<'_>,
+        earlier: &[EarlierStep],
     ) -> Result<ActionReport, ActionError> {
         match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| on_step(s.into());
+                let resume = alb::Resume::from_earlier(earlier);
                 alb::report(
                     t,
                     dry_run,
-                    exec.revert_gated(t, dry_run, &mut record, before_write).await,
+                    exec.revert_resuming(t, dry_run, &mut record, before_write, &resume)
+                        .await,
                 )
             }
             (Target::Kubernetes(t), _, Some(exec)) => {

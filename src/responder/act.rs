@@ -10,7 +10,10 @@
 //! what took and what failed. A real action that finds the target already reverted says so
 //! ("found already reverted", by whom when the executor can tell, `found_reverted_by`, else
 //! "not by this service") and counts only when our own interrupted attempt had recorded
-//! the intent of a write ([`found_reverted`]).
+//! the intent of a write ([`found_reverted`]). A takeover hands the executor the steps the
+//! interrupted attempt recorded, so a gradual shift goes on from where the weights stand with
+//! the interval counted from its last step (`alb::Resume`), and the rollback counts from the
+//! interrupted attempt's first write, when the traffic first moved.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::action::{ActionError, ActionReport, RevertedBy, Step, Target};
+use crate::action::{ActionError, ActionReport, EarlierStep, RevertedBy, Step, Target};
 use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 
@@ -48,6 +51,8 @@ struct Interrupted {
     wrote: Option<String>,
     /// When that plan was recorded: the write, if it took, came right after.
     wrote_at: Option<DateTime<Utc>>,
+    /// Every step the earlier attempts recorded, with its time: a takeover resumes from them.
+    steps: Vec<(DateTime<Utc>, serde_json::Value)>,
 }
 
 impl Interrupted {
@@ -65,7 +70,23 @@ impl Interrupted {
             started_by,
             wrote: planned.map(|e| e.actor.clone()),
             wrote_at: planned.map(|e| e.at),
+            steps: events
+                .iter()
+                .filter(|e| e.kind == AuditKind::ActionStep)
+                .map(|e| (e.at, e.detail.clone()))
+                .collect(),
         })
+    }
+
+    /// The recorded steps with how long before `now` each was recorded, for the executor.
+    fn earlier(&self, now: DateTime<Utc>) -> Vec<EarlierStep> {
+        self.steps
+            .iter()
+            .map(|(at, detail)| EarlierStep {
+                ago: (now - *at).to_std().unwrap_or_default(),
+                detail: detail.clone(),
+            })
+            .collect()
     }
 }
 
@@ -75,6 +96,9 @@ struct Ran {
     result: Result<ActionReport, ActionError>,
     applied: Vec<Timed>,
     unrecorded: Vec<Timed>,
+    /// The executor picked up a change an interrupted earlier attempt had begun (a gradual
+    /// shift resumed from the weights its step left).
+    resumed: bool,
     secs: f64,
 }
 
@@ -157,7 +181,11 @@ impl Responder {
                 self.commit(tx, &inc).await?;
             }
 
-            let ran = self.execute_recording(&inc, &target, dry_run).await;
+            let earlier = interrupted
+                .as_ref()
+                .map(|i| i.earlier(self.clock.now()))
+                .unwrap_or_default();
+            let ran = self.execute_recording(&inc, &target, dry_run, &earlier).await;
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
             let Some(fresh) = tx.incident(id).await? else {
@@ -176,8 +204,10 @@ impl Responder {
                 )
                 .await?;
             }
-            // When the target first changed: what cooldowns and rate limits count from.
-            let first_write = ran.applied.first().map(|t| t.at);
+            // When the target first changed: what cooldowns and rate limits count from. A
+            // takeover that resumed what the interrupted attempt began: when that one wrote.
+            let resumed_from = interrupted.as_ref().filter(|_| ran.resumed).and_then(|i| i.wrote_at);
+            let first_write = resumed_from.or(ran.applied.first().map(|t| t.at));
             match ran.result {
                 Ok(report) => {
                     self.metrics.action(
@@ -208,9 +238,22 @@ impl Responder {
                         let (counted, text) =
                             found_reverted(interrupted.as_ref(), found_reverted_by.as_ref(), &summary);
                         if counted {
-                            inc.acted_at = Some(now);
+                            // The traffic moved when our interrupted attempt wrote, not now:
+                            // as on the failed-takeover path, guards count from that write.
+                            inc.acted_at = Some(interrupted.as_ref().and_then(|i| i.wrote_at).unwrap_or(now));
                         }
                         summary = text;
+                    }
+                    if let Some((writer, at)) = interrupted
+                        .as_ref()
+                        .filter(|_| ran.resumed)
+                        .and_then(|i| Some((i.wrote.as_deref()?, i.wrote_at?)))
+                    {
+                        summary = format!(
+                            "resumed the change the interrupted earlier attempt of {writer} had begun (its first write \
+                             at {}), from where it stood: {summary}",
+                            at.format("%H:%M:%S UTC")
+                        );
                     }
                     self.apply(
                         &mut tx,
@@ -231,26 +274,30 @@ impl Responder {
                     // its writes most likely took, so this is a partial rollback, counted.
                     let earlier = interrupted
                         .as_ref()
-                        .filter(|_| !dry_run && first_write.is_none() && inc.acted_at.is_none())
+                        .filter(|_| !dry_run && (ran.resumed || ran.applied.is_empty()) && inc.acted_at.is_none())
                         .and_then(|i| Some((i.wrote.clone()?, i.wrote_at?)));
-                    if let Some(at) = first_write.or(earlier.as_ref().map(|(_, at)| *at)) {
+                    if let Some(at) = earlier.as_ref().map(|(_, at)| *at).or(first_write) {
                         // A partial revert changed the target: it is a rollback for the guards.
                         inc.acted_at = Some(at);
                         self.metrics
                             .alert_to_action((at - inc.first_alert_starts_at).num_milliseconds() as f64 / 1000.0);
                     }
-                    let mut took: Vec<String> = ran
-                        .applied
+                    // In the order they happened: the earlier attempt's writes came first.
+                    let took: Vec<String> = earlier
                         .iter()
-                        .map(|t| format!("{} (at {})", t.step.summary, t.at.format("%H:%M:%S UTC")))
+                        .map(|(writer, at)| {
+                            format!(
+                                "the writes of the interrupted earlier attempt of {writer} (begun at {}; see its steps \
+                                 in the timeline)",
+                                at.format("%H:%M:%S UTC")
+                            )
+                        })
+                        .chain(
+                            ran.applied
+                                .iter()
+                                .map(|t| format!("{} (at {})", t.step.summary, t.at.format("%H:%M:%S UTC"))),
+                        )
                         .collect();
-                    if let Some((writer, at)) = &earlier {
-                        took.push(format!(
-                            "the writes of the interrupted earlier attempt of {writer} (begun at {}; see its steps in \
-                             the timeline)",
-                            at.format("%H:%M:%S UTC")
-                        ));
-                    }
                     let summary = failure_summary(&took, &e);
                     self.apply(
                         &mut tx,
@@ -276,7 +323,7 @@ impl Responder {
     /// Runs the executor under the lease, recording each step in the store as it arrives;
     /// before each write, the steps reported so far (the write's plan among them) are
     /// committed, so a takeover can tell whether we had begun to write.
-    async fn execute_recording(&self, inc: &Incident, target: &Target, dry_run: bool) -> Ran {
+    async fn execute_recording(&self, inc: &Incident, target: &Target, dry_run: bool, earlier: &[EarlierStep]) -> Ran {
         let (sender, mut steps) = mpsc::unbounded_channel::<Timed>();
         let sent = AtomicU64::new(0);
         let (recorded_tx, recorded_rx) = watch::channel(0u64);
@@ -301,15 +348,16 @@ impl Responder {
                 });
             };
             self.executors
-                .execute(target, dry_run, inc.opened_at, &mut on_step, before_write)
+                .execute(target, dry_run, inc.opened_at, &mut on_step, before_write, earlier)
                 .await
         };
         let record = async {
-            let (mut applied, mut unrecorded) = (Vec::new(), Vec::new());
+            let (mut applied, mut unrecorded, mut resumed) = (Vec::new(), Vec::new(), false);
             while let Some(t) = steps.recv().await {
                 if t.step.applied {
                     applied.push(t.clone());
                 }
+                resumed |= t.step.detail["step"] == "resumed";
                 // The next write waits for this: a takeover reads a recorded plan as "we had
                 // begun to write", so a store blip is retried for a while before the write is
                 // let through without it.
@@ -328,13 +376,15 @@ impl Responder {
                 }
                 recorded_tx.send_modify(|n| *n += 1);
             }
-            (applied, unrecorded)
+            (applied, unrecorded, resumed)
         };
-        let (result, (applied, unrecorded)) = self.with_lease(&inc.id, async { tokio::join!(run, record) }).await;
+        let (result, (applied, unrecorded, resumed)) =
+            self.with_lease(&inc.id, async { tokio::join!(run, record) }).await;
         Ran {
             result,
             applied,
             unrecorded,
+            resumed,
             secs: started.elapsed().as_secs_f64(),
         }
     }
@@ -465,6 +515,7 @@ mod tests {
             started_by: "replica-0".into(),
             wrote: None,
             wrote_at: None,
+            steps: Vec::new(),
         };
         let (counted, text) = found_reverted(Some(&died_early), None, s);
         assert!(!counted);
@@ -480,6 +531,7 @@ mod tests {
             started_by: "replica-0".into(),
             wrote: Some("replica-0".into()),
             wrote_at: Some(Utc::now()),
+            steps: Vec::new(),
         };
         let (counted, text) = found_reverted(Some(&died_writing), None, s);
         assert!(counted);

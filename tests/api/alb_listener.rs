@@ -325,3 +325,234 @@ async fn a_stale_named_canary_is_an_error_not_already_reverted_and_the_read_back
     assert!(!sample.ok, "{sample:?}");
     assert!(sample.value.contains("NO FORWARD"), "{sample:?}");
 }
+
+/// Adds a header-based canary rule (`X-Canary: 1` -> `groups`) at `priority`; returns its ARN.
+async fn header_rule(fx: &AlbFixture, priority: i32, groups: &[(&str, i32)]) -> String {
+    use aws_sdk_elasticloadbalancingv2::types::{HttpHeaderConditionConfig, RuleCondition};
+    let out = fx
+        .elb
+        .create_rule()
+        .listener_arn(&fx.listener_arn)
+        .priority(priority)
+        .conditions(
+            RuleCondition::builder()
+                .field("http-header")
+                .http_header_config(
+                    HttpHeaderConditionConfig::builder()
+                        .http_header_name("X-Canary")
+                        .values("1")
+                        .build(),
+                )
+                .build(),
+        )
+        .actions(forward(groups, None))
+        .send()
+        .await
+        .expect("CreateRule (header canary)");
+    out.rules()[0].rule_arn().expect("rule ARN").to_string()
+}
+
+/// A header-based canary rule forwards only to the canary: the listener-wide rollback adds the
+/// stable group to it (its condition kept) and succeeds; a dry run describes that without
+/// writing, a second run finds it stable, and the bake's read-back treats it like any other.
+#[tokio::test]
+async fn a_rule_that_forwards_only_to_the_canary_is_reverted_to_stable_with_its_conditions() {
+    let fx = AlbFixture::start().await;
+    let canary_rule = header_rule(&fx, 5, &[(&fx.canary_tg, 100)]).await;
+    let before = fx.rule(&canary_rule).await;
+    let t = listener_scope(&fx);
+    let exec = fx.executor();
+
+    let mut dry = Vec::new();
+    let result = exec.revert(&t, true, &mut |s| dry.push(s)).await;
+    let outcome = result.expect("dry run");
+    assert!(!outcome.changed());
+    assert_eq!(wrote(&dry), 0);
+    let summary = outcome.describe(&t);
+    assert!(
+        summary.contains(&format!(
+            "dry run, nothing written: {canary_rule} would change from [{}=100; stickiness off] to [{}=0, {}=100",
+            fx.canary_tg, fx.canary_tg, fx.stable_tg
+        )),
+        "{summary}"
+    );
+    assert_eq!(
+        weights(fx.rule(&canary_rule).await.actions()),
+        vec![(fx.canary_tg.clone(), 100)]
+    );
+
+    let (result, steps) = revert(&exec, &t).await;
+    let outcome = result.expect("the listener-wide revert succeeds");
+    assert!(outcome.changed());
+    assert_eq!(
+        wrote(&steps),
+        3,
+        "default action, /api/* and the header rule: {steps:?}"
+    );
+    let added = steps
+        .iter()
+        .find(|s| matches!(s, AlbStep::StableAdded { .. }))
+        .expect("the stable group is added to the canary-only rule");
+    assert_eq!(
+        added.describe(),
+        format!(
+            "rule {canary_rule} forwards only to canary group(s) {}: stable group {} added to its forward \
+             (conditions kept), to take that traffic",
+            fx.canary_tg, fx.stable_tg
+        )
+    );
+    let after = fx.rule(&canary_rule).await;
+    assert_eq!(
+        weights(after.actions()),
+        vec![(fx.canary_tg.clone(), 0), (fx.stable_tg.clone(), 100)]
+    );
+    assert_eq!(after.conditions(), before.conditions());
+    assert_eq!(after.priority(), before.priority());
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+
+    let (again, steps) = revert(&exec, &t).await;
+    assert!(!again.expect("second run").changed());
+    assert_eq!(wrote(&steps), 0);
+
+    let mut baseline = None;
+    let sample = exec.read_back_sample(&t, &mut baseline).await.expect("read back");
+    assert!(sample.ok && sample.drift.is_none(), "{sample:?}");
+    assert_eq!(baseline.as_ref().map(Vec::len), Some(3));
+    // Put back to the canary only: drift on that rule, named.
+    fx.elb
+        .modify_rule()
+        .rule_arn(&canary_rule)
+        .actions(forward(&[(&fx.canary_tg, 100)], None))
+        .send()
+        .await
+        .expect("ModifyRule (someone else)");
+    let sample = exec.read_back_sample(&t, &mut baseline).await.expect("read back");
+    let drift = sample.drift.expect("drift");
+    assert!(drift.contains(&canary_rule) && drift.contains("0% stable"), "{drift}");
+}
+
+/// Two releases on one listener: the other service's canary has its own stable partner, so a
+/// rule forwarding only to it is not handed to our stable group; that rule is named with the
+/// reason, the others are reverted, and the revert is partial.
+#[tokio::test]
+async fn a_canary_only_rule_whose_partner_is_another_stable_group_is_named_and_left_alone() {
+    let fx = AlbFixture::start().await;
+    let b_stable = fx.empty_target_group("b-stable").await;
+    let b_canary = fx.empty_target_group("b-canary").await;
+    fx.add_rule(20, "/b/*", forward(&[(&b_stable, 90), (&b_canary, 10)], None))
+        .await;
+    let b_header = header_rule(&fx, 5, &[(&b_canary, 100)]).await;
+    let t = AlbTarget {
+        canary_target_group_arns: vec![fx.canary_tg.clone(), b_canary.clone()],
+        ..listener_scope(&fx)
+    };
+    let (result, steps) = revert(&fx.executor(), &t).await;
+    let Err(AlbError::Partial { done, failed, .. }) = result else {
+        panic!("expected a partial revert, got {result:?}");
+    };
+    assert_eq!(done, vec![fx.listener_arn.clone(), fx.rule_arn.clone()]);
+    let failed_arns: Vec<&str> = failed.iter().map(|f| f.resource.arn.as_str()).collect();
+    let refused = failed
+        .iter()
+        .find(|f| f.resource.arn == b_header)
+        .unwrap_or_else(|| panic!("the header rule is named: {failed_arns:?}"));
+    assert_eq!(refused.error.code(), "CanaryForwardWithoutStable");
+    let why = refused.error.to_string();
+    assert!(
+        why.starts_with(&format!("rule {b_header} forwards only to canary group(s) {b_canary}"))
+            && why.contains(&format!("shares a forward elsewhere on this listener with {b_stable}")),
+        "{why}"
+    );
+    assert_eq!(
+        weights(fx.rule(&b_header).await.actions()),
+        vec![(b_canary.clone(), 100)]
+    );
+    assert!(wrote(&steps) >= 2);
+}
+
+/// Through the whole service: a listener-wide rollback with a header-based canary rule ends
+/// verified (the bake's read-back passes on that rule too), and the timeline and the Slack
+/// thread say the stable group was added to the rule.
+#[tokio::test]
+async fn the_incident_of_a_listener_revert_with_a_canary_only_rule_is_verified_and_says_so() {
+    use rollback_responder::action::Executors;
+
+    use crate::helpers::{ago, alert, payload, spawn_app, Options};
+    use crate::notify::{received, Peers};
+
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    let canary_rule = header_rule(&fx, 5, &[(&fx.canary_tg, 100)]).await;
+    let policy = format!(
+        r##"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    scope: listener
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+triggers:
+  - name: health-check-failing
+    matchers: ['alertname="HealthCheckFailing"']
+    mode: auto
+verification: {{bake: 1s, interval: 200ms}}
+notify:
+  slack: {{channel: "#portal-alerts"}}
+"##,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    );
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        env: peers.env(),
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HealthCheckFailing", "portal-api", "albheader", &ago(60), None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("verified rollback", |l| l.len() == 1 && l[0]["phase"] == "verified")
+        .await;
+    let inc = app.incident(list[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inc["executed"], true, "{inc:#}");
+    let added = format!(
+        "rule {canary_rule} forwards only to canary group(s) {}: stable group {} added to its forward",
+        fx.canary_tg, fx.stable_tg
+    );
+    let timeline = inc["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e["kind"] == "action_step" && e["summary"].as_str().is_some_and(|s| s.starts_with(&added))),
+        "{inc:#}"
+    );
+    assert_eq!(
+        weights(fx.rule(&canary_rule).await.actions()),
+        vec![(fx.canary_tg.clone(), 0), (fx.stable_tg.clone(), 100)]
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let slack = received(&peers.slack).await;
+        if slack.iter().any(|(_, _, b, _)| {
+            b["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("forwards only to canary group(s)") && t.contains("added to its forward"))
+        }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not said in Slack: {slack:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -186,6 +186,15 @@ async fn kill_at(k: KillPoint) {
     assert_eq!(weights(&fx.listener_actions().await), stable_only);
     assert!(inc.executed(), "one rollback counted (acted_at): {inc:#?}");
     let timeline = store.events(&inc.id).await.unwrap();
+    if k.written_at_kill {
+        // Found reverted and counted as ours: counted from when our write was recorded (the
+        // traffic moved then), as a failed takeover does, not from the takeover's end.
+        let intent = timeline
+            .iter()
+            .find(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false)
+            .expect("the write's intent");
+        assert_eq!(inc.acted_at, Some(intent.at), "{}", show(&timeline));
+    }
     assert_eq!(of_kind(&timeline, "action_succeeded").len(), 1, "{}", show(&timeline));
     assert_eq!(
         of_kind(&timeline, "action_succeeded")[0].actor,
@@ -314,4 +323,174 @@ async fn killed_during_the_read_back_after_the_write() {
         written_at_kill: true,
     })
     .await;
+}
+
+/// A replica dies between two steps of a gradual shift; the one that takes over goes on from
+/// the weights at the listener, counts the wait before its first step from the last step the
+/// first replica recorded (neither skipping it nor waiting a whole interval again), waits the
+/// interval before the next, and the timeline and Slack say where it resumed. The rollback is
+/// counted from the first replica's first write, when the traffic first moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_two_gradual_steps_the_takeover_resumes_with_the_interval() {
+    let (fx, peers) = tokio::join!(AlbFixture::start(), Peers::start());
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(dir.path()).await;
+    let store = Store::connect(&db.url, 2).await.expect("connect to the test store");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let interval = chrono::Duration::seconds(3);
+    let policy = format!(
+        r##"
+name: portal-api
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  alb:
+    listener_arn: {listener}
+    stable_target_group_arn: {stable}
+    gradual: {{steps: [80, 90, 100], interval: 3s}}
+triggers:
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    mode: auto
+verification: {{bake: 1s, interval: 200ms}}
+notify:
+  slack: {{channel: "#portal-alerts"}}
+"##,
+        listener = fx.listener_arn,
+        stable = fx.stable_tg
+    );
+    std::fs::write(policies.join("portal-api.yaml"), policy).unwrap();
+    let proxy = AwsProxy::start(&fx.moto.endpoint, 2).await;
+
+    let mut first = ResponderProcess::start(
+        "first",
+        &env_for(&db.url, &policies, "first", proxy.endpoint(0), &peers),
+    )
+    .await;
+    post(
+        &first,
+        &payload(
+            "firing",
+            vec![alert("HighErrorRate", "portal-api", "crashgr01", &ago(60), None)],
+        ),
+    )
+    .await;
+    // Killed once it has written 80 % and begun waiting for the 90 % step.
+    let inc = wait_incident(&store, "executing", |i| i.phase == Phase::Executing).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = store.events(&inc.id).await.unwrap();
+        if events
+            .iter()
+            .any(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "waiting")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wait recorded:\n{}", show(&events));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What was queued goes out first, so the kill interrupts the wait, not a delivery (a
+    // message cut mid-request is held for the outbox's 60 s delivery lease).
+    wait_delivered(&store, &inc).await;
+    first.kill();
+    assert_eq!(
+        weights(&fx.listener_actions().await)[0].1,
+        80,
+        "killed during the wait after the 80 % step"
+    );
+
+    let _second = ResponderProcess::start(
+        "second",
+        &env_for(&db.url, &policies, "second", proxy.endpoint(1), &peers),
+    )
+    .await;
+    let inc = wait_incident(&store, "verified after the takeover", |i| i.phase == Phase::Verified).await;
+    let timeline = store.events(&inc.id).await.unwrap();
+    let wrote: Vec<(&str, u64, chrono::DateTime<chrono::Utc>)> = timeline
+        .iter()
+        .filter(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "wrote")
+        .map(|e| (e.actor.as_str(), e.detail["stable_percent"].as_u64().unwrap(), e.at))
+        .collect();
+    assert_eq!(
+        wrote.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>(),
+        vec![("first", 80), ("second", 90), ("second", 100)],
+        "{}",
+        show(&timeline)
+    );
+    assert_eq!(proxy.count("ModifyListener"), 3, "{:#?}", proxy.calls());
+    assert_eq!(
+        weights(&fx.listener_actions().await),
+        vec![(fx.stable_tg.clone(), 100), (fx.canary_tg.clone(), 0)]
+    );
+    let taken_over = of_kind(&timeline, "action_started")
+        .into_iter()
+        .find(|e| e.actor == "second")
+        .expect("the takeover's start")
+        .at;
+    // 90 % an interval after the 80 % write, not at the takeover and not an interval after it.
+    assert!(wrote[1].2 - wrote[0].2 >= interval, "{}", show(&timeline));
+    assert!(
+        wrote[1].2 - taken_over < interval - chrono::Duration::milliseconds(500),
+        "the wait began again at the takeover:\n{}",
+        show(&timeline)
+    );
+    assert!(wrote[2].2 - wrote[1].2 >= interval, "{}", show(&timeline));
+    let resumed = timeline
+        .iter()
+        .find(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "resumed")
+        .unwrap_or_else(|| panic!("no resumed step:\n{}", show(&timeline)));
+    assert_eq!(resumed.actor, "second");
+    assert!(
+        resumed.summary.starts_with(&format!(
+            "resuming the interrupted gradual shift of {} at 80% stable (the earlier attempt's 80% step, recorded ",
+            fx.listener_arn
+        )) && resumed.summary.contains("before shifting to 90% stable"),
+        "{}",
+        resumed.summary
+    );
+    let succeeded = of_kind(&timeline, "action_succeeded");
+    assert_eq!(succeeded.len(), 1, "{}", show(&timeline));
+    assert!(
+        succeeded[0]
+            .summary
+            .starts_with("resumed the change the interrupted earlier attempt of first had begun (its first write at "),
+        "{}",
+        succeeded[0].summary
+    );
+    // Counted from the first replica's first write (its intent, committed right before it).
+    let intent = timeline
+        .iter()
+        .find(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "planned")
+        .unwrap();
+    assert_eq!((intent.actor.as_str(), inc.acted_at), ("first", Some(intent.at)));
+    // Slack's thread says it too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let slack = received(&peers.slack).await;
+        if slack.iter().any(|(_, _, b, _)| {
+            b["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("resuming the interrupted gradual shift"))
+        }) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let texts: Vec<&str> = slack.iter().filter_map(|(_, _, b, _)| b["text"].as_str()).collect();
+            let outbox: Vec<String> = store
+                .messages(&inc.id)
+                .await
+                .expect("outbox")
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} {} {} {} {}",
+                        m["id"], m["channel"], m["state"], m["attempts"], m["message"]["text"]
+                    )
+                })
+                .collect();
+            panic!("not said in Slack: {texts:#?}\noutbox: {outbox:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

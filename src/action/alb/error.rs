@@ -67,6 +67,24 @@ pub enum AlbError {
         /// Groups the forward has.
         present: Vec<String>,
     },
+    /// `scope: listener`: a forward that sends traffic to canary groups but not to the stable
+    /// group, and the stable group cannot take its traffic (`reason` says why); not written.
+    #[error(
+        "{} forwards only to canary group(s) {} and not to the stable group {stable_target_group_arn}: \
+         not reverted, because {reason}",
+        resource.describe(),
+        canary_target_groups.join(", ")
+    )]
+    CanaryForwardWithoutStable {
+        /// The rule (or default action).
+        resource: Resource,
+        /// The canary groups it forwards to.
+        canary_target_groups: Vec<String>,
+        /// The configured stable group.
+        stable_target_group_arn: String,
+        /// Why the stable group cannot take its traffic, and what to do.
+        reason: String,
+    },
     /// The write succeeded but reading back shows different routing.
     #[error("write did not take: expected [{expected}], read back [{got}]")]
     WeightsDidNotTake {
@@ -225,6 +243,7 @@ impl AlbError {
             AlbError::NoForwardAction { .. } => "NoForwardAction",
             AlbError::MultipleForwardActions { .. } => "MultipleForwardActions",
             AlbError::StableGroupNotInForward { .. } => "StableGroupNotInForward",
+            AlbError::CanaryForwardWithoutStable { .. } => "CanaryForwardWithoutStable",
             AlbError::WeightsDidNotTake { .. } => "WeightsDidNotTake",
             AlbError::Partial { .. } => "PartialRevert",
         }

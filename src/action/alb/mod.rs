@@ -11,17 +11,23 @@
 //! Layout: the target schema is `policy::target::alb` (re-exported here); [`plan`] is the pure
 //! planning, [`executor`] the ELBv2 calls, [`records`] the step records rendered for people,
 //! [`error`] the error classification, [`settings`] the `aws:` config section, [`readback`] the
-//! read-back during the bake. This file holds the revert itself, step by step.
+//! read-back during the bake, [`resume`] where a takeover picks up a gradual shift, and
+//! `listener` the view of a `scope: listener` revert (canaries, their partners, rules that
+//! forward to a canary only). This file holds the revert itself, step by step.
 
 use std::time::Duration;
+
+use aws_sdk_elasticloadbalancingv2::types as elbv2_types;
 
 use crate::action::retry::BeforeWrite;
 
 pub mod error;
 pub mod executor;
+mod listener;
 pub mod plan;
 mod readback;
 pub mod records;
+pub mod resume;
 pub mod settings;
 
 pub use crate::policy::target::alb::{AlbTarget, GradualShift, Scope, Stickiness};
@@ -32,9 +38,18 @@ pub use plan::{
     ResourceKind, StickinessSnapshot, WeightedGroup, MAX_WEIGHT,
 };
 pub use records::{report, AlbOutcome, AlbStep, TargetHealthSeen};
+pub use resume::{RecordedStep, Resume};
 pub use settings::AwsSettings;
 
+use listener::ListenerView;
 use plan::needs_write;
+
+/// What the revert of one action list knows besides the target: the listener around it
+/// (`scope: listener`) and what an interrupted earlier attempt recorded.
+struct Context<'a> {
+    view: Option<&'a ListenerView>,
+    resume: &'a Resume,
+}
 
 impl AlbExecutor {
     /// The whole revert: read, pre-check stable health (DescribeTargetHealth: at least
@@ -60,13 +75,30 @@ impl AlbExecutor {
         on_step: &mut (dyn FnMut(AlbStep) + Send),
         before_write: BeforeWrite<'_>,
     ) -> Result<AlbOutcome, AlbError> {
+        self.revert_resuming(t, dry_run, on_step, before_write, &Resume::default())
+            .await
+    }
+
+    /// [`AlbExecutor::revert_gated`] for a takeover: a gradual shift that an interrupted
+    /// earlier attempt had begun (its steps in `resume`) goes on from the weights read, and
+    /// the wait before the next step counts from the last step it recorded (a
+    /// [`AlbStep::Resumed`] says where it picked up).
+    pub async fn revert_resuming(
+        &self,
+        t: &AlbTarget,
+        dry_run: bool,
+        on_step: &mut (dyn FnMut(AlbStep) + Send),
+        before_write: BeforeWrite<'_>,
+        resume: &Resume,
+    ) -> Result<AlbOutcome, AlbError> {
         t.validate().map_err(|message| AlbError::InvalidTarget { message })?;
         match t.scope {
             Scope::One => {
-                self.revert_one(t, &Resource::of(t), dry_run, on_step, before_write)
+                let cx = Context { view: None, resume };
+                self.revert_one(t, &Resource::of(t), dry_run, on_step, before_write, &cx)
                     .await
             }
-            Scope::Listener => self.revert_listener(t, dry_run, on_step, before_write).await,
+            Scope::Listener => self.revert_listener(t, dry_run, on_step, before_write, resume).await,
         }
     }
 
@@ -75,16 +107,23 @@ impl AlbExecutor {
     /// pre-check, write and read-back. A failure on one forward does not stop the others (a
     /// rollback takes as much traffic off the canary as it can), except a failed pre-check
     /// before anything was written: the stable group is the same for all, so nothing is
-    /// written anywhere. Gradual steps run per forward, one forward after the other.
+    /// written anywhere. Gradual steps run per forward, one forward after the other. A rule
+    /// that forwards to canary groups only gets the stable group added to its forward.
     async fn revert_listener(
         &self,
         t: &AlbTarget,
         dry_run: bool,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
         before_write: BeforeWrite<'_>,
+        resume: &Resume,
     ) -> Result<AlbOutcome, AlbError> {
         let lists = self.listener_lists(&t.listener_arn, on_step).await?;
         let forwards = plan::in_scope(t, &lists)?;
+        let view = ListenerView::of(t, &lists);
+        let cx = Context {
+            view: Some(&view),
+            resume,
+        };
         on_step(AlbStep::Scope {
             listener_arn: t.listener_arn.clone(),
             canary_target_groups: plan::canary_groups(t, &lists).into_iter().collect(),
@@ -99,7 +138,7 @@ impl AlbExecutor {
                 index: i + 1,
                 of: forwards.len(),
             });
-            match self.revert_one(t, r, dry_run, on_step, before_write).await {
+            match self.revert_one(t, r, dry_run, on_step, before_write, &cx).await {
                 Ok(o) => outcomes.push(o),
                 Err(e @ AlbError::PreCheckFailed { .. })
                     if failed.is_empty() && !outcomes.iter().any(AlbOutcome::changed) =>
@@ -133,13 +172,14 @@ impl AlbExecutor {
         dry_run: bool,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
         before_write: BeforeWrite<'_>,
+        cx: &Context<'_>,
     ) -> Result<AlbOutcome, AlbError> {
         let kind = r.kind;
         let resource = r.arn.as_str();
         let stable = t.stable_target_group_arn.as_str();
 
-        let mut current = self.read_actions(r, on_step).await?;
-        let before = ForwardSnapshot::from_actions(resource, kind, &current);
+        let read = self.read_actions(r, on_step).await?;
+        let before = ForwardSnapshot::from_actions(resource, kind, &read);
         on_step(AlbStep::Read {
             snapshot: before.clone(),
         });
@@ -147,6 +187,7 @@ impl AlbExecutor {
             on_step(AlbStep::AlreadyStable);
             return Ok(AlbOutcome::AlreadyStable { state: before });
         }
+        let mut current = with_stable(t, r, read, cx, on_step)?;
         // Plan the final state first: a forward without the stable group fails here, before
         // any further AWS call.
         let final_plan = plan_revert(&current, t, 100)?;
@@ -176,22 +217,47 @@ impl AlbExecutor {
             });
         }
 
+        // A takeover mid-shift: the first remaining step waits what is left of the interval
+        // since the earlier attempt's last step, as the steps after it wait the interval.
+        let resumed = cx.resume.point(r, start, interval);
         let mut after = before.clone();
+        let mut wrote_any = false;
         for (i, &p) in steps.iter().enumerate() {
-            if i > 0 {
+            let wait = if i > 0 {
                 on_step(AlbStep::Waiting {
-                    interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+                    interval_ms: crate::action::retry::millis(interval),
                     next_stable_percent: p,
                 });
-                tokio::time::sleep(interval).await;
+                interval
+            } else if let Some(point) = &resumed {
+                on_step(AlbStep::Resumed {
+                    resource_arn: resource.to_string(),
+                    stable_percent: start,
+                    last_stable_percent: point.last.stable_percent,
+                    last_step_ago_ms: crate::action::retry::millis(point.last.ago),
+                    wait_ms: crate::action::retry::millis(point.wait),
+                    next_stable_percent: p,
+                });
+                point.wait
+            } else {
+                Duration::ZERO
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
                 // Re-read so changes made by someone else during the wait are not overwritten.
-                current = self.read_actions(r, on_step).await?;
-                let snap = ForwardSnapshot::from_actions(resource, kind, &current);
+                let read = self.read_actions(r, on_step).await?;
+                let snap = ForwardSnapshot::from_actions(resource, kind, &read);
                 on_step(AlbStep::Read { snapshot: snap.clone() });
                 if !needs_write(&snap, t) {
+                    if !wrote_any {
+                        // Somebody else finished it while a takeover waited: not our write.
+                        on_step(AlbStep::AlreadyStable);
+                        return Ok(AlbOutcome::AlreadyStable { state: snap });
+                    }
                     after = snap;
                     break;
                 }
+                current = with_stable(t, r, read, cx, on_step)?;
                 if p < 100 && snap.stable_percent(stable) >= p {
                     after = snap;
                     continue;
@@ -207,6 +273,7 @@ impl AlbExecutor {
             });
             before_write().await;
             let attempt = self.write(r, &plan, &expected, on_step).await?;
+            wrote_any = true;
             on_step(AlbStep::Wrote {
                 operation: kind.write_operation().to_string(),
                 stable_percent: p,
@@ -217,6 +284,31 @@ impl AlbExecutor {
             after = snap;
         }
         Ok(AlbOutcome::Reverted { before, after })
+    }
+}
+
+/// `scope: listener`: the action list to plan from, with the stable group added to a forward
+/// that sends traffic to canaries only (reported as [`AlbStep::StableAdded`]).
+fn with_stable(
+    t: &AlbTarget,
+    r: &Resource,
+    read: Vec<elbv2_types::Action>,
+    cx: &Context<'_>,
+    on_step: &mut (dyn FnMut(AlbStep) + Send),
+) -> Result<Vec<elbv2_types::Action>, AlbError> {
+    let Some(view) = cx.view else {
+        return Ok(read);
+    };
+    match view.add_stable(t, r, &read)? {
+        Some(added) => {
+            on_step(AlbStep::StableAdded {
+                resource: r.clone(),
+                canary_target_groups: added.canaries,
+                stable_target_group_arn: t.stable_target_group_arn.clone(),
+            });
+            Ok(added.actions)
+        }
+        None => Ok(read),
     }
 }
 

@@ -98,6 +98,33 @@ pub enum AlbStep {
         /// Stable share of the next step.
         next_stable_percent: u8,
     },
+    /// A takeover picks up a gradual shift an interrupted earlier attempt had begun: the weights
+    /// read show its step `last_stable_percent`, and the next step waits what is left of the
+    /// interval since that step was recorded.
+    Resumed {
+        /// The listener (default actions) or rule.
+        resource_arn: String,
+        /// Stable share read now.
+        stable_percent: u8,
+        /// The earlier attempt's step the weights show.
+        last_stable_percent: u8,
+        /// How long ago that step was recorded, in milliseconds.
+        last_step_ago_ms: u64,
+        /// The wait left before the next step, in milliseconds (0: the interval has passed).
+        wait_ms: u64,
+        /// Stable share of the next step.
+        next_stable_percent: u8,
+    },
+    /// `scope: listener`: a forward to canary groups only (a header-based canary rule) gets
+    /// the stable group added, so it is reverted like the others with its conditions kept.
+    StableAdded {
+        /// The rule (or default action).
+        resource: Resource,
+        /// The canary groups it forwarded to.
+        canary_target_groups: Vec<String>,
+        /// The stable group added to its forward.
+        stable_target_group_arn: String,
+    },
     /// `scope: listener`: the forwards found on the listener that send traffic to a canary.
     Scope {
         /// The listener.
@@ -245,6 +272,11 @@ fn forward_of(s: &ForwardSnapshot) -> String {
         .map_or_else(|| "no forward action".to_string(), ToString::to_string)
 }
 
+/// `1s 500ms`, for people.
+fn human_ms(ms: u64) -> String {
+    humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
 fn states_of(states: &BTreeMap<String, u32>) -> String {
     if states.is_empty() {
         return "no targets registered".to_string();
@@ -319,7 +351,37 @@ impl AlbStep {
                 next_stable_percent,
             } => format!(
                 "waiting {} before shifting to {next_stable_percent}% stable",
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(*interval_ms))
+                human_ms(*interval_ms)
+            ),
+            AlbStep::Resumed {
+                resource_arn,
+                stable_percent,
+                last_stable_percent,
+                last_step_ago_ms,
+                wait_ms,
+                next_stable_percent,
+            } => format!(
+                "resuming the interrupted gradual shift of {resource_arn} at {stable_percent}% stable (the earlier \
+                 attempt's {last_stable_percent}% step, recorded {} ago): {}",
+                human_ms(*last_step_ago_ms),
+                if *wait_ms == 0 {
+                    format!("the interval has passed, shifting to {next_stable_percent}% stable now")
+                } else {
+                    format!(
+                        "waiting the {} left of the interval before shifting to {next_stable_percent}% stable",
+                        human_ms(*wait_ms)
+                    )
+                }
+            ),
+            AlbStep::StableAdded {
+                resource,
+                canary_target_groups,
+                stable_target_group_arn,
+            } => format!(
+                "{} forwards only to canary group(s) {}: stable group {stable_target_group_arn} added to its forward \
+                 (conditions kept), to take that traffic",
+                resource.describe(),
+                canary_target_groups.join(", ")
             ),
             AlbStep::Scope {
                 listener_arn,
@@ -348,6 +410,8 @@ impl AlbStep {
         match self {
             AlbStep::Wrote { .. }
             | AlbStep::Waiting { .. }
+            | AlbStep::Resumed { .. }
+            | AlbStep::StableAdded { .. }
             | AlbStep::ReadBeforeRetry { applied: true, .. }
             | AlbStep::Scope { .. }
             | AlbStep::Forward { .. } => true,
@@ -532,6 +596,30 @@ mod tests {
             of: 3,
         };
         assert_eq!(one.describe(), "forward 2 of 3: rule r (ModifyRule)");
+    }
+
+    #[test]
+    fn a_resumed_shift_says_where_it_picked_up_and_what_it_waits() {
+        let step = |wait_ms| AlbStep::Resumed {
+            resource_arn: LISTENER.into(),
+            stable_percent: 50,
+            last_stable_percent: 50,
+            last_step_ago_ms: 2_500,
+            wait_ms,
+            next_stable_percent: 100,
+        };
+        assert_eq!(
+            step(27_500).describe(),
+            format!(
+                "resuming the interrupted gradual shift of {LISTENER} at 50% stable (the earlier attempt's 50% step, \
+                 recorded 2s 500ms ago): waiting the 27s 500ms left of the interval before shifting to 100% stable"
+            )
+        );
+        assert!(step(0)
+            .describe()
+            .ends_with("the interval has passed, shifting to 100% stable now"));
+        assert!(step(0).notable() && !step(0).applied());
+        assert_eq!(serde_json::to_value(step(0)).unwrap()["step"], "resumed");
     }
 
     #[test]
