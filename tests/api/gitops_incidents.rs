@@ -59,6 +59,20 @@ async fn an_earlier_incidents_suspension_is_named_and_not_taken_for_this_ones() 
         ..Default::default()
     };
     let target = Target::Kubernetes(undo_target(argo_gitops(true)));
+    // A dry run says the same and writes nothing.
+    let mut dry = Vec::new();
+    let report = executors
+        .execute(&target, true, this.clone(), &mut |s| dry.push(s), &no_gate)
+        .await
+        .expect("dry run");
+    assert!(report.dry_run && !report.changed);
+    assert_eq!(fake.writes(), writes, "a dry run writes nothing");
+    assert!(
+        dry.iter().any(|s| s
+            .summary
+            .contains("suspended by the responder for incident 0190-earlier")),
+        "{dry:#?}"
+    );
     let mut steps = Vec::new();
     let report = executors
         .execute(&target, false, this.clone(), &mut |s| steps.push(s), &no_gate)
