@@ -182,6 +182,7 @@ impl KubeExecutor {
         }
     }
 
+    /// The steps themselves, as [`KubeExecutor::revert`] describes them.
     async fn revert_steps(
         &self,
         t: &KubernetesTarget,
