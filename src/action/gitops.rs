@@ -6,8 +6,10 @@
 //! Kubernetes executor ([`super::kubernetes::KubeExecutor::revert`]) calls
 //! [`KubeExecutor::suspend_gitops`] after its reads and pre-checks and before its first write:
 //! an Argo CD Application loses `spec.syncPolicy.automated` (what was there is kept, in the
-//! step record and in the annotation [`RESUME_ANNOTATION`], as the exact patch that restores
-//! it); a Flux Kustomization or HelmRelease gets `spec.suspend: true`. The step is recorded in
+//! step record and in the annotation [`RESUME_ANNOTATION`] with the incident it was suspended
+//! for, as the exact patch that restores it); a Flux Kustomization or HelmRelease gets
+//! `spec.suspend: true`. Found off already, it is this incident's own suspend (a takeover),
+//! an earlier incident's (named, not counted as this one's change), or somebody else's. The step is recorded in
 //! the incident's timeline and Slack thread with the command that resumes syncing, which a
 //! person runs once git holds the good version. A suspend that fails stops the rollback before
 //! anything is reverted (the revert would be undone anyway), unless the policy says
@@ -19,19 +21,99 @@
 //! the executor's client, retries and error classification. The custom resources are reached
 //! as `DynamicObject`s, so no CRD crate is needed.
 
+use chrono::{DateTime, Utc};
 use kube::api::ApiResource;
 use kube::core::GroupVersionKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::kubernetes::{KubeError, KubeExecutor, KubeStepRecord};
 use super::retry::BeforeWrite;
+use super::ForIncident;
 pub use crate::policy::target::gitops::{ArgoCdApp, FluxKind, FluxObject, GitOps, Owner};
 
-/// Annotation the suspend adds to the owner object: the merge patch that resumes it exactly
-/// as it was. A second run (takeover after a crash) finds it and reports the same resume
-/// command instead of "was already off"; the resume patch removes it again.
+/// Annotation the suspend adds to the owner object: which incident suspended it and the
+/// merge patch that resumes it exactly as it was ([`Suspension`], as JSON). A second run of
+/// the same incident (takeover after a crash) finds it and reports the same resume command
+/// instead of "was already off"; another incident finds an earlier incident's suspension and
+/// says whose it is; the resume patch removes it again.
 pub const RESUME_ANNOTATION: &str = "rollback-responder/gitops-resume";
+
+/// What [`RESUME_ANNOTATION`] holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// The incident the suspend was made for.
+    #[serde(flatten)]
+    pub by: SuspendedFor,
+    /// The merge patch that resumes the owner as it was.
+    pub resume: Value,
+}
+
+/// The incident a suspend was made for: its id, and when it opened.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SuspendedFor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident_opened_at: Option<DateTime<Utc>>,
+}
+
+impl SuspendedFor {
+    fn of(i: &ForIncident) -> Self {
+        SuspendedFor {
+            incident: i.id.clone(),
+            // Stored with millisecond precision: the store keeps no finer.
+            incident_opened_at: i
+                .opened_at
+                .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis())),
+        }
+    }
+
+    /// Made for incident `i`: the ids when both are known, else the opening times (to the
+    /// millisecond). A mark that names no incident is an older version's: nobody's but a
+    /// caller's that names none either.
+    pub fn is(&self, i: &ForIncident) -> bool {
+        match (&self.incident, &i.id) {
+            (Some(a), Some(b)) => a == b,
+            _ => match (self.incident_opened_at, i.opened_at) {
+                (Some(a), Some(b)) => a.timestamp_millis() == b.timestamp_millis(),
+                (None, None) => self.incident.is_none() && i.id.is_none(),
+                _ => false,
+            },
+        }
+    }
+
+    /// `incident 0190... (opened 2026-12-03T10:00:00Z)`.
+    pub fn describe(&self) -> String {
+        let opened = self
+            .incident_opened_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        match (&self.incident, opened) {
+            (Some(id), Some(at)) => format!("incident {id} (opened {at})"),
+            (Some(id), None) => format!("incident {id}"),
+            (None, Some(at)) => format!("the incident opened {at}"),
+            (None, None) => "an incident it did not record (an older version of the responder)".into(),
+        }
+    }
+}
+
+/// Reads [`RESUME_ANNOTATION`]; an older version stored the bare resume patch, naming no
+/// incident.
+fn suspension_of(obj: &Value) -> Option<Suspension> {
+    let raw = obj
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(RESUME_ANNOTATION))
+        .and_then(Value::as_str)?;
+    let v: Value = serde_json::from_str(raw).ok()?;
+    if v.get("resume").is_some() {
+        serde_json::from_value(v).ok()
+    } else {
+        Some(Suspension {
+            by: SuspendedFor::default(),
+            resume: v,
+        })
+    }
+}
 
 /// RBAC rules the suspend needs, as (API group, resource, verbs). They live in the owner's
 /// namespace (argocd, flux-system), so they ship as separate Roles under
@@ -62,9 +144,20 @@ pub enum Plan {
     /// Syncing is on: `patch` (a merge patch guarded by resourceVersion) turns it off;
     /// `resume` is the merge patch that puts it back as it was.
     Suspend { patch: Value, resume: Value },
-    /// Syncing is off already: by an earlier run of ours (`resume` from the annotation), or by
-    /// somebody else (`None`: nothing of ours to resume).
-    AlreadyOff { resume: Option<Value> },
+    /// Syncing is off already.
+    AlreadyOff(Off),
+}
+
+/// Who turned syncing off, as far as the object tells.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Off {
+    /// An earlier run of this incident (takeover after a crash): `resume` from the annotation.
+    ThisIncident { resume: Value },
+    /// The responder, for another incident, whose suspension is still recorded on the object
+    /// (never resumed, or resumed without the resume patch and turned off again since).
+    OtherIncident { by: SuspendedFor, resume: Value },
+    /// Somebody else: nothing of ours to resume.
+    NotUs,
 }
 
 /// Whether Argo CD's automated sync is on: `automated` present, and not `enabled: false`
@@ -74,13 +167,9 @@ fn argo_automated(obj: &Value) -> Option<&Value> {
         .filter(|a| !a.is_null() && a.get("enabled").and_then(Value::as_bool) != Some(false))
 }
 
-/// Decides the write for `owner` from the object as read (the whole object, as JSON).
-pub fn plan(owner: &Owner, obj: &Value) -> Plan {
-    let ours = obj
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(RESUME_ANNOTATION))
-        .and_then(Value::as_str)
-        .and_then(|s| serde_json::from_str::<Value>(s).ok());
+/// Decides the write for `owner` from the object as read (the whole object, as JSON), for
+/// `incident`.
+pub fn plan(owner: &Owner, obj: &Value, incident: &ForIncident) -> Plan {
     let remove_ours = json!({ RESUME_ANNOTATION: null });
     let (spec_off, resume_spec): (Value, Option<Value>) = match owner {
         Owner::ArgoCd { .. } => match argo_automated(obj) {
@@ -99,14 +188,25 @@ pub fn plan(owner: &Owner, obj: &Value) -> Plan {
         }
     };
     let Some(resume_spec) = resume_spec else {
-        return Plan::AlreadyOff { resume: ours };
+        return Plan::AlreadyOff(match suspension_of(obj) {
+            Some(s) if s.by.is(incident) => Off::ThisIncident { resume: s.resume },
+            Some(s) => Off::OtherIncident {
+                by: s.by,
+                resume: s.resume,
+            },
+            None => Off::NotUs,
+        });
     };
     let resume = json!({"metadata": {"annotations": remove_ours}, "spec": resume_spec});
     let rv = obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null);
+    let mark = Suspension {
+        by: SuspendedFor::of(incident),
+        resume: resume.clone(),
+    };
     let patch = json!({
         "metadata": {
             "resourceVersion": rv,
-            "annotations": { RESUME_ANNOTATION: resume.to_string() },
+            "annotations": { RESUME_ANNOTATION: serde_json::to_string(&mark).unwrap_or_default() },
         },
         "spec": spec_off,
     });
@@ -134,8 +234,11 @@ pub enum GitOpsStep {
     /// Off already: nothing written.
     AlreadyOff {
         owner: Owner,
-        /// An earlier run of ours turned it off (takeover after a crash).
+        /// An earlier run of this incident turned it off (takeover after a crash).
         by_us: bool,
+        /// The responder turned it off for another (earlier) incident: not this one's change.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        other_incident: Option<SuspendedFor>,
         /// Empty when somebody else turned it off: theirs to resume.
         resume_commands: Vec<String>,
     },
@@ -173,11 +276,27 @@ impl GitOpsStep {
                 owner,
                 by_us: true,
                 resume_commands,
+                ..
             } => format!(
-                "{}: {} already suspended by an earlier run of this rollback; once git holds the good version, \
+                "{}: {} already suspended by an earlier run of this incident's rollback; once git holds the good \
+                 version, \
                  resume with: {}",
                 owner.describe(),
                 owner.what(),
+                resume(resume_commands)
+            ),
+            GitOpsStep::AlreadyOff {
+                owner,
+                other_incident: Some(other),
+                resume_commands,
+                ..
+            } => format!(
+                "{}: {} was already off, suspended by the responder for {}, not by this incident (its resume \
+                 annotation is still on the object): nothing written, not counted as this incident's change; \
+                 resuming it is for whoever handles that release: {}",
+                owner.describe(),
+                owner.what(),
+                other.describe(),
                 resume(resume_commands)
             ),
             GitOpsStep::AlreadyOff { owner, .. } => format!(
@@ -243,11 +362,15 @@ impl KubeExecutor {
         &self,
         g: &GitOps,
         dry_run: bool,
+        incident: &ForIncident,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
         before_write: BeforeWrite<'_>,
     ) -> Result<GitOpsStep, KubeError> {
         let owner = g.owner().map_err(|message| KubeError::InvalidTarget { message })?;
-        match self.suspend_owner(&owner, dry_run, on_step, before_write).await {
+        match self
+            .suspend_owner(&owner, dry_run, incident, on_step, before_write)
+            .await
+        {
             Ok(step) => {
                 on_step(KubeStepRecord::Gitops(step.clone()));
                 Ok(step)
@@ -272,6 +395,7 @@ impl KubeExecutor {
         &self,
         owner: &Owner,
         dry_run: bool,
+        incident: &ForIncident,
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
         before_write: BeforeWrite<'_>,
     ) -> Result<GitOpsStep, KubeError> {
@@ -284,13 +408,19 @@ impl KubeExecutor {
         let max_attempts = self.max_conflict_retries().saturating_add(1);
         let mut attempt = 1u32;
         loop {
-            let (patch, resume) = match plan(owner, &obj) {
-                Plan::AlreadyOff { resume } => {
+            let (patch, resume) = match plan(owner, &obj, incident) {
+                Plan::AlreadyOff(off) => {
+                    let (by_us, other_incident, resume) = match off {
+                        Off::ThisIncident { resume } => (true, None, Some(resume)),
+                        Off::OtherIncident { by, resume } => (false, Some(by), Some(resume)),
+                        Off::NotUs => (false, None, None),
+                    };
                     return Ok(GitOpsStep::AlreadyOff {
                         owner: owner.clone(),
-                        by_us: resume.is_some(),
+                        by_us,
+                        other_incident,
                         resume_commands: resume.map(|r| owner.resume_commands(&r)).unwrap_or_default(),
-                    })
+                    });
                 }
                 Plan::Suspend { patch, resume } => (patch, resume),
             };
@@ -312,10 +442,7 @@ impl KubeExecutor {
                 }
                 // The answer is the stored object: it must read as off now, with our annotation.
                 Ok(written) => {
-                    if plan(owner, &written)
-                        != (Plan::AlreadyOff {
-                            resume: Some(resume.clone()),
-                        })
+                    if plan(owner, &written, incident) != Plan::AlreadyOff(Off::ThisIncident { resume: resume.clone() })
                     {
                         return Err(KubeError::ReadBackMismatch {
                             object: owner.describe(),

@@ -1,5 +1,17 @@
 use super::*;
 
+/// A caller that names no incident.
+fn none() -> ForIncident {
+    ForIncident::default()
+}
+
+fn incident(id: &str, opened: &str) -> ForIncident {
+    ForIncident {
+        id: Some(id.into()),
+        opened_at: Some(DateTime::parse_from_rfc3339(opened).expect("time").with_timezone(&Utc)),
+    }
+}
+
 fn argo() -> Owner {
     Owner::ArgoCd {
         namespace: "argocd".into(),
@@ -28,7 +40,7 @@ fn parse(yaml: &str) -> Result<GitOps, String> {
 
 #[test]
 fn automated_sync_is_removed_and_what_was_there_becomes_the_resume_patch() {
-    let Plan::Suspend { patch, resume } = plan(&argo(), &app(json!({"prune": true, "selfHeal": true}))) else {
+    let Plan::Suspend { patch, resume } = plan(&argo(), &app(json!({"prune": true, "selfHeal": true})), &none()) else {
         panic!("automated sync is on: suspend");
     };
     let expected_resume = json!({
@@ -39,7 +51,9 @@ fn automated_sync_is_removed_and_what_was_there_becomes_the_resume_patch() {
     assert_eq!(
         patch,
         json!({
-            "metadata": {"resourceVersion": "41", "annotations": {RESUME_ANNOTATION: expected_resume.to_string()}},
+            "metadata": {"resourceVersion": "41", "annotations": {
+                RESUME_ANNOTATION: json!({"resume": expected_resume}).to_string()
+            }},
             "spec": {"syncPolicy": {"automated": null}},
         })
     );
@@ -52,10 +66,8 @@ fn automated_sync_is_removed_and_what_was_there_becomes_the_resume_patch() {
     );
     // ... and then reads as suspended by us, with the same resume patch.
     assert_eq!(
-        plan(&argo(), &obj),
-        Plan::AlreadyOff {
-            resume: Some(resume.clone())
-        }
+        plan(&argo(), &obj, &none()),
+        Plan::AlreadyOff(Off::ThisIncident { resume: resume.clone() })
     );
     // The resume patch puts back exactly what was there and drops our annotation.
     json_patch::merge(&mut obj, &resume);
@@ -68,18 +80,18 @@ fn automated_sync_is_removed_and_what_was_there_becomes_the_resume_patch() {
 fn argo_without_automation_is_already_off_and_not_ours_to_resume() {
     let mut manual = app(json!(null));
     manual["spec"]["syncPolicy"] = json!({"syncOptions": []});
-    assert_eq!(plan(&argo(), &manual), Plan::AlreadyOff { resume: None });
+    assert_eq!(plan(&argo(), &manual, &none()), Plan::AlreadyOff(Off::NotUs));
     // Argo CD 3: settings kept, automation disabled.
     assert_eq!(
-        plan(&argo(), &app(json!({"enabled": false, "prune": true}))),
-        Plan::AlreadyOff { resume: None }
+        plan(&argo(), &app(json!({"enabled": false, "prune": true})), &none()),
+        Plan::AlreadyOff(Off::NotUs)
     );
     assert!(matches!(
-        plan(&argo(), &app(json!({"enabled": true}))),
+        plan(&argo(), &app(json!({"enabled": true})), &none()),
         Plan::Suspend { .. }
     ));
     // An empty `automated: {}` is automated sync without prune or self-heal: on.
-    assert!(matches!(plan(&argo(), &app(json!({}))), Plan::Suspend { .. }));
+    assert!(matches!(plan(&argo(), &app(json!({})), &none()), Plan::Suspend { .. }));
 }
 
 #[test]
@@ -87,7 +99,7 @@ fn flux_objects_get_suspend_true_and_resume_with_false() {
     for kind in [FluxKind::Kustomization, FluxKind::HelmRelease] {
         let obj =
             json!({"metadata": {"name": "apps", "resourceVersion": "7"}, "spec": {"interval": "10m", "prune": true}});
-        let Plan::Suspend { patch, resume } = plan(&flux(kind), &obj) else {
+        let Plan::Suspend { patch, resume } = plan(&flux(kind), &obj, &none()) else {
             panic!("reconciling: suspend");
         };
         assert_eq!(patch["spec"], json!({"suspend": true}));
@@ -95,10 +107,10 @@ fn flux_objects_get_suspend_true_and_resume_with_false() {
         assert_eq!(resume["spec"], json!({"suspend": false}));
         let mut suspended = obj.clone();
         suspended["spec"]["suspend"] = json!(true);
-        assert_eq!(plan(&flux(kind), &suspended), Plan::AlreadyOff { resume: None });
+        assert_eq!(plan(&flux(kind), &suspended, &none()), Plan::AlreadyOff(Off::NotUs));
         let mut explicit = obj;
         explicit["spec"]["suspend"] = json!(false);
-        assert!(matches!(plan(&flux(kind), &explicit), Plan::Suspend { .. }));
+        assert!(matches!(plan(&flux(kind), &explicit, &none()), Plan::Suspend { .. }));
     }
 }
 
@@ -208,15 +220,18 @@ fn steps_say_what_happened_and_how_to_resume() {
          kustomizations.kustomize.toolkit.fluxcd.io apps --type merge -p '{\"spec\":{\"suspend\":false}}'  or  \
          flux resume kustomization apps -n flux-system"
     );
-    // Shown and kept, but not a revert: it moves no traffic (a failure after it is no
-    // partial rollback).
+    // This incident's change, though it moves no traffic: a failure after it is a partial
+    // rollback that says so.
     let step = crate::action::Step::from(crate::action::kubernetes::KubeStepRecord::Gitops(s.clone()));
-    assert!(step.notable && !step.applied);
+    assert!(step.notable && step.applied);
     let theirs = GitOpsStep::AlreadyOff {
         owner: argo(),
         by_us: false,
+        other_incident: None,
         resume_commands: vec![],
     };
+    let step = crate::action::Step::from(crate::action::kubernetes::KubeStepRecord::Gitops(theirs.clone()));
+    assert!(!step.applied);
     assert!(
         theirs.describe().contains("already off (not by the responder)"),
         "{}",
@@ -241,4 +256,81 @@ fn steps_say_what_happened_and_how_to_resume() {
         (v["gitops"].as_str(), v["owner"]["tool"].as_str()),
         (Some("suspended"), Some("flux"))
     );
+}
+
+/// The annotation names the incident it was made for: a takeover of that incident finds its
+/// own suspend; another incident finds an earlier incident's suspension, and says whose it is,
+/// never "an earlier run of this rollback"; an older version's bare resume patch is nobody's.
+#[test]
+fn only_this_incidents_suspension_is_ours() {
+    let first = incident("0190-first", "2026-12-01T10:00:00.123456Z");
+    let Plan::Suspend { patch, resume } = plan(&argo(), &app(json!({"prune": true})), &first) else {
+        panic!("suspend");
+    };
+    let mark: Value = serde_json::from_str(
+        patch["metadata"]["annotations"][RESUME_ANNOTATION]
+            .as_str()
+            .expect("mark"),
+    )
+    .expect("json");
+    assert_eq!(
+        mark,
+        json!({"incident": "0190-first", "incident_opened_at": "2026-12-01T10:00:00.123Z", "resume": resume})
+    );
+    let mut obj = app(json!({"prune": true}));
+    json_patch::merge(&mut obj, &patch);
+    assert_eq!(
+        plan(&argo(), &obj, &first),
+        Plan::AlreadyOff(Off::ThisIncident { resume: resume.clone() })
+    );
+    // The same incident known by its opening time only (a caller without the id).
+    let by_time = ForIncident {
+        id: None,
+        opened_at: first.opened_at,
+    };
+    assert!(matches!(
+        plan(&argo(), &obj, &by_time),
+        Plan::AlreadyOff(Off::ThisIncident { .. })
+    ));
+    let later = incident("0190-later", "2026-12-03T10:00:00Z");
+    let Plan::AlreadyOff(Off::OtherIncident { by, resume: theirs }) = plan(&argo(), &obj, &later) else {
+        panic!("another incident's suspension: {:?}", plan(&argo(), &obj, &later));
+    };
+    assert_eq!(theirs, resume);
+    assert_eq!(by.describe(), "incident 0190-first (opened 2026-12-01T10:00:00Z)");
+    let step = GitOpsStep::AlreadyOff {
+        owner: argo(),
+        by_us: false,
+        other_incident: Some(by),
+        resume_commands: argo().resume_commands(&theirs),
+    };
+    let said = step.describe();
+    assert!(
+        said.starts_with(
+            "Argo CD application argocd/portal-api: automated sync was already off, suspended by the responder for \
+             incident 0190-first (opened 2026-12-01T10:00:00Z), not by this incident"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("earlier run"), "{said}");
+    // An older version's annotation: the bare resume patch, naming no incident.
+    let mut old = obj.clone();
+    old["metadata"]["annotations"][RESUME_ANNOTATION] = json!(resume.to_string());
+    assert!(matches!(
+        plan(&argo(), &old, &later),
+        Plan::AlreadyOff(Off::OtherIncident { by, .. }) if by == SuspendedFor::default()
+    ));
+    // Resumed by hand (the annotation left behind) and on again: suspended afresh, for us.
+    let mut resumed = obj.clone();
+    resumed["spec"]["syncPolicy"]["automated"] = json!({"prune": true});
+    let Plan::Suspend { patch, .. } = plan(&argo(), &resumed, &later) else {
+        panic!("suspend again");
+    };
+    let mark: Value = serde_json::from_str(
+        patch["metadata"]["annotations"][RESUME_ANNOTATION]
+            .as_str()
+            .expect("mark"),
+    )
+    .expect("json");
+    assert_eq!(mark["incident"], "0190-later");
 }

@@ -23,6 +23,34 @@ pub use alb::AlbTarget;
 pub use kubernetes::{KubeStep, KubernetesTarget};
 pub use steps::Step;
 
+/// The incident an action runs for: what marks its own writes (the GitOps suspend's
+/// annotation) and pins its bad release (the revision current when it opened).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForIncident {
+    /// The incident's id (`None`: not known to the caller; the opening time then tells).
+    pub id: Option<String>,
+    /// When it opened.
+    pub opened_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl From<chrono::DateTime<chrono::Utc>> for ForIncident {
+    fn from(opened_at: chrono::DateTime<chrono::Utc>) -> Self {
+        ForIncident {
+            id: None,
+            opened_at: Some(opened_at),
+        }
+    }
+}
+
+impl From<&crate::incident::Incident> for ForIncident {
+    fn from(inc: &crate::incident::Incident) -> Self {
+        ForIncident {
+            id: Some(inc.id.0.clone()),
+            opened_at: Some(inc.opened_at),
+        }
+    }
+}
+
 /// What an action did, for the audit trail.
 #[derive(Debug, Clone, Serialize)]
 pub struct ActionReport {
@@ -62,8 +90,9 @@ pub struct EarlierStep {
 /// Why an action failed; `detail` is the executor's structured error (AWS code and all).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
-    /// The stable side is not healthy enough to take the traffic: nothing was changed. The
-    /// executor's message already says "pre-check failed".
+    /// The stable side is not healthy enough to take the traffic: the step was not written (nor
+    /// any step, when found before the first write). The executor's message already says
+    /// "pre-check failed".
     #[error("{message}")]
     PreCheck { message: String, detail: serde_json::Value },
     #[error("{message}")]
@@ -91,20 +120,22 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Carries out (or, dry run, only describes) the revert of `target` for an incident opened
-    /// at `opened_at` (what was current then is the bad release), handing every step
-    /// to `on_step` as it happens, whether the action succeeds or not.
+    /// Carries out (or, dry run, only describes) the revert of `target` for an incident (its
+    /// id marks what it suspends; what was current when it opened is the bad release; an
+    /// opening time alone identifies it too), handing every step to `on_step` as it happens,
+    /// whether the action succeeds or not.
     /// `before_write` is awaited right before each write is sent (see [`retry::BeforeWrite`]).
     /// `earlier`: what an interrupted earlier attempt recorded (empty for a first attempt).
     pub async fn execute(
         &self,
         target: &Target,
         dry_run: bool,
-        opened_at: chrono::DateTime<chrono::Utc>,
+        incident: impl Into<ForIncident>,
         on_step: &mut (dyn FnMut(Step) + Send),
         before_write: retry::BeforeWrite<'_>,
         earlier: &[EarlierStep],
     ) -> Result<ActionReport, ActionError> {
+        let incident: ForIncident = incident.into();
         match (target, &self.alb, &self.kube) {
             (Target::Alb(t), Some(exec), _) => {
                 let mut record = |s: alb::AlbStep| on_step(s.into());
@@ -121,9 +152,8 @@ impl Executors {
                 kube_report(
                     t,
                     exec.field_manager(),
-                    opened_at,
-                    exec.revert_gated(t, dry_run, Some(opened_at), &mut record, before_write)
-                        .await,
+                    incident.opened_at,
+                    exec.revert_for(t, dry_run, &incident, &mut record, before_write).await,
                 )
             }
             _ => Ok(not_configured(target, dry_run)),
@@ -256,11 +286,11 @@ fn kube_error(e: &kubernetes::KubeError) -> ActionError {
 fn kube_report(
     t: &KubernetesTarget,
     our_manager: &str,
-    opened_at: chrono::DateTime<chrono::Utc>,
+    opened_at: Option<chrono::DateTime<chrono::Utc>>,
     result: Result<kubernetes::KubeOutcome, kubernetes::KubeError>,
 ) -> Result<ActionReport, ActionError> {
     let outcome = result.map_err(|e| kube_error(&e))?;
-    let found_reverted_by = outcome.found_reverted_by(our_manager, Some(opened_at));
+    let found_reverted_by = outcome.found_reverted_by(our_manager, opened_at);
     let steps: Vec<String> = outcome
         .steps
         .iter()
@@ -286,6 +316,9 @@ fn kube_report(
         format!("dry run, nothing written (server-side dry run): {}", steps.join("; "))
     } else if outcome.changed {
         format!("reverted: {}", steps.join("; "))
+    } else if matches!(outcome.gitops, Some(gitops::GitOpsStep::Suspended { .. })) {
+        // The suspend below was written: only the Kubernetes objects were found reverted.
+        format!("already reverted, no Kubernetes object written: {}", steps.join("; "))
     } else {
         format!("already reverted, nothing written: {}", steps.join("; "))
     };

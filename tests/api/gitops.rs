@@ -27,7 +27,7 @@ const UID: &str = "44444444-4444-4444-8444-444444444444";
 
 /// Deployment portal-api at revision 2 (image 1.0.0) with the ReplicaSets of revisions 1 and 2:
 /// a rollout undo goes back to 0.9.0.
-fn release_world(fake: &FakeKube) {
+pub(crate) fn release_world(fake: &FakeKube) {
     let old = template(&[("app", "portal-api"), ("version", "v0.9.0")], "portal-api:0.9.0");
     let new = template(&[("app", "portal-api"), ("version", "v1.0.0")], "portal-api:1.0.0");
     let sel = [("app", "portal-api")];
@@ -43,7 +43,7 @@ fn release_world(fake: &FakeKube) {
 }
 
 /// An Argo CD Application in namespace argocd that deploys portal-api with `automated`.
-fn application(automated: Value) -> Value {
+pub(crate) fn application(automated: Value) -> Value {
     json!({
         "metadata": {"name": "portal-api", "namespace": "argocd"},
         "spec": {
@@ -63,7 +63,7 @@ fn flux_object(name: &str) -> Value {
     })
 }
 
-fn undo_target(gitops: Value) -> KubernetesTarget {
+pub(crate) fn undo_target(gitops: Value) -> KubernetesTarget {
     KubernetesTarget {
         namespace: NS.into(),
         steps: vec![KubeStep::RolloutUndo {
@@ -77,7 +77,7 @@ fn undo_target(gitops: Value) -> KubernetesTarget {
     }
 }
 
-fn argo_gitops(required: bool) -> Value {
+pub(crate) fn argo_gitops(required: bool) -> Value {
     json!({"argocd": {"application": "portal-api", "namespace": "argocd"}, "required": required})
 }
 
@@ -93,12 +93,12 @@ async fn run(
     (result, records)
 }
 
-fn image(fake: &FakeKube) -> Value {
+pub(crate) fn image(fake: &FakeKube) -> Value {
     fake.get("deployments", NS, "portal-api").expect("deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
         .clone()
 }
 
-fn gitops_steps(records: &[KubeStepRecord]) -> Vec<&GitOpsStep> {
+pub(crate) fn gitops_steps(records: &[KubeStepRecord]) -> Vec<&GitOpsStep> {
     records
         .iter()
         .filter_map(|r| match r {
@@ -139,12 +139,13 @@ async fn argo_cd_automated_sync_is_suspended_before_the_deployment_is_rolled_bac
         app["spec"]["syncPolicy"],
         json!({"syncOptions": ["CreateNamespace=true"]})
     );
-    let resume: Value = serde_json::from_str(
+    let mark: Value = serde_json::from_str(
         app["metadata"]["annotations"][RESUME_ANNOTATION]
             .as_str()
             .expect("annotation"),
     )
     .unwrap();
+    let resume = mark["resume"].clone();
     assert_eq!(
         resume["spec"]["syncPolicy"]["automated"],
         json!({"prune": true, "selfHeal": true})
@@ -601,16 +602,16 @@ async fn a_missing_application_fails_the_incident_with_nothing_reverted() {
     assert_eq!(image(&fake), "portal-api:1.0.0");
 }
 
-/// The suspend took but the Deployment's undo was refused: no traffic moved, so the incident
-/// is a failed rollback with nothing reverted (not a "partial rollback" that counts for the
-/// guards); the suspend is still on the timeline, with how to resume.
+/// The suspend took but the Deployment's undo was refused: a partial rollback. The failure
+/// says the GitOps sync was suspended (with the resume command) and that no Kubernetes object
+/// was reverted, never "nothing was changed"; Slack hears the same.
 #[tokio::test]
-async fn a_suspend_followed_by_a_failed_undo_is_not_a_partial_rollback() {
+async fn a_suspend_followed_by_a_failed_undo_is_a_partial_rollback_that_says_so() {
     let fake = FakeKube::start().await;
     release_world(&fake);
     fake.insert("applications", application(json!({"prune": true})));
     fake.deny("patch", "deployments");
-    let (slack_server, _slack) = SlackFake::start().await;
+    let (slack_server, slack) = SlackFake::start().await;
     let app = service_app(&fake, &slack_server).await;
     app.post_webhook(&payload(
         "firing",
@@ -626,10 +627,7 @@ async fn a_suspend_followed_by_a_failed_undo_is_not_a_partial_rollback() {
         .is_none();
     assert!(automated_gone, "the suspend took");
     assert_eq!(image(&fake), "portal-api:1.0.0");
-    assert_eq!(
-        inc["executed"], false,
-        "no traffic moved: not a rollback for the guards"
-    );
+    assert_eq!(inc["executed"], true, "the suspend is this incident's change: {inc:#}");
     let failed = inc["timeline"]
         .as_array()
         .unwrap()
@@ -637,15 +635,31 @@ async fn a_suspend_followed_by_a_failed_undo_is_not_a_partial_rollback() {
         .find(|e| e["kind"] == "action_failed")
         .unwrap_or_else(|| panic!("no action_failed: {}", inc["timeline"]));
     let summary = failed["summary"].as_str().unwrap();
-    assert!(!summary.contains("partial rollback"), "{summary}");
-    assert_eq!(failed["detail"]["applied"], json!([]), "{failed:#}");
-    let steps = action_steps(&inc);
+    let resume = "resume with: kubectl -n argocd patch applications.argoproj.io portal-api --type merge -p";
     assert!(
-        steps
-            .iter()
-            .any(|s| s.starts_with("Argo CD application argocd/portal-api: automated sync suspended")),
-        "{steps:#?}"
+        summary.starts_with(
+            "partial rollback: Argo CD application argocd/portal-api: automated sync suspended before the revert"
+        ),
+        "{summary}"
     );
+    assert!(summary.contains(resume), "{summary}");
+    assert!(summary.contains("no Kubernetes object was reverted"), "{summary}");
+    assert!(
+        summary.contains("forbidden: the responder may not patch deployments"),
+        "{summary}"
+    );
+    assert!(!summary.contains("nothing was changed"), "{summary}");
+    assert_eq!(
+        failed["detail"]["applied"].as_array().map(Vec::len),
+        Some(1),
+        "{failed:#}"
+    );
+    assert_eq!(failed["detail"]["detail"]["error"], "nothing_reverted_after_suspend");
+    let texts = slack_texts(&slack, |t| {
+        t.iter().any(|m| m.contains("no Kubernetes object was reverted"))
+    })
+    .await;
+    assert!(!texts.iter().any(|m| m.contains("nothing was changed")), "{texts:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use rollback_responder::action::kubernetes::{
     KubeStepRecord, KubernetesTarget, StepResult,
 };
 
-use crate::support::fake_kube::FakeKube;
+use crate::support::fake_kube::{pod, service, FakeKube};
 
 const NS: &str = "portal";
 
@@ -27,12 +27,16 @@ struct Seen {
     canary_replicas: Option<i64>,
 }
 
+/// What someone does to the cluster while the check waits, at each probe.
+type DuringCheck = Box<dyn FnMut(&FakeKube) + Send>;
+
 #[derive(Default)]
 struct HealthState {
     /// Answers in order, then `steady` for ever.
     script: Vec<u16>,
     steady: u16,
     seen: Vec<Seen>,
+    during: Option<DuringCheck>,
 }
 
 /// `/health` answering the scripted statuses; `/hang` never answering in time.
@@ -44,10 +48,17 @@ struct Health {
 impl Health {
     /// Weak: the fake must drop at the end of the test (its RBAC check runs then).
     async fn start(fake: &Arc<FakeKube>, script: &[u16], steady: u16) -> Health {
+        Self::start_with(fake, script, steady, None).await
+    }
+
+    /// `during` runs at every probe, after the cluster is noted: a change made while the
+    /// check waits.
+    async fn start_with(fake: &Arc<FakeKube>, script: &[u16], steady: u16, during: Option<DuringCheck>) -> Health {
         let state = Arc::new(Mutex::new(HealthState {
             script: script.to_vec(),
             steady,
             seen: Vec::new(),
+            during,
         }));
         let (s, weak): (_, Weak<FakeKube>) = (state.clone(), Arc::downgrade(fake));
         let app = axum::Router::new()
@@ -71,6 +82,9 @@ impl Health {
                             canary_replicas: None,
                         }));
                         let code = st.script.get(n).copied().unwrap_or(st.steady);
+                        if let (Some(during), Some(f)) = (st.during.as_mut(), weak.upgrade()) {
+                            during(&f);
+                        }
                         StatusCode::from_u16(code).unwrap()
                     }
                 }),
@@ -405,4 +419,109 @@ async fn a_failing_first_check_writes_nothing() {
         .seen()
         .iter()
         .all(|s| s.selector_version.as_deref() == Some("v1.0.0")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// What changed while the check waited
+// ---------------------------------------------------------------------------------------------
+
+/// The canary was already at 0 when the revert began (found done), and something (an HPA, a
+/// person) scaled it back up while the check waited: the scale-down is read again after the
+/// check and written, not reported done from the stale first read.
+#[tokio::test]
+async fn a_step_found_done_before_the_check_is_read_again_after_it() {
+    let fake = world().await;
+    fake.modify("deployments", NS, "portal-api-canary", |d| {
+        d["spec"]["replicas"] = 0.into()
+    });
+    let during: DuringCheck = Box::new(|f: &FakeKube| {
+        f.modify("deployments", NS, "portal-api-canary", |d| {
+            d["spec"]["replicas"] = 3.into()
+        })
+    });
+    let health = Health::start_with(&fake, &[], 200, Some(during)).await;
+    let (result, records) = run(&fake, &seed(check(&health.url(), 2, 50, 5_000)), false).await;
+    let outcome = result.expect("revert");
+    assert!(
+        matches!(outcome.steps[2].result, StepResult::Changed { .. }),
+        "{:?}",
+        outcome.steps[2]
+    );
+    assert_eq!(canary_replicas(&fake), 0, "scaled down after the check");
+    assert_eq!(scale_patches(&fake), 1);
+    // Found done at the start, then read again after the verdict, planned and written.
+    let pos = |f: &dyn Fn(&KubeStepRecord) -> bool| records.iter().position(f);
+    let verdict = pos(&|r| matches!(r, KubeStepRecord::Checked { .. })).expect("verdict");
+    let done = pos(&|r| matches!(r, KubeStepRecord::AlreadyDone { index: 2, .. })).expect("found done first");
+    let reread = records
+        .iter()
+        .skip(verdict)
+        .position(|r| matches!(r, KubeStepRecord::Read { index: 2, .. }))
+        .expect("read again after the check");
+    assert!(done < verdict);
+    let line = records[verdict + reread].describe();
+    assert_eq!(line, "read: deployment/portal-api-canary has 3 replica(s)");
+    assert!(records
+        .iter()
+        .skip(verdict)
+        .any(|r| matches!(r, KubeStepRecord::Patched { index: 2, .. })));
+}
+
+/// A second Service switched after the check (seed 000's copied selector, without `app`) is
+/// pre-checked again after the wait: another app's pod that appeared under the new selector
+/// meanwhile refuses that switch, naming the pod, after the first switch took (a partial
+/// rollback, never "nothing was changed").
+#[tokio::test]
+async fn pods_that_appear_during_the_check_are_pre_checked_before_the_next_switch() {
+    let fake = world().await;
+    fake.insert(
+        "services",
+        service(
+            NS,
+            "portal-api-internal",
+            &[("app", "portal-api"), ("version", "v1.0.0")],
+        ),
+    );
+    let during: DuringCheck = Box::new(|f: &FakeKube| {
+        if f.get("pods", NS, "billing-0").is_none() {
+            f.insert(
+                "pods",
+                pod(NS, "billing-0", &[("app", "billing"), ("version", "v1.0.0-rc.0")], true),
+            );
+        }
+    });
+    let health = Health::start_with(&fake, &[], 200, Some(during)).await;
+    let copied = KubeStep::SwitchService {
+        service: "portal-api-internal".into(),
+        selector: [("version".to_string(), "v1.0.0-rc.0".to_string())].into(),
+    };
+    let t = KubernetesTarget {
+        steps: vec![switch(), check(&health.url(), 1, 50, 5_000), copied],
+        ..seed(scale())
+    };
+    let (result, records) = run(&fake, &t, false).await;
+    let err = result.expect_err("foreign pods after the wait");
+    assert_eq!(err.code(), "foreign_pods");
+    let msg = err.to_string();
+    assert!(msg.contains("billing-0 (app=billing)"), "{msg}");
+    assert!(!msg.contains("nothing was changed"), "{msg}");
+    // The first switch took; the second was not written.
+    assert_eq!(fake.writes(), 1);
+    let internal = fake.get("services", NS, "portal-api-internal").unwrap();
+    assert_eq!(internal["spec"]["selector"]["version"], "v1.0.0");
+    let prechecks: Vec<String> = records
+        .iter()
+        .filter(|r| matches!(r, KubeStepRecord::PreCheck { index: 2, .. }))
+        .map(KubeStepRecord::describe)
+        .collect();
+    assert_eq!(prechecks.len(), 2, "at the start and after the check: {prechecks:#?}");
+    assert!(prechecks[0].ends_with(": passed"), "{}", prechecks[0]);
+    assert!(prechecks[1].contains("FAILED, not switched"), "{}", prechecks[1]);
+    let applied: Vec<rollback_responder::action::Step> = records
+        .iter()
+        .cloned()
+        .map(Into::into)
+        .filter(|s: &rollback_responder::action::Step| s.applied)
+        .collect();
+    assert_eq!(applied.len(), 1, "the first switch is what took");
 }

@@ -20,7 +20,7 @@ fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-fn target(steps: Vec<KubeStep>) -> KubernetesTarget {
+pub(crate) fn target(steps: Vec<KubeStep>) -> KubernetesTarget {
     KubernetesTarget {
         namespace: NS.into(),
         steps,
@@ -127,7 +127,7 @@ fn undo_world(fake: &FakeKube) -> [Value; 3] {
     tpls
 }
 
-fn undo_step(to_revision: Option<u64>) -> KubeStep {
+pub(crate) fn undo_step(to_revision: Option<u64>) -> KubeStep {
     KubeStep::RolloutUndo {
         deployment: "portal-api".into(),
         to_revision,
@@ -135,7 +135,7 @@ fn undo_step(to_revision: Option<u64>) -> KubeStep {
     }
 }
 
-fn executor(fake: &FakeKube) -> KubeExecutor {
+pub(crate) fn executor(fake: &FakeKube) -> KubeExecutor {
     KubeExecutor::new(fake.client(), &KubeSettings::default())
 }
 
@@ -1120,7 +1120,7 @@ async fn verify_waits_for_a_scale_step_to_take_effect() {
 
 /// Deployment `portal-api` released three times through the API (0.9.0, 1.0.0-rc.0, then the
 /// bad 1.0.0) with the fake's Deployment controller making ReplicaSets and revisions.
-async fn released_three_times(fake: &FakeKube) -> Vec<Value> {
+pub(crate) async fn released_three_times(fake: &FakeKube) -> Vec<Value> {
     fake.run_controllers();
     let tpls = vec![
         template(&[("app", "portal-api"), ("version", "v0.9.0")], "portal-api:0.9.0"),
@@ -1149,7 +1149,7 @@ async fn released_three_times(fake: &FakeKube) -> Vec<Value> {
 }
 
 /// What `kubectl rollout undo` (or a release tool) sends: the pod template replaced.
-async fn patch_template(fake: &FakeKube, tpl: &Value, manager: &str) {
+pub(crate) async fn patch_template(fake: &FakeKube, tpl: &Value, manager: &str) {
     let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(fake.client(), NS);
     let patch: json_patch::Patch =
         serde_json::from_value(json!([{"op": "replace", "path": "/spec/template", "value": tpl}])).expect("patch");
@@ -1164,7 +1164,7 @@ async fn patch_template(fake: &FakeKube, tpl: &Value, manager: &str) {
 
 /// The incident opens after the release, in a later second: managedFields keep whole seconds,
 /// and a change in the incident's own second counts as made after it opened.
-async fn incident_opens() -> chrono::DateTime<chrono::Utc> {
+pub(crate) async fn incident_opens() -> chrono::DateTime<chrono::Utc> {
     let released = chrono::Utc::now().timestamp();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while chrono::Utc::now().timestamp() == released {
@@ -1174,7 +1174,7 @@ async fn incident_opens() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
 
-fn revision_and_image(fake: &FakeKube) -> (String, String) {
+pub(crate) fn revision_and_image(fake: &FakeKube) -> (String, String) {
     let d = fake.get("deployments", NS, "portal-api").expect("deployment");
     (
         d["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
@@ -1304,8 +1304,8 @@ async fn a_selector_that_drops_the_app_key_is_refused_naming_the_other_apps_pods
         err.to_string(),
         "pre-check failed: service portal/portal-api-prod: the new selector version=v1.0.0-rc.0 also selects pod(s) \
          of another app, which neither the current selector (app=portal-api,track=canary,version=v1.0.0) selects nor \
-         carry its app labels: billing-7f9c-0 (app=billing); nothing was changed; list the app's key in the policy's \
-         selector (e.g. app: NAME)"
+         carry its app labels: billing-7f9c-0 (app=billing); the selector was not switched; list the app's key in the \
+         policy's selector (e.g. app: NAME)"
     );
     assert_eq!(fake.writes(), 0);
     let said: Vec<String> = records
@@ -1317,7 +1317,7 @@ async fn a_selector_that_drops_the_app_key_is_refused_naming_the_other_apps_pods
         said,
         vec![
             "pre-check service/portal-api-prod: 3 of 3 pod(s) matching version=v1.0.0-rc.0 Ready, 2 required: FAILED, \
-             nothing written (1 of them belong to another app (neither selected now nor labelled like \
+             not switched (1 of them belong to another app (neither selected now nor labelled like \
              app=portal-api,track=canary,version=v1.0.0): billing-7f9c-0 (app=billing))"
                 .to_string()
         ]

@@ -56,10 +56,10 @@ pub enum KubeError {
         /// Last server message.
         message: String,
     },
-    /// Too few ready pods behind the new selector; nothing was written.
+    /// Too few ready pods behind the new selector; the switch was not written.
     #[error(
         "pre-check failed: service {namespace}/{service}: {ready} of {matching} pod(s) matching {selector} are Ready, \
-         {required} required; nothing was changed"
+         {required} required; the selector was not switched"
     )]
     PreCheckFailed {
         /// Service about to be switched.
@@ -75,11 +75,11 @@ pub enum KubeError {
         /// `min_ready_replicas`.
         required: u32,
     },
-    /// The new selector also selects pods of another app; nothing was written.
+    /// The new selector also selects pods of another app; the switch was not written.
     #[error(
         "pre-check failed: service {namespace}/{service}: the new selector {selector} also selects pod(s) of another \
-         app, which neither the current selector ({current}) selects nor carry its app labels: {}; nothing was \
-         changed; list the app's key in the policy's selector (e.g. app: NAME)",
+         app, which neither the current selector ({current}) selects nor carry its app labels: {}; the selector was \
+         not switched; list the app's key in the policy's selector (e.g. app: NAME)",
         pods.join(", ")
     )]
     ForeignPods {
@@ -233,6 +233,22 @@ pub enum KubeError {
         /// Whether the failed call may succeed later.
         retryable: bool,
     },
+    /// The GitOps sync was suspended, then the revert failed before any Kubernetes object was
+    /// reverted: a partial rollback (the suspend stays) with nothing reverted.
+    #[error(
+        "{cause}; no Kubernetes object was reverted, but the {what} of {owner} was suspended and stays so: once \
+         the release is sorted out, resume it with: {resume}"
+    )]
+    NothingRevertedAfterSuspend {
+        /// `Argo CD application argocd/portal-api`.
+        owner: String,
+        /// `automated sync`, `reconciliation`.
+        what: String,
+        /// The commands that resume it.
+        resume: String,
+        /// Why the revert failed.
+        cause: Box<KubeError>,
+    },
     /// Transport, timeout or decoding error on our side.
     #[error("kubernetes client error: {message}")]
     Client {
@@ -250,6 +266,7 @@ impl KubeError {
             KubeError::Conflict { .. } => true,
             KubeError::Api { code, .. } => *code == 429 || *code >= 500,
             KubeError::Client { retryable, .. } | KubeError::GitOpsSuspend { retryable, .. } => *retryable,
+            KubeError::NothingRevertedAfterSuspend { cause, .. } => cause.is_retryable(),
             _ => false,
         }
     }
@@ -276,10 +293,13 @@ impl KubeError {
             KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",
             KubeError::Api { .. } => "api",
             KubeError::Client { .. } => "client",
+            // The cause is what to fix; the suspend is in the message.
+            KubeError::NothingRevertedAfterSuspend { cause, .. } => cause.code(),
         }
     }
 
-    /// The pods about to take the traffic were not ready, so nothing was changed.
+    /// The pods about to take the traffic were not ready (or not all the app's): refused before
+    /// any write when found at the start, or before the next write when found after a check.
     pub fn is_precheck(&self) -> bool {
         matches!(self, KubeError::PreCheckFailed { .. } | KubeError::ForeignPods { .. })
     }

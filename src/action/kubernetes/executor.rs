@@ -18,7 +18,9 @@ use super::{
     KubeError, KubeOutcome, KubeSettings, KubeStep, KubeStepRecord, KubernetesTarget, ObjectState, StepOutcome,
     StepResult, CALL_TIMEOUT,
 };
+use crate::action::gitops::GitOpsStep;
 use crate::action::retry::{Attempt, BeforeWrite, RetryPolicy};
+use crate::action::ForIncident;
 
 // ---------------------------------------------------------------------------------------------
 // Executor
@@ -96,7 +98,8 @@ impl KubeExecutor {
     /// `max_conflict_retries` times) and read back. Steps already in the wanted state are
     /// reported as done, which makes a second call after a partial run finish the work. A
     /// check step runs in its turn (`check`); failing, it ends the revert and no later step is
-    /// sent ([`KubeError::CheckFailed`]); the writes after a check re-read their object first.
+    /// sent ([`KubeError::CheckFailed`]); passing, the steps after it are read, planned and
+    /// pre-checked again before any of them is written (the check may have waited minutes).
     /// Dry run: reads, pre-checks, and sends each patch with `dryRun=All` so the server
     /// validates it (RBAC, admission, schema) without persisting anything.
     pub async fn revert(
@@ -134,60 +137,95 @@ impl KubeExecutor {
         on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
         before_write: BeforeWrite<'_>,
     ) -> Result<KubeOutcome, KubeError> {
+        let incident = ForIncident { id: None, opened_at };
+        self.revert_for(t, dry_run, &incident, on_step, before_write).await
+    }
+
+    /// [`KubeExecutor::revert_gated`] for `incident`: its opening time pins the bad release,
+    /// and its id (or opening time) marks a GitOps suspend as its own. A failure after the
+    /// suspend took and before any Kubernetes object was reverted says so
+    /// ([`KubeError::NothingRevertedAfterSuspend`]).
+    pub async fn revert_for(
+        &self,
+        t: &KubernetesTarget,
+        dry_run: bool,
+        incident: &ForIncident,
+        on_step: &mut (dyn FnMut(KubeStepRecord) + Send),
+        before_write: BeforeWrite<'_>,
+    ) -> Result<KubeOutcome, KubeError> {
+        let mut suspended: Option<GitOpsStep> = None;
+        let mut reverted = false;
+        let result = {
+            let mut watch = |r: KubeStepRecord| {
+                match &r {
+                    KubeStepRecord::Gitops(g @ GitOpsStep::Suspended { .. }) => suspended = Some(g.clone()),
+                    r if r.applied() => reverted = true,
+                    _ => {}
+                }
+                on_step(r);
+            };
+            self.revert_steps(t, dry_run, incident, &mut watch, before_write).await
+        };
+        match (result, suspended) {
+            (
+                Err(cause),
+                Some(GitOpsStep::Suspended {
+                    owner, resume_commands, ..
+                }),
+            ) if !reverted => Err(KubeError::NothingRevertedAfterSuspend {
+                owner: owner.describe(),
+                what: owner.what().to_string(),
+                resume: resume_commands.join("  or  "),
+                cause: Box::new(cause),
+            }),
+            (result, _) => result,
+        }
+    }
+
+    /// The steps themselves, as [`KubeExecutor::revert`] describes them.
+    async fn revert_steps(
+        &self,
+        t: &KubernetesTarget,
+        dry_run: bool,
+        incident: &ForIncident,
+        on_step: OnStep<'_>,
+        before_write: BeforeWrite<'_>,
+    ) -> Result<KubeOutcome, KubeError> {
+        let opened_at = incident.opened_at;
         t.validate().map_err(|message| KubeError::InvalidTarget { message })?;
         let ns = t.namespace.as_str();
 
         // A check step reads and plans nothing (`None`): it runs in its turn below.
-        let mut planned: Vec<Option<(Current, Plan)>> = Vec::with_capacity(t.steps.len());
-        for (index, step) in t.steps.iter().enumerate() {
-            if matches!(step, KubeStep::Check(_)) {
-                planned.push(None);
-                continue;
-            }
-            let current = self.read_step(ns, step, on_step).await?;
-            on_step(KubeStepRecord::Read {
-                index,
-                state: current.state(),
-            });
-            let plan = plan_step(step, &current, opened_at)?;
-            if let Plan::Done { reason, by } = &plan {
-                on_step(KubeStepRecord::AlreadyDone {
-                    index,
-                    state: current.state(),
-                    reason: reason.clone(),
-                    by: by.clone(),
-                });
-            }
-            planned.push(Some((current, plan)));
-        }
-
-        for (index, p) in planned.iter().enumerate() {
-            if let Some((_, Plan::Write(w))) = p {
-                self.precheck(ns, index, &w.precheck, t.min_ready_replicas, on_step)
-                    .await?;
-            }
-        }
+        let mut planned = self.plan_steps(t, 0, opened_at, on_step).await?;
+        self.precheck_planned(t, &planned, on_step).await?;
 
         // GitOps (action::gitops): Argo CD / Flux must not sync the release back; before any write.
         let gitops = match &t.gitops {
-            Some(g) => Some(self.suspend_gitops(g, dry_run, on_step, before_write).await?),
+            Some(g) => Some(self.suspend_gitops(g, dry_run, incident, on_step, before_write).await?),
             None => None,
         };
 
         let mut touched: HashSet<String> = HashSet::new();
-        // A check waited (seconds, maybe a minute): what was read before it may be stale.
-        let mut waited = false;
         let mut steps = Vec::with_capacity(t.steps.len());
-        for (index, (step, p)) in t.steps.iter().zip(planned).enumerate() {
-            let (current, plan) = match (step, p) {
+        for (index, step) in t.steps.iter().enumerate() {
+            let (current, plan) = match (step, planned[index].take()) {
                 (KubeStep::Check(c), _) => {
                     let result = self.run_check(index, c, dry_run, on_step).await?;
-                    waited = true;
                     steps.push(StepOutcome {
                         index,
                         step: step.clone(),
                         result,
                     });
+                    // The check waited (seconds, maybe minutes): what the later steps read and
+                    // planned before it may be stale (a step found done undone again, a release
+                    // rolled out, other pods under the new selector). Read, plan and pre-check
+                    // them again, with the same rules as at the start. A dry run wrote nothing
+                    // and waited for nothing: its plans stand.
+                    if !dry_run {
+                        planned = self.plan_steps(t, index + 1, opened_at, on_step).await?;
+                        self.precheck_planned(t, &planned, on_step).await?;
+                        touched.clear();
+                    }
                     continue;
                 }
                 (_, Some(p)) => p,
@@ -203,7 +241,7 @@ impl KubeExecutor {
                     let key = object_key(step);
                     // An earlier step of this run wrote the same object (undo, then scale):
                     // read it again rather than spend a conflict retry on a known-stale version.
-                    let current = if touched.contains(&key) || waited {
+                    let current = if touched.contains(&key) {
                         let fresh = self.read_step(ns, step, on_step).await?;
                         on_step(KubeStepRecord::Read {
                             index,
@@ -235,6 +273,57 @@ impl KubeExecutor {
             steps,
             gitops,
         })
+    }
+
+    /// Reads and plans every write step from `from` on, reporting each read and each step
+    /// found done; nothing is written if any read or plan fails. Check steps and the steps
+    /// before `from` get `None`.
+    async fn plan_steps(
+        &self,
+        t: &KubernetesTarget,
+        from: usize,
+        opened_at: Option<DateTime<Utc>>,
+        on_step: OnStep<'_>,
+    ) -> Result<Vec<Option<(Current, Plan)>>, KubeError> {
+        let mut planned: Vec<Option<(Current, Plan)>> = Vec::with_capacity(t.steps.len());
+        for (index, step) in t.steps.iter().enumerate() {
+            if index < from || matches!(step, KubeStep::Check(_)) {
+                planned.push(None);
+                continue;
+            }
+            let current = self.read_step(&t.namespace, step, on_step).await?;
+            on_step(KubeStepRecord::Read {
+                index,
+                state: current.state(),
+            });
+            let plan = plan_step(step, &current, opened_at)?;
+            if let Plan::Done { reason, by } = &plan {
+                on_step(KubeStepRecord::AlreadyDone {
+                    index,
+                    state: current.state(),
+                    reason: reason.clone(),
+                    by: by.clone(),
+                });
+            }
+            planned.push(Some((current, plan)));
+        }
+        Ok(planned)
+    }
+
+    /// The pre-check of every planned write (see [`KubeExecutor::revert`]).
+    async fn precheck_planned(
+        &self,
+        t: &KubernetesTarget,
+        planned: &[Option<(Current, Plan)>],
+        on_step: OnStep<'_>,
+    ) -> Result<(), KubeError> {
+        for (index, p) in planned.iter().enumerate() {
+            if let Some((_, Plan::Write(w))) = p {
+                self.precheck(&t.namespace, index, &w.precheck, t.min_ready_replicas, on_step)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// One API call with a time limit per attempt, retried within the shared retry policy's

@@ -53,6 +53,8 @@ mod verify;
 mod views;
 
 #[cfg(test)]
+mod field_tests;
+#[cfg(test)]
 mod tests;
 
 pub use crate::policy::target::kubernetes::{ExpectStatus, HttpCheck, KubeCheck, KubeStep, KubernetesTarget};

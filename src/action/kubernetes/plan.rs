@@ -288,6 +288,14 @@ pub(super) fn plan_rollout_undo(
     opened_at: Option<DateTime<Utc>>,
 ) -> Result<Plan, KubeError> {
     let (requested, requested_image) = good.requested();
+    // Who changed the template, for a step found done; a change of another field by the same
+    // manager since the incident opened does not make it a change made since then.
+    let template_by = match opened_at {
+        Some(at) if d.template_change.as_ref().is_some_and(|c| c.since(at)) => {
+            template_changed_since(d, rses, at).cloned()
+        }
+        _ => d.template_change.clone(),
+    };
     if d.paused {
         return Err(KubeError::Paused {
             deployment: d.name.clone(),
@@ -311,13 +319,13 @@ pub(super) fn plan_rollout_undo(
                          its template is still current",
                         rs.name, marker.to_revision
                     ),
-                    by: d.template_change.clone(),
+                    by: template_by.clone(),
                 });
             }
         }
     }
     if let (Good::BeforeBad, Some(opened_at)) = (good, opened_at) {
-        if let Some(change) = d.template_change.as_ref().filter(|c| c.since(opened_at)) {
+        if let Some(change) = template_changed_since(d, rses, opened_at) {
             return changed_since_opened(d, rses, change, opened_at);
         }
     }
@@ -329,7 +337,7 @@ pub(super) fn plan_rollout_undo(
                 "current template already matches revision {revision} (replicaset {})",
                 target.name
             ),
-            by: d.template_change.clone(),
+            by: template_by,
         });
     }
     let template = strip_hash(&target.template);
@@ -366,6 +374,36 @@ pub(super) fn plan_rollout_undo(
             ready: target.ready,
         },
     })))
+}
+
+/// Who changed the pod template at or after `opened_at`, if it changed then. managedFields
+/// keep one time per manager, not per field: when the template's manager owns other fields
+/// too (helm also owns labels, annotations, replicas), its time may be one of those, so the
+/// ReplicaSets decide. The template is unchanged since the opening when the controller has
+/// seen the latest spec (observedGeneration) and the template runs the newest revision's
+/// ReplicaSet, created before the opening and never reused by a rollback (a rollback renumbers
+/// an old one and records its revision history; a new release creates one). Anything else,
+/// or anything unknown, counts as changed: refusing is the safe side.
+pub(super) fn template_changed_since<'a>(
+    d: &'a DeploymentView,
+    rses: &[RsView],
+    opened_at: DateTime<Utc>,
+) -> Option<&'a FieldChange> {
+    let change = d.template_change.as_ref().filter(|c| c.since(opened_at))?;
+    if d.template_change_exact {
+        return Some(change);
+    }
+    let seen_latest = matches!((d.generation, d.observed_generation), (Some(g), Some(o)) if o >= g);
+    let newest = owned(d, rses).filter_map(|rs| rs.revision).max();
+    let current = owned(d, rses).find(|rs| templates_equal(&rs.template, &d.template));
+    let unchanged = seen_latest
+        && current.is_some_and(|cur| {
+            cur.revision.is_some()
+                && cur.revision == newest
+                && cur.revision_history.is_empty()
+                && cur.created.is_some_and(|c| c.timestamp() < opened_at.timestamp())
+        });
+    (!unchanged).then_some(change)
 }
 
 /// The pod template changed after the incident opened: the bad release is the one current

@@ -453,7 +453,7 @@ impl KubeStepRecord {
                 let mut line = if object.starts_with("service/") {
                     format!(
                         "pre-check {object}: {ready} of {matching} pod(s) matching {selector} Ready, {required} required: {}",
-                        if *passed { "passed" } else { "FAILED, nothing written" }
+                        if *passed { "passed" } else { "FAILED, not switched" }
                     )
                 } else {
                     format!(
@@ -554,11 +554,16 @@ impl KubeStepRecord {
         }
     }
 
-    /// Whether this step reverted part of the target (a patch of a step that was stored). A
-    /// GitOps suspend is recorded and shown but is not one: it moves no traffic, so a revert
-    /// that fails after it is not a partial rollback.
+    /// Whether this step changed the cluster for the rollback: a patch of a step that was
+    /// stored, or the GitOps suspend that took. The suspend moves no traffic, but it is this
+    /// incident's change and stays until a person resumes it: a revert that fails after it is a
+    /// partial rollback that says so, never "nothing was changed".
     pub fn applied(&self) -> bool {
-        matches!(self, KubeStepRecord::Patched { dry_run: false, .. })
+        matches!(
+            self,
+            KubeStepRecord::Patched { dry_run: false, .. }
+                | KubeStepRecord::Gitops(crate::action::gitops::GitOpsStep::Suspended { .. })
+        )
     }
 }
 

@@ -14,7 +14,7 @@ use super::*;
 
 const UID: &str = "uid-1";
 
-fn tpl(version: &str, hash: Option<&str>) -> Value {
+pub(super) fn tpl(version: &str, hash: Option<&str>) -> Value {
     let mut labels = json!({"app": "web", "version": version});
     if let Some(h) = hash {
         labels[POD_TEMPLATE_HASH_LABEL] = json!(h);
@@ -27,12 +27,13 @@ fn tpl(version: &str, hash: Option<&str>) -> Value {
 /// kubectl's "previous revision", nothing pinned.
 const PREVIOUS: Good = Good::BeforeBad;
 
-fn deploy(version: &str) -> DeploymentView {
+pub(super) fn deploy(version: &str) -> DeploymentView {
     DeploymentView {
         name: "web".into(),
         uid: UID.into(),
         resource_version: "42".into(),
         generation: Some(5),
+        observed_generation: Some(5),
         annotations: [
             (REVISION_ANNOTATION.to_string(), "3".to_string()),
             ("team".to_string(), "portal".to_string()),
@@ -42,10 +43,11 @@ fn deploy(version: &str) -> DeploymentView {
         selector: "app=web".into(),
         template: tpl(version, None),
         template_change: None,
+        template_change_exact: false,
     }
 }
 
-fn rs(name: &str, version: &str, revision: Option<u64>, owner: Option<&str>) -> RsView {
+pub(super) fn rs(name: &str, version: &str, revision: Option<u64>, owner: Option<&str>) -> RsView {
     RsView {
         name: name.into(),
         revision,
@@ -67,7 +69,7 @@ fn rs(name: &str, version: &str, revision: Option<u64>, owner: Option<&str>) -> 
     }
 }
 
-fn history() -> Vec<RsView> {
+pub(super) fn history() -> Vec<RsView> {
     vec![
         rs("web-1", "v1", Some(1), Some(UID)),
         rs("web-2", "v2", Some(2), Some(UID)),
@@ -478,13 +480,13 @@ fn rbac_rules_cover_every_call_the_executor_makes() {
     assert_eq!(granted, calls.into_iter().collect());
 }
 
-fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
+pub(super) fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(s)
         .expect("time")
         .with_timezone(&chrono::Utc)
 }
 
-fn change(manager: &str, time: &str) -> Option<FieldChange> {
+pub(super) fn change(manager: &str, time: &str) -> Option<FieldChange> {
     Some(FieldChange {
         manager: manager.into(),
         operation: "Update".into(),

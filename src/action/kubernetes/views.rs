@@ -54,12 +54,17 @@ pub(super) struct DeploymentView {
     pub(super) uid: String,
     pub(super) resource_version: String,
     pub(super) generation: Option<i64>,
+    /// status.observedGeneration: the controller has acted on the spec up to this generation.
+    pub(super) observed_generation: Option<i64>,
     pub(super) annotations: BTreeMap<String, String>,
     pub(super) paused: bool,
     pub(super) selector: String,
     pub(super) template: Value,
     /// Who last changed the pod template, from managedFields (`None`: not recorded).
     pub(super) template_change: Option<FieldChange>,
+    /// That manager owns nothing but the pod template, so its time is the template's. When it
+    /// owns more (helm: labels, annotations, replicas), its time may be another field's.
+    pub(super) template_change_exact: bool,
 }
 
 impl DeploymentView {
@@ -74,10 +79,15 @@ impl DeploymentView {
             Some(sel) => label_selector_string(sel).map_err(KubeError::internal)?,
             None => String::new(),
         };
+        let (template_change, template_change_exact) = match last_change_exact(&obj.metadata, TEMPLATE_PATH) {
+            Some((c, exact)) => (Some(c), exact),
+            None => (None, false),
+        };
         Ok(Self {
             uid: obj.metadata.uid.clone().unwrap_or_default(),
             resource_version: obj.metadata.resource_version.clone().unwrap_or_default(),
             generation: obj.metadata.generation,
+            observed_generation: obj.data.pointer("/status/observedGeneration").and_then(Value::as_i64),
             annotations: obj.metadata.annotations.clone().unwrap_or_default(),
             paused: spec
                 .and_then(|s| s.get("paused"))
@@ -85,7 +95,8 @@ impl DeploymentView {
                 .unwrap_or(false),
             selector,
             template,
-            template_change: last_change(&obj.metadata, &["f:spec", "f:template"]),
+            template_change,
+            template_change_exact,
             name,
         })
     }
@@ -431,20 +442,56 @@ pub(super) fn time_of<T: Serialize>(t: &Option<T>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The managedFields path of a Deployment's pod template.
+pub(super) const TEMPLATE_PATH: &[&str] = &["f:spec", "f:template"];
+
 /// The newest managedFields entry that owns `path` (e.g. `["f:spec", "f:selector"]`) or
 /// something under it. Pure.
 pub(crate) fn last_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChange> {
+    last_change_exact(meta, path).map(|(c, _)| c)
+}
+
+/// [`last_change`], and whether that entry owns nothing outside `path`: managedFields keep one
+/// time per manager (and operation), updated when any field it owns changes, so only then is
+/// the time known to be that of `path`. Pure.
+pub(crate) fn last_change_exact(meta: &ObjectMeta, path: &[&str]) -> Option<(FieldChange, bool)> {
     let pointer: String = path.iter().map(|p| format!("/{p}")).collect();
     meta.managed_fields
         .iter()
         .flatten()
-        .filter(|e| e.fields_v1.as_ref().is_some_and(|f| f.0.pointer(&pointer).is_some()))
-        .map(|e| FieldChange {
-            manager: e.manager.clone().unwrap_or_else(|| "?".into()),
-            operation: e.operation.clone().unwrap_or_else(|| "?".into()),
-            time: time_of(&e.time),
+        .filter_map(|e| {
+            let fields = &e.fields_v1.as_ref()?.0;
+            fields.pointer(&pointer)?;
+            // Drop `path`, and each parent it leaves empty (`{}` alone would read as a leaf).
+            let mut rest = fields.clone();
+            for depth in (0..path.len()).rev() {
+                let parent: String = path[..depth].iter().map(|p| format!("/{p}")).collect();
+                let Some(m) = rest.pointer_mut(&parent).and_then(Value::as_object_mut) else {
+                    break;
+                };
+                let child = m.get(path[depth]);
+                if depth + 1 == path.len() || child.and_then(Value::as_object).is_some_and(serde_json::Map::is_empty) {
+                    m.remove(path[depth]);
+                } else {
+                    break;
+                }
+            }
+            let change = FieldChange {
+                manager: e.manager.clone().unwrap_or_else(|| "?".into()),
+                operation: e.operation.clone().unwrap_or_else(|| "?".into()),
+                time: time_of(&e.time),
+            };
+            Some((change, !owns_any(&rest)))
         })
-        .max_by_key(|c| c.time)
+        .max_by_key(|(c, _)| c.time)
+}
+
+/// Whether a fieldsV1 set owns any field (`{}` leaves; `.` only marks the map itself).
+fn owns_any(fields: &Value) -> bool {
+    fields.as_object().is_some_and(|m| {
+        m.iter()
+            .any(|(k, v)| k != "." && (v.as_object().is_some_and(serde_json::Map::is_empty) || owns_any(v)))
+    })
 }
 
 /// Pods the new selector would pick up that neither the Service's current selector selects nor

@@ -1,0 +1,74 @@
+//! Unit tests: whether the pod template changed since the incident opened, from managedFields
+//! (one time per manager) and the ReplicaSets.
+
+use serde_json::{json, Value};
+
+use super::plan::*;
+use super::tests::{at, change, deploy, history, tpl};
+use super::views::*;
+
+/// managedFields keep one time per manager: helm, which owns the pod template and the labels,
+/// relabelling the Deployment after the incident opened is no template change (the template
+/// still runs the newest revision's ReplicaSet, made before the opening), while a template
+/// change of its own, or one that cannot be ruled out, still refuses.
+#[test]
+fn a_managers_change_of_another_field_after_opening_does_not_pin_the_template_as_changed() {
+    let opened = at("2026-12-03T10:00:00Z");
+    let mut rses = history();
+    for (rs, created) in rses
+        .iter_mut()
+        .zip(["2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"])
+    {
+        rs.created = Some(at(created));
+    }
+    let mut d = deploy("v3");
+    d.template_change = change("helm", "2026-12-03T10:02:00Z");
+    let plan = plan_rollout_undo(&d, &rses, &Good::BeforeBad, Some(opened));
+    let Ok(Plan::Write(w)) = plan else {
+        panic!("expected the undo: {plan:?}");
+    };
+    assert_eq!(w.patch[1]["value"], tpl("v2", None));
+    assert_eq!(template_changed_since(&d, &rses, opened), None);
+    // helm owns nothing but the template: its time is the template's.
+    let mut exact = d.clone();
+    exact.template_change_exact = true;
+    let err = plan_rollout_undo(&exact, &rses, &Good::BeforeBad, Some(opened)).expect_err("changed");
+    assert_eq!(err.code(), "changed_since_opened");
+    // The controller has not acted on the latest spec yet: the ReplicaSets say nothing.
+    let mut unseen = d.clone();
+    unseen.observed_generation = Some(4);
+    assert!(template_changed_since(&unseen, &rses, opened).is_some());
+    // The current ReplicaSet was made after the opening (a new release), or reused by a
+    // rollback (it has a revision history), or its creation is unknown: changed.
+    for edit in [
+        (|rs: &mut RsView| rs.created = Some(at("2026-12-03T10:01:00Z"))) as fn(&mut RsView),
+        |rs: &mut RsView| rs.revision_history = vec![1],
+        |rs: &mut RsView| rs.created = None,
+    ] {
+        let mut r = rses.clone();
+        edit(&mut r[2]);
+        assert!(template_changed_since(&d, &r, opened).is_some(), "{:?}", r[2]);
+    }
+    // A step found done is not said to be someone's change since the opening.
+    let named = plan_rollout_undo(&d, &rses, &Good::Revision(3), Some(opened));
+    assert!(matches!(named, Ok(Plan::Done { by: None, .. })), "{named:?}");
+}
+
+#[test]
+fn managed_fields_say_whether_a_managers_time_is_the_templates() {
+    let meta = |fields: Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        serde_json::from_value(json!({"managedFields": [{
+            "manager": "helm", "operation": "Update", "time": "2026-12-03T10:02:00Z",
+            "fieldsType": "FieldsV1", "fieldsV1": fields,
+        }]}))
+        .expect("meta")
+    };
+    let only = meta(json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {}}}}}));
+    assert_eq!(last_change_exact(&only, TEMPLATE_PATH).map(|(_, e)| e), Some(true));
+    let more = meta(json!({"f:metadata": {"f:labels": {".": {}, "f:team": {}}}, "f:spec": {"f:template": {}}}));
+    assert_eq!(last_change_exact(&more, TEMPLATE_PATH).map(|(_, e)| e), Some(false));
+    let replicas = meta(json!({"f:spec": {"f:replicas": {}, "f:template": {}}}));
+    assert_eq!(last_change_exact(&replicas, TEMPLATE_PATH).map(|(_, e)| e), Some(false));
+    let other = meta(json!({"f:metadata": {"f:labels": {}}}));
+    assert_eq!(last_change_exact(&other, TEMPLATE_PATH), None);
+}
