@@ -348,7 +348,7 @@ impl Responder {
                 });
             };
             self.executors
-                .execute(target, dry_run, inc.opened_at, &mut on_step, before_write, earlier)
+                .execute(target, dry_run, inc, &mut on_step, before_write, earlier)
                 .await
         };
         let record = async {
