@@ -16,6 +16,7 @@ mod helpers;
 mod kube_check;
 mod kube_fake;
 mod kube_mock;
+mod leases;
 mod lifecycle;
 mod metrics;
 mod notify;
