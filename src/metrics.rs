@@ -34,6 +34,8 @@ pub struct Metrics {
     approvals_pending: Gauge,
     policy_reloads: Family<Labels, Counter>,
     policy_refused: Gauge,
+    leases_lost: Counter,
+    unclaimable: Gauge,
 }
 
 impl Default for Metrics {
@@ -139,6 +141,19 @@ impl Metrics {
             "1 while the policy files on disk were refused at the last reload (an older set is in force)",
             policy_refused.clone(),
         );
+        let leases_lost = Counter::default();
+        registry.register(
+            "leases_lost",
+            "Work this replica stopped because its lease on the incident ran out or another replica took it",
+            leases_lost.clone(),
+        );
+        let unclaimable = Gauge::default();
+        registry.register(
+            "work_unclaimable",
+            "Incidents with work in flight that this replica leaves to others: decided for a real run it cannot \
+             make here (dry run, or no executor for the target)",
+            unclaimable.clone(),
+        );
         for result in ["applied", "unchanged", "refused"] {
             let _ = policy_reloads.get_or_create(&l(&[("result", result)]));
         }
@@ -157,6 +172,8 @@ impl Metrics {
         }
         let _ = frozen.get_or_create(&l(&[("scope", "*")]));
         Metrics {
+            leases_lost,
+            unclaimable,
             policy_reloads,
             policy_refused,
             incidents_open,
@@ -244,6 +261,16 @@ impl Metrics {
     pub fn set_incident_gauges(&self, open: i64, pending: i64) {
         self.incidents_open.set(open);
         self.approvals_pending.set(pending);
+    }
+
+    /// Work stopped because its lease was lost.
+    pub fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
+    /// How many incidents this replica currently leaves because it cannot run them.
+    pub fn set_unclaimable(&self, n: usize) {
+        self.unclaimable.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A policy reload and how it ended (`applied`, `unchanged`, `refused`).

@@ -161,7 +161,10 @@ async fn round(
     }
     // Approved or orphaned work (a replica died holding a lease) is picked up here.
     match responder.store.unowned_work(responder.clock.now()).await {
-        Ok(w) => work.extend(w),
+        Ok(w) => {
+            responder.still_unowned(&w);
+            work.extend(w);
+        }
         Err(e) => warn!(error = %e, "looking for orphaned work failed"),
     }
     spawn_work(tasks, in_flight, responder, work, Claim::ToTake);

@@ -47,6 +47,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "dry_run": r.global.dry_run,
         "freezes": freezes,
         "replica": r.replica,
+        // Real rollbacks waiting for a replica that can run them (not this one): a warning, not
+        // unreadiness, since this replica serves everything else.
+        "unclaimable_work": r.unclaimable(),
     });
     (
         if ready {

@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -29,6 +30,7 @@ use crate::action::{ActionError, ActionReport, EarlierStep, RevertedBy, Step, Ta
 use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 
+use super::lease::{lease_end, Lease, StopAt};
 use super::{Responder, StepError};
 
 /// An executor step with the time it happened.
@@ -168,6 +170,7 @@ impl Responder {
                 None => planned,
             };
             let dry_run = notify::is_dry_run(&inc);
+            let lease = Arc::new(Lease::new(self, inc.lease_until.unwrap_or_else(|| self.clock.now())));
             let mut interrupted = None;
             if !started {
                 // An earlier start on this incident without a result (the phase is still
@@ -175,6 +178,9 @@ impl Responder {
                 // write.
                 interrupted = Interrupted::find(&self.store.events(id).await?);
                 let mut tx = self.store.begin().await?;
+                if !self.hold(&mut tx, &lease, id).await? {
+                    return Ok(());
+                }
                 let from = interrupted.as_ref().map(|i| i.started_by.clone());
                 self.record_start(&mut tx, &inc, from.as_deref(), self.clock.now())
                     .await?;
@@ -185,9 +191,15 @@ impl Responder {
                 .as_ref()
                 .map(|i| i.earlier(self.clock.now()))
                 .unwrap_or_default();
-            let ran = self.execute_recording(&inc, &target, dry_run, &earlier).await;
+            let Some(ran) = self.execute_recording(&inc, &target, dry_run, &earlier, &lease).await else {
+                // Stopped before a write: the holder of the lease carries on from what the store says.
+                return Ok(());
+            };
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
+            if !self.hold(&mut tx, &lease, id).await? {
+                return Ok(());
+            }
             let Some(fresh) = tx.incident(id).await? else {
                 return Ok(());
             };
@@ -320,10 +332,40 @@ impl Responder {
         Ok(())
     }
 
+    /// Re-checks (and extends) this replica's lease first thing in `tx`, which then records
+    /// its work: false when the lease is gone, and `tx` must record nothing (it is dropped,
+    /// so rolled back).
+    pub(super) async fn hold(
+        &self,
+        tx: &mut crate::store::StoreTx,
+        lease: &Lease,
+        id: &IncidentId,
+    ) -> Result<bool, StepError> {
+        let now = self.clock.now();
+        if !lease.held() {
+            return Ok(false);
+        }
+        if tx.hold_lease(id, &self.replica, now, self.lease).await? {
+            lease.renewed(lease_end(now, self.lease));
+            Ok(true)
+        } else {
+            lease.lose("another replica holds it, or the work ended elsewhere");
+            Ok(false)
+        }
+    }
+
     /// Runs the executor under the lease, recording each step in the store as it arrives;
     /// before each write, the steps reported so far (the write's plan among them) are
-    /// committed, so a takeover can tell whether we had begun to write.
-    async fn execute_recording(&self, inc: &Incident, target: &Target, dry_run: bool, earlier: &[EarlierStep]) -> Ran {
+    /// committed, so a takeover can tell whether we had begun to write. `None`: the lease was
+    /// lost and the executor stopped before its next write.
+    async fn execute_recording(
+        &self,
+        inc: &Incident,
+        target: &Target,
+        dry_run: bool,
+        earlier: &[EarlierStep],
+        lease: &Arc<Lease>,
+    ) -> Option<Ran> {
         let (sender, mut steps) = mpsc::unbounded_channel::<Timed>();
         let sent = AtomicU64::new(0);
         let (recorded_tx, recorded_rx) = watch::channel(0u64);
@@ -332,9 +374,11 @@ impl Responder {
         let before_write = move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
             let want = sent_ref.load(Ordering::SeqCst);
             let mut recorded = recorded_rx.clone();
+            let lease = lease.clone();
             Box::pin(async move {
                 // An error means the recorder is gone (it outlives the executor): go on.
                 let _ = recorded.wait_for(|n| *n >= want).await;
+                lease.before_write().await;
             })
         };
         let before_write = &before_write;
@@ -354,6 +398,11 @@ impl Responder {
         let record = async {
             let (mut applied, mut unrecorded, mut resumed) = (Vec::new(), Vec::new(), false);
             while let Some(t) = steps.recv().await {
+                if !lease.held() {
+                    // Nothing more is recorded as ours: the holder reads the target itself.
+                    recorded_tx.send_modify(|n| *n += 1);
+                    continue;
+                }
                 if t.step.applied {
                     applied.push(t.clone());
                 }
@@ -362,14 +411,16 @@ impl Responder {
                 // begun to write", so a store blip is retried for a while before the write is
                 // let through without it.
                 let mut delay = std::time::Duration::from_millis(100);
-                let mut last = self.record_step(inc, &t).await;
+                let mut last = self.record_step(inc, &t, lease).await;
                 let give_up = Instant::now() + RECORD_STEP_PATIENCE;
-                while last.is_err() && Instant::now() + delay < give_up {
+                while last.is_err() && lease.held() && Instant::now() + delay < give_up {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                    last = self.record_step(inc, &t).await;
+                    last = self.record_step(inc, &t, lease).await;
                 }
-                if let Err(e) = last {
+                if !lease.held() {
+                    // Lost meanwhile: the step is not ours to record any more.
+                } else if let Err(e) = last {
                     // Kept for the result's transaction: a store blip loses no step.
                     warn!(error = %e, "could not record an action step as it happened; recording it with the result");
                     unrecorded.push(t);
@@ -378,20 +429,25 @@ impl Responder {
             }
             (applied, unrecorded, resumed)
         };
-        let (result, (applied, unrecorded, resumed)) =
-            self.with_lease(&inc.id, async { tokio::join!(run, record) }).await;
-        Ran {
+        let (result, (applied, unrecorded, resumed)) = self
+            .with_lease(&inc.id, lease, StopAt::NextWrite, async { tokio::join!(run, record) })
+            .await?;
+        Some(Ran {
             result,
             applied,
             unrecorded,
             resumed,
             secs: started.elapsed().as_secs_f64(),
-        }
+        })
     }
 
-    /// One step in its own transaction: the timeline entry, and a Slack line if notable.
-    async fn record_step(&self, inc: &Incident, t: &Timed) -> Result<(), StepError> {
+    /// One step in its own transaction, while this replica holds the lease: the timeline
+    /// entry, and a Slack line if notable. Ok without recording when the lease is gone.
+    async fn record_step(&self, inc: &Incident, t: &Timed, lease: &Lease) -> Result<(), StepError> {
         let mut tx = self.store.begin().await?;
+        if !self.hold(&mut tx, lease, &inc.id).await? {
+            return Ok(());
+        }
         Self::record(
             &mut tx,
             inc,

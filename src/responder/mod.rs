@@ -9,15 +9,18 @@
 //! once per step and passed down, so tests can move time instead of waiting for it.
 
 mod act;
+mod claim;
 mod clock;
 mod decide;
 mod human;
+mod lease;
 mod reconcile;
 mod verify;
 
 #[cfg(test)]
 mod tests;
 
+pub use claim::Unclaimable;
 pub use clock::Clock;
 
 use std::sync::{Arc, RwLock};
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tracing::{info, warn, Instrument};
+use tracing::{info, Instrument};
 
 use crate::action::Executors;
 use crate::incident::{should_close, transition, AuditKind, Event, Incident, IncidentId, InvalidTransition, Phase};
@@ -101,6 +104,8 @@ pub struct Responder {
     decision_budget: Duration,
     /// Whether this replica decides stored alerts (`workers.decide`); false: intake only.
     pub decides: bool,
+    /// Work in flight this replica cannot run as decided, left to others.
+    left: claim::Left,
 }
 
 pub use human::HumanError;
@@ -146,6 +151,7 @@ impl Responder {
             clock: Clock::System,
             decision_budget: Duration::from_millis(2),
             decides: true,
+            left: claim::Left::default(),
         }
     }
 
@@ -233,6 +239,14 @@ impl Responder {
 
     /// Runs an incident's action and verification, if this replica can claim it.
     pub async fn run_work(&self, id: &IncidentId) -> Result<(), StepError> {
+        // Only work this replica can run as it was decided: a real rollback is never claimed
+        // by a replica that could only record it.
+        if let Some(inc) = self.store.incident(id).await? {
+            if let Some(why) = self.cannot_run(&inc) {
+                self.leave(id, why);
+                return Ok(());
+            }
+        }
         if !self
             .store
             .claim(id, &self.replica, self.clock.now(), self.lease)
@@ -263,27 +277,6 @@ impl Responder {
         }
         inc.version += 1;
         self.record_start(tx, inc, None, now).await
-    }
-
-    /// Runs `fut` while renewing this replica's lease on the incident, so a long action
-    /// (a gradual shift) is not taken over by another replica.
-    async fn with_lease<T>(&self, id: &IncidentId, fut: impl std::future::Future<Output = T>) -> T {
-        let renew_every = self.lease / 3;
-        tokio::pin!(fut);
-        let mut tick = tokio::time::interval(renew_every);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                out = &mut fut => return out,
-                _ = tick.tick() => {
-                    match self.store.renew(id, &self.replica, self.clock.now(), self.lease).await {
-                        Ok(true) => {}
-                        Ok(false) => warn!("lost the lease on this incident; another replica may take over"),
-                        Err(e) => warn!(error = %e, "could not renew the lease"),
-                    }
-                }
-            }
-        }
     }
 
     /// Every state change of a stored incident: validate with [`transition`], update the

@@ -15,7 +15,7 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
-async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
+pub(super) async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("r.db").display());
     let store = Store::connect(&url, 1).await.unwrap();

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tracing::warn;
 
+use super::lease::{Lease, StopAt};
 use super::{Responder, StepError};
 use crate::action::Target;
 use crate::alert::AlertStatus;
@@ -162,6 +163,7 @@ impl Responder {
             .map_err(|e| StepError::Plan(inc.id.clone(), e.to_string()))?
             .clone();
         let id = inc.id.clone();
+        let lease = Lease::new(self, inc.lease_until.unwrap_or_else(|| self.clock.now()));
         let (checks, bake) = match settings(&inc.context) {
             Ok(v) => {
                 let store = self.store.clone();
@@ -178,6 +180,8 @@ impl Responder {
                 let checks = self
                     .with_lease(
                         &inc.id,
+                        &lease,
+                        StopAt::Loss,
                         verify::check(
                             &v,
                             &target,
@@ -188,12 +192,19 @@ impl Responder {
                         ),
                     )
                     .await;
+                // Lost: the holder verifies; nothing of this bake is recorded as ours.
+                let Some(checks) = checks else {
+                    return Ok(());
+                };
                 (checks, v.bake)
             }
             Err(why) => (vec![verify::inconclusive("settings", why)], std::time::Duration::ZERO),
         };
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
+        if !self.hold(&mut tx, &lease, &id).await? {
+            return Ok(());
+        }
         let Some(fresh) = tx.incident(&id).await? else {
             return Ok(());
         };

@@ -75,6 +75,27 @@ impl Store {
 }
 
 impl StoreTx {
+    /// Extends the lease `owner` holds, inside this transaction: false when `owner` no longer
+    /// holds it (taken over, or the work settled). A replica calls it first in every
+    /// transaction that records its work, so that what it commits is only ever recorded while
+    /// it holds the lease: on PostgreSQL the row stays locked until the commit, so no claim
+    /// can slip in between, and on SQLite the one writer serialises it with any claim.
+    pub async fn hold_lease(
+        &mut self,
+        id: &IncidentId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE incidents SET lease_until = $1 WHERE id = $2 AND owner = $3")
+            .bind(ms(lease_end(now, lease)))
+            .bind(&id.0)
+            .bind(owner)
+            .execute(self.db().await?)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Takes the lease on an incident this transaction has just moved into `executing` (its
     /// version is the one just written), so the work can start right after the commit.
     pub async fn take_lease(&mut self, i: &Incident) -> Result<bool> {

@@ -12,6 +12,11 @@
 //! counted, every alert answered 2xx before the kill is in the store, and every Slack message
 //! went out once. The store is SQLite (the first process is dead before the second starts)
 //! or, when TEST_DATABASE_URL is a postgres URL, a fresh PostgreSQL database.
+//!
+//! The Kubernetes cases run the seed's two-step rollback (switch the Service's selector, scale
+//! the canary to zero) against the fake API server, through the same proxy: killed after the
+//! switch's intent was committed, before the switch reached the server and after the server
+//! applied it (before the scale-down). One switch and one scale-down reach the server.
 
 use std::time::{Duration, Instant};
 
@@ -36,7 +41,13 @@ struct KillPoint {
     written_at_kill: bool,
 }
 
-fn env_for(db: &str, policies: &std::path::Path, replica: &str, aws: &str, peers: &Peers) -> Vec<(String, String)> {
+pub(crate) fn env_for(
+    db: &str,
+    policies: &std::path::Path,
+    replica: &str,
+    aws: &str,
+    peers: &Peers,
+) -> Vec<(String, String)> {
     let mut env = helpers::env(&[
         ("ROLLBACK_RESPONDER__STORE__URL", db),
         ("ROLLBACK_RESPONDER__POLICIES_DIR", policies.to_str().unwrap()),
@@ -57,7 +68,7 @@ fn env_for(db: &str, policies: &std::path::Path, replica: &str, aws: &str, peers
     env
 }
 
-async fn post(p: &ResponderProcess, body: &Value) {
+pub(crate) async fn post(p: &ResponderProcess, body: &Value) {
     let r = reqwest::Client::new()
         .post(p.url("/webhook/alertmanager"))
         .bearer_auth(TOKEN)
@@ -69,7 +80,7 @@ async fn post(p: &ResponderProcess, body: &Value) {
 }
 
 /// The one incident once `pred` holds; panics at the deadline with its timeline.
-async fn wait_incident(store: &Store, what: &str, pred: impl Fn(&Incident) -> bool) -> Incident {
+pub(crate) async fn wait_incident(store: &Store, what: &str, pred: impl Fn(&Incident) -> bool) -> Incident {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let list = store.incidents(false, 10).await.expect("incidents");
@@ -89,7 +100,7 @@ async fn wait_incident(store: &Store, what: &str, pred: impl Fn(&Incident) -> bo
 }
 
 /// Every message queued for the incident so far, once all are delivered.
-async fn wait_delivered(store: &Store, inc: &Incident) -> Vec<Value> {
+pub(crate) async fn wait_delivered(store: &Store, inc: &Incident) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let msgs = store.messages(&inc.id).await.expect("outbox");
@@ -323,6 +334,184 @@ async fn killed_during_the_read_back_after_the_write() {
         written_at_kill: true,
     })
     .await;
+}
+
+/// The seed's Kubernetes rollback (switch the Service's selector to the stable pods, then scale
+/// the canary to zero), automatic, with notifications.
+const KUBE_POLICY: &str = r##"
+name: portal-api-k8s
+service: portal-api
+matchers: ['service="portal-api"']
+target:
+  kubernetes:
+    namespace: portal
+    min_ready_replicas: 2
+    rollout_timeout: 5s
+    steps:
+      - switch_service: {service: portal-api-prod, selector: {app: portal-api, version: v1.0.0-rc.0}}
+      - scale: {deployment: portal-api-canary, replicas: 0}
+triggers:
+  - name: errors
+    matchers: ['alertname="HighErrorRate"']
+    mode: auto
+approval:
+  approvers: {slack_users: [U0APPROVER]}
+  timeout: 1h
+  on_timeout: escalate
+verification: {bake: 1s, interval: 200ms}
+notify:
+  slack: {channel: "#portal-alerts"}
+  pagerduty: {severity: error}
+"##;
+
+/// The selector switch and the scale-down as the proxy names them.
+const SWITCH: &str = "PATCH /api/v1/namespaces/portal/services/portal-api-prod";
+const SCALE_DOWN: &str = "PATCH /apis/apps/v1/namespaces/portal/deployments/portal-api-canary/scale";
+
+/// A kubeconfig for a process that reaches the fake API server at `server`.
+fn kubeconfig(dir: &std::path::Path, name: &str, server: &str) -> String {
+    let path = dir.join(format!("kubeconfig-{name}"));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: portal\ncurrent-context: fake\nusers:\n- name: tester\n  user:\n    token: test-token\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// kill -9 of the process running a Kubernetes rollback with the `action` call held at
+/// `point`; a second process on the same store takes over. One switch and one scale-down
+/// reach the API server, the rollback counts once, every message goes out once.
+async fn kube_kill_at(action: &str, point: HoldPoint, switched_at_kill: bool) {
+    use crate::kube_fake::{seed_world, NS};
+    use crate::support::fake_kube::{endpointslice, FakeKube};
+
+    let (fake, peers) = tokio::join!(FakeKube::start(), Peers::start());
+    seed_world(&fake, true);
+    fake.insert(
+        "endpointslices",
+        endpointslice(
+            NS,
+            "portal-api-prod",
+            "x1",
+            &[("portal-api-stable-0", true), ("portal-api-stable-1", true)],
+        ),
+    );
+    fake.run_controllers();
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(dir.path()).await;
+    let store = Store::connect(&db.url, 2).await.expect("connect to the test store");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("portal-api-k8s.yaml"), KUBE_POLICY).unwrap();
+    let proxy = AwsProxy::start(&fake.url(), 2).await;
+    let env = |name: &str, caller: usize| {
+        let mut env = env_for(&db.url, &policies, name, "http://127.0.0.1:9", &peers);
+        env.push((
+            "ROLLBACK_RESPONDER__KUBERNETES__KUBECONFIG".into(),
+            kubeconfig(dir.path(), name, proxy.endpoint(caller)),
+        ));
+        env
+    };
+
+    let mut first = ResponderProcess::start("first", &env("first", 0)).await;
+    let mut held = proxy.hold_next(action, point);
+    let starts = ago(60);
+    post(
+        &first,
+        &payload(
+            "firing",
+            vec![alert("HighErrorRate", "portal-api", "kcrash01", &starts, None)],
+        ),
+    )
+    .await;
+    assert_eq!(
+        held.caught(Duration::from_secs(20)).await,
+        0,
+        "the first process made the call"
+    );
+    let inc = wait_incident(&store, "executing", |i| i.phase == Phase::Executing).await;
+    wait_delivered(&store, &inc).await;
+    let at_kill = store.events(&inc.id).await.unwrap();
+    assert!(
+        at_kill
+            .iter()
+            .any(|e| e.kind.as_str() == "action_step" && e.detail["step"] == "planned" && e.detail["dry_run"] == false),
+        "the switch's intent is committed before it is sent:\n{}",
+        show(&at_kill)
+    );
+    assert_eq!(
+        proxy.count(SWITCH),
+        usize::from(switched_at_kill),
+        "{:#?}",
+        proxy.calls()
+    );
+    assert_eq!(proxy.count(SCALE_DOWN), 0, "{:#?}", proxy.calls());
+    first.kill();
+
+    let second = ResponderProcess::start("second", &env("second", 1)).await;
+    let inc = wait_incident(&store, "verified after the takeover", |i| i.phase == Phase::Verified).await;
+    assert_eq!(proxy.count(SWITCH), 1, "one selector switch: {:#?}", proxy.calls());
+    assert_eq!(proxy.count(SCALE_DOWN), 1, "one scale-down: {:#?}", proxy.calls());
+    let svc = fake.get("services", NS, "portal-api-prod").expect("service");
+    assert_eq!(
+        svc["spec"]["selector"],
+        serde_json::json!({"app": "portal-api", "version": "v1.0.0-rc.0"})
+    );
+    let canary = fake.get("deployments", NS, "portal-api-canary").expect("canary");
+    assert_eq!(canary["spec"]["replicas"], 0, "{canary}");
+    assert!(inc.executed(), "one rollback counted (acted_at): {inc:#?}");
+    let timeline = store.events(&inc.id).await.unwrap();
+    let succeeded = of_kind(&timeline, "action_succeeded");
+    assert_eq!(succeeded.len(), 1, "{}", show(&timeline));
+    assert_eq!(succeeded[0].actor, "second", "{}", show(&timeline));
+    assert!(of_kind(&timeline, "action_failed").is_empty(), "{}", show(&timeline));
+
+    let msgs = wait_delivered(&store, &inc).await;
+    drop(second);
+    for (channel, server) in [("slack", &peers.slack), ("pagerduty", &peers.pagerduty)] {
+        let queued = msgs.iter().filter(|m| m["channel"] == channel).count();
+        assert_eq!(
+            received(server).await.len(),
+            queued,
+            "{channel}: sent once per queued message: {msgs:#?}"
+        );
+    }
+    let slack = received(&peers.slack).await;
+    let roots = slack
+        .iter()
+        .filter(|(_, p, b, _)| p == "/chat.postMessage" && b.get("thread_ts").is_none())
+        .count();
+    assert_eq!(roots, 1, "one Slack root message");
+    let said: Vec<String> = slack
+        .iter()
+        .filter(|(_, p, b, _)| p == "/chat.postMessage" && b.get("thread_ts").is_some())
+        .map(|(_, _, b, _)| b["text"].to_string())
+        .collect();
+    let mut unique = said.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        said.len(),
+        "Slack replies repeated after the takeover: {said:#?}"
+    );
+    let change_events = received(&peers.pagerduty)
+        .await
+        .iter()
+        .filter(|(_, p, _, _)| p == "/v2/change/enqueue")
+        .count();
+    assert_eq!(change_events, 1, "one rollback announced");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_killed_after_the_switch_intent_before_the_switch_reached_the_api_server() {
+    kube_kill_at(SWITCH, HoldPoint::BeforeForward, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_killed_after_the_switch_was_applied_before_the_scale_down() {
+    kube_kill_at(SWITCH, HoldPoint::AfterForward, true).await;
 }
 
 /// A replica dies between two steps of a gradual shift; the one that takes over goes on from

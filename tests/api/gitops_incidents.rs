@@ -62,7 +62,7 @@ async fn an_earlier_incidents_suspension_is_named_and_not_taken_for_this_ones() 
     // A dry run says the same and writes nothing.
     let mut dry = Vec::new();
     let report = executors
-        .execute(&target, true, this.clone(), &mut |s| dry.push(s), &no_gate)
+        .execute(&target, true, this.clone(), &mut |s| dry.push(s), &no_gate, &[])
         .await
         .expect("dry run");
     assert!(report.dry_run && !report.changed);
@@ -75,7 +75,7 @@ async fn an_earlier_incidents_suspension_is_named_and_not_taken_for_this_ones() 
     );
     let mut steps = Vec::new();
     let report = executors
-        .execute(&target, false, this.clone(), &mut |s| steps.push(s), &no_gate)
+        .execute(&target, false, this.clone(), &mut |s| steps.push(s), &no_gate, &[])
         .await
         .expect("the revert runs");
     assert!(report.changed);

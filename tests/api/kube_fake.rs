@@ -13,7 +13,7 @@ use rollback_responder::action::kubernetes::{
 use rollback_responder::incident::AuditKind;
 use serde_json::{json, Value};
 
-const NS: &str = "portal";
+pub(crate) const NS: &str = "portal";
 const DEPLOY_UID: &str = "11111111-1111-4111-8111-111111111111";
 
 fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -46,7 +46,7 @@ fn scale_step() -> KubeStep {
 
 /// The seed's world: portal-api-prod points at v1.0.0 (plus a stale `track` key), stable pods
 /// v1.0.0-rc.0 (ready unless told otherwise), and the canary Deployment at 3 replicas.
-fn seed_world(fake: &FakeKube, stable_ready: bool) {
+pub(crate) fn seed_world(fake: &FakeKube, stable_ready: bool) {
     fake.insert(
         "services",
         service(

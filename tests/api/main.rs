@@ -18,6 +18,7 @@ mod kube_check;
 mod kube_fake;
 mod kube_fields;
 mod kube_mock;
+mod leases;
 mod lifecycle;
 mod metrics;
 mod notify;

@@ -6,7 +6,8 @@
 //! parsing signatures), forwards everything to moto, records each call that reached moto, and
 //! can hold the first call of a given action, either before forwarding it (AWS never saw it)
 //! or after moto answered (the change is made, the caller has not heard), until the test
-//! releases it. Hold for less than the SDK's per-attempt timeout (10 s), or the caller gives
+//! releases it. It serves any HTTP API the same way (the fake Kubernetes API server): a call
+//! that is not awsQuery is named by its method and path. Hold for less than the SDK's per-attempt timeout (10 s), or the caller gives
 //! up on that attempt and retries.
 
 use std::sync::{Arc, Mutex};
@@ -220,7 +221,12 @@ fn hop_by_hop(name: &str) -> bool {
 }
 
 async fn forward(State(ctx): State<Ctx>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let action = action_of(&body);
+    // Any other API (the fake Kubernetes API server): the call is its method and path,
+    // `PATCH /api/v1/namespaces/portal/services/web`.
+    let action = match action_of(&body) {
+        a if a == "?" => format!("{method} {}", uri.path()),
+        a => a,
+    };
     let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let fault = {
         let mut shared = ctx.shared.lock().unwrap();
