@@ -38,6 +38,10 @@ struct Deciding {
     /// checked to be unchanged and still open (another replica may have changed it meanwhile
     /// on PostgreSQL); if not, the batch is redone alert by alert.
     open: std::collections::HashMap<String, Incident>,
+    /// Every incident an alert of this transaction joined, with the version and openness the
+    /// join relied on: checked before the commit ([`Responder::joined_still_hold`]), so a
+    /// join to an incident that another replica changed or closed meanwhile is redone.
+    joined: std::collections::HashMap<IncidentId, (i64, bool)>,
 }
 
 /// Open incidents kept between batches ([`Responder::open_incidents`]) before they are all
@@ -71,7 +75,10 @@ impl Responder {
         // replica opened an incident for the same target at the same moment), nothing of the
         // batch is kept and each alert is done again on its own, with retries.
         match self.process_batch(&ids).await {
-            Ok((work, left)) => Ok((work, more || left)),
+            // Nothing claimed: another replica holds every one of them (PostgreSQL) and will
+            // settle them; asking again at once would only spin until it commits.
+            Ok((work, None)) => Ok((work, false)),
+            Ok((work, Some(left))) => Ok((work, more || left)),
             Err(e) if ids.len() > 1 => {
                 info!(error = %e, alerts = ids.len(), "deciding a batch failed; deciding its alerts one at a time");
                 let mut work = Vec::new();
@@ -122,14 +129,17 @@ impl Responder {
 
     /// Decides alerts of `ids` in one transaction until its time budget is spent or, after
     /// [`BATCH_MIN`], webhook deliveries are waiting; returns the claimed work and whether
-    /// alerts were left for the next batch.
-    async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, bool), StepError> {
+    /// alerts were left for the next batch (`None`: none of `ids` could be claimed).
+    async fn process_batch(&self, ids: &[i64]) -> Result<(Vec<IncidentId>, Option<bool>), StepError> {
         // Read before the transaction: on SQLite the transaction holds the only connection.
         let mut ctx = self.deciding().await?;
         let started = Instant::now();
         let mut tx = self.store.begin().await?;
         // Claimed in one statement; what the batch does not get to stays pending (see below).
         let mut claimed = tx.claim_alerts(ids).await?;
+        if claimed.is_empty() {
+            return Ok((Vec::new(), None));
+        }
         // In the order asked for: the other groups' heads first (see `fair_order`).
         let at: std::collections::HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         claimed.sort_by_key(|a| at.get(&a.id).copied().unwrap_or(usize::MAX));
@@ -149,12 +159,8 @@ impl Responder {
         let settled: Vec<i64> = claimed[..decided].iter().map(|a| a.id).collect();
         tx.settle_alerts(&settled);
         let left = claimed.len() - decided;
-        for inc in ctx.open.values() {
-            if !tx.incident_unchanged(&inc.id, inc.version).await? {
-                return Err(StepError::Conflict(inc.id.clone()));
-            }
-        }
-        let open = std::mem::take(&mut ctx.open);
+        self.joined_still_hold(&mut tx, &ctx).await?;
+        let (open, joined) = (std::mem::take(&mut ctx.open), std::mem::take(&mut ctx.joined));
         let committed = tx.commit().await?;
         self.outbox_wake.queued(&committed);
         if let Ok(mut kept) = self.open_incidents.lock() {
@@ -162,9 +168,11 @@ impl Responder {
             if kept.len() > MAX_KEPT_INCIDENTS {
                 kept.clear();
             }
+            // A joined incident this batch changed is not kept: the next batch reads it.
+            kept.retain(|_, i| !joined.contains_key(&i.id));
             kept.extend(open);
         }
-        Ok((work, left > 0))
+        Ok((work, Some(left > 0)))
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.
@@ -189,11 +197,18 @@ impl Responder {
                     self.store.mark_undecidable(alert_id, &problem).await?;
                     return Ok(None);
                 }
-                Ok(work) => match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
-                    Ok(_) => return Ok(work),
-                    Err(e) if e.is_conflict() && attempt < 3 => continue,
-                    Err(e) => return Err(e.into()),
-                },
+                Ok(work) => {
+                    match self.joined_still_hold(&mut tx, &ctx).await {
+                        Err(StepError::Conflict(_)) if attempt < 3 => continue,
+                        Err(e) => return Err(e),
+                        Ok(()) => {}
+                    }
+                    match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
+                        Ok(_) => return Ok(work),
+                        Err(e) if e.is_conflict() && attempt < 3 => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 // Another replica opened an incident for this target at the same moment:
                 // start over, and this time attach to it.
                 Err(StepError::Store(e)) if e.is_conflict() && attempt < 3 => continue,
@@ -235,7 +250,20 @@ impl Responder {
             history: Default::default(),
             named: Default::default(),
             open: Default::default(),
+            joined: Default::default(),
         })
+    }
+
+    /// Whether every incident this transaction's alerts joined is still as the joins saw it
+    /// (same version, still open or closed as then); [`StepError::Conflict`] if not, and the
+    /// caller decides again. On PostgreSQL the rows stay share-locked until the commit.
+    async fn joined_still_hold(&self, tx: &mut StoreTx, ctx: &Deciding) -> Result<(), StepError> {
+        for (id, &(version, open)) in &ctx.joined {
+            if tx.incident_state(id).await? != Some((version, open)) {
+                return Err(StepError::Conflict(id.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// The open incident on a target: the copy the last batch committed if the store still
@@ -265,9 +293,17 @@ impl Responder {
         match stored.alert.status {
             AlertStatus::Firing => self.on_firing(tx, stored, ctx).await,
             AlertStatus::Resolved => {
-                // A resolving alert may close its incident: the batch reads it again.
+                // A resolving alert may close its incident: the batch reads it again, and a
+                // join earlier in the batch is checked against what this change left.
                 ctx.open.retain(|_, inc| Some(&inc.id) != stored.incident_id.as_ref());
-                self.on_resolved(tx, stored, ctx.now).await.map(|_| None)
+                self.on_resolved(tx, stored, ctx.now).await?;
+                if let Some(id) = stored.incident_id.as_ref().filter(|id| ctx.joined.contains_key(*id)) {
+                    match tx.incident_state(id).await? {
+                        Some(state) => ctx.joined.insert(id.clone(), state),
+                        None => ctx.joined.remove(id),
+                    };
+                }
+                Ok(None)
             }
         }
     }
@@ -342,10 +378,13 @@ impl Responder {
             let joining = Candidate::new(d.clone(), trigger);
             let mut applied = None;
             if may_change(inc.phase, &inc.decision, inc.due_at, &joining, now) {
-                // Changing it: from the store as it is now, lease and all, not a kept copy.
+                // Changing it: from the store as it is now, lease and all, not a kept copy,
+                // and only if it is still the open incident the copy was.
+                let kept_version = inc.version;
                 inc = tx
                     .incident(&inc.id)
                     .await?
+                    .filter(|fresh| fresh.version == kept_version && fresh.closed_at.is_none())
                     .ok_or_else(|| StepError::Conflict(inc.id.clone()))?;
                 let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
                 applied = Some(self.reconcile(tx, &mut inc, &cands, freezes, now).await?);
@@ -398,12 +437,18 @@ impl Responder {
             match applied {
                 Some(a) if a.executing => {
                     self.claim_and_start(tx, &mut inc, now).await?;
+                    ctx.joined
+                        .insert(inc.id.clone(), (inc.version, inc.closed_at.is_none()));
                     ctx.history.clear();
                     return Ok(Some(inc.id));
                 }
                 // Changed: the next alert reads it again.
-                Some(_) => {}
+                Some(_) => {
+                    ctx.joined
+                        .insert(inc.id.clone(), (inc.version, inc.closed_at.is_none()));
+                }
                 None => {
+                    ctx.joined.insert(inc.id.clone(), (inc.version, true));
                     ctx.open.insert(target_key, inc);
                 }
             }

@@ -75,3 +75,85 @@ async fn a_waiting_incident_is_decided_again_when_the_clock_reaches_its_due_time
     assert_eq!(now.phase, Phase::Executing);
     assert_eq!(now.updated_at, at("2026-11-30T10:05:00Z"));
 }
+
+/// A delivery of one firing HighErrorRate alert for `web` with this fingerprint.
+fn firing(fingerprint: &str) -> Notification {
+    serde_json::from_str(&format!(
+        r#"{{"version":"4","status":"firing","receiver":"rr","groupKey":"{{}}:{{alertname=\"HighErrorRate\"}}",
+            "groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"http://am",
+            "alerts":[{{"status":"firing","labels":{{"alertname":"HighErrorRate","service":"web"}},"annotations":{{}},
+            "startsAt":"2026-11-30T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"{fingerprint}"}}]}}"#
+    ))
+    .unwrap()
+}
+
+/// The open incident a batch kept for the next one is used only while the store still has it
+/// open at that version: once another writer (a replica, a person) closed it, the next alert
+/// for the target opens a new incident instead of joining the closed one; and a change made
+/// meanwhile is read, not overwritten with the kept copy.
+#[tokio::test]
+async fn a_kept_incident_closed_or_changed_elsewhere_is_not_joined_as_kept() {
+    let clock = Clock::manual(at("2026-11-30T10:01:00Z"));
+    let (_dir, r) = responder(clock.clone()).await;
+    r.store.ingest(&firing("a1b2c3d4e5f60701"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    r.store.ingest(&firing("a1b2c3d4e5f60702"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    let first = r.store.incidents(false, 10).await.unwrap().remove(0);
+    assert_eq!(
+        r.store.incident_alerts(&first.id).await.unwrap().len(),
+        2,
+        "the second alert joined"
+    );
+    assert!(
+        r.open_incidents.lock().unwrap().values().any(|i| i.id == first.id),
+        "kept for the next batch"
+    );
+
+    // Changed elsewhere (a later due time): the next join sees the store's version.
+    let mut changed = first.clone();
+    changed.due_at = Some(at("2026-11-30T10:09:00Z"));
+    let mut tx = r.store.begin().await.unwrap();
+    assert!(tx.save_incident(&changed).await.unwrap());
+    tx.commit().await.unwrap();
+    r.store.ingest(&firing("a1b2c3d4e5f60703"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    assert_eq!(
+        r.store.incident_alerts(&first.id).await.unwrap().len(),
+        3,
+        "the third alert joined"
+    );
+    let stored = r.store.incident(&first.id).await.unwrap().unwrap();
+    assert!(
+        stored.version > first.version,
+        "the change elsewhere was kept, not overwritten"
+    );
+    let kept = r
+        .open_incidents
+        .lock()
+        .unwrap()
+        .values()
+        .find(|i| i.id == first.id)
+        .cloned();
+    if let Some(kept) = kept {
+        assert_eq!(kept.version, stored.version, "a copy kept is the store's");
+    }
+
+    // Closed elsewhere: a new alert opens a new incident.
+    let mut closed = r.store.incident(&first.id).await.unwrap().unwrap();
+    closed.closed_at = Some(clock.now());
+    let mut tx = r.store.begin().await.unwrap();
+    assert!(tx.save_incident(&closed).await.unwrap());
+    tx.commit().await.unwrap();
+    r.store.ingest(&firing("a1b2c3d4e5f60704"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    let all = r.store.incidents(false, 10).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let second = all.iter().find(|i| i.id != first.id).unwrap();
+    assert_eq!(r.store.incident_alerts(&first.id).await.unwrap().len(), 3);
+    assert_eq!(
+        r.store.incident_alerts(&second.id).await.unwrap().len(),
+        1,
+        "the fourth alert opened its own"
+    );
+}

@@ -125,11 +125,13 @@ impl StoreTx {
     /// Marks alerts taken by [`StoreTx::claim_alerts`] as decided (no longer pending), with
     /// the outcomes recorded for them; held back like those.
     pub fn settle_alerts(&mut self, ids: &[i64]) {
-        self.deferred.outcomes.extend(ids.iter().map(|&alert_id| super::deferred::Outcome {
-            alert_id,
-            incident: None,
-            decision: None,
-        }));
+        self.deferred
+            .outcomes
+            .extend(ids.iter().map(|&alert_id| super::deferred::Outcome {
+                alert_id,
+                incident: None,
+                decision: None,
+            }));
     }
 
     /// Records what became of an alert, which this transaction has taken: its incident (if

@@ -82,7 +82,9 @@ impl StoreTx {
 async fn update_outcomes(conn: &mut AnyConnection, rows: &[Outcome]) -> Result<()> {
     let sql = statement(Kind::Outcomes, rows.len());
     let q = rows.iter().fold(sqlx::query(&sql), |q, r| {
-        q.bind(r.alert_id).bind(r.incident.as_deref()).bind(r.decision.as_deref())
+        q.bind(r.alert_id)
+            .bind(r.incident.as_deref())
+            .bind(r.decision.as_deref())
     });
     q.execute(&mut *conn).await?;
     Ok(())
@@ -114,13 +116,24 @@ enum Kind {
 /// The statement for `n` rows of a kind, written once per (kind, n) and kept: at most
 /// 2 x [`CHUNK`] texts. The same `$n` numbering serves SQLite and PostgreSQL.
 fn statement(kind: Kind, n: usize) -> Arc<str> {
-    static KEPT: OnceLock<Mutex<HashMap<(Kind, usize), Arc<str>>>> = OnceLock::new();
-    let mut kept = KEPT.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    kept.entry((kind, n)).or_insert_with(|| write_statement(kind, n).into()).clone()
+    type Kept = Mutex<HashMap<(Kind, usize), Arc<str>>>;
+    static KEPT: OnceLock<Kept> = OnceLock::new();
+    let mut kept = KEPT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    kept.entry((kind, n))
+        .or_insert_with(|| write_statement(kind, n).into())
+        .clone()
 }
 
 fn write_statement(kind: Kind, n: usize) -> String {
-    let list = |first: usize, len: usize| (first..first + len).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let list = |first: usize, len: usize| {
+        (first..first + len)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match kind {
         Kind::Outcomes => {
             let mut incident = String::from("CASE id");
@@ -137,7 +150,10 @@ fn write_statement(kind: Kind, n: usize) -> String {
             )
         }
         Kind::Events => {
-            let values = (0..n).map(|i| format!("({})", list(8 * i + 1, 8))).collect::<Vec<_>>().join(", ");
+            let values = (0..n)
+                .map(|i| format!("({})", list(8 * i + 1, 8)))
+                .collect::<Vec<_>>()
+                .join(", ");
             format!(
                 "INSERT INTO incident_events (incident_id, at, kind, actor, phase_from, phase_to, summary, detail) VALUES {values}"
             )
@@ -162,7 +178,10 @@ mod tests {
         let (_dir, store) = sqlite_store().await;
         let now = Utc::now();
         store
-            .ingest(&delivery(&["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703"]), now)
+            .ingest(
+                &delivery(&["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703"]),
+                now,
+            )
             .await
             .unwrap();
         let ids = store.pending_alert_ids(10).await.unwrap();
@@ -182,16 +201,28 @@ mod tests {
         };
         tx.append_event(&inc.id, now, event(1)).await.unwrap();
         assert!(
-            tx.incident_has_alertname(&inc.id, "HighErrorRate", ids[2]).await.unwrap(),
+            tx.incident_has_alertname(&inc.id, "HighErrorRate", ids[2])
+                .await
+                .unwrap(),
             "the read sees the held-back outcome"
         );
         tx.append_event(&inc.id, now, event(2)).await.unwrap();
         tx.settle_alerts(&ids[..2]);
         tx.commit().await.unwrap();
 
-        let summaries: Vec<String> = store.events(&inc.id).await.unwrap().into_iter().map(|e| e.summary).collect();
+        let summaries: Vec<String> = store
+            .events(&inc.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.summary)
+            .collect();
         assert_eq!(summaries, ["entry 1", "entry 2"]);
-        assert_eq!(store.pending_alert_ids(10).await.unwrap(), ids[2..].to_vec(), "only the settled ones left");
+        assert_eq!(
+            store.pending_alert_ids(10).await.unwrap(),
+            ids[2..].to_vec(),
+            "only the settled ones left"
+        );
         let joined: Vec<i64> = sqlx::query("SELECT id FROM alerts WHERE incident_id = $1")
             .bind(&inc.id.0)
             .fetch_all(&store.pool)
@@ -200,14 +231,22 @@ mod tests {
             .iter()
             .map(|r| r.get::<i64, _>(0))
             .collect();
-        assert_eq!(joined, ids[..1].to_vec(), "settling kept the outcome recorded before it");
+        assert_eq!(
+            joined,
+            ids[..1].to_vec(),
+            "settling kept the outcome recorded before it"
+        );
 
         let mut tx = store.begin().await.unwrap();
         tx.claim_alerts(&ids).await.unwrap();
         tx.settle_alerts(&ids[2..]);
         tx.append_event(&inc.id, now, event(3)).await.unwrap();
         drop(tx);
-        assert_eq!(store.events(&inc.id).await.unwrap().len(), 2, "nothing of a dropped transaction");
+        assert_eq!(
+            store.events(&inc.id).await.unwrap().len(),
+            2,
+            "nothing of a dropped transaction"
+        );
         assert_eq!(store.pending_alert_ids(10).await.unwrap(), ids[2..].to_vec());
     }
 
@@ -222,6 +261,9 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&two, &statement(Kind::Outcomes, 2)), "written once");
         let events = statement(Kind::Events, 2);
-        assert!(events.ends_with("($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16)"), "{events}");
+        assert!(
+            events.ends_with("($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16)"),
+            "{events}"
+        );
     }
 }

@@ -11,7 +11,9 @@ use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{could_be_stored, from_ms, ms, opt_ms, sql_phases, to_json, Result, Store, StoreError, StoreTx, REDECIDED};
+use super::{
+    could_be_stored, from_ms, ms, opt_ms, sql_phases, to_json, Backend, Result, Store, StoreError, StoreTx, REDECIDED,
+};
 use crate::incident::{Incident, IncidentId, Phase};
 use crate::policy::History;
 
@@ -137,14 +139,21 @@ impl StoreTx {
         row.map(|r| Ok((IncidentId(r.try_get(0)?), r.try_get(1)?))).transpose()
     }
 
-    /// Whether the incident is still open at `version`: nobody changed it since it was read.
-    pub async fn incident_unchanged(&mut self, id: &IncidentId, version: i64) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM incidents WHERE id = $1 AND version = $2 AND closed_at IS NULL")
-            .bind(&id.0)
-            .bind(version)
-            .fetch_optional(self.db().await?)
-            .await?;
-        Ok(row.is_some())
+    /// An incident's version and whether it is open, read in the transaction; on PostgreSQL
+    /// the row is share-locked until the commit, so nobody changes it in between.
+    pub async fn incident_state(&mut self, id: &IncidentId) -> Result<Option<(i64, bool)>> {
+        let lock = match self.backend {
+            Backend::Postgres => " FOR SHARE",
+            Backend::Sqlite => "",
+        };
+        let row = sqlx::query(&format!(
+            "SELECT version, CAST(CASE WHEN closed_at IS NULL THEN 1 ELSE 0 END AS BIGINT) FROM incidents WHERE id = $1{lock}"
+        ))
+        .bind(&id.0)
+        .fetch_optional(self.db().await?)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? == 1)))
+            .transpose()
     }
 
     /// One incident, read inside the transaction.
