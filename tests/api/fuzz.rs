@@ -533,8 +533,15 @@ async fn mutated_requests_never_panic_never_5xx_but_503_and_store_nothing_when_r
     let mut db = <sqlx::AnyConnection as sqlx::Connection>::connect(&app.db.url)
         .await
         .unwrap();
+    // A connection per request: a server may close a kept-alive connection after a response
+    // (hyper does after a request whose body it did not read to the end), and a request the
+    // client sends on it at that moment fails with "error sending request" though the server
+    // never saw it. Seen 2 runs in 4 at case 660 after this round's merge, with nothing logged
+    // by the server; with a connection per request, 3 runs in 3 passed. A request that reaches
+    // the server and gets no answer is still a failure, as before.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -584,7 +591,7 @@ async fn mutated_requests_never_panic_never_5xx_but_503_and_store_nothing_when_r
         let resp = rb
             .send()
             .await
-            .unwrap_or_else(|e| panic!("no answer ({e}) to {}", what()));
+            .unwrap_or_else(|e| panic!("no answer ({e:?}) to {}", what()));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         *statuses.entry(status).or_default() += 1;
