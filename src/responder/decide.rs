@@ -38,10 +38,12 @@ struct Deciding {
     /// checked to be unchanged and still open (another replica may have changed it meanwhile
     /// on PostgreSQL); if not, the batch is redone alert by alert.
     open: std::collections::HashMap<String, Incident>,
-    /// Every incident an alert of this transaction joined, with the version and openness the
-    /// join relied on: checked before the commit ([`Responder::joined_still_hold`]), so a
+    /// Every incident an alert of this transaction joined: `true` for a plain join, which
+    /// relied on the incident being open and is checked before the commit
+    /// ([`Responder::joined_still_hold`]); `false` where this transaction changed the incident
+    /// itself (its version-checked write holds it). Either way not kept for the next batch. So a
     /// join to an incident that another replica changed or closed meanwhile is redone.
-    joined: std::collections::HashMap<IncidentId, (i64, bool)>,
+    joined: std::collections::HashMap<IncidentId, bool>,
 }
 
 /// Open incidents kept between batches ([`Responder::open_incidents`]) before they are all
@@ -79,7 +81,9 @@ impl Responder {
             // settle them; asking again at once would only spin until it commits.
             Ok((work, None)) => Ok((work, false)),
             Ok((work, Some(left))) => Ok((work, more || left)),
-            Err(e) if ids.len() > 1 => {
+            // A conflict (another writer changed the target's incident at the same moment) is
+            // retried alert by alert even for a batch of one, at once rather than next tick.
+            Err(e) if ids.len() > 1 || e.is_conflict() => {
                 info!(error = %e, alerts = ids.len(), "deciding a batch failed; deciding its alerts one at a time");
                 let mut work = Vec::new();
                 for id in ids {
@@ -254,12 +258,13 @@ impl Responder {
         })
     }
 
-    /// Whether every incident this transaction's alerts joined is still as the joins saw it
-    /// (same version, still open or closed as then); [`StepError::Conflict`] if not, and the
-    /// caller decides again. On PostgreSQL the rows stay share-locked until the commit.
+    /// Whether every incident this transaction's alerts plainly joined is still open;
+    /// [`StepError::Conflict`] if not (another replica closed it meanwhile), and the caller
+    /// decides again. Other changes (an action moving its phase) do not undo a join. On
+    /// PostgreSQL the rows stay share-locked until the commit, so none closes in between.
     async fn joined_still_hold(&self, tx: &mut StoreTx, ctx: &Deciding) -> Result<(), StepError> {
-        for (id, &(version, open)) in &ctx.joined {
-            if tx.incident_state(id).await? != Some((version, open)) {
+        for (id, _) in ctx.joined.iter().filter(|(_, plain)| **plain) {
+            if tx.incident_state(id).await?.map(|(_, open)| open) != Some(true) {
                 return Err(StepError::Conflict(id.clone()));
             }
         }
@@ -297,11 +302,9 @@ impl Responder {
                 // join earlier in the batch is checked against what this change left.
                 ctx.open.retain(|_, inc| Some(&inc.id) != stored.incident_id.as_ref());
                 self.on_resolved(tx, stored, ctx.now).await?;
-                if let Some(id) = stored.incident_id.as_ref().filter(|id| ctx.joined.contains_key(*id)) {
-                    match tx.incident_state(id).await? {
-                        Some(state) => ctx.joined.insert(id.clone(), state),
-                        None => ctx.joined.remove(id),
-                    };
+                if let Some(plain) = stored.incident_id.as_ref().and_then(|id| ctx.joined.get_mut(id)) {
+                    // Changed (maybe closed) by this transaction itself.
+                    *plain = false;
                 }
                 Ok(None)
             }
@@ -437,18 +440,16 @@ impl Responder {
             match applied {
                 Some(a) if a.executing => {
                     self.claim_and_start(tx, &mut inc, now).await?;
-                    ctx.joined
-                        .insert(inc.id.clone(), (inc.version, inc.closed_at.is_none()));
+                    ctx.joined.insert(inc.id.clone(), false);
                     ctx.history.clear();
                     return Ok(Some(inc.id));
                 }
                 // Changed: the next alert reads it again.
                 Some(_) => {
-                    ctx.joined
-                        .insert(inc.id.clone(), (inc.version, inc.closed_at.is_none()));
+                    ctx.joined.insert(inc.id.clone(), false);
                 }
                 None => {
-                    ctx.joined.insert(inc.id.clone(), (inc.version, true));
+                    ctx.joined.insert(inc.id.clone(), true);
                     ctx.open.insert(target_key, inc);
                 }
             }

@@ -63,6 +63,11 @@ impl StepError {
             StepError::Panicked(..) | StepError::Transition(_) | StepError::Plan(..)
         ) || matches!(self, StepError::Store(StoreError::Corrupt(_)))
     }
+
+    /// Whether another writer won a race (a version check, a unique key): worth doing again.
+    fn is_conflict(&self) -> bool {
+        matches!(self, StepError::Conflict(_)) || matches!(self, StepError::Store(e) if e.is_conflict())
+    }
 }
 
 /// The wiring, shared by the HTTP edge and the workers.
