@@ -264,7 +264,7 @@ impl Responder {
     /// PostgreSQL the rows stay share-locked until the commit, so none closes in between.
     async fn joined_still_hold(&self, tx: &mut StoreTx, ctx: &Deciding) -> Result<(), StepError> {
         for (id, _) in ctx.joined.iter().filter(|(_, plain)| **plain) {
-            if tx.incident_state(id).await?.map(|(_, open)| open) != Some(true) {
+            if !tx.incident_is_open(id).await? {
                 return Err(StepError::Conflict(id.clone()));
             }
         }

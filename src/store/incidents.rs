@@ -139,21 +139,20 @@ impl StoreTx {
         row.map(|r| Ok((IncidentId(r.try_get(0)?), r.try_get(1)?))).transpose()
     }
 
-    /// An incident's version and whether it is open, read in the transaction; on PostgreSQL
-    /// the row is share-locked until the commit, so nobody changes it in between.
-    pub async fn incident_state(&mut self, id: &IncidentId) -> Result<Option<(i64, bool)>> {
+    /// Whether an incident is open, read in the transaction; on PostgreSQL the row is
+    /// share-locked until the commit, so nobody closes it in between.
+    pub async fn incident_is_open(&mut self, id: &IncidentId) -> Result<bool> {
         let lock = match self.backend {
             Backend::Postgres => " FOR SHARE",
             Backend::Sqlite => "",
         };
         let row = sqlx::query(&format!(
-            "SELECT version, CAST(CASE WHEN closed_at IS NULL THEN 1 ELSE 0 END AS BIGINT) FROM incidents WHERE id = $1{lock}"
+            "SELECT 1 FROM incidents WHERE id = $1 AND closed_at IS NULL{lock}"
         ))
         .bind(&id.0)
         .fetch_optional(self.db().await?)
         .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? == 1)))
-            .transpose()
+        Ok(row.is_some())
     }
 
     /// One incident, read inside the transaction.
