@@ -141,8 +141,8 @@ class Run:
         self.server = server
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", "--dump-line=no"]
         env = dict(os.environ)
-        if server == "floor":
-            cmd += [args.floor, f"127.0.0.1:{self.port}"]
+        if server in ("floor", "floor-alloc"):
+            cmd += [args.floor if server == "floor" else args.floor_same_alloc, f"127.0.0.1:{self.port}"]
         else:
             cmd += [args.bin, "serve", "--listen", f"127.0.0.1:{self.port}"]
             env.update(
@@ -171,14 +171,14 @@ class Run:
 
     def post(self, body, kind, alerts):
         headers = {"Content-Type": "application/json", "User-Agent": "Alertmanager/0.25.0"}
-        if self.server != "floor":
+        if not self.server.startswith("floor"):
             headers["Authorization"] = f"Bearer {TOKEN}"
         self.conn.request("POST", "/webhook/alertmanager", body=body, headers=headers)
         r = self.conn.getresponse()
         text = r.read()
         if r.status != 200:
             raise SystemExit(f"{self.server}: {r.status} {text[:300]!r}")
-        if self.server != "floor" and kind is not None:
+        if not self.server.startswith("floor") and kind is not None:
             # The service says what it stored: a new delivery must be stored, a repeat not.
             got = json.loads(text)
             key = "stored" if kind == "new" else "duplicates"
@@ -231,6 +231,9 @@ def measure(args, server, kind, alerts, n, work):
     total = run.stop()
     if args.keep:
         shutil.copy(run.out, args.keep)
+        if os.path.exists(run.db):
+            # The store as the run left it (checkpointed at shutdown): what the rows look like.
+            shutil.copy(run.db, args.keep)
     for p in (run.db, run.db + "-wal", run.db + "-shm"):
         if os.path.exists(p):
             os.unlink(p)
@@ -241,15 +244,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
     ap.add_argument("--floor", required=True)
+    ap.add_argument("--floor-same-alloc", metavar="PATH",
+                    help="the floor built with the service's allocator (bench/floor --features mimalloc):"
+                         " measured too, and the ratios to it printed in a second table")
     ap.add_argument("--alerts", type=int, nargs="+", default=[1, 10, 100])
     ap.add_argument("--kinds", nargs="+", default=["new", "repeated"], choices=["new", "repeated"])
     ap.add_argument("--servers", nargs="+", default=["floor", "to-2xx", "decided"],
-                    choices=["floor", "to-2xx", "decided"])
+                    choices=["floor", "floor-alloc", "to-2xx", "decided"])
     ap.add_argument("--counts", type=int, nargs=2, metavar=("N", "M"),
                     help="deliveries of the two runs for every size (default: per size, see COUNTS)")
     ap.add_argument("--keep", help="copy every callgrind output here (for callgrind_annotate)")
     ap.add_argument("--json", help="append one JSON line per result here")
     args = ap.parse_args()
+    if args.floor_same_alloc and "floor-alloc" not in args.servers:
+        args.servers.insert(1, "floor-alloc")
+    if "floor-alloc" in args.servers and not args.floor_same_alloc:
+        raise SystemExit("--servers floor-alloc needs --floor-same-alloc PATH")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is required (Debian: apt-get install -y valgrind)")
     for a in args.alerts:
@@ -286,21 +296,27 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def ratio(per, server):
-        if server not in per or "floor" not in per:
+    def ratio(per, server, floor):
+        if server not in per or floor not in per:
             return "-"
-        return f"**{per[server] / per['floor']:.2f}x**"
+        return f"**{per[server] / per[floor]:.2f}x**"
 
     def count(per, server):
         return f"{per[server]:,.0f}" if server in per else "-"
 
-    print("| kind | alerts per delivery | floor, instructions per delivery | service to the 2xx | / floor"
-          " | service to decided | / floor |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        p = r["per_delivery"]
-        print(f"| {r['kind']} | {r['alerts']} | {count(p, 'floor')} | {count(p, 'to-2xx')} | {ratio(p, 'to-2xx')}"
-              f" | {count(p, 'decided')} | {ratio(p, 'decided')} |")
+    floors = [("floor", "floor")]
+    if "floor-alloc" in args.servers:
+        floors.append(("floor-alloc", "floor with the service's allocator"))
+    for i, (floor, name) in enumerate(floors):
+        if i:
+            print()
+        print(f"| kind | alerts per delivery | {name}, instructions per delivery | service to the 2xx | / floor"
+              " | service to decided | / floor |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            p = r["per_delivery"]
+            print(f"| {r['kind']} | {r['alerts']} | {count(p, floor)} | {count(p, 'to-2xx')}"
+                  f" | {ratio(p, 'to-2xx', floor)} | {count(p, 'decided')} | {ratio(p, 'decided', floor)} |")
     print("\n(I_M - I_N) / (M - N) per delivery, N/M = "
           + ", ".join(f"{r['alerts']} alerts: {r['n']}/{r['m']}" for r in rows if r["kind"] == rows[0]["kind"])
           + f"; {time.monotonic() - started:.0f} s in all")

@@ -24,15 +24,19 @@ if ! command -v valgrind >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 fi
 
-echo "[callgrind] building (release): service, floor" >&2
+echo "[callgrind] building (release): service, floor, floor with the service's allocator" >&2
 [ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet --bin rollback-responder
 cargo build --release --quiet --manifest-path bench/floor/Cargo.toml
 BIN=${BENCH_BIN:-$CARGO_TARGET_DIR/release/rollback-responder}
 FLOOR=$CARGO_TARGET_DIR/release/bench-floor
+# The same floor with mimalloc, as the service has: its ratios take the allocator's share out.
+CARGO_TARGET_DIR=$CARGO_TARGET_DIR/floor-alloc cargo build --release --quiet \
+  --manifest-path bench/floor/Cargo.toml --features mimalloc
+FLOOR_ALLOC=$CARGO_TARGET_DIR/floor-alloc/release/bench-floor
 
 mkdir -p bench/results
 out=bench/results/callgrind.md
-table=$(python3 bench/callgrind.py --bin "$BIN" --floor "$FLOOR" ${CALLGRIND_KEEP:+--keep "$CALLGRIND_KEEP"} "$@")
+table=$(python3 bench/callgrind.py --bin "$BIN" --floor "$FLOOR" --floor-same-alloc "$FLOOR_ALLOC" ${CALLGRIND_KEEP:+--keep "$CALLGRIND_KEEP"} "$@")
 {
   echo "# Instructions per webhook delivery (callgrind)"
   echo

@@ -3,6 +3,12 @@
 
 mod terminal;
 
+/// mimalloc instead of the system allocator: the decision path allocates per alert (rows,
+/// labels, JSON), and glibc's malloc and free were about a quarter of its instructions
+/// (docs/benchmarks.md, seventh round).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,6 +6,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The actor of the entries the responder makes on its own (not a person, not Alertmanager).
+pub const SYSTEM_ACTOR: &str = "rollback-responder";
+
 /// What an audit entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

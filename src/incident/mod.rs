@@ -7,10 +7,11 @@
 //! append-only event log: the audit trail. This module is pure: no store, no SDK.
 
 mod audit;
+pub mod joins;
 mod plan;
 pub mod reconcile;
 
-pub use audit::AuditKind;
+pub use audit::{AuditKind, SYSTEM_ACTOR};
 pub use plan::Plan;
 
 use std::fmt;

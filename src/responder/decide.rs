@@ -14,9 +14,9 @@ use tracing::{info, warn};
 use super::{opening, Responder, StepError, SYSTEM};
 use crate::alert::AlertStatus;
 use crate::incident::reconcile::{may_change, Candidate};
-use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
+use crate::incident::{joins, AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
-use crate::policy::{self, Decision, FreezeState, Outcome, PolicySet, Suppression};
+use crate::policy::{self, Decision, FreezeState, Outcome, PolicySet};
 use crate::store::{NewEvent, StoreError, StoreTx, StoredAlert};
 
 /// What the decisions of one transaction share: the time, the freezes read before it, and the
@@ -29,7 +29,7 @@ struct Deciding {
     history: std::collections::HashMap<(String, String), policy::History>,
     /// (incident, alertname) pairs known to be in an incident: in a storm most joining
     /// alerts share a name, and an alert never leaves its incident, so one look-up serves
-    /// the batch.
+    /// the batch. Kept for later batches once committed ([`Responder::named_incidents`]).
     named: std::collections::HashSet<(IncidentId, String)>,
     /// The open incident per target, read once per batch: in a storm every alert of a target
     /// joins the same incident, and reading and parsing it again for each cost more than the
@@ -49,6 +49,10 @@ struct Deciding {
 /// Open incidents kept between batches ([`Responder::open_incidents`]) before they are all
 /// forgotten: more targets than this with an open incident at once is not a release going bad.
 const MAX_KEPT_INCIDENTS: usize = 1024;
+
+/// (incident, alertname) pairs kept between batches ([`Responder::named_incidents`]) before
+/// they are all forgotten.
+const MAX_KEPT_NAMES: usize = 4096;
 
 /// Groups whose oldest pending alert goes ahead of the backlog in each batch.
 const FAIR_GROUPS: i64 = 8;
@@ -167,6 +171,7 @@ impl Responder {
         let (open, joined) = (std::mem::take(&mut ctx.open), std::mem::take(&mut ctx.joined));
         let committed = tx.commit().await?;
         self.outbox_wake.queued(&committed);
+        self.keep_named(std::mem::take(&mut ctx.named));
         if let Ok(mut kept) = self.open_incidents.lock() {
             // Bounded by the targets with an open incident; forgetting is always safe.
             if kept.len() > MAX_KEPT_INCIDENTS {
@@ -208,7 +213,10 @@ impl Responder {
                         Ok(()) => {}
                     }
                     match tx.commit().await.inspect(|c| self.outbox_wake.queued(c)) {
-                        Ok(_) => return Ok(work),
+                        Ok(_) => {
+                            self.keep_named(ctx.named);
+                            return Ok(work);
+                        }
                         Err(e) if e.is_conflict() && attempt < 3 => continue,
                         Err(e) => return Err(e.into()),
                     }
@@ -244,6 +252,22 @@ impl Responder {
             })
     }
 
+    /// Keeps what a committed transaction put in its incidents ([`Responder::named_incidents`]).
+    fn keep_named(&self, named: std::collections::HashSet<(IncidentId, String)>) {
+        if let Ok(mut kept) = self.named_incidents.lock() {
+            // Bounded; forgetting only costs a look-up.
+            if kept.len() > MAX_KEPT_NAMES {
+                kept.clear();
+            }
+            kept.extend(named);
+        }
+    }
+
+    /// Whether a committed transaction already put an alert of this name in the incident.
+    fn known_named(&self, named: &(IncidentId, String)) -> bool {
+        self.named_incidents.lock().is_ok_and(|k| k.contains(named))
+    }
+
     /// The shared context of a deciding transaction, read before it begins (on SQLite the
     /// transaction holds the only connection).
     async fn deciding(&self) -> Result<Deciding, StepError> {
@@ -263,12 +287,16 @@ impl Responder {
     /// decides again. Other changes (an action moving its phase) do not undo a join. On
     /// PostgreSQL the rows stay share-locked until the commit, so none closes in between.
     async fn joined_still_hold(&self, tx: &mut StoreTx, ctx: &Deciding) -> Result<(), StepError> {
-        for (id, _) in ctx.joined.iter().filter(|(_, plain)| **plain) {
-            if !tx.incident_is_open(id).await? {
-                return Err(StepError::Conflict(id.clone()));
-            }
+        let plain: Vec<&IncidentId> = ctx
+            .joined
+            .iter()
+            .filter(|(_, plain)| **plain)
+            .map(|(id, _)| id)
+            .collect();
+        match tx.first_not_open(&plain).await? {
+            Some(id) => Err(StepError::Conflict(id)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The open incident on a target: the copy the last batch committed if the store still
@@ -377,10 +405,11 @@ impl Responder {
             // One open incident per target: further alerts join it and never start a second
             // rollback; one that could change the next step (a stronger trigger, one that
             // passes its `for` sooner, an automatic one after a deny) has it decided again.
-            tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
             let joining = Candidate::new(d.clone(), trigger);
             let mut applied = None;
             if may_change(inc.phase, &inc.decision, inc.due_at, &joining, now) {
+                // Recorded before the re-decision, which reads the incident's alerts.
+                tx.set_alert_outcome(stored.id, Some(&inc.id), Some(&d)).await?;
                 // Changing it: from the store as it is now, lease and all, not a kept copy,
                 // and only if it is still the open incident the copy was.
                 let kept_version = inc.version;
@@ -390,38 +419,41 @@ impl Responder {
                     .filter(|fresh| fresh.version == kept_version && fresh.closed_at.is_none())
                     .ok_or_else(|| StepError::Conflict(inc.id.clone()))?;
                 let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
-                applied = Some(self.reconcile(tx, &mut inc, &cands, freezes, now).await?);
+                let a = self.reconcile(tx, &mut inc, &cands, freezes, now).await?;
+                // The alert and its decision are in its row (`alert_id`); the entry says which,
+                // and its summary why and what changed.
+                let detail = format!(
+                    r#"{{"alert_id":{},"fingerprint":{}}}"#,
+                    stored.id,
+                    serde_json::to_string(&stored.alert.fingerprint).unwrap_or_else(|_| "null".into()),
+                );
+                let summary = join_summary(stored, &d, &inc, a.note.as_deref());
+                tx.append_event_json(
+                    &inc.id,
+                    now,
+                    NewEvent {
+                        kind: AuditKind::AlertJoined,
+                        actor: SYSTEM,
+                        phase_from: None,
+                        phase_to: None,
+                        summary,
+                        detail: Value::Null,
+                    },
+                    detail,
+                );
+                applied = Some(a);
+            } else {
+                // A plain join, a storm's usual case: kept on the alert's row, and the timeline
+                // says it where it happened ([`crate::incident::joins`]).
+                tx.join_alert(stored.id, &inc.id, &d, now, inc.phase, inc.due_at)
+                    .await?;
             }
-            let summary = format!(
-                "{} joined the incident ({})",
-                describe_alert(stored),
-                join_note(&d, &inc, applied.as_ref().and_then(|a| a.note.as_deref()))
-            );
-            // The alert and its decision are in its row (`alert_id`); the entry says which,
-            // and its summary why. A storm writes one of these per alert: kept small.
-            let detail = format!(
-                r#"{{"alert_id":{},"fingerprint":{}}}"#,
-                stored.id,
-                serde_json::to_string(&stored.alert.fingerprint).unwrap_or_else(|_| "null".into()),
-            );
-            tx.append_event_json(
-                &inc.id,
-                now,
-                NewEvent {
-                    kind: AuditKind::AlertJoined,
-                    actor: SYSTEM,
-                    phase_from: None,
-                    phase_to: None,
-                    summary: summary.clone(),
-                    detail: Value::Null,
-                },
-                detail,
-            );
             // One thread reply per kind of alert: in a storm thousands of instances of one alert
             // join, and a reply each would bury the thread and hold the rollback's own messages
             // behind them in the ordered outbox for hours. The timeline keeps every one.
             let named = (inc.id.clone(), stored.alert.alertname().to_string());
             if !ctx.named.contains(&named)
+                && !self.known_named(&named)
                 && !tx
                     .incident_has_alertname(&inc.id, stored.alert.alertname(), stored.id)
                     .await?
@@ -430,9 +462,10 @@ impl Responder {
                 // first one; the timeline keeps the whole alert. (Annotations are not read
                 // with the claim: only the first of each kind needs them.)
                 let full = tx.complete_alert(stored).await?;
+                let summary = join_summary(stored, &d, &inc, applied.as_ref().and_then(|a| a.note.as_deref()));
                 let told = match notify::Measured::from_annotations(full.alert.alertname(), &full.alert.annotations) {
                     Some(m) => format!("{summary}\n*Measured:* {}", notify::mrkdwn::defuse_mentions(&m.text)),
-                    None => summary.clone(),
+                    None => summary,
                 };
                 self.tell(tx, &inc, Change::Note { summary: &told }, now).await?;
             }
@@ -562,43 +595,12 @@ impl Responder {
     }
 }
 
-/// What a joining alert means for the incident, in words that promise only what will happen:
-/// its own decision's promise ("re-evaluated at", "roll back automatically") is repeated only
-/// when the incident acts on it.
-fn join_note(d: &Decision, inc: &Incident, note: Option<&str>) -> String {
-    let t = d.trigger.as_deref().unwrap_or("-");
-    let what = match &d.outcome {
-        Outcome::Suppressed(Suppression::TooYoung {
-            firing_for_secs,
-            required_secs,
-            ..
-        }) => format!("trigger {t}: firing for {firing_for_secs}s of the {required_secs}s it needs"),
-        Outcome::Auto => format!("trigger {t} qualifies for an automatic rollback"),
-        Outcome::NeedsApproval { .. } | Outcome::EscalateLater { .. } => format!("trigger {t} asks for approval"),
-        Outcome::Suppressed(Suppression::DryRun { .. }) => format!("trigger {t}, dry run"),
-        Outcome::Suppressed(_) => format!("trigger {t}: {}", d.reason),
-        Outcome::NoMatch | Outcome::Undecidable { .. } => d.reason.clone(),
-    };
-    let then = match (inc.phase, note) {
-        (_, Some(n)) => n.to_string(),
-        (Phase::Executing | Phase::Verifying, _) => "the rollback in progress covers it".into(),
-        (Phase::Verified | Phase::DryRun, _) => "the target was already rolled back for this incident".into(),
-        (Phase::Failed | Phase::VerificationFailed, _) => {
-            "no automatic rollback follows a failed one: a person must act (Approve, /rollback now)".into()
-        }
-        (p, _) => match inc.due_at {
-            Some(at) => format!("incident {p}, looked at again at {}", at.format("%H:%M:%SZ")),
-            None => format!("incident {p}"),
-        },
-    };
-    format!("{what}; {then}")
+/// The timeline's words for an alert joining `inc` under `d` ([`joins::summary`]).
+fn join_summary(stored: &StoredAlert, d: &Decision, inc: &Incident, note: Option<&str>) -> String {
+    joins::summary(&stored.alert.labels, &stored.alert.fingerprint, d, inc.phase, inc.due_at, note)
 }
 
 /// An alert for the timeline and the Slack thread: its labels can mention nobody.
 fn describe_alert(s: &StoredAlert) -> String {
-    notify::mrkdwn::defuse_mentions(&format!(
-        "{} ({})",
-        policy::describe_labels(&s.alert.labels),
-        s.alert.fingerprint
-    ))
+    joins::describe_alert(&s.alert.labels, &s.alert.fingerprint)
 }

@@ -103,6 +103,10 @@ pub struct Responder {
     /// uses one only if the store still has it open at the same version (one small query
     /// instead of reading and parsing the whole incident); see `decide::Deciding::open`.
     pub(super) open_incidents: std::sync::Mutex<std::collections::HashMap<String, crate::incident::Incident>>,
+    /// (incident, alertname) pairs that committed batches put in an incident: an alert never
+    /// leaves its incident, so once true this stays true, and the next batch's first alert of
+    /// that name is not looked up again; see `decide::Deciding::named`.
+    pub(super) named_incidents: std::sync::Mutex<std::collections::HashSet<(crate::incident::IncidentId, String)>>,
     /// Where "now" comes from for every step.
     pub clock: Clock,
     /// How long one batch of decisions may hold its transaction (`workers.decision_batch_budget`).
@@ -117,7 +121,7 @@ pub use human::HumanError;
 pub use verify::HumanClose;
 
 /// Who made a change, for the audit trail.
-const SYSTEM: &str = "rollback-responder";
+const SYSTEM: &str = crate::incident::SYSTEM_ACTOR;
 
 impl Responder {
     /// Builds the responder around a store and a loaded policy set.
@@ -153,6 +157,7 @@ impl Responder {
             redecide: std::sync::atomic::AtomicBool::new(false),
             fair_cursor: std::sync::Mutex::new(String::new()),
             open_incidents: Default::default(),
+            named_incidents: Default::default(),
             clock: Clock::System,
             decision_budget: Duration::from_millis(2),
             decides: true,

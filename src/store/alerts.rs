@@ -5,9 +5,12 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{bind_ids, from_ms, opt_ms, placeholders, to_json, Backend, Result, Store, StoreError, StoreTx};
+use chrono::{DateTime, Utc};
+
+use super::{bind_ids, from_ms, ms, opt_ms, placeholders, to_json, Backend, Result, Store, StoreError, StoreTx};
 use crate::alert::{Alert, AlertStatus, Fingerprint, LabelSet};
-use crate::incident::IncidentId;
+use crate::incident::joins::JoinMark;
+use crate::incident::{IncidentId, Phase};
 use crate::policy::Decision;
 
 /// An alert as stored, with its row id.
@@ -97,7 +100,7 @@ impl StoreTx {
         };
         let sql = format!(
             "SELECT {CLAIM_COLS} FROM alerts WHERE pending = 1 AND id IN ({}){lock}",
-            placeholders(ids.len())
+            placeholders(self.backend, ids.len())
         );
         let mut alerts = bind_ids(&sql, ids)
             .fetch_all(self.db().await?)
@@ -131,6 +134,7 @@ impl StoreTx {
                 alert_id,
                 incident: None,
                 decision: None,
+                joined: None,
             }));
     }
 
@@ -143,11 +147,46 @@ impl StoreTx {
         incident: Option<&IncidentId>,
         decision: Option<&Decision>,
     ) -> Result<()> {
+        let decision = decision.map(|d| match &self.last_decision {
+            Some((last, json)) if last == d => json.clone(),
+            _ => {
+                let json: std::sync::Arc<str> = to_json(d).into();
+                self.last_decision = Some((d.clone(), json.clone()));
+                json
+            }
+        });
         self.deferred.outcomes.push(super::deferred::Outcome {
             alert_id,
             incident: incident.map(|i| i.0.clone()),
-            decision: decision.map(to_json),
+            decision,
+            joined: None,
         });
+        Ok(())
+    }
+
+    /// Records a plain join: the alert is in `incident` (which it did not change, in `phase`,
+    /// due again at `due_at`) under `decision`, and its timeline entry is kept on its row, placed
+    /// after the incident's audit entries so far ([`crate::incident::joins`]). Held back like
+    /// [`StoreTx::set_alert_outcome`].
+    pub async fn join_alert(
+        &mut self,
+        alert_id: i64,
+        incident: &IncidentId,
+        decision: &Decision,
+        at: DateTime<Utc>,
+        phase: Phase,
+        due_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let mark = JoinMark {
+            at: ms(at),
+            after: self.last_event_id(incident).await?,
+            phase,
+            due_at: due_at.map(ms),
+        };
+        self.set_alert_outcome(alert_id, Some(incident), Some(decision)).await?;
+        if let Some(o) = self.deferred.outcomes.last_mut() {
+            o.joined = Some(to_json(&mark));
+        }
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 //! multi-row UPDATE and one multi-row INSERT.
 //!
 //! Nothing can tell the difference: every other statement of the transaction goes through
-//! [`StoreTx::db`], which sends what is held back first, and so does the commit. Reads inside
+//! [`StoreTx::db`], which sends what is held back first, and so does the commit (reads of
+//! the `incidents` table alone, which nothing held back touches, may go ahead of it:
+//! [`StoreTx::db_ahead`]). Reads inside
 //! the transaction see every earlier write, and entries keep the order they were made in.
 
 use std::collections::HashMap;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use sqlx::AnyConnection;
 
-use super::{Result, StoreTx};
+use super::{Backend, Result, StoreTx};
 
 /// Rows per statement: far below either database's parameter limit (SQLite 32,766,
 /// PostgreSQL 65,535), and a statement text that sqlx's statement cache sees again.
@@ -24,7 +26,9 @@ const CHUNK: usize = 32;
 pub(super) struct Outcome {
     pub alert_id: i64,
     pub incident: Option<String>,
-    pub decision: Option<String>,
+    pub decision: Option<Arc<str>>,
+    /// A plain join's mark (`alerts.joined`, [`crate::incident::joins::JoinMark`]).
+    pub joined: Option<String>,
 }
 
 /// An audit entry, held back, as stored.
@@ -60,6 +64,15 @@ impl StoreTx {
         Ok(&mut *self.tx)
     }
 
+    /// The transaction's connection without sending what is held back first, for reads that
+    /// nothing held back can change: of the `incidents` table (what is held back writes only
+    /// `alerts` and `incident_events`), or of audit entries when none is held back. A batch of alerts across
+    /// several targets reads each target's incident and history between its alerts; flushing
+    /// before each of those split the batch's writes into many small statements.
+    pub(super) fn db_ahead(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
     /// Sends what is held back (before another statement, and before the commit).
     pub(super) async fn flush(&mut self) -> Result<()> {
         if self.deferred.is_empty() {
@@ -67,10 +80,10 @@ impl StoreTx {
         }
         let Deferred { outcomes, events } = std::mem::take(&mut self.deferred);
         for chunk in outcomes.chunks(CHUNK) {
-            update_outcomes(&mut self.tx, chunk).await?;
+            update_outcomes(&mut self.tx, self.backend, chunk).await?;
         }
         for chunk in events.chunks(CHUNK) {
-            insert_events(&mut self.tx, chunk).await?;
+            insert_events(&mut self.tx, self.backend, chunk).await?;
         }
         Ok(())
     }
@@ -79,20 +92,38 @@ impl StoreTx {
 /// One UPDATE for up to [`CHUNK`] alerts: each is decided (not pending any more), and
 /// `CASE id WHEN ...` picks its values; a missing value (`NULL`) keeps what the alert had.
 /// An alert listed twice (an outcome, then settled) takes its first values.
-async fn update_outcomes(conn: &mut AnyConnection, rows: &[Outcome]) -> Result<()> {
-    let sql = statement(Kind::Outcomes, rows.len());
-    let q = rows.iter().fold(sqlx::query(&sql), |q, r| {
-        q.bind(r.alert_id)
-            .bind(r.incident.as_deref())
-            .bind(r.decision.as_deref())
-    });
+async fn update_outcomes(conn: &mut AnyConnection, backend: Backend, rows: &[Outcome]) -> Result<()> {
+    let sql = statement(backend, Kind::Outcomes, rows.len());
+    let q = sqlx::query(&sql);
+    let q = match backend {
+        // `$n` names each row's id once for all the places it is used.
+        Backend::Postgres => rows.iter().fold(q, |q, r| {
+            q.bind(r.alert_id)
+                .bind(r.incident.as_deref())
+                .bind(r.decision.as_deref())
+                .bind(r.joined.as_deref())
+        }),
+        // `?` in the order of the text: each column's CASE, then the ids.
+        Backend::Sqlite => {
+            let q = rows
+                .iter()
+                .fold(q, |q, r| q.bind(r.alert_id).bind(r.incident.as_deref()));
+            let q = rows
+                .iter()
+                .fold(q, |q, r| q.bind(r.alert_id).bind(r.decision.as_deref()));
+            let q = rows
+                .iter()
+                .fold(q, |q, r| q.bind(r.alert_id).bind(r.joined.as_deref()));
+            rows.iter().fold(q, |q, r| q.bind(r.alert_id))
+        }
+    };
     q.execute(&mut *conn).await?;
     Ok(())
 }
 
 /// One INSERT for up to [`CHUNK`] audit entries, in the order they were made.
-async fn insert_events(conn: &mut AnyConnection, rows: &[EventRow]) -> Result<()> {
-    let sql = statement(Kind::Events, rows.len());
+async fn insert_events(conn: &mut AnyConnection, backend: Backend, rows: &[EventRow]) -> Result<()> {
+    let sql = statement(backend, Kind::Events, rows.len());
     let q = rows.iter().fold(sqlx::query(&sql), |q, r| {
         q.bind(r.incident_id.as_str())
             .bind(r.at)
@@ -113,45 +144,49 @@ enum Kind {
     Events,
 }
 
-/// The statement for `n` rows of a kind, written once per (kind, n) and kept: at most
-/// 2 x [`CHUNK`] texts. The same `$n` numbering serves SQLite and PostgreSQL.
-fn statement(kind: Kind, n: usize) -> Arc<str> {
-    type Kept = Mutex<HashMap<(Kind, usize), Arc<str>>>;
+/// The statement for `n` rows of a kind, written once per (backend, kind, n) and kept: at
+/// most 4 x [`CHUNK`] texts. PostgreSQL numbers its parameters (`$n`); SQLite gets anonymous
+/// ones (`?`), bound in the order of the text, since sqlx looks every `$n` up by name with a
+/// linear search, which made a statement of many rows quadratic in its parameters.
+fn statement(backend: Backend, kind: Kind, n: usize) -> Arc<str> {
+    type Kept = Mutex<HashMap<(Backend, Kind, usize), Arc<str>>>;
     static KEPT: OnceLock<Kept> = OnceLock::new();
     let mut kept = KEPT
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    kept.entry((kind, n))
-        .or_insert_with(|| write_statement(kind, n).into())
+    kept.entry((backend, kind, n))
+        .or_insert_with(|| write_statement(backend, kind, n).into())
         .clone()
 }
 
-fn write_statement(kind: Kind, n: usize) -> String {
-    let list = |first: usize, len: usize| {
-        (first..first + len)
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+fn write_statement(backend: Backend, kind: Kind, n: usize) -> String {
+    // The parameter at 1-based position `i` of PostgreSQL's numbering.
+    let p = |i: usize| match backend {
+        Backend::Postgres => format!("${i}"),
+        Backend::Sqlite => "?".to_string(),
     };
     match kind {
         Kind::Outcomes => {
             let mut incident = String::from("CASE id");
             let mut decision = String::from("CASE id");
+            let mut joined = String::from("CASE id");
             for i in 0..n {
-                let (id, inc, dec) = (3 * i + 1, 3 * i + 2, 3 * i + 3);
-                incident.push_str(&format!(" WHEN ${id} THEN ${inc}"));
-                decision.push_str(&format!(" WHEN ${id} THEN ${dec}"));
+                let (id, inc, dec, join) = (4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4);
+                incident.push_str(&format!(" WHEN {} THEN {}", p(id), p(inc)));
+                decision.push_str(&format!(" WHEN {} THEN {}", p(id), p(dec)));
+                joined.push_str(&format!(" WHEN {} THEN {}", p(id), p(join)));
             }
-            let ids = (0..n).map(|i| format!("${}", 3 * i + 1)).collect::<Vec<_>>().join(", ");
+            let ids = (0..n).map(|i| p(4 * i + 1)).collect::<Vec<_>>().join(", ");
             format!(
                 "UPDATE alerts SET pending = 0, incident_id = COALESCE({incident} END, incident_id),
-                     decision = COALESCE({decision} END, decision) WHERE id IN ({ids})"
+                     decision = COALESCE({decision} END, decision), joined = COALESCE({joined} END, joined)
+                 WHERE id IN ({ids})"
             )
         }
         Kind::Events => {
             let values = (0..n)
-                .map(|i| format!("({})", list(8 * i + 1, 8)))
+                .map(|i| format!("({})", (8 * i + 1..=8 * i + 8).map(p).collect::<Vec<_>>().join(", ")))
                 .collect::<Vec<_>>()
                 .join(", ");
             format!(
@@ -252,15 +287,22 @@ mod tests {
 
     #[test]
     fn statements_number_every_row_and_are_kept() {
-        let two = statement(Kind::Outcomes, 2);
+        let two = statement(Backend::Postgres, Kind::Outcomes, 2);
         assert!(
-            two.contains("CASE id WHEN $1 THEN $2 WHEN $4 THEN $5 END")
-                && two.contains("CASE id WHEN $1 THEN $3 WHEN $4 THEN $6 END")
-                && two.contains("WHERE id IN ($1, $4)"),
+            two.contains("CASE id WHEN $1 THEN $2 WHEN $5 THEN $6 END")
+                && two.contains("CASE id WHEN $1 THEN $3 WHEN $5 THEN $7 END")
+                && two.contains("CASE id WHEN $1 THEN $4 WHEN $5 THEN $8 END")
+                && two.contains("WHERE id IN ($1, $5)"),
             "{two}"
         );
-        assert!(Arc::ptr_eq(&two, &statement(Kind::Outcomes, 2)), "written once");
-        let events = statement(Kind::Events, 2);
+        assert!(Arc::ptr_eq(&two, &statement(Backend::Postgres, Kind::Outcomes, 2)), "written once");
+        let lite = statement(Backend::Sqlite, Kind::Outcomes, 2);
+        assert!(
+            lite.contains("CASE id WHEN ? THEN ? WHEN ? THEN ? END") && lite.contains("WHERE id IN (?, ?)"),
+            "{lite}"
+        );
+        assert!(!lite.contains('$'), "{lite}");
+        let events = statement(Backend::Postgres, Kind::Events, 2);
         assert!(
             events.ends_with("($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16)"),
             "{events}"

@@ -5,8 +5,11 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{from_ms, ms, storable, Result, Store, StoreError, StoreTx};
-use crate::incident::{AuditKind, IncidentId, Phase};
+use super::{from_ms, ms, opt_ms, storable, Result, Store, StoreError, StoreTx};
+use crate::alert::{Fingerprint, LabelSet};
+use crate::incident::joins::{self, JoinMark};
+use crate::incident::{AuditKind, IncidentId, Phase, SYSTEM_ACTOR};
+use crate::policy::Decision;
 
 /// One entry of an incident's audit trail.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -32,36 +35,84 @@ pub struct NewEvent<'a> {
 }
 
 impl Store {
-    /// An incident's audit trail, oldest first.
+    /// An incident's audit trail, oldest first: its audit rows, and each plain join kept on
+    /// its alert's row put back after the audit row it followed ([`crate::incident::joins`]).
     pub async fn events(&self, id: &IncidentId) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query(
-            "SELECT at, kind, actor, phase_from, phase_to, summary, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
+            "SELECT id, at, kind, actor, phase_from, phase_to, summary, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
         )
         .bind(&id.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
+        let mut joins = self.plain_joins(id).await?.into_iter().peekable();
+        let mut out = Vec::with_capacity(rows.len() + joins.len());
+        for r in &rows {
+            let row_id: i64 = r.try_get("id")?;
+            while let Some((after, _)) = joins.peek() {
+                if *after >= row_id {
+                    break;
+                }
+                out.extend(joins.next().map(|(_, e)| e));
+            }
+            out.push(EventRecord {
+                at: from_ms(r.try_get("at")?),
+                kind: {
+                    let kind: String = r.try_get("kind")?;
+                    AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?
+                },
+                actor: r.try_get("actor")?,
+                phase_from: r
+                    .try_get::<Option<String>, _>("phase_from")?
+                    .as_deref()
+                    .and_then(Phase::parse),
+                phase_to: r
+                    .try_get::<Option<String>, _>("phase_to")?
+                    .as_deref()
+                    .and_then(Phase::parse),
+                summary: r.try_get("summary")?,
+                detail: serde_json::from_str(&r.try_get::<String, _>("detail")?).unwrap_or(Value::Null),
+            });
+        }
+        out.extend(joins.map(|(_, e)| e));
+        Ok(out)
+    }
+
+    /// The incident's plain joins as timeline entries, each with the id of the audit row it
+    /// follows, in order.
+    async fn plain_joins(&self, id: &IncidentId) -> Result<Vec<(i64, EventRecord)>> {
+        let rows = sqlx::query(
+            "SELECT id, fingerprint, labels, decision, joined FROM alerts WHERE incident_id = $1 AND joined IS NOT NULL",
+        )
+        .bind(&id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt(format!("alert {what}: {e}"));
+        let mut joins = rows
+            .iter()
             .map(|r| {
-                Ok(EventRecord {
-                    at: from_ms(r.try_get("at")?),
-                    kind: {
-                        let kind: String = r.try_get("kind")?;
-                        AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?
-                    },
-                    actor: r.try_get("actor")?,
-                    phase_from: r
-                        .try_get::<Option<String>, _>("phase_from")?
-                        .as_deref()
-                        .and_then(Phase::parse),
-                    phase_to: r
-                        .try_get::<Option<String>, _>("phase_to")?
-                        .as_deref()
-                        .and_then(Phase::parse),
-                    summary: r.try_get("summary")?,
-                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?).unwrap_or(Value::Null),
-                })
+                let alert_id: i64 = r.try_get("id")?;
+                let fingerprint = Fingerprint(r.try_get("fingerprint")?);
+                let labels: LabelSet =
+                    serde_json::from_str(&r.try_get::<String, _>("labels")?).map_err(|e| corrupt("labels", e))?;
+                let mark: JoinMark =
+                    serde_json::from_str(&r.try_get::<String, _>("joined")?).map_err(|e| corrupt("join", e))?;
+                let decision: Decision = serde_json::from_str(&r.try_get::<Option<String>, _>("decision")?.unwrap_or_default())
+                    .map_err(|e| corrupt("decision", e))?;
+                let summary = joins::summary(&labels, &fingerprint, &decision, mark.phase, opt_ms(mark.due_at), None);
+                let entry = EventRecord {
+                    at: from_ms(mark.at),
+                    kind: AuditKind::AlertJoined,
+                    actor: SYSTEM_ACTOR.into(),
+                    phase_from: None,
+                    phase_to: None,
+                    summary: storable(&summary),
+                    detail: serde_json::json!({ "alert_id": alert_id, "fingerprint": fingerprint }),
+                };
+                Ok((mark.after, alert_id, entry))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        joins.sort_by_key(|(after, alert_id, _)| (*after, *alert_id));
+        Ok(joins.into_iter().map(|(after, _, e)| (after, e)).collect())
     }
 
     /// Appends an audit entry on its own (a refused approval, a PagerDuty acknowledgement).
@@ -97,6 +148,7 @@ impl StoreTx {
 
     /// [`StoreTx::append_event`] with the detail already serialised; `e.detail` is ignored.
     pub fn append_event_json(&mut self, id: &IncidentId, at: DateTime<Utc>, e: NewEvent<'_>, detail: String) {
+        self.event_marks.remove(id);
         self.deferred.events.push(super::deferred::EventRow {
             incident_id: id.0.clone(),
             at: ms(at),
@@ -107,6 +159,27 @@ impl StoreTx {
             summary: storable(&e.summary),
             detail,
         });
+    }
+}
+
+impl StoreTx {
+    /// The id of the incident's latest audit entry (0 for none), this transaction's own
+    /// included: read once, and again only after this transaction appended to it.
+    pub(super) async fn last_event_id(&mut self, id: &IncidentId) -> Result<i64> {
+        if let Some(&mark) = self.event_marks.get(id) {
+            return Ok(mark);
+        }
+        let q = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM incident_events WHERE incident_id = $1").bind(&id.0);
+        // Held-back entries of this incident must be written first to be counted; held-back
+        // outcomes change nothing here, and sending them now would split the batch's UPDATE.
+        let row = if self.deferred.events.iter().any(|e| e.incident_id == id.0) {
+            q.fetch_one(self.db().await?).await?
+        } else {
+            q.fetch_one(self.db_ahead()).await?
+        };
+        let mark: i64 = row.try_get(0)?;
+        self.event_marks.insert(id.clone(), mark);
+        Ok(mark)
     }
 }
 
@@ -139,6 +212,69 @@ mod tests {
     use super::super::intake::tests::sqlite_store;
     use super::*;
     use crate::incident::Incident;
+
+    /// Plain joins are kept on the alerts' rows, not as audit rows, and the timeline puts each
+    /// back where it happened: after the entries before it (this transaction's own held-back
+    /// ones included), before those after it, across transactions and notes made outside one.
+    #[tokio::test]
+    async fn plain_joins_read_back_in_their_place_in_the_timeline() {
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let fps = ["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703", "a1b2c3d4e5f60704"];
+        store.ingest(&super::super::intake::tests::delivery(&fps), now).await.unwrap();
+        let ids = store.pending_alert_ids(10).await.unwrap();
+        let inc = Incident::sample(Phase::AwaitingApproval, now);
+        let entry = |summary: &str| NewEvent {
+            kind: AuditKind::Decided,
+            actor: "test",
+            phase_from: None,
+            phase_to: None,
+            summary: summary.into(),
+            detail: Value::Null,
+        };
+        let d = inc.decision.clone();
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        tx.claim_alerts(&ids).await.unwrap();
+        tx.append_event(&inc.id, now, entry("first")).await.unwrap();
+        for &a in &ids[..2] {
+            tx.join_alert(a, &inc.id, &d, now, inc.phase, None).await.unwrap();
+        }
+        tx.append_event(&inc.id, now, entry("between")).await.unwrap();
+        tx.join_alert(ids[2], &inc.id, &d, now, inc.phase, None).await.unwrap();
+        tx.settle_alerts(&ids[..3]);
+        tx.commit().await.unwrap();
+        store.note(&inc.id, now, AuditKind::ApprovalRefused, "u", "outside", &Value::Null).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        tx.claim_alerts(&ids[3..]).await.unwrap();
+        tx.join_alert(ids[3], &inc.id, &d, now, inc.phase, None).await.unwrap();
+        tx.settle_alerts(&ids[3..]);
+        tx.commit().await.unwrap();
+
+        let read = store.events(&inc.id).await.unwrap();
+        let said: Vec<String> = read
+            .iter()
+            .map(|e| match e.kind {
+                AuditKind::AlertJoined => e.detail["fingerprint"].as_str().unwrap_or("?").to_string(),
+                _ => e.summary.clone(),
+            })
+            .collect();
+        assert_eq!(said, ["first", fps[0], fps[1], "between", fps[2], "outside", fps[3]]);
+        let joined = &read[1];
+        assert_eq!(joined.detail["alert_id"], ids[0]);
+        assert_eq!(joined.actor, SYSTEM_ACTOR);
+        assert!(
+            joined.summary.starts_with("HighErrorRate service=checkout (a1b2c3d4e5f60701) joined the incident (trigger t qualifies"),
+            "{}",
+            joined.summary
+        );
+        let audit_rows: i64 = sqlx::query("SELECT COUNT(*) FROM incident_events WHERE kind = 'alert_joined'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(audit_rows, 0, "a plain join writes no audit row");
+    }
 
     /// Every kind is stored by its name and read back as itself; a name this version does not
     /// know is reported as corrupt data, never taken for another kind.

@@ -65,7 +65,9 @@ impl Store {
 }
 
 impl StoreTx {
-    /// What the guards need to know about earlier rollbacks.
+    /// What the guards need to know about earlier rollbacks, in one statement: the decision
+    /// loop reads it once per policy and target in every batch, so a storm across targets
+    /// pays for it often.
     pub async fn history(
         &mut self,
         policy: &str,
@@ -74,58 +76,31 @@ impl StoreTx {
         global_window: Option<Duration>,
         now: DateTime<Utc>,
     ) -> Result<History> {
-        let last: Option<i64> = sqlx::query("SELECT MAX(acted_at) FROM incidents WHERE target_key = $1")
-            .bind(target_key)
-            .fetch_one(self.db().await?)
-            .await?
-            .try_get(0)?;
         // A window longer than the calendar reaches back to its start.
         let since = |w: Duration| ms(now).saturating_sub(i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
-        let mut h = History {
-            last_rollback_on_target: opt_ms(last),
-            ..Default::default()
-        };
-        // A rollback still executing counts too: its acted_at is only set when it is done, and a
-        // storm across several targets must not start more rollbacks than the limit while the
-        // first ones are still running.
-        static POLICY_SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT COUNT(*) FROM incidents WHERE policy = $1
-                   AND (acted_at >= $2 OR (phase = {} AND acted_at IS NULL))",
-                sql_phases(&[Phase::Executing])
-            )
-        });
-        static GLOBAL_SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT COUNT(*) FROM incidents WHERE acted_at >= $1 OR (phase = {} AND acted_at IS NULL)",
-                sql_phases(&[Phase::Executing])
-            )
-        });
+        let sql = &HISTORY_SQL[usize::from(policy_window.is_some()) + 2 * usize::from(global_window.is_some())];
+        let mut q = sqlx::query(sql).bind(target_key);
         if let Some(w) = policy_window {
-            let n: i64 = sqlx::query(&POLICY_SQL)
-                .bind(policy)
-                .bind(since(w))
-                .fetch_one(self.db().await?)
-                .await?
-                .try_get(0)?;
-            h.policy_rollbacks_in_window = n as u32;
+            q = q.bind(policy).bind(since(w));
         }
         if let Some(w) = global_window {
-            let n: i64 = sqlx::query(&GLOBAL_SQL)
-                .bind(since(w))
-                .fetch_one(self.db().await?)
-                .await?
-                .try_get(0)?;
-            h.global_rollbacks_in_window = n as u32;
+            q = q.bind(since(w));
         }
-        Ok(h)
+        // Reads incidents only: nothing held back can change it.
+        let row = q.fetch_one(self.db_ahead()).await?;
+        let count = |i: usize| -> Result<u32> { Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX)) };
+        Ok(History {
+            last_rollback_on_target: opt_ms(row.try_get(0)?),
+            policy_rollbacks_in_window: count(1)?,
+            global_rollbacks_in_window: count(2)?,
+        })
     }
 
     /// The open incident on a target, if any.
     pub async fn open_incident_for(&mut self, target_key: &str) -> Result<Option<Incident>> {
         let row = sqlx::query(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE open_target = $1"))
             .bind(target_key)
-            .fetch_optional(self.db().await?)
+            .fetch_optional(self.db_ahead())
             .await?;
         row.map(|r| incident_from_row(&r)).transpose()
     }
@@ -134,25 +109,35 @@ impl StoreTx {
     pub async fn open_incident_version(&mut self, target_key: &str) -> Result<Option<(IncidentId, i64)>> {
         let row = sqlx::query("SELECT id, version FROM incidents WHERE open_target = $1")
             .bind(target_key)
-            .fetch_optional(self.db().await?)
+            .fetch_optional(self.db_ahead())
             .await?;
         row.map(|r| Ok((IncidentId(r.try_get(0)?), r.try_get(1)?))).transpose()
     }
 
-    /// Whether an incident is open, read in the transaction; on PostgreSQL the row is
-    /// share-locked until the commit, so nobody closes it in between.
-    pub async fn incident_is_open(&mut self, id: &IncidentId) -> Result<bool> {
+    /// The first of `ids` that is not open any more (closed, or gone), read in the
+    /// transaction in one statement; on PostgreSQL the open ones are share-locked until the
+    /// commit, so nobody closes them in between.
+    pub async fn first_not_open(&mut self, ids: &[&IncidentId]) -> Result<Option<IncidentId>> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
         let lock = match self.backend {
             Backend::Postgres => " FOR SHARE",
             Backend::Sqlite => "",
         };
-        let row = sqlx::query(&format!(
-            "SELECT 1 FROM incidents WHERE id = $1 AND closed_at IS NULL{lock}"
-        ))
-        .bind(&id.0)
-        .fetch_optional(self.db().await?)
-        .await?;
-        Ok(row.is_some())
+        let sql = format!(
+            "SELECT id FROM incidents WHERE id IN ({}) AND closed_at IS NULL{lock}",
+            super::placeholders(self.backend, ids.len())
+        );
+        let q = ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.0.as_str()));
+        // Reads incidents only: nothing held back can change it.
+        let open: std::collections::HashSet<String> = q
+            .fetch_all(self.db_ahead())
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(ids.iter().find(|id| !open.contains(&id.0)).map(|id| (*id).clone()))
     }
 
     /// One incident, read inside the transaction.
@@ -160,7 +145,7 @@ impl StoreTx {
         if !could_be_stored(&id.0) {
             return Ok(None);
         }
-        fetch_incident(self.db().await?, id).await
+        fetch_incident(self.db_ahead(), id).await
     }
 
     /// Inserts a new incident; a conflict means another replica opened one for this target.
@@ -224,6 +209,27 @@ impl StoreTx {
         Ok(r.rows_affected() == 1)
     }
 }
+
+/// [`StoreTx::history`]'s statement for each combination of windows (index: 1 with the
+/// policy's, + 2 with the global one); a count without its window is 0. A rollback still
+/// executing counts too: its acted_at is only set when it is done, and a storm across several
+/// targets must not start more rollbacks than the limit while the first ones are still running.
+static HISTORY_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
+    let executing = sql_phases(&[Phase::Executing]);
+    let counted = |since: &str| format!("(acted_at >= {since} OR (phase = {executing} AND acted_at IS NULL))");
+    let policy = format!("(SELECT COUNT(*) FROM incidents WHERE policy = $2 AND {})", counted("$3"));
+    [(false, false), (true, false), (false, true), (true, true)].map(|(p, g)| {
+        let global = if g {
+            format!("(SELECT COUNT(*) FROM incidents WHERE {})", counted(if p { "$4" } else { "$2" }))
+        } else {
+            "CAST(0 AS BIGINT)".into()
+        };
+        format!(
+            "SELECT (SELECT MAX(acted_at) FROM incidents WHERE target_key = $1), {}, {global}",
+            if p { policy.as_str() } else { "CAST(0 AS BIGINT)" }
+        )
+    })
+});
 
 /// One incident, through the pool or inside a transaction.
 pub(super) async fn fetch_incident<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(

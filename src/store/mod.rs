@@ -49,7 +49,7 @@ use crate::incident::Phase;
 pub use pages::{IncidentFilter, Notice};
 
 /// Which database is behind the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Backend {
     Sqlite,
     Postgres,
@@ -220,6 +220,8 @@ impl Store {
             queued: Vec::new(),
             intake: self.intake.clone(),
             deferred: Default::default(),
+            last_decision: None,
+            event_marks: Default::default(),
         })
     }
 }
@@ -235,6 +237,13 @@ pub struct StoreTx {
     /// Writes held back to be sent together ([`deferred`]); every other statement goes through
     /// [`StoreTx::db`], which sends them first.
     deferred: deferred::Deferred,
+    /// The last decision this transaction stored, as written: a storm's alerts of one
+    /// delivery are mostly decided alike, and comparing costs far less than serialising.
+    last_decision: Option<(crate::policy::Decision, Arc<str>)>,
+    /// The id of each incident's latest audit entry, as far as this transaction knows it: a
+    /// plain join is placed after it ([`StoreTx::join_alert`]). Forgotten for an incident when
+    /// this transaction appends an entry to it.
+    event_marks: std::collections::HashMap<crate::incident::IncidentId, i64>,
 }
 
 /// What a committed transaction left for others to do.
@@ -277,9 +286,14 @@ fn bind_ids<'q>(sql: &'q str, ids: &[i64]) -> sqlx::query::Query<'q, sqlx::Any, 
     ids.iter().fold(sqlx::query(sql), |q, id| q.bind(*id))
 }
 
-/// `$1, $2, ... $n`: numbered parameters for an `IN (...)` list.
-fn placeholders(n: usize) -> String {
-    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+/// `n` parameters for an `IN (...)` list bound in order: `$1, $2, ... $n` on PostgreSQL,
+/// `?, ?, ...` on SQLite, where sqlx looks every `$n` up by name in a list SQLite keeps per
+/// statement (a linear search each: quadratic in the parameters of a multi-row statement).
+fn placeholders(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+        Backend::Sqlite => vec!["?"; n].join(", "),
+    }
 }
 
 #[cfg(test)]

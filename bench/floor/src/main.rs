@@ -75,6 +75,11 @@ async fn receive(body: Bytes) -> (StatusCode, Json<Value>) {
     }
 }
 
+/// Only with `--features mimalloc`: the same allocator as the service.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9096".into());
