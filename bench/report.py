@@ -155,7 +155,7 @@ def main():
         parts += ["## Storm: 10,000 distinct alerts for one service (100 notifications x 100 alerts, ~1 s, open loop)", "",
                   "| measure | value |", "|---|---|"]
         for k in ("alerts_sent", "notifications", "notifications_2xx", "send_seconds", "webhook_p50_ms", "webhook_p99_ms",
-                  "webhook_max_ms", "alerts_stored", "alerts_still_pending", "incidents", "timeline_events",
+                  "webhook_max_ms", "alerts_stored", "alerts_still_pending", "incidents", "audit_rows", "timeline_events",
                   "modify_listener_calls", "listener_reverted", "storm_start_to_modify_s",
                   "storm_start_to_all_processed_s", "rss_before", "vm_hwm", "vm_rss_after", "db_bytes"):
             v = s.get(k)

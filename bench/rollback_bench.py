@@ -456,7 +456,12 @@ def run_storm(args, workdir):
             "alerts_stored": svc.query("SELECT COUNT(*) FROM alerts"),
             "alerts_still_pending": svc.query("SELECT COUNT(*) FROM alerts WHERE pending = 1"),
             "incidents": svc.query("SELECT COUNT(*) FROM incidents"),
-            "timeline_events": svc.query("SELECT COUNT(*) FROM incident_events"),
+            # Entries of the timeline: audit rows, and plain joins kept on the alerts' rows
+            # (migration 0007; an older build has no such column).
+            "audit_rows": svc.query("SELECT COUNT(*) FROM incident_events"),
+            "timeline_events": svc.query("SELECT COUNT(*) FROM incident_events")
+            + (svc.query("SELECT COUNT(*) FROM alerts WHERE joined IS NOT NULL")
+               if svc.query("SELECT COUNT(*) FROM pragma_table_info('alerts') WHERE name = 'joined'") else 0),
             "modify_listener_calls": sum(1 for r in calls.snapshot() if r["action"] == "ModifyListener"),
             "listener_reverted": reverted(elb, listeners[0], stable),
             "storm_start_to_modify_s": (t_mod - t0) if t_mod else None,

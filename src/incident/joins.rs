@@ -16,12 +16,15 @@ use crate::notify;
 use crate::policy::{self, Decision, Outcome, Suppression};
 
 /// A plain join as the alert's row keeps it (JSON in `alerts.joined`): when (`at`, epoch
-/// milliseconds), where in the incident's audit trail (after the entry with id `after`, 0
-/// before any), and the incident's phase and due time (`due_at`, epoch milliseconds) then,
-/// which the entry's words depend on.
+/// milliseconds; `seq`, its place among the joins of its transaction), where in the
+/// incident's audit trail (after the entry with id `after`, 0 before any), and the incident's
+/// phase and due time (`due_at`, epoch milliseconds) then, which the entry's words depend on.
+/// These are the facts kept; the words are made from them when the timeline is read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JoinMark {
     pub at: i64,
+    #[serde(default)]
+    pub seq: u32,
     pub after: i64,
     pub phase: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -176,7 +176,7 @@ impl Responder {
                 // An earlier start on this incident without a result (the phase is still
                 // `executing`): that replica died or was stopped mid-action, maybe after its
                 // write.
-                interrupted = Interrupted::find(&self.store.events(id).await?);
+                interrupted = Interrupted::find(&self.store.audit_events(id).await?);
                 let mut tx = self.store.begin().await?;
                 if !self.hold(&mut tx, &lease, id).await? {
                     return Ok(());

@@ -597,7 +597,14 @@ impl Responder {
 
 /// The timeline's words for an alert joining `inc` under `d` ([`joins::summary`]).
 fn join_summary(stored: &StoredAlert, d: &Decision, inc: &Incident, note: Option<&str>) -> String {
-    joins::summary(&stored.alert.labels, &stored.alert.fingerprint, d, inc.phase, inc.due_at, note)
+    joins::summary(
+        &stored.alert.labels,
+        &stored.alert.fingerprint,
+        d,
+        inc.phase,
+        inc.due_at,
+        note,
+    )
 }
 
 /// An alert for the timeline and the Slack thread: its labels can mention nobody.

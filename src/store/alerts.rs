@@ -177,8 +177,10 @@ impl StoreTx {
         phase: Phase,
         due_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
+        self.joins += 1;
         let mark = JoinMark {
             at: ms(at),
+            seq: self.joins,
             after: self.last_event_id(incident).await?,
             phase,
             due_at: due_at.map(ms),

@@ -111,9 +111,7 @@ async fn update_outcomes(conn: &mut AnyConnection, backend: Backend, rows: &[Out
             let q = rows
                 .iter()
                 .fold(q, |q, r| q.bind(r.alert_id).bind(r.decision.as_deref()));
-            let q = rows
-                .iter()
-                .fold(q, |q, r| q.bind(r.alert_id).bind(r.joined.as_deref()));
+            let q = rows.iter().fold(q, |q, r| q.bind(r.alert_id).bind(r.joined.as_deref()));
             rows.iter().fold(q, |q, r| q.bind(r.alert_id))
         }
     };
@@ -295,7 +293,10 @@ mod tests {
                 && two.contains("WHERE id IN ($1, $5)"),
             "{two}"
         );
-        assert!(Arc::ptr_eq(&two, &statement(Backend::Postgres, Kind::Outcomes, 2)), "written once");
+        assert!(
+            Arc::ptr_eq(&two, &statement(Backend::Postgres, Kind::Outcomes, 2)),
+            "written once"
+        );
         let lite = statement(Backend::Sqlite, Kind::Outcomes, 2);
         assert!(
             lite.contains("CASE id WHEN ? THEN ? WHEN ? THEN ? END") && lite.contains("WHERE id IN (?, ?)"),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{from_ms, ms, opt_ms, storable, Result, Store, StoreError, StoreTx};
+use super::{from_ms, ms, opt_ms, storable, Backend, Result, Store, StoreError, StoreTx};
 use crate::alert::{Fingerprint, LabelSet};
 use crate::incident::joins::{self, JoinMark};
 use crate::incident::{AuditKind, IncidentId, Phase, SYSTEM_ACTOR};
@@ -35,84 +35,39 @@ pub struct NewEvent<'a> {
 }
 
 impl Store {
-    /// An incident's audit trail, oldest first: its audit rows, and each plain join kept on
-    /// its alert's row put back after the audit row it followed ([`crate::incident::joins`]).
+    /// An incident's timeline, oldest first: its audit rows, and each plain join kept on its
+    /// alert's row put back after the audit row it followed ([`crate::incident::joins`]).
     pub async fn events(&self, id: &IncidentId) -> Result<Vec<EventRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, at, kind, actor, phase_from, phase_to, summary, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
-        )
-        .bind(&id.0)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut joins = self.plain_joins(id).await?.into_iter().peekable();
-        let mut out = Vec::with_capacity(rows.len() + joins.len());
-        for r in &rows {
-            let row_id: i64 = r.try_get("id")?;
+        // Both reads from one snapshot: a join committed between them could follow an audit
+        // row the first read did not see.
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let audit = audit_rows(&mut *tx, id).await?;
+        let joins = plain_joins(&mut *tx, id).await?;
+        tx.rollback().await?;
+        let mut joins = joins.into_iter().peekable();
+        let mut out = Vec::with_capacity(audit.len() + joins.len());
+        for (row_id, entry) in audit {
             while let Some((after, _)) = joins.peek() {
                 if *after >= row_id {
                     break;
                 }
                 out.extend(joins.next().map(|(_, e)| e));
             }
-            out.push(EventRecord {
-                at: from_ms(r.try_get("at")?),
-                kind: {
-                    let kind: String = r.try_get("kind")?;
-                    AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?
-                },
-                actor: r.try_get("actor")?,
-                phase_from: r
-                    .try_get::<Option<String>, _>("phase_from")?
-                    .as_deref()
-                    .and_then(Phase::parse),
-                phase_to: r
-                    .try_get::<Option<String>, _>("phase_to")?
-                    .as_deref()
-                    .and_then(Phase::parse),
-                summary: r.try_get("summary")?,
-                detail: serde_json::from_str(&r.try_get::<String, _>("detail")?).unwrap_or(Value::Null),
-            });
+            out.push(entry);
         }
         out.extend(joins.map(|(_, e)| e));
         Ok(out)
     }
 
-    /// The incident's plain joins as timeline entries, each with the id of the audit row it
-    /// follows, in order.
-    async fn plain_joins(&self, id: &IncidentId) -> Result<Vec<(i64, EventRecord)>> {
-        let rows = sqlx::query(
-            "SELECT id, fingerprint, labels, decision, joined FROM alerts WHERE incident_id = $1 AND joined IS NOT NULL",
-        )
-        .bind(&id.0)
-        .fetch_all(&self.pool)
-        .await?;
-        let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt(format!("alert {what}: {e}"));
-        let mut joins = rows
-            .iter()
-            .map(|r| {
-                let alert_id: i64 = r.try_get("id")?;
-                let fingerprint = Fingerprint(r.try_get("fingerprint")?);
-                let labels: LabelSet =
-                    serde_json::from_str(&r.try_get::<String, _>("labels")?).map_err(|e| corrupt("labels", e))?;
-                let mark: JoinMark =
-                    serde_json::from_str(&r.try_get::<String, _>("joined")?).map_err(|e| corrupt("join", e))?;
-                let decision: Decision = serde_json::from_str(&r.try_get::<Option<String>, _>("decision")?.unwrap_or_default())
-                    .map_err(|e| corrupt("decision", e))?;
-                let summary = joins::summary(&labels, &fingerprint, &decision, mark.phase, opt_ms(mark.due_at), None);
-                let entry = EventRecord {
-                    at: from_ms(mark.at),
-                    kind: AuditKind::AlertJoined,
-                    actor: SYSTEM_ACTOR.into(),
-                    phase_from: None,
-                    phase_to: None,
-                    summary: storable(&summary),
-                    detail: serde_json::json!({ "alert_id": alert_id, "fingerprint": fingerprint }),
-                };
-                Ok((mark.after, alert_id, entry))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        joins.sort_by_key(|(after, alert_id, _)| (*after, *alert_id));
-        Ok(joins.into_iter().map(|(after, _, e)| (after, e)).collect())
+    /// An incident's audit rows alone, oldest first: what the action path reads to find an
+    /// interrupted action, without the storm of plain joins.
+    pub async fn audit_events(&self, id: &IncidentId) -> Result<Vec<EventRecord>> {
+        Ok(audit_rows(&self.pool, id).await?.into_iter().map(|(_, e)| e).collect())
     }
 
     /// Appends an audit entry on its own (a refused approval, a PagerDuty acknowledgement).
@@ -183,6 +138,89 @@ impl StoreTx {
     }
 }
 
+/// An incident's audit rows with their ids, oldest first.
+async fn audit_rows<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    e: E,
+    id: &IncidentId,
+) -> Result<Vec<(i64, EventRecord)>> {
+    let rows = sqlx::query(
+        "SELECT id, at, kind, actor, phase_from, phase_to, summary, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
+    )
+    .bind(&id.0)
+    .fetch_all(e)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let kind: String = r.try_get("kind")?;
+            let entry = EventRecord {
+                at: from_ms(r.try_get("at")?),
+                kind: AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?,
+                actor: r.try_get("actor")?,
+                phase_from: r
+                    .try_get::<Option<String>, _>("phase_from")?
+                    .as_deref()
+                    .and_then(Phase::parse),
+                phase_to: r
+                    .try_get::<Option<String>, _>("phase_to")?
+                    .as_deref()
+                    .and_then(Phase::parse),
+                summary: r.try_get("summary")?,
+                detail: serde_json::from_str(&r.try_get::<String, _>("detail")?).unwrap_or(Value::Null),
+            };
+            Ok((r.try_get("id")?, entry))
+        })
+        .collect()
+}
+
+/// The incident's plain joins as timeline entries, each with the id of the audit row it
+/// follows, in the order they were made.
+async fn plain_joins<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    e: E,
+    id: &IncidentId,
+) -> Result<Vec<(i64, EventRecord)>> {
+    let rows = sqlx::query(
+        "SELECT id, fingerprint, labels, decision, joined FROM alerts WHERE incident_id = $1 AND joined IS NOT NULL",
+    )
+    .bind(&id.0)
+    .fetch_all(e)
+    .await?;
+    let mut joins = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let alert_id: i64 = r.try_get("id")?;
+        let fingerprint = Fingerprint(r.try_get("fingerprint")?);
+        let Ok(mark) = serde_json::from_str::<JoinMark>(&r.try_get::<String, _>("joined")?) else {
+            // Not this version's mark (a newer replica's, or damaged): the alert's join is
+            // still in the incident's alerts; one unreadable row never hides the timeline.
+            tracing::warn!(incident = %id.0, alert = alert_id, "unreadable join mark; left out of the timeline");
+            continue;
+        };
+        let labels = serde_json::from_str::<LabelSet>(&r.try_get::<String, _>("labels")?).ok();
+        let decision = r
+            .try_get::<Option<String>, _>("decision")?
+            .and_then(|d| serde_json::from_str::<Decision>(&d).ok());
+        let summary = match (&labels, &decision) {
+            (Some(labels), Some(d)) => joins::summary(labels, &fingerprint, d, mark.phase, opt_ms(mark.due_at), None),
+            // A decision or labels this version cannot read (a newer replica's outcome):
+            // the entry says what is certain.
+            _ => format!("alert {fingerprint} joined the incident (incident {})", mark.phase),
+        };
+        let entry = EventRecord {
+            at: from_ms(mark.at),
+            kind: AuditKind::AlertJoined,
+            actor: SYSTEM_ACTOR.into(),
+            phase_from: None,
+            phase_to: None,
+            summary: storable(&summary),
+            detail: serde_json::json!({ "alert_id": alert_id, "fingerprint": fingerprint }),
+        };
+        joins.push(((mark.after, mark.at, mark.seq, alert_id), entry));
+    }
+    // Joins between the same two audit rows in the order they were made: by time, and within
+    // one transaction (one time) in the order it decided them.
+    joins.sort_by_key(|(order, _)| *order);
+    Ok(joins.into_iter().map(|((after, ..), e)| (after, e)).collect())
+}
+
 /// Appends one audit entry, through the pool or inside a transaction.
 pub(super) async fn insert<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     executor: E,
@@ -220,8 +258,16 @@ mod tests {
     async fn plain_joins_read_back_in_their_place_in_the_timeline() {
         let (_dir, store) = sqlite_store().await;
         let now = Utc::now();
-        let fps = ["a1b2c3d4e5f60701", "a1b2c3d4e5f60702", "a1b2c3d4e5f60703", "a1b2c3d4e5f60704"];
-        store.ingest(&super::super::intake::tests::delivery(&fps), now).await.unwrap();
+        let fps = [
+            "a1b2c3d4e5f60701",
+            "a1b2c3d4e5f60702",
+            "a1b2c3d4e5f60703",
+            "a1b2c3d4e5f60704",
+        ];
+        store
+            .ingest(&super::super::intake::tests::delivery(&fps), now)
+            .await
+            .unwrap();
         let ids = store.pending_alert_ids(10).await.unwrap();
         let inc = Incident::sample(Phase::AwaitingApproval, now);
         let entry = |summary: &str| NewEvent {
@@ -237,14 +283,18 @@ mod tests {
         tx.insert_incident(&inc).await.unwrap();
         tx.claim_alerts(&ids).await.unwrap();
         tx.append_event(&inc.id, now, entry("first")).await.unwrap();
-        for &a in &ids[..2] {
+        // Decided in this order (a batch puts other groups' alerts first), not by id.
+        for &a in [ids[1], ids[0]].iter() {
             tx.join_alert(a, &inc.id, &d, now, inc.phase, None).await.unwrap();
         }
         tx.append_event(&inc.id, now, entry("between")).await.unwrap();
         tx.join_alert(ids[2], &inc.id, &d, now, inc.phase, None).await.unwrap();
         tx.settle_alerts(&ids[..3]);
         tx.commit().await.unwrap();
-        store.note(&inc.id, now, AuditKind::ApprovalRefused, "u", "outside", &Value::Null).await.unwrap();
+        store
+            .note(&inc.id, now, AuditKind::ApprovalRefused, "u", "outside", &Value::Null)
+            .await
+            .unwrap();
         let mut tx = store.begin().await.unwrap();
         tx.claim_alerts(&ids[3..]).await.unwrap();
         tx.join_alert(ids[3], &inc.id, &d, now, inc.phase, None).await.unwrap();
@@ -259,12 +309,14 @@ mod tests {
                 _ => e.summary.clone(),
             })
             .collect();
-        assert_eq!(said, ["first", fps[0], fps[1], "between", fps[2], "outside", fps[3]]);
-        let joined = &read[1];
+        assert_eq!(said, ["first", fps[1], fps[0], "between", fps[2], "outside", fps[3]]);
+        let joined = &read[2];
         assert_eq!(joined.detail["alert_id"], ids[0]);
         assert_eq!(joined.actor, SYSTEM_ACTOR);
         assert!(
-            joined.summary.starts_with("HighErrorRate service=checkout (a1b2c3d4e5f60701) joined the incident (trigger t qualifies"),
+            joined.summary.starts_with(
+                "HighErrorRate service=checkout (a1b2c3d4e5f60701) joined the incident (trigger t qualifies"
+            ),
             "{}",
             joined.summary
         );
@@ -274,6 +326,30 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(audit_rows, 0, "a plain join writes no audit row");
+        assert_eq!(
+            store.audit_events(&inc.id).await.unwrap().len(),
+            3,
+            "the audit rows alone"
+        );
+
+        // A row this version cannot read (a newer replica's decision, a damaged mark) never
+        // hides the rest of the timeline.
+        sqlx::query("UPDATE alerts SET decision = '{\"outcome\":\"from_the_future\"}' WHERE id = $1")
+            .bind(ids[2])
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE alerts SET joined = 'not a mark' WHERE id = $1")
+            .bind(ids[3])
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let read = store.events(&inc.id).await.unwrap();
+        assert_eq!(read.len(), 6, "the unreadable mark left out, nothing else");
+        assert_eq!(
+            read[4].summary,
+            "alert a1b2c3d4e5f60703 joined the incident (incident awaiting_approval)"
+        );
     }
 
     /// Every kind is stored by its name and read back as itself; a name this version does not

@@ -217,10 +217,16 @@ impl StoreTx {
 static HISTORY_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
     let executing = sql_phases(&[Phase::Executing]);
     let counted = |since: &str| format!("(acted_at >= {since} OR (phase = {executing} AND acted_at IS NULL))");
-    let policy = format!("(SELECT COUNT(*) FROM incidents WHERE policy = $2 AND {})", counted("$3"));
+    let policy = format!(
+        "(SELECT COUNT(*) FROM incidents WHERE policy = $2 AND {})",
+        counted("$3")
+    );
     [(false, false), (true, false), (false, true), (true, true)].map(|(p, g)| {
         let global = if g {
-            format!("(SELECT COUNT(*) FROM incidents WHERE {})", counted(if p { "$4" } else { "$2" }))
+            format!(
+                "(SELECT COUNT(*) FROM incidents WHERE {})",
+                counted(if p { "$4" } else { "$2" })
+            )
         } else {
             "CAST(0 AS BIGINT)".into()
         };

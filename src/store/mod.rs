@@ -222,6 +222,7 @@ impl Store {
             deferred: Default::default(),
             last_decision: None,
             event_marks: Default::default(),
+            joins: 0,
         })
     }
 }
@@ -244,6 +245,8 @@ pub struct StoreTx {
     /// plain join is placed after it ([`StoreTx::join_alert`]). Forgotten for an incident when
     /// this transaction appends an entry to it.
     event_marks: std::collections::HashMap<crate::incident::IncidentId, i64>,
+    /// Plain joins this transaction recorded: each one's place among them.
+    joins: u32,
 }
 
 /// What a committed transaction left for others to do.
