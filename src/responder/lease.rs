@@ -287,12 +287,18 @@ mod tests {
     async fn a_renewal_the_store_cannot_answer_is_retried_while_the_lease_runs() {
         let (dir, r, inc) = holding(Duration::from_secs(3)).await;
         let lease = Lease::new(&r, inc.lease_until.unwrap());
+        let first_until = lease.until();
         let unlock = lock_the_store_for(&dir, Duration::from_millis(2300)).await;
         // The renewal at 1 s waits on the lock and gives up at 2 s; the store answers again at
-        // 2.3 s, inside the lease (3 s): a retry renews it (the next regular renewal, at 3 s,
-        // would come too late) and the action writes.
+        // 2.3 s, inside the lease (3 s): a retry renews it at once (the next regular renewal
+        // would come only at 3 s, as the lease ends) and the action writes.
         let action = async {
-            tokio::time::sleep(Duration::from_millis(3500)).await;
+            tokio::time::sleep(Duration::from_millis(2700)).await;
+            assert!(
+                lease.until() > first_until,
+                "renewed by a retry soon after the store answered again, not at the next regular renewal"
+            );
+            tokio::time::sleep(Duration::from_millis(800)).await;
             lease.before_write().await;
         };
         assert_eq!(
