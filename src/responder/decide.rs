@@ -26,24 +26,24 @@ use crate::store::{NewEvent, StoreError, StoreTx, StoredAlert};
 struct Deciding {
     now: DateTime<Utc>,
     freezes: FreezeState,
-    history: std::collections::HashMap<(String, String), policy::History>,
+    history: foldhash::HashMap<(String, String), policy::History>,
     /// (incident, alertname) pairs known to be in an incident: in a storm most joining
     /// alerts share a name, and an alert never leaves its incident, so one look-up serves
     /// the batch. Kept for later batches once committed ([`Responder::named_incidents`]).
-    named: std::collections::HashSet<(IncidentId, String)>,
+    named: foldhash::HashSet<(IncidentId, String)>,
     /// The open incident per target, read once per batch: in a storm every alert of a target
     /// joins the same incident, and reading and parsing it again for each cost more than the
     /// rest of the join. Only a plain join (one that changed nothing of the incident) puts it
     /// back; any other path reads it again. Before the batch commits, each cached incident is
     /// checked to be unchanged and still open (another replica may have changed it meanwhile
     /// on PostgreSQL); if not, the batch is redone alert by alert.
-    open: std::collections::HashMap<String, Incident>,
+    open: foldhash::HashMap<String, Incident>,
     /// Every incident an alert of this transaction joined: `true` for a plain join, which
     /// relied on the incident being open and is checked before the commit
     /// ([`Responder::joined_still_hold`]); `false` where this transaction changed the incident
     /// itself (its version-checked write holds it). Either way not kept for the next batch. So a
     /// join to an incident that another replica changed or closed meanwhile is redone.
-    joined: std::collections::HashMap<IncidentId, bool>,
+    joined: foldhash::HashMap<IncidentId, bool>,
 }
 
 /// Open incidents kept between batches ([`Responder::open_incidents`]) before they are all
@@ -143,30 +143,37 @@ impl Responder {
         let mut ctx = self.deciding().await?;
         let started = Instant::now();
         let mut tx = self.store.begin().await?;
-        // Claimed in one statement; what the batch does not get to stays pending (see below).
-        let mut claimed = tx.claim_alerts(ids).await?;
-        if claimed.is_empty() {
-            return Ok((Vec::new(), None));
-        }
-        // In the order asked for: the other groups' heads first (see `fair_order`).
-        let at: std::collections::HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        claimed.sort_by_key(|a| at.get(&a.id).copied().unwrap_or(usize::MAX));
+        // Claimed a few at a time, in the order asked for (the other groups' heads first: see
+        // `fair_order`): a batch often ends after its first few alerts (the budget, or webhook
+        // deliveries waiting), and each alert claimed is read and its labels parsed. What the
+        // batch does not get to stays pending (see below).
         let mut work = Vec::new();
-        let mut decided = 0;
-        for stored in &claimed {
-            work.extend(self.decide_guarded(&mut tx, stored, &mut ctx).await?);
-            decided += 1;
-            // The budget (`workers.decision_batch_budget`, 2 ms): on SQLite this transaction
-            // holds the only connection and webhook intake waits behind it, so a short batch
-            // keeps the intake's latency low while a storm is decided.
-            if started.elapsed() > self.decision_budget || (decided >= BATCH_MIN && self.store.intake_waiting()) {
-                break;
+        let mut settled: Vec<i64> = Vec::new();
+        let (mut any_claimed, mut left) = (false, false);
+        let mut chunks = ids.chunks(BATCH_MIN).peekable();
+        'batch: while let Some(chunk) = chunks.next() {
+            let mut claimed = tx.claim_alerts(chunk).await?;
+            any_claimed |= !claimed.is_empty();
+            claimed.sort_by_key(|a| chunk.iter().position(|id| *id == a.id));
+            for (i, stored) in claimed.iter().enumerate() {
+                work.extend(self.decide_guarded(&mut tx, stored, &mut ctx).await?);
+                settled.push(stored.id);
+                // The budget (`workers.decision_batch_budget`, 2 ms): on SQLite this
+                // transaction holds the only connection and webhook intake waits behind it, so
+                // a short batch keeps the intake's latency low while a storm is decided.
+                if started.elapsed() > self.decision_budget
+                    || (settled.len() >= BATCH_MIN && self.store.intake_waiting())
+                {
+                    left = i + 1 < claimed.len() || chunks.peek().is_some();
+                    break 'batch;
+                }
             }
         }
+        if !any_claimed {
+            return Ok((Vec::new(), None));
+        }
         // The decided ones are settled; the rest stay pending for the next batch.
-        let settled: Vec<i64> = claimed[..decided].iter().map(|a| a.id).collect();
         tx.settle_alerts(&settled);
-        let left = claimed.len() - decided;
         self.joined_still_hold(&mut tx, &ctx).await?;
         let (open, joined) = (std::mem::take(&mut ctx.open), std::mem::take(&mut ctx.joined));
         let committed = tx.commit().await?;
@@ -181,7 +188,7 @@ impl Responder {
             kept.retain(|_, i| !joined.contains_key(&i.id));
             kept.extend(open);
         }
-        Ok((work, Some(left > 0)))
+        Ok((work, Some(left)))
     }
 
     /// One alert, in one transaction; retried when another replica wins a race on the target.
@@ -253,7 +260,7 @@ impl Responder {
     }
 
     /// Keeps what a committed transaction put in its incidents ([`Responder::named_incidents`]).
-    fn keep_named(&self, named: std::collections::HashSet<(IncidentId, String)>) {
+    fn keep_named(&self, named: foldhash::HashSet<(IncidentId, String)>) {
         if let Ok(mut kept) = self.named_incidents.lock() {
             // Bounded; forgetting only costs a look-up.
             if kept.len() > MAX_KEPT_NAMES {
@@ -339,15 +346,17 @@ impl Responder {
         }
     }
 
+    /// The decision on `stored` under `set`, whose policy and trigger for it (`policy::find`)
+    /// are `matched`.
     fn decide_for(
         &self,
         set: &PolicySet,
         stored: &StoredAlert,
+        matched: Option<(&policy::Policy, &policy::Trigger)>,
         history: &policy::History,
         freezes: &FreezeState,
         now: DateTime<Utc>,
     ) -> Decision {
-        let matched = policy::find(&stored.alert, set);
         policy::decide(&stored.alert, matched, now, history, freezes, &self.global, &set.hash)
     }
 
@@ -376,7 +385,7 @@ impl Responder {
         let (now, freezes) = (ctx.now, &ctx.freezes);
         let set = self.policies();
         let Some((p, trigger)) = policy::find(&stored.alert, &set) else {
-            let d = self.decide_for(&set, stored, &policy::History::default(), freezes, now);
+            let d = self.decide_for(&set, stored, None, &policy::History::default(), freezes, now);
             self.metrics.decision(d.outcome.label(), "");
             tx.set_alert_outcome(stored.id, None, Some(&d)).await?;
             info!(alertname = stored.alert.alertname(), fingerprint = %stored.alert.fingerprint, "no policy matches; stored only");
@@ -387,7 +396,7 @@ impl Responder {
             std::collections::hash_map::Entry::Occupied(h) => h.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(self.load_history(tx, p, now).await?),
         };
-        let d = self.decide_for(&set, stored, history, freezes, now);
+        let d = self.decide_for(&set, stored, Some((p, trigger)), history, freezes, now);
         self.metrics.decision(d.outcome.label(), &p.name);
         if let Outcome::Undecidable { problem } = &d.outcome {
             // Bad data: marked, listed by the API, and never in an incident's way.

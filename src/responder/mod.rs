@@ -102,11 +102,11 @@ pub struct Responder {
     /// Open incidents per target as the last deciding batch committed them: the next batch
     /// uses one only if the store still has it open at the same version (one small query
     /// instead of reading and parsing the whole incident); see `decide::Deciding::open`.
-    pub(super) open_incidents: std::sync::Mutex<std::collections::HashMap<String, crate::incident::Incident>>,
+    pub(super) open_incidents: std::sync::Mutex<foldhash::HashMap<String, crate::incident::Incident>>,
     /// (incident, alertname) pairs that committed batches put in an incident: an alert never
     /// leaves its incident, so once true this stays true, and the next batch's first alert of
     /// that name is not looked up again; see `decide::Deciding::named`.
-    pub(super) named_incidents: std::sync::Mutex<std::collections::HashSet<(crate::incident::IncidentId, String)>>,
+    pub(super) named_incidents: std::sync::Mutex<foldhash::HashSet<(crate::incident::IncidentId, String)>>,
     /// Where "now" comes from for every step.
     pub clock: Clock,
     /// How long one batch of decisions may hold its transaction (`workers.decision_batch_budget`).

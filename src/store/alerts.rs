@@ -102,8 +102,12 @@ impl StoreTx {
             "SELECT {CLAIM_COLS} FROM alerts WHERE pending = 1 AND id IN ({}){lock}",
             placeholders(self.backend, ids.len())
         );
+        // A batch claims a few alerts at a time; what it holds back writes only alerts it has
+        // claimed already, so a claim of others need not send that first.
+        let held_back = self.deferred.outcomes.iter().any(|o| ids.contains(&o.alert_id));
+        let db = if held_back { self.db().await? } else { self.db_ahead() };
         let mut alerts = bind_ids(&sql, ids)
-            .fetch_all(self.db().await?)
+            .fetch_all(db)
             .await?
             .iter()
             .map(claimed_from_row)
@@ -147,11 +151,14 @@ impl StoreTx {
         incident: Option<&IncidentId>,
         decision: Option<&Decision>,
     ) -> Result<()> {
-        let decision = decision.map(|d| match &self.last_decision {
-            Some((last, json)) if last == d => json.clone(),
-            _ => {
+        let decision = decision.map(|d| match self.decisions.iter().find(|(kept, _)| kept == d) {
+            Some((_, json)) => json.clone(),
+            None => {
                 let json: std::sync::Arc<str> = to_json(d).into();
-                self.last_decision = Some((d.clone(), json.clone()));
+                if self.decisions.len() == KEPT_DECISIONS {
+                    self.decisions.remove(0);
+                }
+                self.decisions.push((d.clone(), json.clone()));
                 json
             }
         });
@@ -187,7 +194,7 @@ impl StoreTx {
         };
         self.set_alert_outcome(alert_id, Some(incident), Some(decision)).await?;
         if let Some(o) = self.deferred.outcomes.last_mut() {
-            o.joined = Some(to_json(&mark));
+            o.joined = Some(mark.to_json());
         }
         Ok(())
     }
@@ -226,6 +233,9 @@ impl StoreTx {
 }
 
 /// What deciding needs of every claimed alert, in this order (read by position).
+/// Decisions a transaction keeps as written ([`StoreTx::set_alert_outcome`]).
+const KEPT_DECISIONS: usize = 8;
+
 const CLAIM_COLS: &str = "id, fingerprint, starts_at, ends_at, status, labels, incident_id";
 
 /// A claimed alert from a row of [`CLAIM_COLS`]: partial.

@@ -11,7 +11,7 @@
 //! [`StoreTx::db_ahead`]). Reads inside
 //! the transaction see every earlier write, and entries keep the order they were made in.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sqlx::AnyConnection;

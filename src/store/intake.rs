@@ -24,7 +24,9 @@
 //! store. The cache is filled only after a commit, so it never says "stored" about something
 //! that is not; anything it does not know goes to the store, which stays the judge.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 

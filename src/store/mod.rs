@@ -220,7 +220,7 @@ impl Store {
             queued: Vec::new(),
             intake: self.intake.clone(),
             deferred: Default::default(),
-            last_decision: None,
+            decisions: Vec::new(),
             event_marks: Default::default(),
             joins: 0,
         })
@@ -238,13 +238,15 @@ pub struct StoreTx {
     /// Writes held back to be sent together ([`deferred`]); every other statement goes through
     /// [`StoreTx::db`], which sends them first.
     deferred: deferred::Deferred,
-    /// The last decision this transaction stored, as written: a storm's alerts of one
-    /// delivery are mostly decided alike, and comparing costs far less than serialising.
-    last_decision: Option<(crate::policy::Decision, Arc<str>)>,
+    /// The latest few decisions this transaction stored, as written: a storm's alerts are
+    /// mostly decided alike, and comparing costs far less than serialising. A few, not one:
+    /// a batch behind a backlog takes the oldest alert of several groups first, and their
+    /// decisions alternate.
+    decisions: Vec<(crate::policy::Decision, Arc<str>)>,
     /// The id of each incident's latest audit entry, as far as this transaction knows it: a
     /// plain join is placed after it ([`StoreTx::join_alert`]). Forgotten for an incident when
     /// this transaction appends an entry to it.
-    event_marks: std::collections::HashMap<crate::incident::IncidentId, i64>,
+    event_marks: foldhash::HashMap<crate::incident::IncidentId, i64>,
     /// Plain joins this transaction recorded: each one's place among them.
     joins: u32,
 }
