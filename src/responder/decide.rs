@@ -5,6 +5,7 @@
 //! aside with its reason and never holds up the others. Before: the webhook stored the alert;
 //! after: the action path (`Responder::run_started`) runs what this claimed.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -37,7 +38,7 @@ struct Deciding {
     /// back; any other path reads it again. Before the batch commits, each cached incident is
     /// checked to be unchanged and still open (another replica may have changed it meanwhile
     /// on PostgreSQL); if not, the batch is redone alert by alert.
-    open: foldhash::HashMap<String, Incident>,
+    open: foldhash::HashMap<String, Arc<Incident>>,
     /// Every incident an alert of this transaction joined: `true` for a plain join, which
     /// relied on the incident being open and is checked before the commit
     /// ([`Responder::joined_still_hold`]); `false` where this transaction changed the incident
@@ -308,7 +309,7 @@ impl Responder {
 
     /// The open incident on a target: the copy the last batch committed if the store still
     /// has it open at that version, else read whole.
-    async fn open_incident(&self, tx: &mut StoreTx, target_key: &str) -> Result<Option<Incident>, StepError> {
+    async fn open_incident(&self, tx: &mut StoreTx, target_key: &str) -> Result<Option<Arc<Incident>>, StepError> {
         let Some((id, version)) = tx.open_incident_version(target_key).await? else {
             return Ok(None);
         };
@@ -319,7 +320,7 @@ impl Responder {
         });
         match kept {
             Some(inc) => Ok(Some(inc)),
-            None => Ok(tx.open_incident_for(target_key).await?),
+            None => Ok(tx.open_incident_for(target_key).await?.map(Arc::new)),
         }
     }
 
@@ -426,9 +427,12 @@ impl Responder {
                     .incident(&inc.id)
                     .await?
                     .filter(|fresh| fresh.version == kept_version && fresh.closed_at.is_none())
+                    .map(Arc::new)
                     .ok_or_else(|| StepError::Conflict(inc.id.clone()))?;
                 let cands = self.candidates(tx, &inc, &set, freezes, now).await?;
-                let a = self.reconcile(tx, &mut inc, &cands, freezes, now).await?;
+                let a = self
+                    .reconcile(tx, Arc::make_mut(&mut inc), &cands, freezes, now)
+                    .await?;
                 // The alert and its decision are in its row (`alert_id`); the entry says which,
                 // and its summary why and what changed.
                 let detail = format!(
@@ -481,10 +485,10 @@ impl Responder {
             ctx.named.insert(named);
             match applied {
                 Some(a) if a.executing => {
-                    self.claim_and_start(tx, &mut inc, now).await?;
+                    self.claim_and_start(tx, Arc::make_mut(&mut inc), now).await?;
                     ctx.joined.insert(inc.id.clone(), false);
                     ctx.history.clear();
-                    return Ok(Some(inc.id));
+                    return Ok(Some(inc.id.clone()));
                 }
                 // Changed: the next alert reads it again.
                 Some(_) => {

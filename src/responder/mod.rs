@@ -102,7 +102,7 @@ pub struct Responder {
     /// Open incidents per target as the last deciding batch committed them: the next batch
     /// uses one only if the store still has it open at the same version (one small query
     /// instead of reading and parsing the whole incident); see `decide::Deciding::open`.
-    pub(super) open_incidents: std::sync::Mutex<foldhash::HashMap<String, crate::incident::Incident>>,
+    pub(super) open_incidents: std::sync::Mutex<foldhash::HashMap<String, std::sync::Arc<crate::incident::Incident>>>,
     /// (incident, alertname) pairs that committed batches put in an incident: an alert never
     /// leaves its incident, so once true this stays true, and the next batch's first alert of
     /// that name is not looked up again; see `decide::Deciding::named`.

@@ -242,7 +242,7 @@ const CLAIM_COLS: &str = "id, fingerprint, starts_at, ends_at, status, labels, i
 fn claimed_from_row(r: &AnyRow) -> Result<StoredAlert> {
     let status: String = r.try_get(4)?;
     let labels: LabelSet =
-        serde_json::from_str(&r.try_get::<String, _>(5)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        serde_json::from_str(r.try_get::<&str, _>(5)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(StoredAlert {
         id: r.try_get(0)?,
         alert: Alert {
