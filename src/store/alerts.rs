@@ -82,6 +82,29 @@ impl StoreTx {
         row.map(|r| alert_from_row(&r)).transpose()
     }
 
+    /// Of `ids`, those still pending that no other transaction holds, in their order, locked
+    /// for this transaction until it ends: on PostgreSQL `FOR UPDATE SKIP LOCKED`, so another
+    /// replica asking for the same oldest alerts skips the whole batch (and waits) instead of
+    /// deciding the same storm alongside; on SQLite this transaction holds the only
+    /// connection, and `ids` are returned as they are. The batch then reads them a few at a
+    /// time with [`StoreTx::claim_alerts`].
+    pub async fn lock_alerts(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
+        if self.backend == Backend::Sqlite || ids.is_empty() {
+            return Ok(ids.to_vec());
+        }
+        let sql = format!(
+            "SELECT id FROM alerts WHERE pending = 1 AND id IN ({}) FOR UPDATE SKIP LOCKED",
+            placeholders(self.backend, ids.len())
+        );
+        let locked: Vec<i64> = bind_ids(&sql, ids)
+            .fetch_all(self.db().await?)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(ids.iter().copied().filter(|id| locked.contains(id)).collect())
+    }
+
     /// Takes every alert of `ids` that is still pending, in one statement; returns them in id
     /// order (alerts another worker took first are left out). They stay pending until
     /// [`StoreTx::settle_alerts`] says which were decided: that write is held back and joins

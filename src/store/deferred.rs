@@ -66,7 +66,8 @@ impl StoreTx {
 
     /// The transaction's connection without sending what is held back first, for reads that
     /// nothing held back can change: of the `incidents` table (what is held back writes only
-    /// `alerts` and `incident_events`), or of audit entries when none is held back. A batch of alerts across
+    /// `alerts` and `incident_events`), of audit entries when none is held back, or of alerts
+    /// none of whose outcomes is held back (a batch's next claim). A batch of alerts across
     /// several targets reads each target's incident and history between its alerts; flushing
     /// before each of those split the batch's writes into many small statements.
     pub(super) fn db_ahead(&mut self) -> &mut AnyConnection {

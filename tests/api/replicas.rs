@@ -537,3 +537,56 @@ async fn a_replica_killed_after_aws_applied_its_write_is_taken_over_as_a_no_op()
         "{summary}"
     );
 }
+
+/// A batch locks every alert it asked for before it reads any (it reads them eight at a time):
+/// a second replica asking for the same oldest alerts gets none of them, not the ones the first
+/// has not read yet, and so does not decide the same storm alongside it. Once the first ends
+/// without deciding them, they are there for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_gets_none_of_the_alerts_a_batch_holds() {
+    let db = PgDb::create().await;
+    let store = Store::connect(&db.url, 4).await.expect("connect");
+    let alerts: Vec<Value> = (0..20)
+        .map(|i| {
+            alert(
+                "HighErrorRate",
+                "checkout",
+                &format!("{i:016x}"),
+                "2026-12-01T10:00:00Z",
+                None,
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&payload("firing", alerts)).unwrap();
+    let n = rollback_responder::alert::Notification::parse(&body).unwrap();
+    store.ingest(&n, Utc::now()).await.unwrap();
+    let ids = store.pending_alert_ids(32).await.unwrap();
+    assert_eq!(ids.len(), 20);
+
+    let mut first = store.begin().await.unwrap();
+    assert_eq!(
+        first.lock_alerts(&ids).await.unwrap(),
+        ids,
+        "the first takes them all, in order"
+    );
+    let read = first.claim_alerts(&ids[..8]).await.unwrap();
+    assert_eq!(read.len(), 8);
+
+    let mut second = store.begin().await.unwrap();
+    assert!(
+        second.lock_alerts(&ids).await.unwrap().is_empty(),
+        "held by the first, read or not"
+    );
+    assert!(second.claim_alerts(&ids[8..]).await.unwrap().is_empty());
+    second.commit().await.unwrap();
+
+    // Ended (committed, having settled nothing), not dropped: a dropped transaction's
+    // rollback is sent later, and its locks would outlive the assertion below.
+    first.commit().await.unwrap();
+    let mut third = store.begin().await.unwrap();
+    assert_eq!(
+        third.lock_alerts(&ids).await.unwrap(),
+        ids,
+        "nothing was decided: all still pending"
+    );
+}
