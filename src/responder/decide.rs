@@ -147,9 +147,9 @@ impl Responder {
         // Claimed a few at a time, in the order asked for (the other groups' heads first: see
         // `fair_order`): a batch often ends after its first few alerts (the budget, or webhook
         // deliveries waiting), and each alert claimed is read and its labels parsed. What the
-        // batch does not get to stays pending (see below).
-        // All of them locked first, as one claim did before: another replica asking for the
-        // same oldest alerts skips the batch rather than deciding its later alerts alongside.
+        // batch does not get to stays pending (see below). All of them are locked first, as one
+        // claim did before: another replica asking for the same oldest alerts skips the batch
+        // rather than deciding its later alerts alongside.
         let ids = tx.lock_alerts(ids).await?;
         let mut work = Vec::new();
         let mut settled: Vec<i64> = Vec::new();

@@ -255,10 +255,10 @@ impl StoreTx {
     }
 }
 
-/// What deciding needs of every claimed alert, in this order (read by position).
 /// Decisions a transaction keeps as written ([`StoreTx::set_alert_outcome`]).
 const KEPT_DECISIONS: usize = 8;
 
+/// What deciding needs of every claimed alert, in this order (read by position).
 const CLAIM_COLS: &str = "id, fingerprint, starts_at, ends_at, status, labels, incident_id";
 
 /// A claimed alert from a row of [`CLAIM_COLS`]: partial.

@@ -168,8 +168,9 @@ fn write_statement(backend: Backend, kind: Kind, n: usize) -> String {
     // On SQLite, `OR FAIL`: a statement of many rows that may abort (a NOT NULL column) inside
     // a transaction gets a statement journal, a copy of every page it touches so that it can
     // undo itself alone; that copying was a twentieth of a decided delivery. These statements
-    // are never undone alone: any error abandons the whole transaction (or the savepoint it is
-    // in), which undoes them with it. PostgreSQL has no such clause and no such cost.
+    // are never undone alone: any error abandons the whole transaction, which undoes them
+    // with it (they are sent before the intake's savepoint opens, never inside it).
+    // PostgreSQL has no such clause and no such cost.
     let fail = match backend {
         Backend::Postgres => "",
         Backend::Sqlite => " OR FAIL",
