@@ -33,7 +33,7 @@ def load(raw):
         with open(path) as f:
             runs = [json.loads(line) for line in f if line.strip()]
     extra = {}
-    for name in ("storm", "ttr"):
+    for name in ("storm", "storm-burst", "ttr"):
         p = os.path.join(raw, f"{name}.json")
         if os.path.exists(p):
             with open(p) as f:
@@ -149,24 +149,32 @@ def main():
             verdict(f"p99 < 5 ms at {l['rate']:.0f} notifications/s, 10 alerts, repeated", ok,
                     f"p99 {ms(l['p99_us'])} ms, achieved {l['achieved_rps']:,.0f}/s")
     windows = {r["name"]: r["window"] for r in runs if r["section"] == "window"}
-    s = extra.get("storm")
-    if s:
+    for name, title in (("storm", "100 notifications x 100 alerts, ~1 s, open loop"),
+                        ("storm-burst", "the same, released within 0.1 s")):
+        s = extra.get(name)
+        if not s:
+            continue
         hwm_kib = int(s["vm_hwm"].split()[0])
-        parts += ["## Storm: 10,000 distinct alerts for one service (100 notifications x 100 alerts, ~1 s, open loop)", "",
+        parts += [f"## {'Storm' if name == 'storm' else 'Storm, burst'}: 10,000 distinct alerts for one service ({title})", "",
                   "| measure | value |", "|---|---|"]
         for k in ("alerts_sent", "notifications", "notifications_2xx", "send_seconds", "webhook_p50_ms", "webhook_p99_ms",
                   "webhook_max_ms", "alerts_stored", "alerts_still_pending", "incidents", "audit_rows", "timeline_events",
                   "modify_listener_calls", "listener_reverted", "storm_start_to_modify_s",
-                  "storm_start_to_all_processed_s", "rss_before", "vm_hwm", "vm_rss_after", "db_bytes"):
+                  "storm_start_to_all_processed_s", "send_end_to_all_processed_s", "rss_before", "vm_hwm", "vm_rss_after",
+                  "db_bytes"):
             v = s.get(k)
             parts.append(f"| {k} | {f'{v:.3f}' if isinstance(v, float) else v} |")
         parts.append(f"| foreign CPU % mean / max | {foreign([windows.get('storm')])} |")
         parts.append("")
-        verdict("storm: exactly one rollback", s["modify_listener_calls"] == 1 and s["incidents"] == 1,
+        verdict(f"{name}: exactly one rollback", s["modify_listener_calls"] == 1 and s["incidents"] == 1,
                 f"{s['modify_listener_calls']} ModifyListener, {s['incidents']} incident(s)")
-        verdict("storm: nothing lost", s["alerts_stored"] == s["alerts_sent"] and s["notifications_2xx"] == s["notifications"],
+        verdict(f"{name}: nothing lost", s["alerts_stored"] == s["alerts_sent"] and s["notifications_2xx"] == s["notifications"],
                 f"{s['alerts_stored']:,} of {s['alerts_sent']:,} stored, {s['notifications_2xx']}/{s['notifications']} 2xx")
-        verdict("storm: peak RSS < 100 MB", hwm_kib < RSS_LIMIT_KIB, f"VmHWM {hwm_kib:,} KiB = {hwm_kib * 1024 / 1e6:.1f} MB")
+        done = s.get("storm_start_to_all_processed_s")
+        verdict(f"{name}: every alert decided < 1 s from its start", done is not None and done < 1.0,
+                f"{done:.3f} s from the start (sending took {s['send_seconds']:.3f} s; deciding trailed the last "
+                f"delivery by {s.get('send_end_to_all_processed_s') or 0:.3f} s)" if done is not None else "never")
+        verdict(f"{name}: peak RSS < 100 MB", hwm_kib < RSS_LIMIT_KIB, f"VmHWM {hwm_kib:,} KiB = {hwm_kib * 1024 / 1e6:.1f} MB")
     t = extra.get("ttr")
     if t:
         parts += [f"## Time to rollback ({t['measured']} incidents measured, after one warm-up incident)", "",

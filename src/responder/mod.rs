@@ -9,6 +9,7 @@
 //! once per step and passed down, so tests can move time instead of waiting for it.
 
 mod act;
+mod batch;
 mod claim;
 mod clock;
 mod decide;

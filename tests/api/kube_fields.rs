@@ -4,13 +4,14 @@
 //! change after the opening still does. Against the fake API server with its Deployment
 //! controller (ReplicaSets, revisions, managedFields).
 
-use rollback_responder::action::kubernetes::{KubeError, StepResult};
+use rollback_responder::action::kubernetes::{KubeError, KubeStep, StepResult};
+use rollback_responder::action::RevertedBy;
 use serde_json::json;
 
 use crate::kube_fake::{
     executor, incident_opens, patch_template, released_three_times, revision_and_image, target, undo_step,
 };
-use crate::support::fake_kube::{template, FakeKube};
+use crate::support::fake_kube::{service, template, FakeKube};
 
 const NS: &str = "portal";
 
@@ -27,6 +28,16 @@ async fn relabel(fake: &FakeKube, manager: &str, value: &str) {
         .expect("relabelled");
 }
 
+/// `manager`'s managedFields entry on `obj`.
+fn managed_by(obj: Option<serde_json::Value>, manager: &str) -> serde_json::Value {
+    let obj = obj.expect("the object");
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .and_then(|entries| entries.iter().find(|e| e["manager"] == manager))
+        .unwrap_or_else(|| panic!("no managedFields entry of {manager}: {obj}"))
+        .clone()
+}
+
 /// The release tool that owns the pod template (it made all three releases) also owns the
 /// Deployment's labels, and relabels it after the incident opened: its managedFields time is
 /// after the opening, but the template is the one current then (the newest ReplicaSet, made
@@ -38,14 +49,7 @@ async fn a_label_changed_after_opening_by_the_templates_manager_does_not_block_t
     relabel(&fake, "argocd-controller", "sync-1").await;
     let opened_at = incident_opens().await;
     relabel(&fake, "argocd-controller", "sync-2").await;
-    let d = fake.get("deployments", NS, "portal-api").expect("deployment");
-    let entry = d["metadata"]["managedFields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["manager"] == "argocd-controller")
-        .expect("the release tool's entry")
-        .clone();
+    let entry = managed_by(fake.get("deployments", NS, "portal-api"), "argocd-controller");
     assert!(entry["fieldsV1"]["f:spec"]["f:template"].is_object(), "{entry}");
     assert!(entry["fieldsV1"]["f:metadata"]["f:labels"].is_object(), "{entry}");
 
@@ -80,4 +84,84 @@ async fn a_template_changed_after_opening_by_the_same_manager_still_refuses() {
     assert!(err.to_string().contains("by `argocd-controller`"), "{err}");
     assert_eq!(fake.writes(), writes, "nothing written");
     assert_eq!(revision_and_image(&fake), ("4".into(), "portal-api:1.0.1".into()));
+}
+
+/// A write to the Service through the API, as `manager` (a JSON merge patch).
+async fn patch_service(fake: &FakeKube, manager: &str, patch: serde_json::Value) {
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(fake.client(), NS);
+    let pp = kube::api::PatchParams {
+        field_manager: Some(manager.into()),
+        ..Default::default()
+    };
+    api.patch("portal-api-prod", &pp, &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("patched");
+}
+
+/// The selector a rollback switches the Service to, and the step that does it.
+fn to_stable() -> (serde_json::Value, KubeStep) {
+    let selector = [("app", "portal-api"), ("version", "v1.0.0-rc.0")];
+    let step = KubeStep::SwitchService {
+        service: "portal-api-prod".into(),
+        selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    (json!({"app": "portal-api", "version": "v1.0.0-rc.0"}), step)
+}
+
+/// The release tool owns the Service's selector and its ports, and the selector already
+/// pointed at stable before the incident opened. The tool changing a port after the opening
+/// moves its one managedFields time past the opening, but the selector did not change then:
+/// the step is found done and credited to nobody as a revert since the opening. A person's
+/// `kubectl patch` of the selector alone, after the opening, is credited to them.
+#[tokio::test]
+async fn a_port_changed_after_opening_by_the_selectors_owner_is_not_called_a_revert() {
+    let fake = FakeKube::start().await;
+    fake.run_controllers();
+    fake.insert("services", service(NS, "portal-api-prod", &[("app", "portal-api")]));
+    let (stable, step) = to_stable();
+    let ports = |port: u16| json!([{"name": "http", "port": port, "protocol": "TCP"}]);
+    patch_service(&fake, "helm", json!({"spec": {"selector": stable, "ports": ports(80)}})).await;
+    let opened_at = incident_opens().await;
+    patch_service(&fake, "helm", json!({"spec": {"ports": ports(8080)}})).await;
+    let helm = managed_by(fake.get("services", NS, "portal-api-prod"), "helm");
+    assert!(helm["fieldsV1"]["f:spec"]["f:selector"].is_object(), "{helm}");
+    assert!(helm["fieldsV1"]["f:spec"]["f:ports"].is_object(), "{helm}");
+
+    let writes = fake.writes();
+    let outcome = executor(&fake)
+        .revert_since(&target(vec![step.clone()]), false, opened_at, &mut |_| {})
+        .await
+        .expect("found done");
+    assert!(!outcome.changed);
+    assert_eq!(fake.writes(), writes, "nothing written");
+    let StepResult::AlreadyDone { by, .. } = &outcome.steps[0].result else {
+        panic!("{:?}", outcome.steps[0].result);
+    };
+    let by = by.as_ref().expect("the selector's owner is named");
+    assert_eq!((by.manager.as_str(), by.time), ("helm", None), "{by:?}");
+    assert_eq!(outcome.found_reverted_by("rollback-responder", Some(opened_at)), None);
+
+    // A person sends the Service to the canary and back, each a selector-only patch: the
+    // selector is all `kubectl-patch` owns, so its time is the selector's.
+    patch_service(
+        &fake,
+        "kubectl-patch",
+        json!({"spec": {"selector": {"version": "v1.0.0"}}}),
+    )
+    .await;
+    patch_service(
+        &fake,
+        "kubectl-patch",
+        json!({"spec": {"selector": {"version": "v1.0.0-rc.0"}}}),
+    )
+    .await;
+    let outcome = executor(&fake)
+        .revert_since(&target(vec![step]), false, opened_at, &mut |_| {})
+        .await
+        .expect("found done");
+    assert!(!outcome.changed);
+    match outcome.found_reverted_by("rollback-responder", Some(opened_at)) {
+        Some(RevertedBy::Others { who }) => assert!(who.contains("by `kubectl-patch` (Update at 2"), "{who}"),
+        other => panic!("{other:?}"),
+    }
 }

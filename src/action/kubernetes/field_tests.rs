@@ -72,3 +72,41 @@ fn managed_fields_say_whether_a_managers_time_is_the_templates() {
     let other = meta(json!({"f:metadata": {"f:labels": {}}}));
     assert_eq!(last_change_exact(&other, TEMPLATE_PATH), None);
 }
+
+/// A Service's selector found already switched is credited to whoever owns the selector, at
+/// that manager's time, only when the selector is all it owns: a manager that owns the ports
+/// too may have changed a port at that time, so the time is not given, and the step found done
+/// is not said to have been reverted by it since the incident opened.
+#[test]
+fn a_selector_owner_that_owns_other_fields_is_not_given_a_time_for_the_selector() {
+    let entry = |manager: &str, time: &str, fields: Value| json!({"manager": manager, "operation": "Update", "time": time, "fieldsType": "FieldsV1", "fieldsV1": fields});
+    let meta = |entries: Vec<Value>| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        serde_json::from_value(json!({ "managedFields": entries })).expect("meta")
+    };
+    let selector_and_ports = json!({"f:spec": {"f:selector": {}, "f:ports": {}}});
+    let helm = meta(vec![entry("helm", "2026-12-03T10:02:00Z", selector_and_ports.clone())]);
+    let change = selector_change(&helm).expect("helm owns the selector");
+    assert_eq!((change.manager.as_str(), change.time), ("helm", None));
+    assert!(!change.since(at("2026-12-03T10:00:00Z")));
+    assert_eq!(change.describe(), "by `helm` (Update at unknown time)");
+    // The selector alone: its owner's time is the selector's.
+    let patched = meta(vec![
+        entry("helm", "2026-12-03T09:00:00Z", json!({"f:spec": {"f:ports": {}}})),
+        entry(
+            "kubectl-patch",
+            "2026-12-03T10:02:00Z",
+            json!({"f:spec": {"f:selector": {}}}),
+        ),
+    ]);
+    let change = selector_change(&patched).expect("kubectl-patch owns the selector");
+    assert_eq!(change.manager, "kubectl-patch");
+    assert_eq!(change.time, Some(at("2026-12-03T10:02:00Z")));
+    assert!(change.since(at("2026-12-03T10:00:00Z")));
+    // Nobody owns it.
+    let ports = meta(vec![entry(
+        "helm",
+        "2026-12-03T10:02:00Z",
+        json!({"f:spec": {"f:ports": {}}}),
+    )]);
+    assert_eq!(selector_change(&ports), None);
+}

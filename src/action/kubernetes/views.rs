@@ -30,7 +30,8 @@ pub(super) struct ServiceView {
     pub(super) name: String,
     pub(super) resource_version: String,
     pub(super) selector: BTreeMap<String, String>,
-    /// Who last changed the selector, from managedFields.
+    /// Who last changed the selector, from managedFields; with no time when that manager owns
+    /// other fields of the Service too (its time may be theirs, see [`selector_change`]).
     pub(super) selector_change: Option<FieldChange>,
 }
 
@@ -40,7 +41,7 @@ impl ServiceView {
             name: svc.metadata.name.clone().unwrap_or_default(),
             resource_version: svc.metadata.resource_version.clone().unwrap_or_default(),
             selector: svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default(),
-            selector_change: last_change(&svc.metadata, &["f:spec", "f:selector"]),
+            selector_change: selector_change(&svc.metadata),
         }
     }
 }
@@ -441,6 +442,25 @@ pub(super) fn time_of<T: Serialize>(t: &Option<T>) -> Option<DateTime<Utc>> {
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
+
+/// Who last changed a Service's selector. managedFields keep one time per manager: when the
+/// selector's owner owns other fields too (`helm` owns the ports as well), its time may be a
+/// port's, so it is not given as the selector's. The owner is still right (a write of the
+/// selector takes it from every other manager), but a step found done is then not said to have
+/// been reverted by it since the incident opened. Unlike a pod template, where the ReplicaSets
+/// tell, nothing else records when a selector changed. Pure.
+pub(crate) fn selector_change(meta: &ObjectMeta) -> Option<FieldChange> {
+    last_change_exact(meta, SELECTOR_PATH).map(|(change, exact)| {
+        if exact {
+            change
+        } else {
+            FieldChange { time: None, ..change }
+        }
+    })
+}
+
+/// The managedFields path of a Service's selector.
+pub(super) const SELECTOR_PATH: &[&str] = &["f:spec", "f:selector"];
 
 /// The managedFields path of a Deployment's pod template.
 pub(super) const TEMPLATE_PATH: &[&str] = &["f:spec", "f:template"];
