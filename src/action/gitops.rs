@@ -404,7 +404,7 @@ impl KubeExecutor {
             patch: None,
             dry_run,
         };
-        let mut obj = self.gitops_call(get, on_step).await?;
+        let mut obj = self.gitops_call(get, on_step, None).await?;
         let max_attempts = self.max_conflict_retries().saturating_add(1);
         let mut attempt = 1u32;
         loop {
@@ -432,7 +432,10 @@ impl KubeExecutor {
                 patch: Some(&patch),
                 dry_run,
             };
-            let (kind, namespace, name, message) = match self.gitops_call(write, on_step).await {
+            let (kind, namespace, name, message) = match self
+                .gitops_call(write, on_step, (!dry_run).then_some(before_write))
+                .await
+            {
                 Ok(_) if dry_run => {
                     return Ok(GitOpsStep::DryRun {
                         owner: owner.clone(),
@@ -482,7 +485,7 @@ impl KubeExecutor {
                     message,
                 });
             }
-            obj = self.gitops_call(get, on_step).await?;
+            obj = self.gitops_call(get, on_step, None).await?;
             attempt += 1;
         }
     }

@@ -124,6 +124,25 @@ impl RetryPolicy {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.run_gated(call, on_attempt, None, f).await
+    }
+
+    /// [`RetryPolicy::run`] for a write: every attempt after the first waits at `gate` before
+    /// it goes out, as the first one did (the responder's [`BeforeWrite`]: the steps recorded,
+    /// the lease still ours). A replica that lost its lease while a write was failing sends it
+    /// no more; the gate never opens and the work is dropped there.
+    pub async fn run_gated<T, E, F, Fut>(
+        &self,
+        call: &str,
+        on_attempt: &mut (dyn FnMut(Attempt) + Send),
+        gate: Option<BeforeWrite<'_>>,
+        f: F,
+    ) -> Result<T, E>
+    where
+        E: Classify,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let started = Instant::now();
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(self.initial)
@@ -137,8 +156,15 @@ impl RetryPolicy {
         let mut f = f;
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let result = (|| {
-            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f()
+            let retry = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0;
+            // Made now, run only once the gate opens: a future sends nothing until polled.
+            let attempt = f();
+            async move {
+                if let Some(gate) = gate.filter(|_| retry) {
+                    gate().await;
+                }
+                attempt.await
+            }
         })
         .retry(backoff)
         .when(|e: &E| e.class() == ErrorClass::Retryable)
@@ -175,9 +201,10 @@ impl RetryPolicy {
     }
 }
 
-/// Awaited by an executor right before each write it sends (not in a dry run): the caller
-/// uses it to make its record of the write intent durable first, so that a replica taking
-/// over after a crash can tell a revert it wrote from one somebody else made.
+/// Awaited by an executor right before each write it sends, and before each retry of one
+/// ([`RetryPolicy::run_gated`]; not in a dry run): the caller uses it to make its record of
+/// the write intent durable first, so that a replica taking over after a crash can tell a
+/// revert it wrote from one somebody else made, and to stop there once its lease is lost.
 pub type BeforeWrite<'a> = &'a (dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + Sync);
 
 /// A [`BeforeWrite`] that waits for nothing.
@@ -217,6 +244,47 @@ mod tests {
 
     fn policy(window_ms: u64) -> RetryPolicy {
         RetryPolicy::new(Duration::from_millis(window_ms), Duration::from_millis(1), None)
+    }
+
+    /// Each retry of a gated call waits at the gate before it goes out (the first attempt
+    /// passed it already, in the executor); a gate that never opens (a lost lease) sends no
+    /// further attempt.
+    #[tokio::test]
+    async fn a_gated_calls_retries_wait_at_the_gate_and_a_closed_gate_stops_them() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let (gated, sent) = (AtomicU32::new(0), AtomicU32::new(0));
+        let open_until = AtomicU32::new(2);
+        let gate = || -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            let n = gated.fetch_add(1, SeqCst) + 1;
+            let open = n <= open_until.load(SeqCst);
+            Box::pin(async move {
+                if !open {
+                    std::future::pending::<()>().await;
+                }
+            })
+        };
+        let (p, mut ignore) = (policy(60_000), |_| {});
+        // Counted when the attempt runs, not when its future is made (before the gate).
+        let call = p.run_gated("ModifyListener", &mut ignore, Some(&gate), || async {
+            sent.fetch_add(1, SeqCst);
+            Err::<(), E>(E(ErrorClass::Retryable, "503".into()))
+        });
+        let stopped = tokio::time::timeout(Duration::from_millis(300), call).await;
+        assert!(stopped.is_err(), "the call went on past a closed gate");
+        // Attempt 1 (no gate: the executor's own), retries 2 and 3 through an open gate, then
+        // the gate closed before a fourth.
+        assert_eq!((sent.load(SeqCst), gated.load(SeqCst)), (3, 3));
+
+        // Ungated, the same call retries on its own.
+        let sent = AtomicU32::new(0);
+        let out: Result<(), E> = RetryPolicy::new(Duration::from_secs(60), Duration::from_millis(1), Some(4))
+            .run("ModifyListener", &mut |_| {}, || {
+                sent.fetch_add(1, SeqCst);
+                async { Err(E(ErrorClass::Retryable, "503".into())) }
+            })
+            .await;
+        assert!(out.is_err());
+        assert_eq!(sent.load(SeqCst), 4);
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@
 //! length. A renewal the store cannot answer is retried for as long as the lease still runs:
 //! nobody else can claim the incident before it runs out. The lease counts as lost only when
 //! it ran out unrenewed or somebody else holds it. A replica that lost it stops before its next
-//! write (work with no writes, such as verification, stops at once), records nothing further
-//! as its own and leaves the incident to the holder: two replicas must never both write.
+//! write, or its next retry of a failing write (work with no writes, such as verification,
+//! stops at once), records nothing further as its own and leaves the incident to the holder:
+//! two replicas must never both write.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -36,8 +37,8 @@ enum State {
 pub(super) enum StopAt {
     /// At once: the work only reads (verification).
     Loss,
-    /// When it reaches its next write ([`Lease::before_write`]); a write or read-back in
-    /// flight finishes first.
+    /// When it reaches its next write or a retry of one ([`Lease::before_write`]); an attempt
+    /// or read-back in flight finishes first.
     NextWrite,
 }
 

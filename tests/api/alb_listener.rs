@@ -58,6 +58,14 @@ async fn revert(exec: &AlbExecutor, t: &AlbTarget) -> (Result<AlbOutcome, AlbErr
     (result, steps)
 }
 
+/// An executor through a proxy that answers every ModifyRule of the files rule with 503.
+async fn files_rule_failing(l: &Listener) -> (AwsProxy, AlbExecutor) {
+    let proxy = AwsProxy::start(&l.fx.moto.endpoint, 1).await;
+    proxy.fail("ModifyRule", &l.files, 503, "ServiceUnavailable");
+    let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
+    (proxy, exec)
+}
+
 fn wrote(steps: &[AlbStep]) -> usize {
     steps.iter().filter(|s| matches!(s, AlbStep::Wrote { .. })).count()
 }
@@ -144,10 +152,8 @@ async fn every_forward_to_the_canary_ends_at_100_stable_and_the_others_are_untou
 async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert_partial() {
     let l = listener().await;
     let fx = &l.fx;
-    let proxy = AwsProxy::start(&fx.moto.endpoint, 1).await;
     // Every ModifyRule of the files rule answers 503: retried up to fast_settings' 3 attempts.
-    proxy.fail("ModifyRule", &l.files, 503, "ServiceUnavailable");
-    let exec = AlbExecutor::new(elb_client(proxy.endpoint(0)), &fast_settings());
+    let (proxy, exec) = files_rule_failing(&l).await;
 
     let (result, steps) = revert(&exec, &listener_scope(fx)).await;
     let Err(AlbError::Partial { done, failed, dry_run }) = result else {
@@ -170,6 +176,37 @@ async fn a_rule_that_cannot_be_written_leaves_the_others_reverted_and_the_revert
 
     assert_eq!(weights(&fx.listener_actions().await), all_stable(&l));
     assert_eq!(weights(&fx.rule_actions().await), all_stable(&l));
+    assert_eq!(
+        weights(fx.rule(&l.files).await.actions()),
+        vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)],
+        "the failed rule is as it was"
+    );
+}
+
+/// A write answered with 503 is sent again only through the gate the responder guards its
+/// writes with (the lease still ours): here the gate closes once a write has failed, as a lost
+/// lease would. The failing ModifyRule is sent once, and the revert stops at the gate instead
+/// of sending its retries.
+#[tokio::test]
+async fn a_failing_writes_retries_go_out_only_through_the_write_gate() {
+    use rollback_responder::action::alb::Resume;
+    let l = listener().await;
+    let fx = &l.fx;
+    let (proxy, exec) = files_rule_failing(&l).await;
+    let gate = || -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let closed = proxy.refused("ModifyRule") > 0;
+        Box::pin(async move {
+            if closed {
+                std::future::pending::<()>().await;
+            }
+        })
+    };
+    let mut record = |_: AlbStep| {};
+    let (t, resume) = (listener_scope(fx), Resume::default());
+    let run = exec.revert_resuming(&t, false, &mut record, &gate, &resume);
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(3), run).await;
+    assert!(stopped.is_err(), "the revert went past a closed gate: {stopped:?}");
+    assert_eq!(proxy.refused("ModifyRule"), 1, "a retry went out without the gate");
     assert_eq!(
         weights(fx.rule(&l.files).await.actions()),
         vec![(fx.stable_tg.clone(), 50), (fx.canary_tg.clone(), 50)],

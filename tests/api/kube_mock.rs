@@ -231,8 +231,7 @@ async fn switch_service_sends_a_guarded_json_patch_replacing_the_selector() {
 #[tokio::test]
 async fn conflict_is_retried_after_a_re_read_with_the_new_resource_version() {
     let (mut h, task) = start(target(vec![switch()]), false, KubeSettings::default());
-    answer(&mut h, 200, svc("100", old_selector())).await;
-    answer(&mut h, 200, ready_pods()).await;
+    switch_read_and_pre_checked(&mut h).await;
     let first = answer(
         &mut h,
         409,
@@ -262,8 +261,7 @@ async fn conflict_is_retried_after_a_re_read_with_the_new_resource_version() {
 #[tokio::test]
 async fn invalid_patch_with_unchanged_object_is_not_retried() {
     let (mut h, task) = start(target(vec![switch()]), false, KubeSettings::default());
-    answer(&mut h, 200, svc("100", old_selector())).await;
-    answer(&mut h, 200, ready_pods()).await;
+    switch_read_and_pre_checked(&mut h).await;
     answer(&mut h, 422, status_body(422, "Invalid", "spec.selector: Invalid value")).await;
     answer(&mut h, 200, svc("100", old_selector())).await;
     let (result, _) = task.await.expect("task");
@@ -328,6 +326,50 @@ async fn transient_503_is_resent() {
     assert!(records
         .iter()
         .any(|r| matches!(r, KubeStepRecord::AttemptFailed(a) if a.attempt == 1 && a.will_retry)));
+}
+
+/// Answers the switch's read of the Service (the canary selector) and its pre-check (the
+/// stable pods, ready): its PATCH comes next.
+async fn switch_read_and_pre_checked(h: &mut Handle) {
+    answer(h, 200, svc("100", old_selector())).await;
+    answer(h, 200, ready_pods()).await;
+}
+
+/// A patch answered with 503 is sent again only through the write gate (the responder's:
+/// steps recorded, lease still ours). Here the gate opens once, for the first PATCH, and then
+/// stays closed, as after a lost lease: no second PATCH goes out, and the revert waits there.
+#[tokio::test]
+async fn a_failing_patch_is_retried_only_through_the_write_gate() {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let (svc_mock, mut h) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let exec = KubeExecutor::new(kube::Client::new(svc_mock, "default"), &KubeSettings::default());
+    let gated = std::sync::Arc::new(AtomicU32::new(0));
+    let calls = gated.clone();
+    let task = tokio::spawn(async move {
+        let gate = move || -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            let open = calls.fetch_add(1, SeqCst) == 0;
+            Box::pin(async move {
+                if !open {
+                    std::future::pending::<()>().await;
+                }
+            })
+        };
+        exec.revert_gated(&target(vec![switch()]), false, None, &mut |_| {}, &gate)
+            .await
+    });
+    switch_read_and_pre_checked(&mut h).await;
+    let patch = answer(
+        &mut h,
+        503,
+        status_body(503, "ServiceUnavailable", "etcd leader changed"),
+    )
+    .await;
+    assert_eq!(patch.method, "PATCH");
+    let next = tokio::time::timeout(Duration::from_millis(1500), h.next_request()).await;
+    assert!(next.is_err(), "a retry went out past the closed gate");
+    assert_eq!(gated.load(SeqCst), 2, "the write, then its retry, at the gate");
+    assert!(!task.is_finished(), "the revert waits at the gate");
+    task.abort();
 }
 
 fn tpl(version: &str, hash: Option<&str>) -> Value {

@@ -15,7 +15,7 @@ use elbv2::types::Action;
 use super::{
     AlbError, AlbStep, AlbTarget, AwsSettings, ForwardSnapshot, ForwardState, Resource, ResourceKind, TargetHealthSeen,
 };
-use crate::action::retry::{Attempt, RetryPolicy};
+use crate::action::retry::{Attempt, BeforeWrite, RetryPolicy};
 
 /// DescribeRules pages read at most: a listener has at most 100 rules, so far more than enough.
 const MAX_RULE_PAGES: usize = 100;
@@ -306,6 +306,7 @@ impl AlbExecutor {
         actions: &[Action],
         expected: &ForwardSnapshot,
         on_step: &mut (dyn FnMut(AlbStep) + Send),
+        before_write: BeforeWrite<'_>,
     ) -> Result<u32, AlbError> {
         let operation = r.kind.write_operation();
         let want = expected.forward.clone().unwrap_or_default();
@@ -319,7 +320,7 @@ impl AlbExecutor {
         let list = Some(actions.to_vec());
         let mut on_attempt = |a: Attempt| emit(AlbStep::AttemptFailed(a));
         self.retry
-            .run(operation, &mut on_attempt, || async {
+            .run_gated(operation, &mut on_attempt, Some(before_write), || async {
                 let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
                 if attempt > 1 {
                     let read = self.fetch_actions(r).await?;

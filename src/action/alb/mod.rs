@@ -272,7 +272,7 @@ impl AlbExecutor {
                 actions: expected.clone(),
             });
             before_write().await;
-            let attempt = self.write(r, &plan, &expected, on_step).await?;
+            let attempt = self.write(r, &plan, &expected, on_step, before_write).await?;
             wrote_any = true;
             on_step(AlbStep::Wrote {
                 operation: kind.write_operation().to_string(),

@@ -328,7 +328,24 @@ impl KubeExecutor {
 
     /// One API call with a time limit per attempt, retried within the shared retry policy's
     /// window while it fails transiently; every failed attempt is recorded.
-    pub(super) async fn call<T, F, Fut>(&self, op: Op<'_>, on_step: OnStep<'_>, mut f: F) -> Result<T, KubeError>
+    pub(super) async fn call<T, F, Fut>(&self, op: Op<'_>, on_step: OnStep<'_>, f: F) -> Result<T, KubeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        self.call_gated(op, on_step, None, f).await
+    }
+
+    /// [`KubeExecutor::call`] for a write: a retry waits at `gate` first, as the first attempt
+    /// did (see [`crate::action::retry::RetryPolicy::run_gated`]). `None` in a dry run, whose
+    /// writes change nothing.
+    pub(super) async fn call_gated<T, F, Fut>(
+        &self,
+        op: Op<'_>,
+        on_step: OnStep<'_>,
+        gate: Option<BeforeWrite<'_>>,
+        mut f: F,
+    ) -> Result<T, KubeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
@@ -336,7 +353,7 @@ impl KubeExecutor {
         let call = op.describe();
         let mut on_attempt = |a: Attempt| on_step(KubeStepRecord::AttemptFailed(a));
         self.retry
-            .run(&call, &mut on_attempt, || {
+            .run_gated(&call, &mut on_attempt, gate, || {
                 let fut = f();
                 async move {
                     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
@@ -447,7 +464,8 @@ impl KubeExecutor {
             if !dry_run {
                 before_write().await;
             }
-            let err = match self.write(ns, step, &current, &plan, dry_run, on_step).await {
+            let gate = (!dry_run).then_some(before_write);
+            let err = match self.write(ns, step, &current, &plan, dry_run, on_step, gate).await {
                 Ok(written) => {
                     on_step(KubeStepRecord::Patched {
                         index,
@@ -522,6 +540,7 @@ impl KubeExecutor {
 
     /// Sends a step's patch; returns the object as the server answered (the would-be object
     /// for a dry run).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn write(
         &self,
         ns: &str,
@@ -530,6 +549,7 @@ impl KubeExecutor {
         plan: &WritePlan,
         dry_run: bool,
         on_step: OnStep<'_>,
+        gate: Option<BeforeWrite<'_>>,
     ) -> Result<ObjectState, KubeError> {
         let pp = PatchParams {
             dry_run,
@@ -546,14 +566,18 @@ impl KubeExecutor {
                 let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
                 let patch = json_patch()?;
                 let op = Op::service("patch", ns, service);
-                let svc = self.call(op, on_step, || api.patch(service, &pp, &patch)).await?;
+                let svc = self
+                    .call_gated(op, on_step, gate, || api.patch(service, &pp, &patch))
+                    .await?;
                 Ok(Current::Service(ServiceView::from_service(&svc)).state())
             }
             (KubeStep::RolloutUndo { deployment, .. }, Current::Undo(_, rses)) => {
                 let api = self.dynamic_api::<Deployment>(ns);
                 let patch = json_patch()?;
                 let op = Op::deployment("patch", ns, deployment);
-                let obj = self.call(op, on_step, || api.patch(deployment, &pp, &patch)).await?;
+                let obj = self
+                    .call_gated(op, on_step, gate, || api.patch(deployment, &pp, &patch))
+                    .await?;
                 Ok(deployment_state(&DeploymentView::parse(&obj)?, rses))
             }
             (KubeStep::Scale { deployment, .. }, Current::Scale(_)) => {
@@ -563,7 +587,7 @@ impl KubeExecutor {
                 let patch = Patch::Merge(plan.patch.clone());
                 let op = Op::scale("patch", ns, deployment);
                 let scale = self
-                    .call(op, on_step, || api.patch_scale(deployment, &pp, &patch))
+                    .call_gated(op, on_step, gate, || api.patch_scale(deployment, &pp, &patch))
                     .await?;
                 Ok(Current::Scale(ScaleView::from_scale(deployment, &scale)).state())
             }

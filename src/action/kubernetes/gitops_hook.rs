@@ -8,11 +8,18 @@ use super::error::Op;
 use super::executor::OnStep;
 use super::{KubeError, KubeExecutor};
 use crate::action::gitops::Call;
+use crate::action::retry::BeforeWrite;
 
 impl KubeExecutor {
     /// GET, or merge PATCH (with the field manager, `dryRun=All` in a dry run), of the GitOps
     /// owner object; the object comes back as JSON.
-    pub(in crate::action) async fn gitops_call(&self, c: Call<'_>, on_step: OnStep<'_>) -> Result<Value, KubeError> {
+    /// `gate` is awaited before a PATCH's retries ([`KubeExecutor::call_gated`]).
+    pub(in crate::action) async fn gitops_call(
+        &self,
+        c: Call<'_>,
+        on_step: OnStep<'_>,
+        gate: Option<BeforeWrite<'_>>,
+    ) -> Result<Value, KubeError> {
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), c.owner.namespace(), &c.owner.api_resource());
         let op = Op {
@@ -33,7 +40,8 @@ impl KubeExecutor {
                     ..PatchParams::default()
                 };
                 let patch = Patch::Merge(body);
-                self.call(op, on_step, || api.patch(name, &pp, &patch)).await?
+                self.call_gated(op, on_step, gate, || api.patch(name, &pp, &patch))
+                    .await?
             }
         };
         serde_json::to_value(&obj).map_err(|e| KubeError::internal(format!("{}: {e}", op.describe())))
