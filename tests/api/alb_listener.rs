@@ -204,8 +204,23 @@ async fn a_failing_writes_retries_go_out_only_through_the_write_gate() {
     let mut record = |_: AlbStep| {};
     let (t, resume) = (listener_scope(fx), Resume::default());
     let run = exec.revert_resuming(&t, false, &mut record, &gate, &resume);
-    let stopped = tokio::time::timeout(std::time::Duration::from_secs(3), run).await;
-    assert!(stopped.is_err(), "the revert went past a closed gate: {stopped:?}");
+    // Until the files rule's write has failed (however slow the machine), then well past the
+    // retries' backoff (10 ms, doubling, 3 attempts).
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while proxy.refused("ModifyRule") == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the files rule was never written"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    };
+    tokio::select! {
+        r = run => panic!("the revert went past a closed gate: {r:?}"),
+        () = watch => {}
+    }
     assert_eq!(proxy.refused("ModifyRule"), 1, "a retry went out without the gate");
     assert_eq!(
         weights(fx.rule(&l.files).await.actions()),

@@ -2,6 +2,11 @@
 //! real service on loopback against real peers (Alertmanager, moto, PostgreSQL when
 //! TEST_DATABASE_URL points at it); see the README's Tests section.
 
+// The futures of whole reverts nest deeply (each write's retries wait at the lease gate inside
+// the retry loop); computing their layout in a non-incremental build (CI) passes the default
+// query depth of 128.
+#![recursion_limit = "256"]
+
 mod alb;
 mod alb_listener;
 mod alertmanager;

@@ -73,22 +73,27 @@ fn managed_fields_say_whether_a_managers_time_is_the_templates() {
     assert_eq!(last_change_exact(&other, TEMPLATE_PATH), None);
 }
 
-/// A Service's selector found already switched is credited to whoever owns the selector, at
-/// that manager's time, only when the selector is all it owns: a manager that owns the ports
-/// too may have changed a port at that time, so the time is not given, and the step found done
-/// is not said to have been reverted by it since the incident opened.
+/// A Service's selector found already switched names whoever owns the selector, at that
+/// manager's time; when the manager owns the ports too, that time may be a port's change, and
+/// what we say names that doubt (the time still counts as a change since the opening, so such
+/// a step is never counted as our own rollback on its strength).
 #[test]
-fn a_selector_owner_that_owns_other_fields_is_not_given_a_time_for_the_selector() {
+fn a_selector_owner_that_owns_other_fields_is_named_with_its_time_in_doubt() {
     let entry = |manager: &str, time: &str, fields: Value| json!({"manager": manager, "operation": "Update", "time": time, "fieldsType": "FieldsV1", "fieldsV1": fields});
     let meta = |entries: Vec<Value>| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         serde_json::from_value(json!({ "managedFields": entries })).expect("meta")
     };
     let selector_and_ports = json!({"f:spec": {"f:selector": {}, "f:ports": {}}});
-    let helm = meta(vec![entry("helm", "2026-12-03T10:02:00Z", selector_and_ports.clone())]);
-    let change = selector_change(&helm).expect("helm owns the selector");
-    assert_eq!((change.manager.as_str(), change.time), ("helm", None));
-    assert!(!change.since(at("2026-12-03T10:00:00Z")));
-    assert_eq!(change.describe(), "by `helm` (Update at unknown time)");
+    let helm = meta(vec![entry("helm", "2026-12-03T10:02:00Z", selector_and_ports)]);
+    let change = field_change(&helm, SELECTOR_PATH).expect("helm owns the selector");
+    assert_eq!(change.manager, "helm");
+    assert_eq!(change.time, Some(at("2026-12-03T10:02:00Z")));
+    assert!(change.shared_time);
+    assert!(change.since(at("2026-12-03T10:00:00Z")));
+    assert_eq!(
+        change.describe(),
+        "by `helm` (Update at 2026-12-03T10:02:00Z, its last change of any field it owns)"
+    );
     // The selector alone: its owner's time is the selector's.
     let patched = meta(vec![
         entry("helm", "2026-12-03T09:00:00Z", json!({"f:spec": {"f:ports": {}}})),
@@ -98,15 +103,15 @@ fn a_selector_owner_that_owns_other_fields_is_not_given_a_time_for_the_selector(
             json!({"f:spec": {"f:selector": {}}}),
         ),
     ]);
-    let change = selector_change(&patched).expect("kubectl-patch owns the selector");
+    let change = field_change(&patched, SELECTOR_PATH).expect("kubectl-patch owns the selector");
     assert_eq!(change.manager, "kubectl-patch");
-    assert_eq!(change.time, Some(at("2026-12-03T10:02:00Z")));
-    assert!(change.since(at("2026-12-03T10:00:00Z")));
+    assert!(!change.shared_time);
+    assert_eq!(change.describe(), "by `kubectl-patch` (Update at 2026-12-03T10:02:00Z)");
     // Nobody owns it.
     let ports = meta(vec![entry(
         "helm",
         "2026-12-03T10:02:00Z",
         json!({"f:spec": {"f:ports": {}}}),
     )]);
-    assert_eq!(selector_change(&ports), None);
+    assert_eq!(field_change(&ports, SELECTOR_PATH), None);
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::error::Op;
-use super::views::{equality_selector, last_change, template_summary, templates_equal};
+use super::views::{equality_selector, field_change, template_summary, templates_equal};
 use super::{KubeError, KubeExecutor, KubeStep, KubernetesTarget, REVISION_ANNOTATION};
 use crate::action::ReadBack;
 
@@ -31,7 +31,7 @@ pub struct KubeBaseline {
 /// Who owns `path` (e.g. `["f:spec", "f:selector"]`) of an object now: the newest
 /// managed-fields entry that covers it. Pure.
 pub(crate) fn who_changed(meta: &ObjectMeta, path: &[&str]) -> String {
-    if let Some(change) = last_change(meta, path) {
+    if let Some(change) = field_change(meta, path) {
         return change.describe();
     }
     let pointer: String = path.iter().map(|p| format!("/{p}")).collect();

@@ -638,6 +638,7 @@ mod tests {
                     manager: manager.into(),
                     operation: "Update".into(),
                     time,
+                    shared_time: false,
                 }),
             },
         };

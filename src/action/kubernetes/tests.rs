@@ -491,6 +491,7 @@ pub(super) fn change(manager: &str, time: &str) -> Option<FieldChange> {
         manager: manager.into(),
         operation: "Update".into(),
         time: Some(at(time)),
+        shared_time: false,
     })
 }
 

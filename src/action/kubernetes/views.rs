@@ -30,8 +30,7 @@ pub(super) struct ServiceView {
     pub(super) name: String,
     pub(super) resource_version: String,
     pub(super) selector: BTreeMap<String, String>,
-    /// Who last changed the selector, from managedFields; with no time when that manager owns
-    /// other fields of the Service too (its time may be theirs, see [`selector_change`]).
+    /// Who last changed the selector, from managedFields (see [`field_change`]).
     pub(super) selector_change: Option<FieldChange>,
 }
 
@@ -41,7 +40,7 @@ impl ServiceView {
             name: svc.metadata.name.clone().unwrap_or_default(),
             resource_version: svc.metadata.resource_version.clone().unwrap_or_default(),
             selector: svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default(),
-            selector_change: selector_change(&svc.metadata),
+            selector_change: field_change(&svc.metadata, SELECTOR_PATH),
         }
     }
 }
@@ -411,19 +410,29 @@ pub struct FieldChange {
     pub operation: String,
     /// When (second precision, as the API server records it).
     pub time: Option<DateTime<Utc>>,
+    /// The manager owns other fields too, so `time` is when it last changed any of them, not
+    /// necessarily this one (managedFields keep one time per manager).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared_time: bool,
 }
 
 impl FieldChange {
-    /// `by `kubectl-rollout` (Update at 2026-12-03T11:02:03Z)`.
+    /// `by `kubectl-rollout` (Update at 2026-12-03T11:02:03Z)`; with a shared time, `by `helm`
+    /// (Update at ..., its last change of any field it owns)`.
     pub fn describe(&self) -> String {
         format!(
-            "by `{}` ({} at {})",
+            "by `{}` ({} at {}{})",
             self.manager,
             self.operation,
             self.time.map_or_else(
                 || "unknown time".to_string(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            )
+            ),
+            if self.shared_time {
+                ", its last change of any field it owns"
+            } else {
+                ""
+            }
         )
     }
 
@@ -443,19 +452,17 @@ pub(super) fn time_of<T: Serialize>(t: &Option<T>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// Who last changed a Service's selector. managedFields keep one time per manager: when the
-/// selector's owner owns other fields too (`helm` owns the ports as well), its time may be a
-/// port's, so it is not given as the selector's. The owner is still right (a write of the
-/// selector takes it from every other manager), but a step found done is then not said to have
-/// been reverted by it since the incident opened. Unlike a pod template, where the ReplicaSets
-/// tell, nothing else records when a selector changed. Pure.
-pub(crate) fn selector_change(meta: &ObjectMeta) -> Option<FieldChange> {
-    last_change_exact(meta, SELECTOR_PATH).map(|(change, exact)| {
-        if exact {
-            change
-        } else {
-            FieldChange { time: None, ..change }
-        }
+/// Who last changed `path` of an object, marked [`FieldChange::shared_time`] when that manager
+/// owns other fields too: managedFields keep one time per manager, so `helm`, which owns a
+/// Service's ports as well as its selector, may have changed a port at that time and not the
+/// selector. The time still counts as a change since the incident opened (a step found done is
+/// then not counted as our own rollback: somebody else may have made it); what it says names
+/// the doubt. Unlike a pod template, where the ReplicaSets tell, nothing else records when a
+/// selector changed. Pure.
+pub(crate) fn field_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChange> {
+    last_change_exact(meta, path).map(|(change, exact)| FieldChange {
+        shared_time: !exact,
+        ..change
     })
 }
 
@@ -466,12 +473,7 @@ pub(super) const SELECTOR_PATH: &[&str] = &["f:spec", "f:selector"];
 pub(super) const TEMPLATE_PATH: &[&str] = &["f:spec", "f:template"];
 
 /// The newest managedFields entry that owns `path` (e.g. `["f:spec", "f:selector"]`) or
-/// something under it. Pure.
-pub(crate) fn last_change(meta: &ObjectMeta, path: &[&str]) -> Option<FieldChange> {
-    last_change_exact(meta, path).map(|(c, _)| c)
-}
-
-/// [`last_change`], and whether that entry owns nothing outside `path`: managedFields keep one
+/// something under it, and whether that entry owns nothing outside `path`: managedFields keep one
 /// time per manager (and operation), updated when any field it owns changes, so only then is
 /// the time known to be that of `path`. Pure.
 pub(crate) fn last_change_exact(meta: &ObjectMeta, path: &[&str]) -> Option<(FieldChange, bool)> {
@@ -500,6 +502,7 @@ pub(crate) fn last_change_exact(meta: &ObjectMeta, path: &[&str]) -> Option<(Fie
                 manager: e.manager.clone().unwrap_or_else(|| "?".into()),
                 operation: e.operation.clone().unwrap_or_else(|| "?".into()),
                 time: time_of(&e.time),
+                shared_time: false,
             };
             Some((change, !owns_any(&rest)))
         })
