@@ -16,7 +16,7 @@ keep-alive connection, so nothing depends on how requests happen to overlap.
 Three servers:
   floor     bench/floor: parses the same payload into the same typed structs and answers 200.
   to 2xx    the service with `workers.decide: false`: authenticate, parse, store durably
-            (synchronous=FULL), answer. Nothing is decided.
+            (the 2xx after the fdatasync of its commit), answer. Nothing is decided.
   decided   the service as it runs: the same, and every alert decided (a policy matches: the
             first alert of each service opens an incident awaiting approval, the others join
             it; timeline event per alert). Measured once no alert is pending.

@@ -124,7 +124,7 @@ def main():
     ratios, fixed_loads = {}, {}
     if any(r["section"] == "throughput" for r in runs):
         table, ratios = throughput(runs)
-        parts += ["## Throughput (wrk -t1, closed loop; service on a fresh SQLite file per run, WAL + synchronous=FULL)",
+        parts += ["## Throughput (wrk -t1, closed loop; service on a fresh SQLite file per run, WAL; each 2xx after the fdatasync of its commit)",
                   "", table, "",
                   "`sqlite-tmpfs` is a diagnostic, not durable: the SQLite file on /dev/shm, where fsync costs nothing. "
                   "`postgres` (if present): PostgreSQL 127.0.0.1:5432, its server processes not pinned. "

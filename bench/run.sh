@@ -6,7 +6,8 @@
 # generator (wrk, bench-loadgen, moto) pinned to CPU 0:
 #   1. throughput, wrk + Lua: new alerts and repeated notifications, 1/10/100 alerts per
 #      notification; floor and service alternate (floor, service, floor, service), the service
-#      on a fresh SQLite file (WAL, synchronous=FULL) every run; reported as service/floor.
+#      on a fresh SQLite file (WAL; every 2xx after the fdatasync of its commit) every run;
+#      reported as service/floor.
 #   2. fixed rate, bench-loadgen (open loop): 2,000 notifications/s of 10 alerts, p50/p99.
 #   3. storm and 4. time to rollback: bench/rollback_bench.py against moto through a counting proxy.
 # Prints the results table and writes bench/results/latest.md (raw outputs: bench/results/raw/,

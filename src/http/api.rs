@@ -29,7 +29,8 @@ const READY_WITHIN: std::time::Duration = std::time::Duration::from_millis(800);
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let r = &state.responder;
     let store = match tokio::time::timeout(READY_WITHIN, r.freezes(chrono::Utc::now())).await {
-        Ok(Ok(freezes)) => Ok(freezes),
+        // Reads still work after a failed fdatasync, but no write can be acknowledged.
+        Ok(Ok(freezes)) => r.store.durability_failure().map_or(Ok(freezes), Err),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("store unavailable: no answer within {READY_WITHIN:?}")),
     };

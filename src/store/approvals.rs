@@ -16,6 +16,7 @@ impl Store {
             .bind(ms(now))
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -27,6 +28,7 @@ impl Store {
             .bind(storable(key))
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(())
     }
 }

@@ -88,7 +88,8 @@ impl Store {
             summary: summary.to_string(),
             detail: detail.clone(),
         };
-        insert(&self.pool, id, now, &entry).await
+        insert(&self.pool, id, now, &entry).await?;
+        self.durable().await
     }
 }
 

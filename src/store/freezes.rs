@@ -45,6 +45,7 @@ impl Store {
         .bind(f.until.map(ms))
         .execute(&self.pool)
         .await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -57,6 +58,7 @@ impl Store {
             .bind(scope)
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(r.rows_affected() > 0)
     }
 }

@@ -1,12 +1,14 @@
 //! Webhook intake: every alert of a delivery durably stored before the delivery is answered,
 //! with group commit and a cache of alerts already stored.
 //!
-//! A 2xx to Alertmanager is a promise that the alerts are on disk, and a commit costs an fsync
-//! (about 0.7 ms on this project's machines). One transaction per request would cap intake at
-//! the disk's fsync rate and queue every request for the store's connection. Instead, request
-//! handlers queue their rows for one writer task, which writes everything that queued up while
-//! its previous commit was running in one transaction, and answers all of those requests after
-//! that one commit. Nothing waits on purpose: an idle writer takes a request at once; under
+//! A 2xx to Alertmanager is a promise that the alerts are on disk, and making a commit durable
+//! costs an fsync (0.25-0.7 ms on this project's machines). One transaction per request would
+//! cap intake at the disk's fsync rate and queue every request for the store's connection.
+//! Instead, request handlers queue their rows for one writer task, which writes everything that
+//! queued up while its previous commit was running in one transaction, and answers all of those
+//! requests after that one commit is durable. On SQLite the fsync is not part of the commit: a
+//! group fdatasync of the WAL ([`super::durable`]) makes it durable while the writer is already
+//! writing the next batch. Nothing waits on purpose: an idle writer takes a request at once; under
 //! load the batches grow by themselves. A batch that fails is retried one request at a time, so
 //! one bad request cannot fail the others.
 //!
@@ -34,7 +36,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{ms, to_json, Backend, IngestStats, Result, StoreError};
+use super::durable::WalSync;
+use super::{durable_with, ms, to_json, Backend, IngestStats, Result, StoreError};
 use crate::alert::{AlertStatus, Notification};
 
 /// Requests queued for the writer at most; beyond that handlers wait (back-pressure on the
@@ -127,6 +130,9 @@ pub(super) struct Intake {
     carry: bool,
 }
 
+/// Where the writer's commits go to become durable (SQLite: the group fdatasync).
+type Sync = Option<Arc<WalSync>>;
+
 impl Drop for Intake {
     fn drop(&mut self) {
         // The writer ends once the queue is empty, and with it its hold on the pool.
@@ -137,7 +143,7 @@ impl Drop for Intake {
 
 impl Intake {
     /// Starts the writer task on `pool`.
-    pub(super) fn start(pool: AnyPool, backend: Backend) -> Intake {
+    pub(super) fn start(pool: AnyPool, backend: Backend, sync: Sync) -> Intake {
         let queue = Arc::new(Queue {
             jobs: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
@@ -146,7 +152,7 @@ impl Intake {
         });
         let known = Arc::new(Known::new(KNOWN_CAPACITY));
         let sql = Arc::new(Mutex::new(UpsertSql::new(backend)));
-        tokio::spawn(write_loop(pool, queue.clone(), known.clone(), sql.clone()));
+        tokio::spawn(write_loop(pool, queue.clone(), known.clone(), sql.clone(), sync));
         Intake {
             queue,
             known,
@@ -161,7 +167,7 @@ impl Intake {
     }
 
     /// Stores every alert of a delivery that the store does not already have in this state;
-    /// returns once they are committed.
+    /// returns once they are committed and on disk.
     pub(super) async fn ingest(&self, n: &Notification, now: DateTime<Utc>) -> Result<IngestStats> {
         // One row per (fingerprint, startsAt): an upsert may touch a row once per statement. A
         // resolved copy wins over a firing one, as it would across two deliveries.
@@ -225,7 +231,7 @@ impl Intake {
     }
 
     /// Writes the deliveries waiting in the queue into `conn`'s open transaction, which is
-    /// about to commit; the caller answers them with [`Carried::settle`] once it knows how the
+    /// about to commit; the caller answers them with [`Carried::answer`] once it knows how the
     /// commit went. Only on SQLite, where that transaction holds the one connection the writer
     /// is waiting for. Inside a savepoint: a failed write leaves nothing of them in the
     /// transaction, and they go back to the writer at once.
@@ -278,20 +284,33 @@ pub(super) struct Carried {
 }
 
 impl Carried {
-    /// Answers them after a successful commit, or gives them back to the writer.
-    pub(super) fn settle(self, committed: bool) {
-        if committed {
-            for (job, stored) in self.jobs.into_iter().zip(self.counts) {
-                answer(&self.known, job, Ok(stored));
-            }
-        } else {
-            self.queue.give_back(self.jobs);
-        }
+    /// Answers them once the commit that carried them is durable (`synced`), or with its
+    /// error: the rows are in the store but not known to be on disk, so the sender must retry.
+    pub(super) fn answer(self, synced: &Result<()>) {
+        answer_all(&self.known, self.jobs, self.counts, synced);
+    }
+
+    /// Gives them back to the writer: the commit that carried them failed.
+    pub(super) fn give_back(self) {
+        self.queue.give_back(self.jobs);
     }
 }
 
-/// The writer: takes whatever has queued, writes it in one transaction, answers everyone.
-async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Arc<Mutex<UpsertSql>>) {
+/// Answers jobs whose commit stored `counts`, after its sync (`synced`).
+fn answer_all(known: &Known, jobs: Vec<Job>, counts: Vec<u64>, synced: &Result<()>) {
+    for (job, stored) in jobs.into_iter().zip(counts) {
+        let result = match synced {
+            Ok(()) => Ok(stored),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        };
+        answer(known, job, result);
+    }
+}
+
+/// The writer: takes whatever has queued, writes it in one transaction, answers everyone once
+/// it is durable. On SQLite the sync runs while the writer writes the next batch: a task per
+/// batch waits for it and answers.
+async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Arc<Mutex<UpsertSql>>, sync: Sync) {
     loop {
         if queue.lock().is_empty() {
             if queue.closed.load(Ordering::Acquire) {
@@ -320,16 +339,18 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
         // is the only connection.
         drop(conn);
         match written {
-            Ok(counts) => {
-                for (job, stored) in batch.into_iter().zip(counts) {
-                    answer(&known, job, Ok(stored));
+            Ok(counts) => match &sync {
+                Some(s) => {
+                    let (s, known) = (s.clone(), known.clone());
+                    tokio::spawn(async move { answer_all(&known, batch, counts, &s.wait().await) });
                 }
-            }
+                None => answer_all(&known, batch, counts, &Ok(())),
+            },
             Err(e) if batch.len() == 1 => answer(&known, batch.remove(0), Err(e)),
             Err(e) => {
                 tracing::warn!(error = %e, requests = batch.len(), "intake batch failed; writing its requests one at a time");
                 for job in batch {
-                    let result = write_alone(&pool, &job, &sql).await;
+                    let result = write_alone(&pool, &job, &sql, &sync).await;
                     answer(&known, job, result);
                 }
             }
@@ -337,14 +358,16 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
     }
 }
 
-/// Writes one job in a transaction of its own.
-async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>) -> Result<u64> {
+/// Writes one job in a transaction of its own; durable when it returns.
+async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>, sync: &Sync) -> Result<u64> {
     let mut conn = pool.acquire().await?;
     let counts = commit_jobs(&mut conn, std::slice::from_ref(job), sql).await?;
+    drop(conn);
+    durable_with(sync).await?;
     Ok(counts[0])
 }
 
-/// Writes jobs and commits them, durably, before it returns. One job that fits one statement
+/// Writes jobs and commits them (durable once the sync that follows is done). One job that fits one statement
 /// is that statement alone, which SQLite and PostgreSQL commit as its own transaction: no
 /// BEGIN and COMMIT round trips, and on SQLite no statement journal, which a multi-row
 /// statement inside an explicit transaction keeps (every page it touches copied, in case it
@@ -590,7 +613,7 @@ pub(super) mod tests {
     }
 
     /// Starts a delivery while `tx` holds SQLite's only connection and waits until it queues.
-    async fn queued_behind(
+    pub(in crate::store) async fn queued_behind(
         store: &crate::store::Store,
         fingerprints: &'static [&'static str],
     ) -> tokio::task::JoinHandle<Result<IngestStats>> {
@@ -644,7 +667,7 @@ pub(super) mod tests {
             .expect("the waiting delivery is carried");
         assert!(!store.intake_waiting(), "taken from the queue");
         drop(tx); // rolled back: the carried rows with it
-        carried.settle(false);
+        carried.give_back();
         let stats = tokio::time::timeout(std::time::Duration::from_secs(5), h)
             .await
             .expect("the writer took it over")

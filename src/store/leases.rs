@@ -48,6 +48,7 @@ impl Store {
             .bind(ms(now))
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -60,6 +61,7 @@ impl Store {
             .bind(owner)
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -70,6 +72,7 @@ impl Store {
             .bind(owner)
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(())
     }
 }

@@ -74,6 +74,7 @@ impl Store {
         .bind(ms(now))
         .execute(&self.pool)
         .await?;
+        self.durable().await?;
         if r.rows_affected() == 0 {
             return Ok(None);
         }
@@ -118,8 +119,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
-        Ok(())
+        self.commit_durably(tx).await
     }
 
     /// Schedules another attempt.
@@ -131,6 +131,7 @@ impl Store {
             .bind(owner)
             .execute(&self.pool)
             .await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -158,8 +159,7 @@ impl Store {
             };
             events::insert(&mut *tx, &row.incident_id, now, &entry).await?;
         }
-        tx.commit().await?;
-        Ok(())
+        self.commit_durably(tx).await
     }
 
     /// Pending notifications per channel (the outbox depth).
@@ -222,6 +222,7 @@ impl Store {
         .bind(storable(value))
         .execute(&self.pool)
         .await?;
+        self.durable().await?;
         Ok(())
     }
 

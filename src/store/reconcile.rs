@@ -30,6 +30,7 @@ impl Store {
         .bind(ms(now))
         .execute(&self.pool)
         .await?;
+        self.durable().await?;
         Ok(r.rows_affected())
     }
 }
