@@ -74,6 +74,19 @@ impl Shared {
     }
 }
 
+/// What a store's writes wait for: the syncer of its SQLite file, or nothing (PostgreSQL, or a
+/// database in memory).
+pub(super) type Syncer = Option<Arc<WalSync>>;
+
+/// Returns once every commit made before the call is on disk (see the module's text); at once
+/// when there is no syncer.
+pub(super) async fn wait(sync: &Syncer) -> Result<()> {
+    match sync {
+        Some(s) => s.wait().await,
+        None => Ok(()),
+    }
+}
+
 /// The group syncer of one SQLite database.
 pub(super) struct WalSync {
     shared: Arc<Shared>,

@@ -36,8 +36,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::durable::WalSync;
-use super::{durable_with, ms, to_json, Backend, IngestStats, Result, StoreError};
+use super::durable::{self, Syncer};
+use super::{ms, to_json, Backend, IngestStats, Result, StoreError};
 use crate::alert::{AlertStatus, Notification};
 
 /// Requests queued for the writer at most; beyond that handlers wait (back-pressure on the
@@ -130,9 +130,6 @@ pub(super) struct Intake {
     carry: bool,
 }
 
-/// Where the writer's commits go to become durable (SQLite: the group fdatasync).
-type Sync = Option<Arc<WalSync>>;
-
 impl Drop for Intake {
     fn drop(&mut self) {
         // The writer ends once the queue is empty, and with it its hold on the pool.
@@ -143,7 +140,7 @@ impl Drop for Intake {
 
 impl Intake {
     /// Starts the writer task on `pool`.
-    pub(super) fn start(pool: AnyPool, backend: Backend, sync: Sync) -> Intake {
+    pub(super) fn start(pool: AnyPool, backend: Backend, sync: Syncer) -> Intake {
         let queue = Arc::new(Queue {
             jobs: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
@@ -310,7 +307,7 @@ fn answer_all(known: &Known, jobs: Vec<Job>, counts: Vec<u64>, synced: &Result<(
 /// The writer: takes whatever has queued, writes it in one transaction, answers everyone once
 /// it is durable. On SQLite the sync runs while the writer writes the next batch: a task per
 /// batch waits for it and answers.
-async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Arc<Mutex<UpsertSql>>, sync: Sync) {
+async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Arc<Mutex<UpsertSql>>, sync: Syncer) {
     loop {
         if queue.lock().is_empty() {
             if queue.closed.load(Ordering::Acquire) {
@@ -359,20 +356,20 @@ async fn write_loop(pool: AnyPool, queue: Arc<Queue>, known: Arc<Known>, sql: Ar
 }
 
 /// Writes one job in a transaction of its own; durable when it returns.
-async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>, sync: &Sync) -> Result<u64> {
+async fn write_alone(pool: &AnyPool, job: &Job, sql: &Mutex<UpsertSql>, sync: &Syncer) -> Result<u64> {
     let mut conn = pool.acquire().await?;
     let counts = commit_jobs(&mut conn, std::slice::from_ref(job), sql).await?;
     drop(conn);
-    durable_with(sync).await?;
+    durable::wait(sync).await?;
     Ok(counts[0])
 }
 
-/// Writes jobs and commits them (durable once the sync that follows is done). One job that fits one statement
-/// is that statement alone, which SQLite and PostgreSQL commit as its own transaction: no
-/// BEGIN and COMMIT round trips, and on SQLite no statement journal, which a multi-row
-/// statement inside an explicit transaction keeps (every page it touches copied, in case it
-/// fails half-way). That is every delivery that finds the writer idle. Anything more is one
-/// transaction.
+/// Writes jobs and commits them (durable once the sync that follows is done). One job that
+/// fits one statement is that statement alone, which SQLite and PostgreSQL commit as its own
+/// transaction: no BEGIN and COMMIT round trips, and on SQLite no statement journal, which a
+/// multi-row statement inside an explicit transaction keeps (every page it touches copied, in
+/// case it fails half-way). That is every delivery that finds the writer idle. Anything more
+/// is one transaction.
 async fn commit_jobs(conn: &mut AnyConnection, jobs: &[Job], sql: &Mutex<UpsertSql>) -> Result<Vec<u64>> {
     match jobs {
         [job] if job.rows.len() <= ROWS_PER_STATEMENT => write_in(conn, jobs, sql).await,

@@ -90,7 +90,7 @@ pub struct Store {
     backend: Backend,
     intake: Arc<intake::Intake>,
     /// SQLite (a file): the group fdatasync every write waits for ([`durable`]).
-    sync: Option<Arc<durable::WalSync>>,
+    sync: durable::Syncer,
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -202,7 +202,7 @@ impl Store {
             Backend::Postgres => None,
         };
         // The migrations too, and a syncer that cannot sync fails the start, not a webhook.
-        durable_with(&sync).await?;
+        durable::wait(&sync).await?;
         let intake = Arc::new(intake::Intake::start(pool.clone(), backend, sync.clone()));
         Ok(Store {
             pool,
@@ -215,7 +215,7 @@ impl Store {
     /// Returns once every commit made before the call is on disk (SQLite: [`durable`]; on
     /// PostgreSQL a commit already is).
     async fn durable(&self) -> Result<()> {
-        durable_with(&self.sync).await
+        durable::wait(&self.sync).await
     }
 
     /// Why nothing can be made durable any more (a failed fdatasync: see [`durable`]), for
@@ -285,7 +285,7 @@ pub struct StoreTx {
     /// Webhook deliveries waiting for the connection ride along with the commit (SQLite).
     intake: Arc<intake::Intake>,
     /// What the commit waits for before it returns ([`durable`]).
-    sync: Option<Arc<durable::WalSync>>,
+    sync: durable::Syncer,
     /// Writes held back to be sent together ([`deferred`]); every other statement goes through
     /// [`StoreTx::db`], which sends them first.
     deferred: deferred::Deferred,
@@ -324,20 +324,12 @@ impl StoreTx {
             }
             return Err(e.into());
         }
-        let synced = durable_with(&self.sync).await;
+        let synced = durable::wait(&self.sync).await;
         if let Some(c) = carried {
             c.answer(&synced);
         }
         synced?;
         Ok(Committed { queued: self.queued })
-    }
-}
-
-/// Waits for `sync`, if there is one (see [`Store::durable`]).
-async fn durable_with(sync: &Option<Arc<durable::WalSync>>) -> Result<()> {
-    match sync {
-        Some(s) => s.wait().await,
-        None => Ok(()),
     }
 }
 
