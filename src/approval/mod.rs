@@ -97,6 +97,9 @@ pub enum Refusal {
     UnknownPolicy(String),
     #[error("{0}")]
     Guard(String),
+    /// A webhook whose change another delivery of it already made (see `store::Receipt`).
+    #[error("{0} was already processed")]
+    Redelivered(String),
 }
 
 /// What a vote did.

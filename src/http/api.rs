@@ -302,6 +302,65 @@ mod tests {
 
     use super::*;
 
+    /// After a failed fdatasync the store refuses every write until a restart (`store::durable`):
+    /// `/readyz` answers 503 and says so, so that the orchestrator restarts the replica and the
+    /// load balancer sends it nothing meanwhile.
+    #[tokio::test]
+    async fn readiness_fails_after_a_failed_sync_and_says_to_restart() {
+        use std::path::{Path, PathBuf};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = crate::store::Store::connect_failing_sync_when(&url, fail.clone())
+            .await
+            .unwrap();
+        let set = crate::policy::PolicySet::from_sources(
+            Path::new("p"),
+            vec![(PathBuf::from("p/web.yaml"), crate::policy::tests::MINIMAL.into())],
+        )
+        .unwrap();
+        let responder = crate::responder::Responder::new(
+            store.clone(),
+            set,
+            crate::policy::GlobalGuards {
+                dry_run: true,
+                max_rollbacks: None,
+            },
+            crate::action::Executors::default(),
+            "replica-a".into(),
+            Duration::from_secs(30),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        let state = AppState::new(Arc::new(responder), None, None);
+        let ready = |state: AppState| async move {
+            let r = readyz(State(state)).await.into_response();
+            let status = r.status();
+            let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        };
+        let (status, body) = ready(state.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["store"], "ok");
+        fail.store(true, Ordering::SeqCst);
+        let now = chrono::Utc::now();
+        let freeze = crate::policy::Freeze {
+            reason: "test".into(),
+            by: "me".into(),
+            until: None,
+        };
+        assert!(store.freeze("*", &freeze, now).await.is_err());
+        // The disk answers again; the replica stays unready all the same.
+        fail.store(false, Ordering::SeqCst);
+        let (status, body) = ready(state).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["ready"], false);
+        let why = body["store"].as_str().unwrap();
+        assert!(why.contains("injected EIO") && why.contains("restart"), "{why}");
+    }
+
     #[test]
     fn a_freeze_past_the_calendar_has_no_end_instead_of_a_panic() {
         let now = chrono::Utc::now();

@@ -2,8 +2,9 @@
 //!
 //! `POST /pagerduty/webhook`: webhooks v3, signed (`X-PagerDuty-Signature: v1=<hex>[,v1=...]`,
 //! HMAC-SHA256 of the raw body with any configured secret, so rotation works), de-duplicated
-//! by the signed `event.id` (the unsigned `X-Webhook-Id` header only for a body without one);
-//! a delivery answered 503 is forgotten, so that its redelivery is processed. `incident.*`
+//! by the signed `event.id` (the unsigned `X-Webhook-Id` header only for a body without one),
+//! which is stored in the commit of the vote or note it made (`store::Receipt`): a delivery
+//! answered 503 left none, so its redelivery is processed. `incident.*`
 //! events carrying our dedup key link the PagerDuty incident to ours; acknowledgements and
 //! resolutions are recorded on our incident; a note (`incident.annotated`) reading
 //! `rollback approve` or `rollback deny [reason]` is a vote by the note's author, mapped to
@@ -28,7 +29,7 @@ use super::{ApiError, AppState};
 use crate::approval::{Person, Refusal, Verdict, VoteResult};
 use crate::incident::{AuditKind, IncidentId};
 use crate::responder::{HumanError, StepError};
-use crate::store::StoreError;
+use crate::store::{NewEvent, Receipt, StoreError};
 
 /// Secrets for the PagerDuty edge.
 #[derive(Default)]
@@ -118,31 +119,56 @@ pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: By
         .as_str()
         .filter(|id| !id.is_empty())
         .or_else(|| headers.get("x-webhook-id").and_then(|h| h.to_str().ok()))
-        .map(str::to_string)
+        .map(|key| Receipt::new(RECEIPTS, key))
         .ok_or_else(|| ApiError::BadRequest("no event.id and no X-Webhook-Id header".into()))?;
-    let now = chrono::Utc::now();
-    let store = &state.responder.store;
-    // A redelivery is answered 2xx (else PagerDuty retries for 48 h) and changes nothing.
-    if !store
-        .first_receipt("pagerduty", &receipt, now)
+    // A redelivery is answered 2xx (else PagerDuty retries for 48 h) and changes nothing. The
+    // receipt is written in the transaction of what the event changes (a vote, a note), so
+    // both are durable or neither is: after a 503, whatever failed, the redelivery is
+    // processed, never taken for a duplicate of a change that was not made.
+    let seen = state
+        .responder
+        .store
+        .receipt_seen(&receipt)
         .await
-        .map_err(ApiError::Unavailable)?
-    {
-        return Ok(Json(json!({ "status": "duplicate" })));
+        .map_err(ApiError::Unavailable)?;
+    if seen {
+        return Ok(Json(duplicate()));
     }
-    let result = process(&state, event, now).await;
-    // The receipt is not in the steps' transaction: after a 503 PagerDuty redelivers, and that
-    // redelivery must be processed (a lost deny), not answered "duplicate".
-    if let Err(ApiError::Unavailable(_)) = &result {
-        if let Err(e) = store.forget_receipt("pagerduty", &receipt).await {
-            tracing::warn!(error = %e, receipt = %receipt, "receipt of a failed PagerDuty webhook not forgotten; its redelivery will be a duplicate");
+    let now = chrono::Utc::now();
+    let (answer, taken) = process(&state, event, &receipt, now).await?;
+    if taken {
+        return Ok(answer);
+    }
+    // Refused or ignored: nothing to commit the receipt with, so it is stored on its own. A
+    // replay of this signed body stays a duplicate however the incident moves on (a refused
+    // "approve" must not roll back once the incident is escalated), and a copy that lost to
+    // another one processed at the same moment (refused as no longer pending) is its duplicate.
+    // Losing this receipt loses nothing: the answer stands.
+    match state.responder.store.first_receipt(RECEIPTS, receipt.key(), now).await {
+        Ok(false) => Ok(Json(duplicate())),
+        Ok(true) => Ok(answer),
+        Err(e) => {
+            tracing::warn!(error = %e, "receipt of a PagerDuty webhook that changed nothing not stored; a replay of it will be processed again");
+            Ok(answer)
         }
     }
-    result
 }
 
-/// One first-seen, verified PagerDuty event.
-async fn process(state: &AppState, event: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<Json<Value>, ApiError> {
+/// The `webhook_receipts` source of PagerDuty's events.
+const RECEIPTS: &str = "pagerduty";
+
+fn duplicate() -> Value {
+    json!({ "status": "duplicate" })
+}
+
+/// One first-seen, verified PagerDuty event: the answer, and whether its receipt is in the
+/// store (taken with the change it made, or already taken by another copy of it).
+async fn process(
+    state: &AppState,
+    event: &Value,
+    receipt: &Receipt,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Json<Value>, bool), ApiError> {
     let store = &state.responder.store;
     let kind = event["event_type"].as_str().unwrap_or_default();
     let data = &event["data"];
@@ -153,8 +179,9 @@ async fn process(state: &AppState, event: &Value, now: chrono::DateTime<chrono::
         _ => (data["id"].as_str().unwrap_or_default(), data["incident_key"].as_str()),
     };
     let Some(ours) = our_incident(state, pd_incident, key).await? else {
-        return Ok(Json(
-            json!({ "status": "ignored", "reason": "not an incident of this responder" }),
+        return Ok((
+            Json(json!({ "status": "ignored", "reason": "not an incident of this responder" })),
+            false,
         ));
     };
     let detail = json!({ "event_type": kind, "pagerduty_incident": pd_incident, "agent": agent });
@@ -164,24 +191,48 @@ async fn process(state: &AppState, event: &Value, now: chrono::DateTime<chrono::
             kind.trim_start_matches("incident."),
             if agent.is_empty() { "PagerDuty" } else { &agent_name }
         );
-        store
-            .note(&ours, now, entry, &format!("pagerduty:{agent}"), &summary, &detail)
+        let actor = format!("pagerduty:{agent}");
+        let entry = NewEvent {
+            kind: entry,
+            actor: &actor,
+            phase_from: None,
+            phase_to: None,
+            summary,
+            detail,
+        };
+        let recorded = store
+            .note_event(Some(receipt), &ours, now, entry)
             .await
             .map_err(ApiError::Unavailable)?;
-        return Ok(Json(json!({ "status": "recorded" })));
+        let answer = if recorded {
+            json!({ "status": "recorded" })
+        } else {
+            duplicate()
+        };
+        return Ok((Json(answer), true));
     }
     match kind {
         "incident.annotated" => {
             let Some(verdict) = parse_note(data["content"].as_str().unwrap_or_default()) else {
-                return Ok(Json(
-                    json!({ "status": "ignored", "reason": "note is not a rollback command" }),
+                return Ok((
+                    Json(json!({ "status": "ignored", "reason": "note is not a rollback command" })),
+                    false,
                 ));
             };
             let who = Person::pagerduty(&agent);
-            let result = state.responder.vote(&ours, &who, verdict, "pagerduty note").await;
-            Ok(Json(vote_json(&ours, result)?))
+            let result = state
+                .responder
+                .vote_once(&ours, &who, verdict, "pagerduty note", receipt)
+                .await;
+            // A vote, and a refusal written to the incident's trail (not authorized), took the
+            // receipt with what they wrote; other refusals wrote nothing.
+            let taken = !matches!(
+                &result,
+                Err(HumanError::Refused(r)) if !matches!(r, Refusal::NotAuthorized { .. } | Refusal::Redelivered(_))
+            );
+            Ok((Json(vote_json(&ours, result)?), taken))
         }
-        _ => Ok(Json(json!({ "status": "ignored" }))),
+        _ => Ok((Json(json!({ "status": "ignored" })), false)),
     }
 }
 
@@ -192,6 +243,7 @@ fn vote_json(id: &IncidentId, r: Result<VoteResult, HumanError>) -> Result<Value
             Ok(json!({ "status": "counted", "incident": id, "have": have, "need": need }))
         }
         Ok(VoteResult::Denied) => Ok(json!({ "status": "denied", "incident": id })),
+        Err(HumanError::Refused(Refusal::Redelivered(_))) => Ok(duplicate()),
         // Refusals are answered 200 on the webhook: PagerDuty must not retry them.
         Err(HumanError::Refused(e)) => Ok(json!({ "status": "refused", "incident": id, "reason": e.to_string() })),
         Err(HumanError::Step(StepError::Store(e))) => Err(ApiError::Unavailable(e)),

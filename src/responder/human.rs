@@ -12,7 +12,7 @@ use crate::incident::reconcile::request_expiry;
 use crate::incident::{AuditKind, Event, Incident, IncidentId, Phase};
 use crate::notify::{self, Change};
 use crate::policy::{self, Decision, Freeze, Outcome, Suppression};
-use crate::store::StoreTx;
+use crate::store::{NewEvent, Receipt, StoreTx};
 
 /// Where an authorized person's Approve or `/rollback now` rolls back an open incident at once.
 const HUMAN_ROLLBACK: [Phase; 7] = [
@@ -51,10 +51,35 @@ impl Responder {
         verdict: Verdict,
         via: &str,
     ) -> Result<VoteResult, HumanError> {
+        self.vote_as(id, who, verdict, via, None).await
+    }
+
+    /// [`Responder::vote`] from a webhook its sender may deliver again: its receipt is taken in
+    /// the vote's own transaction, and a delivery whose receipt is already taken changes
+    /// nothing ([`Refusal::Redelivered`]).
+    pub async fn vote_once(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        verdict: Verdict,
+        via: &str,
+        receipt: &Receipt,
+    ) -> Result<VoteResult, HumanError> {
+        self.vote_as(id, who, verdict, via, Some(receipt)).await
+    }
+
+    async fn vote_as(
+        &self,
+        id: &IncidentId,
+        who: &Person,
+        verdict: Verdict,
+        via: &str,
+        receipt: Option<&Receipt>,
+    ) -> Result<VoteResult, HumanError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_vote(id, who, &verdict, via).await {
+            match self.try_vote(id, who, &verdict, via, receipt).await {
                 Err(HumanError::Step(StepError::Conflict(_))) if attempt < 5 => continue,
                 Err(HumanError::Step(StepError::Store(e))) if e.is_conflict() && attempt < 5 => continue,
                 other => return other,
@@ -68,6 +93,7 @@ impl Responder {
         who: &Person,
         verdict: &Verdict,
         via: &str,
+        receipt: Option<&Receipt>,
     ) -> Result<VoteResult, HumanError> {
         let now = self.clock.now();
         let Some(inc) = self.store.incident(id).await? else {
@@ -81,22 +107,24 @@ impl Responder {
                 who: who.to_string(),
                 policy: inc.policy.clone(),
             };
-            self.store
-                .note(
-                    &inc.id,
-                    now,
-                    AuditKind::ApprovalRefused,
-                    &who.key(),
-                    &refusal.to_string(),
-                    &json!({ "via": via, "verdict": format!("{verdict:?}") }),
-                )
-                .await?;
+            let actor = who.key();
+            let entry = NewEvent {
+                kind: AuditKind::ApprovalRefused,
+                actor: &actor,
+                phase_from: None,
+                phase_to: None,
+                summary: refusal.to_string(),
+                detail: json!({ "via": via, "verdict": format!("{verdict:?}") }),
+            };
+            if !self.store.note_event(receipt, &inc.id, now, entry).await? {
+                return Err(Refusal::Redelivered(receipt.map(Receipt::describe).unwrap_or_default()).into());
+            }
             info!(incident = %inc.id, who = %who.key(), "unauthorized approval attempt refused");
             return Err(refusal.into());
         }
         if matches!(verdict, Verdict::Approve) && HUMAN_ROLLBACK.contains(&inc.phase) {
             // The story ended without a rollback that helped: the Approve button still works.
-            return self.human_rollback(id, who, via, "").await;
+            return self.human_rollback(id, who, via, "", receipt).await;
         }
         if inc.phase != Phase::AwaitingApproval {
             return Err(Refusal::NotPending {
@@ -112,6 +140,7 @@ impl Responder {
         }
         let required = approval.map(|a| usize::from(a.required_approvals)).unwrap_or(1);
         let mut tx = self.store.begin().await?;
+        take_receipt(&mut tx, receipt, now).await?;
         let Some(mut inc) = tx.incident(id).await? else {
             return Err(Refusal::UnknownIncident(id.to_string()).into());
         };
@@ -232,7 +261,7 @@ impl Responder {
             }
             if HUMAN_ROLLBACK.contains(&open.phase) {
                 let r = self
-                    .human_rollback(&open.id, who, "slack command `now`", reason)
+                    .human_rollback(&open.id, who, "slack command `now`", reason, None)
                     .await?;
                 return Ok((open.id, format!("{r:?}")));
             }
@@ -310,11 +339,12 @@ impl Responder {
         who: &Person,
         via: &str,
         reason: &str,
+        receipt: Option<&Receipt>,
     ) -> Result<VoteResult, HumanError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_human_rollback(id, who, via, reason).await {
+            match self.try_human_rollback(id, who, via, reason, receipt).await {
                 Err(HumanError::Step(StepError::Conflict(_))) if attempt < 5 => continue,
                 Err(HumanError::Step(StepError::Store(e))) if e.is_conflict() && attempt < 5 => continue,
                 other => return other,
@@ -328,10 +358,12 @@ impl Responder {
         who: &Person,
         via: &str,
         reason: &str,
+        receipt: Option<&Receipt>,
     ) -> Result<VoteResult, HumanError> {
         let now = self.clock.now();
         let set = self.policies();
         let mut tx = self.store.begin().await?;
+        take_receipt(&mut tx, receipt, now).await?;
         let Some(mut inc) = tx.incident(id).await? else {
             return Err(Refusal::UnknownIncident(id.to_string()).into());
         };
@@ -528,6 +560,15 @@ impl Responder {
                 Ok("*".to_string())
             }
         }
+    }
+}
+
+/// Takes a webhook's receipt in the transaction of its change: a delivery whose receipt
+/// another one already took is refused, and its transaction (dropped) changes nothing.
+async fn take_receipt(tx: &mut StoreTx, receipt: Option<&Receipt>, now: DateTime<Utc>) -> Result<(), HumanError> {
+    match receipt {
+        Some(r) if !tx.take_receipt(r, now).await? => Err(Refusal::Redelivered(r.describe()).into()),
+        _ => Ok(()),
     }
 }
 

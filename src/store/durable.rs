@@ -106,6 +106,19 @@ impl WalSync {
         WalSync::start(Box::new(move || wal.sync()))
     }
 
+    /// [`WalSync::for_database`] whose fdatasync fails (EIO) while `fail` is set: for tests of
+    /// what a failed sync does beyond the store (readiness).
+    #[cfg(test)]
+    pub(super) fn failing_when(db: PathBuf, fail: Arc<std::sync::atomic::AtomicBool>) -> WalSync {
+        let mut wal = WalFile::new(db);
+        WalSync::start(Box::new(move || {
+            if fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected EIO"));
+            }
+            wal.sync()
+        }))
+    }
+
     /// Starts the syncing thread around `sync`.
     pub(super) fn start(mut sync: SyncFn) -> WalSync {
         let (tx, rx) = watch::channel(Finished::default());
@@ -549,5 +562,33 @@ mod tests {
         // What was acknowledged before the failure is still known as stored.
         let dup = store.ingest(&delivery(&["a1b2c3d4e5f60717"]), now).await.unwrap();
         assert_eq!((dup.stored, dup.duplicates), (0, 1));
+    }
+
+    /// A batch that fails is written again one delivery at a time (`write_alone`): each of
+    /// those is answered only after its own sync, like any other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_the_writer_retries_alone_is_answered_only_after_its_sync() {
+        use crate::store::intake::tests::good_and_refused_queued_behind;
+        let (_dir, store, control) = store_with_controlled_sync().await;
+        let mut tx = store.begin().await.unwrap();
+        // The transaction's carry fails on the refused delivery, the writer's batch of both
+        // fails too, and then each goes alone.
+        let (good, bad) = good_and_refused_queued_behind(&store, &mut tx).await;
+        control.hold.store(true, Ordering::SeqCst);
+        let commit = tokio::spawn(async move { tx.commit().await.map(|_| ()) });
+        let out = held_until_released(
+            &control,
+            async || store.alert_count().await.unwrap() == 1,
+            vec![("the good delivery, written alone", good)],
+        )
+        .await;
+        assert_eq!(out[0].as_ref().unwrap().stored, 1);
+        assert!(bad
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+            .contains("refused by the test"));
+        commit.await.unwrap().unwrap();
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{from_ms, ms, opt_ms, storable, Backend, Result, Store, StoreError, StoreTx};
+use super::{from_ms, ms, opt_ms, storable, Backend, Receipt, Result, Store, StoreError, StoreTx};
 use crate::alert::{Fingerprint, LabelSet};
 use crate::incident::joins::{self, JoinMark};
 use crate::incident::{AuditKind, IncidentId, Phase, SYSTEM_ACTOR};
@@ -70,7 +70,7 @@ impl Store {
         Ok(audit_rows(&self.pool, id).await?.into_iter().map(|(_, e)| e).collect())
     }
 
-    /// Appends an audit entry on its own (a refused approval, a PagerDuty acknowledgement).
+    /// Appends an audit entry on its own, outside any transaction.
     pub async fn note(
         &self,
         id: &IncidentId,
@@ -90,6 +90,26 @@ impl Store {
         };
         insert(&self.pool, id, now, &entry).await?;
         self.durable().await
+    }
+
+    /// [`Store::note`] in a transaction, with the receipt of the webhook that said it (if any)
+    /// in the same commit; false (and nothing written) if that webhook was already processed.
+    pub async fn note_event(
+        &self,
+        receipt: Option<&Receipt>,
+        id: &IncidentId,
+        now: DateTime<Utc>,
+        entry: NewEvent<'_>,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = receipt {
+            if !tx.take_receipt(r, now).await? {
+                return Ok(false);
+            }
+        }
+        tx.append_event(id, now, entry).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 

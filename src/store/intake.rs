@@ -163,6 +163,12 @@ impl Intake {
         !self.queue.lock().is_empty()
     }
 
+    /// How many deliveries are queued for the writer.
+    #[cfg(test)]
+    pub(super) fn queue_len(&self) -> usize {
+        self.queue.lock().len()
+    }
+
     /// Stores every alert of a delivery that the store does not already have in this state;
     /// returns once they are committed and on disk.
     pub(super) async fn ingest(&self, n: &Notification, now: DateTime<Utc>) -> Result<IngestStats> {
@@ -625,6 +631,39 @@ pub(super) mod tests {
         panic!("the delivery never queued");
     }
 
+    /// Makes the store refuse fingerprint `badbadbadbadbad0` on `tx`'s connection (SQLite's
+    /// only one, from now on).
+    async fn refuse_bad_fingerprint(tx: &mut crate::store::StoreTx) {
+        sqlx::query(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.fingerprint = 'badbadbadbadbad0'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&mut *tx.tx)
+        .await
+        .unwrap();
+    }
+
+    /// [`refuse_bad_fingerprint`], then a good delivery and a refused one queued behind `tx`.
+    pub(in crate::store) async fn good_and_refused_queued_behind(
+        store: &crate::store::Store,
+        tx: &mut crate::store::StoreTx,
+    ) -> (
+        tokio::task::JoinHandle<Result<IngestStats>>,
+        tokio::task::JoinHandle<Result<IngestStats>>,
+    ) {
+        refuse_bad_fingerprint(tx).await;
+        let good = queued_behind(store, &["a1b2c3d4e5f60718"]).await;
+        let bad = queued_behind(store, &["badbadbadbadbad0"]).await;
+        for _ in 0..500 {
+            if store.intake.queue_len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(store.intake.queue_len(), 2);
+        (good, bad)
+    }
+
     #[tokio::test]
     async fn a_delivery_waiting_for_the_connection_is_committed_with_the_transaction_holding_it() {
         let (_dir, store) = sqlite_store().await;
@@ -680,13 +719,7 @@ pub(super) mod tests {
     async fn a_lone_delivery_that_fails_half_way_stores_none_of_its_alerts() {
         let (_dir, store) = sqlite_store().await;
         let mut tx = store.begin().await.unwrap();
-        sqlx::query(
-            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.fingerprint = 'badbadbadbadbad0'
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-        )
-        .execute(&mut *tx.tx)
-        .await
-        .unwrap();
+        refuse_bad_fingerprint(&mut tx).await;
         tx.commit().await.unwrap();
         let e = store
             .ingest(&delivery(&["a1b2c3d4e5f60718", "badbadbadbadbad0"]), Utc::now())
@@ -720,23 +753,7 @@ pub(super) mod tests {
     async fn a_carry_that_fails_leaves_nothing_behind_and_the_writer_answers_each_delivery() {
         let (_dir, store) = sqlite_store().await;
         let mut tx = store.begin().await.unwrap();
-        // One delivery the store refuses (on this connection, from now on).
-        sqlx::query(
-            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.fingerprint = 'badbadbadbadbad0'
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-        )
-        .execute(&mut *tx.tx)
-        .await
-        .unwrap();
-        let good = queued_behind(&store, &["a1b2c3d4e5f60718"]).await;
-        let bad = queued_behind(&store, &["badbadbadbadbad0"]).await;
-        for _ in 0..500 {
-            if store.intake.queue.lock().len() == 2 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        assert_eq!(store.intake.queue.lock().len(), 2);
+        let (good, bad) = good_and_refused_queued_behind(&store, &mut tx).await;
         // The carry fails on the second delivery; the savepoint takes the first one's rows back
         // out, so this commit stores neither and the writer does both, each on its own.
         tx.commit().await.unwrap();

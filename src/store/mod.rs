@@ -31,6 +31,7 @@ mod text;
 mod undecidable;
 
 pub use alerts::StoredAlert;
+pub use approvals::Receipt;
 pub use events::{EventRecord, NewEvent};
 pub use outbox::OutboxRow;
 pub use reconcile::REDECIDED;
@@ -130,6 +131,16 @@ impl Store {
     /// Connects, creating the SQLite file if needed, and runs the migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
         Store::connect_syncing(url, max_connections, durable::WalSync::for_database).await
+    }
+
+    /// A SQLite store whose fdatasync fails (EIO) while `fail` is set, for tests of what a
+    /// failed sync does beyond the store.
+    #[cfg(test)]
+    pub(crate) async fn connect_failing_sync_when(
+        url: &str,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Store> {
+        Store::connect_syncing(url, 1, move |db| durable::WalSync::failing_when(db, fail)).await
     }
 
     /// [`Store::connect`], with the syncer a SQLite file gets made by `syncer` (tests hold or

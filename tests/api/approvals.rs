@@ -13,13 +13,14 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 use crate::notify::{received, wait_requests, Peers};
+use crate::pagerduty::{pd_event, pd_post};
 use crate::peers::Alertmanager;
 use crate::support::alb_fixture::{elb_client, fast_settings, weights, AlbFixture};
 use crate::support::aws_proxy::AwsProxy;
 
 const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
-const PD_SECRET: &str = "pd-webhook-secret";
-const PD_ACTION_TOKEN: &str = "pd-action-token";
+pub(crate) const PD_SECRET: &str = "pd-webhook-secret";
+pub(crate) const PD_ACTION_TOKEN: &str = "pd-action-token";
 
 fn policy(fx: &AlbFixture, required: u8, timeout: &str) -> String {
     format!(
@@ -53,15 +54,15 @@ notify:
     )
 }
 
-struct World {
-    fx: AlbFixture,
-    peers: Peers,
-    app: TestApp,
+pub(crate) struct World {
+    pub(crate) fx: AlbFixture,
+    pub(crate) peers: Peers,
+    pub(crate) app: TestApp,
     /// In front of moto: every ELBv2 call the service made.
-    aws: AwsProxy,
+    pub(crate) aws: AwsProxy,
 }
 
-async fn world(required: u8, timeout: &str) -> World {
+pub(crate) async fn world(required: u8, timeout: &str) -> World {
     let fx = AlbFixture::start().await;
     let peers = Peers::start().await;
     Mock::given(method("GET"))
@@ -94,7 +95,7 @@ async fn world(required: u8, timeout: &str) -> World {
 }
 
 impl World {
-    async fn pending(&self, fingerprint: &str) -> String {
+    pub(crate) async fn pending(&self, fingerprint: &str) -> String {
         self.app
             .post_webhook(&payload(
                 "firing",
@@ -110,13 +111,13 @@ impl World {
         list[0]["id"].as_str().unwrap().to_string()
     }
 
-    async fn phase(&self, id: &str) -> String {
+    pub(crate) async fn phase(&self, id: &str) -> String {
         self.app.incident(id).await["phase"].as_str().unwrap().to_string()
     }
 
     /// What moto holds now and how often the service wrote it: the listener's (group, weight)
     /// pairs and the number of ModifyListener calls that reached moto.
-    async fn alb(&self) -> (Vec<(String, i32)>, usize) {
+    pub(crate) async fn alb(&self) -> (Vec<(String, i32)>, usize) {
         (
             weights(&self.fx.listener_actions().await),
             self.aws.count("ModifyListener"),
@@ -124,22 +125,22 @@ impl World {
     }
 
     /// The listener as created (75/25), never written.
-    fn untouched(&self) -> (Vec<(String, i32)>, usize) {
+    pub(crate) fn untouched(&self) -> (Vec<(String, i32)>, usize) {
         (self.split(75, 25), 0)
     }
 
     /// The listener rolled back by exactly one write.
-    fn rolled_back_once(&self) -> (Vec<(String, i32)>, usize) {
+    pub(crate) fn rolled_back_once(&self) -> (Vec<(String, i32)>, usize) {
         (self.split(100, 0), 1)
     }
 
-    fn split(&self, stable: i32, canary: i32) -> Vec<(String, i32)> {
+    pub(crate) fn split(&self, stable: i32, canary: i32) -> Vec<(String, i32)> {
         vec![(self.fx.stable_tg.clone(), stable), (self.fx.canary_tg.clone(), canary)]
     }
 
     /// Waits until Slack holds a thread reply containing `text`: the incident's change was
     /// committed and its notifications delivered.
-    async fn slack_says(&self, text: &str) {
+    pub(crate) async fn slack_says(&self, text: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let said = self.peers.slack_fake.messages().iter().any(|m| m.text.contains(text));
@@ -179,7 +180,7 @@ async fn slack_post(app: &TestApp, route: &str, body: &str, ts: &str, signature:
 }
 
 /// A signed slash command; returns the ephemeral text.
-async fn command(app: &TestApp, user: &str, text: &str) -> String {
+pub(crate) async fn command(app: &TestApp, user: &str, text: &str) -> String {
     let body = serde_urlencoded::to_string([
         ("command", "/rollback"),
         ("text", text),
@@ -627,117 +628,6 @@ async fn slash_commands_list_status_now_freeze_and_unfreeze() {
     assert_eq!(w.alb().await, w.rolled_back_once());
 }
 
-fn pd_sign(secret: &str, body: &str) -> String {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    m.update(body.as_bytes());
-    format!("v1={}", hex::encode(m.finalize().into_bytes()))
-}
-
-async fn pd_post(app: &TestApp, webhook_id: &str, body: &Value, secret: &str) -> reqwest::Response {
-    let text = body.to_string();
-    app.http
-        .post(app.url("/pagerduty/webhook"))
-        .header("content-type", "application/json")
-        .header("x-webhook-id", webhook_id)
-        .header(
-            "x-pagerduty-signature",
-            format!("v1=deadbeef,{}", pd_sign(secret, &text)),
-        )
-        .body(text)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn pd_event(kind: &str, agent: &str, data: Value) -> Value {
-    json!({"event": {"id": uuid::Uuid::now_v7().to_string(), "event_type": kind, "resource_type": "incident",
-        "occurred_at": chrono::Utc::now().to_rfc3339(), "agent": {"id": agent, "type": "user_reference", "summary": "On Call"},
-        "client": null, "data": data}})
-}
-
-#[tokio::test]
-async fn pagerduty_webhooks_are_signed_deduplicated_and_recorded() {
-    let w = world(1, "1h").await;
-    let id = w.pending("ei01").await;
-    let triggered = pd_event(
-        "incident.triggered",
-        "P0SYSTEM",
-        json!({"id": "Q0PDINC", "type": "incident", "incident_key": format!("rollback-responder/{id}"), "status": "triggered"}),
-    );
-    assert_eq!(pd_post(&w.app, "wh-1", &triggered, "wrong").await.status(), 401);
-    let r: Value = pd_post(&w.app, "wh-1", &triggered, PD_SECRET)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["status"], "ignored", "triggered only links the incidents: {r}");
-    let ack = pd_event(
-        "incident.acknowledged",
-        "P0ONCALL",
-        json!({"id": "Q0PDINC", "type": "incident", "status": "acknowledged"}),
-    );
-    // The old secret of a rotation still verifies.
-    let r: Value = pd_post(&w.app, "wh-2", &ack, "old-secret").await.json().await.unwrap();
-    assert_eq!(r["status"], "recorded");
-    let r: Value = pd_post(&w.app, "wh-2", &ack, PD_SECRET).await.json().await.unwrap();
-    assert_eq!(r["status"], "duplicate");
-    let inc = w.app.incident(&id).await;
-    let acks: Vec<&Value> = inc["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "pagerduty_acknowledged")
-        .collect();
-    assert_eq!(acks.len(), 1);
-    assert_eq!(acks[0]["summary"], "PagerDuty: acknowledged by On Call");
-    // A note from someone who is not an approver changes nothing.
-    let note = pd_event(
-        "incident.annotated",
-        "P0RANDOM",
-        json!({"type": "incident_note", "id": "N1", "content": "rollback approve", "incident": {"id": "Q0PDINC", "type": "incident_reference"}}),
-    );
-    let r: Value = pd_post(&w.app, "wh-3", &note, PD_SECRET).await.json().await.unwrap();
-    assert_eq!(r["status"], "refused");
-    assert_eq!(w.phase(&id).await, "awaiting_approval");
-    // The workflow action needs its bearer token.
-    let body = json!({"action": "approve", "incident_id": "Q0PDINC", "user_id": "P0ONCALL"});
-    let r = w
-        .app
-        .http
-        .post(w.app.url("/pagerduty/action"))
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = w
-        .app
-        .http
-        .post(w.app.url("/pagerduty/action"))
-        .bearer_auth(PD_ACTION_TOKEN)
-        .json(&json!({"action": "approve", "incident_id": "Q0PDINC", "user_id": "P0NOBODY"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let r = w
-        .app
-        .http
-        .post(w.app.url("/pagerduty/action"))
-        .bearer_auth(PD_ACTION_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["status"], "approved");
-    assert_eq!(v["by"], json!(["pagerduty:P0ONCALL"]));
-    w.app.wait_incidents("verified", |l| l[0]["phase"] == "verified").await;
-    assert_eq!(w.alb().await, w.rolled_back_once());
-}
-
 /// The end to end of the approval issue, approved from Slack and from PagerDuty.
 async fn manual_flow(from_pagerduty: bool) {
     let w = world(1, "1h").await;
@@ -819,99 +709,6 @@ async fn alertmanager_to_slack_buttons_to_a_signed_click_to_moto() {
 #[tokio::test]
 async fn alertmanager_to_slack_buttons_approved_from_a_signed_pagerduty_webhook() {
     manual_flow(true).await;
-}
-
-async fn pd_post_raw(app: &TestApp, webhook_id: &str, text: &str) -> reqwest::Response {
-    app.http
-        .post(app.url("/pagerduty/webhook"))
-        .header("content-type", "application/json")
-        .header("x-webhook-id", webhook_id)
-        .header("x-pagerduty-signature", pd_sign(PD_SECRET, text))
-        .body(text.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn a_captured_pagerduty_webhook_resent_with_a_fresh_webhook_id_is_a_duplicate() {
-    let w = world(1, "1h").await;
-    let id = w.pending("ei02").await;
-    let triggered = pd_event(
-        "incident.triggered",
-        "P0SYSTEM",
-        json!({"id": "Q0REPLAY", "type": "incident", "incident_key": format!("rollback-responder/{id}")}),
-    );
-    pd_post(&w.app, "link-1", &triggered, PD_SECRET).await;
-    let ack = pd_event(
-        "incident.acknowledged",
-        "P0ONCALL",
-        json!({"id": "Q0REPLAY", "type": "incident", "status": "acknowledged"}),
-    )
-    .to_string();
-    let r: Value = pd_post_raw(&w.app, "wh-original", &ack).await.json().await.unwrap();
-    assert_eq!(r["status"], "recorded");
-    // X-Webhook-Id is not signed: the same signed body under a new one is the same event.
-    let r: Value = pd_post_raw(&w.app, "wh-forged", &ack).await.json().await.unwrap();
-    assert_eq!(r["status"], "duplicate");
-    assert_eq!(timeline_count(&w.app.incident(&id).await, "pagerduty_acknowledged"), 1);
-}
-
-/// Makes every insert into `approvals` fail (a store error inside the vote's transaction),
-/// through a connection of the test's own; `false` removes it again.
-async fn fail_votes(app: &TestApp, on: bool) {
-    sqlx::any::install_default_drivers();
-    let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&app.db.url)
-        .await
-        .unwrap();
-    let pg = app.db.url.starts_with("postgres");
-    let sql: &[&str] = match (pg, on) {
-        (false, true) => &["CREATE TRIGGER test_fail_votes BEFORE INSERT ON approvals BEGIN SELECT RAISE(ABORT, 'injected failure'); END"],
-        (false, false) => &["DROP TRIGGER test_fail_votes"],
-        (true, true) => &[
-            "CREATE FUNCTION test_fail_votes() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER test_fail_votes BEFORE INSERT ON approvals FOR EACH ROW EXECUTE FUNCTION test_fail_votes()",
-        ],
-        (true, false) => &[
-            "DROP TRIGGER test_fail_votes ON approvals",
-            "DROP FUNCTION test_fail_votes()",
-        ],
-    };
-    for s in sql {
-        sqlx::query(s).execute(&mut c).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn a_pagerduty_vote_that_failed_with_503_is_processed_on_redelivery() {
-    let w = world(1, "1h").await;
-    let id = w.pending("ei03").await;
-    let triggered = pd_event(
-        "incident.triggered",
-        "P0SYSTEM",
-        json!({"id": "Q0RETRY", "type": "incident", "incident_key": format!("rollback-responder/{id}")}),
-    );
-    pd_post(&w.app, "link-2", &triggered, PD_SECRET).await;
-    let deny = pd_event(
-        "incident.annotated",
-        "P0ONCALL",
-        json!({"type": "incident_note", "id": "N2", "content": "rollback deny not now", "incident": {"id": "Q0RETRY"}}),
-    )
-    .to_string();
-    fail_votes(&w.app, true).await;
-    let r = pd_post_raw(&w.app, "wh-deny", &deny).await;
-    assert_eq!(r.status(), 503, "the vote's store error is transient");
-    fail_votes(&w.app, false).await;
-    assert_eq!(w.phase(&id).await, "awaiting_approval");
-    // PagerDuty redelivers the same delivery: it is processed, not answered "duplicate".
-    let r: Value = pd_post_raw(&w.app, "wh-deny", &deny).await.json().await.unwrap();
-    assert_eq!(r["status"], "denied", "{r}");
-    assert_eq!(w.phase(&id).await, "denied");
-    let r: Value = pd_post_raw(&w.app, "wh-deny", &deny).await.json().await.unwrap();
-    assert_eq!(r["status"], "duplicate");
-    assert_eq!(timeline_count(&w.app.incident(&id).await, "denied"), 1);
-    w.slack_says("`awaiting_approval` → `denied`").await;
-    assert_eq!(w.alb().await, w.untouched());
 }
 
 /// `/rollback now` under a two-person rule is the first approval, not a rollback: a second,

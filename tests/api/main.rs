@@ -28,6 +28,7 @@ mod lifecycle;
 mod metrics;
 mod notify;
 mod operate;
+mod pagerduty;
 mod pages;
 mod peers;
 mod rbac;
