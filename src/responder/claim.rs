@@ -9,7 +9,7 @@
 //! `rollback_responder_work_unclaimable` for as long as nobody has taken it. Comes before
 //! `Responder::run_work`'s claim; the claim itself is `Store::claim`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use tracing::warn;
@@ -27,10 +27,18 @@ pub struct Unclaimable {
 
 /// The incidents this replica currently leaves to others (for `/readyz` and the gauge).
 #[derive(Default)]
-pub(super) struct Left(std::sync::Mutex<BTreeMap<IncidentId, String>>);
+pub(super) struct Left(std::sync::Mutex<LeftState>);
+
+#[derive(Default)]
+struct LeftState {
+    /// What this replica leaves, and why.
+    why: BTreeMap<IncidentId, String>,
+    /// Unowned work as of the worker's latest look ([`Responder::still_unowned`]).
+    unowned: BTreeSet<IncidentId>,
+}
 
 impl Left {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<IncidentId, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeftState> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -62,10 +70,17 @@ impl Responder {
     }
 
     /// Leaves `id` to other replicas because of `why`: logged and counted once per incident.
+    /// Only while the worker's latest look still found it unowned: the task that decided to
+    /// leave it was started by an earlier look and may come late (a slow store, a busy
+    /// machine), after a later look saw another replica take it; recording it then would
+    /// show taken work as waiting until the next look, and log it a second time.
     pub(super) fn leave(&self, id: &IncidentId, why: String) {
         let mut left = self.left.lock();
-        let new = left.insert(id.clone(), why.clone()).is_none();
-        self.metrics.set_unclaimable(left.len());
+        if !left.unowned.contains(id) {
+            return;
+        }
+        let new = left.why.insert(id.clone(), why.clone()).is_none();
+        self.metrics.set_unclaimable(left.why.len());
         if new {
             warn!(incident = %id, why, "leaving this incident's work to a replica that can run it as decided");
         }
@@ -75,14 +90,17 @@ impl Responder {
     /// with work in flight that nobody holds now (what another replica took is not in it).
     pub fn still_unowned(&self, unowned: &[IncidentId]) {
         let mut left = self.left.lock();
-        left.retain(|id, _| unowned.contains(id));
-        self.metrics.set_unclaimable(left.len());
+        left.unowned = unowned.iter().cloned().collect();
+        let LeftState { why, unowned } = &mut *left;
+        why.retain(|id, _| unowned.contains(id));
+        self.metrics.set_unclaimable(why.len());
     }
 
     /// The incidents this replica leaves to others, for `/readyz`.
     pub fn unclaimable(&self) -> Vec<Unclaimable> {
         self.left
             .lock()
+            .why
             .iter()
             .map(|(id, why)| Unclaimable {
                 incident: id.0.clone(),
@@ -137,6 +155,8 @@ mod tests {
     async fn left_work_is_shown_until_nobody_needs_to_claim_it() {
         let (_dir, r) = responder(Clock::System).await;
         let (a, b) = (kube_incident(Phase::Executing), kube_incident(Phase::Executing));
+        // The worker's look found both unowned and started a task for each.
+        r.still_unowned(&[a.id.clone(), b.id.clone()]);
         r.leave(&a.id, "why a".into());
         r.leave(&a.id, "why a".into());
         r.leave(&b.id, "why b".into());
@@ -152,5 +172,27 @@ mod tests {
             }]
         );
         assert!(r.metrics.render().contains("rollback_responder_work_unclaimable 1"));
+    }
+
+    /// The task a look started comes late: the next look already saw another replica take
+    /// the work. It must not show the taken work as waiting again (nor log it a second time,
+    /// which the logging follows: it logs only what it adds).
+    #[tokio::test]
+    async fn a_late_task_does_not_leave_work_a_later_look_saw_taken() {
+        let (_dir, r) = responder(Clock::System).await;
+        let a = kube_incident(Phase::Executing);
+        r.still_unowned(std::slice::from_ref(&a.id));
+        r.leave(&a.id, "why a".into());
+        assert_eq!(r.unclaimable().len(), 1);
+        // Another replica takes it; the next look starts no task, but the one started by the
+        // look before is slow and reaches its leave only now.
+        r.still_unowned(&[]);
+        r.leave(&a.id, "why a".into());
+        assert_eq!(r.unclaimable(), vec![], "taken work shown as waiting again");
+        assert!(r.metrics.render().contains("rollback_responder_work_unclaimable 0"));
+        // Never looked at as unowned (its look failed): nothing recorded either.
+        let b = kube_incident(Phase::Executing);
+        r.leave(&b.id, "why b".into());
+        assert_eq!(r.unclaimable(), vec![]);
     }
 }
