@@ -35,9 +35,9 @@ use super::{Responder, StepError};
 
 /// An executor step with the time it happened.
 #[derive(Debug, Clone)]
-struct Timed {
-    at: DateTime<Utc>,
-    step: Step,
+pub(super) struct Timed {
+    pub(super) at: DateTime<Utc>,
+    pub(super) step: Step,
 }
 
 /// How long a step that the store refuses is retried before the next write goes ahead with
@@ -178,13 +178,14 @@ impl Responder {
                 // write.
                 interrupted = Interrupted::find(&self.store.audit_events(id).await?);
                 let mut tx = self.store.begin().await?;
-                if !self.hold(&mut tx, &lease, id).await? {
+                let Some(until) = self.hold(&mut tx, &lease, id).await? else {
                     return Ok(());
-                }
+                };
                 let from = interrupted.as_ref().map(|i| i.started_by.clone());
                 self.record_start(&mut tx, &inc, from.as_deref(), self.clock.now())
                     .await?;
                 self.commit(tx, &inc).await?;
+                lease.renewed(until);
             }
 
             let earlier = interrupted
@@ -197,7 +198,8 @@ impl Responder {
             };
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
-            if !self.hold(&mut tx, &lease, id).await? {
+            // The action is over: the lease's new end matters to nobody after this commit.
+            if self.hold(&mut tx, &lease, id).await?.is_none() {
                 return Ok(());
             }
             let Some(fresh) = tx.incident(id).await? else {
@@ -333,24 +335,28 @@ impl Responder {
     }
 
     /// Re-checks (and extends) this replica's lease first thing in `tx`, which then records
-    /// its work: false when the lease is gone, and `tx` must record nothing (it is dropped,
-    /// so rolled back).
+    /// its work: `None` when the lease is gone, and `tx` must record nothing (it is dropped,
+    /// so rolled back). Else the lease's new end, which is the store's only once `tx` commits:
+    /// the caller hands it to `lease` ([`Lease::renewed`]) after its commit. Told before, a
+    /// commit that then fails (a store blip) would leave this replica believing in a lease
+    /// the store ends earlier: while its renewals fail too it would count on time it does not
+    /// have, and its write gate would let its next write out after another replica (whose
+    /// store answers) took the work over.
     pub(super) async fn hold(
         &self,
         tx: &mut crate::store::StoreTx,
         lease: &Lease,
         id: &IncidentId,
-    ) -> Result<bool, StepError> {
+    ) -> Result<Option<DateTime<Utc>>, StepError> {
         let now = self.clock.now();
         if !lease.held() {
-            return Ok(false);
+            return Ok(None);
         }
         if tx.hold_lease(id, &self.replica, now, self.lease).await? {
-            lease.renewed(lease_end(now, self.lease));
-            Ok(true)
+            Ok(Some(lease_end(now, self.lease)))
         } else {
             lease.lose("another replica holds it, or the work ended elsewhere");
-            Ok(false)
+            Ok(None)
         }
     }
 
@@ -443,11 +449,11 @@ impl Responder {
 
     /// One step in its own transaction, while this replica holds the lease: the timeline
     /// entry, and a Slack line if notable. Ok without recording when the lease is gone.
-    async fn record_step(&self, inc: &Incident, t: &Timed, lease: &Lease) -> Result<(), StepError> {
+    pub(super) async fn record_step(&self, inc: &Incident, t: &Timed, lease: &Lease) -> Result<(), StepError> {
         let mut tx = self.store.begin().await?;
-        if !self.hold(&mut tx, lease, &inc.id).await? {
+        let Some(until) = self.hold(&mut tx, lease, &inc.id).await? else {
             return Ok(());
-        }
+        };
         Self::record(
             &mut tx,
             inc,
@@ -469,7 +475,9 @@ impl Responder {
             )
             .await?;
         }
-        self.commit(tx, inc).await
+        self.commit(tx, inc).await?;
+        lease.renewed(until);
+        Ok(())
     }
 }
 

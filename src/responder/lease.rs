@@ -331,4 +331,61 @@ mod tests {
         assert!(!lease.held());
         unlock.await.unwrap();
     }
+
+    /// A step's record whose commit fails (a store blip) must not extend the lease this replica
+    /// believes in: the store still ends it earlier, another replica may take the work over
+    /// then, and the write gate, counting on the believed end, would let this one's next write
+    /// out all the same.
+    #[tokio::test]
+    async fn a_renewal_whose_commit_failed_does_not_extend_the_lease() {
+        let (dir, r, inc) = holding(Duration::from_secs(30)).await;
+        let lease = Lease::new(&r, inc.lease_until.unwrap());
+        let before = lease.until().timestamp_millis();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON incident_events BEGIN SELECT RAISE(ABORT, 'store blip'); END",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        // Later than the claim, so that a renewal would move the end.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let step = |summary: &str| super::super::act::Timed {
+            at: Utc::now(),
+            step: crate::action::Step {
+                summary: summary.into(),
+                detail: serde_json::Value::Null,
+                applied: true,
+                notable: false,
+            },
+        };
+        let e = r.record_step(&inc, &step("switched"), &lease).await.unwrap_err();
+        assert!(e.to_string().contains("store blip"), "{e}");
+        let stored = |r: &Responder| {
+            let id = inc.id.clone();
+            let store = r.store.clone();
+            async move {
+                store
+                    .incident(&id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .lease_until
+                    .unwrap()
+                    .timestamp_millis()
+            }
+        };
+        assert_eq!(stored(&r).await, before, "the store kept the old end");
+        assert_eq!(
+            lease.until().timestamp_millis(),
+            before,
+            "believed a renewal the store never made"
+        );
+        // Once the store takes the record, the renewal it committed counts.
+        sqlx::query("DROP TRIGGER refuse").execute(&mut other).await.unwrap();
+        r.record_step(&inc, &step("switched"), &lease).await.unwrap();
+        assert!(lease.until().timestamp_millis() > before);
+        assert_eq!(lease.until().timestamp_millis(), stored(&r).await);
+    }
 }

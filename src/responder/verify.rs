@@ -202,7 +202,8 @@ impl Responder {
         };
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        if !self.hold(&mut tx, &lease, &id).await? {
+        // The bake is over: the lease's new end matters to nobody after this commit.
+        if self.hold(&mut tx, &lease, &id).await?.is_none() {
             return Ok(());
         }
         let Some(fresh) = tx.incident(&id).await? else {
