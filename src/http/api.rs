@@ -307,7 +307,6 @@ mod tests {
     /// load balancer sends it nothing meanwhile.
     #[tokio::test]
     async fn readiness_fails_after_a_failed_sync_and_says_to_restart() {
-        use std::path::{Path, PathBuf};
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
 
@@ -317,23 +316,7 @@ mod tests {
         let store = crate::store::Store::connect_failing_sync_when(&url, fail.clone())
             .await
             .unwrap();
-        let set = crate::policy::PolicySet::from_sources(
-            Path::new("p"),
-            vec![(PathBuf::from("p/web.yaml"), crate::policy::tests::MINIMAL.into())],
-        )
-        .unwrap();
-        let responder = crate::responder::Responder::new(
-            store.clone(),
-            set,
-            crate::policy::GlobalGuards {
-                dry_run: true,
-                max_rollbacks: None,
-            },
-            crate::action::Executors::default(),
-            "replica-a".into(),
-            Duration::from_secs(30),
-            Arc::new(crate::metrics::Metrics::new()),
-        );
+        let responder = crate::responder::tests::responder_on(store.clone(), crate::responder::Clock::System);
         let state = AppState::new(Arc::new(responder), None, None);
         let ready = |state: AppState| async move {
             let r = readyz(State(state)).await.into_response();

@@ -19,7 +19,7 @@ mod reconcile;
 mod verify;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use claim::Unclaimable;
 pub use clock::Clock;

@@ -19,6 +19,11 @@ pub(super) async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("r.db").display());
     let store = Store::connect(&url, 1).await.unwrap();
+    (dir, responder_on(store, clock))
+}
+
+/// A dry-run responder with one minimal policy on `store`.
+pub(crate) fn responder_on(store: Store, clock: Clock) -> Responder {
     let set = PolicySet::from_sources(
         Path::new("p"),
         vec![(PathBuf::from("p/web.yaml"), crate::policy::tests::MINIMAL.into())],
@@ -28,7 +33,7 @@ pub(super) async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
         dry_run: true,
         max_rollbacks: None,
     };
-    let r = Responder::new(
+    Responder::new(
         store,
         set,
         global,
@@ -37,8 +42,7 @@ pub(super) async fn responder(clock: Clock) -> (tempfile::TempDir, Responder) {
         Duration::from_secs(30),
         Arc::new(Metrics::new()),
     )
-    .with_clock(clock);
-    (dir, r)
+    .with_clock(clock)
 }
 
 /// A trigger's `for` runs on the responder's clock: an alert too young is decided again when
