@@ -129,7 +129,6 @@ impl Application {
         if global.dry_run {
             warn!("DRY RUN: decisions are recorded, nothing will be changed (safety.dry_run: true)");
         }
-        let metrics_for_freeze = metrics.clone();
         let notifiers = Notifiers::from_config(&cfg);
         let defaults = crate::notify::Defaults {
             pages_url: cfg.settings.server.public_url.clone(),
@@ -171,7 +170,7 @@ impl Application {
             .with_notifications(defaults, wake)
             .with_prometheus(cfg.settings.verification.prometheus_url.clone())
             .with_decisions(cfg.settings.workers.decision_batch_budget, cfg.settings.workers.decide)
-            .with_config_freezes(config_freezes(&cfg.settings.safety.freeze, &metrics_for_freeze)),
+            .with_config_freezes(config_freezes(&cfg.settings.safety.freeze)),
         );
         let directory = cfg
             .settings
@@ -401,7 +400,7 @@ fn follow(
 }
 
 /// The config file's freezes, also shown in the `frozen` metric.
-fn config_freezes(c: &crate::config::ConfigFreeze, metrics: &Metrics) -> FreezeState {
+fn config_freezes(c: &crate::config::ConfigFreeze) -> FreezeState {
     let freeze = || Freeze {
         reason: c
             .reason
@@ -413,12 +412,10 @@ fn config_freezes(c: &crate::config::ConfigFreeze, metrics: &Metrics) -> FreezeS
     let mut f = FreezeState::default();
     if c.global {
         f.global = Some(freeze());
-        metrics.set_frozen("*", true);
         warn!("automatic rollbacks are FROZEN for all policies (safety.freeze.global)");
     }
     for p in &c.policies {
         f.policies.insert(p.clone(), freeze());
-        metrics.set_frozen(p, true);
         warn!(policy = %p, "automatic rollbacks are FROZEN for this policy (safety.freeze.policies)");
     }
     f

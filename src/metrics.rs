@@ -10,8 +10,27 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// Labels, their values escaped as the exposition formats require: prometheus-client writes
+/// label values as they are, so a value holding `"`, `\` or a newline (a policy name is free
+/// text) would otherwise end the value early and break every scrape that follows.
 fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), escape_label_value(v)))
+        .collect()
+}
+
+fn escape_label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Every metric the service exports.
@@ -27,6 +46,8 @@ pub struct Metrics {
     store_errors: Counter,
     panics: Family<Labels, Counter>,
     frozen: Family<Labels, Gauge>,
+    /// The policy scopes `frozen` has shown, so one no longer frozen is shown as 0.
+    frozen_scopes: std::sync::Mutex<std::collections::BTreeSet<String>>,
     outbox_depth: Family<Labels, Gauge>,
     outbox_failures: Family<Labels, Counter>,
     action_to_verified: Histogram,
@@ -194,6 +215,7 @@ impl Metrics {
             store_errors,
             panics,
             frozen,
+            frozen_scopes: Default::default(),
             outbox_depth,
             outbox_failures,
             action_to_verified,
@@ -253,9 +275,27 @@ impl Metrics {
         self.panics.get_or_create(&l(&[("where", place)])).inc();
     }
 
-    /// Current freeze state per scope.
-    pub fn set_frozen(&self, scope: &str, on: bool) {
-        self.frozen.get_or_create(&l(&[("scope", scope)])).set(i64::from(on));
+    /// The freezes in force, read from the store (and the config) at scrape time: a freeze set
+    /// on another replica, or one whose end has passed, shows as it is. A scope shown before
+    /// and no longer frozen goes to 0; `*` is always shown.
+    pub fn set_freezes(&self, freezes: &crate::policy::FreezeState, now: chrono::DateTime<chrono::Utc>) {
+        let live = |f: &crate::policy::Freeze| f.until.is_none_or(|u| u > now);
+        let mut shown = self.frozen_scopes.lock().unwrap_or_else(|p| p.into_inner());
+        let on: std::collections::BTreeSet<&str> = freezes
+            .policies
+            .iter()
+            .filter(|(_, f)| live(f))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        for scope in shown.iter().filter(|s| !on.contains(s.as_str())) {
+            self.frozen.get_or_create(&l(&[("scope", scope)])).set(0);
+        }
+        for scope in &on {
+            self.frozen.get_or_create(&l(&[("scope", scope)])).set(1);
+            shown.insert(scope.to_string());
+        }
+        let global = freezes.global.as_ref().is_some_and(live);
+        self.frozen.get_or_create(&l(&[("scope", "*")])).set(i64::from(global));
     }
 
     /// Notifications waiting per channel.
@@ -382,6 +422,51 @@ mod tests {
         let (ct, om) = m.render_for(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
         assert_eq!(ct, OPENMETRICS);
         assert!(om.ends_with("# EOF\n") && om.contains("# TYPE rollback_responder_store_errors counter"));
+    }
+
+    /// The freeze gauge shows what is in force when asked, not what was set: a freeze whose
+    /// end has passed shows 0, a scope no longer frozen goes to 0, and a label value with a
+    /// quote, a backslash or a newline is escaped (prometheus-client writes values as they
+    /// are: unescaped, one such value broke every scrape after it).
+    #[test]
+    fn frozen_shows_the_freezes_in_force_with_their_scopes_escaped() {
+        use crate::policy::{Freeze, FreezeState};
+        let m = Metrics::new();
+        let now = chrono::Utc::now();
+        let freeze = |until: Option<chrono::DateTime<chrono::Utc>>| Freeze {
+            reason: "r".into(),
+            by: "b".into(),
+            until,
+        };
+        let hostile = "x\"} 1\nfoo\\";
+        let mut f = FreezeState {
+            global: Some(freeze(Some(now - chrono::Duration::seconds(1)))),
+            ..Default::default()
+        };
+        f.policies.insert(hostile.into(), freeze(None));
+        f.policies
+            .insert("checkout".into(), freeze(Some(now + chrono::Duration::hours(1))));
+        m.set_freezes(&f, now);
+        let (_, text) = m.render_for(None);
+        assert!(text.contains("rollback_responder_frozen{scope=\"*\"} 0\n"), "{text}");
+        assert!(
+            text.contains("rollback_responder_frozen{scope=\"checkout\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rollback_responder_frozen{scope=\"x\\\"} 1\\nfoo\\\\\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("foo")), "{text}");
+        f.policies.remove("checkout");
+        f.global = Some(freeze(None));
+        m.set_freezes(&f, now);
+        let (_, text) = m.render_for(None);
+        assert!(text.contains("rollback_responder_frozen{scope=\"*\"} 1\n"), "{text}");
+        assert!(
+            text.contains("rollback_responder_frozen{scope=\"checkout\"} 0\n"),
+            "{text}"
+        );
     }
 
     /// Decisions counted through the kept counters land in the exported family, each label

@@ -72,6 +72,14 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl 
             tracing::warn!(error = %e, "could not read incident gauges for /metrics");
         }
     }
+    let now = chrono::Utc::now();
+    match r.freezes(now).await {
+        Ok(f) => r.metrics.set_freezes(&f, now),
+        Err(e) => {
+            r.metrics.store_error();
+            tracing::warn!(error = %e, "could not read the freezes for /metrics");
+        }
+    }
     let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
     let (content_type, body) = state.responder.metrics.render_for(accept);
     ([("content-type", content_type)], body)
@@ -154,14 +162,6 @@ pub async fn policies(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "hash": set.hash, "dir": set.dir, "policies": set.policies }))
 }
 
-fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if super::auth::bearer_matches(headers, state.api_token.as_ref()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
 /// `POST /api/v1/freezes` body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,36 +178,40 @@ pub struct FreezeBody {
     by: Option<String>,
 }
 
-/// When a freeze of `d` from `now` ends; `None` when that is past the calendar's end (a
-/// checked sum: `now + d` panics there).
+/// When a freeze of `d` from `now` ends, or what is wrong with `d`: past the calendar's end (a
+/// checked sum: `now + d` panics there), or under a second. A freeze that has ended when it is
+/// stored would replace the one in force (a freeze per scope) and so lift it, while its
+/// answer says "frozen".
 pub(super) fn freeze_end(
     now: chrono::DateTime<chrono::Utc>,
     d: std::time::Duration,
-) -> Option<chrono::DateTime<chrono::Utc>> {
+) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "duration: {} freezes nothing; give at least 1s (e.g. 2h), or omit it to freeze until lifted",
+            humantime::format_duration(d)
+        ));
+    }
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| {
+            format!(
+                "duration: {} would end past the calendar's end; use a shorter one (e.g. 2h, 3days), or omit it to freeze until lifted",
+                humantime::format_duration(d)
+            )
+        })
 }
 
 /// Freezes automatic rollbacks (the kill switch), globally or for one policy.
 ///
 /// The body is read raw and parsed only after the credentials are checked: an unauthenticated
 /// caller gets 401 whatever it sends, never a parse error that names the fields.
-pub async fn freeze(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    operator(&state, &headers)?;
+pub async fn freeze(State(state): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let b: FreezeBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("freeze body: {e}")))?;
     let until = match b.duration {
         None => None,
-        Some(d) => Some(freeze_end(chrono::Utc::now(), d).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "duration: {} is too long; omit it to freeze until lifted",
-                humantime::format_duration(d)
-            ))
-        })?),
+        Some(d) => Some(freeze_end(chrono::Utc::now(), d).map_err(ApiError::BadRequest)?),
     };
     let r = &state.responder;
     if let Some(p) = &b.policy {
@@ -228,11 +232,10 @@ pub async fn freeze(
 /// Lifts a freeze; `*` is the global one.
 pub async fn unfreeze(
     State(state): State<AppState>,
-    headers: HeaderMap,
     scope: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    // Credentials first, then the path: a malformed one is a 400 only for an operator.
-    operator(&state, &headers)?;
+    // The credentials were checked first (`auth::operator_credentials`): a malformed path is a
+    // 400 only for an operator.
     let Path(scope) = scope.map_err(|e| ApiError::BadRequest(format!("scope: {}", e.body_text())))?;
     let lifted = state
         .responder
@@ -266,11 +269,9 @@ pub struct CloseBody {
 /// A person closes a settled incident: after a failed verification, nothing else does.
 pub async fn close_incident(
     State(state): State<AppState>,
-    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    operator(&state, &headers)?;
     let Path(id) = id.map_err(|e| ApiError::BadRequest(format!("id: {}", e.body_text())))?;
     let b: CloseBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("close body: {e}")))?;
     if b.note.trim().is_empty() {
@@ -351,7 +352,22 @@ mod tests {
         assert_eq!(hour - now, chrono::Duration::hours(1));
         let year = 365 * 24 * 3600;
         // 1,000,000 years overflows the date; 10^9 years overflows chrono's Duration itself.
-        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000 * year)), None);
-        assert_eq!(freeze_end(now, Duration::from_secs(1_000_000_000 * year)), None);
+        for d in [1_000_000 * year, 1_000_000_000 * year] {
+            let e = freeze_end(now, Duration::from_secs(d)).unwrap_err();
+            assert!(e.contains("past the calendar's end"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_freeze_that_would_end_at_once_is_refused() {
+        let now = chrono::Utc::now();
+        for d in [Duration::ZERO, Duration::from_nanos(1), Duration::from_millis(999)] {
+            let e = freeze_end(now, d).unwrap_err();
+            assert!(e.starts_with("duration: ") && e.contains("freezes nothing"), "{e}");
+        }
+        assert_eq!(
+            freeze_end(now, Duration::from_secs(1)),
+            Ok(now + chrono::Duration::seconds(1))
+        );
     }
 }

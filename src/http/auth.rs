@@ -1,10 +1,17 @@
-//! Alertmanager's `http_config` credentials: a bearer token and/or basic auth, compared in
-//! constant time so response timing does not leak how much of a guess was right.
+//! Credentials: Alertmanager's `http_config` (a bearer token and/or basic auth) and the bearer
+//! tokens of the operator API and PagerDuty's workflow action, compared in constant time so
+//! response timing does not leak how much of a guess was right; and the layers that check them
+//! before a handler reads the body.
 
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
 
 /// The configured credentials; with none, every request is accepted (loopback only).
 pub struct WebhookAuth {
@@ -56,15 +63,43 @@ impl WebhookAuth {
 }
 
 /// True when the request carries `Authorization: Bearer <token>` for the configured token
-/// (constant time); false without a configured token: an unset secret never opens an endpoint.
+/// (constant time; the scheme in any case, as RFC 7235 has it); false without a configured
+/// token: an unset secret never opens an endpoint.
 pub fn bearer_matches(headers: &HeaderMap, token: Option<&SecretString>) -> bool {
     let Some(token) = token else { return false };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, rest)| rest.trim());
     ct_eq(given.as_bytes(), token.expose_secret().as_bytes())
+}
+
+/// Alertmanager's credentials (`http_config`), before the webhook's body is read.
+pub(super) async fn webhook_credentials(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !state.auth.check(req.headers()) {
+        tracing::warn!("webhook request with missing or wrong credentials rejected");
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// The operator API's bearer token (`api.bearer_token`), before the body is read.
+pub(super) async fn operator_credentials(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !bearer_matches(req.headers(), state.api_token.as_ref()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// The PagerDuty workflow action's bearer token (`pagerduty.action_token`), before the body
+/// is read.
+pub(super) async fn pagerduty_action_credentials(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !bearer_matches(req.headers(), state.pagerduty.action_token.as_ref()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod slack;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -81,6 +82,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/v1/policies", get(api::policies))
         .route("/api/v1/alerts/undecidable", get(api::undecidable_alerts))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), pages::require_read));
+    // Credentials are checked in a layer, before the handler reads the body: an
+    // unauthenticated caller gets 401 whatever it sends, never a 413 that tells it the limit,
+    // and no body is buffered for it. (Slack and PagerDuty sign the body, so theirs is read
+    // first, under its limit.)
+    let operator = from_fn_with_state(state.clone(), auth::operator_credentials);
     Router::new()
         .route("/", get(pages::index))
         .route("/incidents", get(pages::list))
@@ -88,14 +94,25 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(read_api)
         .route(
             "/webhook/alertmanager",
-            post(alertmanager::receive).layer(DefaultBodyLimit::max(body_limit)),
+            post(alertmanager::receive)
+                .route_layer(from_fn_with_state(state.clone(), auth::webhook_credentials))
+                .layer(DefaultBodyLimit::max(body_limit)),
         )
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .route("/api/v1/incidents/{id}/close", post(api::close_incident))
-        .route("/api/v1/freezes", get(api::freezes).post(api::freeze))
-        .route("/api/v1/freezes/{scope}", axum::routing::delete(api::unfreeze))
+        .route(
+            "/api/v1/incidents/{id}/close",
+            post(api::close_incident).route_layer(operator.clone()),
+        )
+        .route(
+            "/api/v1/freezes",
+            get(api::freezes).merge(post(api::freeze).route_layer(operator.clone())),
+        )
+        .route(
+            "/api/v1/freezes/{scope}",
+            axum::routing::delete(api::unfreeze).route_layer(operator),
+        )
         .route(
             "/slack/commands",
             post(slack::command).layer(DefaultBodyLimit::max(64 * 1024)),
@@ -110,7 +127,9 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route(
             "/pagerduty/action",
-            post(pagerduty::action).layer(DefaultBodyLimit::max(64 * 1024)),
+            post(pagerduty::action)
+                .route_layer(from_fn_with_state(state.clone(), auth::pagerduty_action_credentials))
+                .layer(DefaultBodyLimit::max(64 * 1024)),
         )
         .layer(catch_panic(state.responder.metrics.clone()))
         .with_state(state)

@@ -68,20 +68,37 @@ async fn our_incident(
 ) -> Result<Option<IncidentId>, ApiError> {
     let store = &state.responder.store;
     if let Some(key) = incident_key.and_then(|k| k.strip_prefix(KEY_PREFIX)) {
-        let ours = IncidentId(key.trim_end_matches("/escalation").to_string());
+        // An escalated incident has two PagerDuty incidents, the first page's and the
+        // escalation's: each keeps its own link, so a note on either is a vote on ours.
+        let (id, link) = match key.strip_suffix("/escalation") {
+            Some(id) => (id, ESCALATION_LINK),
+            None => (key, LINK),
+        };
+        let ours = IncidentId(id.to_string());
         if store.incident(&ours).await.map_err(ApiError::Unavailable)?.is_some() {
             store
-                .set_ref(&ours, "pagerduty", "incident_id", pd_incident)
+                .set_ref(&ours, "pagerduty", link, pd_incident)
                 .await
                 .map_err(ApiError::Unavailable)?;
             return Ok(Some(ours));
         }
     }
-    store
-        .incident_by_ref("pagerduty", "incident_id", pd_incident)
-        .await
-        .map_err(ApiError::Unavailable)
+    for link in [LINK, ESCALATION_LINK] {
+        let found = store
+            .incident_by_ref("pagerduty", link, pd_incident)
+            .await
+            .map_err(ApiError::Unavailable)?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
+
+/// The stored links (`notification_refs.ref_key`) from a PagerDuty incident to ours: the
+/// first page's, and the escalation's.
+const LINK: &str = "incident_id";
+const ESCALATION_LINK: &str = "escalation_incident_id";
 
 fn parse_note(content: &str) -> Option<Verdict> {
     let mut words = content.split_whitespace();
@@ -267,14 +284,8 @@ pub struct ActionBody {
 }
 
 /// `POST /pagerduty/action`
-pub async fn action(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !super::auth::bearer_matches(&headers, state.pagerduty.action_token.as_ref()) {
-        return Err(ApiError::Unauthorized);
-    }
+pub async fn action(State(state): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+    // The token was checked before the body was read (`auth::pagerduty_action_credentials`).
     let b: ActionBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("action body: {e}")))?;
     let verdict = match b.action.as_str() {
         "approve" => Verdict::Approve,

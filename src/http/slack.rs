@@ -233,21 +233,19 @@ pub async fn command(State(state): State<AppState>, headers: HeaderMap, body: By
             }
         }
         ["freeze", args @ ..] => {
+            // `freeze [DURATION] [POLICY]`, in either order: `freeze checkout 2h` is 2 hours too.
+            let duration = |w: &str| humantime::parse_duration(w).ok();
             let (until, policy) = match args {
-                [d, p, ..] if humantime::parse_duration(d).is_ok() => (humantime::parse_duration(d).ok(), Some(*p)),
-                [d] if humantime::parse_duration(d).is_ok() => (humantime::parse_duration(d).ok(), None),
+                [d, p, ..] if duration(d).is_some() => (duration(d), Some(*p)),
+                [p, d, ..] if duration(d).is_some() => (duration(d), Some(*p)),
+                [d] if duration(d).is_some() => (duration(d), None),
                 [p, ..] => (None, Some(*p)),
                 [] => (None, None),
             };
             let until_at = match until {
                 Some(d) => match super::api::freeze_end(chrono::Utc::now(), d) {
-                    Some(t) => Some(t),
-                    None => {
-                        return Err(ApiError::BadRequest(format!(
-                            "freeze: a freeze of {} would end past the calendar's end; use a shorter duration (e.g. 2h, 3days)",
-                            humantime::format_duration(d)
-                        )))
-                    }
+                    Ok(t) => Some(t),
+                    Err(e) => return Err(ApiError::BadRequest(format!("freeze: {e}"))),
                 },
                 None => None,
             };

@@ -464,7 +464,6 @@ impl Responder {
             until,
         };
         self.store.freeze(&scope, &f, self.clock.now()).await?;
-        self.metrics.set_frozen(&scope, true);
         info!(scope = %scope, by = %who.key(), "automatic rollbacks frozen");
         Ok(scope)
     }
@@ -478,7 +477,6 @@ impl Responder {
     /// Stores a freeze (`*` or a policy name) and shows it in the metrics.
     pub async fn set_freeze(&self, scope: &str, f: &Freeze) -> Result<(), crate::store::StoreError> {
         self.store.freeze(scope, f, self.clock.now()).await?;
-        self.metrics.set_frozen(scope, true);
         info!(scope = %scope, by = %f.by, reason = %f.reason, until = ?f.until, "automatic rollbacks frozen");
         Ok(())
     }
@@ -492,12 +490,6 @@ impl Responder {
                 tracing::warn!(error = %e, "could not make held incidents due; they are decided at their next input");
             }
         }
-        let still = if scope == "*" {
-            self.config_freezes.global.is_some()
-        } else {
-            self.config_freezes.policies.contains_key(scope)
-        };
-        self.metrics.set_frozen(scope, still);
         info!(scope = %scope, by = %by, lifted, "freeze lifted");
         Ok(lifted)
     }

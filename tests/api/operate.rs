@@ -322,20 +322,23 @@ async fn the_freeze_api_checks_credentials_before_it_reads_the_body() {
     })
     .await;
     let url = app.url("/api/v1/freezes");
-    let bodies: [(&str, &str); 4] = [
+    // Over the body limit too: 401, not a 413 that tells an unauthenticated caller the limit.
+    let huge = format!(r#"{{"reason": "{}"}}"#, "x".repeat(3 << 20));
+    let bodies: [(&str, &str); 5] = [
         ("text/plain", "freeze everything"),
         ("application/json", "{not json"),
         ("application/json", r#"{"bogus": 1}"#),
         ("application/json", r#"{"reason": "x", "duration": "soon"}"#),
+        ("application/json", &huge),
     ];
     for (ct, body) in bodies {
         for token in [None, Some("nope")] {
-            let mut req = app.http.post(&url).header("content-type", ct).body(body);
+            let mut req = app.http.post(&url).header("content-type", ct).body(body.to_string());
             if let Some(t) = token {
                 req = req.bearer_auth(t);
             }
             let r = req.send().await.unwrap();
-            assert_eq!(r.status(), 401, "{token:?} {ct} {body}");
+            assert_eq!(r.status(), 401, "{token:?} {ct} {}", &body[..body.len().min(80)]);
             let text = r.text().await.unwrap();
             assert!(!text.contains("reason") && !text.contains("duration"), "{text}");
         }
@@ -402,6 +405,76 @@ async fn a_freeze_longer_than_the_calendar_is_refused_and_nothing_is_frozen() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(app.get_json("/readyz").await["freezes"]["global"]["reason"], "failover");
+}
+
+/// A freeze that would end at once is refused: there is one freeze per scope, so storing it
+/// replaced the freeze in force (the kill switch) with one already over, while the answer said
+/// "frozen". And lifting a freeze by an arbitrary scope changes nothing, the gauge included
+/// (before, the scope went unescaped into `/metrics` and broke every scrape after it).
+#[tokio::test]
+async fn a_freeze_that_ends_at_once_is_refused_and_the_kill_switch_stays() {
+    let app = spawn_app(Options {
+        env: env(&[("ROLLBACK_RESPONDER__API__BEARER_TOKEN", "operator-token")]),
+        ..Options::default()
+    })
+    .await;
+    let post = |body: serde_json::Value| {
+        app.http
+            .post(app.url("/api/v1/freezes"))
+            // The scheme in any case, as RFC 7235 has it.
+            .header("authorization", "bearer  operator-token")
+            .json(&body)
+            .send()
+    };
+    let r = post(json!({"reason": "kill switch"})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    for duration in ["0s", "1ns", "999ms"] {
+        let r = post(json!({"reason": "oops", "duration": duration})).await.unwrap();
+        assert_eq!(r.status(), 400, "{duration}");
+        let e = r.json::<serde_json::Value>().await.unwrap()["error"].to_string();
+        assert!(
+            e.contains("duration") && e.contains("freezes nothing"),
+            "{duration}: {e}"
+        );
+    }
+    let global = &app.get_json("/readyz").await["freezes"]["global"];
+    assert_eq!(global["reason"], "kill switch", "{global}");
+    assert_eq!(global["until"], serde_json::Value::Null, "{global}");
+    let metrics = || async {
+        app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(metrics().await.contains("rollback_responder_frozen{scope=\"*\"} 1\n"));
+    let r = app
+        .http
+        .delete(app.url("/api/v1/freezes/x%22%7D%201%0Afoo"))
+        .bearer_auth("operator-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["lifted"], false);
+    let text = metrics().await;
+    assert!(
+        !text.lines().any(|l| l.starts_with("foo") || l.contains("scope=\"x")),
+        "{text}"
+    );
+    assert!(text.contains("rollback_responder_frozen{scope=\"*\"} 1\n"), "{text}");
+    let r = app
+        .http
+        .delete(app.url("/api/v1/freezes/%2A"))
+        .bearer_auth("operator-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["lifted"], true);
+    assert!(metrics().await.contains("rollback_responder_frozen{scope=\"*\"} 0\n"));
 }
 
 /// A dry run that finds the listener already stable is still a dry run: it ends in `dry_run`,

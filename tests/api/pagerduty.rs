@@ -223,6 +223,47 @@ async fn linked(w: &crate::approvals::World, id: &str, pd: &str) {
     assert_eq!(pd_post(&w.app, "link", &triggered, PD_SECRET).await.status(), 200);
 }
 
+/// An escalated incident has two PagerDuty incidents: the first page's (key
+/// `rollback-responder/<id>`) and the escalation's (`.../escalation`). A note on either is a
+/// vote on ours, whichever PagerDuty told us of last. Before, one link per incident was kept
+/// and overwritten, so the escalation's trigger unlinked the first page, and a deny noted there
+/// was answered "ignored", its receipt kept, and lost.
+#[tokio::test]
+async fn a_note_on_the_first_page_still_counts_once_the_escalation_page_is_linked() {
+    let w = world(1, "1h").await;
+    let id = w.pending("er04").await;
+    linked(&w, &id, "Q0FIRST").await;
+    let escalation = pd_event(
+        "incident.triggered",
+        "P0SYSTEM",
+        json!({"id": "Q0ESC", "type": "incident", "incident_key": format!("rollback-responder/{id}/escalation")}),
+    );
+    assert_eq!(pd_post(&w.app, "esc", &escalation, PD_SECRET).await.status(), 200);
+    let deny = pd_event(
+        "incident.annotated",
+        "P0ONCALL",
+        json!({"type": "incident_note", "id": "N5", "content": "rollback deny not the release", "incident": {"id": "Q0FIRST"}}),
+    );
+    let r: Value = pd_post(&w.app, "wh-first", &deny, PD_SECRET)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "denied", "{r}");
+    assert_eq!(w.phase(&id).await, "denied");
+    // And the escalation's page is ours too: a second deny there is refused (already
+    // denied), not ignored as "not an incident of this responder".
+    let again = pd_event(
+        "incident.annotated",
+        "P0ONCALL",
+        json!({"type": "incident_note", "id": "N6", "content": "rollback deny", "incident": {"id": "Q0ESC"}}),
+    );
+    let r: Value = pd_post(&w.app, "wh-esc", &again, PD_SECRET).await.json().await.unwrap();
+    assert_ne!(r["status"], "ignored", "{r}");
+    assert_eq!(w.phase(&id).await, "denied");
+    assert_eq!(w.alb().await, w.untouched());
+}
+
 /// Where nothing can be undone after a failure (a full disk refuses the delete too), a failed
 /// delivery must still not be remembered as seen: its receipt is committed with the change or
 /// not at all. Before, the receipt was its own commit, forgotten after a 503 by a delete that

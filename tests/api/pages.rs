@@ -530,6 +530,9 @@ async fn with_a_read_token_pages_and_read_api_need_it_or_the_sso_proxy_header() 
     // From here on, a client without credentials of its own.
     app.http = reqwest::Client::new();
     let page = format!("/incidents/{checkout}");
+    // A path that does not decode is judged after the credentials too.
+    let r = app.http.get(app.url("/incidents/%FF")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a malformed incident path without credentials");
     for path in ["/incidents", page.as_str(), "/api/v1/incidents", "/api/v1/policies"] {
         let r = app.http.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without credentials");

@@ -50,8 +50,36 @@ async fn missing_or_wrong_credentials_get_401_and_store_nothing() {
         .await
         .unwrap();
     assert_eq!(basic.status(), 401, "basic auth is not configured here");
+    // A body over the limit without credentials is a 401 too: the credentials are checked
+    // before the body is read, so no stranger learns the limit or gets a megabyte buffered.
+    let oversized = app
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(oversized.status(), 401);
     assert_eq!(stored(&app).await, 0);
     assert!(app.incidents().await.is_empty());
+}
+
+/// `groupKey` and `externalURL` are copied into every alert's row: one far longer than
+/// Alertmanager's is refused with the field named, and nothing is stored.
+#[tokio::test]
+async fn a_delivery_whose_group_key_would_be_copied_into_gigabytes_is_400() {
+    let app = spawn_app(Options::default()).await;
+    let mut body = payload(
+        "firing",
+        vec![alert("HighErrorRate", "checkout", "ab01", &ago(60), None)],
+    );
+    body["groupKey"] = json!("k".repeat(500_000));
+    let r = app.post_webhook(&body).await;
+    assert_eq!(r.status(), 400);
+    let e = r.json::<serde_json::Value>().await.unwrap()["error"].to_string();
+    assert!(e.contains("groupKey: 500000 bytes"), "{e}");
+    assert_eq!(stored(&app).await, 0);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 mod access;
 mod view;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -132,10 +132,19 @@ pub async fn list(
 }
 
 /// One incident: decision, alerts, timeline, notifications.
-pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
     let viewer = match state.read.check(&headers) {
         Ok(v) => v,
         Err(_) => return problem(StatusCode::UNAUTHORIZED, "Sign in to read incidents."),
+    };
+    // The path after the credentials: one that does not decode is a 400 only for a reader.
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, &format!("incident id: {}", e.body_text())),
     };
     if uuid::Uuid::parse_str(&id).is_err() {
         return problem(
