@@ -58,7 +58,17 @@ struct Interrupted {
 }
 
 impl Interrupted {
+    /// The attempt left without a result, from the incident's audit trail: only what follows
+    /// the last result counts. An attempt that recorded its result (failed, or succeeded and
+    /// later failed verification) was not interrupted, so a person's retry after it is a new
+    /// attempt: not "taking over", not resuming the old attempt's steps, and not crediting its
+    /// planned write (which the result already judged) as this attempt's rollback.
     fn find(events: &[crate::store::EventRecord]) -> Option<Interrupted> {
+        let since = events
+            .iter()
+            .rposition(|e| matches!(e.kind, AuditKind::ActionSucceeded | AuditKind::ActionFailed))
+            .map_or(0, |i| i + 1);
+        let events = &events[since..];
         let started_by = events
             .iter()
             .rev()
@@ -551,6 +561,49 @@ fn failure_summary(took: &[String], e: &ActionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(kind: AuditKind, actor: &str, detail: serde_json::Value) -> crate::store::EventRecord {
+        crate::store::EventRecord {
+            at: Utc::now(),
+            kind,
+            actor: actor.into(),
+            phase_from: None,
+            phase_to: None,
+            summary: String::new(),
+            detail,
+        }
+    }
+
+    /// Only an attempt without a result is interrupted: a person's retry after a failed
+    /// rollback is a new attempt. Before, the first attempt's start and planned write were
+    /// found, so the retry said "taking over from replica-0, whose attempt was interrupted",
+    /// and when it failed too it claimed the old attempt's write as a partial rollback.
+    #[test]
+    fn an_attempt_that_recorded_its_result_is_not_interrupted() {
+        let planned = json!({"step": "planned", "dry_run": false});
+        let first = vec![
+            event(AuditKind::ActionStarted, "replica-0", json!({})),
+            event(AuditKind::ActionStep, "replica-0", planned.clone()),
+        ];
+        let i = Interrupted::find(&first).expect("no result: interrupted");
+        assert_eq!(
+            (i.started_by.as_str(), i.wrote.as_deref(), i.steps.len()),
+            ("replica-0", Some("replica-0"), 1)
+        );
+        for result in [AuditKind::ActionFailed, AuditKind::ActionSucceeded] {
+            let mut ended = first.clone();
+            ended.push(event(result, "replica-0", json!({})));
+            ended.push(event(AuditKind::HumanRollback, "slack:U1", json!({})));
+            assert_eq!(Interrupted::find(&ended), None, "{result:?}");
+            // The retry's own start, interrupted in turn: only its own steps count.
+            ended.push(event(AuditKind::ActionStarted, "replica-1", json!({})));
+            let i = Interrupted::find(&ended).expect("the retry was interrupted");
+            assert_eq!((i.started_by.as_str(), i.wrote, i.steps.len()), ("replica-1", None, 0));
+            ended.push(event(AuditKind::ActionStep, "replica-1", planned.clone()));
+            let i = Interrupted::find(&ended).unwrap();
+            assert_eq!((i.wrote.as_deref(), i.steps.len()), (Some("replica-1"), 1));
+        }
+    }
 
     #[test]
     fn a_target_found_reverted_counts_only_after_our_own_recorded_intent_and_says_by_whom() {

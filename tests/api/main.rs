@@ -34,6 +34,7 @@ mod peers;
 mod rbac;
 mod reload;
 mod replicas;
+mod retries;
 mod seed_policies;
 mod sequences;
 #[path = "../support/mod.rs"]

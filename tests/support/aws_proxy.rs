@@ -176,6 +176,11 @@ impl AwsProxy {
         });
     }
 
+    /// From now on, passes every call to moto again (the injected errors end).
+    pub fn heal(&self) {
+        self.shared.lock().unwrap().faults.clear();
+    }
+
     /// How many `action` calls were answered with an injected error.
     pub fn refused(&self, action: &str) -> usize {
         self.shared
