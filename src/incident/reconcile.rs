@@ -116,6 +116,16 @@ pub fn request_expiry(outcome: &Outcome) -> Option<DateTime<Utc>> {
     }
 }
 
+/// Whether a pending request rolls back on its own when it expires.
+fn acts_on_expiry(outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::EscalateLater { .. } => true,
+        Outcome::NeedsApproval { on_timeout, .. } => *on_timeout == crate::policy::OnTimeout::Rollback,
+        Outcome::Suppressed(Suppression::DryRun { would }) => acts_on_expiry(would),
+        _ => false,
+    }
+}
+
 /// When the hold in `outcome` ends, if it is a hold with a known end. A rate limit is looked
 /// at again one window later (by then the oldest counted rollback has left the window).
 pub fn hold_ends(outcome: &Outcome, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -241,6 +251,24 @@ pub fn reconcile(s: &Situation<'_>) -> Next {
             // The request's own time comes first (its on_timeout); what fires is decided again
             // right after (the caller does, see `Next::Expire`).
             let expiry = request_expiry(&s.current.outcome);
+            // A request that rolls back on its own when its time comes (`auto_after`, or
+            // `on_timeout: rollback`) does so for the trigger that asked: once that trigger no
+            // longer fires (its alerts resolved), the request stands on what still fires
+            // instead, and its timer goes with it.
+            if acts_on_expiry(&s.current.outcome)
+                && !s.candidates.iter().any(|c| trigger(&c.decision) == trigger(s.current))
+            {
+                return Next::Decide {
+                    decision: best.decision.clone(),
+                    due_at: due_after(s, best),
+                    why: format!(
+                        "trigger {} no longer fires, so it will not roll back on its own; re-decided on {}: {}",
+                        trigger(s.current),
+                        trigger(&best.decision),
+                        best.decision.reason
+                    ),
+                };
+            }
             if expiry.is_some_and(|e| e <= s.now) {
                 return Next::Expire;
             }

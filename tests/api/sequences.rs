@@ -170,10 +170,14 @@ impl Seq {
     }
 
     async fn start_with(cooldown: &str, timeout: &str, env: Vec<(String, String)>) -> Seq {
+        Self::start_policy(|fx, svc| mixed_policy(fx, svc, cooldown, timeout), env).await
+    }
+
+    async fn start_policy(policy: impl FnOnce(&AlbFixture, &str) -> String, env: Vec<(String, String)>) -> Seq {
         let fx = AlbFixture::start().await;
         let svc = "shop".to_string();
         let app = spawn_app(Options {
-            policies: vec![("shop.yaml", mixed_policy(&fx, &svc, cooldown, timeout))],
+            policies: vec![("shop.yaml", policy(&fx, &svc))],
             executors: Some(Executors {
                 alb: Some(fx.executor()),
                 ..Default::default()
@@ -274,6 +278,50 @@ async fn the_strongest_trigger_acts_even_when_a_weaker_one_opened_the_incident()
     assert_eq!(inc["trigger"], "errors");
     assert_eq!(inc["decision"]["trigger"], "errors");
     assert_eq!(inc["decision"]["outcome"], "auto");
+}
+
+/// `auto_after` rolls back on its timer for the alert that asked, only while that alert still
+/// fires. Here ElevatedErrorRate (auto_after 8 s) asks, HighLatency (manual) joins, and
+/// ElevatedErrorRate resolves before its time: the request then stands on the latency trigger,
+/// which needs a person. Before, the timer rolled back anyway.
+#[tokio::test]
+async fn an_auto_after_request_whose_alert_resolved_does_not_roll_back_on_its_timer() {
+    let s = Seq::start_policy(
+        |fx, svc| {
+            mixed_policy(fx, svc, "1h", "1h").replace(
+                "for: 6s\n    mode: {auto_after: 1h}",
+                "for: 0s\n    mode: {auto_after: 8s}",
+            )
+        },
+        vec![],
+    )
+    .await;
+    let elevated = s.fire("ElevatedErrorRate").await;
+    s.one_incident("elevated asks", |i| {
+        i["phase"] == "awaiting_approval" && i["trigger"] == "elevated"
+    })
+    .await;
+    s.fire("HighLatency").await;
+    s.am.post(s.labels("ElevatedErrorRate"), &elevated, Some(&ago(0))).await;
+    // Past the 8 s, with room for Alertmanager's group wait and the due tick.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    let inc = s
+        .one_incident("the request re-decided on latency", |i| {
+            i["phase"] == "awaiting_approval" && i["decision"]["trigger"] == "latency"
+        })
+        .await;
+    assert_eq!(
+        s.stable_weight().await,
+        75,
+        "nothing rolled back: {:#?}",
+        summaries(&inc)
+    );
+    let lines = summaries(&inc);
+    assert!(
+        lines.iter().any(|l| l.contains("trigger elevated no longer fires")),
+        "{lines:#?}"
+    );
+    assert!(!lines.iter().any(|l| l.starts_with("approval_expired")), "{lines:#?}");
 }
 
 /// Case 2: a deny covers the request denied (the latency trigger); a health check that fires

@@ -385,6 +385,58 @@ fn a_pending_request_expires_at_its_own_time_not_at_an_earlier_re_check() {
     assert_eq!(request_expiry(&request.outcome), Some(t0() + min(25)));
 }
 
+/// `auto_after` rolls back when its time comes for the trigger that asked, only while that
+/// trigger still fires: once its alert resolved, the request stands on what still fires (here
+/// a manual trigger, which needs a person) and the timer goes. Before, the request expired
+/// into a rollback although its alert had resolved.
+#[test]
+fn a_request_whose_asking_trigger_resolved_does_not_roll_back_on_its_timer() {
+    let (set, w) = (set(), World::default());
+    let asked = candidate(&set, "ElevatedErrorRate", t0(), t0() + min(10), &w).decision;
+    assert!(matches!(asked.outcome, Outcome::EscalateLater { .. }), "{asked:?}");
+    let auto_at = request_expiry(&asked.outcome).unwrap();
+    let now = auto_at + min(1);
+    // Still firing: the request expires (and the caller rolls back).
+    let both = candidates(
+        &set,
+        &[("ElevatedErrorRate", t0()), ("HighLatency", t0() + min(1))],
+        now,
+        &w,
+    );
+    let s = situation(now, Phase::AwaitingApproval, &asked, Some(auto_at), &both);
+    assert_eq!(reconcile(&s), Next::Expire);
+    // Resolved: re-decided on the latency trigger, a request for a person, no timer of its own.
+    let latency = candidates(&set, &[("HighLatency", t0() + min(1))], now, &w);
+    let s = situation(now, Phase::AwaitingApproval, &asked, Some(auto_at), &latency);
+    let Next::Decide { decision, why, .. } = reconcile(&s) else {
+        panic!("{:?}", reconcile(&s));
+    };
+    assert_eq!(decision.trigger.as_deref(), Some("latency"));
+    assert!(
+        matches!(
+            decision.outcome,
+            Outcome::NeedsApproval {
+                on_timeout: OnTimeout::Escalate,
+                ..
+            }
+        ),
+        "{decision:?}"
+    );
+    assert!(why.starts_with("trigger elevated no longer fires"), "{why}");
+    assert_eq!(
+        transition(
+            Phase::AwaitingApproval,
+            &Event::Decided {
+                outcome: decision.outcome.clone()
+            }
+        ),
+        Ok(Phase::AwaitingApproval)
+    );
+    // And the request then stands: asked again, it stays until its own expiry.
+    let s = situation(now, Phase::AwaitingApproval, &decision, None, &latency);
+    assert!(matches!(reconcile(&s), Next::Stay { .. }), "{:?}", reconcile(&s));
+}
+
 #[test]
 fn nothing_firing_cancels_a_wait_and_leaves_a_settled_incident_alone() {
     let (set, w) = (set(), World::default());
@@ -567,6 +619,15 @@ impl Model {
                 self.enter(next, false);
             }
             Next::Expire => {
+                // A request that rolls back on its own expires only while the trigger that
+                // asked still fires.
+                if acts_on_expiry(&inc.decision.outcome) {
+                    prop_assert!(
+                        cands.iter().any(|c| c.decision.trigger == inc.decision.trigger),
+                        "{:?} expired into a rollback although it no longer fires",
+                        inc.decision.trigger
+                    );
+                }
                 let next = transition(
                     inc.phase,
                     &Event::ApprovalExpired {
