@@ -116,11 +116,12 @@ impl Responder {
             AlertStatus::Resolved => {
                 // A resolving alert may close its incident: the batch reads it again, and a
                 // join earlier in the batch is checked against what this change left.
-                ctx.open.retain(|_, inc| Some(&inc.id) != stored.incident_id.as_ref());
-                self.on_resolved(tx, stored, ctx.now).await?;
-                if let Some(plain) = stored.incident_id.as_ref().and_then(|id| ctx.joined.get_mut(id)) {
-                    // Changed (maybe closed) by this transaction itself.
-                    *plain = false;
+                if let Some(touched) = self.on_resolved(tx, stored, ctx.now).await? {
+                    ctx.open.retain(|_, inc| inc.id != touched);
+                    if let Some(plain) = ctx.joined.get_mut(&touched) {
+                        // Changed (maybe closed) by this transaction itself.
+                        *plain = false;
+                    }
                 }
                 Ok(None)
             }
@@ -350,14 +351,44 @@ impl Responder {
         Ok(Some(inc.id))
     }
 
-    async fn on_resolved(&self, tx: &mut StoreTx, stored: &StoredAlert, now: DateTime<Utc>) -> Result<(), StepError> {
-        let Some(id) = &stored.incident_id else {
-            return Ok(());
+    /// A resolved alert: recorded in its incident, which closes once nothing fires. Returns
+    /// the incident it changed, if any.
+    async fn on_resolved(
+        &self,
+        tx: &mut StoreTx,
+        stored: &StoredAlert,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IncidentId>, StepError> {
+        let (fingerprint, starts_at) = (&stored.alert.fingerprint, stored.alert.starts_at);
+        let (id, older) = match &stored.incident_id {
+            Some(id) => (id.clone(), tx.end_older_episodes(id, fingerprint, starts_at).await?),
+            None => {
+                // Resolved before it was decided, so it never joined: it still ends the older
+                // episodes of the same alert in the target's open incident.
+                let set = self.policies();
+                let Some((p, _)) = policy::find(&stored.alert, &set) else {
+                    return Ok(None);
+                };
+                let Some((id, _)) = tx.open_incident_version(&p.target.key()).await? else {
+                    return Ok(None);
+                };
+                match tx.end_older_episodes(&id, fingerprint, starts_at).await? {
+                    0 => return Ok(None),
+                    n => (id, n),
+                }
+            }
         };
-        let Some(mut inc) = tx.incident(id).await? else {
-            return Ok(());
+        let Some(mut inc) = tx.incident(&id).await? else {
+            return Ok(None);
         };
-        let summary = format!("{} resolved", describe_alert(stored));
+        let summary = match older {
+            0 => format!("{} resolved", describe_alert(stored)),
+            n => format!(
+                "{} resolved, and with it {n} earlier episode(s) of the same alert whose resolve Alertmanager never sent \
+                 (it had fired again before its next notification)",
+                describe_alert(stored)
+            ),
+        };
         Self::record(
             tx,
             &inc,
@@ -384,7 +415,7 @@ impl Responder {
             .await?;
             self.close_if_done(tx, &mut inc, now).await?;
         }
-        Ok(())
+        Ok(Some(id))
     }
 }
 

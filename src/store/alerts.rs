@@ -233,6 +233,30 @@ impl StoreTx {
         Ok(row.is_some())
     }
 
+    /// Ends the older episodes of `fingerprint` in an incident that still fire, because a
+    /// later one (started at `starts_at`) resolved: Alertmanager keeps one alert per
+    /// fingerprint, so when an alert resolved and fired again between two of its notifications
+    /// it never sends the first episode's resolve, and that row would fire for ever (its
+    /// incident never closing, every later alert on the target joining it). Returns how many.
+    pub async fn end_older_episodes(
+        &mut self,
+        id: &IncidentId,
+        fingerprint: &Fingerprint,
+        starts_at: DateTime<Utc>,
+    ) -> Result<u64> {
+        // The older episode ended before the later one began; exactly when is not known.
+        let r = sqlx::query(
+            "UPDATE alerts SET status = 'resolved', ends_at = $1
+             WHERE incident_id = $2 AND status = 'firing' AND fingerprint = $3 AND starts_at < $1",
+        )
+        .bind(ms(starts_at))
+        .bind(&id.0)
+        .bind(fingerprint.0.as_str())
+        .execute(self.db().await?)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// How many alerts of an incident still fire.
     pub async fn firing_alerts(&mut self, id: &IncidentId) -> Result<u64> {
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM alerts WHERE incident_id = $1 AND status = 'firing'")

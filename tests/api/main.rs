@@ -13,6 +13,7 @@ mod alertmanager;
 mod approvals;
 mod crash;
 mod edges;
+mod episodes;
 mod faults_actions;
 mod faults_store;
 mod fuzz;

@@ -3,7 +3,6 @@
 //! as a (partial) rollback.
 
 use crate::approvals::{command, world};
-use crate::helpers::*;
 
 fn events<'a>(inc: &'a serde_json::Value, kind: &str) -> Vec<&'a str> {
     inc["timeline"]
