@@ -97,13 +97,19 @@ pub enum ActionError {
     PreCheck { message: String, detail: serde_json::Value },
     #[error("{message}")]
     Failed { message: String, detail: serde_json::Value },
+    /// Failed, and whether a write took is not known (it failed without a clear answer and
+    /// could not be read back since): never said as "nothing was changed".
+    #[error("{message}")]
+    Unconfirmed { message: String, detail: serde_json::Value },
 }
 
 impl ActionError {
     /// The structured error for the audit trail.
     pub fn detail(&self) -> &serde_json::Value {
         match self {
-            ActionError::PreCheck { detail, .. } | ActionError::Failed { detail, .. } => detail,
+            ActionError::PreCheck { detail, .. }
+            | ActionError::Failed { detail, .. }
+            | ActionError::Unconfirmed { detail, .. } => detail,
         }
     }
 }

@@ -547,6 +547,17 @@ fn found_reverted(interrupted: Option<&Interrupted>, by: Option<&RevertedBy>, su
 /// What people read when the action failed: what took before the failure (with its time),
 /// and the failed call.
 fn failure_summary(took: &[String], e: &ActionError) -> String {
+    if matches!(e, ActionError::Unconfirmed { .. }) {
+        let took = if took.is_empty() {
+            String::new()
+        } else {
+            format!("{} took; then ", took.join("; "))
+        };
+        return format!(
+            "rollback failed, and whether it took is UNKNOWN: {took}{e}; nothing more will be tried automatically, \
+             a human must check the target and act"
+        );
+    }
     if took.is_empty() {
         format!("rollback failed, nothing was changed: {e}; nothing more will be tried automatically, a human must act")
     } else {
@@ -698,5 +709,24 @@ mod tests {
              error 400 BadRequest: patch deployments/scale/web in portal: bad (code api); the remaining steps were not \
              done and nothing more will be tried automatically, a human must act"
         );
+
+        // A write that may have been applied: never "nothing was changed".
+        let e = ActionError::Unconfirmed {
+            message: "ModifyListener on L: whether it took is UNKNOWN: … (code OutcomeUnknown)".into(),
+            detail: serde_json::Value::Null,
+        };
+        for took in [vec![], vec!["rule R reverted".to_string()]] {
+            let s = failure_summary(&took, &e);
+            assert!(
+                s.starts_with("rollback failed, and whether it took is UNKNOWN: ")
+                    && !s.contains("nothing was changed"),
+                "{s}"
+            );
+            assert_eq!(
+                s.contains("rule R reverted took; then ModifyListener"),
+                !took.is_empty(),
+                "{s}"
+            );
+        }
     }
 }

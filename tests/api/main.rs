@@ -40,6 +40,7 @@ mod seed_policies;
 mod sequences;
 #[path = "../support/mod.rs"]
 mod support;
+mod unknown_outcome;
 mod verify;
 mod verify_drift;
 mod webhook;

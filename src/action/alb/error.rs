@@ -104,6 +104,21 @@ pub enum AlbError {
         /// A dry run: nothing was written, `done` would be reverted.
         dry_run: bool,
     },
+    /// A write failed without a clear answer (timed out, the connection cut, an unreadable or
+    /// 5xx response: AWS may have applied it) and the resource could not be read back since,
+    /// so whether it took is not known. Never said as "not reverted".
+    #[error(
+        "{operation} on {arn}: whether it took is UNKNOWN: an attempt failed without a clear answer and it \
+         could not be read back since ({cause}); check it before acting"
+    )]
+    OutcomeUnknown {
+        /// The write (`ModifyListener`, `ModifyRule`).
+        operation: String,
+        /// The listener or rule.
+        arn: String,
+        /// The last error, with its code.
+        cause: String,
+    },
     /// Any other AWS or transport error.
     #[error("AWS error {code}: {message}")]
     Aws {
@@ -130,12 +145,16 @@ fn partial_message(done: &[String], failed: &[FailedForward], dry_run: bool) -> 
         .iter()
         .map(|f| format!("{}: {} (code {})", f.resource.describe(), f.error, f.error.code()))
         .collect();
+    // "NOT reverted" would be a claim: say so only of what is known.
+    let unknown = failed.iter().filter(|f| f.error.outcome_unknown()).count();
     // A dry run wrote nothing: saying "reverted" would tell a reader traffic moved.
     let (not, done_as) = if dry_run {
         (
             "would NOT be reverted (dry run)",
             "would be reverted (dry run) or already stable",
         )
+    } else if unknown > 0 {
+        ("NOT reverted or of UNKNOWN outcome", "reverted or already stable")
     } else {
         ("NOT reverted", "reverted or already stable")
     };
@@ -246,6 +265,36 @@ impl AlbError {
             AlbError::CanaryForwardWithoutStable { .. } => "CanaryForwardWithoutStable",
             AlbError::WeightsDidNotTake { .. } => "WeightsDidNotTake",
             AlbError::Partial { .. } => "PartialRevert",
+            AlbError::OutcomeUnknown { .. } => "OutcomeUnknown",
+        }
+    }
+
+    /// Whether a write that failed so may have been applied all the same: no clear answer came
+    /// back (a timeout, a cut connection, an unreadable response) or AWS failed inside (500).
+    /// A clear refusal (a 4xx with its code, throttling, 503 "unavailable") was not applied.
+    pub fn may_have_been_applied(&self) -> bool {
+        match self {
+            AlbError::Aws { code, .. } => matches!(
+                code.as_str(),
+                "Timeout"
+                    | "IoError"
+                    | "DispatchFailure"
+                    | "ResponseError"
+                    | "Unknown"
+                    | "InternalError"
+                    | "InternalFailure"
+                    | "InternalServerError"
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether this error leaves unknown whether the target changed.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            AlbError::OutcomeUnknown { .. } => true,
+            AlbError::Partial { failed, .. } => failed.iter().any(|f| f.error.outcome_unknown()),
+            _ => false,
         }
     }
 

@@ -319,11 +319,17 @@ impl AlbExecutor {
         };
         let list = Some(actions.to_vec());
         let mut on_attempt = |a: Attempt| emit(AlbStep::AttemptFailed(a));
-        self.retry
+        // Set by an attempt that failed without a clear answer (it may have been applied),
+        // cleared by a read that shows the list as it is: if the retries end while it is set,
+        // whether the revert took is not known, and the error says so.
+        let unsure = std::sync::atomic::AtomicBool::new(false);
+        let result = self
+            .retry
             .run_gated(operation, &mut on_attempt, Some(before_write), || async {
                 let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
                 if attempt > 1 {
                     let read = self.fetch_actions(r).await?;
+                    unsure.store(false, Ordering::Relaxed);
                     let snap = ForwardSnapshot::from_actions(&r.arn, r.kind, &read);
                     let applied = snap.forward.as_ref().is_some_and(|f| want.same_routing(f));
                     emit(AlbStep::ReadBeforeRetry {
@@ -336,7 +342,7 @@ impl AlbExecutor {
                         return Ok(());
                     }
                 }
-                match r.kind {
+                let sent = match r.kind {
                     ResourceKind::ListenerDefaultActions => self
                         .client
                         .modify_listener()
@@ -355,10 +361,41 @@ impl AlbExecutor {
                         .await
                         .map(|_| ())
                         .map_err(AlbError::from_sdk),
+                };
+                if sent.as_ref().is_err_and(AlbError::may_have_been_applied) {
+                    unsure.store(true, Ordering::Relaxed);
                 }
+                sent
             })
-            .await?;
-        Ok(attempts.load(Ordering::Relaxed))
+            .await;
+        let n = attempts.load(Ordering::Relaxed);
+        match result {
+            Ok(()) => Ok(n),
+            // The last attempt may have been applied: one more read tells, if it can be made.
+            Err(e) if unsure.load(Ordering::Relaxed) => match self.fetch_actions(r).await {
+                Ok(read) => {
+                    let snap = ForwardSnapshot::from_actions(&r.arn, r.kind, &read);
+                    let applied = snap.forward.as_ref().is_some_and(|f| want.same_routing(f));
+                    emit(AlbStep::ReadBeforeRetry {
+                        operation: operation.to_string(),
+                        attempt: n + 1,
+                        applied,
+                    });
+                    if applied {
+                        tracing::info!(operation, attempt = n, "the last attempt was applied");
+                        Ok(n)
+                    } else {
+                        Err(e)
+                    }
+                }
+                Err(read) => Err(AlbError::OutcomeUnknown {
+                    operation: operation.to_string(),
+                    arn: r.arn.clone(),
+                    cause: format!("{e} (code {}); reading it back: {read}", e.code()),
+                }),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) async fn read_back(

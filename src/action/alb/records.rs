@@ -260,6 +260,7 @@ pub fn report(t: &AlbTarget, dry_run: bool, result: Result<AlbOutcome, AlbError>
             let message = format!("{} (code {})", e, e.code());
             Err(match e {
                 AlbError::PreCheckFailed { .. } => ActionError::PreCheck { message, detail },
+                e if e.outcome_unknown() => ActionError::Unconfirmed { message, detail },
                 _ => ActionError::Failed { message, detail },
             })
         }
