@@ -231,7 +231,8 @@ pub enum Message {
         routing_key: Option<String>,
         body: Value,
     },
-    /// Create the status page incident.
+    /// Create the status page incident; where the incident already has one (an earlier
+    /// attempt's), delivery updates that one with this text instead.
     StatuspageCreate { body: Value },
     /// Update (or resolve) the status page incident created earlier.
     StatuspageUpdate { body: Value },

@@ -3,7 +3,8 @@
 //! incident closes. Seed 000 asks for the status page within 15 minutes of a rollback. The
 //! public text says only what happened: "rolled back" when the action changed the target,
 //! "investigating" when it did not (already reverted, pre-check refused, failed), nothing at
-//! all when nothing could act (a dry run).
+//! all when nothing could act (a dry run). One status page incident per incident: a person's
+//! retry after a failed rollback updates it with what the retry did.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +22,8 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
         .map(|(id, st)| (id, serde_json::to_value(st).unwrap_or(Value::Null)))
         .collect();
     match (entered(inc, change), change) {
-        // Once the action has run, so the text can say what it did.
+        // Once the action has run, so the text can say what it did. Each attempt (a person's
+        // retry after a failed one) says it; delivery updates the incident an earlier one made.
         (
             Some(to),
             Change::Phase {
@@ -99,10 +101,12 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
 /// Metadata key under which a created incident carries our incident id.
 const METADATA_KEY: &str = "rollback_responder";
 
-/// Creates or updates the page's incident; the created id is returned as a handle. A create
-/// sent before (`retried`: an earlier attempt timed out or its answer was lost) may have
-/// reached Statuspage: the page's unresolved incidents are looked through first, and one
-/// carrying this incident's id is taken instead of creating a second.
+/// Creates or updates the page's incident; the created id is returned as a handle. One
+/// incident per incident of ours: a create for an incident that already has one (a person's
+/// retry after a failed rollback leaves `executing` a second time) updates that one with the
+/// create's text instead. A create sent before (`retried`: an earlier attempt timed out or its
+/// answer was lost) may have reached Statuspage: the page's unresolved incidents are looked
+/// through first, and one carrying this incident's id is taken instead of creating a second.
 pub async fn deliver(
     http: &reqwest::Client,
     base: &str,
@@ -112,19 +116,22 @@ pub async fn deliver(
     refs: &BTreeMap<String, String>,
     retried: bool,
 ) -> Result<Refs, DeliveryError> {
-    if let (Message::StatuspageCreate { body }, true) = (msg, retried) {
+    let created = refs.get("incident_id");
+    if let (Message::StatuspageCreate { body }, None, true) = (msg, created, retried) {
         let ours = &body["incident"]["metadata"][METADATA_KEY]["incident_id"];
         if let Some(id) = find_created(http, base, key, page, ours).await? {
             return Ok(vec![("incident_id".into(), id)]);
         }
     }
-    let req = match msg {
-        Message::StatuspageCreate { body } => http.post(format!("{base}/pages/{page}/incidents")).json(body),
-        Message::StatuspageUpdate { body } => {
-            let id = refs.get("incident_id").ok_or_else(|| DeliveryError::Permanent {
-                reason: "no status page incident was created for this incident".into(),
-            })?;
+    let req = match (msg, created) {
+        (Message::StatuspageCreate { body }, None) => http.post(format!("{base}/pages/{page}/incidents")).json(body),
+        (Message::StatuspageCreate { body } | Message::StatuspageUpdate { body }, Some(id)) => {
             http.patch(format!("{base}/pages/{page}/incidents/{id}")).json(body)
+        }
+        (Message::StatuspageUpdate { .. }, None) => {
+            return Err(DeliveryError::Permanent {
+                reason: "no status page incident was created for this incident".into(),
+            })
         }
         _ => {
             return Err(DeliveryError::Permanent {
@@ -144,7 +151,7 @@ pub async fn deliver(
     if !status.is_success() {
         return Err(classify_status(status, retry_after.as_ref(), &text));
     }
-    if matches!(msg, Message::StatuspageCreate { .. }) {
+    if matches!((msg, created), (Message::StatuspageCreate { .. }, None)) {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if let Some(id) = v["id"].as_str() {
             return Ok(vec![("incident_id".into(), id.to_string())]);
