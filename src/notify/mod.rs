@@ -264,8 +264,13 @@ pub enum Change<'a> {
     },
     /// A note without a phase change: an alert joined or resolved, the action started.
     Note { summary: &'a str },
-    /// Every alert resolved and nothing is in flight: the incident is over.
-    Closed,
+    /// The incident is over: every alert resolved and nothing is in flight, or a person closed
+    /// it (maybe while its alerts still fire).
+    Closed {
+        /// An escalation page was triggered for the incident and not resolved since (read from
+        /// its outbox in the closing's transaction, see [`pagerduty::escalation_open`]).
+        escalation_open: bool,
+    },
 }
 
 /// Whether the incident's decision is a dry run.

@@ -74,7 +74,9 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
             }}),
         }],
         // Every phase that left `executing` (but for a dry run) has a status page incident.
-        (_, Change::Closed) if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) => {
+        (_, Change::Closed { .. })
+            if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) =>
+        {
             let operational: BTreeMap<&String, &str> = route.components.keys().map(|id| (id, "operational")).collect();
             vec![Message::StatuspageUpdate {
                 body: json!({ "incident": {
@@ -283,6 +285,6 @@ mod tests {
         assert!(!said.contains("roll"), "{said}");
         let dry = Incident::sample(Phase::DryRun, now);
         assert!(left_executing(&dry, Phase::DryRun).is_empty());
-        assert!(plan(&dry, &Change::Closed, &route()).is_empty());
+        assert!(plan(&dry, &Change::Closed { escalation_open: false }, &route()).is_empty());
     }
 }

@@ -1,6 +1,7 @@
-//! What people are told once a person takes over a rollback that failed: the retry updates
-//! the one status page incident the failure opened, on Statuspage and PagerDuty as wiremock
-//! fakes that answer from what earlier requests created.
+//! What people are told once a person takes over a rollback that failed or escalated: the
+//! retry updates the one status page incident the failure opened, and the escalation page is
+//! resolved once, when the person takes over. Statuspage and PagerDuty are wiremock fakes
+//! that answer from what earlier requests created.
 
 use rollback_responder::action::alb::AlbExecutor;
 use rollback_responder::action::Executors;
@@ -102,6 +103,27 @@ impl FailedOnce {
     }
 }
 
+/// Every event PagerDuty received, in order: `trigger main`, `resolve escalation`, `change`.
+async fn pagerduty_events(peers: &Peers, id: &str) -> Vec<String> {
+    let main = format!("rollback-responder/{id}");
+    let escalation = format!("{main}/escalation");
+    received(&peers.pagerduty)
+        .await
+        .into_iter()
+        .map(|(_, p, b, _)| {
+            if p == "/v2/change/enqueue" {
+                return "change".to_string();
+            }
+            let key = match b["dedup_key"].as_str() {
+                Some(k) if k == main => "main",
+                Some(k) if k == escalation => "escalation",
+                other => panic!("an event for another dedup key: {other:?}"),
+            };
+            format!("{} {key}", b["event_action"].as_str().unwrap_or("?"))
+        })
+        .collect()
+}
+
 /// (method, path, incident body) of every request Statuspage received.
 async fn statuspage_requests(peers: &Peers) -> Vec<(String, String, Value)> {
     received(&peers.statuspage)
@@ -158,5 +180,86 @@ async fn a_persons_retry_after_a_failed_rollback_updates_the_one_status_page_inc
             .filter(|m| m["channel"] == "statuspage")
             .all(|m| m["state"] == "delivered"),
         "{msgs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_persons_retry_after_a_failed_rollback_resolves_the_escalation_page_once() {
+    let s = FailedOnce::start("to02").await;
+    s.app.wait_outbox_drained().await;
+    assert_eq!(
+        pagerduty_events(&s.peers, &s.id).await,
+        ["trigger main", "acknowledge main", "trigger escalation"],
+        "the failure paged for a human"
+    );
+    s.retried_by_hand().await;
+    s.resolved("to02").await;
+    assert_eq!(
+        pagerduty_events(&s.peers, &s.id).await,
+        [
+            "trigger main",
+            "acknowledge main",
+            "trigger escalation",
+            // The person took it over: the page asking for one resolves.
+            "resolve escalation",
+            "acknowledge main",
+            "change",
+            "resolve main",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_escalation_taken_over_by_hand_resolves_its_page_once() {
+    let fx = AlbFixture::start().await;
+    let peers = Peers::start().await;
+    // Nobody answers the approval request within a second: it escalates.
+    let policy = policy_with_notify(&fx, "manual").replace("  timeout: 1h\n", "  timeout: 1s\n");
+    assert!(policy.contains("timeout: 1s"), "{policy}");
+    let app = spawn_app(Options {
+        policies: vec![("portal-api.yaml", policy)],
+        env: peers.env(),
+        executors: Some(Executors {
+            alb: Some(fx.executor()),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let starts = ago(60);
+    app.post_webhook(&payload(
+        "firing",
+        vec![alert("HighErrorRate", "portal-api", "to03", &starts, None)],
+    ))
+    .await;
+    let list = app
+        .wait_incidents("escalated on timeout", |l| l.len() == 1 && l[0]["phase"] == "escalated")
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let who = Person::slack("U0APPROVER", vec![]);
+    app.responder
+        .start_manual("portal-api", &who, "nobody approved in time")
+        .await
+        .unwrap();
+    app.wait_incident(&id, "rolled back by hand", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(weights(&fx.listener_actions().await)[0].1, 100, "moto saw the rollback");
+    app.post_webhook(&payload(
+        "resolved",
+        vec![alert("HighErrorRate", "portal-api", "to03", &starts, Some(&ago(0)))],
+    ))
+    .await;
+    app.wait_incident(&id, "closed", |i| i["open"] == false).await;
+    app.wait_outbox_drained().await;
+    assert_eq!(
+        pagerduty_events(&peers, &id).await,
+        [
+            "trigger main",
+            "trigger escalation",
+            "resolve escalation",
+            "acknowledge main",
+            "change",
+            "resolve main",
+        ]
     );
 }
