@@ -267,6 +267,9 @@ pub enum Change<'a> {
     /// The incident is over: every alert resolved and nothing is in flight, or a person closed
     /// it (maybe while its alerts still fire).
     Closed {
+        /// Every alert of the incident had resolved when it closed: recovery was seen. Always
+        /// so when the responder closes it; a person may close one whose alerts still fire.
+        alerts_resolved: bool,
         /// An escalation page was triggered for the incident and not resolved since (read from
         /// its outbox in the closing's transaction, see [`pagerduty::escalation_open`]).
         escalation_open: bool,

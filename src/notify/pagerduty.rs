@@ -357,7 +357,10 @@ mod tests {
             required_secs: 120,
             recheck_at: now,
         });
-        let closed = Change::Closed { escalation_open: false };
+        let closed = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: false,
+        };
         assert!(actions(&plan(&blip, &ctx, &closed, &route)).is_empty());
         // Cancelled after it paged (it stopped waiting): resolved.
         let paged = Incident::sample(Phase::Cancelled, now);
@@ -416,7 +419,10 @@ mod tests {
 
         // At close: the escalation page resolves whenever one is open, whatever the phase
         // (before, only a close in an escalation phase resolved it).
-        let open = Change::Closed { escalation_open: true };
+        let open = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: true,
+        };
         for p in [Phase::Failed, Phase::Verified] {
             inc.phase = p;
             assert_eq!(
@@ -425,7 +431,10 @@ mod tests {
                 "{p}"
             );
         }
-        let none = Change::Closed { escalation_open: false };
+        let none = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: false,
+        };
         assert_eq!(dedup_keys(&plan(&inc, &ctx, &none, &route), "resolve"), [key]);
     }
 }

@@ -3,7 +3,8 @@
 //! incident closes. Seed 000 asks for the status page within 15 minutes of a rollback. The
 //! public text says only what happened: "rolled back" when the action changed the target,
 //! "investigating" when it did not (already reverted, pre-check refused, failed), nothing at
-//! all when nothing could act (a dry run). One status page incident per incident: a person's
+//! all when nothing could act (a dry run); "recovered" at the end only when recovery was seen
+//! (verified, or every alert resolved). One status page incident per incident: a person's
 //! retry after a failed rollback updates it with what the retry did.
 
 use std::collections::BTreeMap;
@@ -74,23 +75,14 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
             }}),
         }],
         // Every phase that left `executing` (but for a dry run) has a status page incident.
-        (_, Change::Closed { .. })
+        (_, Change::Closed { alerts_resolved, .. })
             if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) =>
         {
             let operational: BTreeMap<&String, &str> = route.components.keys().map(|id| (id, "operational")).collect();
             vec![Message::StatuspageUpdate {
                 body: json!({ "incident": {
                     "status": "resolved",
-                    // A failed action may have changed nothing: say only what is known. After a
-                    // failed verification only a person closes the incident, and the checks
-                    // said unhealthy: never "recovered".
-                    "body": if inc.phase == Phase::VerificationFailed {
-                        format!("Our engineers have closed this incident about {}.", inc.service)
-                    } else if inc.executed() {
-                        format!("{} has recovered; the faulty release stays rolled back.", inc.service)
-                    } else {
-                        format!("{} has recovered.", inc.service)
-                    },
+                    "body": closing_text(inc, *alerts_resolved),
                     "components": operational,
                     "deliver_notifications": route.deliver_notifications,
                 }}),
@@ -98,6 +90,28 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
         }
         _ => vec![],
     }
+}
+
+/// The public last word on an incident: "recovered" only where recovery was seen (the
+/// rollback verified, or every alert resolved), "stays rolled back" only after a rollback
+/// that completed and verified; otherwise only that our engineers closed it.
+fn closing_text(inc: &Incident, alerts_resolved: bool) -> String {
+    match inc.phase {
+        Phase::Verified if inc.executed() => {
+            format!("{} has recovered; the faulty release stays rolled back.", inc.service)
+        }
+        Phase::Verified => format!("{} has recovered.", inc.service),
+        // A failed verification: the checks said unhealthy, whatever the alerts say now.
+        Phase::VerificationFailed => closed_by_engineers(inc),
+        // A failed rollback (maybe partial: some of it took): "recovered" once its alerts
+        // resolved, never "rolled back"; closed by a person while they fire, neither.
+        _ if alerts_resolved => format!("{} has recovered.", inc.service),
+        _ => closed_by_engineers(inc),
+    }
+}
+
+fn closed_by_engineers(inc: &Incident) -> String {
+    format!("Our engineers have closed this incident about {}.", inc.service)
 }
 
 /// Metadata key under which a created incident carries our incident id.
@@ -285,6 +299,63 @@ mod tests {
         assert!(!said.contains("roll"), "{said}");
         let dry = Incident::sample(Phase::DryRun, now);
         assert!(left_executing(&dry, Phase::DryRun).is_empty());
-        assert!(plan(&dry, &Change::Closed { escalation_open: false }, &route()).is_empty());
+        assert!(plan(
+            &dry,
+            &Change::Closed {
+                alerts_resolved: true,
+                escalation_open: false
+            },
+            &route()
+        )
+        .is_empty());
+    }
+
+    fn closed(inc: &Incident, alerts_resolved: bool) -> String {
+        let change = Change::Closed {
+            alerts_resolved,
+            escalation_open: false,
+        };
+        let sent = plan(inc, &change, &route());
+        let [Message::StatuspageUpdate { body }] = sent.as_slice() else {
+            panic!("one update: {sent:?}");
+        };
+        assert_eq!(body["incident"]["status"], "resolved");
+        assert_eq!(body["incident"]["components"]["cmp"], "operational");
+        body["incident"]["body"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn the_last_word_says_recovered_only_when_recovery_was_seen_and_rolled_back_only_after_a_whole_rollback() {
+        let now = chrono::Utc::now();
+        let mut verified = Incident::sample(Phase::Verified, now);
+        assert_eq!(closed(&verified, true), "svc has recovered.");
+        verified.acted_at = Some(now);
+        assert_eq!(
+            closed(&verified, true),
+            "svc has recovered; the faulty release stays rolled back."
+        );
+        // A person closes a verified incident whose alert still fires: the checks saw it recover.
+        assert_eq!(
+            closed(&verified, false),
+            "svc has recovered; the faulty release stays rolled back."
+        );
+
+        let neutral = "Our engineers have closed this incident about svc.";
+        let mut failed = Incident::sample(Phase::Failed, now);
+        // A person closes a failed incident while its alert fires: nothing recovered.
+        assert_eq!(closed(&failed, false), neutral);
+        // Its alerts resolved (the responder closes it): recovered, but never "rolled back".
+        assert_eq!(closed(&failed, true), "svc has recovered.");
+        // A partial rollback (some writes took, then it failed) changed the target, yet the
+        // release does not "stay rolled back".
+        failed.acted_at = Some(now);
+        assert_eq!(closed(&failed, false), neutral);
+        assert_eq!(closed(&failed, true), "svc has recovered.");
+
+        // A failed verification: the checks said unhealthy, whatever the alerts say.
+        let mut unverified = Incident::sample(Phase::VerificationFailed, now);
+        unverified.acted_at = Some(now);
+        assert_eq!(closed(&unverified, true), neutral);
+        assert_eq!(closed(&unverified, false), neutral);
     }
 }

@@ -408,8 +408,10 @@ impl Responder {
     }
 
     /// The closing of `inc`, with what it must know beyond the incident's row, read in the
-    /// closing's transaction: whether an escalation page is still open (from the outbox).
+    /// closing's transaction: whether its alerts have all resolved, whether an escalation page
+    /// is still open (from the outbox).
     async fn closing(tx: &mut StoreTx, inc: &Incident) -> Result<Change<'static>, StoreError> {
+        let firing = tx.firing_alerts(&inc.id).await?;
         let queued: Vec<notify::Message> = tx
             .queued_payloads(&inc.id, notify::Channel::PagerDuty.as_str())
             .await?
@@ -417,6 +419,7 @@ impl Responder {
             .filter_map(|p| serde_json::from_str(p).ok())
             .collect();
         Ok(Change::Closed {
+            alerts_resolved: firing == 0,
             escalation_open: notify::pagerduty::escalation_open(inc, &queued),
         })
     }

@@ -1,6 +1,7 @@
 //! What people are told once a person takes over a rollback that failed or escalated: the
 //! retry updates the one status page incident the failure opened, and the escalation page is
-//! resolved once, when the person takes over. Statuspage and PagerDuty are wiremock fakes
+//! resolved once, when the person takes over; a person who closes a failed incident instead
+//! is not made to say it recovered. Statuspage and PagerDuty are wiremock fakes
 //! that answer from what earlier requests created.
 
 use rollback_responder::action::alb::AlbExecutor;
@@ -260,6 +261,58 @@ async fn an_escalation_taken_over_by_hand_resolves_its_page_once() {
             "acknowledge main",
             "change",
             "resolve main",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_person_closing_a_failed_incident_while_it_fires_never_tells_the_public_it_recovered() {
+    let s = FailedOnce::start("to04").await;
+    let r = s
+        .app
+        .http
+        .post(s.app.url(&format!("/api/v1/incidents/{}/close", s.id)))
+        .bearer_auth("operator-token")
+        .json(&serde_json::json!({"note": "rolling forward with a fix instead", "by": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let inc = s
+        .app
+        .wait_incident(&s.id, "closed by a person", |i| i["open"] == false)
+        .await;
+    assert_eq!(inc["phase"], "failed");
+    s.app.wait_outbox_drained().await;
+
+    let sp = statuspage_requests(&s.peers).await;
+    let calls: Vec<(&str, &str)> = sp.iter().map(|(m, p, _)| (m.as_str(), p.as_str())).collect();
+    assert_eq!(
+        calls,
+        [
+            ("POST", "/pages/PAGE1/incidents"),
+            ("PATCH", "/pages/PAGE1/incidents/sp-inc-1"),
+        ],
+        "{sp:#?}"
+    );
+    assert_eq!(sp[1].2["status"], "resolved");
+    assert_eq!(
+        sp[1].2["body"],
+        "Our engineers have closed this incident about portal-api."
+    );
+    for (_, _, b) in &sp {
+        let text = b.to_string();
+        assert!(!text.contains("recovered") && !text.contains("rolled"), "{text}");
+    }
+    // The page and the escalation page both resolve with the close, once each.
+    assert_eq!(
+        pagerduty_events(&s.peers, &s.id).await,
+        [
+            "trigger main",
+            "acknowledge main",
+            "trigger escalation",
+            "resolve main",
+            "resolve escalation"
         ]
     );
 }
