@@ -231,7 +231,8 @@ pub enum Message {
         routing_key: Option<String>,
         body: Value,
     },
-    /// Create the status page incident.
+    /// Create the status page incident; where the incident already has one (an earlier
+    /// attempt's), delivery updates that one with this text instead.
     StatuspageCreate { body: Value },
     /// Update (or resolve) the status page incident created earlier.
     StatuspageUpdate { body: Value },
@@ -263,8 +264,16 @@ pub enum Change<'a> {
     },
     /// A note without a phase change: an alert joined or resolved, the action started.
     Note { summary: &'a str },
-    /// Every alert resolved and nothing is in flight: the incident is over.
-    Closed,
+    /// The incident is over: every alert resolved and nothing is in flight, or a person closed
+    /// it (maybe while its alerts still fire).
+    Closed {
+        /// Every alert of the incident had resolved when it closed: recovery was seen. Always
+        /// so when the responder closes it; a person may close one whose alerts still fire.
+        alerts_resolved: bool,
+        /// An escalation page was triggered for the incident and not resolved since (read from
+        /// its outbox in the closing's transaction, see [`pagerduty::escalation_open`]).
+        escalation_open: bool,
+    },
 }
 
 /// Whether the incident's decision is a dry run.

@@ -2,7 +2,9 @@
 //! trigger's `for` (one dedup_key per incident),
 //! acknowledge while a rollback is under way, resolve when the incident closes, a change event
 //! when a rollback is executed, and a separate high-severity trigger when a rollback fails or
-//! does not verify, so the on-call is paged even if the first alert was acknowledged.
+//! does not verify, so the on-call is paged even if the first alert was acknowledged. That
+//! escalation page resolves when a person (or an automatic trigger) takes the incident over,
+//! and at the latest when the incident closes.
 //! Triggers and the change event carry, in `custom_details`, what the opening alert measured
 //! and the policy's `follow_ups` (what the rollback leaves to people); `links` say where to look.
 
@@ -19,6 +21,28 @@ use crate::policy::{Outcome, Suppression};
 /// The dedup key of an incident's alert (stable across restarts and replicas).
 pub fn dedup_key(inc: &Incident) -> String {
     format!("rollback-responder/{}", inc.id)
+}
+
+/// The dedup key of an incident's escalation page ("ROLLBACK NEEDS A HUMAN").
+pub fn escalation_key(inc: &Incident) -> String {
+    format!("{}/escalation", dedup_key(inc))
+}
+
+/// Whether an escalation page of `inc` was triggered and not resolved since, from the
+/// PagerDuty messages queued for it so far, oldest first. Their delivery state does not
+/// matter: one still pending is delivered before anything queued after it.
+pub fn escalation_open(inc: &Incident, queued: &[Message]) -> bool {
+    let key = escalation_key(inc);
+    queued
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::PagerDuty { body, .. } if body["dedup_key"] == key.as_str() => {
+                Some(body["event_action"] == "trigger")
+            }
+            _ => None,
+        })
+        .unwrap_or(false)
 }
 
 fn links(inc: &Incident, ctx: &Context) -> Value {
@@ -136,6 +160,17 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
         ));
     }
     let entered = entered(inc, change);
+    // A person (or an automatic trigger) took the incident over: the escalation page asked
+    // for exactly that. Should this attempt fail too, its own trigger pages afresh instead of
+    // folding into an alert that is already there.
+    if let Change::Phase { from, to, .. } = change {
+        if is_escalation(*from) && !is_escalation(*to) {
+            out.push(event(
+                route,
+                json!({ "event_action": "resolve", "dedup_key": escalation_key(inc) }),
+            ));
+        }
+    }
     // A rollback under way is somebody (us) working on it.
     if entered == Some(Phase::Executing) {
         out.push(simple("acknowledge"));
@@ -170,23 +205,24 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, route: &PagerDutyRou
                 inc,
                 ctx,
                 route,
-                format!("{}/escalation", dedup_key(inc)),
+                escalation_key(inc),
                 "critical",
                 format!("ROLLBACK NEEDS A HUMAN: {} is {to}: {summary}", headline(inc, ctx)),
             ));
         }
     }
-    if let Change::Closed = change {
+    if let Change::Closed { escalation_open, .. } = change {
         // A resolve for a dedup key PagerDuty never saw a trigger for is noise at best.
         if was_triggered(inc) {
             out.push(simple("resolve"));
         }
         // The escalation page is its own alert: it closes with the incident too, or it would
-        // page on after every alert has cleared.
-        if is_escalation(inc.phase) {
+        // page on after every alert has cleared. Whatever the phase the incident closes in:
+        // what counts is that one was triggered and is still open.
+        if *escalation_open {
             out.push(event(
                 route,
-                json!({ "event_action": "resolve", "dedup_key": format!("{}/escalation", dedup_key(inc)) }),
+                json!({ "event_action": "resolve", "dedup_key": escalation_key(inc) }),
             ));
         }
     }
@@ -321,29 +357,84 @@ mod tests {
             required_secs: 120,
             recheck_at: now,
         });
-        assert!(actions(&plan(&blip, &ctx, &Change::Closed, &route)).is_empty());
+        let closed = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: false,
+        };
+        assert!(actions(&plan(&blip, &ctx, &closed, &route)).is_empty());
         // Cancelled after it paged (it stopped waiting): resolved.
         let paged = Incident::sample(Phase::Cancelled, now);
-        assert_eq!(actions(&plan(&paged, &ctx, &Change::Closed, &route)), ["resolve"]);
+        assert_eq!(actions(&plan(&paged, &ctx, &closed, &route)), ["resolve"]);
     }
 
     #[test]
-    fn closing_an_escalated_incident_resolves_its_escalation_page_too() {
+    fn an_escalation_page_resolves_when_the_incident_is_taken_over_and_at_close_if_still_open() {
         let route = PagerDutyRoute {
             severity: Severity::Critical,
             routing_key: None,
         };
         let ctx = Context::default();
-        let failed = Incident::sample(Phase::Failed, chrono::Utc::now());
-        let key = dedup_key(&failed);
-        assert_eq!(
-            dedup_keys(&plan(&failed, &ctx, &Change::Closed, &route), "resolve"),
-            [key.clone(), format!("{key}/escalation")]
-        );
-        let verified = Incident::sample(Phase::Verified, chrono::Utc::now());
-        assert_eq!(
-            dedup_keys(&plan(&verified, &ctx, &Change::Closed, &route), "resolve"),
-            [dedup_key(&verified)]
-        );
+        let now = chrono::Utc::now();
+        let detail = Value::Null;
+        let moved = |from, to| Change::Phase {
+            from,
+            to,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        let mut inc = Incident::sample(Phase::Failed, now);
+        let key = dedup_key(&inc);
+        let escalation = escalation_key(&inc);
+        // What the incident queues as it goes: failed, a person retries, it fails again, a
+        // person retries once more and it verifies.
+        let mut queued = Vec::new();
+        let failed = plan(&inc, &ctx, &moved(Phase::Executing, Phase::Failed), &route);
+        assert_eq!(dedup_keys(&failed, "trigger"), [escalation.as_str()]);
+        queued.extend(failed);
+        assert!(escalation_open(&inc, &queued));
+        inc.phase = Phase::Executing;
+        let retried = plan(&inc, &ctx, &moved(Phase::Failed, Phase::Executing), &route);
+        assert_eq!(actions(&retried), ["resolve", "acknowledge"]);
+        assert_eq!(dedup_keys(&retried, "resolve"), [escalation.as_str()]);
+        queued.extend(retried);
+        assert!(!escalation_open(&inc, &queued));
+        inc.phase = Phase::Failed;
+        queued.extend(plan(&inc, &ctx, &moved(Phase::Executing, Phase::Failed), &route));
+        assert!(escalation_open(&inc, &queued), "a second failure pages afresh");
+        inc.phase = Phase::Executing;
+        queued.extend(plan(&inc, &ctx, &moved(Phase::Failed, Phase::Executing), &route));
+        inc.phase = Phase::Verified;
+        queued.extend(plan(&inc, &ctx, &moved(Phase::Verifying, Phase::Verified), &route));
+        assert!(!escalation_open(&inc, &queued));
+        // Approve on an escalated request, and an automatic trigger after it: taken over too.
+        for from in [Phase::Escalated, Phase::VerificationFailed] {
+            let took = plan(&inc, &ctx, &moved(from, Phase::Executing), &route);
+            assert_eq!(dedup_keys(&took, "resolve"), [escalation.as_str()], "{from}");
+        }
+        // Nothing of the kind when no escalation phase is left.
+        let approved = plan(&inc, &ctx, &moved(Phase::AwaitingApproval, Phase::Executing), &route);
+        assert_eq!(actions(&approved), ["acknowledge"]);
+        assert!(!escalation_open(&inc, &[]));
+
+        // At close: the escalation page resolves whenever one is open, whatever the phase
+        // (before, only a close in an escalation phase resolved it).
+        let open = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: true,
+        };
+        for p in [Phase::Failed, Phase::Verified] {
+            inc.phase = p;
+            assert_eq!(
+                dedup_keys(&plan(&inc, &ctx, &open, &route), "resolve"),
+                [key.clone(), escalation.clone()],
+                "{p}"
+            );
+        }
+        let none = Change::Closed {
+            alerts_resolved: true,
+            escalation_open: false,
+        };
+        assert_eq!(dedup_keys(&plan(&inc, &ctx, &none, &route), "resolve"), [key]);
     }
 }

@@ -265,7 +265,7 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change, channel: &str) -> Ve
             out
         }
         Change::Note { summary } => vec![reply(escape_keeping_mentions(summary))],
-        Change::Closed => vec![
+        Change::Closed { .. } => vec![
             root_msg(None),
             reply(format!("Incident closed in phase `{}`.", inc.phase)),
         ],

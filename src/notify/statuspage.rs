@@ -3,7 +3,9 @@
 //! incident closes. Seed 000 asks for the status page within 15 minutes of a rollback. The
 //! public text says only what happened: "rolled back" when the action changed the target,
 //! "investigating" when it did not (already reverted, pre-check refused, failed), nothing at
-//! all when nothing could act (a dry run).
+//! all when nothing could act (a dry run); "recovered" at the end only when recovery was seen
+//! (verified, or every alert resolved). One status page incident per incident: a person's
+//! retry after a failed rollback updates it with what the retry did.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +23,8 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
         .map(|(id, st)| (id, serde_json::to_value(st).unwrap_or(Value::Null)))
         .collect();
     match (entered(inc, change), change) {
-        // Once the action has run, so the text can say what it did.
+        // Once the action has run, so the text can say what it did. Each attempt (a person's
+        // retry after a failed one) says it; delivery updates the incident an earlier one made.
         (
             Some(to),
             Change::Phase {
@@ -72,21 +75,14 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
             }}),
         }],
         // Every phase that left `executing` (but for a dry run) has a status page incident.
-        (_, Change::Closed) if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) => {
+        (_, Change::Closed { alerts_resolved, .. })
+            if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) =>
+        {
             let operational: BTreeMap<&String, &str> = route.components.keys().map(|id| (id, "operational")).collect();
             vec![Message::StatuspageUpdate {
                 body: json!({ "incident": {
                     "status": "resolved",
-                    // A failed action may have changed nothing: say only what is known. After a
-                    // failed verification only a person closes the incident, and the checks
-                    // said unhealthy: never "recovered".
-                    "body": if inc.phase == Phase::VerificationFailed {
-                        format!("Our engineers have closed this incident about {}.", inc.service)
-                    } else if inc.executed() {
-                        format!("{} has recovered; the faulty release stays rolled back.", inc.service)
-                    } else {
-                        format!("{} has recovered.", inc.service)
-                    },
+                    "body": closing_text(inc, *alerts_resolved),
                     "components": operational,
                     "deliver_notifications": route.deliver_notifications,
                 }}),
@@ -96,13 +92,37 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
     }
 }
 
+/// The public last word on an incident: "recovered" only where recovery was seen (the
+/// rollback verified, or every alert resolved), "stays rolled back" only after a rollback
+/// that completed and verified; otherwise only that our engineers closed it.
+fn closing_text(inc: &Incident, alerts_resolved: bool) -> String {
+    match inc.phase {
+        Phase::Verified if inc.executed() => {
+            format!("{} has recovered; the faulty release stays rolled back.", inc.service)
+        }
+        Phase::Verified => format!("{} has recovered.", inc.service),
+        // A failed verification: the checks said unhealthy, whatever the alerts say now.
+        Phase::VerificationFailed => closed_by_engineers(inc),
+        // A failed rollback (maybe partial: some of it took): "recovered" once its alerts
+        // resolved, never "rolled back"; closed by a person while they fire, neither.
+        _ if alerts_resolved => format!("{} has recovered.", inc.service),
+        _ => closed_by_engineers(inc),
+    }
+}
+
+fn closed_by_engineers(inc: &Incident) -> String {
+    format!("Our engineers have closed this incident about {}.", inc.service)
+}
+
 /// Metadata key under which a created incident carries our incident id.
 const METADATA_KEY: &str = "rollback_responder";
 
-/// Creates or updates the page's incident; the created id is returned as a handle. A create
-/// sent before (`retried`: an earlier attempt timed out or its answer was lost) may have
-/// reached Statuspage: the page's unresolved incidents are looked through first, and one
-/// carrying this incident's id is taken instead of creating a second.
+/// Creates or updates the page's incident; the created id is returned as a handle. One
+/// incident per incident of ours: a create for an incident that already has one (a person's
+/// retry after a failed rollback leaves `executing` a second time) updates that one with the
+/// create's text instead. A create sent before (`retried`: an earlier attempt timed out or its
+/// answer was lost) may have reached Statuspage: the page's unresolved incidents are looked
+/// through first, and one carrying this incident's id is taken instead of creating a second.
 pub async fn deliver(
     http: &reqwest::Client,
     base: &str,
@@ -112,19 +132,22 @@ pub async fn deliver(
     refs: &BTreeMap<String, String>,
     retried: bool,
 ) -> Result<Refs, DeliveryError> {
-    if let (Message::StatuspageCreate { body }, true) = (msg, retried) {
+    let created = refs.get("incident_id");
+    if let (Message::StatuspageCreate { body }, None, true) = (msg, created, retried) {
         let ours = &body["incident"]["metadata"][METADATA_KEY]["incident_id"];
         if let Some(id) = find_created(http, base, key, page, ours).await? {
             return Ok(vec![("incident_id".into(), id)]);
         }
     }
-    let req = match msg {
-        Message::StatuspageCreate { body } => http.post(format!("{base}/pages/{page}/incidents")).json(body),
-        Message::StatuspageUpdate { body } => {
-            let id = refs.get("incident_id").ok_or_else(|| DeliveryError::Permanent {
-                reason: "no status page incident was created for this incident".into(),
-            })?;
+    let req = match (msg, created) {
+        (Message::StatuspageCreate { body }, None) => http.post(format!("{base}/pages/{page}/incidents")).json(body),
+        (Message::StatuspageCreate { body } | Message::StatuspageUpdate { body }, Some(id)) => {
             http.patch(format!("{base}/pages/{page}/incidents/{id}")).json(body)
+        }
+        (Message::StatuspageUpdate { .. }, None) => {
+            return Err(DeliveryError::Permanent {
+                reason: "no status page incident was created for this incident".into(),
+            })
         }
         _ => {
             return Err(DeliveryError::Permanent {
@@ -144,7 +167,7 @@ pub async fn deliver(
     if !status.is_success() {
         return Err(classify_status(status, retry_after.as_ref(), &text));
     }
-    if matches!(msg, Message::StatuspageCreate { .. }) {
+    if matches!((msg, created), (Message::StatuspageCreate { .. }, None)) {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if let Some(id) = v["id"].as_str() {
             return Ok(vec![("incident_id".into(), id.to_string())]);
@@ -276,6 +299,63 @@ mod tests {
         assert!(!said.contains("roll"), "{said}");
         let dry = Incident::sample(Phase::DryRun, now);
         assert!(left_executing(&dry, Phase::DryRun).is_empty());
-        assert!(plan(&dry, &Change::Closed, &route()).is_empty());
+        assert!(plan(
+            &dry,
+            &Change::Closed {
+                alerts_resolved: true,
+                escalation_open: false
+            },
+            &route()
+        )
+        .is_empty());
+    }
+
+    fn closed(inc: &Incident, alerts_resolved: bool) -> String {
+        let change = Change::Closed {
+            alerts_resolved,
+            escalation_open: false,
+        };
+        let sent = plan(inc, &change, &route());
+        let [Message::StatuspageUpdate { body }] = sent.as_slice() else {
+            panic!("one update: {sent:?}");
+        };
+        assert_eq!(body["incident"]["status"], "resolved");
+        assert_eq!(body["incident"]["components"]["cmp"], "operational");
+        body["incident"]["body"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn the_last_word_says_recovered_only_when_recovery_was_seen_and_rolled_back_only_after_a_whole_rollback() {
+        let now = chrono::Utc::now();
+        let mut verified = Incident::sample(Phase::Verified, now);
+        assert_eq!(closed(&verified, true), "svc has recovered.");
+        verified.acted_at = Some(now);
+        assert_eq!(
+            closed(&verified, true),
+            "svc has recovered; the faulty release stays rolled back."
+        );
+        // A person closes a verified incident whose alert still fires: the checks saw it recover.
+        assert_eq!(
+            closed(&verified, false),
+            "svc has recovered; the faulty release stays rolled back."
+        );
+
+        let neutral = "Our engineers have closed this incident about svc.";
+        let mut failed = Incident::sample(Phase::Failed, now);
+        // A person closes a failed incident while its alert fires: nothing recovered.
+        assert_eq!(closed(&failed, false), neutral);
+        // Its alerts resolved (the responder closes it): recovered, but never "rolled back".
+        assert_eq!(closed(&failed, true), "svc has recovered.");
+        // A partial rollback (some writes took, then it failed) changed the target, yet the
+        // release does not "stay rolled back".
+        failed.acted_at = Some(now);
+        assert_eq!(closed(&failed, false), neutral);
+        assert_eq!(closed(&failed, true), "svc has recovered.");
+
+        // A failed verification: the checks said unhealthy, whatever the alerts say.
+        let mut unverified = Incident::sample(Phase::VerificationFailed, now);
+        unverified.acted_at = Some(now);
+        assert_eq!(closed(&unverified, true), neutral);
+        assert_eq!(closed(&unverified, false), neutral);
     }
 }

@@ -402,8 +402,26 @@ impl Responder {
             now,
         )
         .await?;
-        self.tell(tx, inc, Change::Closed, now).await?;
+        let closed = Self::closing(tx, inc).await?;
+        self.tell(tx, inc, closed, now).await?;
         Ok(())
+    }
+
+    /// The closing of `inc`, with what it must know beyond the incident's row, read in the
+    /// closing's transaction: whether its alerts have all resolved, whether an escalation page
+    /// is still open (from the outbox).
+    async fn closing(tx: &mut StoreTx, inc: &Incident) -> Result<Change<'static>, StoreError> {
+        let firing = tx.firing_alerts(&inc.id).await?;
+        let queued: Vec<notify::Message> = tx
+            .queued_payloads(&inc.id, notify::Channel::PagerDuty.as_str())
+            .await?
+            .iter()
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect();
+        Ok(Change::Closed {
+            alerts_resolved: firing == 0,
+            escalation_open: notify::pagerduty::escalation_open(inc, &queued),
+        })
     }
 
     /// Queues what people must hear about a change, in the change's own transaction.

@@ -323,7 +323,8 @@ impl Responder {
         .await?;
         self.tell(&mut tx, &inc, Change::Note { summary: &summary }, now)
             .await?;
-        self.tell(&mut tx, &inc, Change::Closed, now).await?;
+        let closed = Self::closing(&mut tx, &inc).await?;
+        self.tell(&mut tx, &inc, closed, now).await?;
         self.commit(tx, &inc).await?;
         Ok(HumanClose::Closed {
             phase: inc.phase.to_string(),

@@ -243,6 +243,19 @@ impl Store {
 }
 
 impl StoreTx {
+    /// The payloads of every notification queued for an incident's channel, oldest first,
+    /// whatever their state (those this transaction queued included).
+    pub async fn queued_payloads(&mut self, incident: &IncidentId, channel: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT payload FROM outbox WHERE incident_id = $1 AND channel = $2 ORDER BY id")
+            .bind(&incident.0)
+            .bind(channel)
+            .fetch_all(self.db().await?)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
     /// Queues a notification for delivery; it commits (or not) with the change that caused it.
     pub async fn enqueue(
         &mut self,

@@ -28,6 +28,7 @@ mod leases;
 mod lifecycle;
 mod metrics;
 mod notify;
+mod notify_takeover;
 mod operate;
 mod pagerduty;
 mod pages;
