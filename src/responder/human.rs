@@ -191,7 +191,12 @@ impl Responder {
                 let by = tx.approvers(&inc.id).await?;
                 if by.len() >= required {
                     let names: Vec<String> = by.iter().map(|k| display_key(k)).collect();
-                    let summary = format!("approved by {} via {via}", names.join(" and "));
+                    let mut summary = format!("approved by {} via {via}", names.join(" and "));
+                    if self.dry_run_in_force(&mut inc) {
+                        summary.push_str(
+                            "; dry run is in force now, so the rollback is a dry run: nothing will be changed",
+                        );
+                    }
                     self.apply(
                         &mut tx,
                         &mut inc,

@@ -484,6 +484,27 @@ fn due_at(phase: Phase, outcome: &Outcome) -> Option<DateTime<Utc>> {
     }
 }
 
+impl Responder {
+    /// Dry run as it is in force now (the global switch, the policy's `guards.dry_run`): a
+    /// request decided live and answered after dry run was switched on (approved, or expired
+    /// into a rollback) runs as a dry run, and its decision says so, so the action, the
+    /// timeline and every message agree. The other way round (decided in dry run, live now)
+    /// it stays a rehearsal: nobody approved a real change. Returns whether it changed.
+    pub(super) fn dry_run_in_force(&self, inc: &mut Incident) -> bool {
+        let on = self.global.dry_run || self.policies().get(&inc.policy).is_some_and(|p| p.guards.dry_run);
+        if !on || notify::is_dry_run(inc) {
+            return false;
+        }
+        let would = std::mem::replace(&mut inc.decision.outcome, Outcome::Auto);
+        inc.decision.outcome = Outcome::Suppressed(Suppression::DryRun { would: Box::new(would) });
+        inc.decision.reason = format!(
+            "dry run is in force now, so nothing will be changed; decided before: {}",
+            inc.decision.reason
+        );
+        true
+    }
+}
+
 /// What an expiring approval request does, derived from the decision that opened it.
 fn approval_timeout_action(outcome: &Outcome) -> policy::OnTimeout {
     match outcome {

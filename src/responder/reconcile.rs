@@ -265,6 +265,10 @@ impl Responder {
                 };
                 (Event::ExpiryHeld { outcome }, inc.decision.reason.clone())
             }
+            None if on_timeout == policy::OnTimeout::Rollback && self.dry_run_in_force(inc) => (
+                Event::ApprovalExpired { on_timeout },
+                format!("{summary}; dry run is in force now, so the rollback is a dry run: nothing will be changed"),
+            ),
             None => (Event::ApprovalExpired { on_timeout }, summary),
         };
         self.apply(tx, inc, event, SYSTEM, summary, Value::Null, now).await?;

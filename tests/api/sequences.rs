@@ -440,6 +440,46 @@ async fn a_policy_reload_that_makes_a_pending_trigger_automatic_rolls_back() {
     );
 }
 
+/// Dry run switched on (a policy reload) while a live request waits: its approval runs a dry
+/// run and says so. Before, the approval sent a real ModifyListener on the decision made
+/// before the switch.
+#[tokio::test]
+async fn a_request_approved_after_dry_run_was_switched_on_is_a_dry_run() {
+    let s = Seq::start("1h").await;
+    s.fire("HighLatency").await;
+    let inc = s
+        .one_incident("latency request pending", |i| i["phase"] == "awaiting_approval")
+        .await;
+    let hash = s.app.get_json("/readyz").await["policies"]["hash"].clone();
+    let file = s.app.dir.path().join("policies").join("shop.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let dry = text.replace("guards:\n  cooldown: 1h", "guards:\n  cooldown: 1h\n  dry_run: true");
+    assert_ne!(text, dry, "the policy text changed");
+    std::fs::write(&file, dry).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.app.get_json("/readyz").await["policies"]["hash"] == hash {
+        assert!(std::time::Instant::now() < deadline, "the reload never came");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let id = rollback_responder::incident::IncidentId(inc["id"].as_str().unwrap().to_string());
+    let who = rollback_responder::approval::Person::slack("U1", vec![]);
+    s.app
+        .responder
+        .vote(&id, &who, rollback_responder::approval::Verdict::Approve, "test")
+        .await
+        .expect("approved");
+    let inc = s.one_incident("a dry run", |i| i["phase"] == "dry_run").await;
+    assert_eq!(s.stable_weight().await, 75, "nothing written: {:#?}", summaries(&inc));
+    let lines = summaries(&inc);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("approved: approved by") && l.contains("dry run is in force now")),
+        "{lines:#?}"
+    );
+    assert_eq!(inc["executed"], false);
+}
+
 /// Case 4 with a freeze: an incident held by the kill switch is decided again the moment the
 /// freeze is lifted (its alert still fires) and rolls back then, not at the freeze's planned end.
 #[tokio::test]
