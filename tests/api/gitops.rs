@@ -81,7 +81,7 @@ pub(crate) fn argo_gitops(required: bool) -> Value {
     json!({"argocd": {"application": "portal-api", "namespace": "argocd"}, "required": required})
 }
 
-async fn run(
+pub(crate) async fn run(
     fake: &FakeKube,
     t: &KubernetesTarget,
     dry_run: bool,

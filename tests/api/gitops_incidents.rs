@@ -9,7 +9,7 @@ use rollback_responder::action::retry::no_gate;
 use rollback_responder::action::{Executors, ForIncident, Target};
 use serde_json::{json, Value};
 
-use crate::gitops::{application, argo_gitops, gitops_steps, image, release_world, undo_target};
+use crate::gitops::{application, argo_gitops, gitops_steps, image, release_world, run, undo_target};
 use crate::support::fake_kube::FakeKube;
 
 /// The Application as an earlier incident's rollback left it: automated sync off, the
@@ -136,4 +136,41 @@ async fn an_earlier_incidents_suspension_is_named_and_not_taken_for_this_ones() 
             ..
         }]
     ));
+}
+
+/// A takeover that finds the sync suspended by this incident's interrupted earlier attempt and
+/// then fails to revert: the suspend is this incident's change, so it is a partial rollback
+/// that says how to resume. Before, only a suspend written in the same run counted, so the
+/// takeover said "nothing was changed" and gave no resume command while Argo CD stayed off.
+#[tokio::test]
+async fn a_takeover_that_fails_after_finding_its_own_suspend_is_partial_and_says_how_to_resume() {
+    let fake = FakeKube::start().await;
+    release_world(&fake);
+    fake.insert("applications", application(json!({"prune": true, "selfHeal": true})));
+    fake.deny("patch", "deployments");
+    let t = undo_target(argo_gitops(true));
+    // The first attempt suspends, then its undo is refused.
+    let (first, _) = run(&fake, &t, false).await;
+    let first = first.expect_err("the undo is refused").to_string();
+    assert!(first.contains("resume"), "{first}");
+    // The takeover finds the suspend its own, and the undo refused again.
+    let (again, records) = run(&fake, &t, false).await;
+    assert!(matches!(
+        gitops_steps(&records)[..],
+        [GitOpsStep::AlreadyOff { by_us: true, .. }]
+    ));
+    let e = again.expect_err("the undo is refused again");
+    assert!(
+        matches!(
+            e,
+            rollback_responder::action::kubernetes::KubeError::NothingRevertedAfterSuspend { .. }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.to_string(), first, "the takeover says what the first attempt said");
+    assert!(
+        records.iter().any(|r| r.applied()),
+        "the suspend counts as this incident's change"
+    );
+    assert_eq!(image(&fake), "portal-api:1.0.0", "the Deployment was not rolled back");
 }

@@ -158,7 +158,11 @@ impl KubeExecutor {
         let result = {
             let mut watch = |r: KubeStepRecord| {
                 match &r {
-                    KubeStepRecord::Gitops(g @ GitOpsStep::Suspended { .. }) => suspended = Some(g.clone()),
+                    // Ours: written now, or by an interrupted earlier attempt of this incident
+                    // (a takeover finds it off, by us): either way this incident's change.
+                    KubeStepRecord::Gitops(
+                        g @ (GitOpsStep::Suspended { .. } | GitOpsStep::AlreadyOff { by_us: true, .. }),
+                    ) => suspended = Some(g.clone()),
                     r if r.applied() => reverted = true,
                     _ => {}
                 }
@@ -169,9 +173,14 @@ impl KubeExecutor {
         match (result, suspended) {
             (
                 Err(cause),
-                Some(GitOpsStep::Suspended {
-                    owner, resume_commands, ..
-                }),
+                Some(
+                    GitOpsStep::Suspended {
+                        owner, resume_commands, ..
+                    }
+                    | GitOpsStep::AlreadyOff {
+                        owner, resume_commands, ..
+                    },
+                ),
             ) if !reverted => Err(KubeError::NothingRevertedAfterSuspend {
                 owner: owner.describe(),
                 what: owner.what().to_string(),

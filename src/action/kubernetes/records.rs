@@ -555,14 +555,16 @@ impl KubeStepRecord {
     }
 
     /// Whether this step changed the cluster for the rollback: a patch of a step that was
-    /// stored, or the GitOps suspend that took. The suspend moves no traffic, but it is this
-    /// incident's change and stays until a person resumes it: a revert that fails after it is a
-    /// partial rollback that says so, never "nothing was changed".
+    /// stored, or the GitOps suspend that took (now, or by an interrupted earlier attempt of
+    /// this incident, found off by us on a takeover). The suspend moves no traffic, but it is
+    /// this incident's change and stays until a person resumes it: a revert that fails after
+    /// it is a partial rollback that says so, never "nothing was changed".
     pub fn applied(&self) -> bool {
+        use crate::action::gitops::GitOpsStep;
         matches!(
             self,
             KubeStepRecord::Patched { dry_run: false, .. }
-                | KubeStepRecord::Gitops(crate::action::gitops::GitOpsStep::Suspended { .. })
+                | KubeStepRecord::Gitops(GitOpsStep::Suspended { .. } | GitOpsStep::AlreadyOff { by_us: true, .. })
         )
     }
 }
