@@ -98,7 +98,8 @@ fn join_note(d: &Decision, phase: Phase, due_at: Option<DateTime<Utc>>, note: Op
     let then = match (phase, note) {
         (_, Some(n)) => n.to_string(),
         (Phase::Executing | Phase::Verifying, _) => "the rollback in progress covers it".into(),
-        (Phase::Verified | Phase::DryRun, _) => "the target was already rolled back for this incident".into(),
+        (Phase::Verified, _) => "the target was already rolled back for this incident".into(),
+        (Phase::DryRun, _) => super::AFTER_DRY_RUN.into(),
         (Phase::Failed | Phase::VerificationFailed, _) => {
             "no automatic rollback follows a failed one: a person must act (Approve, /rollback now)".into()
         }

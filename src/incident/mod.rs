@@ -203,6 +203,12 @@ pub struct InvalidTransition {
     pub event: String,
 }
 
+/// What follows a dry run of an incident whose alerts still fire: nothing automatic (the
+/// rehearsal was its rollback), and nothing was changed, so a person may roll back for real.
+pub(crate) const AFTER_DRY_RUN: &str =
+    "the dry run rehearsed this incident's rollback and changed nothing; nothing more happens on its own: \
+     a person can roll back for real (Approve, /rollback now)";
+
 /// Every state change of an incident, in one place.
 pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransition> {
     use Phase as P;
@@ -225,10 +231,17 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, InvalidTransitio
             Some(P::Executing) => Some(P::Executing),
             _ => Some(phase),
         },
-        // A person can always roll back by hand, also after a failed rollback or verification
-        // (never the responder on its own).
+        // A person can always roll back by hand, also after a failed rollback or verification,
+        // and after a dry run rehearsed it (never the responder on its own).
         (
-            P::Waiting | P::Suppressed | P::Denied | P::Escalated | P::GaveUp | P::Failed | P::VerificationFailed,
+            P::Waiting
+            | P::Suppressed
+            | P::Denied
+            | P::Escalated
+            | P::GaveUp
+            | P::Failed
+            | P::VerificationFailed
+            | P::DryRun,
             Event::HumanRollback { .. },
         ) => Some(P::Executing),
         (P::AwaitingApproval, Event::Approved { .. }) => Some(P::Executing),

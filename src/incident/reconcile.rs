@@ -357,7 +357,8 @@ pub fn reconcile(s: &Situation<'_>) -> Next {
                 P::Failed | P::VerificationFailed => Some(
                     "no automatic rollback follows a failed one: a person must act (Approve, /rollback now)".into(),
                 ),
-                P::Verified | P::DryRun => Some("the target was already rolled back for this incident".into()),
+                P::Verified => Some("the target was already rolled back for this incident".into()),
+                P::DryRun => Some(super::AFTER_DRY_RUN.into()),
                 _ => None,
             };
             stay(None, note)

@@ -15,7 +15,7 @@ use crate::policy::{self, Decision, Freeze, Outcome, Suppression};
 use crate::store::{NewEvent, Receipt, StoreTx};
 
 /// Where an authorized person's Approve or `/rollback now` rolls back an open incident at once.
-const HUMAN_ROLLBACK: [Phase; 7] = [
+const HUMAN_ROLLBACK: [Phase; 8] = [
     Phase::Waiting,
     Phase::Suppressed,
     Phase::Denied,
@@ -23,6 +23,7 @@ const HUMAN_ROLLBACK: [Phase; 7] = [
     Phase::GaveUp,
     Phase::Failed,
     Phase::VerificationFailed,
+    Phase::DryRun,
 ];
 
 /// A refusal, or a store problem.

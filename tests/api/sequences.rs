@@ -480,6 +480,55 @@ async fn a_request_approved_after_dry_run_was_switched_on_is_a_dry_run() {
     assert_eq!(inc["executed"], false);
 }
 
+/// After a dry run rehearsed the rollback (the alert still firing) and dry run was switched
+/// off, a person can roll back for real. Before, `/rollback now` was refused ("already open,
+/// phase dry_run"), Approve too, and joining alerts said "already rolled back" of a target
+/// nothing had changed.
+#[tokio::test]
+async fn after_a_dry_run_a_person_can_roll_back_for_real() {
+    let s = Seq::start_policy(
+        |fx, svc| {
+            mixed_policy(fx, svc, "1h", "1h")
+                .replace("guards:\n  cooldown: 1h", "guards:\n  cooldown: 1h\n  dry_run: true")
+        },
+        vec![],
+    )
+    .await;
+    s.fire("HealthCheckFailing").await;
+    let inc = s.one_incident("rehearsed", |i| i["phase"] == "dry_run").await;
+    assert_eq!(s.stable_weight().await, 75);
+    s.fire("HighErrorRate").await;
+    // A joining alert is told what a dry run means, not "already rolled back".
+    s.app
+        .wait_incident(inc["id"].as_str().unwrap(), "the second alert joined", |i| {
+            summaries(i).iter().any(|l| {
+                l.starts_with("alert_joined: HighErrorRate")
+                    && l.contains("the dry run rehearsed this incident's rollback and changed nothing")
+            })
+        })
+        .await;
+    let file = s.app.dir.path().join("policies").join("shop.yaml");
+    let hash = s.app.get_json("/readyz").await["policies"]["hash"].clone();
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("\n  dry_run: true", "")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.app.get_json("/readyz").await["policies"]["hash"] == hash {
+        assert!(std::time::Instant::now() < deadline, "the reload never came");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let who = rollback_responder::approval::Person::slack("U1", vec![]);
+    s.app
+        .responder
+        .start_manual("shop", &who, "the rehearsal looked right")
+        .await
+        .expect("rolled back by hand");
+    let inc = s
+        .one_incident("rolled back for real", |i| i["phase"] == "verified")
+        .await;
+    assert_eq!(s.stable_weight().await, 100, "moto saw the rollback");
+    assert_eq!(inc["executed"], true);
+}
+
 /// Case 4 with a freeze: an incident held by the kill switch is decided again the moment the
 /// freeze is lifted (its alert still fires) and rolls back then, not at the freeze's planned end.
 #[tokio::test]
