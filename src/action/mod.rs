@@ -284,6 +284,8 @@ fn kube_error(e: &kubernetes::KubeError) -> ActionError {
     let message = format!("{e} (code {})", e.code());
     if e.is_precheck() {
         ActionError::PreCheck { message, detail }
+    } else if e.outcome_unknown() {
+        ActionError::Unconfirmed { message, detail }
     } else {
         ActionError::Failed { message, detail }
     }

@@ -88,3 +88,66 @@ async fn a_write_refused_with_a_clear_answer_is_not_of_unknown_outcome() {
     assert!(!e.outcome_unknown(), "{e:?}");
     assert_eq!(e.code(), "AccessDenied");
 }
+
+/// Kubernetes: a patch answered 504 (the API server's own timeout: etcd may have stored it)
+/// until the retries end is of unknown outcome; the Service switch before it stays applied and
+/// known. Before, the last 504 was returned and the incident said the scale was not done.
+#[tokio::test]
+async fn a_kubernetes_write_that_never_got_a_clear_answer_is_of_unknown_outcome() {
+    use crate::faults_actions::{kube_client, kube_target, kube_world};
+    use crate::support::fake_kube::FakeKube;
+    use crate::support::fault_proxy::{Fault, FaultProxy};
+    use rollback_responder::action::kubernetes::{KubeError, KubeExecutor, KubeSettings, KubeStepRecord};
+
+    let fake = FakeKube::start().await;
+    kube_world(&fake);
+    let proxy = FaultProxy::start(&fake.url()).await;
+    proxy.inject(Fault {
+        matching: "PATCH /apis/apps/v1/namespaces/portal/deployments/portal-api-canary/scale".into(),
+        status: 504,
+        body: serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Timeout: request did not complete within requested timeout", "reason": "Timeout", "code": 504})
+        .to_string(),
+        ..Fault::kube_unavailable(1_000)
+    });
+    let exec = KubeExecutor::new(
+        kube_client(&proxy.url),
+        &KubeSettings {
+            initial_backoff_ms: 10,
+            retry_window: Duration::from_millis(500),
+            ..KubeSettings::default()
+        },
+    );
+    let mut records = Vec::new();
+    let e = exec
+        .revert(&kube_target(), false, &mut |r| records.push(r))
+        .await
+        .expect_err("the scale never gets an answer");
+    assert!(matches!(e, KubeError::OutcomeUnknown { .. }), "{e:?}");
+    assert!(e.outcome_unknown());
+    assert!(
+        e.to_string()
+            .starts_with("patch deployments/scale/portal-api-canary in portal: whether it took is UNKNOWN"),
+        "{e}"
+    );
+    assert!(records.iter().any(KubeStepRecord::applied), "the Service switch took");
+    // A clear refusal stays a known failure: a 503 "unavailable" was not applied.
+    let proxy = FaultProxy::start(&fake.url()).await;
+    proxy.inject(Fault {
+        matching: "PATCH /apis/apps/v1/namespaces/portal/deployments/portal-api-canary/scale".into(),
+        ..Fault::kube_unavailable(1_000)
+    });
+    let exec = KubeExecutor::new(
+        kube_client(&proxy.url),
+        &KubeSettings {
+            initial_backoff_ms: 10,
+            retry_window: Duration::from_millis(500),
+            ..KubeSettings::default()
+        },
+    );
+    let e = exec
+        .revert(&kube_target(), false, &mut |_| {})
+        .await
+        .expect_err("503 throughout");
+    assert!(!e.outcome_unknown(), "{e:?}");
+}

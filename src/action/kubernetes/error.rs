@@ -249,6 +249,16 @@ pub enum KubeError {
         /// Why the revert failed.
         cause: Box<KubeError>,
     },
+    /// A write failed without a clear answer (timed out, the connection cut, a 5xx: the API
+    /// server may have applied it), and its retries ended without one either: whether it took
+    /// is not known. Never said as "nothing was changed".
+    #[error("{call}: whether it took is UNKNOWN: an attempt failed without a clear answer and no later one had one ({cause}); check it before acting")]
+    OutcomeUnknown {
+        /// The write (`patch deployments/web in portal`).
+        call: String,
+        /// The last error.
+        cause: String,
+    },
     /// Transport, timeout or decoding error on our side.
     #[error("kubernetes client error: {message}")]
     Client {
@@ -260,6 +270,26 @@ pub enum KubeError {
 }
 
 impl KubeError {
+    /// Whether a write that failed so may have been applied all the same: no clear answer
+    /// (a timeout, a cut connection) or the API server failed inside (500, 502, 504: an etcd
+    /// timeout may have stored it). 503 "unavailable" and every 4xx are clear: not applied.
+    pub fn may_have_been_applied(&self) -> bool {
+        match self {
+            KubeError::Client { retryable, .. } => *retryable,
+            KubeError::Api { code, .. } => *code >= 500 && *code != 503,
+            _ => false,
+        }
+    }
+
+    /// Whether this error leaves unknown whether the target changed.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            KubeError::OutcomeUnknown { .. } => true,
+            KubeError::NothingRevertedAfterSuspend { cause, .. } => cause.outcome_unknown(),
+            _ => false,
+        }
+    }
+
     /// Whether running the revert again later may succeed without a person's help.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -293,6 +323,7 @@ impl KubeError {
             KubeError::GitOpsSuspend { .. } => "gitops_suspend_failed",
             KubeError::Api { .. } => "api",
             KubeError::Client { .. } => "client",
+            KubeError::OutcomeUnknown { .. } => "outcome_unknown",
             // The cause is what to fix; the suspend is in the message.
             KubeError::NothingRevertedAfterSuspend { cause, .. } => cause.code(),
         }

@@ -361,20 +361,40 @@ impl KubeExecutor {
     {
         let call = op.describe();
         let mut on_attempt = |a: Attempt| on_step(KubeStepRecord::AttemptFailed(a));
-        self.retry
+        // A write's attempt that failed without a clear answer may have been applied; if the
+        // retries end without a clear answer either, whether it took is not known. (A clear
+        // one after it, a 409 say, goes back to the caller, which reads the object again.)
+        let unsure = std::sync::atomic::AtomicBool::new(false);
+        let write = gate.is_some();
+        let result = self
+            .retry
             .run_gated(&call, &mut on_attempt, gate, || {
                 let fut = f();
+                let (op, unsure) = (&op, &unsure);
                 async move {
-                    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-                        Ok(r) => r.map_err(|e| classify(e, &op)),
+                    let r = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+                        Ok(r) => r.map_err(|e| classify(e, op)),
                         Err(_) => Err(KubeError::Client {
                             message: format!("{}: no answer within {}s", op.describe(), CALL_TIMEOUT.as_secs()),
                             retryable: true,
                         }),
+                    };
+                    if r.as_ref().is_err_and(KubeError::may_have_been_applied) {
+                        unsure.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
+                    r
                 }
             })
-            .await
+            .await;
+        match result {
+            Err(e) if write && e.may_have_been_applied() && unsure.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(KubeError::OutcomeUnknown {
+                    call,
+                    cause: format!("{e} (code {})", e.code()),
+                })
+            }
+            other => other,
+        }
     }
 
     pub(super) fn dynamic_api<K>(&self, ns: &str) -> Api<DynamicObject>
