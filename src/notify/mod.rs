@@ -422,15 +422,20 @@ impl Notifiers {
 
 /// Classifies an HTTP status the way every channel here needs it: 429 and 5xx retry (with
 /// Retry-After when given), other 4xx are permanent.
+/// The longest a Retry-After is waited for.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
 pub(crate) fn classify_status(
     status: reqwest::StatusCode,
     retry_after: Option<&reqwest::header::HeaderValue>,
     body: &str,
 ) -> DeliveryError {
+    // Respected, within reason: a peer's (or a proxy's) absurd Retry-After must not park a
+    // message for years, nor overflow the time it is due at.
     let after = retry_after
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
     let snippet: String = body.chars().take(300).collect();
     let reason = format!("HTTP {status}: {snippet}");
     // Statuspage answers its rate limit with 420 as well as 429.
@@ -457,4 +462,30 @@ pub(crate) fn headline(inc: &Incident, ctx: &Context) -> String {
         .cloned()
         .unwrap_or_else(|| inc.alertname.clone());
     format!("{}: {what}", inc.service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Retry-After is respected within reason: an absurd one (a hostile or broken peer or
+    /// proxy) waits at most [`MAX_RETRY_AFTER`], never years, and never overflows the time the
+    /// message is due at.
+    #[test]
+    fn a_retry_after_is_capped() {
+        let status = reqwest::StatusCode::TOO_MANY_REQUESTS;
+        for (given, want) in [
+            ("7", Some(Duration::from_secs(7))),
+            ("99999999999999", Some(MAX_RETRY_AFTER)),
+            (&u64::MAX.to_string(), Some(MAX_RETRY_AFTER)),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+            ("-1", None),
+        ] {
+            let v = reqwest::header::HeaderValue::from_str(given).unwrap();
+            let DeliveryError::Retry { after, .. } = classify_status(status, Some(&v), "") else {
+                panic!("429 is retried");
+            };
+            assert_eq!(after, want, "{given}");
+        }
+    }
 }

@@ -69,6 +69,10 @@ impl Wake {
 /// constants (config checks `notifications.timeout` against them).
 pub use crate::config::{DELIVERY_LEASE, MAX_REQUEST_TIMEOUT};
 
+/// How long one delivery (all its requests) may take: well inside [`DELIVERY_LEASE`], so the
+/// lease never runs out while a replica is still sending.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(DELIVERY_LEASE.as_secs() - 5);
+
 /// Everything a delivery loop needs.
 pub struct Outbox {
     pub store: Store,
@@ -161,7 +165,22 @@ impl Outbox {
         // Sent before if an attempt failed (a timeout may have reached the channel) or a sender
         // died mid-request: look before creating.
         let retried = row.attempts > 0 || row.taken_over;
-        match self.notifiers.deliver(&msg, &refs, retried).await {
+        // One delivery can be several requests (a Slack root looks for an earlier copy first,
+        // page by page): all of them end inside the lease, or another replica could send the
+        // message while this one still is. A delivery cut short may have reached the channel;
+        // its retry looks before it sends.
+        let delivered = tokio::time::timeout(DELIVERY_DEADLINE, self.notifiers.deliver(&msg, &refs, retried))
+            .await
+            .unwrap_or_else(|_| {
+                Err(DeliveryError::Retry {
+                    reason: format!(
+                        "no answer within {} (the message's delivery lease)",
+                        humantime::format_duration(DELIVERY_DEADLINE)
+                    ),
+                    after: None,
+                })
+            });
+        match delivered {
             Ok(new_refs) => {
                 self.store
                     .message_delivered(row, &self.replica, &new_refs, Utc::now())
@@ -172,7 +191,10 @@ impl Outbox {
                 self.metrics.outbox_failure(channel.as_str());
                 let wait = after.unwrap_or_else(|| self.retry.delay(row.attempts + 1));
                 info!(incident = %row.incident_id, channel = channel.as_str(), attempt = row.attempts + 1, retry_in_ms = wait.as_millis() as u64, %reason, "notification not delivered; will retry");
-                let next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60));
+                let next = chrono::Duration::from_std(wait)
+                    .ok()
+                    .and_then(|d| Utc::now().checked_add_signed(d))
+                    .unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(60));
                 self.store.message_retry(row, &self.replica, &reason, next).await?;
                 Ok(false)
             }
