@@ -387,7 +387,7 @@ impl Responder {
         if inc.closed_at.is_some() || !should_close(inc.phase, tx.firing_alerts(&inc.id).await?) {
             return Ok(());
         }
-        inc.closed_at = Some(now);
+        inc.close(now);
         if !tx.save_incident(inc).await? {
             return Err(StepError::Conflict(inc.id.clone()));
         }

@@ -161,3 +161,48 @@ async fn a_kept_incident_closed_or_changed_elsewhere_is_not_joined_as_kept() {
         "the fourth alert opened its own"
     );
 }
+
+/// Incidents held with a due time (a cooldown, a rate limit) for `run_due` to look at, on
+/// targets of their own, due at `due`.
+async fn held_incidents(r: &Responder, n: usize, due: DateTime<Utc>) -> Vec<IncidentId> {
+    let mut tx = r.store.begin().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut inc = Incident::sample(Phase::Suppressed, due);
+        inc.target_key = format!("alb:listener/held-{i}");
+        inc.due_at = Some(due);
+        inc.context = serde_json::to_value(notify::Context::default()).unwrap();
+        tx.insert_incident(&inc).await.unwrap();
+        ids.push(inc.id);
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// A person closing a held incident ends its due time with it: more closed incidents than one
+/// round takes, all due before an open incident, neither come back nor keep that one waiting.
+#[tokio::test]
+async fn incidents_closed_by_a_person_are_not_due_and_do_not_hold_up_due_work() {
+    let clock = Clock::manual(at("2026-11-30T10:01:00Z"));
+    let (_dir, r) = responder(clock.clone()).await;
+    let held = held_incidents(&r, 101, at("2026-11-30T10:02:00Z")).await;
+    for id in &held {
+        let closed = r.close_by_human(id, "alice", "fixed by hand").await.unwrap();
+        assert!(matches!(closed, HumanClose::Closed { .. }), "{closed:?}");
+    }
+    r.store.ingest(&firing("a1b2c3d4e5f60701"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    let waiting = r.store.incidents(true, 10).await.unwrap().remove(0);
+    assert_eq!(waiting.phase, Phase::Waiting);
+
+    clock.set(at("2026-11-30T10:05:00Z"));
+    assert_eq!(r.run_due().await.unwrap(), vec![waiting.id.clone()]);
+    assert_eq!(
+        r.store.incident(&waiting.id).await.unwrap().unwrap().phase,
+        Phase::Executing
+    );
+    for id in &held {
+        let inc = r.store.incident(id).await.unwrap().unwrap();
+        assert_eq!(inc.due_at, None, "closed, nothing is due");
+    }
+}

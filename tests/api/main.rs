@@ -12,6 +12,7 @@ mod alb_listener;
 mod alertmanager;
 mod approvals;
 mod crash;
+mod due;
 mod edges;
 mod faults_actions;
 mod faults_store;
