@@ -206,3 +206,42 @@ async fn incidents_closed_by_a_person_are_not_due_and_do_not_hold_up_due_work() 
         assert_eq!(inc.due_at, None, "closed, nothing is due");
     }
 }
+
+/// One due incident that cannot be decided again (its stored row is unreadable) is skipped:
+/// the incidents due after it in the same round are still decided.
+#[tokio::test]
+async fn an_unreadable_due_incident_does_not_hold_up_the_others() {
+    use sqlx::Connection;
+    let clock = Clock::manual(at("2026-11-30T10:01:00Z"));
+    let (dir, r) = responder(clock.clone()).await;
+    let broken = held_incidents(&r, 1, at("2026-11-30T10:02:00Z")).await.remove(0);
+    r.store.ingest(&firing("a1b2c3d4e5f60701"), clock.now()).await.unwrap();
+    r.process_pending(10).await.unwrap();
+    let waiting = r
+        .store
+        .incidents(true, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.id != broken)
+        .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let mut outside = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE incidents SET decision = '{not json' WHERE id = $1")
+        .bind(&broken.0)
+        .execute(&mut outside)
+        .await
+        .unwrap();
+    outside.close().await.unwrap();
+
+    clock.set(at("2026-11-30T10:05:00Z"));
+    assert_eq!(r.run_due().await.unwrap(), vec![waiting.id.clone()]);
+    assert_eq!(
+        r.store.incident(&waiting.id).await.unwrap().unwrap().phase,
+        Phase::Executing
+    );
+    assert!(
+        r.metrics.render().contains("rollback_responder_store_errors_total 1\n"),
+        "the skipped one is counted"
+    );
+}
