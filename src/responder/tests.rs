@@ -245,3 +245,36 @@ async fn an_unreadable_due_incident_does_not_hold_up_the_others() {
         "the skipped one is counted"
     );
 }
+
+/// A person's `/rollback now` under a two-person rule waits for a second approver although no
+/// alert fires for it: deciding what waits again (a start, a policy reload) leaves it waiting
+/// with its own expiry, and it escalates when that comes, as its policy says.
+#[tokio::test]
+async fn a_persons_request_decided_again_keeps_waiting_for_its_second_approver() {
+    let clock = Clock::manual(at("2026-11-30T10:01:00Z"));
+    let (_dir, r) = responder(clock.clone()).await;
+    let two_person = format!(
+        "{}approval:\n  approvers: {{slack_users: [U1, U2]}}\n  required_approvals: 2\n  timeout: 15m\n  on_timeout: escalate\n",
+        crate::policy::tests::MINIMAL
+    );
+    r.set_policies(PolicySet::from_sources(Path::new("p"), vec![(PathBuf::from("p/web.yaml"), two_person)]).unwrap());
+    let who = crate::approval::Person::slack("U1", vec![]);
+    let (id, _) = r.start_manual("web", &who, "customers report errors").await.unwrap();
+    let asked = r.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(asked.phase, Phase::AwaitingApproval);
+    assert_eq!(asked.due_at, Some(at("2026-11-30T10:16:00Z")));
+
+    // The reload above asked for every waiting incident to be decided again.
+    assert!(r.run_due().await.unwrap().is_empty());
+    let still = r.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(
+        still.phase,
+        Phase::AwaitingApproval,
+        "not cancelled: no alert was ever its reason"
+    );
+    assert_eq!(still.due_at, asked.due_at);
+
+    clock.set(at("2026-11-30T10:16:00Z"));
+    assert!(r.run_due().await.unwrap().is_empty());
+    assert_eq!(r.store.incident(&id).await.unwrap().unwrap().phase, Phase::Escalated);
+}
