@@ -281,8 +281,12 @@ impl Responder {
     pub async fn run_due(&self) -> Result<Vec<IncidentId>, StepError> {
         let now = self.clock.now();
         if self.redecide.swap(false, Ordering::AcqRel) {
-            // A policy reload: everything waiting on a decision is decided again under it.
-            self.store.make_due(&REDECIDED, now).await?;
+            // A start, a policy reload: everything waiting on a decision is decided again
+            // under the settings in force. Kept for the next round if that fails.
+            if let Err(e) = self.store.make_due(&REDECIDED, now).await {
+                self.redecide.store(true, Ordering::Release);
+                return Err(e.into());
+            }
         }
         let mut work = Vec::new();
         for id in self.store.due_incidents(now).await? {
@@ -330,10 +334,21 @@ impl Responder {
         Ok(applied.executing)
     }
 
-    /// A freeze was lifted: incidents it held are decided again at once.
+    /// A freeze was lifted: incidents it held are decided again at once, or, when making
+    /// them due fails, by the next round that can.
     pub(super) async fn freeze_lifted(&self) -> Result<(), StepError> {
-        self.store.make_due(&REDECIDED, self.clock.now()).await?;
+        let made = self.store.make_due(&REDECIDED, self.clock.now()).await;
+        if made.is_err() {
+            self.redecide.store(true, Ordering::Release);
+        }
         self.wake_for_work();
+        made?;
         Ok(())
+    }
+
+    /// Has the next round decide every open incident waiting on a decision (see
+    /// [`REDECIDED`]) again, as after a policy reload.
+    pub fn redecide_waiting(&self) {
+        self.redecide.store(true, Ordering::Release);
     }
 }
