@@ -172,6 +172,12 @@ impl Application {
             .with_decisions(cfg.settings.workers.decision_batch_budget, cfg.settings.workers.decide)
             .with_config_freezes(config_freezes(&cfg.settings.safety.freeze)),
         );
+        // The config file's freezes, dry run and the global rate limit change only with a
+        // restart, and a hold they made may have no end (a config freeze has none): what the
+        // store holds waiting is decided again under the settings in force now, not when an
+        // alert changes (Alertmanager's re-sends of a firing alert change nothing). Harmless
+        // with several replicas: decisions are made once, under version checks and leases.
+        responder.redecide_waiting();
         let directory = cfg
             .settings
             .slack

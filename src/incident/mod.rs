@@ -308,6 +308,13 @@ impl Incident {
     pub fn executed(&self) -> bool {
         self.acted_at.is_some()
     }
+
+    /// Closes the incident at `now`. Its due time ends with it: nothing decides a closed
+    /// incident again, and a due time left behind would come back on every tick.
+    pub fn close(&mut self, now: DateTime<Utc>) {
+        self.closed_at = Some(now);
+        self.due_at = None;
+    }
 }
 
 #[cfg(test)]

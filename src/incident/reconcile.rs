@@ -215,6 +215,13 @@ pub fn reconcile(s: &Situation<'_>) -> Next {
     let best = strongest(s.candidates);
     let Some(best) = best else {
         return match s.phase {
+            // A person's request (`/rollback now` under a two-person rule: a decision of no
+            // trigger) stands on no alert, so none firing is no reason to cancel it: it waits
+            // for its second approver until it expires, then its `on_timeout` applies.
+            P::AwaitingApproval if s.current.trigger.is_none() => match request_expiry(&s.current.outcome) {
+                Some(e) if e <= s.now => Next::Expire,
+                expiry => stay(expiry, None),
+            },
             P::Waiting | P::AwaitingApproval => Next::Cancel,
             _ => stay(None, None),
         };

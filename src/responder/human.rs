@@ -493,7 +493,7 @@ impl Responder {
         if lifted {
             // What the freeze held is decided again now (its alerts may still fire).
             if let Err(e) = self.freeze_lifted().await {
-                tracing::warn!(error = %e, "could not make held incidents due; they are decided at their next input");
+                tracing::warn!(error = %e, "could not make held incidents due; the next round of due work tries again");
             }
         }
         info!(scope = %scope, by = %by, lifted, "freeze lifted");

@@ -96,7 +96,8 @@ pub struct Responder {
     pub config_freezes: FreezeState,
     /// Prometheus base URL for verification queries.
     pub prometheus_url: Option<String>,
-    /// Set by a policy reload: the next tick decides waiting and pending incidents again.
+    /// Set at start-up, by a policy reload, or when a lifted freeze could not make what it
+    /// held due: the next tick decides waiting and pending incidents again.
     redecide: std::sync::atomic::AtomicBool,
     /// The last Alertmanager group whose oldest pending alert went ahead of the backlog.
     fair_cursor: std::sync::Mutex<String>,
@@ -387,7 +388,7 @@ impl Responder {
         if inc.closed_at.is_some() || !should_close(inc.phase, tx.firing_alerts(&inc.id).await?) {
             return Ok(());
         }
-        inc.closed_at = Some(now);
+        inc.close(now);
         if !tx.save_incident(inc).await? {
             return Err(StepError::Conflict(inc.id.clone()));
         }

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use serde_json::{json, Value};
+use tracing::{debug, warn};
 
 use super::{Responder, StepError, SYSTEM};
 use crate::incident::reconcile::{self, Candidate, Next, Situation};
@@ -277,38 +279,80 @@ impl Responder {
 
     /// Re-decides incidents whose due time has come: a trigger passing its `for`, a request
     /// expiring, a hold ending, a freeze lifted, a policy reload. Returns incidents that
-    /// entered `executing` (to be claimed and run).
+    /// entered `executing` (to be claimed and run). One incident that fails (its row
+    /// unreadable, a conflict, a bug) is logged, counted and left for the next round; the
+    /// incidents due after it are still decided in this one.
     pub async fn run_due(&self) -> Result<Vec<IncidentId>, StepError> {
         let now = self.clock.now();
         if self.redecide.swap(false, Ordering::AcqRel) {
-            // A policy reload: everything waiting on a decision is decided again under it.
-            self.store.make_due(&REDECIDED, now).await?;
+            // A start, a policy reload: everything waiting on a decision is decided again
+            // under the settings in force. Kept for the next round if that fails.
+            if let Err(e) = self.store.make_due(&REDECIDED, now).await {
+                self.redecide.store(true, Ordering::Release);
+                return Err(e.into());
+            }
         }
         let mut work = Vec::new();
         for id in self.store.due_incidents(now).await? {
+            // Not about the incident: a failure here ends the round.
             let freezes = self.freezes(now).await?;
-            let mut tx = self.store.begin().await?;
-            let Some(mut inc) = tx.incident(&id).await? else {
-                continue;
-            };
-            if inc.due_at.is_none_or(|d| d > now) || inc.closed_at.is_some() {
-                continue;
-            }
-            let set = self.policies();
-            let cands = self.candidates(&mut tx, &inc, &set, &freezes, now).await?;
-            let applied = self.reconcile(&mut tx, &mut inc, &cands, &freezes, now).await?;
-            self.commit(tx, &inc).await?;
-            if applied.executing {
-                work.push(inc.id.clone());
+            let decided = std::panic::AssertUnwindSafe(self.run_due_one(&id, &freezes, now))
+                .catch_unwind()
+                .await;
+            match decided {
+                Ok(Ok(true)) => work.push(id),
+                Ok(Ok(false)) => {}
+                // Another replica (or a person) changed it meanwhile; still due, it is back
+                // in the next round.
+                Ok(Err(e)) if e.is_conflict() => debug!(incident = %id, error = %e, "due incident changed meanwhile"),
+                Ok(Err(e)) => {
+                    if matches!(e, StepError::Store(_)) {
+                        self.metrics.store_error();
+                    }
+                    warn!(incident = %id, error = %e, "deciding a due incident again failed; skipped this round");
+                }
+                // The panic hook has logged it.
+                Err(_) => {
+                    self.metrics.panic("worker");
+                    warn!(incident = %id, "deciding a due incident again panicked; skipped this round");
+                }
             }
         }
         Ok(work)
     }
 
-    /// A freeze was lifted: incidents it held are decided again at once.
+    /// Decides one due incident again in a transaction of its own; true when it entered
+    /// `executing`.
+    async fn run_due_one(&self, id: &IncidentId, freezes: &FreezeState, now: DateTime<Utc>) -> Result<bool, StepError> {
+        let mut tx = self.store.begin().await?;
+        let Some(mut inc) = tx.incident(id).await? else {
+            return Ok(false);
+        };
+        if inc.due_at.is_none_or(|d| d > now) || inc.closed_at.is_some() {
+            return Ok(false);
+        }
+        let set = self.policies();
+        let cands = self.candidates(&mut tx, &inc, &set, freezes, now).await?;
+        let applied = self.reconcile(&mut tx, &mut inc, &cands, freezes, now).await?;
+        self.commit(tx, &inc).await?;
+        Ok(applied.executing)
+    }
+
+    /// A freeze was lifted: incidents it held are decided again at once, or, when making
+    /// them due fails, by the next round that can.
     pub(super) async fn freeze_lifted(&self) -> Result<(), StepError> {
-        self.store.make_due(&REDECIDED, self.clock.now()).await?;
+        let made = self.store.make_due(&REDECIDED, self.clock.now()).await;
+        if made.is_err() {
+            self.redecide.store(true, Ordering::Release);
+        }
         self.wake_for_work();
+        made?;
         Ok(())
+    }
+
+    /// Has the next round decide every open incident waiting on a decision (see
+    /// [`REDECIDED`]) again, as after a policy reload.
+    pub fn redecide_waiting(&self) {
+        self.redecide.store(true, Ordering::Release);
     }
 }

@@ -305,7 +305,7 @@ impl Responder {
                 phase: inc.phase.to_string(),
             });
         }
-        inc.closed_at = Some(now);
+        inc.close(now);
         if !tx.save_incident(&inc).await? {
             return Err(StepError::Conflict(inc.id.clone()));
         }

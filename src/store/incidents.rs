@@ -18,11 +18,14 @@ use crate::incident::{Incident, IncidentId, Phase};
 use crate::policy::History;
 
 impl Store {
-    /// Incidents whose due time has come: re-decisions and approval expiries.
+    /// Open incidents whose due time has come: re-decisions and approval expiries. A closed
+    /// one is never due (closing clears the due time; the filter keeps it so for rows written
+    /// otherwise), so it cannot take a place in the round from open ones.
     pub async fn due_incidents(&self, now: DateTime<Utc>) -> Result<Vec<IncidentId>> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
             format!(
-                "SELECT id FROM incidents WHERE phase IN ({}) AND due_at <= $1 ORDER BY due_at LIMIT 100",
+                "SELECT id FROM incidents WHERE due_at <= $1 AND closed_at IS NULL AND phase IN ({})
+                 ORDER BY due_at LIMIT 100",
                 sql_phases(&REDECIDED)
             )
         });
@@ -177,7 +180,7 @@ impl StoreTx {
     }
 
     /// Writes an incident's new state if nobody changed it since it was read (`version`);
-    /// returns false when someone did. A closed incident frees its target.
+    /// returns false when someone did. A closed incident frees its target and is due no more.
     ///
     /// The lease is not part of it: [`Store::claim`], `renew` and `release` change the owner
     /// without changing the version, so a copy read before another replica's claim still
@@ -188,7 +191,7 @@ impl StoreTx {
         let r = sqlx::query(
             "UPDATE incidents SET phase = $1, decision = $2, trigger_name = $3, updated_at = $4, closed_at = $5,
                  open_target = CASE WHEN $5 IS NULL THEN target_key ELSE NULL END,
-                 due_at = $6, acted_at = $7, verified_at = $8,
+                 due_at = CASE WHEN $5 IS NULL THEN $6 ELSE NULL END, acted_at = $7, verified_at = $8,
                  owner = CASE WHEN $9 = 1 THEN NULL ELSE owner END,
                  lease_until = CASE WHEN $9 = 1 THEN NULL ELSE lease_until END, version = version + 1
              WHERE id = $10 AND version = $11",
@@ -393,6 +396,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(made_due, 0, "all were due already");
+    }
+
+    /// A closed incident is never due, however it was closed: more closed incidents than one
+    /// round takes, each with a due time older than an open incident's, leave that one due.
+    #[tokio::test]
+    async fn closed_incidents_leave_the_due_queue() {
+        let (_dir, store) = sqlite_store().await;
+        let now = Utc::now();
+        let mut tx = store.begin().await.unwrap();
+        for n in 0..105 {
+            let mut inc = Incident::sample(Phase::Suppressed, now);
+            inc.target_key = format!("alb:listener/held-{n}");
+            inc.due_at = Some(now - chrono::Duration::minutes(10));
+            tx.insert_incident(&inc).await.unwrap();
+            // Closed as a caller that only sets `closed_at` would close it.
+            inc.closed_at = Some(now);
+            assert!(tx.save_incident(&inc).await.unwrap());
+        }
+        let mut open = Incident::sample(Phase::Waiting, now);
+        open.due_at = Some(now - chrono::Duration::minutes(1));
+        tx.insert_incident(&open).await.unwrap();
+        tx.commit().await.unwrap();
+
+        assert_eq!(store.due_incidents(now).await.unwrap(), vec![open.id.clone()]);
+        let (due_and_closed,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM incidents WHERE closed_at IS NOT NULL AND due_at IS NOT NULL")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(due_and_closed, 0, "closing clears the due time");
     }
 
     /// The plan is parsed once, when the incident is read: a target comes back as the target

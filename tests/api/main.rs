@@ -12,6 +12,7 @@ mod alb_listener;
 mod alertmanager;
 mod approvals;
 mod crash;
+mod due;
 mod edges;
 mod episodes;
 mod faults_actions;
