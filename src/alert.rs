@@ -168,9 +168,9 @@ impl Notification {
         let copies = n.alerts.len() * (n.group_key.len() + n.external_url.len());
         if copies > MAX_SHARED_COPIES {
             return Err(PayloadError::Field {
-                field: "groupKey",
+                field: "groupKey and externalURL",
                 problem: format!(
-                    "with externalURL, {copies} bytes once copied to each of the {} alerts, at most {MAX_SHARED_COPIES}; \
+                    "{copies} bytes once copied to each of the {} alerts, at most {MAX_SHARED_COPIES}; \
                      send fewer alerts per delivery or shorter keys",
                     n.alerts.len()
                 ),
@@ -295,7 +295,7 @@ mod tests {
         assert!(Notification::parse(many(10).as_bytes()).is_ok());
         let e = Notification::parse(many(3_000).as_bytes()).unwrap_err().to_string();
         assert!(
-            e.starts_with("groupKey: with externalURL, ") && e.contains("3000 alerts"),
+            e.starts_with("groupKey and externalURL: ") && e.contains("3000 alerts"),
             "{e}"
         );
     }

@@ -383,6 +383,8 @@ impl KubeExecutor {
                 on_step(KubeStepRecord::Gitops(step.clone()));
                 Ok(step)
             }
+            // Whether the suspend took is not known: said as such, never "nothing was changed".
+            Err(e) if e.outcome_unknown() => Err(e),
             Err(e) => Err(KubeError::GitOpsSuspend {
                 owner: owner.describe(),
                 retryable: e.is_retryable(),

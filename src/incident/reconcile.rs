@@ -269,7 +269,7 @@ pub fn reconcile(s: &Situation<'_>) -> Next {
                     decision: best.decision.clone(),
                     due_at: due_after(s, best),
                     why: format!(
-                        "trigger {} no longer fires, so it will not roll back on its own; re-decided on {}: {}",
+                        "trigger {} no longer fires, so its request's timer is off; re-decided on {}: {}",
                         trigger(s.current),
                         trigger(&best.decision),
                         best.decision.reason

@@ -273,6 +273,11 @@ pub enum Change<'a> {
         /// An escalation page was triggered for the incident and not resolved since (read from
         /// its outbox in the closing's transaction, see [`pagerduty::escalation_open`]).
         escalation_open: bool,
+        /// Something was queued for PagerDuty / created on the status page while the incident
+        /// was live: an incident that became a dry run later (dry run switched on under a
+        /// waiting request, a person's retry in dry run) still closes what it opened.
+        paged: bool,
+        status_page_opened: bool,
     },
 }
 
@@ -302,8 +307,22 @@ pub fn plan(inc: &Incident, ctx: &Context, change: &Change) -> Vec<Message> {
     if let Some(channel) = &ctx.routes.slack_channel {
         out.extend(slack::plan(inc, ctx, change, channel));
     }
-    // Dry runs rehearse: Slack shows them, nobody is paged and the status page is untouched.
+    // Dry runs rehearse: Slack shows them, nobody is paged and the status page is untouched;
+    // but what the incident opened while it was live is closed with it.
     if dry {
+        if let Change::Closed {
+            paged,
+            status_page_opened,
+            ..
+        } = change
+        {
+            if let Some(route) = ctx.routes.pagerduty.as_ref().filter(|_| *paged) {
+                out.extend(pagerduty::plan(inc, ctx, change, route));
+            }
+            if let Some(route) = ctx.routes.statuspage.as_ref().filter(|_| *status_page_opened) {
+                out.extend(statuspage::plan(inc, change, route));
+            }
+        }
         return out;
     }
     if let Some(route) = &ctx.routes.pagerduty {
@@ -420,11 +439,11 @@ impl Notifiers {
     }
 }
 
-/// Classifies an HTTP status the way every channel here needs it: 429 and 5xx retry (with
-/// Retry-After when given), other 4xx are permanent.
 /// The longest a Retry-After is waited for.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 
+/// Classifies an HTTP status the way every channel here needs it: 429 and 5xx retry (with
+/// Retry-After when given, up to [`MAX_RETRY_AFTER`]), other 4xx are permanent.
 pub(crate) fn classify_status(
     status: reqwest::StatusCode,
     retry_after: Option<&reqwest::header::HeaderValue>,
@@ -467,6 +486,67 @@ pub(crate) fn headline(inc: &Incident, ctx: &Context) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An incident that became a dry run after it paged or opened a status page while live
+    /// (dry run switched on under a waiting request, a person's retry in dry run) still closes
+    /// them; one that never did pages nobody, as any dry run.
+    #[test]
+    fn a_dry_run_closes_what_the_incident_opened_while_live_and_nothing_else() {
+        let mut inc = Incident::sample(Phase::DryRun, chrono::Utc::now());
+        inc.decision.outcome = Outcome::Suppressed(Suppression::DryRun {
+            would: Box::new(Outcome::Auto),
+        });
+        let ctx = Context {
+            routes: Routes {
+                slack_channel: None,
+                pagerduty: Some(PagerDutyRoute {
+                    severity: Severity::Critical,
+                    routing_key: None,
+                }),
+                statuspage: Some(StatuspageRoute {
+                    components: [("cmp".to_string(), ComponentStatus::PartialOutage)].into(),
+                    deliver_notifications: false,
+                }),
+                escalation_mention: None,
+            },
+            ..Context::default()
+        };
+        let closed = |paged, status_page_opened| Change::Closed {
+            alerts_resolved: true,
+            escalation_open: paged,
+            paged,
+            status_page_opened,
+        };
+        assert!(plan(&inc, &ctx, &closed(false, false)).is_empty());
+        let sent = plan(&inc, &ctx, &closed(true, true));
+        let resolves: Vec<String> = sent
+            .iter()
+            .map(|m| match m {
+                Message::PagerDuty { body, .. } => format!("pagerduty {} {}", body["event_action"], body["dedup_key"]),
+                Message::StatuspageUpdate { body } => format!("statuspage {}", body["incident"]["status"]),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let key = pagerduty::dedup_key(&inc);
+        assert_eq!(
+            resolves,
+            [
+                format!("pagerduty \"resolve\" \"{key}\""),
+                format!("pagerduty \"resolve\" \"{key}/escalation\""),
+                "statuspage \"resolved\"".to_string()
+            ]
+        );
+        // Nothing else of a dry run reaches them.
+        let detail = serde_json::Value::Null;
+        let moved = Change::Phase {
+            from: Phase::Executing,
+            to: Phase::DryRun,
+            summary: "s",
+            actor: "a",
+            detail: &detail,
+        };
+        assert!(plan(&inc, &ctx, &moved).is_empty());
+    }
 
     /// Retry-After is respected within reason: an absurd one (a hostile or broken peer or
     /// proxy) waits at most [`MAX_RETRY_AFTER`], never years, and never overflows the time the

@@ -360,6 +360,8 @@ mod tests {
         let closed = Change::Closed {
             alerts_resolved: true,
             escalation_open: false,
+            paged: false,
+            status_page_opened: false,
         };
         assert!(actions(&plan(&blip, &ctx, &closed, &route)).is_empty());
         // Cancelled after it paged (it stopped waiting): resolved.
@@ -422,6 +424,8 @@ mod tests {
         let open = Change::Closed {
             alerts_resolved: true,
             escalation_open: true,
+            paged: false,
+            status_page_opened: false,
         };
         for p in [Phase::Failed, Phase::Verified] {
             inc.phase = p;
@@ -434,6 +438,8 @@ mod tests {
         let none = Change::Closed {
             alerts_resolved: true,
             escalation_open: false,
+            paged: false,
+            status_page_opened: false,
         };
         assert_eq!(dedup_keys(&plan(&inc, &ctx, &none, &route), "resolve"), [key]);
     }

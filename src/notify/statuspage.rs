@@ -75,8 +75,15 @@ pub fn plan(inc: &Incident, change: &Change, route: &StatuspageRoute) -> Vec<Mes
             }}),
         }],
         // Every phase that left `executing` (but for a dry run) has a status page incident.
-        (_, Change::Closed { alerts_resolved, .. })
-            if matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) =>
+        (
+            _,
+            Change::Closed {
+                alerts_resolved,
+                status_page_opened,
+                ..
+            },
+        ) if *status_page_opened
+            || matches!(inc.phase, Phase::Verified | Phase::VerificationFailed | Phase::Failed) =>
         {
             let operational: BTreeMap<&String, &str> = route.components.keys().map(|id| (id, "operational")).collect();
             vec![Message::StatuspageUpdate {
@@ -303,7 +310,9 @@ mod tests {
             &dry,
             &Change::Closed {
                 alerts_resolved: true,
-                escalation_open: false
+                escalation_open: false,
+                paged: false,
+                status_page_opened: false
             },
             &route()
         )
@@ -314,6 +323,8 @@ mod tests {
         let change = Change::Closed {
             alerts_resolved,
             escalation_open: false,
+            paged: false,
+            status_page_opened: false,
         };
         let sent = plan(inc, &change, &route());
         let [Message::StatuspageUpdate { body }] = sent.as_slice() else {

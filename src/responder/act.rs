@@ -553,9 +553,10 @@ fn failure_summary(took: &[String], e: &ActionError) -> String {
         } else {
             format!("{} took; then ", took.join("; "))
         };
+        // The error names the write whose outcome is unknown.
         return format!(
-            "rollback failed, and whether it took is UNKNOWN: {took}{e}; nothing more will be tried automatically, \
-             a human must check the target and act"
+            "rollback failed, of UNKNOWN outcome: {took}{e}; nothing more will be tried automatically, a human \
+             must check the target and act"
         );
     }
     if took.is_empty() {

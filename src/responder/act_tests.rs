@@ -144,7 +144,7 @@ fn failure_summaries_say_what_took_and_what_failed_without_doubled_prefixes() {
     for took in [vec![], vec!["rule R reverted".to_string()]] {
         let s = failure_summary(&took, &e);
         assert!(
-            s.starts_with("rollback failed, and whether it took is UNKNOWN: ") && !s.contains("nothing was changed"),
+            s.starts_with("rollback failed, of UNKNOWN outcome: ") && !s.contains("nothing was changed"),
             "{s}"
         );
         assert_eq!(

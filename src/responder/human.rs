@@ -390,6 +390,17 @@ impl Responder {
             }
             .into());
         }
+        // The votes stored for a rehearsal approved a dry run, not a real change: under a
+        // two-person rule they must not count towards one.
+        if inc.phase == Phase::DryRun && approval.required_approvals > 1 {
+            return Err(Refusal::Guard(format!(
+                "incident {} was a dry run; its approvals approved a rehearsal, and policy {} needs {} approvers \
+                 for a real rollback: close this incident (POST /api/v1/incidents/{}/close), then `/rollback now {}` \
+                 asks the approvers afresh",
+                inc.id, p.name, approval.required_approvals, inc.id, p.name
+            ))
+            .into());
+        }
         let key = who.key();
         // A vote per person and incident: a second press by the same person counts once.
         tx.add_vote(&inc.id, &key, "approve", via, None, now).await?;
@@ -421,7 +432,7 @@ impl Responder {
                 format!(": {reason}")
             }
         );
-        let outcome = if p.guards.dry_run || self.global.dry_run {
+        let outcome = if self.dry_run_for(p) {
             Outcome::Suppressed(Suppression::DryRun {
                 would: Box::new(Outcome::Auto),
             })
@@ -480,7 +491,7 @@ impl Responder {
         Ok(self.lift_freeze(&scope, &who.key()).await?)
     }
 
-    /// Stores a freeze (`*` or a policy name) and shows it in the metrics.
+    /// Stores a freeze (`*` or a policy name); `/metrics` reads the freezes at scrape time.
     pub async fn set_freeze(&self, scope: &str, f: &Freeze) -> Result<(), crate::store::StoreError> {
         self.store.freeze(scope, f, self.clock.now()).await?;
         info!(scope = %scope, by = %f.by, reason = %f.reason, until = ?f.until, "automatic rollbacks frozen");

@@ -419,9 +419,17 @@ impl Responder {
             .iter()
             .filter_map(|p| serde_json::from_str(p).ok())
             .collect();
+        let status_page_opened = tx
+            .queued_payloads(&inc.id, notify::Channel::Statuspage.as_str())
+            .await?
+            .iter()
+            .filter_map(|p| serde_json::from_str::<notify::Message>(p).ok())
+            .any(|m| matches!(m, notify::Message::StatuspageCreate { .. }));
         Ok(Change::Closed {
             alerts_resolved: firing == 0,
             escalation_open: notify::pagerduty::escalation_open(inc, &queued),
+            paged: !queued.is_empty(),
+            status_page_opened,
         })
     }
 
@@ -486,13 +494,18 @@ fn due_at(phase: Phase, outcome: &Outcome) -> Option<DateTime<Utc>> {
 }
 
 impl Responder {
+    /// Whether `p`'s rollbacks are dry runs now (its `guards.dry_run`, or the global switch).
+    pub(super) fn dry_run_for(&self, p: &policy::Policy) -> bool {
+        p.guards.dry_run || self.global.dry_run
+    }
+
     /// Dry run as it is in force now (the global switch, the policy's `guards.dry_run`): a
     /// request decided live and answered after dry run was switched on (approved, or expired
     /// into a rollback) runs as a dry run, and its decision says so, so the action, the
     /// timeline and every message agree. The other way round (decided in dry run, live now)
     /// it stays a rehearsal: nobody approved a real change. Returns whether it changed.
     pub(super) fn dry_run_in_force(&self, inc: &mut Incident) -> bool {
-        let on = self.global.dry_run || self.policies().get(&inc.policy).is_some_and(|p| p.guards.dry_run);
+        let on = self.global.dry_run || self.policies().get(&inc.policy).is_some_and(|p| self.dry_run_for(p));
         if !on || notify::is_dry_run(inc) {
             return false;
         }

@@ -376,9 +376,8 @@ impl AlbExecutor {
                 Ok(read) => {
                     let snap = ForwardSnapshot::from_actions(&r.arn, r.kind, &read);
                     let applied = snap.forward.as_ref().is_some_and(|f| want.same_routing(f));
-                    emit(AlbStep::ReadBeforeRetry {
+                    emit(AlbStep::ReadAfterLastAttempt {
                         operation: operation.to_string(),
-                        attempt: n + 1,
                         applied,
                     });
                     if applied {

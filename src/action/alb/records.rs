@@ -82,6 +82,14 @@ pub enum AlbStep {
         /// The routing read already is what the write would make it.
         applied: bool,
     },
+    /// After the last attempt of a write failed without a clear answer, the action list was
+    /// read once more: `applied` means that attempt took after all.
+    ReadAfterLastAttempt {
+        /// `ModifyListener` or `ModifyRule`.
+        operation: String,
+        /// The routing read is what the write would have made it.
+        applied: bool,
+    },
     /// State read after a write, and whether it matches what was written.
     ReadBack {
         /// Stable share written.
@@ -334,6 +342,13 @@ impl AlbStep {
                     format!("before resending {operation} (attempt {attempt}): read back, not written yet; sending again")
                 }
             }
+            AlbStep::ReadAfterLastAttempt { operation, applied } => {
+                if *applied {
+                    format!("after the last attempt of {operation}: read back, it took")
+                } else {
+                    format!("after the last attempt of {operation}: read back, not written")
+                }
+            }
             AlbStep::ReadBack {
                 stable_percent,
                 snapshot,
@@ -414,6 +429,7 @@ impl AlbStep {
             | AlbStep::Resumed { .. }
             | AlbStep::StableAdded { .. }
             | AlbStep::ReadBeforeRetry { applied: true, .. }
+            | AlbStep::ReadAfterLastAttempt { applied: true, .. }
             | AlbStep::Scope { .. }
             | AlbStep::Forward { .. } => true,
             AlbStep::AttemptFailed(a) => a.is_notable(),
@@ -425,7 +441,9 @@ impl AlbStep {
     pub fn applied(&self) -> bool {
         matches!(
             self,
-            AlbStep::Wrote { .. } | AlbStep::ReadBeforeRetry { applied: true, .. }
+            AlbStep::Wrote { .. }
+                | AlbStep::ReadBeforeRetry { applied: true, .. }
+                | AlbStep::ReadAfterLastAttempt { applied: true, .. }
         )
     }
 }

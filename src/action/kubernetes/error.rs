@@ -236,8 +236,9 @@ pub enum KubeError {
     /// The GitOps sync was suspended, then the revert failed before any Kubernetes object was
     /// reverted: a partial rollback (the suspend stays) with nothing reverted.
     #[error(
-        "{cause}; no Kubernetes object was reverted, but the {what} of {owner} was suspended and stays so: once \
-         the release is sorted out, resume it with: {resume}"
+        "{cause}; {}the {what} of {owner} was suspended and stays so: once the release is sorted out, resume \
+         it with: {resume}",
+        if cause.outcome_unknown() { "" } else { "no Kubernetes object was reverted, but " }
     )]
     NothingRevertedAfterSuspend {
         /// `Argo CD application argocd/portal-api`.

@@ -164,6 +164,9 @@ impl KubeExecutor {
                         g @ (GitOpsStep::Suspended { .. } | GitOpsStep::AlreadyOff { by_us: true, .. }),
                     ) => suspended = Some(g.clone()),
                     r if r.applied() => reverted = true,
+                    // Found reverted: by the earlier attempt whose suspend was found, maybe.
+                    // Then "no Kubernetes object was reverted" would not be true.
+                    KubeStepRecord::AlreadyDone { .. } => reverted = true,
                     _ => {}
                 }
                 on_step(r);

@@ -203,3 +203,38 @@ async fn two_approvals_at_the_same_moment_both_count() {
     assert_eq!(timeline_count(&inc, "action_started"), 1);
     assert_eq!(w.alb().await, w.rolled_back_once());
 }
+
+/// Approvals given to a dry run approved a rehearsal: under a two-person rule they never count
+/// towards a real rollback. After the policy leaves dry run, one approver's `/rollback now` on
+/// the rehearsed incident is refused and says how to ask afresh; nothing is written.
+#[tokio::test]
+async fn a_rehearsals_approvals_do_not_count_towards_a_real_rollback() {
+    let w = world(2, "1h").await;
+    let file = w.app.dir.path().join("policies").join("portal-api.yaml");
+    let live = std::fs::read_to_string(&file).unwrap();
+    let reload = |text: String| {
+        let (app, file) = (&w.app, &file);
+        async move {
+            let hash = app.get_json("/readyz").await["policies"]["hash"].clone();
+            std::fs::write(file, text).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while app.get_json("/readyz").await["policies"]["hash"] == hash {
+                assert!(std::time::Instant::now() < deadline, "the reload never came");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    reload(live.replace("approval:\n", "guards: {dry_run: true}\napproval:\n")).await;
+    let id = w.pending("eh09").await;
+    command(&w.app, "U0APPROVER", &format!("approve {id}")).await;
+    command(&w.app, "U0SECOND", &format!("approve {id}")).await;
+    w.app.wait_incident(&id, "rehearsed", |i| i["phase"] == "dry_run").await;
+    reload(live).await;
+    let said = command(&w.app, "U0APPROVER", "now portal-api for real this time").await;
+    assert!(
+        said.contains("was a dry run") && said.contains("needs 2 approvers"),
+        "{said}"
+    );
+    assert_eq!(w.phase(&id).await, "dry_run");
+    assert_eq!(w.alb().await, w.untouched());
+}
